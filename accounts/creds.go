@@ -1,0 +1,147 @@
+package accounts
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+)
+
+// Creds is a user's JWT with the key that proves it.
+type Creds struct {
+	JWT string
+	Key nkeys.KeyPair
+}
+
+// PublicKey is the user's public key (for a device, its device ID).
+func (c *Creds) PublicKey() string {
+	pub, _ := c.Key.PublicKey()
+	return pub
+}
+
+// Claims decodes the user JWT.
+func (c *Creds) Claims() (*jwt.UserClaims, error) {
+	return jwt.DecodeUserClaims(c.JWT)
+}
+
+// Bytes renders the creds in the standard .creds format that nats CLI and
+// every NATS client read.
+func (c *Creds) Bytes() ([]byte, error) {
+	seed, err := c.Key.Seed()
+	if err != nil {
+		return nil, fmt.Errorf("creds seed: %w", err)
+	}
+	return jwt.FormatUserConfig(c.JWT, seed)
+}
+
+// WriteCreds writes c to path with mode 0600, creating parent directories.
+// It writes to a temporary file first so a crash leaves no half file.
+func WriteCreds(path string, c *Creds) error {
+	b, err := c.Bytes()
+	if err != nil {
+		return err
+	}
+	return writeSecret(path, b)
+}
+
+// ReadCreds reads and checks a .creds file: it must hold a user JWT and the
+// matching user seed.
+func ReadCreds(path string) (*Creds, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read creds %s: %w", path, err)
+	}
+	return ParseCreds(b, path)
+}
+
+// ParseCreds parses the contents of a .creds file; name is used in errors.
+func ParseCreds(b []byte, name string) (*Creds, error) {
+	tok, err := jwt.ParseDecoratedJWT(b)
+	if err != nil || tok == "" {
+		return nil, fmt.Errorf("creds %s: no user JWT found: the file is damaged or not a .creds file", name)
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return nil, fmt.Errorf("creds %s: invalid user JWT: %w", name, err)
+	}
+	kp, err := jwt.ParseDecoratedUserNKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("creds %s: no user seed found: %w", name, err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("creds %s: %w", name, err)
+	}
+	if pub != uc.Subject {
+		return nil, fmt.Errorf("creds %s: the seed does not belong to the JWT (key %s, JWT for %s)", name, pub, uc.Subject)
+	}
+	return &Creds{JWT: tok, Key: kp}, nil
+}
+
+// writeSecret writes b to path (0600) atomically.
+func writeSecret(path string, b []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("create directory for %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// WriteSeed writes kp's seed to path (0600).
+func WriteSeed(path string, kp nkeys.KeyPair) error {
+	seed, err := kp.Seed()
+	if err != nil {
+		return fmt.Errorf("seed for %s: %w", path, err)
+	}
+	return writeSecret(path, append(seed, '\n'))
+}
+
+// ReadSeed reads an nkey seed file and checks that it holds the expected
+// kind of key.
+func ReadSeed(path string, prefix nkeys.PrefixByte) (nkeys.KeyPair, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("key file %s is missing", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read key %s: %w", path, err)
+	}
+	kp, err := nkeys.ParseDecoratedNKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("key file %s is damaged: %w", path, err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("key file %s is damaged: %w", path, err)
+	}
+	if p := nkeys.Prefix(pub); p != prefix {
+		return nil, fmt.Errorf("key file %s holds a %s key, want %s", path, p, prefix)
+	}
+	return kp, nil
+}

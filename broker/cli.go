@@ -1,0 +1,171 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/alecthomas/kong"
+
+	"fleet/accounts"
+	"fleet/logging"
+)
+
+// CLI is the fleet-coordinator command line. Every flag can also be set
+// from a FLEET_* environment variable or the JSON file named by --config
+// (keys are flag names, e.g. {"listen": "0.0.0.0:4222"}).
+type CLI struct {
+	Config    kong.ConfigFlag `help:"JSON config file; keys are flag names." env:"FLEET_CONFIG" placeholder:"FILE"`
+	LogLevel  string          `help:"Log level: debug, info, warn, error." default:"info" env:"FLEET_LOG_LEVEL"`
+	LogFormat string          `help:"Log format: auto (console on a terminal, JSON otherwise), json, console." default:"auto" env:"FLEET_LOG_FORMAT"`
+
+	Init    InitCmd    `cmd:"" help:"Create a new fleet's keys and the first owner's credentials in a data dir."`
+	Run     RunCmd     `cmd:"" help:"Run the coordinator (initialises an empty data dir first)."`
+	Version VersionCmd `cmd:"" help:"Print the version."`
+}
+
+// Version is set at build time (-ldflags "-X fleet/broker.Version=...").
+var Version = "dev"
+
+// StoreFlags are the settings init and run share.
+type StoreFlags struct {
+	DataDir string `help:"Directory for keys, account JWTs and JetStream data." default:"fleet-data" env:"FLEET_DATA_DIR" type:"path"`
+	Domain  string `help:"JetStream domain; agents behind leaf nodes reach JetStream through it." default:"fleet" env:"FLEET_DOMAIN"`
+}
+
+// InitCmd is `fleet-coordinator init`.
+type InitCmd struct {
+	StoreFlags
+}
+
+// RunCmd is `fleet-coordinator run`.
+type RunCmd struct {
+	StoreFlags
+	Listen          string        `help:"Address for NATS clients (agents, admins)." default:"0.0.0.0:4222" env:"FLEET_LISTEN"`
+	HTTP            string        `name:"http" help:"Address for /healthz, /readyz and /metrics; empty disables." default:"127.0.0.1:9100" env:"FLEET_HTTP"`
+	LeafnodeListen  string        `help:"Address for remote sites' leaf nodes; empty disables." env:"FLEET_LEAFNODE_LISTEN"`
+	ServerName      string        `help:"Server name (unique in a cluster); default: generated." env:"FLEET_SERVER_NAME"`
+	Replicas        int           `help:"Replicas of each stream and bucket: 1 alone, 3 in a cluster." default:"1" env:"FLEET_REPLICAS"`
+	FactsRetention  time.Duration `help:"How long fact reports are kept." default:"720h" env:"FLEET_FACTS_RETENTION"`
+	FactsHistory    int64         `help:"Fact reports kept per device." default:"1440" env:"FLEET_FACTS_HISTORY"`
+	EventsRetention time.Duration `help:"How long device events are kept." default:"2160h" env:"FLEET_EVENTS_RETENTION"`
+}
+
+func (s StoreFlags) config() Config {
+	c := DefaultConfig()
+	c.DataDir = s.DataDir
+	c.Domain = s.Domain
+	return c
+}
+
+// Run initialises the data dir.
+func (cmd *InitCmd) Run(cli *CLI) error {
+	cfg := cmd.config()
+	if accounts.Initialized(cfg.DataDir) {
+		return fmt.Errorf("%s is already initialised (its %s exists); nothing was changed", cfg.DataDir, accounts.OperatorJWTFile)
+	}
+	a, err := Init(cfg)
+	if err != nil {
+		return err
+	}
+	printInit(os.Stdout, cfg, a)
+	return nil
+}
+
+func printInit(w io.Writer, cfg Config, a *accounts.Authority) {
+	fmt.Fprintf(w, "Initialised fleet in %s\n", cfg.DataDir)
+	fmt.Fprintf(w, "  operator:     %s\n", a.OperatorPublicKey())
+	fmt.Fprintf(w, "  account:      %s (FLEET)\n", a.FleetAccount())
+	fmt.Fprintf(w, "  owner creds:  %s\n", filepath.Join(cfg.DataDir, accounts.AdminCredsFile))
+	fmt.Fprintf(w, "The operator's identity seed is in %s.\n", filepath.Join(cfg.DataDir, accounts.OperatorSeedFile))
+	fmt.Fprintf(w, "The coordinator does not need it to run: move it offline (and keep a backup).\n")
+}
+
+// Run runs the coordinator until SIGINT or SIGTERM.
+func (cmd *RunCmd) Run(cli *CLI) error {
+	log, err := logging.New(os.Stderr, cli.LogLevel, cli.LogFormat)
+	if err != nil {
+		return err
+	}
+	cfg := cmd.config()
+	cfg.Listen = cmd.Listen
+	cfg.HTTP = cmd.HTTP
+	cfg.LeafnodeListen = cmd.LeafnodeListen
+	cfg.ServerName = cmd.ServerName
+	cfg.Replicas = cmd.Replicas
+	cfg.FactsRetention = cmd.FactsRetention
+	cfg.FactsHistory = cmd.FactsHistory
+	cfg.EventsRetention = cmd.EventsRetention
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	fresh := !accounts.Initialized(cfg.DataDir)
+	c, err := Start(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	if fresh {
+		printInit(os.Stdout, cfg, c.Authority())
+	}
+	printNextSteps(os.Stdout, c)
+	log.Info().Str("clients", cfg.Listen).Str("http", c.HTTPAddr()).Str("domain", cfg.Domain).Msg("coordinator ready")
+	<-c.Done()
+	log.Info().Msg("coordinator stopped")
+	return nil
+}
+
+func printNextSteps(w io.Writer, c *Coordinator) {
+	cfg := c.Config()
+	creds, _ := filepath.Abs(filepath.Join(cfg.DataDir, accounts.AdminCredsFile))
+	_, port, _ := splitHostPort(cfg.Listen)
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", cfg.Listen, cfg.Domain)
+	if a := c.HTTPAddr(); a != "" {
+		fmt.Fprintf(w, ", health on http://%s/readyz", a)
+	}
+	fmt.Fprintf(w, "\nOwner credentials: %s\n\nNext steps:\n", creds)
+	fmt.Fprintf(w, "  export FLEET_SERVER=%s FLEET_CREDS=%s\n", url, creds)
+	fmt.Fprintf(w, "  fleet-admin token create --group developers --uses 10 --ttl 24h\n")
+	fmt.Fprintf(w, "  # on each device (NixOS: services.fleet-agent):\n")
+	fmt.Fprintf(w, "  fleet-agent run --server nats://<this-host>:%d --state-dir /var/lib/fleet-agent --enroll-token <TOKEN>\n", port)
+	fmt.Fprintf(w, "  fleet-admin devices ls\n\n")
+}
+
+// Run prints the version.
+func (VersionCmd) Run() error {
+	fmt.Println(Version)
+	return nil
+}
+
+// VersionCmd is `fleet-coordinator version`.
+type VersionCmd struct{}
+
+// Main parses args and runs the chosen command; it returns the exit code.
+func Main(args []string) int {
+	var cli CLI
+	parser, err := kong.New(&cli,
+		kong.Name("fleet-coordinator"),
+		kong.Description("The fleet coordinator: an embedded NATS JetStream server that holds the fleet's releases, desired generations, facts and events."),
+		kong.Configuration(kong.JSON),
+		kong.UsageOnError(),
+	)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		return 2
+	}
+	kctx, err := parser.Parse(args)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		return 2
+	}
+	if err := kctx.Run(&cli); err != nil {
+		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		return 1
+	}
+	return 0
+}

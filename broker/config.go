@@ -1,0 +1,114 @@
+package broker
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"fleet/accounts"
+	"fleet/subjects"
+)
+
+// Config is the coordinator's configuration. The CLI fills it from flags,
+// FLEET_* environment variables and a JSON config file.
+type Config struct {
+	DataDir        string
+	Listen         string // host:port for NATS clients
+	HTTP           string // host:port for /metrics, /healthz, /readyz; "" disables
+	LeafnodeListen string // host:port for leaf nodes; "" disables
+	ServerName     string
+	Domain         string // JetStream domain
+
+	// Replicas is the replica count of every stream and bucket (1 alone,
+	// 3 in a cluster).
+	Replicas int
+	// FactsRetention and FactsHistory bound FLEET_FACTS: by age, and by
+	// reports kept per device.
+	FactsRetention time.Duration
+	FactsHistory   int64
+	// EventsRetention bounds FLEET_EVENTS by age.
+	EventsRetention time.Duration
+
+	Limits accounts.Limits
+}
+
+// DefaultConfig is the embedded default: one coordinator, everything local.
+func DefaultConfig() Config {
+	return Config{
+		DataDir:         "fleet-data",
+		Listen:          "0.0.0.0:4222",
+		HTTP:            "127.0.0.1:9100",
+		Domain:          subjects.Domain,
+		Replicas:        1,
+		FactsRetention:  30 * 24 * time.Hour,
+		FactsHistory:    1440,
+		EventsRetention: 90 * 24 * time.Hour,
+		Limits:          accounts.DefaultLimits,
+	}
+}
+
+// Validate checks values that would otherwise fail deep inside the server.
+// Errors name the flag to fix.
+func (c *Config) Validate() error {
+	if c.DataDir == "" {
+		return fmt.Errorf("--data-dir must not be empty")
+	}
+	if _, _, err := splitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("--listen %q: %w", c.Listen, err)
+	}
+	if c.HTTP != "" {
+		if _, _, err := splitHostPort(c.HTTP); err != nil {
+			return fmt.Errorf("--http %q: %w", c.HTTP, err)
+		}
+	}
+	if c.LeafnodeListen != "" {
+		if _, _, err := splitHostPort(c.LeafnodeListen); err != nil {
+			return fmt.Errorf("--leafnode-listen %q: %w", c.LeafnodeListen, err)
+		}
+	}
+	if c.Domain == "" || !validToken(c.Domain) {
+		return fmt.Errorf("--domain %q: must be one word of letters, digits, - or _", c.Domain)
+	}
+	if c.ServerName != "" && !validToken(c.ServerName) {
+		return fmt.Errorf("--server-name %q: must be one word of letters, digits, - or _", c.ServerName)
+	}
+	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
+		return fmt.Errorf("--replicas %d: use 1 (single coordinator), 3 or 5 (cluster)", c.Replicas)
+	}
+	if c.FactsRetention <= 0 {
+		return fmt.Errorf("--facts-retention must be positive")
+	}
+	if c.FactsHistory <= 0 {
+		return fmt.Errorf("--facts-history must be positive")
+	}
+	if c.EventsRetention <= 0 {
+		return fmt.Errorf("--events-retention must be positive")
+	}
+	return nil
+}
+
+// splitHostPort parses host:port with a numeric port (0 picks a free one).
+func splitHostPort(hp string) (string, int, error) {
+	host, ps, err := net.SplitHostPort(hp)
+	if err != nil {
+		return "", 0, fmt.Errorf("want host:port, e.g. 0.0.0.0:4222")
+	}
+	port, err := strconv.Atoi(ps)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("port %q is not a number from 0 to 65535", ps)
+	}
+	if host == "" {
+		host = "0.0.0.0"
+	}
+	return host, port, nil
+}
+
+func validToken(s string) bool {
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return s != ""
+}

@@ -1,0 +1,369 @@
+// Package broker is the fleet coordinator: an embedded NATS server with
+// JetStream in operator mode, the streams and buckets that hold the fleet's
+// state, and the services built on them.
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/logging"
+)
+
+// Coordinator is a running coordinator.
+type Coordinator struct {
+	cfg  Config
+	log  zerolog.Logger
+	auth *accounts.Authority
+	ns   *server.Server
+
+	// nc is the coordinator's own in-process FLEET connection; sys is its
+	// system-account connection (account updates, connection events).
+	nc  *nats.Conn
+	sys *nats.Conn
+	js  jetstream.JetStream
+
+	httpLn  net.Listener
+	httpSrv *http.Server
+
+	ready    atomic.Bool
+	fatal    atomic.Pointer[string]
+	closeOne sync.Once
+	done     chan struct{}
+}
+
+// Init creates the identity of a new fleet in cfg.DataDir.
+func Init(cfg Config) (*accounts.Authority, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	return accounts.Create(cfg.DataDir, cfg.Domain, cfg.Limits)
+}
+
+// loadOrInit loads the data dir, initialising it when it is new or empty.
+func loadOrInit(cfg Config, log zerolog.Logger) (*accounts.Authority, bool, error) {
+	if accounts.Initialized(cfg.DataDir) {
+		a, err := accounts.Load(cfg.DataDir, cfg.Domain, cfg.Limits)
+		return a, false, err
+	}
+	entries, err := os.ReadDir(cfg.DataDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, false, fmt.Errorf("read data dir %s: %w", cfg.DataDir, err)
+	}
+	for _, e := range entries {
+		switch e.Name() {
+		case accounts.OperatorSeedFile, accounts.AdminCredsFile, accounts.KeysDir, accounts.ResolverDir, jetstreamDir:
+			return nil, false, fmt.Errorf("data dir %s is partial: %s exists but %s is missing (restore the dir from a backup, or move it away and start fresh)",
+				cfg.DataDir, filepath.Join(cfg.DataDir, e.Name()), filepath.Join(cfg.DataDir, accounts.OperatorJWTFile))
+		}
+	}
+	log.Info().Str("data_dir", cfg.DataDir).Msg("initialising a new fleet")
+	a, err := Init(cfg)
+	return a, true, err
+}
+
+const jetstreamDir = "jetstream"
+
+// Start runs a coordinator until ctx ends or Close is called. It returns once
+// the server accepts clients and every stream and bucket exists.
+func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	auth, fresh, err := loadOrInit(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	if !fresh {
+		if changed, err := auth.Refresh(); err != nil {
+			return nil, err
+		} else if changed {
+			log.Info().Msg("FLEET account JWT updated to this version's roles and limits")
+		}
+	}
+	c := &Coordinator{cfg: cfg, log: log, auth: auth, done: make(chan struct{})}
+
+	// Listen checks first: the server reports a busy port only through its
+	// logger, so catch it here with a message that names the flag.
+	if err := checkFree(cfg.Listen, "--listen"); err != nil {
+		return nil, err
+	}
+	if cfg.LeafnodeListen != "" {
+		if err := checkFree(cfg.LeafnodeListen, "--leafnode-listen"); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.HTTP != "" {
+		ln, err := net.Listen("tcp", cfg.HTTP)
+		if err != nil {
+			return nil, fmt.Errorf("--http %s: cannot listen: %w (pick another address or stop what uses it)", cfg.HTTP, err)
+		}
+		c.httpLn = ln
+	}
+
+	if err := c.startServer(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.connect(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.waitJetStream(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := ensureStreams(ctx, c.js, cfg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.ready.Store(true)
+	if c.httpLn != nil {
+		c.startHTTP()
+	}
+	go func() {
+		select {
+		case <-ctx.Done():
+			c.Close()
+		case <-c.done:
+		}
+	}()
+	return c, nil
+}
+
+func checkFree(hp, flag string) error {
+	if _, port, _ := splitHostPort(hp); port == 0 {
+		return nil
+	}
+	ln, err := net.Listen("tcp", hp)
+	if err != nil {
+		return fmt.Errorf("%s %s: cannot listen: %w (pick another address or stop what uses it)", flag, hp, err)
+	}
+	return ln.Close()
+}
+
+func (c *Coordinator) startServer() error {
+	oc, err := jwt.DecodeOperatorClaims(c.auth.OperatorJWT)
+	if err != nil {
+		return fmt.Errorf("operator JWT: %w", err)
+	}
+	resolver, err := server.NewDirAccResolver(c.auth.ResolverPath(), 0, 2*time.Minute, server.NoDelete)
+	if err != nil {
+		return fmt.Errorf("account resolver in %s: %w", c.auth.ResolverPath(), err)
+	}
+	host, port, _ := splitHostPort(c.cfg.Listen)
+	opts := &server.Options{
+		ServerName:       c.cfg.ServerName,
+		Host:             host,
+		Port:             port,
+		JetStream:        true,
+		JetStreamDomain:  c.cfg.Domain,
+		StoreDir:         filepath.Join(c.cfg.DataDir, jetstreamDir),
+		TrustedOperators: []*jwt.OperatorClaims{oc},
+		SystemAccount:    c.auth.SystemAccount(),
+		AccountResolver:  resolver,
+		NoSigs:           true,
+		MaxPayload:       int32(c.cfg.Limits.MaxPayload),
+	}
+	if c.cfg.LeafnodeListen != "" {
+		lh, lp, _ := splitHostPort(c.cfg.LeafnodeListen)
+		opts.LeafNode.Host = lh
+		opts.LeafNode.Port = lp
+	}
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		return fmt.Errorf("configure NATS server: %w", err)
+	}
+	nlog := logging.NATS{L: c.log.With().Str("component", "nats").Logger(), OnFatal: func(msg string) { c.fatal.Store(&msg) }}
+	ns.SetLoggerV2(nlog, c.log.GetLevel() <= zerolog.DebugLevel, c.log.GetLevel() <= zerolog.TraceLevel, false)
+	c.ns = ns
+	ns.Start()
+	if !ns.ReadyForConnections(15 * time.Second) {
+		if msg := c.fatal.Load(); msg != nil {
+			return fmt.Errorf("NATS server failed to start: %s", *msg)
+		}
+		return errors.New("NATS server did not become ready within 15s (see the log above)")
+	}
+	return nil
+}
+
+// connect opens the coordinator's own connections, in process.
+func (c *Coordinator) connect() error {
+	svc, err := c.auth.ServiceUser("fleet-coordinator")
+	if err != nil {
+		return err
+	}
+	c.nc, err = c.InProcessConn(svc, "fleet-coordinator")
+	if err != nil {
+		return err
+	}
+	sys, err := c.auth.SystemUser("fleet-coordinator-sys")
+	if err != nil {
+		return err
+	}
+	c.sys, err = c.InProcessConn(sys, "fleet-coordinator-sys")
+	if err != nil {
+		return err
+	}
+	c.js, err = jetstream.New(c.nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	return nil
+}
+
+// InProcessConn connects to the embedded server without a socket.
+func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn, error) {
+	seed, err := cr.Key.Seed()
+	if err != nil {
+		return nil, err
+	}
+	nc, err := nats.Connect("", nats.InProcessServer(c.ns), nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.Name(name), nats.MaxReconnects(-1))
+	if err != nil {
+		return nil, fmt.Errorf("connect %s in process: %w", name, err)
+	}
+	return nc, nil
+}
+
+func (c *Coordinator) waitJetStream(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	for {
+		if _, err := c.js.AccountInfo(ctx); err == nil {
+			return nil
+		} else if ctx.Err() != nil {
+			return fmt.Errorf("JetStream did not become available: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// PushAccount sends an account JWT to every server through the system
+// account, the same way `nats-server` clusters and leaf nodes learn of
+// updates; the local full resolver stores it and applies it at once.
+func (c *Coordinator) PushAccount(ctx context.Context, tok string) error {
+	msg, err := c.sys.RequestWithContext(ctx, "$SYS.REQ.CLAIMS.UPDATE", []byte(tok))
+	if err != nil {
+		return fmt.Errorf("push account JWT: %w", err)
+	}
+	var resp struct {
+		Error *struct {
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err == nil && resp.Error != nil {
+		return fmt.Errorf("push account JWT: %s", resp.Error.Description)
+	}
+	return nil
+}
+
+// Revoke revokes user keys and pushes the new FLEET account JWT: their
+// connections are closed at once and refused after.
+func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
+	tok, err := c.auth.Revoke(pubs...)
+	if err != nil {
+		return err
+	}
+	return c.PushAccount(ctx, tok)
+}
+
+// Close stops the coordinator and its server.
+func (c *Coordinator) Close() {
+	c.closeOne.Do(func() {
+		c.ready.Store(false)
+		if c.httpSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = c.httpSrv.Shutdown(ctx)
+			cancel()
+		} else if c.httpLn != nil {
+			c.httpLn.Close()
+		}
+		if c.nc != nil {
+			_ = c.nc.Drain()
+		}
+		if c.sys != nil {
+			c.sys.Close()
+		}
+		if c.ns != nil {
+			c.ns.Shutdown()
+			c.ns.WaitForShutdown()
+		}
+		close(c.done)
+	})
+}
+
+// Done is closed when the coordinator has stopped.
+func (c *Coordinator) Done() <-chan struct{} { return c.done }
+
+// ClientURL is the URL clients on this host use.
+func (c *Coordinator) ClientURL() string { return c.ns.ClientURL() }
+
+// LeafURL is the URL leaf nodes connect to ("" when disabled).
+func (c *Coordinator) LeafURL() string {
+	if c.cfg.LeafnodeListen == "" {
+		return ""
+	}
+	host, port, _ := splitHostPort(c.cfg.LeafnodeListen)
+	if host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	return fmt.Sprintf("nats-leaf://%s", net.JoinHostPort(host, fmt.Sprint(port)))
+}
+
+// HTTPAddr is the address of the HTTP endpoint ("" when disabled).
+func (c *Coordinator) HTTPAddr() string {
+	if c.httpLn == nil {
+		return ""
+	}
+	return c.httpLn.Addr().String()
+}
+
+// Authority is the fleet's identity authority.
+func (c *Coordinator) Authority() *accounts.Authority { return c.auth }
+
+// Server is the embedded NATS server.
+func (c *Coordinator) Server() *server.Server { return c.ns }
+
+// Conn is the coordinator's own FLEET connection.
+func (c *Coordinator) Conn() *nats.Conn { return c.nc }
+
+// JetStream is the coordinator's JetStream handle.
+func (c *Coordinator) JetStream() jetstream.JetStream { return c.js }
+
+// Config is the configuration the coordinator runs with.
+func (c *Coordinator) Config() Config { return c.cfg }
+
+// Ready reports whether the coordinator serves: JetStream current and every
+// stream and bucket in place.
+func (c *Coordinator) Ready() error {
+	if !c.ready.Load() {
+		return errors.New("starting")
+	}
+	if st := c.ns.Healthz(nil); st.Status != "ok" {
+		return fmt.Errorf("jetstream: %s", st.Error)
+	}
+	return nil
+}

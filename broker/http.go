@@ -1,0 +1,29 @@
+package broker
+
+import (
+	"fmt"
+	"net/http"
+	"time"
+)
+
+// startHTTP serves the coordinator's HTTP endpoints on the listener opened
+// at start.
+func (c *Coordinator) startHTTP() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := c.Ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	c.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := c.httpSrv.Serve(c.httpLn); err != nil && err != http.ErrServerClosed {
+			c.log.Error().Err(err).Msg("http server stopped")
+		}
+	}()
+}

@@ -1,0 +1,107 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"fleet/subjects"
+)
+
+// bucketConfigs are the KV buckets of DESIGN §3 with their limits.
+func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
+	kv := func(name, desc string, history uint8) jetstream.KeyValueConfig {
+		return jetstream.KeyValueConfig{
+			Bucket:      name,
+			Description: desc,
+			History:     history,
+			Storage:     jetstream.FileStorage,
+			Replicas:    cfg.Replicas,
+			// Records are small JSON documents; a bigger one is a bug.
+			MaxValueSize: 256 << 10,
+		}
+	}
+	desired := kv(subjects.BucketDesired, "desired state of each device, key = device ID", 5)
+	desired.RePublish = &jetstream.RePublish{
+		Source:      subjects.DesiredRepublishSource,
+		Destination: subjects.DesiredRepublishDest,
+	}
+	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
+	locks.TTL = 15 * time.Second
+	releases := kv(subjects.BucketReleases, "immutable signed release manifests", 1)
+	releases.MaxValueSize = 4 << 20
+	return []jetstream.KeyValueConfig{
+		kv(subjects.BucketDevices, "device records", 5),
+		desired,
+		releases,
+		kv(subjects.BucketRollouts, "rollout state, written by the engine leader", 5),
+		kv(subjects.BucketTokens, "enrollment tokens, hashed", 1),
+		kv(subjects.BucketAdmins, "admins and their roles", 5),
+		kv(subjects.BucketEscrow, "sealed disk-encryption recovery keys", 10),
+		kv(subjects.BucketPayloads, "sealed per-device payloads", 5),
+		locks,
+	}
+}
+
+// streamConfigs are the streams of DESIGN §3 with their limits.
+func streamConfigs(cfg Config) []jetstream.StreamConfig {
+	return []jetstream.StreamConfig{
+		{
+			Name:              subjects.StreamFacts,
+			Description:       "fact reports of every device",
+			Subjects:          []string{subjects.AllFacts},
+			Storage:           jetstream.FileStorage,
+			Replicas:          cfg.Replicas,
+			Retention:         jetstream.LimitsPolicy,
+			Discard:           jetstream.DiscardOld,
+			MaxAge:            cfg.FactsRetention,
+			MaxMsgsPerSubject: cfg.FactsHistory,
+			MaxMsgSize:        256 << 10,
+			AllowDirect:       true,
+		},
+		{
+			Name:              subjects.StreamEvents,
+			Description:       "state transitions and apply results of every device",
+			Subjects:          []string{subjects.AllEvents},
+			Storage:           jetstream.FileStorage,
+			Replicas:          cfg.Replicas,
+			Retention:         jetstream.LimitsPolicy,
+			Discard:           jetstream.DiscardOld,
+			MaxAge:            cfg.EventsRetention,
+			MaxMsgsPerSubject: 10000,
+			MaxMsgSize:        256 << 10,
+			AllowDirect:       true,
+		},
+		{
+			Name:        subjects.StreamAudit,
+			Description: "signed admin requests and their results",
+			Subjects:    []string{subjects.AllAudit},
+			Storage:     jetstream.FileStorage,
+			Replicas:    cfg.Replicas,
+			Retention:   jetstream.LimitsPolicy,
+			// The audit trail is append-only: nobody deletes or purges it.
+			DenyDelete:  true,
+			DenyPurge:   true,
+			MaxMsgSize:  1 << 20,
+			AllowDirect: true,
+		},
+	}
+}
+
+// ensureStreams creates or updates every stream and bucket; running it
+// again with the same config changes nothing.
+func ensureStreams(ctx context.Context, js jetstream.JetStream, cfg Config) error {
+	for _, sc := range streamConfigs(cfg) {
+		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
+			return fmt.Errorf("stream %s: %w", sc.Name, err)
+		}
+	}
+	for _, kc := range bucketConfigs(cfg) {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, kc); err != nil {
+			return fmt.Errorf("bucket %s: %w", kc.Bucket, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,115 @@
+package subjects
+
+import "fmt"
+
+// Role names a scoped signing key of the FLEET account. The role of a user is
+// fixed by the key that signed its JWT; its permissions come from the
+// template below, written once into the account JWT.
+type Role string
+
+const (
+	RoleAgent    Role = "agent"
+	RoleViewer   Role = "viewer"
+	RoleOperator Role = "operator"
+	RoleOwner    Role = "owner"
+	RoleLeaf     Role = "leaf"
+	RoleEnroll   Role = "enroll"
+	RoleObserver Role = "observer"
+)
+
+// Roles lists every role, each of which gets a scoped signing key.
+var Roles = []Role{RoleAgent, RoleViewer, RoleOperator, RoleOwner, RoleLeaf, RoleEnroll, RoleObserver}
+
+// AdminRoles are the roles a person or CI job can hold.
+var AdminRoles = []Role{RoleViewer, RoleOperator, RoleOwner}
+
+// ParseRole returns the role named s.
+func ParseRole(s string) (Role, error) {
+	for _, r := range Roles {
+		if string(r) == s {
+			return r, nil
+		}
+	}
+	return "", fmt.Errorf("unknown role %q (one of agent, viewer, operator, owner, leaf, enroll, observer)", s)
+}
+
+// Template is a role's permission template. {{subject()}} is replaced by the
+// server with the connecting user's public key.
+type Template struct {
+	Pub []string
+	Sub []string
+	// Responses lets the user answer requests sent to it (one reply each).
+	Responses bool
+	// Bearer users connect with the JWT alone, without proving the key.
+	Bearer bool
+	// ConnTypes limits how the user may connect (empty: any).
+	ConnTypes []string
+}
+
+const self = "{{subject()}}"
+
+// Inbox is the template form of InboxPrefix: only one's own replies.
+var selfInbox = InboxPrefix(self) + ".>"
+
+// RoleTemplate returns the permission template of role r in JetStream
+// domain d.
+func RoleTemplate(r Role, d string) Template {
+	js := JSAPIPrefix(d)
+	readStreams := []string{
+		js + ".STREAM.INFO." + StreamFacts,
+		js + ".STREAM.INFO." + StreamEvents,
+		js + ".DIRECT.GET." + StreamFacts + ".>",
+		js + ".DIRECT.GET." + StreamEvents + ".>",
+		js + ".DIRECT.GET." + StreamFacts,
+		js + ".DIRECT.GET." + StreamEvents,
+	}
+	switch r {
+	case RoleAgent:
+		return Template{
+			Pub: []string{
+				DeviceAll(self),
+				DesiredDirectGet(d, self),
+			},
+			Sub:       []string{DeviceAll(self), selfInbox},
+			Responses: true,
+		}
+	case RoleEnroll:
+		return Template{
+			Pub:    []string{Enroll},
+			Sub:    []string{selfInbox},
+			Bearer: true,
+		}
+	case RoleViewer:
+		return Template{
+			Pub: append([]string{APIRead + ".>"}, readStreams...),
+			Sub: []string{selfInbox},
+		}
+	case RoleOperator:
+		return Template{
+			Pub: append([]string{APIRead + ".>", APIWrite + ".>"}, readStreams...),
+			Sub: []string{selfInbox},
+		}
+	case RoleOwner:
+		return Template{
+			Pub: []string{">"},
+			Sub: []string{selfInbox, "fleet.>"},
+		}
+	case RoleObserver:
+		return Template{
+			Pub: append([]string{APIRead + ".devices", APIRead + ".facts"}, readStreams[:1]...),
+			Sub: []string{selfInbox},
+		}
+	case RoleLeaf:
+		// For a leaf connection, "pub" is what the site may send into the hub
+		// and "sub" what the hub forwards to the site. Devices at the site are
+		// held to their own templates by the leaf server; inbox prefixes are
+		// single tokens (_INBOX_<key>), so the leaf link itself cannot be
+		// narrowed by wildcard and is bound to leaf connections instead.
+		return Template{
+			Pub:       []string{">"},
+			Sub:       []string{">"},
+			ConnTypes: []string{"LEAFNODE"},
+		}
+	}
+	return Template{}
+}
