@@ -54,6 +54,6 @@ func (n NATS) Fatalf(format string, v ...any) {
 		n.OnFatal(msg)
 	}
 }
-func (n NATS) Errorf(format string, v ...any)  { n.L.Error().Msgf(format, v...) }
-func (n NATS) Debugf(format string, v ...any)  { n.L.Debug().Msgf(format, v...) }
-func (n NATS) Tracef(format string, v ...any)  { n.L.Trace().Msgf(format, v...) }
+func (n NATS) Errorf(format string, v ...any) { n.L.Error().Msgf(format, v...) }
+func (n NATS) Debugf(format string, v ...any) { n.L.Debug().Msgf(format, v...) }
+func (n NATS) Tracef(format string, v ...any) { n.L.Trace().Msgf(format, v...) }
