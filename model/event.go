@@ -1,0 +1,70 @@
+package model
+
+import "time"
+
+// State is an agent's reconcile state (DESIGN §4).
+type State string
+
+const (
+	StateIdle        State = "idle"
+	StateChecking    State = "checking"
+	StateFetching    State = "fetching"
+	StateApplying    State = "applying"
+	StateVerifying   State = "verifying"
+	StateReporting   State = "reporting"
+	StateRollingBack State = "rolling_back"
+)
+
+// States lists every state, in reconcile order.
+var States = []State{StateIdle, StateChecking, StateFetching, StateApplying, StateVerifying, StateReporting, StateRollingBack}
+
+// Result is the outcome of one apply.
+type Result string
+
+const (
+	ResultSucceeded  Result = "succeeded"
+	ResultFailed     Result = "failed"
+	ResultRolledBack Result = "rolled_back"
+	// ResultUnchanged: the device already ran the desired system.
+	ResultUnchanged Result = "unchanged"
+)
+
+// Final reports whether r ends an apply.
+func (r Result) Final() bool {
+	switch r {
+	case ResultSucceeded, ResultFailed, ResultRolledBack, ResultUnchanged:
+		return true
+	}
+	return false
+}
+
+// Event is published by an agent on fleet.dev.<id>.events at every state
+// transition; the last one of an apply carries its Result.
+type Event struct {
+	Device    string    `json:"device"`
+	Time      time.Time `json:"time"`
+	State     State     `json:"state"`
+	Result    Result    `json:"result,omitempty"`
+	RolloutID string    `json:"rollout_id,omitempty"`
+	ReleaseID string    `json:"release_id,omitempty"`
+	StorePath string    `json:"store_path,omitempty"`
+	// Error says what went wrong; Check names the failing health check.
+	Error string `json:"error,omitempty"`
+	Check string `json:"check,omitempty"`
+	// Log is the tail of the failing command's output.
+	Log        string `json:"log,omitempty"`
+	DurationMS int64  `json:"duration_ms,omitempty"`
+	// Attempt identifies one apply, so a reader can tell a resumed apply
+	// (after a restart) from a new one.
+	Attempt string `json:"attempt,omitempty"`
+}
+
+// LastApply summarises an agent's most recent apply, for facts.
+type LastApply struct {
+	RolloutID string    `json:"rollout_id,omitempty"`
+	ReleaseID string    `json:"release_id,omitempty"`
+	StorePath string    `json:"store_path,omitempty"`
+	Result    Result    `json:"result"`
+	Error     string    `json:"error,omitempty"`
+	Time      time.Time `json:"time"`
+}
