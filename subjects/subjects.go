@@ -89,9 +89,18 @@ const (
 
 // ValidDeviceID reports whether id can be a device ID: a device is named by
 // its nkey user public key, which is also a safe single subject token.
+//
+// Only the canonical 56-character encoding counts: nkeys also accepts a key
+// with a trailing character (its base32 decoder drops the spare bits), which
+// would give one key a second name, and a revocation of one name would not
+// cover the other.
 func ValidDeviceID(id string) bool {
-	return nkeys.IsValidPublicUserKey(id)
+	return len(id) == publicKeyLen && nkeys.IsValidPublicUserKey(id)
 }
+
+// publicKeyLen is the length of an encoded nkey public key: prefix byte,
+// 32-byte key and 2-byte CRC, 35 bytes in base32 without spare bits.
+const publicKeyLen = 56
 
 // CheckDeviceID returns a descriptive error when id is not a device ID.
 func CheckDeviceID(id string) error {
@@ -127,9 +136,14 @@ func DeviceCmd(id string) string { return device(id, tokCmd) }
 func DeviceAll(id string) string { return device(id, ">") }
 
 // DeviceFromSubject returns the device ID of a fleet.dev.<id>.<leaf> subject.
+// The leaf must be one plain token: a wildcard or an empty token is not a
+// subject a device sent.
 func DeviceFromSubject(subject string) (string, bool) {
 	parts := strings.Split(subject, ".")
 	if len(parts) != 4 || parts[0] != "fleet" || parts[1] != "dev" || !ValidDeviceID(parts[2]) {
+		return "", false
+	}
+	if parts[3] == "" || strings.ContainsAny(parts[3], "*> \t\r\n") {
 		return "", false
 	}
 	return parts[2], true
