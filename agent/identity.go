@@ -1,0 +1,129 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/subjects"
+)
+
+// Files in the agent's state directory.
+const (
+	CredsFile = "agent.creds" // user JWT + seed, after enrollment
+	KeyFile   = "agent.nk"    // the device's nkey seed (its identity)
+	XKeyFile  = "agent.xk"    // the device's curve seed (sealed payloads)
+)
+
+// LoadCreds reads STATE_DIR/agent.creds. It returns fs.ErrNotExist (wrapped)
+// when the device has not enrolled yet.
+func LoadCreds(stateDir string) (*accounts.Creds, error) {
+	p := filepath.Join(stateDir, CredsFile)
+	if _, err := os.Stat(p); err != nil {
+		return nil, fmt.Errorf("%s: %w", p, err)
+	}
+	return accounts.ReadCreds(p)
+}
+
+// ConnOptions are how an agent connects.
+type ConnOptions struct {
+	Servers []string
+	Name    string
+	Log     zerolog.Logger
+	// OnConnect runs after the first connect and every reconnect: the agent
+	// re-reads its desired state then, whatever it missed meanwhile.
+	OnConnect func(*nats.Conn)
+	// OnDisconnect runs when the connection drops.
+	OnDisconnect func(*nats.Conn, error)
+}
+
+// Connect dials the fleet with the device's creds and keeps reconnecting
+// forever, with backoff and jitter. It returns at once even when no server
+// is reachable yet (the first connect is retried in the background); ctx
+// bounds only the setup.
+func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.Conn, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	seed, err := creds.Key.Seed()
+	if err != nil {
+		return nil, err
+	}
+	log := o.Log
+	opts := []nats.Option{
+		nats.UserJWTAndSeed(creds.JWT, string(seed)),
+		// Templates let a device read replies only under its own prefix.
+		nats.CustomInboxPrefix(subjects.InboxPrefix(creds.PublicKey())),
+		nats.Name(o.Name),
+		nats.MaxReconnects(-1),
+		nats.RetryOnFailedConnect(true),
+		nats.CustomReconnectDelay(backoff),
+		nats.PingInterval(30 * time.Second),
+		nats.ConnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("server", nc.ConnectedUrlRedacted()).Msg("connected")
+			if o.OnConnect != nil {
+				o.OnConnect(nc)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("server", nc.ConnectedUrlRedacted()).Msg("reconnected")
+			if o.OnConnect != nil {
+				o.OnConnect(nc)
+			}
+		}),
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if err != nil {
+				log.Warn().Err(err).Msg("disconnected")
+			}
+			if o.OnDisconnect != nil {
+				o.OnDisconnect(nc, err)
+			}
+		}),
+		nats.ErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("nats error")
+		}),
+	}
+	url := nats.DefaultURL
+	if len(o.Servers) > 0 {
+		url = joinURLs(o.Servers)
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", url, err)
+	}
+	return nc, nil
+}
+
+// backoff grows the reconnect delay up to a minute, so ten thousand devices
+// coming back after a coordinator restart do not arrive at once.
+func backoff(attempts int) time.Duration {
+	d := min(time.Second<<min(attempts, 6), time.Minute)
+	return d/2 + rand.N(d/2+1)
+}
+
+func joinURLs(urls []string) string {
+	s := ""
+	for i, u := range urls {
+		if i > 0 {
+			s += ","
+		}
+		s += u
+	}
+	return s
+}
+
+// IsNotEnrolled reports whether err says the device has no creds yet.
+func IsNotEnrolled(err error) bool { return errors.Is(err, fs.ErrNotExist) }
