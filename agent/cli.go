@@ -1,9 +1,12 @@
-// Package agent is the fleet agent that runs on each device.
+// Package agent is the fleet agent that runs on each device: it enrols,
+// keeps the device on its desired NixOS generation, runs health checks,
+// rolls back on failure and reports facts and events.
 package agent
 
 import (
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/alecthomas/kong"
 )
@@ -11,16 +14,59 @@ import (
 // Version is set at build time (-ldflags "-X fleet/agent.Version=...").
 var Version = "dev"
 
-// CLI is the fleet-agent command line.
+// CLI is the fleet-agent command line. Flags can also be set from FLEET_*
+// environment variables and from the JSON file named by --config, whose keys
+// are the flag names (it also holds health-checks, see FileConfig).
 type CLI struct {
-	Version struct{} `cmd:"" help:"Print the version."`
+	Config    kong.ConfigFlag `help:"JSON config file; keys are flag names, plus health-checks." env:"FLEET_CONFIG" placeholder:"FILE"`
+	LogLevel  string          `help:"Log level: debug, info, warn, error." default:"info" env:"FLEET_LOG_LEVEL"`
+	LogFormat string          `help:"Log format: auto, json, console." default:"auto" env:"FLEET_LOG_FORMAT"`
+
+	Run     RunCmd     `cmd:"" help:"Enrol if needed, then keep this device on its desired generation."`
+	Facts   FactsCmd   `cmd:"" help:"Print this device's facts as JSON, as the agent reports them."`
+	Version VersionCmd `cmd:"" help:"Print the version."`
+}
+
+// RunCmd is `fleet-agent run`.
+type RunCmd struct {
+	Server          []string      `help:"Coordinator or leaf node URL (repeatable)." default:"nats://127.0.0.1:4222" env:"FLEET_SERVER" sep:","`
+	StateDir        string        `help:"Directory for the device's keys, creds and apply state." default:"/var/lib/fleet-agent" env:"FLEET_STATE_DIR" type:"path"`
+	EnrollToken     string        `help:"Enrollment token (from fleet-admin token create); used once, when the device has no creds." env:"FLEET_ENROLL_TOKEN"`
+	EnrollTokenFile string        `help:"File holding the enrollment token." env:"FLEET_ENROLL_TOKEN_FILE" type:"path"`
+	ReleaseSigner   []string      `help:"Admin public key trusted to sign releases (repeatable); releases by others are refused." env:"FLEET_RELEASE_SIGNERS" sep:","`
+	Domain          string        `help:"JetStream domain of the coordinator." default:"fleet" env:"FLEET_DOMAIN"`
+	Hostname        string        `help:"Host name to enrol and select closures with (default: this host's)." env:"FLEET_HOSTNAME"`
+	Profile         string        `help:"System profile to set on apply." default:"/nix/var/nix/profiles/system" env:"FLEET_PROFILE"`
+	CurrentSystem   string        `help:"Link to the running system." default:"/run/current-system" env:"FLEET_CURRENT_SYSTEM"`
+	BootedSystem    string        `help:"Link to the booted system." default:"/run/booted-system" env:"FLEET_BOOTED_SYSTEM"`
+	FactsInterval   time.Duration `help:"How often to report facts (with jitter); also on change." default:"60s" env:"FLEET_FACTS_INTERVAL"`
+	ReconnectWithin time.Duration `help:"After a switch the agent must reach the coordinator again within this time, or it rolls back." default:"2m" env:"FLEET_RECONNECT_WITHIN"`
+	ApplyTimeout    time.Duration `help:"Bound on fetching and switching one generation." default:"30m" env:"FLEET_APPLY_TIMEOUT"`
+}
+
+// FactsCmd is `fleet-agent facts`.
+type FactsCmd struct {
+	CurrentSystem string `help:"Link to the running system." default:"/run/current-system" env:"FLEET_CURRENT_SYSTEM"`
+	BootedSystem  string `help:"Link to the booted system." default:"/run/booted-system" env:"FLEET_BOOTED_SYSTEM"`
+}
+
+// VersionCmd is `fleet-agent version`.
+type VersionCmd struct{}
+
+// Run prints the version.
+func (VersionCmd) Run() error {
+	fmt.Println(Version)
+	return nil
 }
 
 // Main parses args and runs the chosen command; it returns the exit code.
 func Main(args []string) int {
 	var cli CLI
 	parser, err := kong.New(&cli, kong.Name("fleet-agent"),
-		kong.Description("The fleet agent: keeps this device on its desired NixOS generation."))
+		kong.Description("The fleet agent: keeps this device on its desired NixOS generation and reports its facts."),
+		kong.Configuration(kong.JSON),
+		kong.UsageOnError(),
+	)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fleet-agent:", err)
 		return 2
@@ -30,9 +76,9 @@ func Main(args []string) int {
 		fmt.Fprintln(os.Stderr, "fleet-agent:", err)
 		return 2
 	}
-	switch kctx.Command() {
-	case "version":
-		fmt.Println(Version)
+	if err := kctx.Run(&cli); err != nil {
+		fmt.Fprintln(os.Stderr, "fleet-agent:", err)
+		return 1
 	}
 	return 0
 }
