@@ -28,6 +28,8 @@ import (
 	"time"
 
 	"github.com/alecthomas/kong"
+
+	"fleet/broker"
 )
 
 var updateNixFixture = flag.Bool("update", false, "rewrite nixos-modules/agent-config.example.json from nixos-modules/agent-config.nix")
@@ -389,5 +391,33 @@ func TestNixModuleRejectsUnknownSetting(t *testing.T) {
 		"(import "+abs+") { servers = [ \"nats://a:4222\" ]; stateDirectory = \"/x\"; }").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "stateDirectory") {
 		t.Fatalf("unknown setting stateDirectory was accepted: err=%v\n%s", err, out)
+	}
+}
+
+// TestNixModuleCoordinatorConfig: coordinator-config.nix writes keys that
+// `fleet-coordinator run` reads, and the values land.
+func TestNixModuleCoordinatorConfig(t *testing.T) {
+	abs, err := filepath.Abs(nixModulesDir + "/coordinator-config.nix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := nixEval(t, "--expr", "(import "+abs+`) { dataDir = "/var/lib/fc"; domain = "hub"; listen = "0.0.0.0:4333"; http = ""; leafnodeListen = "0.0.0.0:7422"; serverName = "fc-1"; replicas = 3; factsRetention = "24h"; factsHistory = 10; eventsRetention = "48h"; logLevel = "debug"; logFormat = "json"; }`)
+	path := filepath.Join(t.TempDir(), "coordinator.json")
+	if err := os.WriteFile(path, out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var cli broker.CLI
+	parser, err := kong.New(&cli, kong.Configuration(kong.JSON, path), kong.Exit(func(int) { t.Fatal("kong tried to exit") }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := parser.Parse([]string{"run"}); err != nil {
+		t.Fatalf("fleet-coordinator run --config: %v\n%s", err, out)
+	}
+	r := cli.Run
+	if r.DataDir != "/var/lib/fc" || r.Domain != "hub" || r.Listen != "0.0.0.0:4333" || r.HTTP != "" || r.LeafnodeListen != "0.0.0.0:7422" ||
+		r.ServerName != "fc-1" || r.Replicas != 3 || r.FactsRetention != 24*time.Hour || r.FactsHistory != 10 || r.EventsRetention != 48*time.Hour ||
+		cli.LogLevel != "debug" || cli.LogFormat != "json" {
+		t.Errorf("parsed %+v (log %q %q) from %s", r, cli.LogLevel, cli.LogFormat, out)
 	}
 }
