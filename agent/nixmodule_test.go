@@ -30,6 +30,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"fleet/broker"
+	"fleet/cliconfig"
 )
 
 var updateNixFixture = flag.Bool("update", false, "rewrite nixos-modules/agent-config.example.json from nixos-modules/agent-config.nix")
@@ -139,14 +140,13 @@ func jsonTags(typ reflect.Type) map[string]bool {
 	return tags
 }
 
-// kongKey is the key kong's JSON resolver reads for a flag: it tries the
-// name with "-" replaced by "_" (and camelCase), never the name as written.
-// agent-config.nix spells its flag keys the same way (its kongKey).
-func kongKey(flag string) string { return strings.ReplaceAll(flag, "-", "_") }
+// kongKey is the config key of a flag: its name as on the command line
+// (package cliconfig). agent-config.nix spells its flag keys the same way.
+func kongKey(flag string) string { return flag }
 
 func newAgentParser(t *testing.T, cli *CLI, configPath string) *kong.Kong {
 	t.Helper()
-	parser, err := kong.New(cli, kong.Name("fleet-agent"), kong.Configuration(kong.JSON, configPath), kong.Exit(func(int) { t.Fatal("kong tried to exit") }))
+	parser, err := kong.New(cli, kong.Name("fleet-agent"), kong.Configuration(cliconfig.Loader("health-checks", "health-deadline"), configPath), kong.Exit(func(int) { t.Fatal("kong tried to exit") }))
 	if err != nil {
 		t.Fatalf("kong.New with config %s: %v", configPath, err)
 	}
@@ -235,11 +235,7 @@ func TestNixModuleFixtureLoads(t *testing.T) {
 		}
 		f, ok := byKey[key]
 		if !ok {
-			hint := ""
-			if _, isFlag := flags[key]; isFlag {
-				hint = " (kong's JSON resolver does not read flag names with \"-\"; it reads " + kongKey(key) + ")"
-			}
-			t.Errorf("config key %q is neither a flag of `fleet-agent run` nor a FileConfig field%s", key, hint)
+			t.Errorf("config key %q is neither a flag of `fleet-agent run` nor a FileConfig field", key)
 			continue
 		}
 		checkFlagValue(t, key, f.Target, want)
@@ -407,7 +403,7 @@ func TestNixModuleCoordinatorConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	var cli broker.CLI
-	parser, err := kong.New(&cli, kong.Configuration(kong.JSON, path), kong.Exit(func(int) { t.Fatal("kong tried to exit") }))
+	parser, err := kong.New(&cli, kong.Configuration(cliconfig.Loader(), path), kong.Exit(func(int) { t.Fatal("kong tried to exit") }))
 	if err != nil {
 		t.Fatal(err)
 	}

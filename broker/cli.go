@@ -14,6 +14,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"fleet/accounts"
+	"fleet/cliconfig"
 	"fleet/logging"
 )
 
@@ -171,7 +172,7 @@ func run(args []string, stdout, stderr io.Writer) (code int) {
 	parser, err := kong.New(&cli,
 		kong.Name("fleet-coordinator"),
 		kong.Description("The fleet coordinator: an embedded NATS JetStream server that holds the fleet's releases, desired generations, facts and events."),
-		kong.Configuration(kong.JSON),
+		kong.Configuration(cliconfig.Loader()),
 		kong.UsageOnError(),
 		kong.Writers(stdout, stderr),
 		kong.Exit(func(c int) { panic(exitRequest(c)) }),

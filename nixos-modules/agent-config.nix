@@ -13,14 +13,11 @@
 # null or absent is left out of the file, so the agent's own default applies.
 # An unknown setting name is an error, so a typo cannot be silently dropped.
 #
-# Key spelling. Settings that are flags of `fleet-agent run` (or of the
-# fleet-agent command itself, like log-level) are read by kong's JSON
-# resolver, which looks a flag up as its name with "-" replaced by "_"
-# ("state_dir") or in camelCase ("stateDir"); it never looks up the flag
-# name as written ("state-dir" would be silently ignored). So flag keys are
-# written as kongKey(flag). The structured settings with no flag
-# (health-checks, health-deadline) are decoded by the agent's FileConfig with
-# encoding/json and use its json tags as they are.
+# Key spelling. Every key is spelled as on the command line: flags of
+# `fleet-agent run` (and global ones like log-level) are read by the agent's
+# config loader (package cliconfig), which takes flag names as keys and
+# refuses unknown keys; the structured settings with no flag (health-checks,
+# health-deadline) are decoded by the agent's FileConfig.
 let
   # NixOS option name -> flag name of `fleet-agent run` (or a global flag).
   flags = {
@@ -59,8 +56,8 @@ let
     interval = "interval";
   };
 
-  # The key kong's JSON resolver reads for a flag (see above).
-  kongKey = flag: builtins.replaceStrings [ "-" ] [ "_" ] flag;
+  # The config key of a flag: its name as on the command line.
+  kongKey = flag: flag;
 
   # Absent, null and empty lists mean "not set".
   isSet = v: v != null && v != [ ];

@@ -1,8 +1,8 @@
 # The fleet coordinator's config file (`fleet-coordinator run --config`), as
-# a pure function of its settings; builtins only, like agent-config.nix (see
-# there for why flag keys are written with "_": kong's JSON resolver reads
-# "data_dir", never "data-dir"). Null or absent settings are left out, so
-# the coordinator's own defaults apply; unknown settings are an error.
+# a pure function of its settings; builtins only, like agent-config.nix.
+# Keys are flag names as on the command line ("data-dir"). Null or absent
+# settings are left out, so the coordinator's own defaults apply; unknown
+# settings are an error.
 let
   # NixOS option name -> flag name of `fleet-coordinator run` (or global).
   flags = {
@@ -19,7 +19,7 @@ let
     logLevel = "log-level";
     logFormat = "log-format";
   };
-  kongKey = flag: builtins.replaceStrings [ "-" ] [ "_" ] flag;
+  kongKey = flag: flag;
   toConfig = settings:
     let
       unknown = builtins.filter (n: !(flags ? ${n})) (builtins.attrNames settings);
