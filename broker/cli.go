@@ -118,7 +118,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		printInit(cli.stdout, cfg, c.Authority())
 	}
 	printNextSteps(cli.stdout, c)
-	log.Info().Str("clients", cfg.Listen).Str("http", c.HTTPAddr()).Str("domain", cfg.Domain).Msg("coordinator ready")
+	log.Info().Str("clients", c.ClientAddr()).Str("http", c.HTTPAddr()).Str("domain", cfg.Domain).Msg("coordinator ready")
 	<-c.Done()
 	log.Info().Msg("coordinator stopped")
 	return nil
@@ -130,7 +130,7 @@ func printNextSteps(w io.Writer, c *Coordinator) {
 	// The port actually listened on (--listen may say 0).
 	port := c.Server().Addr().(*net.TCPAddr).Port
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
-	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", cfg.Listen, cfg.Domain)
+	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", c.ClientAddr(), cfg.Domain)
 	if a := c.HTTPAddr(); a != "" {
 		fmt.Fprintf(w, ", health on http://%s/readyz", a)
 	}

@@ -352,6 +352,15 @@ func (c *Coordinator) Done() <-chan struct{} { return c.done }
 // ClientURL is the URL clients on this host use.
 func (c *Coordinator) ClientURL() string { return c.ns.ClientURL() }
 
+// ClientAddr is the address the server listens on for clients (the real
+// port when --listen asked for port 0).
+func (c *Coordinator) ClientAddr() string {
+	if a := c.ns.Addr(); a != nil {
+		return a.String()
+	}
+	return c.cfg.Listen
+}
+
 // LeafURL is the URL leaf nodes connect to ("" when disabled).
 func (c *Coordinator) LeafURL() string {
 	if c.cfg.LeafnodeListen == "" {

@@ -360,6 +360,36 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		}
 	})
 
+	t.Run("agent cannot roll up or purge the shared streams", func(t *testing.T) {
+		a, b := clients["agentA"], clients["agentB"]
+		ja, _ := jetstream.NewWithDomain(a.Conn, domain)
+		jb, _ := jetstream.NewWithDomain(b.Conn, domain)
+		ackB, err := jb.Publish(ctx, subjects.DeviceFacts(B), []byte(`{"b":1}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range []string{"all", "sub"} {
+			m := nats.NewMsg(subjects.DeviceFacts(A))
+			m.Header.Set("Nats-Rollup", h)
+			m.Data = []byte(`{"a":1}`)
+			if _, err := ja.PublishMsg(ctx, m); err == nil {
+				t.Errorf("agent published a %q rollup into %s", h, subjects.StreamFacts)
+			}
+		}
+		m := nats.NewMsg(subjects.DeviceFacts(A))
+		m.Header.Set("Nats-TTL", "1s")
+		if _, err := ja.PublishMsg(ctx, m); err == nil {
+			t.Error("agent set a per-message TTL")
+		}
+		facts, err := c.JetStream().Stream(ctx, subjects.StreamFacts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := facts.GetLastMsgForSubject(ctx, subjects.DeviceFacts(B)); err != nil || got.Sequence != ackB.Sequence {
+			t.Fatalf("device B's facts after A's rollup attempts: %v", err)
+		}
+	})
+
 	t.Run("agent answers a command", func(t *testing.T) {
 		a := clients["agentA"]
 		s, err := a.Subscribe(subjects.DeviceCmd(A), func(m *nats.Msg) { _ = m.Respond([]byte("done")) })
