@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -175,7 +176,15 @@ func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken
 // loadOrCreateKey reuses the key at path, so an enrollment retried after a
 // crash asks for the same key, or creates it (0600).
 func loadOrCreateKey(path string, prefix nkeys.PrefixByte, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, error) {
-	if _, err := os.Stat(path); err == nil {
+	if b, err := os.ReadFile(path); err == nil {
+		if prefix == nkeys.PrefixByteCurve {
+			// accounts.ReadSeed parses decorated user seeds, not curve seeds.
+			kp, err := nkeys.FromCurveSeed(bytes.TrimSpace(b))
+			if err != nil {
+				return nil, fmt.Errorf("key file %s is damaged: %w (remove it and enrol again)", path, err)
+			}
+			return kp, nil
+		}
 		return accounts.ReadSeed(path, prefix)
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("key %s: %w", path, err)
