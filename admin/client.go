@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -22,6 +23,11 @@ import (
 type Client struct {
 	nc    *nats.Conn
 	creds *accounts.Creds
+	// denied cancels requests whose publish the server refused: nats.go
+	// reports that asynchronously, and the request would otherwise wait for
+	// its timeout.
+	mu     sync.Mutex
+	denied map[string]context.CancelCauseFunc
 	// Timeout bounds one request when ctx has no deadline.
 	Timeout time.Duration
 }
@@ -47,8 +53,10 @@ func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client,
 	if err != nil {
 		return nil, err
 	}
+	c := &Client{creds: cr, Timeout: 30 * time.Second, denied: map[string]context.CancelCauseFunc{}}
 	nc, err := nats.Connect(server,
 		nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.ErrorHandler(c.onError),
 		// Templates let an admin read replies only under its own prefix.
 		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
 		nats.Name("fleet-admin"),
@@ -57,7 +65,21 @@ func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client,
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w (check --server / FLEET_SERVER and that fleet-coordinator runs; an authorization error means the --creds are not valid for this fleet)", server, err)
 	}
-	return &Client{nc: nc, creds: cr, Timeout: 30 * time.Second}, nil
+	c.nc = nc
+	return c, nil
+}
+
+func (c *Client) onError(_ *nats.Conn, _ *nats.Subscription, err error) {
+	if !errors.Is(err, nats.ErrPermissionViolation) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for subj, cancel := range c.denied {
+		if strings.Contains(err.Error(), `"`+subj+`"`) {
+			cancel(err)
+		}
+	}
 }
 
 // Close closes the connection.
@@ -114,11 +136,24 @@ func (c *Client) Send(ctx context.Context, verb string, write bool, env []byte, 
 		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
 		defer cancel()
 	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	c.mu.Lock()
+	c.denied[subj] = cancel
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.denied, subj)
+		c.mu.Unlock()
+	}()
 	msg, err := c.nc.RequestWithContext(ctx, subj, env)
+	if cause := context.Cause(ctx); err != nil && errors.Is(cause, nats.ErrPermissionViolation) {
+		err = cause
+	}
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
 		return fmt.Errorf("%s: no coordinator answers (is fleet-coordinator running and --server right?)", verb)
-	case err != nil && strings.Contains(strings.ToLower(err.Error()), "permissions violation"):
+	case errors.Is(err, nats.ErrPermissionViolation):
 		return fmt.Errorf("%s: these credentials may not call %s (ask an owner for a role that may)", verb, subj)
 	case err != nil:
 		return fmt.Errorf("%s: %w", verb, err)

@@ -264,3 +264,27 @@ func auditRecords(t *testing.T, c *broker.Coordinator) []model.AuditRecord {
 	}
 	return out
 }
+
+func agentEnroll(ctx context.Context, url, dir, token, host string) (*accounts.Creds, error) {
+	return agent.LoadOrEnroll(ctx, agent.EnrollOptions{Servers: []string{url}, StateDir: dir, Token: token, Hostname: host, Log: zerolog.Nop()})
+}
+
+func setAdminRole(t *testing.T, c *broker.Coordinator, key string, r subjects.Role) {
+	t.Helper()
+	ctx := context.Background()
+	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketAdmins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a model.Admin
+	_ = json.Unmarshal(e.Value(), &a)
+	a.Role = string(r)
+	b, _ := json.Marshal(a)
+	if _, err := kv.Put(ctx, key, b); err != nil {
+		t.Fatal(err)
+	}
+}
