@@ -38,6 +38,8 @@ type Coordinator struct {
 	nc  *nats.Conn
 	sys *nats.Conn
 	js  jetstream.JetStream
+	// svc are enrollment, the admin API and presence (services.go).
+	svc *services
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -148,6 +150,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	if err := ensureStreams(ctx, c.js, cfg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.startServices(ctx); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -325,6 +331,7 @@ func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
 func (c *Coordinator) Close() {
 	c.closeOne.Do(func() {
 		c.ready.Store(false)
+		c.svc.stop()
 		if c.httpSrv != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_ = c.httpSrv.Shutdown(ctx)
