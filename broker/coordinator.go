@@ -41,6 +41,10 @@ type Coordinator struct {
 	// svc are enrollment, the admin API and presence (services.go).
 	svc *services
 
+	// stop ends the rollout engine.
+	stop     context.CancelFunc
+	rollouts *rollouts
+
 	httpLn  net.Listener
 	httpSrv *http.Server
 
@@ -157,6 +161,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
+	if err := c.startEngine(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
 	c.ready.Store(true)
 	if c.httpLn != nil {
 		c.startHTTP()
@@ -169,6 +177,28 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		}
 	}()
 	return c, nil
+}
+
+// startEngine starts the rollout engine (it leads while it holds the lock).
+func (c *Coordinator) startEngine(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(context.Background())
+	c.stop = cancel
+	var err error
+	if c.rollouts, err = newRollouts(ctx, c.js, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
+		return err
+	}
+	go c.rollouts.Run(runCtx)
+	return nil
+}
+
+// instanceName names this coordinator stably across restarts (lock owner).
+func (c *Coordinator) instanceName() string {
+	if c.cfg.ServerName != "" {
+		return c.cfg.ServerName
+	}
+	host, _ := os.Hostname()
+	dir, _ := filepath.Abs(c.cfg.DataDir)
+	return host + ":" + dir
 }
 
 func checkFree(hp, flag string) error {
@@ -331,6 +361,9 @@ func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
 func (c *Coordinator) Close() {
 	c.closeOne.Do(func() {
 		c.ready.Store(false)
+		if c.stop != nil {
+			c.stop()
+		}
 		c.svc.stop()
 		if c.httpSrv != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -156,3 +156,18 @@ func VerifyRelease(s *Signed, trusted []string) (*Release, error) {
 	}
 	return &r, nil
 }
+
+// ReleaseDiff is what changes between two releases, host by host.
+type ReleaseDiff struct {
+	Added   []HostChange `json:"added,omitempty"`
+	Removed []HostChange `json:"removed,omitempty"`
+	Changed []HostChange `json:"changed,omitempty"`
+	Default *HostChange  `json:"default,omitempty"`
+}
+
+// HostChange is one host's closure before and after.
+type HostChange struct {
+	Host string `json:"host"`
+	From string `json:"from,omitempty"`
+	To   string `json:"to,omitempty"`
+}

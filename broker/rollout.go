@@ -1,0 +1,752 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// The rollout engine moves rollouts through their batches. One coordinator
+// runs it at a time: the holder of the engine lock in fleet_locks. Rollout
+// summaries may also be written by API handlers on any coordinator (pause,
+// resume, abort), always with revision checks; the engine is the only writer
+// of per-device progress. Everything it decides is persisted before it acts
+// on the next step, so a coordinator killed at any point resumes where it was.
+
+const (
+	engineLockKey      = "rollout-engine"
+	engineConsumer     = "rollout-engine"
+	engineTick         = time.Second
+	engineLockRenew    = 5 * time.Second
+	desiredWriteWindow = 30 * time.Second
+)
+
+// DeployRequest asks for a rollout of a release.
+type DeployRequest struct {
+	ReleaseID     string   `json:"release_id"`
+	Group         string   `json:"group,omitempty"`
+	Devices       []string `json:"devices,omitempty"`
+	Strategy      string   `json:"strategy,omitempty"`
+	Batches       string   `json:"batches,omitempty"`
+	MaxFailures   string   `json:"max_failures,omitempty"`
+	HealthTimeout string   `json:"health_timeout,omitempty"`
+	OnFailure     string   `json:"on_failure,omitempty"`
+	// Supersede takes devices out of other unfinished rollouts.
+	Supersede bool `json:"supersede,omitempty"`
+}
+
+// rollouts is the engine and the rollout operations of the API.
+type rollouts struct {
+	log      zerolog.Logger
+	js       jetstream.JetStream
+	name     string // this coordinator, as lock owner
+	rollouts jetstream.KeyValue
+	desired  jetstream.KeyValue
+	devices  jetstream.KeyValue
+	releases jetstream.KeyValue
+	locks    jetstream.KeyValue
+
+	// mu serialises the engine's own steps with event handling.
+	mu sync.Mutex
+}
+
+func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log zerolog.Logger) (*rollouts, error) {
+	r := &rollouts{log: log, js: js, name: name}
+	var err error
+	for _, b := range []struct {
+		kv   *jetstream.KeyValue
+		name string
+	}{
+		{&r.rollouts, subjects.BucketRollouts},
+		{&r.desired, subjects.BucketDesired},
+		{&r.devices, subjects.BucketDevices},
+		{&r.releases, subjects.BucketReleases},
+		{&r.locks, subjects.BucketLocks},
+	} {
+		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
+			return nil, fmt.Errorf("bucket %s: %w", b.name, err)
+		}
+	}
+	return r, nil
+}
+
+// newRolloutID returns an ID that sorts by creation time.
+func newRolloutID(now time.Time) string {
+	var b [5]byte
+	_, _ = rand.Read(b[:])
+	return "r" + now.UTC().Format("20060102-150405") + "-" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+}
+
+// Create validates req, snapshots the target devices and records a pending
+// rollout for the engine to start.
+func (r *rollouts) Create(ctx context.Context, req DeployRequest, by string) (*model.Rollout, error) {
+	strategy, err := model.ParseStrategy(req.Strategy)
+	if err != nil {
+		return nil, err
+	}
+	spec := req.Batches
+	if spec == "" {
+		spec = model.DefaultBatches(strategy)
+	} else if strategy == model.StrategyAll || strategy == model.StrategyCanary {
+		return nil, fmt.Errorf("--batches goes with --strategy staged (%s has fixed batches)", strategy)
+	}
+	batches, err := model.ParseBatches(spec)
+	if err != nil {
+		return nil, err
+	}
+	maxFail := model.Quantity{}
+	if req.MaxFailures != "" {
+		if maxFail, err = model.ParseQuantity(req.MaxFailures); err != nil {
+			return nil, fmt.Errorf("--max-failures: %w", err)
+		}
+	}
+	timeout := 5 * time.Minute
+	if req.HealthTimeout != "" {
+		if timeout, err = time.ParseDuration(req.HealthTimeout); err != nil || timeout <= 0 {
+			return nil, fmt.Errorf("--health-timeout %q: want a positive duration like 5m", req.HealthTimeout)
+		}
+	}
+	onFail, err := model.ParseOnFailure(req.OnFailure)
+	if err != nil {
+		return nil, err
+	}
+	if (req.Group == "") == (len(req.Devices) == 0) {
+		return nil, errors.New("name the target: --group G or --device ID (not both)")
+	}
+
+	rel, _, err := r.release(ctx, req.ReleaseID)
+	if err != nil {
+		return nil, err
+	}
+	targets, err := r.targets(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now().UTC()
+	ro := &model.Rollout{
+		ID: newRolloutID(now), ReleaseID: rel.ID, CreatedAt: now, UpdatedAt: now, CreatedBy: by,
+		Group: req.Group, Strategy: strategy, Batches: batches, MaxFailures: maxFail,
+		HealthTimeout: model.Duration(timeout), OnFailure: onFail, State: model.RolloutPending,
+		Counts: map[model.DeviceRolloutState]int{},
+	}
+	var devs []*model.RolloutDevice
+	for _, d := range targets {
+		p, ok := rel.PathFor(d.Name)
+		if !ok {
+			ro.Skipped = append(ro.Skipped, d.Name)
+			continue
+		}
+		rd := &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: p}
+		if e, err := r.desired.Get(ctx, d.ID); err == nil {
+			var prev model.Desired
+			if json.Unmarshal(e.Value(), &prev) == nil {
+				rd.Previous = &prev
+			}
+		}
+		devs = append(devs, rd)
+	}
+	if len(devs) == 0 {
+		return nil, fmt.Errorf("release %s names no closure for any target device (skipped: %s)", rel.ID, strings.Join(ro.Skipped, ", "))
+	}
+	if err := r.checkBusy(ctx, devs, req.Supersede); err != nil {
+		return nil, err
+	}
+	ro.BatchSizes = model.BatchSizes(batches, len(devs))
+	i := 0
+	for b, n := range ro.BatchSizes {
+		for range n {
+			devs[i].Batch = b
+			ro.Devices = append(ro.Devices, devs[i].Device)
+			i++
+		}
+	}
+	ro.Counts[model.DeviceQueued] = len(devs)
+	// Device records first, summary last: the engine only sees a rollout
+	// once all of it is there.
+	for _, d := range devs {
+		if err := r.putDevice(ctx, ro.ID, d); err != nil {
+			return nil, err
+		}
+	}
+	b, _ := json.Marshal(ro)
+	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
+		return nil, fmt.Errorf("record rollout: %w", err)
+	}
+	return ro, nil
+}
+
+// release loads and verifies a recorded release.
+func (r *rollouts) release(ctx context.Context, id string) (*model.Release, *model.Signed, error) {
+	if err := model.CheckReleaseID(id); err != nil {
+		return nil, nil, err
+	}
+	e, err := r.releases.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil, fmt.Errorf("release %q does not exist (see fleet-admin release ls)", id)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("read release %s: %w", id, err)
+	}
+	var s model.Signed
+	if err := json.Unmarshal(e.Value(), &s); err != nil {
+		return nil, nil, fmt.Errorf("release %s is damaged: %w", id, err)
+	}
+	rel, err := model.VerifyRelease(&s, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rel, &s, nil
+}
+
+// targets resolves the request's devices: active ones only, sorted by name
+// so batches are predictable.
+func (r *rollouts) targets(ctx context.Context, req DeployRequest) ([]model.Device, error) {
+	var out []model.Device
+	if req.Group != "" {
+		all, err := listDevices(ctx, r.devices)
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range all {
+			if d.Status == model.DeviceActive && slices.Contains(d.Groups, req.Group) {
+				out = append(out, d)
+			}
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("group %q has no active devices (see fleet-admin devices ls --group %s)", req.Group, req.Group)
+		}
+	} else {
+		for _, id := range req.Devices {
+			e, err := r.devices.Get(ctx, id)
+			if err != nil {
+				return nil, fmt.Errorf("device %s: not found", id)
+			}
+			var d model.Device
+			if err := json.Unmarshal(e.Value(), &d); err != nil {
+				return nil, fmt.Errorf("device %s: damaged record: %w", id, err)
+			}
+			if d.Status != model.DeviceActive {
+				return nil, fmt.Errorf("device %s (%s) is %s, not active", d.Name, id, d.Status)
+			}
+			out = append(out, d)
+		}
+	}
+	slices.SortFunc(out, func(a, b model.Device) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// listDevices reads every device record.
+func listDevices(ctx context.Context, kv jetstream.KeyValue) ([]model.Device, error) {
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list devices: %w", err)
+	}
+	var out []model.Device
+	for k := range lister.Keys() {
+		e, err := kv.Get(ctx, k)
+		if err != nil {
+			continue
+		}
+		var d model.Device
+		if json.Unmarshal(e.Value(), &d) == nil {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// checkBusy refuses devices that are in another unfinished rollout, or with
+// supersede marks them superseded there.
+func (r *rollouts) checkBusy(ctx context.Context, devs []*model.RolloutDevice, supersede bool) error {
+	active, err := r.List(ctx)
+	if err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, d := range devs {
+		want[d.Device] = true
+	}
+	for _, ro := range active {
+		if ro.State.Finished() {
+			continue
+		}
+		for _, id := range ro.Devices {
+			if !want[id] {
+				continue
+			}
+			d, err := r.getDevice(ctx, ro.ID, id)
+			if err != nil || d.State.Done() && d.State != model.DeviceWaiting {
+				continue
+			}
+			if !supersede {
+				return fmt.Errorf("device %s is already in unfinished rollout %s (%s): wait for it, abort it, or pass --supersede", d.Name, ro.ID, ro.State)
+			}
+			d.State = model.DeviceSuperseded
+			d.Finished = time.Now().UTC()
+			if err := r.putDevice(ctx, ro.ID, d); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// List returns every rollout summary, oldest first.
+func (r *rollouts) List(ctx context.Context) ([]*model.Rollout, error) {
+	lister, err := r.rollouts.ListKeysFiltered(ctx, "*")
+	if err != nil {
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("list rollouts: %w", err)
+	}
+	var out []*model.Rollout
+	for k := range lister.Keys() {
+		ro, _, err := r.Get(ctx, k)
+		if err == nil {
+			out = append(out, ro)
+		}
+	}
+	slices.SortFunc(out, func(a, b *model.Rollout) int { return a.CreatedAt.Compare(b.CreatedAt) })
+	return out, nil
+}
+
+// Get reads a rollout summary and its revision.
+func (r *rollouts) Get(ctx context.Context, id string) (*model.Rollout, uint64, error) {
+	if err := model.CheckRolloutID(id); err != nil {
+		return nil, 0, err
+	}
+	e, err := r.rollouts.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, 0, fmt.Errorf("rollout %q does not exist (see fleet-admin rollout ls)", id)
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("read rollout %s: %w", id, err)
+	}
+	var ro model.Rollout
+	if err := json.Unmarshal(e.Value(), &ro); err != nil {
+		return nil, 0, fmt.Errorf("rollout %s is damaged: %w", id, err)
+	}
+	return &ro, e.Revision(), nil
+}
+
+// Devices returns a rollout's per-device progress in batch order.
+func (r *rollouts) Devices(ctx context.Context, ro *model.Rollout) ([]*model.RolloutDevice, error) {
+	out := make([]*model.RolloutDevice, 0, len(ro.Devices))
+	for _, id := range ro.Devices {
+		d, err := r.getDevice(ctx, ro.ID, id)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+func deviceKey(rollout, dev string) string { return rollout + "." + dev }
+
+func (r *rollouts) getDevice(ctx context.Context, rollout, dev string) (*model.RolloutDevice, error) {
+	e, err := r.rollouts.Get(ctx, deviceKey(rollout, dev))
+	if err != nil {
+		return nil, fmt.Errorf("rollout %s device %s: %w", rollout, dev, err)
+	}
+	var d model.RolloutDevice
+	if err := json.Unmarshal(e.Value(), &d); err != nil {
+		return nil, fmt.Errorf("rollout %s device %s is damaged: %w", rollout, dev, err)
+	}
+	return &d, nil
+}
+
+func (r *rollouts) putDevice(ctx context.Context, rollout string, d *model.RolloutDevice) error {
+	b, _ := json.Marshal(d)
+	if _, err := r.rollouts.Put(ctx, deviceKey(rollout, d.Device), b); err != nil {
+		return fmt.Errorf("record rollout %s device %s: %w", rollout, d.Device, err)
+	}
+	return nil
+}
+
+// Transition is an operator's change to a rollout: pause, resume, abort.
+func (r *rollouts) Transition(ctx context.Context, id, verb string) (*model.Rollout, error) {
+	for {
+		ro, rev, err := r.Get(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		switch verb {
+		case "pause":
+			if ro.State != model.RolloutRunning && ro.State != model.RolloutPending {
+				return nil, fmt.Errorf("rollout %s is %s: only a running rollout can be paused", id, ro.State)
+			}
+			ro.State, ro.Reason = model.RolloutPaused, "paused by an operator"
+		case "resume":
+			if ro.State != model.RolloutPaused {
+				return nil, fmt.Errorf("rollout %s is %s: only a paused rollout can be resumed", id, ro.State)
+			}
+			// The engine retries the current batch's failed devices.
+			ro.State, ro.Reason = model.RolloutRunning, "resumed"
+			ro.BatchStarted = time.Time{}
+		case "abort":
+			if ro.State.Finished() {
+				return nil, fmt.Errorf("rollout %s is already %s", id, ro.State)
+			}
+			ro.State, ro.Reason = model.RolloutAborted, "aborted by an operator"
+		default:
+			return nil, fmt.Errorf("unknown rollout action %q", verb)
+		}
+		ro.UpdatedAt = time.Now().UTC()
+		b, _ := json.Marshal(ro)
+		if _, err := r.rollouts.Update(ctx, id, b, rev); err != nil {
+			if isWrongRevision(err) {
+				continue // the engine moved it meanwhile: decide again
+			}
+			return nil, fmt.Errorf("update rollout %s: %w", id, err)
+		}
+		return ro, nil
+	}
+}
+
+func isWrongRevision(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+}
+
+// Run runs the engine while ctx lasts: it takes the lock when free, and
+// while holding it drives every unfinished rollout.
+func (r *rollouts) Run(ctx context.Context) {
+	for ctx.Err() == nil {
+		rev, err := r.takeLock(ctx)
+		if err != nil {
+			// Someone else leads; try again when their lock may have lapsed.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(engineLockRenew):
+			}
+			continue
+		}
+		r.log.Info().Msg("rollout engine: leading")
+		r.lead(ctx, rev)
+		r.log.Info().Msg("rollout engine: stopped leading")
+	}
+}
+
+// takeLock takes the engine lock when it is free, or when it is this
+// coordinator's own from before a restart (no need to wait out the TTL).
+func (r *rollouts) takeLock(ctx context.Context) (uint64, error) {
+	rev, err := r.locks.Create(ctx, engineLockKey, []byte(r.name))
+	if err == nil {
+		return rev, nil
+	}
+	e, gerr := r.locks.Get(ctx, engineLockKey)
+	if gerr == nil && string(e.Value()) == r.name {
+		return r.locks.Update(ctx, engineLockKey, []byte(r.name), e.Revision())
+	}
+	return 0, err
+}
+
+// lead drives rollouts while the lock holds.
+func (r *rollouts) lead(ctx context.Context, rev uint64) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cons, err := r.js.CreateOrUpdateConsumer(ctx, subjects.StreamEvents, jetstream.ConsumerConfig{
+		Durable:       engineConsumer,
+		FilterSubject: subjects.AllEvents,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverNewPolicy,
+		AckWait:       30 * time.Second,
+		MaxAckPending: 1000,
+	})
+	if err != nil {
+		r.log.Error().Err(err).Msg("rollout engine: events consumer")
+		return
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) { r.handleEvent(ctx, m) })
+	if err != nil {
+		r.log.Error().Err(err).Msg("rollout engine: consume events")
+		return
+	}
+	defer cc.Stop()
+
+	renew := time.NewTicker(engineLockRenew)
+	defer renew.Stop()
+	tick := time.NewTicker(engineTick)
+	defer tick.Stop()
+	r.step(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-renew.C:
+			if rev, err = r.locks.Update(ctx, engineLockKey, []byte(r.name), rev); err != nil {
+				r.log.Warn().Err(err).Msg("rollout engine: lost the lock")
+				return
+			}
+		case <-tick.C:
+			r.step(ctx)
+		}
+	}
+}
+
+// handleEvent records a device's apply result in its rollout.
+func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
+	var ev model.Event
+	if err := json.Unmarshal(m.Data(), &ev); err != nil || !ev.Result.Final() || ev.RolloutID == "" {
+		_ = m.Ack()
+		return
+	}
+	dev, ok := subjects.DeviceFromSubject(m.Subject())
+	if !ok {
+		_ = m.Ack()
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	d, err := r.getDevice(ctx, ev.RolloutID, dev)
+	if err != nil {
+		_ = m.Ack() // not a device of that rollout (or no such rollout)
+		return
+	}
+	if d.State != model.DeviceWaiting || ev.StorePath != "" && ev.StorePath != d.StorePath {
+		_ = m.Ack()
+		return
+	}
+	switch ev.Result {
+	case model.ResultSucceeded, model.ResultUnchanged:
+		d.State = model.DeviceSucceeded
+		d.Error = ""
+	default:
+		d.State = model.DeviceFailed
+		d.Error = string(ev.Result)
+		if ev.Error != "" {
+			d.Error += ": " + ev.Error
+		}
+		if ev.Check != "" {
+			d.Error += " (check " + ev.Check + ")"
+		}
+	}
+	d.Finished = time.Now().UTC()
+	if err := r.putDevice(ctx, ev.RolloutID, d); err != nil {
+		r.log.Warn().Err(err).Msg("rollout engine: record result")
+		_ = m.Nak()
+		return
+	}
+	_ = m.Ack()
+	r.log.Info().Str("rollout", ev.RolloutID).Str("device", d.Name).Str("result", string(d.State)).Msg("rollout device done")
+}
+
+// step advances every unfinished rollout once.
+func (r *rollouts) step(ctx context.Context) {
+	list, err := r.List(ctx)
+	if err != nil {
+		r.log.Warn().Err(err).Msg("rollout engine: list")
+		return
+	}
+	for _, ro := range list {
+		if ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+			continue
+		}
+		if err := r.advance(ctx, ro.ID); err != nil {
+			r.log.Warn().Err(err).Str("rollout", ro.ID).Msg("rollout engine: advance")
+		}
+	}
+}
+
+// advance moves one rollout forward: start its batch, time out devices,
+// judge a finished batch.
+func (r *rollouts) advance(ctx context.Context, id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ro, rev, err := r.Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+		return nil
+	}
+	devs, err := r.Devices(ctx, ro)
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	ro.State = model.RolloutRunning
+
+	if ro.BatchStarted.IsZero() {
+		// Start (or, after a resume, restart) the current batch: write the
+		// desired state of its devices that still need it.
+		if err := r.startBatch(ctx, ro, devs, now); err != nil {
+			return err
+		}
+		ro.BatchStarted = now
+		return r.save(ctx, ro, devs, rev)
+	}
+
+	timeout := time.Duration(ro.HealthTimeout)
+	done := true
+	for _, d := range devs {
+		if d.Batch != ro.Batch {
+			continue
+		}
+		if d.State == model.DeviceWaiting && now.Sub(d.Started) > timeout {
+			d.State = model.DeviceTimedOut
+			d.Error = fmt.Sprintf("no result within %s (offline or still applying)", timeout)
+			d.Finished = now
+			if err := r.putDevice(ctx, ro.ID, d); err != nil {
+				return err
+			}
+		}
+		if !d.State.Done() {
+			done = false
+		}
+	}
+	failed := 0
+	for _, d := range devs {
+		if d.State.Failed() {
+			failed++
+		}
+	}
+	if failed > ro.MaxFailures.Of(len(devs)) {
+		if ro.OnFailure == model.OnFailureRevert {
+			if err := r.revert(ctx, ro, devs, now); err != nil {
+				return err
+			}
+			ro.State = model.RolloutReverted
+			ro.Reason = fmt.Sprintf("%d device(s) failed (max %s): earlier batches set back to their previous generation", failed, ro.MaxFailures)
+		} else {
+			ro.State = model.RolloutPaused
+			ro.Reason = fmt.Sprintf("%d device(s) failed (max %s): fix and resume, or abort", failed, ro.MaxFailures)
+		}
+		return r.save(ctx, ro, devs, rev)
+	}
+	if !done {
+		return r.save(ctx, ro, devs, rev)
+	}
+	if ro.Batch+1 >= len(ro.BatchSizes) {
+		ro.State = model.RolloutSucceeded
+		ro.Reason = ""
+		if failed > 0 {
+			ro.Reason = fmt.Sprintf("%d device(s) failed, within the allowed %s", failed, ro.MaxFailures)
+		}
+		return r.save(ctx, ro, devs, rev)
+	}
+	ro.Batch++
+	ro.BatchStarted = time.Time{}
+	return r.save(ctx, ro, devs, rev)
+}
+
+// startBatch writes the desired state of every device of the current batch
+// that has not got it or failed before (a resume retries those).
+func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time) error {
+	rel, signed, err := r.release(ctx, ro.ReleaseID)
+	if err != nil {
+		return err
+	}
+	var batch []*model.RolloutDevice
+	for _, d := range devs {
+		if d.Batch == ro.Batch && (d.State == model.DeviceQueued || d.State.Failed()) {
+			batch = append(batch, d)
+		}
+	}
+	pubs := make([]jetstream.PubAckFuture, 0, len(batch))
+	wctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
+	defer cancel()
+	for _, d := range batch {
+		des := model.Desired{
+			Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
+			Action: rel.Action, Release: *signed, IssuedAt: now,
+		}
+		b, _ := json.Marshal(des)
+		// Async publish straight to the bucket's subject: one round trip for
+		// the whole batch instead of one per device.
+		f, err := r.js.PublishAsync(subjects.KVKey(subjects.BucketDesired, d.Device), b)
+		if err != nil {
+			return fmt.Errorf("write desired state of %s: %w", d.Name, err)
+		}
+		pubs = append(pubs, f)
+	}
+	for i, f := range pubs {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return fmt.Errorf("write desired state of %s: %w", batch[i].Name, err)
+		case <-wctx.Done():
+			return fmt.Errorf("write desired states: %w", wctx.Err())
+		}
+	}
+	for _, d := range batch {
+		d.State = model.DeviceWaiting
+		d.Error = ""
+		d.Started = now
+		d.Finished = time.Time{}
+		if err := r.putDevice(ctx, ro.ID, d); err != nil {
+			return err
+		}
+	}
+	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Msg("rollout batch started")
+	return nil
+}
+
+// revert sets every device this rollout touched back to its previous
+// desired state.
+func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time) error {
+	for _, d := range devs {
+		if d.State == model.DeviceQueued || d.State == model.DeviceSkipped || d.State == model.DeviceSuperseded {
+			continue
+		}
+		if d.Previous == nil {
+			// Nothing signed to go back to: leave the device where it is
+			// (an agent whose health checks failed has rolled back itself).
+			d.Error = strings.TrimPrefix(d.Error+"; no previous release to revert to", "; ")
+			if err := r.desired.Delete(ctx, d.Device); err != nil {
+				return fmt.Errorf("clear desired state of %s: %w", d.Name, err)
+			}
+		} else {
+			prev := *d.Previous
+			prev.IssuedAt = now
+			b, _ := json.Marshal(prev)
+			if _, err := r.desired.Put(ctx, d.Device, b); err != nil {
+				return fmt.Errorf("revert desired state of %s: %w", d.Name, err)
+			}
+		}
+		d.State = model.DeviceReverted
+		d.Finished = now
+		if err := r.putDevice(ctx, ro.ID, d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// save writes the summary with fresh counts. If an operator changed the
+// rollout meanwhile (pause, abort), their change wins and the engine looks
+// again on its next tick.
+func (r *rollouts) save(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64) error {
+	ro.Counts = map[model.DeviceRolloutState]int{}
+	for _, d := range devs {
+		ro.Counts[d.State]++
+	}
+	ro.UpdatedAt = time.Now().UTC()
+	b, _ := json.Marshal(ro)
+	if _, err := r.rollouts.Update(ctx, ro.ID, b, rev); err != nil {
+		if isWrongRevision(err) {
+			return nil
+		}
+		return fmt.Errorf("record rollout %s: %w", ro.ID, err)
+	}
+	if ro.State.Finished() || ro.State == model.RolloutPaused {
+		r.log.Info().Str("rollout", ro.ID).Str("state", string(ro.State)).Str("reason", ro.Reason).Msg("rollout stopped")
+	}
+	return nil
+}

@@ -1,0 +1,327 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// rolloutFleet is a coordinator with simulated devices. Each device is a
+// real NATS client holding real agent credentials, so it can only do what an
+// agent may; it answers each desired state with the result its fail func
+// picks, the way an agent reports after applying.
+type rolloutFleet struct {
+	t      *testing.T
+	c      *Coordinator
+	admin  nkeys.KeyPair
+	devs   []*simDevice
+	byName map[string]*simDevice
+}
+
+type simDevice struct {
+	id, name string
+	nc       *nats.Conn
+	// applied counts desired states acted on, per store path.
+	mu      sync.Mutex
+	applied map[string]int
+	fail    atomic.Pointer[string] // store path that fails, if any
+}
+
+func startRolloutFleet(t *testing.T, n int, group string) *rolloutFleet {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.HTTP = ""
+	ctx := context.Background()
+	c, err := Start(ctx, cfg, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	admin, _ := nkeys.CreateUser()
+	f := &rolloutFleet{t: t, c: c, admin: admin, byName: map[string]*simDevice{}}
+	devKV, _ := c.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	for i := range n {
+		name := fmt.Sprintf("dev%02d", i)
+		cr, err := c.Authority().NewUser(subjects.RoleAgent, name, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := &simDevice{id: cr.PublicKey(), name: name, applied: map[string]int{}}
+		rec := model.Device{ID: d.id, Name: name, Groups: []string{group}, Status: model.DeviceActive, EnrolledAt: time.Now()}
+		b, _ := json.Marshal(rec)
+		if _, err := devKV.Put(ctx, d.id, b); err != nil {
+			t.Fatal(err)
+		}
+		d.connect(t, c, cr)
+		f.devs = append(f.devs, d)
+		f.byName[name] = d
+	}
+	return f
+}
+
+func (d *simDevice) connect(t *testing.T, c *Coordinator, cr *accounts.Creds) {
+	seed, _ := cr.Key.Seed()
+	nc, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.CustomInboxPrefix(subjects.InboxPrefix(d.id)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	d.nc = nc
+	js, err := jetstream.NewWithDomain(nc, subjects.Domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = nc.Subscribe(subjects.DeviceDesired(d.id), func(m *nats.Msg) {
+		var des model.Desired
+		if json.Unmarshal(m.Data, &des) != nil || des.StorePath == "" {
+			return
+		}
+		d.mu.Lock()
+		d.applied[des.StorePath]++
+		d.mu.Unlock()
+		res := model.ResultSucceeded
+		if p := d.fail.Load(); p != nil && *p == des.StorePath {
+			res = model.ResultRolledBack
+		}
+		ev := model.Event{Device: d.id, Time: time.Now(), State: model.StateReporting, Result: res,
+			RolloutID: des.RolloutID, ReleaseID: des.ReleaseID, StorePath: des.StorePath}
+		if res != model.ResultSucceeded {
+			ev.Check, ev.Error = "http-health", "health check failed"
+		}
+		b, _ := json.Marshal(ev)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := js.Publish(ctx, subjects.DeviceEvents(d.id), b); err != nil {
+			t.Errorf("%s: publish event: %v", d.name, err)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (d *simDevice) appliedCount(path string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.applied[path]
+}
+
+// storePath makes a well-formed store path for name.
+func storePath(name string) string {
+	return "/nix/store/" + strings.Repeat("a", 31) + "b-" + name
+}
+
+func (f *rolloutFleet) release(id, path string) {
+	f.t.Helper()
+	pub, _ := f.admin.PublicKey()
+	rel := model.Release{ID: id, CreatedAt: time.Now().UTC(), Author: pub, Default: path}
+	s, err := model.Sign(f.admin, model.PurposeRelease, rel)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	b, _ := json.Marshal(s)
+	kv, _ := f.c.JetStream().KeyValue(context.Background(), subjects.BucketReleases)
+	if _, err := kv.Create(context.Background(), id, b); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// waitState waits until the rollout reaches state, or fails the test.
+func (f *rolloutFleet) waitState(id string, want model.RolloutState) *model.Rollout {
+	f.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var ro *model.Rollout
+	for time.Now().Before(deadline) {
+		var err error
+		ro, _, err = f.c.rollouts.Get(context.Background(), id)
+		if err == nil && ro.State == want {
+			return ro
+		}
+		if err == nil && ro.State.Finished() && ro.State != want {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	f.t.Fatalf("rollout %s: want %s, have %+v", id, want, ro)
+	return nil
+}
+
+func (f *rolloutFleet) desiredOf(d *simDevice) *model.Desired {
+	kv, _ := f.c.JetStream().KeyValue(context.Background(), subjects.BucketDesired)
+	e, err := kv.Get(context.Background(), d.id)
+	if err != nil {
+		return nil
+	}
+	var des model.Desired
+	if json.Unmarshal(e.Value(), &des) != nil {
+		return nil
+	}
+	return &des
+}
+
+func TestRolloutStagedSucceeds(t *testing.T) {
+	f := startRolloutFleet(t, 20, "developers")
+	gen2 := storePath("gen2")
+	f.release("rel-2", gen2)
+	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+		ReleaseID: "rel-2", Group: "developers", Strategy: "staged", Batches: "1,50%,100%", MaxFailures: "0",
+	}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(ro.BatchSizes); got != "[1 9 10]" {
+		t.Fatalf("batch sizes %s, want [1 9 10]", got)
+	}
+	done := f.waitState(ro.ID, model.RolloutSucceeded)
+	if done.Counts[model.DeviceSucceeded] != 20 {
+		t.Fatalf("counts %v", done.Counts)
+	}
+	for _, d := range f.devs {
+		if des := f.desiredOf(d); des == nil || des.StorePath != gen2 || des.RolloutID != ro.ID {
+			t.Fatalf("%s desired %+v", d.name, des)
+		}
+		if n := d.appliedCount(gen2); n != 1 {
+			t.Fatalf("%s applied gen2 %d times", d.name, n)
+		}
+	}
+}
+
+func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
+	f := startRolloutFleet(t, 10, "developers")
+	gen2 := storePath("gen2")
+	f.release("rel-2", gen2)
+	// Batches 1 | 4 | 5 with devices in name order: dev03 is in batch 2.
+	bad := f.byName["dev03"]
+	bad.fail.Store(&gen2)
+	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", MaxFailures: "0",
+	}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	paused := f.waitState(ro.ID, model.RolloutPaused)
+	if paused.Batch != 1 || !strings.Contains(paused.Reason, "1 device(s) failed") {
+		t.Fatalf("paused at batch %d: %s", paused.Batch, paused.Reason)
+	}
+	for _, d := range f.devs[5:] {
+		if f.desiredOf(d) != nil {
+			t.Fatalf("%s in a later batch got a desired state while paused", d.name)
+		}
+	}
+	devs, _ := f.c.rollouts.Devices(context.Background(), paused)
+	if devs[3].State != model.DeviceFailed || !strings.Contains(devs[3].Error, "http-health") {
+		t.Fatalf("failing device recorded as %+v", devs[3])
+	}
+	// Resuming a paused rollout retries the failed device; fixed, it passes.
+	bad.fail.Store(nil)
+	if _, err := f.c.rollouts.Transition(context.Background(), ro.ID, "resume"); err != nil {
+		t.Fatal(err)
+	}
+	f.waitState(ro.ID, model.RolloutSucceeded)
+	if n := bad.appliedCount(gen2); n != 2 {
+		t.Fatalf("failed device applied %d times, want 2 (first try, retry)", n)
+	}
+	if _, err := f.c.rollouts.Transition(context.Background(), ro.ID, "resume"); err == nil {
+		t.Fatal("resume of a finished rollout succeeded")
+	}
+}
+
+func TestRolloutRevertsEarlierBatches(t *testing.T) {
+	f := startRolloutFleet(t, 6, "developers")
+	gen1, gen2 := storePath("gen1"), storePath("gen2")
+	f.release("rel-1", gen1)
+	f.release("rel-2", gen2)
+	first, err := f.c.rollouts.Create(context.Background(), DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.waitState(first.ID, model.RolloutSucceeded)
+
+	f.byName["dev02"].fail.Store(&gen2)
+	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", OnFailure: "revert",
+	}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.waitState(ro.ID, model.RolloutReverted)
+	for _, d := range f.devs[:3] {
+		des := f.desiredOf(d)
+		if des == nil || des.StorePath != gen1 {
+			t.Fatalf("%s not reverted to gen1: %+v", d.name, des)
+		}
+	}
+	for _, d := range f.devs[3:] {
+		if des := f.desiredOf(d); des == nil || des.StorePath != gen1 || d.appliedCount(gen2) != 0 {
+			t.Fatalf("%s of a later batch was touched: %+v", d.name, des)
+		}
+	}
+}
+
+func TestRolloutBadRequests(t *testing.T) {
+	f := startRolloutFleet(t, 3, "developers")
+	f.release("rel-2", storePath("gen2"))
+	ctx := context.Background()
+	cases := []struct {
+		req  DeployRequest
+		want string
+	}{
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "0"}, "reaches nobody"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "150%"}, "0% to 100%"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "x"}, "neither a device count"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "bogus"}, "unknown strategy"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "nobody"}, "no active devices"},
+		{DeployRequest{ReleaseID: "nope", Group: "developers"}, "does not exist"},
+		{DeployRequest{ReleaseID: "rel-2"}, "name the target"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", HealthTimeout: "-1s"}, "positive duration"},
+		{DeployRequest{ReleaseID: "rel-2", Group: "developers", MaxFailures: "lots"}, "--max-failures"},
+	}
+	for _, tc := range cases {
+		_, err := f.c.rollouts.Create(ctx, tc.req, "test")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: error %v, want %q", tc.req, err, tc.want)
+		}
+	}
+	if list, _ := f.c.rollouts.List(ctx); len(list) != 0 {
+		t.Fatalf("bad requests left %d rollouts behind", len(list))
+	}
+
+	// A device stuck in one rollout is not taken by another unless superseded.
+	for _, d := range f.devs {
+		d.nc.Close() // offline: the first rollout waits
+	}
+	first, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "first rollout waiting on every device", func() bool {
+		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
+		return ro.Counts[model.DeviceWaiting] == 3
+	})
+	if _, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
+		t.Fatalf("second rollout on busy devices: %v", err)
+	}
+	if _, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test"); err != nil {
+		t.Fatalf("superseding rollout: %v", err)
+	}
+}
