@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"github.com/alecthomas/kong"
+
+	"fleet/cliconfig"
 )
 
 // Version is set at build time (-ldflags "-X fleet/admin.Version=...").
@@ -24,8 +26,8 @@ type Globals struct {
 	Creds  string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
 	JSON   bool            `name:"json" help:"Print JSON instead of tables."`
 
-	ctx    context.Context
-	stdout io.Writer
+	ctx            context.Context
+	stdout, stderr io.Writer
 }
 
 // dial connects with the global flags.
@@ -44,6 +46,11 @@ type CLI struct {
 
 	Token   TokenCmd   `cmd:"" help:"Enrollment tokens: create, ls, revoke."`
 	Devices DevicesCmd `cmd:"" help:"Devices: ls, show, approve, revoke, set-groups."`
+	Release ReleaseCmd `cmd:"" help:"Signed releases: create (from store paths or a flake), ls, show, diff."`
+	Deploy  DeployCmd  `cmd:"" help:"Roll a release out to a group or devices, in health-gated batches."`
+	Rollout RolloutCmd `cmd:"" help:"Rollouts: ls, show, watch, pause, resume, abort."`
+	Admin   AdminCmd   `cmd:"" help:"Admins and their roles: add, ls, remove."`
+	Audit   AuditCmd   `cmd:"" help:"The audit trail: ls, verify."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }
 
@@ -70,7 +77,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	exited := false
 	parser, err := kong.New(&cli, kong.Name("fleet-admin"),
 		kong.Description("Manage the fleet: devices, tokens, releases, rollouts."),
-		kong.Configuration(kong.JSON),
+		kong.Configuration(cliconfig.Loader()),
 		kong.UsageOnError(),
 		kong.Writers(stdout, stderr),
 		kong.Exit(func(int) { exited = true }),
@@ -87,7 +94,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "fleet-admin:", err)
 		return 2
 	}
-	cli.ctx, cli.stdout = ctx, stdout
+	cli.ctx, cli.stdout, cli.stderr = ctx, stdout, stderr
 	if err := kctx.Run(&cli.Globals); err != nil {
 		fmt.Fprintln(stderr, "fleet-admin:", err)
 		return 1

@@ -60,6 +60,17 @@ func (s *services) verbs() []apiVerb {
 		{subjects.VerbDeviceApprove, true, subjects.RoleOperator, s.deviceApprove},
 		{subjects.VerbDeviceRevoke, true, subjects.RoleOperator, s.deviceRevoke},
 		{subjects.VerbDeviceGroups, true, subjects.RoleOperator, s.deviceGroups},
+		{subjects.VerbReleases, false, subjects.RoleViewer, s.releasesList},
+		{subjects.VerbRelease, false, subjects.RoleViewer, s.releaseShow},
+		{subjects.VerbReleaseCreate, true, subjects.RoleOperator, s.releaseCreate},
+		{subjects.VerbRollouts, false, subjects.RoleViewer, s.rolloutsList},
+		{subjects.VerbRollout, false, subjects.RoleViewer, s.rolloutShow},
+		{subjects.VerbDeploy, true, subjects.RoleOperator, s.deploy},
+		{subjects.VerbRolloutAction, true, subjects.RoleOperator, s.rolloutAction},
+		{subjects.VerbAdmins, false, subjects.RoleViewer, s.adminsList},
+		{subjects.VerbAdminAdd, true, subjects.RoleOwner, s.adminAdd},
+		{subjects.VerbAdminRemove, true, subjects.RoleOwner, s.adminRemove},
+		{subjects.VerbAudit, false, subjects.RoleOperator, s.auditList},
 	}
 }
 
@@ -116,7 +127,10 @@ func (s *services) serve(v apiVerb, data []byte) model.Response {
 	var out any
 	if err == nil {
 		out, err = v.h(ctx, who, args)
-		if err != nil {
+		var ae *apiError
+		if errors.As(err, &ae) && ae.code == model.CodeRefused {
+			rec.Result = model.AuditRefused // e.g. an operator outside its groups
+		} else if err != nil {
 			rec.Result = model.AuditError
 		} else {
 			rec.Result = model.AuditOK

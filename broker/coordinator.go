@@ -157,14 +157,16 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
+	// The API serves rollouts, so their store exists before the API starts.
+	if c.rollouts, err = newRollouts(ctx, c.js, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
+		c.Close()
+		return nil, err
+	}
 	if err := c.startServices(ctx); err != nil {
 		c.Close()
 		return nil, err
 	}
-	if err := c.startEngine(ctx); err != nil {
-		c.Close()
-		return nil, err
-	}
+	c.startEngine()
 	c.ready.Store(true)
 	if c.httpLn != nil {
 		c.startHTTP()
@@ -180,15 +182,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 }
 
 // startEngine starts the rollout engine (it leads while it holds the lock).
-func (c *Coordinator) startEngine(ctx context.Context) error {
+func (c *Coordinator) startEngine() {
 	runCtx, cancel := context.WithCancel(context.Background())
 	c.stop = cancel
-	var err error
-	if c.rollouts, err = newRollouts(ctx, c.js, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
-		return err
-	}
 	go c.rollouts.Run(runCtx)
-	return nil
 }
 
 // instanceName names this coordinator stably across restarts (lock owner).

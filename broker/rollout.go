@@ -34,20 +34,6 @@ const (
 	desiredWriteWindow = 30 * time.Second
 )
 
-// DeployRequest asks for a rollout of a release.
-type DeployRequest struct {
-	ReleaseID     string   `json:"release_id"`
-	Group         string   `json:"group,omitempty"`
-	Devices       []string `json:"devices,omitempty"`
-	Strategy      string   `json:"strategy,omitempty"`
-	Batches       string   `json:"batches,omitempty"`
-	MaxFailures   string   `json:"max_failures,omitempty"`
-	HealthTimeout string   `json:"health_timeout,omitempty"`
-	OnFailure     string   `json:"on_failure,omitempty"`
-	// Supersede takes devices out of other unfinished rollouts.
-	Supersede bool `json:"supersede,omitempty"`
-}
-
 // rollouts is the engine and the rollout operations of the API.
 type rollouts struct {
 	log      zerolog.Logger
@@ -92,39 +78,39 @@ func newRolloutID(now time.Time) string {
 
 // Create validates req, snapshots the target devices and records a pending
 // rollout for the engine to start.
-func (r *rollouts) Create(ctx context.Context, req DeployRequest, by string) (*model.Rollout, error) {
+func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by string) (*model.Rollout, error) {
 	strategy, err := model.ParseStrategy(req.Strategy)
 	if err != nil {
-		return nil, err
+		return nil, badRequest("%v", err)
 	}
 	spec := req.Batches
 	if spec == "" {
 		spec = model.DefaultBatches(strategy)
-	} else if strategy == model.StrategyAll || strategy == model.StrategyCanary {
-		return nil, fmt.Errorf("--batches goes with --strategy staged (%s has fixed batches)", strategy)
+	} else if strategy == model.StrategyAll {
+		return nil, badRequest("--batches does not go with --strategy all (one batch of every device)")
 	}
 	batches, err := model.ParseBatches(spec)
 	if err != nil {
-		return nil, err
+		return nil, badRequest("%v", err)
 	}
 	maxFail := model.Quantity{}
 	if req.MaxFailures != "" {
 		if maxFail, err = model.ParseQuantity(req.MaxFailures); err != nil {
-			return nil, fmt.Errorf("--max-failures: %w", err)
+			return nil, badRequest("--max-failures: %v", err)
 		}
 	}
 	timeout := 5 * time.Minute
 	if req.HealthTimeout != "" {
 		if timeout, err = time.ParseDuration(req.HealthTimeout); err != nil || timeout <= 0 {
-			return nil, fmt.Errorf("--health-timeout %q: want a positive duration like 5m", req.HealthTimeout)
+			return nil, badRequest("--health-timeout %q: want a positive duration like 5m", req.HealthTimeout)
 		}
 	}
 	onFail, err := model.ParseOnFailure(req.OnFailure)
 	if err != nil {
-		return nil, err
+		return nil, badRequest("%v", err)
 	}
 	if (req.Group == "") == (len(req.Devices) == 0) {
-		return nil, errors.New("name the target: --group G or --device ID (not both)")
+		return nil, badRequest("name the target: --group G or --device ID (not both)")
 	}
 
 	rel, _, err := r.release(ctx, req.ReleaseID)
@@ -159,7 +145,7 @@ func (r *rollouts) Create(ctx context.Context, req DeployRequest, by string) (*m
 		devs = append(devs, rd)
 	}
 	if len(devs) == 0 {
-		return nil, fmt.Errorf("release %s names no closure for any target device (skipped: %s)", rel.ID, strings.Join(ro.Skipped, ", "))
+		return nil, badRequest("release %s names no closure for any target device (skipped: %s)", rel.ID, strings.Join(ro.Skipped, ", "))
 	}
 	if err := r.checkBusy(ctx, devs, req.Supersede); err != nil {
 		return nil, err
@@ -191,11 +177,11 @@ func (r *rollouts) Create(ctx context.Context, req DeployRequest, by string) (*m
 // release loads and verifies a recorded release.
 func (r *rollouts) release(ctx context.Context, id string) (*model.Release, *model.Signed, error) {
 	if err := model.CheckReleaseID(id); err != nil {
-		return nil, nil, err
+		return nil, nil, badRequest("%v", err)
 	}
 	e, err := r.releases.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, nil, fmt.Errorf("release %q does not exist (see fleet-admin release ls)", id)
+		return nil, nil, notFound("release %q does not exist (see fleet-admin release ls)", id)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("read release %s: %w", id, err)
@@ -213,7 +199,7 @@ func (r *rollouts) release(ctx context.Context, id string) (*model.Release, *mod
 
 // targets resolves the request's devices: active ones only, sorted by name
 // so batches are predictable.
-func (r *rollouts) targets(ctx context.Context, req DeployRequest) ([]model.Device, error) {
+func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]model.Device, error) {
 	var out []model.Device
 	if req.Group != "" {
 		all, err := listDevices(ctx, r.devices)
@@ -226,20 +212,20 @@ func (r *rollouts) targets(ctx context.Context, req DeployRequest) ([]model.Devi
 			}
 		}
 		if len(out) == 0 {
-			return nil, fmt.Errorf("group %q has no active devices (see fleet-admin devices ls --group %s)", req.Group, req.Group)
+			return nil, badRequest("group %q has no active devices (see fleet-admin devices ls --group %s)", req.Group, req.Group)
 		}
 	} else {
 		for _, id := range req.Devices {
 			e, err := r.devices.Get(ctx, id)
 			if err != nil {
-				return nil, fmt.Errorf("device %s: not found", id)
+				return nil, notFound("device %s: not found", id)
 			}
 			var d model.Device
 			if err := json.Unmarshal(e.Value(), &d); err != nil {
 				return nil, fmt.Errorf("device %s: damaged record: %w", id, err)
 			}
 			if d.Status != model.DeviceActive {
-				return nil, fmt.Errorf("device %s (%s) is %s, not active", d.Name, id, d.Status)
+				return nil, conflict("device %s (%s) is %s, not active", d.Name, id, d.Status)
 			}
 			out = append(out, d)
 		}
@@ -292,7 +278,7 @@ func (r *rollouts) checkBusy(ctx context.Context, devs []*model.RolloutDevice, s
 				continue
 			}
 			if !supersede {
-				return fmt.Errorf("device %s is already in unfinished rollout %s (%s): wait for it, abort it, or pass --supersede", d.Name, ro.ID, ro.State)
+				return conflict("device %s is already in unfinished rollout %s (%s): wait for it, abort it, or pass --supersede", d.Name, ro.ID, ro.State)
 			}
 			d.State = model.DeviceSuperseded
 			d.Finished = time.Now().UTC()
@@ -327,11 +313,11 @@ func (r *rollouts) List(ctx context.Context) ([]*model.Rollout, error) {
 // Get reads a rollout summary and its revision.
 func (r *rollouts) Get(ctx context.Context, id string) (*model.Rollout, uint64, error) {
 	if err := model.CheckRolloutID(id); err != nil {
-		return nil, 0, err
+		return nil, 0, badRequest("%v", err)
 	}
 	e, err := r.rollouts.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, fmt.Errorf("rollout %q does not exist (see fleet-admin rollout ls)", id)
+		return nil, 0, notFound("rollout %q does not exist (see fleet-admin rollout ls)", id)
 	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("read rollout %s: %w", id, err)
@@ -388,23 +374,23 @@ func (r *rollouts) Transition(ctx context.Context, id, verb string) (*model.Roll
 		switch verb {
 		case "pause":
 			if ro.State != model.RolloutRunning && ro.State != model.RolloutPending {
-				return nil, fmt.Errorf("rollout %s is %s: only a running rollout can be paused", id, ro.State)
+				return nil, conflict("rollout %s is %s: only a running rollout can be paused", id, ro.State)
 			}
 			ro.State, ro.Reason = model.RolloutPaused, "paused by an operator"
 		case "resume":
 			if ro.State != model.RolloutPaused {
-				return nil, fmt.Errorf("rollout %s is %s: only a paused rollout can be resumed", id, ro.State)
+				return nil, conflict("rollout %s is %s: only a paused rollout can be resumed", id, ro.State)
 			}
 			// The engine retries the current batch's failed devices.
 			ro.State, ro.Reason = model.RolloutRunning, "resumed"
 			ro.BatchStarted = time.Time{}
 		case "abort":
 			if ro.State.Finished() {
-				return nil, fmt.Errorf("rollout %s is already %s", id, ro.State)
+				return nil, conflict("rollout %s is already %s", id, ro.State)
 			}
 			ro.State, ro.Reason = model.RolloutAborted, "aborted by an operator"
 		default:
-			return nil, fmt.Errorf("unknown rollout action %q", verb)
+			return nil, badRequest("unknown rollout action %q (pause, resume or abort)", verb)
 		}
 		ro.UpdatedAt = time.Now().UTC()
 		b, _ := json.Marshal(ro)

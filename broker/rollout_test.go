@@ -183,7 +183,7 @@ func TestRolloutStagedSucceeds(t *testing.T) {
 	f := startRolloutFleet(t, 20, "developers")
 	gen2 := storePath("gen2")
 	f.release("rel-2", gen2)
-	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Strategy: "staged", Batches: "1,50%,100%", MaxFailures: "0",
 	}, "test")
 	if err != nil {
@@ -213,7 +213,7 @@ func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
 	// Batches 1 | 4 | 5 with devices in name order: dev03 is in batch 2.
 	bad := f.byName["dev03"]
 	bad.fail.Store(&gen2)
-	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", MaxFailures: "0",
 	}, "test")
 	if err != nil {
@@ -251,14 +251,14 @@ func TestRolloutRevertsEarlierBatches(t *testing.T) {
 	gen1, gen2 := storePath("gen1"), storePath("gen2")
 	f.release("rel-1", gen1)
 	f.release("rel-2", gen2)
-	first, err := f.c.rollouts.Create(context.Background(), DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test")
+	first, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.waitState(first.ID, model.RolloutSucceeded)
 
 	f.byName["dev02"].fail.Store(&gen2)
-	ro, err := f.c.rollouts.Create(context.Background(), DeployRequest{
+	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", OnFailure: "revert",
 	}, "test")
 	if err != nil {
@@ -283,18 +283,18 @@ func TestRolloutBadRequests(t *testing.T) {
 	f.release("rel-2", storePath("gen2"))
 	ctx := context.Background()
 	cases := []struct {
-		req  DeployRequest
+		req  model.DeployRequest
 		want string
 	}{
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "0"}, "reaches nobody"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "150%"}, "0% to 100%"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "x"}, "neither a device count"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "bogus"}, "unknown strategy"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "nobody"}, "no active devices"},
-		{DeployRequest{ReleaseID: "nope", Group: "developers"}, "does not exist"},
-		{DeployRequest{ReleaseID: "rel-2"}, "name the target"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", HealthTimeout: "-1s"}, "positive duration"},
-		{DeployRequest{ReleaseID: "rel-2", Group: "developers", MaxFailures: "lots"}, "--max-failures"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "0"}, "reaches nobody"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "150%"}, "0% to 100%"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "x"}, "neither a device count"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "bogus"}, "unknown strategy"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "nobody"}, "no active devices"},
+		{model.DeployRequest{ReleaseID: "nope", Group: "developers"}, "does not exist"},
+		{model.DeployRequest{ReleaseID: "rel-2"}, "name the target"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", HealthTimeout: "-1s"}, "positive duration"},
+		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", MaxFailures: "lots"}, "--max-failures"},
 	}
 	for _, tc := range cases {
 		_, err := f.c.rollouts.Create(ctx, tc.req, "test")
@@ -310,7 +310,7 @@ func TestRolloutBadRequests(t *testing.T) {
 	for _, d := range f.devs {
 		d.nc.Close() // offline: the first rollout waits
 	}
-	first, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test")
+	first, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,10 +318,10 @@ func TestRolloutBadRequests(t *testing.T) {
 		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
 		return ro.Counts[model.DeviceWaiting] == 3
 	})
-	if _, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
+	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
 		t.Fatalf("second rollout on busy devices: %v", err)
 	}
-	if _, err := f.c.rollouts.Create(ctx, DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test"); err != nil {
+	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test"); err != nil {
 		t.Fatalf("superseding rollout: %v", err)
 	}
 }

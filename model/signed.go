@@ -93,7 +93,13 @@ func (s *Signed) Verify(purpose string, trusted []string) error {
 	if err != nil {
 		return fmt.Errorf("signer %q: %w", s.Signer, err)
 	}
-	if err := pk.Verify(signingInput(purpose, s.Payload), sig); err != nil {
+	// Signing compacts the payload; compacting again undoes any
+	// pretty-printing the document met on its way.
+	var payload bytes.Buffer
+	if err := json.Compact(&payload, s.Payload); err != nil {
+		return fmt.Errorf("%w: payload is not JSON", ErrBadSignature)
+	}
+	if err := pk.Verify(signingInput(purpose, payload.Bytes()), sig); err != nil {
 		return ErrBadSignature
 	}
 	if trusted != nil && !slices.Contains(trusted, s.Signer) {

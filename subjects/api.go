@@ -4,9 +4,15 @@ package subjects
 // single verb (the observer role reads only "devices").
 const (
 	// Read verbs: fleet.api.read.<verb>.
-	VerbDevices = "devices" // list devices
-	VerbDevice  = "device"  // show one device
-	VerbTokens  = "tokens"  // list tokens (never their secrets)
+	VerbDevices  = "devices" // list devices
+	VerbDevice   = "device"  // show one device
+	VerbTokens   = "tokens"  // list tokens (never their secrets)
+	VerbReleases = "releases"
+	VerbRelease  = "release"
+	VerbRollouts = "rollouts"
+	VerbRollout  = "rollout"
+	VerbAdmins   = "admins"
+	VerbAudit    = "audit"
 
 	// Write verbs: fleet.api.write.<verb>.
 	VerbTokenCreate   = "token-create"
@@ -14,6 +20,11 @@ const (
 	VerbDeviceApprove = "device-approve"
 	VerbDeviceRevoke  = "device-revoke"
 	VerbDeviceGroups  = "device-groups"
+	VerbReleaseCreate = "release-create"
+	VerbDeploy        = "deploy"
+	VerbRolloutAction = "rollout-action" // pause, resume, abort
+	VerbAdminAdd      = "admin-add"
+	VerbAdminRemove   = "admin-remove"
 )
 
 // APIService is the name of the coordinator's admin API micro service.

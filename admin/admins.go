@@ -1,0 +1,209 @@
+package admin
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nkeys"
+
+	"fleet/accounts"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// AdminCmd is `fleet-admin admin`.
+type AdminCmd struct {
+	Add    AdminAddCmd    `cmd:"" help:"Add an admin and write its credentials."`
+	Ls     AdminLsCmd     `cmd:"" help:"List admins."`
+	Remove AdminRemoveCmd `cmd:"" help:"Remove an admin; its credentials stop working at once."`
+}
+
+// AdminAddCmd is `fleet-admin admin add`.
+type AdminAddCmd struct {
+	Name  string   `arg:"" help:"Admin name (a person or a CI job)."`
+	Role  string   `help:"viewer (read), operator (releases, deploys, devices) or owner (everything)." required:"" enum:"viewer,operator,owner"`
+	Group []string `help:"Limit an operator to devices of these groups (repeatable)."`
+	Out   string   `help:"Where to write the new admin's creds (mode 0600)." required:"" type:"path"`
+}
+
+// Run creates a key here, has the coordinator issue its JWT and writes the
+// creds: the seed never leaves this machine.
+func (cmd *AdminAddCmd) Run(g *Globals) error {
+	if _, err := os.Stat(cmd.Out); err == nil {
+		return fmt.Errorf("--out %s exists already; choose another path (nothing was changed)", cmd.Out)
+	}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return err
+	}
+	pub, _ := kp.PublicKey()
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var out model.AdminAdded
+	if err := c.Call(g.ctx, subjects.VerbAdminAdd, true, model.AdminAdd{Name: cmd.Name, Role: cmd.Role, Groups: cmd.Group, Key: pub}, &out); err != nil {
+		return err
+	}
+	if err := accounts.WriteCreds(cmd.Out, &accounts.Creds{JWT: out.JWT, Key: kp}); err != nil {
+		return fmt.Errorf("admin %s was added but its creds could not be written (remove it with `fleet-admin admin remove %s` and retry): %w", cmd.Name, cmd.Name, err)
+	}
+	if g.JSON {
+		return g.printJSON(out.Admin)
+	}
+	_, err = fmt.Fprintf(g.stdout, "added %s %s (%s); creds in %s\n", out.Admin.Role, out.Admin.Name, out.Admin.Key, cmd.Out)
+	return err
+}
+
+// AdminLsCmd is `fleet-admin admin ls`.
+type AdminLsCmd struct{}
+
+// Run lists admins.
+func (AdminLsCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var list []model.Admin
+	if err := c.Call(g.ctx, subjects.VerbAdmins, false, struct{}{}, &list); err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(list)
+	}
+	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tROLE\tGROUPS\tKEY\tCREATED")
+	for _, a := range list {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Name, a.Role, orDash(strings.Join(a.Groups, ",")), a.Key, a.CreatedAt.Local().Format(time.DateTime))
+	}
+	return tw.Flush()
+}
+
+// AdminRemoveCmd is `fleet-admin admin remove`.
+type AdminRemoveCmd struct {
+	Ref string `arg:"" help:"Admin name or key."`
+}
+
+// Run removes an admin.
+func (cmd *AdminRemoveCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var out model.Admin
+	if err := c.Call(g.ctx, subjects.VerbAdminRemove, true, model.AdminRef{Ref: cmd.Ref}, &out); err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(out)
+	}
+	_, err = fmt.Fprintf(g.stdout, "removed %s %s; its key is revoked\n", out.Role, out.Name)
+	return err
+}
+
+// AuditCmd is `fleet-admin audit`.
+type AuditCmd struct {
+	Ls     AuditLsCmd     `cmd:"" help:"List audit entries."`
+	Verify AuditVerifyCmd `cmd:"" help:"Check the signature of every audit entry."`
+}
+
+// AuditLsCmd is `fleet-admin audit ls`.
+type AuditLsCmd struct {
+	Since time.Duration `help:"Only entries this recent (e.g. 24h); 0 for all." default:"24h"`
+}
+
+// Run lists audit entries.
+func (cmd *AuditLsCmd) Run(g *Globals) error {
+	recs, err := auditRecords(g, cmd.Since)
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(recs)
+	}
+	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tADMIN\tROLE\tVERB\tRESULT\tARGUMENTS\tERROR")
+	for _, r := range recs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Local().Format(time.DateTime), orDash(r.Admin), orDash(r.Role),
+			r.Verb, r.Result, auditArgs(r), r.Error)
+	}
+	return tw.Flush()
+}
+
+func auditRecords(g *Globals, since time.Duration) ([]model.AuditRecord, error) {
+	if since < 0 {
+		return nil, errors.New("--since must not be negative")
+	}
+	c, err := g.dial()
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	var recs []model.AuditRecord
+	err = c.Call(g.ctx, subjects.VerbAudit, false, model.AuditQuery{Since: since}, &recs)
+	return recs, err
+}
+
+// auditArgs is the request's arguments, shortened for a table.
+func auditArgs(r model.AuditRecord) string {
+	_, req, err := model.ParseEnvelope(r.Request)
+	if err != nil || req == nil {
+		return "-"
+	}
+	s := string(req.Args)
+	if len(s) > 60 {
+		s = s[:57] + "..."
+	}
+	return s
+}
+
+// AuditVerifyCmd is `fleet-admin audit verify`.
+type AuditVerifyCmd struct{}
+
+// Run verifies every entry here, trusting nothing the coordinator says: an
+// entry that took effect must carry a request signed by the admin it names.
+func (AuditVerifyCmd) Run(g *Globals) error {
+	recs, err := auditRecords(g, 0)
+	if err != nil {
+		return err
+	}
+	var bad []string
+	refusedBad := 0
+	for i, r := range recs {
+		env, req, perr := model.ParseEnvelope(r.Request)
+		ok := perr == nil && env.Signer == r.Signer && req.Verb == r.Verb
+		if perr == nil && !ok {
+			perr = fmt.Errorf("signed by %s for verb %s, recorded as %s by %s", env.Signer, req.Verb, r.Verb, r.Signer)
+		}
+		if r.Result == model.AuditRefused {
+			if !ok {
+				refusedBad++ // refused because unsigned or forged: as it should be
+			}
+			continue
+		}
+		if !ok {
+			bad = append(bad, fmt.Sprintf("entry %d (%s %s by %s at %s): %v", i+1, r.Verb, r.Result, orDash(r.Admin), r.Time.Format(time.RFC3339), perr))
+		}
+	}
+	if g.JSON {
+		if err := g.printJSON(map[string]any{"entries": len(recs), "invalid": bad, "refused_unsigned": refusedBad}); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(g.stdout, "%d entries; %d accepted entries with a bad signature; %d refused requests were unsigned or forged\n", len(recs), len(bad), refusedBad)
+		for _, b := range bad {
+			fmt.Fprintln(g.stdout, "  "+b)
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("audit verification failed: %d entries do not carry a valid signature", len(bad))
+	}
+	return nil
+}

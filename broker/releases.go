@@ -1,0 +1,156 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"fleet/model"
+)
+
+// Releases are immutable: created once with kv.Create, never overwritten,
+// and always stored as the manifest its author signed.
+
+func (s *services) releaseCreate(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
+	var signed model.Signed
+	if err := decodeArgs(raw, &signed); err != nil {
+		return nil, err
+	}
+	rel, err := model.VerifyRelease(&signed, nil)
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	// The requester signs its own releases: a manifest signed by someone
+	// else is theirs to record.
+	if signed.Signer != who.Key {
+		return nil, refused("release %s is signed by %s, not by you (%s): sign releases with your own key", rel.ID, signed.Signer, who.Key)
+	}
+	b, _ := json.Marshal(signed)
+	if _, err := s.c.rollouts.releases.Create(ctx, rel.ID, b); err != nil {
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			return nil, conflict("release %s already exists: releases are immutable, create one with a new --name", rel.ID)
+		}
+		return nil, fmt.Errorf("record release %s: %w", rel.ID, err)
+	}
+	return model.ReleaseView{Release: *rel, Signed: signed}, nil
+}
+
+func (s *services) releasesList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
+	kv := s.c.rollouts.releases
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list releases: %w", err)
+	}
+	out := []model.Release{}
+	for k := range lister.Keys() {
+		v, err := s.release(ctx, k)
+		if err != nil {
+			s.log.Warn().Err(err).Str("release", k).Msg("skipping unreadable release")
+			continue
+		}
+		out = append(out, v.Release)
+	}
+	slices.SortFunc(out, func(a, b model.Release) int { return a.CreatedAt.Compare(b.CreatedAt) })
+	return out, nil
+}
+
+func (s *services) releaseShow(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.ReleaseRef
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	return s.release(ctx, strings.TrimSpace(a.ID))
+}
+
+func (s *services) release(ctx context.Context, id string) (*model.ReleaseView, error) {
+	rel, signed, err := s.c.rollouts.release(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return &model.ReleaseView{Release: *rel, Signed: *signed}, nil
+}
+
+// Rollout verbs.
+
+func (s *services) deploy(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
+	var req model.DeployRequest
+	if err := decodeArgs(raw, &req); err != nil {
+		return nil, err
+	}
+	// An operator limited to groups deploys only inside them.
+	if req.Group != "" {
+		if err := mayAssign(who, []string{req.Group}); err != nil {
+			return nil, err
+		}
+	}
+	ids := make([]string, 0, len(req.Devices))
+	for _, ref := range req.Devices {
+		d, err := s.resolve(ctx, ref)
+		if err != nil {
+			return nil, err
+		}
+		if err := mayTouch(who, d.Groups); err != nil {
+			return nil, err
+		}
+		ids = append(ids, d.ID)
+	}
+	req.Devices = ids
+	ro, err := s.c.rollouts.Create(ctx, req, who.Key)
+	if err != nil {
+		return nil, err
+	}
+	return ro, nil
+}
+
+func (s *services) rolloutsList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
+	list, err := s.c.rollouts.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if list == nil {
+		list = []*model.Rollout{}
+	}
+	return list, nil
+}
+
+func (s *services) rolloutShow(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.RolloutRef
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	ro, _, err := s.c.rollouts.Get(ctx, a.ID)
+	if err != nil {
+		return nil, err
+	}
+	devs, err := s.c.rollouts.Devices(ctx, ro)
+	if err != nil {
+		return nil, err
+	}
+	v := model.RolloutView{Rollout: *ro, Progress: make([]model.RolloutDevice, 0, len(devs))}
+	for _, d := range devs {
+		v.Progress = append(v.Progress, *d)
+	}
+	return v, nil
+}
+
+func (s *services) rolloutAction(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.RolloutRef
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	ro, _, err := s.c.rollouts.Get(ctx, a.ID)
+	if err != nil {
+		return nil, err
+	}
+	if ro.Group != "" {
+		if err := mayAssign(who, []string{ro.Group}); err != nil {
+			return nil, err
+		}
+	}
+	return s.c.rollouts.Transition(ctx, a.ID, a.Action)
+}
