@@ -114,22 +114,14 @@ func (s *services) adminRemove(ctx context.Context, who *model.Admin, raw json.R
 }
 
 func (s *services) allAdmins(ctx context.Context) ([]model.Admin, error) {
-	lister, err := s.admins.ListKeys(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("list admins: %w", err)
-	}
 	out := []model.Admin{}
-	for k := range lister.Keys() {
-		e, err := s.admins.Get(ctx, k)
-		if err != nil {
-			continue
-		}
+	err := eachKey(ctx, s.admins, func(e jetstream.KeyValueEntry) {
 		var a model.Admin
 		if json.Unmarshal(e.Value(), &a) == nil {
 			out = append(out, a)
 		}
-	}
-	return out, nil
+	})
+	return out, err
 }
 
 // auditList reads the audit stream from a start time. The records carry

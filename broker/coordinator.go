@@ -219,6 +219,9 @@ func (c *Coordinator) startServer() error {
 		return fmt.Errorf("account resolver in %s: %w", c.auth.ResolverPath(), err)
 	}
 	host, port, _ := splitHostPort(c.cfg.Listen)
+	if port == 0 {
+		port = server.RANDOM_PORT // nats-server reads 0 as "the default 4222"
+	}
 	opts := &server.Options{
 		ServerName:       c.cfg.ServerName,
 		Host:             host,
@@ -234,6 +237,9 @@ func (c *Coordinator) startServer() error {
 	}
 	if c.cfg.LeafnodeListen != "" {
 		lh, lp, _ := splitHostPort(c.cfg.LeafnodeListen)
+		if lp == 0 {
+			lp = server.RANDOM_PORT
+		}
 		opts.LeafNode.Host = lh
 		opts.LeafNode.Port = serverPort(lp)
 	}

@@ -18,9 +18,10 @@ func (s *services) view(d model.Device) model.DeviceView {
 	return model.DeviceView{Device: d, Online: s.presence.Online(d.ID), LastSeen: s.presence.LastSeen(d.ID)}
 }
 
-func (s *services) allDevices(ctx context.Context) ([]model.Device, error) {
+// readDevices reads every device record of the fleet_devices bucket kv.
+func readDevices(ctx context.Context, kv jetstream.KeyValue) ([]model.Device, error) {
 	var out []model.Device
-	err := s.eachKey(ctx, s.devices, func(e jetstream.KeyValueEntry) {
+	err := eachKey(ctx, kv, func(e jetstream.KeyValueEntry) {
 		var d model.Device
 		if json.Unmarshal(e.Value(), &d) == nil {
 			out = append(out, d)
@@ -36,7 +37,7 @@ func (s *services) devicesList(ctx context.Context, _ *model.Admin, raw json.Raw
 			return nil, err
 		}
 	}
-	all, err := s.allDevices(ctx)
+	all, err := readDevices(ctx, s.devices)
 	if err != nil {
 		return nil, err
 	}
@@ -62,7 +63,7 @@ func (s *services) resolve(ctx context.Context, ref string) (*model.Device, erro
 		d, _, err := s.getDevice(ctx, ref)
 		return d, err
 	}
-	all, err := s.allDevices(ctx)
+	all, err := readDevices(ctx, s.devices)
 	if err != nil {
 		return nil, err
 	}

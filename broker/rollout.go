@@ -202,7 +202,7 @@ func (r *rollouts) release(ctx context.Context, id string) (*model.Release, *mod
 func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]model.Device, error) {
 	var out []model.Device
 	if req.Group != "" {
-		all, err := listDevices(ctx, r.devices)
+		all, err := readDevices(ctx, r.devices)
 		if err != nil {
 			return nil, err
 		}
@@ -231,26 +231,6 @@ func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]mode
 		}
 	}
 	slices.SortFunc(out, func(a, b model.Device) int { return strings.Compare(a.Name, b.Name) })
-	return out, nil
-}
-
-// listDevices reads every device record.
-func listDevices(ctx context.Context, kv jetstream.KeyValue) ([]model.Device, error) {
-	lister, err := kv.ListKeys(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("list devices: %w", err)
-	}
-	var out []model.Device
-	for k := range lister.Keys() {
-		e, err := kv.Get(ctx, k)
-		if err != nil {
-			continue
-		}
-		var d model.Device
-		if json.Unmarshal(e.Value(), &d) == nil {
-			out = append(out, d)
-		}
-	}
 	return out, nil
 }
 

@@ -121,7 +121,7 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 
 func (s *services) tokensList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
 	out := []model.TokenInfo{}
-	err := s.eachKey(ctx, s.tokens, func(e jetstream.KeyValueEntry) {
+	err := eachKey(ctx, s.tokens, func(e jetstream.KeyValueEntry) {
 		var t tokenRecord
 		if json.Unmarshal(e.Value(), &t) == nil {
 			out = append(out, t.TokenInfo)
@@ -185,7 +185,7 @@ func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRec
 }
 
 // eachKey calls fn with every live entry of kv.
-func (s *services) eachKey(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
+func eachKey(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
 	keys, err := kv.ListKeys(ctx)
 	if err != nil {
 		return fmt.Errorf("list %s: %w", kv.Bucket(), err)
