@@ -148,12 +148,26 @@ func (e *Env) NewKey(ctx context.Context, name string) (Key, error) {
 	return Key{Name: name, SecretFile: sk, Public: strings.TrimSpace(string(b))}, nil
 }
 
-// Build builds one system named name. With gated, its switch blocks on a
-// fifo until OpenGate.
-func (e *Env) Build(ctx context.Context, name string, gated bool) (System, error) {
+// BuildOpts vary a test system.
+type BuildOpts struct {
+	// Gated: switch-to-configuration blocks on a fifo until OpenGate.
+	Gated bool
+	// Unhealthy: the system holds a file named "unhealthy", which a test's
+	// health check can look for (see UnhealthyCheck).
+	Unhealthy bool
+}
+
+// UnhealthyCheck is argv of a command health check that fails while the
+// running system is one built with Unhealthy.
+func (e *Env) UnhealthyCheck() []string {
+	return []string{"/bin/sh", "-c", "test ! -e " + shq(e.CurrentSystem+"/unhealthy")}
+}
+
+// Build builds one system named name.
+func (e *Env) Build(ctx context.Context, name string, o BuildOpts) (System, error) {
 	s := System{Name: name}
 	gateCmd := ""
-	if gated {
+	if o.Gated {
 		s.Gate = filepath.Join(e.Dir, "gate-"+name)
 		if err := syscall.Mkfifo(s.Gate, 0o600); err != nil {
 			return System{}, fmt.Errorf("nixtest: mkfifo: %w", err)
@@ -172,6 +186,9 @@ func (e *Env) Build(ctx context.Context, name string, gated bool) (System, error
 		"echo kernel > $out/kernel\necho initrd > $out/initrd\n" +
 		"/bin/cat > $out/bin/switch-to-configuration <<EOS\n" + script + "EOS\n" +
 		"/bin/chmod +x $out/bin/switch-to-configuration\n"
+	if o.Unhealthy {
+		builder += "echo 1 > $out/unhealthy\n"
+	}
 	expr := fmt.Sprintf("derivation { name = %s; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" %s ]; testDir = %s; }",
 		nixStr(name), nixStr(builder), nixStr(e.Dir))
 	file := filepath.Join(e.Dir, name+".nix")

@@ -19,14 +19,14 @@ func TestPublishFetchSwitch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	good, err := e.Build(ctx, "good", false)
+	good, err := e.Build(ctx, "good", BuildOpts{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := e.Install(ctx, good); err != nil {
 		t.Fatal(err)
 	}
-	other, err := e.Build(ctx, "other", false)
+	other, err := e.Build(ctx, "other", BuildOpts{})
 	if err != nil {
 		t.Fatal(err)
 	}
