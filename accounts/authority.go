@@ -246,19 +246,50 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 			return nil, err
 		}
 	}
-	sysJWT, err := a.readAccountJWT(mustPub(a.system))
+	sysClaim, err := a.loadAccount(oc, a.system, a.systemSvc, systemServiceFile)
 	if err != nil {
 		return nil, err
 	}
-	a.systemJWT = sysJWT
-	fleetJWT, err := a.readAccountJWT(mustPub(a.fleet))
-	if err != nil {
+	if a.systemJWT, err = a.readAccountJWT(sysClaim.Subject); err != nil {
 		return nil, err
 	}
-	if a.fleetClaim, err = jwt.DecodeAccountClaims(fleetJWT); err != nil {
-		return nil, fmt.Errorf("%s is damaged: %w", a.accountJWTPath(mustPub(a.fleet)), err)
+	if a.fleetClaim, err = a.loadAccount(oc, a.fleet, a.fleetSvc, fleetServiceFile); err != nil {
+		return nil, err
+	}
+	for _, r := range subjects.Roles {
+		if !a.fleetClaim.SigningKeys.Contains(mustPub(a.roles[r])) {
+			return nil, fmt.Errorf("%s is not a signing key of the FLEET account in %s: the data dir is mixed up",
+				filepath.Join(keys, roleSeedFile(r)), a.accountJWTPath(a.fleetClaim.Subject))
+		}
 	}
 	return a, nil
+}
+
+// loadAccount reads and checks the JWT of account acc: it must be that
+// account's, signed by the operator oc, and list signer (the key in
+// signerFile) as a signing key.
+func (a *Authority) loadAccount(oc *jwt.OperatorClaims, acc, signer nkeys.KeyPair, signerFile string) (*jwt.AccountClaims, error) {
+	pub := mustPub(acc)
+	p := a.accountJWTPath(pub)
+	tok, err := a.readAccountJWT(pub)
+	if err != nil {
+		return nil, err
+	}
+	ac, err := jwt.DecodeAccountClaims(tok)
+	if err != nil {
+		return nil, fmt.Errorf("account JWT %s is damaged: %w", p, err)
+	}
+	if ac.Subject != pub {
+		return nil, fmt.Errorf("account JWT %s is for account %s, not %s: the data dir is mixed up", p, ac.Subject, pub)
+	}
+	if ac.Issuer != oc.Subject && !oc.SigningKeys.Contains(ac.Issuer) {
+		return nil, fmt.Errorf("account JWT %s is not signed by this fleet's operator %s: the data dir is mixed up", p, oc.Subject)
+	}
+	if !ac.SigningKeys.Contains(mustPub(signer)) {
+		return nil, fmt.Errorf("%s is not a signing key of the account in %s: the data dir is mixed up",
+			filepath.Join(a.dir, KeysDir, signerFile), p)
+	}
+	return ac, nil
 }
 
 // Refresh re-signs the FLEET account JWT with this version's role templates
@@ -373,7 +404,7 @@ func (a *Authority) IssueUser(r subjects.Role, pub, name string, ttl time.Durati
 	if !ok {
 		return "", fmt.Errorf("unknown role %q", r)
 	}
-	if !nkeys.IsValidPublicUserKey(pub) {
+	if !subjects.ValidDeviceID(pub) {
 		return "", fmt.Errorf("%q is not a user public key", pub)
 	}
 	uc := jwt.NewUserClaims(pub)
@@ -445,7 +476,9 @@ func (a *Authority) Revoke(pubs ...string) (string, error) {
 	// issued in this very second is covered too.
 	at := time.Now().Add(time.Second)
 	for _, p := range pubs {
-		if !nkeys.IsValidPublicUserKey(p) {
+		// The canonical form only: the server matches revocations by
+		// the exact key string.
+		if !subjects.ValidDeviceID(p) {
 			return "", fmt.Errorf("%q is not a user public key", p)
 		}
 		next.RevokeAt(p, at)

@@ -2,8 +2,13 @@
 package admin
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/alecthomas/kong"
 )
@@ -11,28 +16,81 @@ import (
 // Version is set at build time (-ldflags "-X fleet/admin.Version=...").
 var Version = "dev"
 
+// Globals are the flags every command shares. They can also be set from
+// FLEET_* environment variables or the JSON file named by --config.
+type Globals struct {
+	Config kong.ConfigFlag `help:"JSON config file; keys are flag names, e.g. {\"server\": \"nats://fleet:4222\"}." env:"FLEET_ADMIN_CONFIG" placeholder:"FILE"`
+	Server string          `help:"Coordinator URL." default:"nats://127.0.0.1:4222" env:"FLEET_SERVER"`
+	Creds  string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
+	JSON   bool            `name:"json" help:"Print JSON instead of tables."`
+
+	ctx    context.Context
+	stdout io.Writer
+}
+
+// dial connects with the global flags.
+func (g *Globals) dial() (*Client, error) { return Dial(g.ctx, g.Server, g.Creds) }
+
+// printJSON writes v as indented JSON.
+func (g *Globals) printJSON(v any) error {
+	enc := json.NewEncoder(g.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
 // CLI is the fleet-admin command line.
 type CLI struct {
-	Version struct{} `cmd:"" help:"Print the version."`
+	Globals
+
+	Token   TokenCmd   `cmd:"" help:"Enrollment tokens: create, ls, revoke."`
+	Devices DevicesCmd `cmd:"" help:"Devices: ls, show, approve, revoke, set-groups."`
+	Version VersionCmd `cmd:"" help:"Print the version."`
+}
+
+// VersionCmd is `fleet-admin version`.
+type VersionCmd struct{}
+
+// Run prints the version.
+func (VersionCmd) Run(g *Globals) error {
+	_, err := fmt.Fprintln(g.stdout, Version)
+	return err
 }
 
 // Main parses args and runs the chosen command; it returns the exit code.
 func Main(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return Run(ctx, args, os.Stdout, os.Stderr)
+}
+
+// Run is Main with its context and output streams given, for tests.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var cli CLI
+	// kong exits after --help; record it instead, so Run returns.
+	exited := false
 	parser, err := kong.New(&cli, kong.Name("fleet-admin"),
-		kong.Description("Manage the fleet: devices, tokens, releases, rollouts."))
+		kong.Description("Manage the fleet: devices, tokens, releases, rollouts."),
+		kong.Configuration(kong.JSON),
+		kong.UsageOnError(),
+		kong.Writers(stdout, stderr),
+		kong.Exit(func(int) { exited = true }),
+	)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "fleet-admin:", err)
+		fmt.Fprintln(stderr, "fleet-admin:", err)
 		return 2
 	}
 	kctx, err := parser.Parse(args)
+	if exited {
+		return 0
+	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "fleet-admin:", err)
+		fmt.Fprintln(stderr, "fleet-admin:", err)
 		return 2
 	}
-	switch kctx.Command() {
-	case "version":
-		fmt.Println(Version)
+	cli.ctx, cli.stdout = ctx, stdout
+	if err := kctx.Run(&cli.Globals); err != nil {
+		fmt.Fprintln(stderr, "fleet-admin:", err)
+		return 1
 	}
 	return 0
 }

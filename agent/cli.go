@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/alecthomas/kong"
+
+	"fleet/cliconfig"
 )
 
 // Version is set at build time (-ldflags "-X fleet/agent.Version=...").
@@ -65,7 +67,7 @@ func Main(args []string) int {
 	var cli CLI
 	parser, err := kong.New(&cli, kong.Name("fleet-agent"),
 		kong.Description("The fleet agent: keeps this device on its desired NixOS generation and reports its facts."),
-		kong.Configuration(kong.JSON),
+		kong.Configuration(cliconfig.Loader("health-checks", "health-deadline")),
 		kong.UsageOnError(),
 	)
 	if err != nil {

@@ -140,5 +140,3 @@ func (fc *FileConfig) Validate() error {
 
 // ErrNoIdentity is returned when the agent has neither creds nor a token.
 var ErrNoIdentity = errors.New("this device is not enrolled and no enrollment token was given: pass --enroll-token or --enroll-token-file (from `fleet-admin token create`)")
-
-var errEnrollNotBuilt = errors.New("enrollment is not built yet")

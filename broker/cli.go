@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"fleet/accounts"
+	"fleet/cliconfig"
 	"fleet/logging"
 )
 
@@ -27,6 +29,9 @@ type CLI struct {
 	Init    InitCmd    `cmd:"" help:"Create a new fleet's keys and the first owner's credentials in a data dir."`
 	Run     RunCmd     `cmd:"" help:"Run the coordinator (initialises an empty data dir first)."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
+
+	// Where commands write; kong ignores unexported fields.
+	stdout, stderr io.Writer
 }
 
 // Version is set at build time (-ldflags "-X fleet/broker.Version=...").
@@ -73,7 +78,7 @@ func (cmd *InitCmd) Run(cli *CLI) error {
 	if err != nil {
 		return err
 	}
-	printInit(os.Stdout, cfg, a)
+	printInit(cli.stdout, cfg, a)
 	return nil
 }
 
@@ -88,7 +93,7 @@ func printInit(w io.Writer, cfg Config, a *accounts.Authority) {
 
 // Run runs the coordinator until SIGINT or SIGTERM.
 func (cmd *RunCmd) Run(cli *CLI) error {
-	log, err := logging.New(os.Stderr, cli.LogLevel, cli.LogFormat)
+	log, err := logging.New(cli.stderr, cli.LogLevel, cli.LogFormat)
 	if err != nil {
 		return err
 	}
@@ -110,10 +115,10 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		return err
 	}
 	if fresh {
-		printInit(os.Stdout, cfg, c.Authority())
+		printInit(cli.stdout, cfg, c.Authority())
 	}
-	printNextSteps(os.Stdout, c)
-	log.Info().Str("clients", cfg.Listen).Str("http", c.HTTPAddr()).Str("domain", cfg.Domain).Msg("coordinator ready")
+	printNextSteps(cli.stdout, c)
+	log.Info().Str("clients", c.ClientAddr()).Str("http", c.HTTPAddr()).Str("domain", cfg.Domain).Msg("coordinator ready")
 	<-c.Done()
 	log.Info().Msg("coordinator stopped")
 	return nil
@@ -122,9 +127,10 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 func printNextSteps(w io.Writer, c *Coordinator) {
 	cfg := c.Config()
 	creds, _ := filepath.Abs(filepath.Join(cfg.DataDir, accounts.AdminCredsFile))
-	_, port, _ := splitHostPort(cfg.Listen)
+	// The port actually listened on (--listen may say 0).
+	port := c.Server().Addr().(*net.TCPAddr).Port
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
-	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", cfg.Listen, cfg.Domain)
+	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", c.ClientAddr(), cfg.Domain)
 	if a := c.HTTPAddr(); a != "" {
 		fmt.Fprintf(w, ", health on http://%s/readyz", a)
 	}
@@ -137,8 +143,8 @@ func printNextSteps(w io.Writer, c *Coordinator) {
 }
 
 // Run prints the version.
-func (VersionCmd) Run() error {
-	fmt.Println(Version)
+func (VersionCmd) Run(cli *CLI) error {
+	fmt.Fprintln(cli.stdout, Version)
 	return nil
 }
 
@@ -146,25 +152,42 @@ func (VersionCmd) Run() error {
 type VersionCmd struct{}
 
 // Main parses args and runs the chosen command; it returns the exit code.
-func Main(args []string) int {
-	var cli CLI
+func Main(args []string) int { return run(args, os.Stdout, os.Stderr) }
+
+// exitRequest carries kong's exit (after --help) out of the parser, so Main
+// returns the code instead of ending the process.
+type exitRequest int
+
+func run(args []string, stdout, stderr io.Writer) (code int) {
+	cli := CLI{stdout: stdout, stderr: stderr}
+	defer func() {
+		if r := recover(); r != nil {
+			c, ok := r.(exitRequest)
+			if !ok {
+				panic(r)
+			}
+			code = int(c)
+		}
+	}()
 	parser, err := kong.New(&cli,
 		kong.Name("fleet-coordinator"),
 		kong.Description("The fleet coordinator: an embedded NATS JetStream server that holds the fleet's releases, desired generations, facts and events."),
-		kong.Configuration(kong.JSON),
+		kong.Configuration(cliconfig.Loader()),
 		kong.UsageOnError(),
+		kong.Writers(stdout, stderr),
+		kong.Exit(func(c int) { panic(exitRequest(c)) }),
 	)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		fmt.Fprintln(stderr, "fleet-coordinator:", err)
 		return 2
 	}
 	kctx, err := parser.Parse(args)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		fmt.Fprintln(stderr, "fleet-coordinator:", err)
 		return 2
 	}
 	if err := kctx.Run(&cli); err != nil {
-		fmt.Fprintln(os.Stderr, "fleet-coordinator:", err)
+		fmt.Fprintln(stderr, "fleet-coordinator:", err)
 		return 1
 	}
 	return 0

@@ -67,6 +67,9 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("--leafnode-listen %q: %w", c.LeafnodeListen, err)
 		}
 	}
+	if err := c.checkPortClash(); err != nil {
+		return err
+	}
 	if c.Domain == "" || !validToken(c.Domain) {
 		return fmt.Errorf("--domain %q: must be one word of letters, digits, - or _", c.Domain)
 	}
@@ -85,8 +88,42 @@ func (c *Config) Validate() error {
 	if c.EventsRetention <= 0 {
 		return fmt.Errorf("--events-retention must be positive")
 	}
+	// The server's limit is an int32 and at most 64 MiB.
+	if c.Limits.MaxPayload <= 0 || c.Limits.MaxPayload > 64<<20 {
+		return fmt.Errorf("max payload %d: must be from 1 byte to 64 MiB", c.Limits.MaxPayload)
+	}
 	return nil
 }
+
+// checkPortClash refuses two listeners on one port: the second would fail
+// inside the server, with an error that names no flag.
+func (c *Config) checkPortClash() error {
+	type addr struct {
+		flag, hp, host string
+		port           int
+	}
+	var seen []addr
+	for _, a := range []struct{ flag, hp string }{
+		{"--listen", c.Listen}, {"--http", c.HTTP}, {"--leafnode-listen", c.LeafnodeListen},
+	} {
+		if a.hp == "" {
+			continue
+		}
+		host, port, _ := splitHostPort(a.hp)
+		if port == 0 {
+			continue
+		}
+		for _, b := range seen {
+			if b.port == port && (host == b.host || anyHost(host) || anyHost(b.host)) {
+				return fmt.Errorf("%s %q: port %d is already used by %s %q", a.flag, a.hp, port, b.flag, b.hp)
+			}
+		}
+		seen = append(seen, addr{a.flag, a.hp, host, port})
+	}
+	return nil
+}
+
+func anyHost(h string) bool { return h == "0.0.0.0" || h == "::" || h == "" }
 
 // splitHostPort parses host:port with a numeric port (0 picks a free one).
 func splitHostPort(hp string) (string, int, error) {

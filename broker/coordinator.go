@@ -38,6 +38,8 @@ type Coordinator struct {
 	nc  *nats.Conn
 	sys *nats.Conn
 	js  jetstream.JetStream
+	// svc are enrollment, the admin API and presence (services.go).
+	svc *services
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -53,10 +55,20 @@ func Init(cfg Config) (*accounts.Authority, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	// JetStream data without keys belongs to a fleet whose identity was
+	// lost: a new identity would orphan it, so refuse like for the keys.
+	if js := filepath.Join(cfg.DataDir, jetstreamDir); exists(js) {
+		return nil, fmt.Errorf("%s already exists: %s holds another fleet's data (use a new --data-dir, or restore the rest of this one)", js, cfg.DataDir)
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
 	return accounts.Create(cfg.DataDir, cfg.Domain, cfg.Limits)
+}
+
+func exists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
 }
 
 // loadOrInit loads the data dir, initialising it when it is new or empty.
@@ -89,21 +101,11 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	auth, fresh, err := loadOrInit(cfg, log)
-	if err != nil {
-		return nil, err
-	}
-	if !fresh {
-		if changed, err := auth.Refresh(); err != nil {
-			return nil, err
-		} else if changed {
-			log.Info().Msg("FLEET account JWT updated to this version's roles and limits")
-		}
-	}
-	c := &Coordinator{cfg: cfg, log: log, auth: auth, done: make(chan struct{})}
+	c := &Coordinator{cfg: cfg, log: log, done: make(chan struct{})}
 
-	// Listen checks first: the server reports a busy port only through its
-	// logger, so catch it here with a message that names the flag.
+	// Listen checks first, before the data dir is touched: the server
+	// reports a busy port only through its logger, so catch it here with a
+	// message that names the flag.
 	if err := checkFree(cfg.Listen, "--listen"); err != nil {
 		return nil, err
 	}
@@ -120,6 +122,21 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.httpLn = ln
 	}
 
+	auth, fresh, err := loadOrInit(cfg, log)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	if !fresh {
+		if changed, err := auth.Refresh(); err != nil {
+			c.Close()
+			return nil, err
+		} else if changed {
+			log.Info().Msg("FLEET account JWT updated to this version's roles and limits")
+		}
+	}
+	c.auth = auth
+
 	if err := c.startServer(); err != nil {
 		c.Close()
 		return nil, err
@@ -133,6 +150,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	if err := ensureStreams(ctx, c.js, cfg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.startServices(ctx); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -174,7 +195,7 @@ func (c *Coordinator) startServer() error {
 	opts := &server.Options{
 		ServerName:       c.cfg.ServerName,
 		Host:             host,
-		Port:             port,
+		Port:             serverPort(port),
 		JetStream:        true,
 		JetStreamDomain:  c.cfg.Domain,
 		StoreDir:         filepath.Join(c.cfg.DataDir, jetstreamDir),
@@ -187,7 +208,7 @@ func (c *Coordinator) startServer() error {
 	if c.cfg.LeafnodeListen != "" {
 		lh, lp, _ := splitHostPort(c.cfg.LeafnodeListen)
 		opts.LeafNode.Host = lh
-		opts.LeafNode.Port = lp
+		opts.LeafNode.Port = serverPort(lp)
 	}
 	ns, err := server.NewServer(opts)
 	if err != nil {
@@ -197,13 +218,29 @@ func (c *Coordinator) startServer() error {
 	ns.SetLoggerV2(nlog, c.log.GetLevel() <= zerolog.DebugLevel, c.log.GetLevel() <= zerolog.TraceLevel, false)
 	c.ns = ns
 	ns.Start()
-	if !ns.ReadyForConnections(15 * time.Second) {
+	// Poll, so a server that failed (say, a port taken since checkFree)
+	// is reported at once rather than after the whole wait.
+	for deadline := time.Now().Add(15 * time.Second); ; {
 		if msg := c.fatal.Load(); msg != nil {
 			return fmt.Errorf("NATS server failed to start: %s", *msg)
 		}
-		return errors.New("NATS server did not become ready within 15s (see the log above)")
+		if ns.ReadyForConnections(50 * time.Millisecond) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("NATS server did not become ready within 15s (see the log above)")
+		}
 	}
-	return nil
+}
+
+// serverPort maps a configured port to nats-server's: there 0 means the
+// default port (4222 for clients, no listener for leaf nodes) and -1 a free
+// one, while fleet's flags use 0 for a free port as net.Listen does.
+func serverPort(p int) int {
+	if p == 0 {
+		return server.RANDOM_PORT
+	}
+	return p
 }
 
 // connect opens the coordinator's own connections, in process.
@@ -294,6 +331,7 @@ func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
 func (c *Coordinator) Close() {
 	c.closeOne.Do(func() {
 		c.ready.Store(false)
+		c.svc.stop()
 		if c.httpSrv != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_ = c.httpSrv.Shutdown(ctx)
@@ -321,6 +359,15 @@ func (c *Coordinator) Done() <-chan struct{} { return c.done }
 // ClientURL is the URL clients on this host use.
 func (c *Coordinator) ClientURL() string { return c.ns.ClientURL() }
 
+// ClientAddr is the address the server listens on for clients (the real
+// port when --listen asked for port 0).
+func (c *Coordinator) ClientAddr() string {
+	if a := c.ns.Addr(); a != nil {
+		return a.String()
+	}
+	return c.cfg.Listen
+}
+
 // LeafURL is the URL leaf nodes connect to ("" when disabled).
 func (c *Coordinator) LeafURL() string {
 	if c.cfg.LeafnodeListen == "" {
@@ -329,6 +376,12 @@ func (c *Coordinator) LeafURL() string {
 	host, port, _ := splitHostPort(c.cfg.LeafnodeListen)
 	if host == "0.0.0.0" || host == "::" {
 		host = "127.0.0.1"
+	}
+	if port == 0 && c.ns != nil {
+		// The port the server picked.
+		if v, err := c.ns.Varz(nil); err == nil {
+			port = v.LeafNode.Port
+		}
 	}
 	return fmt.Sprintf("nats-leaf://%s", net.JoinHostPort(host, fmt.Sprint(port)))
 }

@@ -53,23 +53,39 @@ var selfInbox = InboxPrefix(self) + ".>"
 
 // RoleTemplate returns the permission template of role r in JetStream
 // domain d.
+//
+// Every JetStream API subject is allowed in two forms. A client directly on
+// the coordinator sends the domain form ($JS.<d>.API...), but the server maps
+// it to the local form ($JS.API...) before it checks permissions, so the
+// local form must be allowed. A client at a leaf node is checked by the leaf
+// server on the domain form, which then crosses the leaf link. Both forms
+// name the same operation on the same hub stream.
 func RoleTemplate(r Role, d string) Template {
-	js := JSAPIPrefix(d)
-	readStreams := []string{
-		js + ".STREAM.INFO." + StreamFacts,
-		js + ".STREAM.INFO." + StreamEvents,
-		js + ".DIRECT.GET." + StreamFacts + ".>",
-		js + ".DIRECT.GET." + StreamEvents + ".>",
-		js + ".DIRECT.GET." + StreamFacts,
-		js + ".DIRECT.GET." + StreamEvents,
+	api := func(rest ...string) []string {
+		var out []string
+		for _, prefix := range apiPrefixes(d) {
+			for _, s := range rest {
+				out = append(out, prefix+s)
+			}
+		}
+		return out
 	}
+	readStreams := api(
+		".STREAM.INFO."+StreamFacts,
+		".STREAM.INFO."+StreamEvents,
+		".DIRECT.GET."+StreamFacts+".>",
+		".DIRECT.GET."+StreamEvents+".>",
+		".DIRECT.GET."+StreamFacts,
+		".DIRECT.GET."+StreamEvents,
+	)
 	switch r {
 	case RoleAgent:
+		pub := []string{DeviceAll(self)}
+		for _, dom := range apiDomains(d) {
+			pub = append(pub, DesiredDirectGet(dom, self))
+		}
 		return Template{
-			Pub: []string{
-				DeviceAll(self),
-				DesiredDirectGet(d, self),
-			},
+			Pub:       pub,
 			Sub:       []string{DeviceAll(self), selfInbox},
 			Responses: true,
 		}
@@ -96,7 +112,7 @@ func RoleTemplate(r Role, d string) Template {
 		}
 	case RoleObserver:
 		return Template{
-			Pub: append([]string{APIRead + ".devices", APIRead + ".facts"}, readStreams[:1]...),
+			Pub: append([]string{APIRead + ".devices", APIRead + ".facts"}, api(".STREAM.INFO."+StreamFacts)...),
 			Sub: []string{selfInbox},
 		}
 	case RoleLeaf:
@@ -112,4 +128,21 @@ func RoleTemplate(r Role, d string) Template {
 		}
 	}
 	return Template{}
+}
+
+// apiDomains are the domains a template names JetStream API subjects in:
+// none (the local form) and d.
+func apiDomains(d string) []string {
+	if d == "" {
+		return []string{""}
+	}
+	return []string{"", d}
+}
+
+func apiPrefixes(d string) []string {
+	var out []string
+	for _, dom := range apiDomains(d) {
+		out = append(out, JSAPIPrefix(dom))
+	}
+	return out
 }

@@ -161,11 +161,17 @@ func AuditSubject(verb string) string { return Audit + "." + verb }
 // nobody can read replies meant for another, which may carry credentials.
 func InboxPrefix(pub string) string { return "_INBOX_" + pub }
 
-// JSAPIPrefix is the JetStream API prefix in domain d.
-func JSAPIPrefix(d string) string { return "$JS." + d + ".API" }
+// JSAPIPrefix is the JetStream API prefix in domain d; with d empty, the
+// local prefix $JS.API of the server a client is connected to.
+func JSAPIPrefix(d string) string {
+	if d == "" {
+		return "$JS.API"
+	}
+	return "$JS." + d + ".API"
+}
 
 // DirectGetLast is the direct-get subject that returns the last message of
-// subject subj in stream, through domain d.
+// subject subj in stream, through domain d ("" for the local form).
 func DirectGetLast(d, stream, subj string) string {
 	return JSAPIPrefix(d) + ".DIRECT.GET." + stream + "." + subj
 }

@@ -36,6 +36,8 @@ func TestBuilders(t *testing.T) {
 		{"AuditSubject", AuditSubject("deploy"), "fleet.audit.deploy"},
 		{"InboxPrefix", InboxPrefix(id), "_INBOX_" + id},
 		{"JSAPIPrefix", JSAPIPrefix("fleet"), "$JS.fleet.API"},
+		{"JSAPIPrefix local", JSAPIPrefix(""), "$JS.API"},
+		{"DesiredDirectGet local", DesiredDirectGet("", id), "$JS.API.DIRECT.GET.KV_fleet_desired.$KV.fleet_desired." + id},
 		{"KVStream", KVStream(BucketDesired), "KV_fleet_desired"},
 		{"KVKey", KVKey(BucketDesired, id), "$KV.fleet_desired." + id},
 		{"DirectGetLast", DirectGetLast("site", StreamFacts, DeviceFacts(id)),
@@ -255,7 +257,7 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 	a, b := newDevice(t), newDevice(t)
 	tpl := RoleTemplate(RoleAgent, Domain)
 	pub, sub := expand(tpl.Pub, a), expand(tpl.Sub, a)
-	for _, s := range []string{DeviceFacts(a), DeviceEvents(a), DesiredDirectGet(Domain, a)} {
+	for _, s := range []string{DeviceFacts(a), DeviceEvents(a), DesiredDirectGet(Domain, a), DesiredDirectGet("", a)} {
 		if _, ok := collides(pub, s); !ok {
 			t.Errorf("agent %s may not publish %s", a, s)
 		}
@@ -269,8 +271,10 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 		DeviceFacts(b), DeviceEvents(b), DesiredDirectGet(Domain, b), Enroll,
 		APIReadVerb("devices"), APIWriteVerb("deploy"), AuditSubject("x"),
 		JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamFacts,
-		"$JS.API.DIRECT.GET." + KVStream(BucketDesired) + "." + KVKey(BucketDesired, a),
+		DesiredDirectGet("", b), DesiredDirectGet("other", a),
 		DirectGetLast(Domain, KVStream(BucketDevices), KVKey(BucketDevices, a)),
+		DirectGetLast("", KVStream(BucketDevices), KVKey(BucketDevices, a)),
+		"$JS.API.STREAM.INFO." + KVStream(BucketDesired),
 	} {
 		if f, ok := collides(pub, s); ok {
 			t.Errorf("agent %s may publish %s through %s", a, s, f)
@@ -315,6 +319,8 @@ func TestAdminTemplates(t *testing.T) {
 		},
 		RoleObserver: {
 			{APIReadVerb("devices"), true}, {APIReadVerb("facts"), true},
+			{JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamFacts, true},
+			{JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamEvents, false},
 			{APIReadVerb("tokens"), false}, {APIWriteVerb("deploy"), false},
 		},
 		RoleOwner: {
@@ -324,8 +330,16 @@ func TestAdminTemplates(t *testing.T) {
 	for r, checks := range cases {
 		pub := expand(RoleTemplate(r, Domain).Pub, u)
 		for _, c := range checks {
-			if _, ok := collides(pub, c.subj); ok != c.pub {
-				t.Errorf("role %s publish %s: allowed=%v, want %v", r, c.subj, ok, c.pub)
+			// A JetStream API subject must be allowed or refused alike in
+			// its domain form and in the local form the hub checks.
+			forms := []string{c.subj}
+			if rest, ok := strings.CutPrefix(c.subj, JSAPIPrefix(Domain)); ok {
+				forms = append(forms, JSAPIPrefix("")+rest)
+			}
+			for _, s := range forms {
+				if _, ok := collides(pub, s); ok != c.pub {
+					t.Errorf("role %s publish %s: allowed=%v, want %v", r, s, ok, c.pub)
+				}
 			}
 		}
 	}

@@ -1,0 +1,227 @@
+package admin
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"fleet/accounts"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// Client calls the coordinator's admin API with an admin's creds; the same
+// key that authenticates the connection signs each request.
+type Client struct {
+	nc    *nats.Conn
+	creds *accounts.Creds
+	// denied cancels requests whose publish the server refused: nats.go
+	// reports that asynchronously, and the request would otherwise wait for
+	// its timeout.
+	mu     sync.Mutex
+	denied map[string]context.CancelCauseFunc
+	// Timeout bounds one request when ctx has no deadline.
+	Timeout time.Duration
+}
+
+// Dial connects to server with the creds file at credsPath.
+func Dial(ctx context.Context, server, credsPath string) (*Client, error) {
+	if credsPath == "" {
+		return nil, errors.New("no admin credentials: pass --creds or set FLEET_CREDS (the first owner's are DATA_DIR/admin.creds)")
+	}
+	cr, err := accounts.ReadCreds(credsPath)
+	if err != nil {
+		return nil, err
+	}
+	return DialCreds(ctx, server, cr)
+}
+
+// DialCreds connects to server with cr.
+func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	seed, err := cr.Key.Seed()
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{creds: cr, Timeout: 30 * time.Second, denied: map[string]context.CancelCauseFunc{}}
+	nc, err := nats.Connect(server,
+		nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.ErrorHandler(c.onError),
+		// Templates let an admin read replies only under its own prefix.
+		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
+		nats.Name("fleet-admin"),
+		nats.Timeout(10*time.Second),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w (check --server / FLEET_SERVER and that fleet-coordinator runs; an authorization error means the --creds are not valid for this fleet)", server, err)
+	}
+	c.nc = nc
+	return c, nil
+}
+
+func (c *Client) onError(_ *nats.Conn, _ *nats.Subscription, err error) {
+	if !errors.Is(err, nats.ErrPermissionViolation) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for subj, cancel := range c.denied {
+		if strings.Contains(err.Error(), `"`+subj+`"`) {
+			cancel(err)
+		}
+	}
+}
+
+// Close closes the connection.
+func (c *Client) Close() { c.nc.Close() }
+
+// Key is the admin's public key.
+func (c *Client) Key() string { return c.creds.PublicKey() }
+
+// APIError is an error reply of the coordinator.
+type APIError struct {
+	Verb, Code, Msg string
+}
+
+func (e *APIError) Error() string { return e.Msg }
+
+// Call signs a request for verb with args, sends it and decodes the reply's
+// data into out (when not nil).
+func (c *Client) Call(ctx context.Context, verb string, write bool, args, out any) error {
+	env, err := c.Sign(verb, args, time.Now())
+	if err != nil {
+		return err
+	}
+	return c.Send(ctx, verb, write, env, out)
+}
+
+// Sign builds the signed envelope of a request (exported for tests that
+// send stale or replayed ones).
+func (c *Client) Sign(verb string, args any, at time.Time) ([]byte, error) {
+	var nonce [16]byte
+	_, _ = rand.Read(nonce[:])
+	req := model.Request{Verb: verb, Time: at.UTC(), Nonce: base64.RawURLEncoding.EncodeToString(nonce[:])}
+	if args != nil {
+		b, err := json.Marshal(args)
+		if err != nil {
+			return nil, fmt.Errorf("encode arguments: %w", err)
+		}
+		req.Args = b
+	}
+	s, err := model.Sign(c.creds.Key, model.PurposeAPI, req)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(s)
+}
+
+// Send sends a signed envelope to verb and decodes the reply into out.
+func (c *Client) Send(ctx context.Context, verb string, write bool, env []byte, out any) error {
+	subj := subjects.APIReadVerb(verb)
+	if write {
+		subj = subjects.APIWriteVerb(verb)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
+		defer cancel()
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	c.mu.Lock()
+	c.denied[subj] = cancel
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.denied, subj)
+		c.mu.Unlock()
+	}()
+	msg, err := c.nc.RequestWithContext(ctx, subj, env)
+	if cause := context.Cause(ctx); err != nil && errors.Is(cause, nats.ErrPermissionViolation) {
+		err = cause
+	}
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return fmt.Errorf("%s: no coordinator answers (is fleet-coordinator running and --server right?)", verb)
+	case errors.Is(err, nats.ErrPermissionViolation):
+		return fmt.Errorf("%s: these credentials may not call %s (ask an owner for a role that may)", verb, subj)
+	case err != nil:
+		return fmt.Errorf("%s: %w", verb, err)
+	}
+	var resp model.Response
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return fmt.Errorf("%s: reply does not decode: %w", verb, err)
+	}
+	if resp.Error != "" {
+		return &APIError{Verb: verb, Code: resp.Code, Msg: resp.Error}
+	}
+	if out != nil {
+		if err := json.Unmarshal(resp.Data, out); err != nil {
+			return fmt.Errorf("%s: reply data does not decode: %w", verb, err)
+		}
+	}
+	return nil
+}
+
+// Token verbs.
+
+// CreateToken creates an enrollment token.
+func (c *Client) CreateToken(ctx context.Context, a model.TokenCreate) (*model.TokenCreated, error) {
+	var out model.TokenCreated
+	return &out, c.Call(ctx, subjects.VerbTokenCreate, true, a, &out)
+}
+
+// Tokens lists tokens.
+func (c *Client) Tokens(ctx context.Context) ([]model.TokenInfo, error) {
+	var out []model.TokenInfo
+	return out, c.Call(ctx, subjects.VerbTokens, false, struct{}{}, &out)
+}
+
+// RevokeToken revokes token id.
+func (c *Client) RevokeToken(ctx context.Context, id string) (*model.TokenInfo, error) {
+	var out model.TokenInfo
+	return &out, c.Call(ctx, subjects.VerbTokenRevoke, true, model.TokenRef{ID: id}, &out)
+}
+
+// Device verbs.
+
+// Devices lists devices, of one group when group is not empty.
+func (c *Client) Devices(ctx context.Context, group string) ([]model.DeviceView, error) {
+	var out []model.DeviceView
+	return out, c.Call(ctx, subjects.VerbDevices, false, model.DeviceList{Group: group}, &out)
+}
+
+func (c *Client) deviceCall(ctx context.Context, verb string, write bool, args any) (*model.DeviceView, error) {
+	var out model.DeviceView
+	return &out, c.Call(ctx, verb, write, args, &out)
+}
+
+// Device shows the device ref names (ID, ID prefix or name).
+func (c *Client) Device(ctx context.Context, ref string) (*model.DeviceView, error) {
+	return c.deviceCall(ctx, subjects.VerbDevice, false, model.DeviceRef{Ref: ref})
+}
+
+// ApproveDevice approves a pending device.
+func (c *Client) ApproveDevice(ctx context.Context, ref string) (*model.DeviceView, error) {
+	return c.deviceCall(ctx, subjects.VerbDeviceApprove, true, model.DeviceRef{Ref: ref})
+}
+
+// RevokeDevice revokes a device: it is disconnected and refused from now on.
+func (c *Client) RevokeDevice(ctx context.Context, ref string) (*model.DeviceView, error) {
+	return c.deviceCall(ctx, subjects.VerbDeviceRevoke, true, model.DeviceRef{Ref: ref})
+}
+
+// SetDeviceGroups replaces a device's groups.
+func (c *Client) SetDeviceGroups(ctx context.Context, ref string, groups []string) (*model.DeviceView, error) {
+	return c.deviceCall(ctx, subjects.VerbDeviceGroups, true, model.DeviceGroups{Ref: ref, Groups: groups})
+}

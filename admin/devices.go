@@ -1,0 +1,157 @@
+package admin
+
+import (
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"fleet/model"
+)
+
+// DevicesCmd is `fleet-admin devices`.
+type DevicesCmd struct {
+	Ls        DevicesLsCmd        `cmd:"" help:"List devices."`
+	Show      DevicesShowCmd      `cmd:"" help:"Show one device."`
+	Approve   DevicesApproveCmd   `cmd:"" help:"Approve a pending device."`
+	Revoke    DevicesRevokeCmd    `cmd:"" help:"Revoke a device: disconnected at once and refused from then on."`
+	SetGroups DevicesSetGroupsCmd `cmd:"" name:"set-groups" help:"Replace a device's groups."`
+}
+
+// DevicesLsCmd is `fleet-admin devices ls`.
+type DevicesLsCmd struct {
+	Group string `help:"Only devices of this group."`
+}
+
+// Run lists devices.
+func (cmd *DevicesLsCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ds, err := c.Devices(g.ctx, cmd.Group)
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(ds)
+	}
+	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tGROUPS\tSTATUS\tONLINE\tLAST SEEN")
+	for _, d := range ds {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Name, strings.Join(d.Groups, ","), d.Status, yesNo(d.Online), seen(d.LastSeen))
+	}
+	return tw.Flush()
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func seen(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return time.Since(t).Round(time.Second).String() + " ago"
+}
+
+// printDevice prints one device as JSON or as aligned fields.
+func printDevice(g *Globals, d *model.DeviceView) error {
+	if g.JSON {
+		return g.printJSON(d)
+	}
+	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "id:\t%s\n", d.ID)
+	fmt.Fprintf(tw, "name:\t%s\n", d.Name)
+	fmt.Fprintf(tw, "groups:\t%s\n", strings.Join(d.Groups, ","))
+	fmt.Fprintf(tw, "status:\t%s\n", d.Status)
+	fmt.Fprintf(tw, "online:\t%s\n", yesNo(d.Online))
+	fmt.Fprintf(tw, "last seen:\t%s\n", seen(d.LastSeen))
+	fmt.Fprintf(tw, "xkey:\t%s\n", d.XKey)
+	fmt.Fprintf(tw, "enrolled:\t%s (token %s)\n", d.EnrolledAt.Local().Format(time.DateTime), d.TokenID)
+	if !d.RevokedAt.IsZero() {
+		fmt.Fprintf(tw, "revoked:\t%s\n", d.RevokedAt.Local().Format(time.DateTime))
+	}
+	return tw.Flush()
+}
+
+// DevicesShowCmd is `fleet-admin devices show`.
+type DevicesShowCmd struct {
+	Device string `arg:"" help:"Device ID, unique ID prefix or host name."`
+}
+
+// Run shows the device.
+func (cmd *DevicesShowCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.Device(g.ctx, cmd.Device)
+	if err != nil {
+		return err
+	}
+	return printDevice(g, d)
+}
+
+// DevicesApproveCmd is `fleet-admin devices approve`.
+type DevicesApproveCmd struct {
+	Device string `arg:"" help:"Device ID, unique ID prefix or host name."`
+}
+
+// Run approves the device.
+func (cmd *DevicesApproveCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.ApproveDevice(g.ctx, cmd.Device)
+	if err != nil {
+		return err
+	}
+	return printDevice(g, d)
+}
+
+// DevicesRevokeCmd is `fleet-admin devices revoke`.
+type DevicesRevokeCmd struct {
+	Device string `arg:"" help:"Device ID, unique ID prefix or host name."`
+}
+
+// Run revokes the device.
+func (cmd *DevicesRevokeCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.RevokeDevice(g.ctx, cmd.Device)
+	if err != nil {
+		return err
+	}
+	return printDevice(g, d)
+}
+
+// DevicesSetGroupsCmd is `fleet-admin devices set-groups`.
+type DevicesSetGroupsCmd struct {
+	Device string   `arg:"" help:"Device ID, unique ID prefix or host name."`
+	Groups []string `arg:"" help:"New groups, comma-separated." sep:","`
+}
+
+// Run sets the groups.
+func (cmd *DevicesSetGroupsCmd) Run(g *Globals) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.SetDeviceGroups(g.ctx, cmd.Device, cmd.Groups)
+	if err != nil {
+		return err
+	}
+	return printDevice(g, d)
+}

@@ -1,0 +1,266 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"fleet/accounts"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// apiError is a refusal or failure the caller can act on; its code tells
+// the client whether to fix the request, its rights, or retry.
+type apiError struct {
+	code, msg string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+func badRequest(format string, a ...any) error {
+	return &apiError{model.CodeBadRequest, fmt.Sprintf(format, a...)}
+}
+func refused(format string, a ...any) error {
+	return &apiError{model.CodeRefused, fmt.Sprintf(format, a...)}
+}
+func notFound(format string, a ...any) error {
+	return &apiError{model.CodeNotFound, fmt.Sprintf(format, a...)}
+}
+func conflict(format string, a ...any) error {
+	return &apiError{model.CodeConflict, fmt.Sprintf(format, a...)}
+}
+
+// apiHandler runs a verb for an authenticated admin with its decoded args.
+type apiHandler func(ctx context.Context, who *model.Admin, args json.RawMessage) (any, error)
+
+type apiVerb struct {
+	name  string
+	write bool
+	// role is the least role that may call the verb.
+	role subjects.Role
+	h    apiHandler
+}
+
+func (s *services) verbs() []apiVerb {
+	return []apiVerb{
+		{subjects.VerbDevices, false, subjects.RoleViewer, s.devicesList},
+		{subjects.VerbDevice, false, subjects.RoleViewer, s.deviceShow},
+		{subjects.VerbTokens, false, subjects.RoleOwner, s.tokensList},
+		{subjects.VerbTokenCreate, true, subjects.RoleOwner, s.tokenCreate},
+		{subjects.VerbTokenRevoke, true, subjects.RoleOwner, s.tokenRevoke},
+		{subjects.VerbDeviceApprove, true, subjects.RoleOperator, s.deviceApprove},
+		{subjects.VerbDeviceRevoke, true, subjects.RoleOperator, s.deviceRevoke},
+		{subjects.VerbDeviceGroups, true, subjects.RoleOperator, s.deviceGroups},
+	}
+}
+
+// roleRank orders the admin roles; a role may call what a lower one may.
+func roleRank(r subjects.Role) int {
+	switch r {
+	case subjects.RoleViewer:
+		return 1
+	case subjects.RoleOperator:
+		return 2
+	case subjects.RoleOwner:
+		return 3
+	}
+	return 0
+}
+
+func (s *services) startAPI() error {
+	svc, err := micro.AddService(s.c.nc, micro.Config{
+		Name:        subjects.APIService,
+		Version:     "0.1.0",
+		Description: "fleet admin API: signed requests, role-checked, audited",
+	})
+	if err != nil {
+		return fmt.Errorf("admin API service: %w", err)
+	}
+	s.api = svc
+	for _, v := range s.verbs() {
+		subj := subjects.APIReadVerb(v.name)
+		if v.write {
+			subj = subjects.APIWriteVerb(v.name)
+		}
+		v := v
+		err := svc.AddEndpoint(v.name, micro.HandlerFunc(func(r micro.Request) {
+			s.wg.Add(1)
+			defer s.wg.Done()
+			resp := s.serve(v, r.Data())
+			_ = r.RespondJSON(resp)
+		}), micro.WithEndpointSubject(subj))
+		if err != nil {
+			return fmt.Errorf("admin API verb %s: %w", v.name, err)
+		}
+	}
+	return nil
+}
+
+// serve checks one request and runs it: signature, verb, freshness, replay,
+// admin and role, in that order, so nothing unauthenticated reaches the
+// nonce cache or the buckets. Writes and refusals go to the audit stream.
+func (s *services) serve(v apiVerb, data []byte) model.Response {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rec := model.AuditRecord{Time: s.now().UTC(), Verb: v.name, Request: auditRequest(data)}
+	who, args, err := s.authenticate(ctx, v, data, &rec)
+	var out any
+	if err == nil {
+		out, err = v.h(ctx, who, args)
+		if err != nil {
+			rec.Result = model.AuditError
+		} else {
+			rec.Result = model.AuditOK
+		}
+	} else {
+		rec.Result = model.AuditRefused
+	}
+	if err != nil {
+		rec.Error = err.Error()
+	}
+	if v.write || rec.Result == model.AuditRefused {
+		s.audit(ctx, rec)
+	}
+	if err != nil {
+		var ae *apiError
+		if errors.As(err, &ae) {
+			return model.Response{Error: ae.msg, Code: ae.code}
+		}
+		s.log.Error().Err(err).Str("verb", v.name).Msg("admin API request failed")
+		return model.Response{Error: err.Error(), Code: model.CodeInternal}
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return model.Response{Error: "encode reply: " + err.Error(), Code: model.CodeInternal}
+	}
+	return model.Response{Data: b}
+}
+
+func (s *services) authenticate(ctx context.Context, v apiVerb, data []byte, rec *model.AuditRecord) (*model.Admin, json.RawMessage, error) {
+	env, req, err := model.ParseEnvelope(data)
+	if env != nil {
+		rec.Signer = env.Signer
+	}
+	if err != nil {
+		return nil, nil, refused("%v (sign requests with fleet-admin, or model.Sign with purpose %s)", err, model.PurposeAPI)
+	}
+	if req.Verb != v.name {
+		return nil, nil, refused("request is signed for verb %q but was sent to %q", req.Verb, v.name)
+	}
+	if skew := s.now().Sub(req.Time); skew > model.MaxSkew || skew < -model.MaxSkew {
+		return nil, nil, refused("request time %s is %s off the coordinator's clock (more than %s): fix this machine's clock (NTP) and retry",
+			req.Time.UTC().Format(time.RFC3339), skew.Round(time.Second), model.MaxSkew)
+	}
+	if err := s.nonces.add(env.Signer+"/"+req.Nonce, req.Time.Add(model.MaxSkew), s.now()); err != nil {
+		return nil, nil, err
+	}
+	who, err := s.admin(ctx, env.Signer)
+	if err != nil {
+		return nil, nil, err
+	}
+	rec.Admin, rec.Role = who.Name, who.Role
+	role, err := subjects.ParseRole(who.Role)
+	if err != nil || roleRank(role) < roleRank(v.role) {
+		return nil, nil, refused("admin %s (role %s) may not call %s: it needs role %s (ask an owner)", who.Name, who.Role, v.name, v.role)
+	}
+	return who, req.Args, nil
+}
+
+// admin looks up the signer in fleet_admins, the authority on roles.
+func (s *services) admin(ctx context.Context, key string) (*model.Admin, error) {
+	e, err := s.admins.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, refused("key %s is not an admin of this fleet (ask an owner to add it)", key)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up admin %s: %w", key, err)
+	}
+	var a model.Admin
+	if err := json.Unmarshal(e.Value(), &a); err != nil {
+		return nil, fmt.Errorf("admin record %s is damaged: %w", key, err)
+	}
+	return &a, nil
+}
+
+// audit appends rec to FLEET_AUDIT. A failed append is logged: the request
+// has already taken effect.
+func (s *services) audit(ctx context.Context, rec model.AuditRecord) {
+	b, err := json.Marshal(rec)
+	if err == nil {
+		_, err = s.c.js.Publish(ctx, subjects.AuditSubject(rec.Verb), b)
+	}
+	if err != nil {
+		s.log.Error().Err(err).Str("verb", rec.Verb).Str("result", string(rec.Result)).Msg("audit append failed")
+	}
+}
+
+// auditRequest keeps the signed request verbatim when it is JSON of sane
+// size, so the audit trail can be verified later; otherwise a note.
+func auditRequest(data []byte) json.RawMessage {
+	if len(data) <= 64<<10 && json.Valid(data) {
+		return json.RawMessage(data)
+	}
+	b, _ := json.Marshal(fmt.Sprintf("<%d bytes, not JSON or too large>", len(data)))
+	return b
+}
+
+// registerOwner records the owner of DIR/admin.creds in fleet_admins on the
+// first start, so the creds init wrote can sign requests.
+func (s *services) registerOwner(ctx context.Context) error {
+	p := filepath.Join(s.c.cfg.DataDir, accounts.AdminCredsFile)
+	cr, err := accounts.ReadCreds(p)
+	if errors.Is(err, os.ErrNotExist) {
+		s.log.Info().Str("creds", p).Msg("no first-owner creds in the data dir; admins come from fleet_admins only")
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(model.Admin{Key: cr.PublicKey(), Name: "owner", Role: string(subjects.RoleOwner), CreatedAt: s.now().UTC()})
+	if _, err := s.admins.Create(ctx, cr.PublicKey(), b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return fmt.Errorf("register the first owner: %w", err)
+	}
+	return nil
+}
+
+// nonceCache remembers the nonces of fresh requests until they would be
+// stale anyway. It is bounded: when full of live entries it refuses new
+// requests rather than forget a nonce and let a replay through.
+type nonceCache struct {
+	mu   sync.Mutex
+	max  int
+	seen map[string]time.Time
+}
+
+func newNonceCache(max int) *nonceCache {
+	return &nonceCache{max: max, seen: map[string]time.Time{}}
+}
+
+func (n *nonceCache) add(key string, expires, now time.Time) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.seen[key]; ok {
+		return refused("request was already received (replayed nonce): send a new request")
+	}
+	if len(n.seen) >= n.max {
+		for k, exp := range n.seen {
+			if now.After(exp) {
+				delete(n.seen, k)
+			}
+		}
+		if len(n.seen) >= n.max {
+			return &apiError{model.CodeInternal, "the coordinator is receiving too many requests; retry in a minute"}
+		}
+	}
+	n.seen[key] = expires
+	return nil
+}

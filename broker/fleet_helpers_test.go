@@ -1,0 +1,290 @@
+package broker_test
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/admin"
+	"fleet/agent"
+	"fleet/broker"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// startCoordinator runs a coordinator on a free port in a temp dir.
+func startCoordinator(t *testing.T) *broker.Coordinator {
+	t.Helper()
+	cfg := broker.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	// Port 0 means the default port to nats-server: take a free one.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Listen = ln.Addr().String()
+	ln.Close()
+	cfg.HTTP = ""
+	ctx, cancel := context.WithCancel(context.Background())
+	c, err := broker.Start(ctx, cfg, zerolog.Nop())
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); c.Close() })
+	return c
+}
+
+func ownerCredsPath(c *broker.Coordinator) string {
+	return filepath.Join(c.Config().DataDir, accounts.AdminCredsFile)
+}
+
+func ownerClient(t *testing.T, c *broker.Coordinator) *admin.Client {
+	t.Helper()
+	cl, err := admin.Dial(context.Background(), c.ClientURL(), ownerCredsPath(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+// addAdmin creates creds for role r and records them in fleet_admins.
+func addAdmin(t *testing.T, c *broker.Coordinator, r subjects.Role, name string, groups ...string) *admin.Client {
+	t.Helper()
+	cr, err := c.Authority().NewUser(r, name, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := c.JetStream().KeyValue(context.Background(), subjects.BucketAdmins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(model.Admin{Key: cr.PublicKey(), Name: name, Role: string(r), Groups: groups, CreatedAt: time.Now()})
+	if _, err := kv.Put(context.Background(), cr.PublicKey(), b); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := admin.DialCreds(context.Background(), c.ClientURL(), cr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+func createToken(t *testing.T, cl *admin.Client, uses int, approval bool, groups ...string) *model.TokenCreated {
+	t.Helper()
+	tok, err := cl.CreateToken(context.Background(), model.TokenCreate{Groups: groups, Uses: uses, TTL: time.Hour, Approval: approval})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// enrollAgent enrols a device through agent.LoadOrEnroll over TCP.
+func enrollAgent(t *testing.T, c *broker.Coordinator, token, host string) (*accounts.Creds, string) {
+	t.Helper()
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cr, err := agent.LoadOrEnroll(ctx, agent.EnrollOptions{
+		Servers: []string{c.ClientURL()}, StateDir: dir, Token: token, Hostname: host, Log: zerolog.Nop(),
+	})
+	if err != nil {
+		t.Fatalf("enrol %s: %v", host, err)
+	}
+	return cr, dir
+}
+
+// rawEnroll sends a signed enrollment request through the coordinator's
+// own connection, to test the responder's checks directly.
+func rawEnroll(t *testing.T, c *broker.Coordinator, data []byte) model.EnrollResponse {
+	t.Helper()
+	msg, err := c.Conn().Request(subjects.Enroll, data, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r model.EnrollResponse
+	if err := json.Unmarshal(msg.Data, &r); err != nil {
+		t.Fatalf("reply %q: %v", msg.Data, err)
+	}
+	return r
+}
+
+func signEnroll(t *testing.T, kp nkeys.KeyPair, req model.EnrollRequest) []byte {
+	t.Helper()
+	if req.Time.IsZero() {
+		req.Time = time.Now()
+	}
+	s, err := model.Sign(kp, model.PurposeEnroll, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(s)
+	return b
+}
+
+func newUserKey(t *testing.T) nkeys.KeyPair {
+	t.Helper()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp
+}
+
+func newXKey(t *testing.T) string {
+	t.Helper()
+	kp, err := nkeys.CreateCurveKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	return pub
+}
+
+// state is what a refused request must leave unchanged.
+type state struct {
+	devices int
+	tokens  map[string]int // id -> uses left
+}
+
+func snapshot(t *testing.T, c *broker.Coordinator) state {
+	t.Helper()
+	ctx := context.Background()
+	st := state{tokens: map[string]int{}}
+	for _, b := range []string{subjects.BucketDevices, subjects.BucketTokens} {
+		kv, err := c.JetStream().KeyValue(ctx, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys, err := kv.ListKeys(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range keys.Keys() {
+			if b == subjects.BucketDevices {
+				st.devices++
+				continue
+			}
+			e, err := kv.Get(ctx, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ti model.TokenInfo
+			_ = json.Unmarshal(e.Value(), &ti)
+			st.tokens[k] = ti.Uses
+		}
+	}
+	return st
+}
+
+func equalState(a, b state) bool {
+	if a.devices != b.devices || len(a.tokens) != len(b.tokens) {
+		return false
+	}
+	for k, v := range a.tokens {
+		if b.tokens[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// editToken rewrites a stored token record (to expire it without waiting).
+func editToken(t *testing.T, c *broker.Coordinator, id string, fn func(map[string]any)) {
+	t.Helper()
+	ctx := context.Background()
+	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketTokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]any{}
+	if err := json.Unmarshal(e.Value(), &m); err != nil {
+		t.Fatal(err)
+	}
+	fn(m)
+	b, _ := json.Marshal(m)
+	if _, err := kv.Update(ctx, id, b, e.Revision()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// auditRecords reads every record of FLEET_AUDIT.
+func auditRecords(t *testing.T, c *broker.Coordinator) []model.AuditRecord {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := c.JetStream().Stream(ctx, subjects.StreamAudit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []model.AuditRecord
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			if err == jetstream.ErrMsgNotFound {
+				continue
+			}
+			t.Fatal(err)
+		}
+		var r model.AuditRecord
+		if err := json.Unmarshal(m.Data, &r); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func agentEnroll(ctx context.Context, url, dir, token, host string) (*accounts.Creds, error) {
+	return agent.LoadOrEnroll(ctx, agent.EnrollOptions{Servers: []string{url}, StateDir: dir, Token: token, Hostname: host, Log: zerolog.Nop()})
+}
+
+func setAdminRole(t *testing.T, c *broker.Coordinator, key string, r subjects.Role) {
+	t.Helper()
+	ctx := context.Background()
+	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketAdmins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a model.Admin
+	_ = json.Unmarshal(e.Value(), &a)
+	a.Role = string(r)
+	b, _ := json.Marshal(a)
+	if _, err := kv.Put(ctx, key, b); err != nil {
+		t.Fatal(err)
+	}
+}

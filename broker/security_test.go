@@ -1,0 +1,333 @@
+package broker_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"fleet/accounts"
+	"fleet/admin"
+	"fleet/agent"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// deviceConn connects with a device's creds over TCP and collects the
+// server's asynchronous permission errors.
+func deviceConn(t *testing.T, url string, cr *accounts.Creds, opts ...nats.Option) (*nats.Conn, chan error) {
+	t.Helper()
+	errs := make(chan error, 64)
+	seed, _ := cr.Key.Seed()
+	opts = append([]nats.Option{
+		nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { errs <- err }),
+	}, opts...)
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc, errs
+}
+
+// expectDenied runs try and waits for a permissions violation naming subj,
+// either returned or reported asynchronously.
+func expectDenied(t *testing.T, errs chan error, subj string, try func() error) {
+	t.Helper()
+	// On the hub the server maps the domain form $JS.<domain>.API to
+	// $JS.API before the check, and names the mapped subject.
+	mapped := subj
+	if rest, ok := strings.CutPrefix(subj, "$JS."); ok {
+		if _, tail, ok := strings.Cut(rest, ".API."); ok {
+			mapped = "$JS.API." + tail
+		}
+	}
+	denied := func(err error) bool {
+		return err != nil && strings.Contains(strings.ToLower(err.Error()), "permissions violation") &&
+			(strings.Contains(err.Error(), `"`+subj+`"`) || strings.Contains(err.Error(), `"`+mapped+`"`))
+	}
+	if err := try(); denied(err) {
+		return
+	}
+	deadline := time.After(3 * time.Second)
+	for {
+		select {
+		case err := <-errs:
+			if denied(err) {
+				return
+			}
+		case <-deadline:
+			t.Errorf("no permissions violation for %s", subj)
+			return
+		}
+	}
+}
+
+func TestDevicePermissionMatrix(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	tok := createToken(t, owner, 2, false, "lab")
+	a, _ := enrollAgent(t, c, tok.Token, "dev-a")
+	b, _ := enrollAgent(t, c, tok.Token, "dev-b")
+	A, B := a.PublicKey(), b.PublicKey()
+	nc, errs := deviceConn(t, c.ClientURL(), a)
+	d := c.Config().Domain
+	req := func(subj string) func() error {
+		return func() error {
+			_, err := nc.Request(subj, []byte("{}"), 300*time.Millisecond)
+			return err
+		}
+	}
+	pub := func(subj string) func() error { return func() error { return nc.Publish(subj, []byte("{}")) } }
+	sub := func(subj string) func() error {
+		return func() error {
+			_, err := nc.SubscribeSync(subj)
+			return err
+		}
+	}
+	kvGet := func(bucket, key string) func() error {
+		return func() error {
+			js, err := jetstream.NewWithDomain(nc, d)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			defer cancel()
+			kv, err := js.KeyValue(ctx, bucket)
+			if err != nil {
+				return err
+			}
+			_, err = kv.Get(ctx, key)
+			return err
+		}
+	}
+	js := subjects.JSAPIPrefix(d)
+	cases := []struct {
+		name, subj string
+		try        func() error
+	}{
+		{"KV get of B's desired", js + ".STREAM.INFO." + subjects.KVStream(subjects.BucketDesired), kvGet(subjects.BucketDesired, B)},
+		{"direct get of B's desired", subjects.DesiredDirectGet(d, B), req(subjects.DesiredDirectGet(d, B))},
+		{"subscribe B's desired", subjects.DeviceDesired(B), sub(subjects.DeviceDesired(B))},
+		{"publish B's facts", subjects.DeviceFacts(B), pub(subjects.DeviceFacts(B))},
+		{"publish B's events", subjects.DeviceEvents(B), pub(subjects.DeviceEvents(B))},
+		{"subscribe B's cmd", subjects.DeviceCmd(B), sub(subjects.DeviceCmd(B))},
+		{"read fleet_tokens", subjects.DirectGetLast(d, subjects.KVStream(subjects.BucketTokens), subjects.KVKey(subjects.BucketTokens, "x")), req(subjects.DirectGetLast(d, subjects.KVStream(subjects.BucketTokens), subjects.KVKey(subjects.BucketTokens, "x")))},
+		{"read fleet_admins", js + ".STREAM.INFO." + subjects.KVStream(subjects.BucketAdmins), kvGet(subjects.BucketAdmins, A)},
+		{"read audit", js + ".STREAM.INFO." + subjects.StreamAudit, req(js + ".STREAM.INFO." + subjects.StreamAudit)},
+		{"subscribe audit", subjects.AllAudit, sub(subjects.AllAudit)},
+		{"API read verb", subjects.APIReadVerb(subjects.VerbDevices), req(subjects.APIReadVerb(subjects.VerbDevices))},
+		{"API write verb", subjects.APIWriteVerb(subjects.VerbTokenCreate), req(subjects.APIWriteVerb(subjects.VerbTokenCreate))},
+		{"subscribe >", ">", sub(">")},
+		{"subscribe _INBOX.>", "_INBOX.>", sub("_INBOX.>")},
+		{"subscribe B's inbox", subjects.InboxPrefix(B) + ".>", sub(subjects.InboxPrefix(B) + ".>")},
+		{"enroll again", subjects.Enroll, req(subjects.Enroll)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { expectDenied(t, errs, tc.subj, tc.try) })
+	}
+
+	// A's own subjects work.
+	jsA, err := jetstream.NewWithDomain(nc, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := jsA.Publish(ctx, subjects.DeviceFacts(A), []byte(`{"hostname":"dev-a"}`)); err != nil {
+		t.Errorf("A cannot publish its own facts: %v", err)
+	}
+	if _, err := nc.SubscribeSync(subjects.DeviceCmd(A)); err != nil {
+		t.Error(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errs:
+		t.Errorf("own subjects raised %v", err)
+	default:
+	}
+	// The coordinator saw A's facts: last seen is set.
+	waitFor(t, 2*time.Second, "A last seen", func() bool { return !c.Presence().LastSeen(A).IsZero() })
+}
+
+func TestRevokeConnectedDevice(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	ctx := context.Background()
+	tok := createToken(t, owner, 2, false, "lab")
+	a, dir := enrollAgent(t, c, tok.Token, "victim")
+	other, _ := enrollAgent(t, c, tok.Token, "bystander")
+
+	closed := make(chan struct{})
+	nc, _ := deviceConn(t, c.ClientURL(), a, nats.NoReconnect(), nats.ClosedHandler(func(*nats.Conn) { close(closed) }))
+	bnc, _ := deviceConn(t, c.ClientURL(), other)
+	waitFor(t, 2*time.Second, "victim online", func() bool { return c.Presence().Online(a.PublicKey()) })
+
+	d, err := owner.RevokeDevice(ctx, "victim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Status != model.DeviceRevoked {
+		t.Errorf("status %s after revoke", d.Status)
+	}
+	select {
+	case <-closed:
+	case <-time.After(2 * time.Second):
+		t.Fatal("revoked device still connected after 2s")
+	}
+	_ = nc
+	if !bnc.IsConnected() {
+		t.Error("revoking one device disconnected another")
+	}
+	seed, _ := a.Key.Seed()
+	if nc2, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(a.JWT, string(seed))); err == nil {
+		nc2.Close()
+		t.Fatal("revoked device reconnected")
+	}
+	waitFor(t, 2*time.Second, "victim offline", func() bool { return !c.Presence().Online(a.PublicKey()) })
+
+	// Enrolling again needs a new key and a new token.
+	tok2 := createToken(t, owner, 1, false, "lab")
+	if err := os.Remove(filepath.Join(dir, agent.CredsFile)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = enrollWith(c, dir, tok2.Token, "victim")
+	if !errors.Is(err, agent.ErrEnrollRefused) || !strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("revoked key with a new token: %v, want a refusal", err)
+	}
+	if _, err := enrollWith(c, t.TempDir(), tok.Token, "victim"); err == nil {
+		t.Fatal("a new key enrolled with the old, used-up token")
+	}
+	fresh, _ := enrollAgent(t, c, tok2.Token, "victim")
+	if fresh.PublicKey() == a.PublicKey() {
+		t.Fatal("re-enrollment reused the revoked key")
+	}
+}
+
+func TestTokenRevokeClosesBearer(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	tok := createToken(t, owner, 5, false, "lab")
+	pt, _ := model.ParseToken(tok.Token)
+	if _, err := owner.RevokeToken(context.Background(), pt.ID); err != nil {
+		t.Fatal(err)
+	}
+	_, err := enrollWith(c, t.TempDir(), tok.Token, "late")
+	if err == nil || !strings.Contains(err.Error(), "token") {
+		t.Fatalf("enrol with a revoked token: %v", err)
+	}
+	ts, err := owner.Tokens(context.Background())
+	if err != nil || len(ts) != 1 || !ts[0].Revoked {
+		t.Fatalf("token ls: %+v %v", ts, err)
+	}
+}
+
+func TestAdminAPIRefusalsAreAudited(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	ctx := context.Background()
+	args := model.TokenCreate{Groups: []string{"lab"}, Uses: 1, TTL: time.Hour}
+
+	forged, err := owner.Sign(subjects.VerbTokenCreate, args, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged = []byte(strings.Replace(string(forged), `"uses":1`, `"uses":9`, 1))
+	stale, _ := owner.Sign(subjects.VerbTokenCreate, args, time.Now().Add(-3*time.Minute))
+	future, _ := owner.Sign(subjects.VerbTokenCreate, args, time.Now().Add(3*time.Minute))
+	fresh, _ := owner.Sign(subjects.VerbTokenCreate, args, time.Now())
+	if err := owner.Send(ctx, subjects.VerbTokenCreate, true, fresh, nil); err != nil {
+		t.Fatalf("first send: %v", err)
+	}
+	wrongVerb, _ := owner.Sign(subjects.VerbDeviceRevoke, model.DeviceRef{Ref: "x"}, time.Now())
+	viewer := addAdmin(t, c, subjects.RoleViewer, "viewer")
+	// fleet_admins is authoritative: an admin whose record was lowered to
+	// viewer still holds operator creds, and the coordinator refuses it.
+	lowered := addAdmin(t, c, subjects.RoleOperator, "lowered")
+	setAdminRole(t, c, lowered.Key(), subjects.RoleViewer)
+	stranger, err := c.Authority().NewUser(subjects.RoleOwner, "stranger", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	strangerCl, err := admin.DialCreds(ctx, c.ClientURL(), stranger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer strangerCl.Close()
+
+	for _, tc := range []struct {
+		name, want string
+		send       func() error
+	}{
+		{"forged", "signature", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, forged, nil) }},
+		{"stale", "clock", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, stale, nil) }},
+		{"future", "clock", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, future, nil) }},
+		{"replayed", "replayed", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, fresh, nil) }},
+		{"other verb", "signed for verb", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, wrongVerb, nil) }},
+		{"malformed", "not a signed JSON", func() error { return owner.Send(ctx, subjects.VerbTokenCreate, true, []byte("{"), nil) }},
+		{"viewer record writes", "needs role operator", func() error { _, err := lowered.RevokeDevice(ctx, "x"); return err }},
+		{"viewer lists tokens", "needs role owner", func() error { _, err := viewer.Tokens(ctx); return err }},
+		{"not an admin", "not an admin", func() error { _, err := strangerCl.Tokens(ctx); return err }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.send()
+			var ae *admin.APIError
+			if !errors.As(err, &ae) || ae.Code != model.CodeRefused || !strings.Contains(ae.Msg, tc.want) {
+				t.Fatalf("got %v, want a refusal saying %q", err, tc.want)
+			}
+		})
+	}
+	// Viewer creds cannot even send a write: the server refuses it (and
+	// the client says so at once instead of timing out).
+	start := time.Now()
+	if _, err := viewer.RevokeDevice(ctx, "x"); err == nil || !strings.Contains(err.Error(), "may not call") {
+		t.Errorf("viewer write: %v", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("a denied request took %s", time.Since(start))
+	}
+	// Only the one fresh request created a token.
+	ts, err := owner.Tokens(ctx)
+	if err != nil || len(ts) != 1 || ts[0].Uses != 1 {
+		t.Fatalf("tokens after refusals: %+v %v", ts, err)
+	}
+	// A viewer may read.
+	if _, err := viewer.Devices(ctx, ""); err != nil {
+		t.Fatalf("viewer devices: %v", err)
+	}
+	recs := auditRecords(t, c)
+	refusedN, okN := 0, 0
+	for _, r := range recs {
+		switch r.Result {
+		case model.AuditRefused:
+			refusedN++
+		case model.AuditOK:
+			okN++
+			if r.Verb != subjects.VerbTokenCreate || r.Admin != "owner" {
+				t.Errorf("ok record %+v", r)
+			}
+			if strings.Contains(string(r.Request), "fleet1.") {
+				t.Error("audit holds a token")
+			}
+		}
+	}
+	if refusedN != 9 || okN != 1 {
+		t.Fatalf("audit: %d refused, %d ok; want 9 and 1: %+v", refusedN, okN, recs)
+	}
+}
+
+func enrollWith(c interface{ ClientURL() string }, dir, token, host string) (*accounts.Creds, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return agentEnroll(ctx, c.ClientURL(), dir, token, host)
+}

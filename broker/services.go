@@ -1,0 +1,97 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/rs/zerolog"
+
+	"fleet/subjects"
+)
+
+// services are the coordinator's request handlers: enrollment, the admin
+// API and the presence index they read. They start after the streams exist
+// and stop before the coordinator's connections close.
+type services struct {
+	c   *Coordinator
+	log zerolog.Logger
+	now func() time.Time
+
+	devices jetstream.KeyValue
+	tokens  jetstream.KeyValue
+	admins  jetstream.KeyValue
+
+	presence *Presence
+	nonces   *nonceCache
+
+	api  micro.Service
+	subs []*nats.Subscription
+	// enrollSem bounds concurrent enrollment handlers.
+	enrollSem chan struct{}
+	wg        sync.WaitGroup
+}
+
+func (c *Coordinator) startServices(ctx context.Context) error {
+	s := &services{
+		c:         c,
+		log:       c.log.With().Str("component", "services").Logger(),
+		now:       time.Now,
+		nonces:    newNonceCache(100_000),
+		enrollSem: make(chan struct{}, 16),
+	}
+	var err error
+	for name, kv := range map[string]*jetstream.KeyValue{
+		subjects.BucketDevices: &s.devices, subjects.BucketTokens: &s.tokens, subjects.BucketAdmins: &s.admins,
+	} {
+		if *kv, err = c.js.KeyValue(ctx, name); err != nil {
+			return fmt.Errorf("bucket %s: %w", name, err)
+		}
+	}
+	c.svc = s
+	if s.presence, err = startPresence(c, s); err != nil {
+		return err
+	}
+	if err := s.registerOwner(ctx); err != nil {
+		return err
+	}
+	if err := s.startEnroll(); err != nil {
+		return err
+	}
+	if err := s.startAPI(); err != nil {
+		return err
+	}
+	// A flush makes every subscription known to the server before Start
+	// returns, so a client that connects next is answered.
+	if err := c.nc.Flush(); err != nil {
+		return fmt.Errorf("flush service subscriptions: %w", err)
+	}
+	return c.sys.Flush()
+}
+
+// stop ends the handlers and waits for those in flight.
+func (s *services) stop() {
+	if s == nil {
+		return
+	}
+	if s.api != nil {
+		_ = s.api.Stop()
+	}
+	for _, sub := range s.subs {
+		_ = sub.Unsubscribe()
+	}
+	s.wg.Wait()
+}
+
+// Presence is the coordinator's index of which devices are online and when
+// each was last seen.
+func (c *Coordinator) Presence() *Presence {
+	if c.svc == nil {
+		return nil
+	}
+	return c.svc.presence
+}

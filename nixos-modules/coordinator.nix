@@ -1,0 +1,291 @@
+# services.fleet-coordinator: the fleet's coordinator (an embedded NATS
+# JetStream server with the fleet's services), as a hardened system service
+# with its own user.
+#
+# The config file is made by ./coordinator-config.nix (pure, builtins only)
+# and passed with `fleet-coordinator run --config`; its keys are the flags of
+# `fleet-coordinator run` (broker/cli.go).
+#
+# Clustering: `fleet-coordinator run` has no flags for cluster routes yet
+# (only --server-name and --replicas, which a cluster needs too). This module
+# therefore has no `cluster.*` options; when the coordinator grows its
+# cluster flags (routes, cluster listen address, cluster name), add options
+# here that map to them through coordinator-config.nix, and open the cluster
+# port in the firewall. Until then, set replicas = 1.
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+
+  cfg = config.services.fleet-coordinator;
+  coordinatorConfig = import ./coordinator-config.nix;
+
+  duration = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+";
+
+  defaultDataDir = "/var/lib/fleet-coordinator";
+
+  settings = lib.genAttrs coordinatorConfig.settingNames (n: cfg.${n});
+  configFile = pkgs.writeText "fleet-coordinator.json" (builtins.toJSON (coordinatorConfig settings));
+
+  # "0.0.0.0:4222", "[::]:4222", ":4222" -> 4222
+  portOf = addr: lib.toInt (lib.last (lib.splitString ":" addr));
+  hostOf = addr:
+    let h = lib.removeSuffix ":${toString (portOf addr)}" addr;
+    in if h == "" || h == "0.0.0.0" || h == "[::]" then "127.0.0.1" else h;
+
+  dashboards = pkgs.runCommand "fleet-grafana-dashboards" { } ''
+    mkdir -p $out
+    cp ${cfg.grafana.dashboardFile} $out/fleet-dashboard.json
+  '';
+in
+{
+  options.services.fleet-coordinator = {
+    enable = mkEnableOption "the fleet coordinator";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.fleet;
+      defaultText = literalExpression "pkgs.fleet";
+      description = "Package providing bin/fleet-coordinator.";
+    };
+
+    dataDir = mkOption {
+      type = types.str;
+      default = defaultDataDir;
+      description = ''
+        Keys, account JWTs and JetStream data (flag --data-dir). Initialised
+        on first start; it then holds the owner's credentials (admin.creds)
+        and the operator seed, which you should move offline.
+      '';
+    };
+
+    domain = mkOption {
+      type = types.str;
+      default = "fleet";
+      description = "JetStream domain; agents behind leaf nodes reach JetStream through it (flag --domain).";
+    };
+
+    listen = mkOption {
+      type = types.str;
+      default = "0.0.0.0:4222";
+      description = "Address for NATS clients: agents and admins (flag --listen).";
+    };
+
+    http = mkOption {
+      type = types.str;
+      default = "127.0.0.1:9100";
+      description = ''
+        Address for /healthz, /readyz, /metrics and /api/v1 (flag --http);
+        "" disables it. Note that 9100 is also the default port of the
+        Prometheus node exporter: pick another port when both run here.
+      '';
+    };
+
+    leafnodeListen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "0.0.0.0:7422";
+      description = "Address for remote sites' leaf nodes (flag --leafnode-listen); null disables it.";
+    };
+
+    serverName = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "fleet-1";
+      description = "Server name, unique in a cluster (flag --server-name); null means generated.";
+    };
+
+    replicas = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      description = "Replicas of each stream and bucket: 1 alone, 3 in a cluster (flag --replicas).";
+    };
+
+    factsRetention = mkOption {
+      type = duration;
+      default = "720h";
+      description = "How long fact reports are kept (flag --facts-retention).";
+    };
+
+    factsHistory = mkOption {
+      type = types.ints.positive;
+      default = 1440;
+      description = "Fact reports kept per device (flag --facts-history).";
+    };
+
+    eventsRetention = mkOption {
+      type = duration;
+      default = "2160h";
+      description = "How long device events are kept (flag --events-retention).";
+    };
+
+    logLevel = mkOption {
+      type = types.enum [ "debug" "info" "warn" "error" ];
+      default = "info";
+      description = "Log level.";
+    };
+
+    logFormat = mkOption {
+      type = types.enum [ "auto" "json" "console" ];
+      default = "json";
+      description = "Log format; journald keeps JSON lines as they are.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the client port (listen) and, when set, the leaf node port in the firewall. The HTTP port is not opened.";
+    };
+
+    extraFlags = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments to `fleet-coordinator run`; they override the config file.";
+    };
+
+    prometheus.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Add a scrape job for the coordinator's /metrics to services.prometheus on this host.";
+    };
+
+    prometheus.target = mkOption {
+      type = types.str;
+      default = "${hostOf cfg.http}:${toString (portOf cfg.http)}";
+      defaultText = literalExpression ''"<host of http>:<port of http>"'';
+      description = "host:port Prometheus scrapes.";
+    };
+
+    grafana.provisionDashboard = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Provision the fleet dashboard into services.grafana on this host
+        (a Prometheus data source is yours to provision).
+      '';
+    };
+
+    grafana.dashboardFile = mkOption {
+      type = types.path;
+      default = ../grafana/fleet-dashboard.json;
+      defaultText = literalExpression "./grafana/fleet-dashboard.json (in the fleet repository)";
+      description = "The dashboard JSON to provision.";
+    };
+  };
+
+  config = mkIf cfg.enable (lib.mkMerge [
+    {
+      assertions = [
+        {
+          assertion = !(cfg.prometheus.enable && cfg.http == "");
+          message = "services.fleet-coordinator.prometheus.enable needs http (the /metrics endpoint).";
+        }
+      ];
+
+      environment.systemPackages = [ cfg.package ];
+
+      users.users.fleet-coordinator = {
+        isSystemUser = true;
+        group = "fleet-coordinator";
+        home = cfg.dataDir;
+        description = "fleet coordinator";
+      };
+      users.groups.fleet-coordinator = { };
+
+      systemd.tmpfiles.rules = lib.optional (cfg.dataDir != defaultDataDir)
+        "d ${cfg.dataDir} 0700 fleet-coordinator fleet-coordinator - -";
+
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
+        ([ (portOf cfg.listen) ] ++ lib.optional (cfg.leafnodeListen != null) (portOf cfg.leafnodeListen));
+
+      systemd.services.fleet-coordinator = {
+        description = "fleet coordinator";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        # Stop and start (not restart in place) on a config change.
+        restartTriggers = [ configFile ];
+
+        serviceConfig = {
+          Type = "simple";
+          ExecStart = lib.escapeShellArgs ([
+            "${cfg.package}/bin/fleet-coordinator"
+            "run"
+            "--config"
+            "${configFile}"
+          ] ++ cfg.extraFlags);
+          Restart = "on-failure";
+          RestartSec = "5s";
+          # JetStream flushes on SIGTERM; give it time.
+          TimeoutStopSec = "60s";
+          LimitNOFILE = 1048576;
+
+          User = "fleet-coordinator";
+          Group = "fleet-coordinator";
+          DynamicUser = false;
+          StateDirectory = mkIf (cfg.dataDir == defaultDataDir) "fleet-coordinator";
+          StateDirectoryMode = "0700";
+          WorkingDirectory = cfg.dataDir;
+          UMask = "0077";
+
+          # Hardening: the coordinator writes only its data dir and needs no
+          # privilege (ports above 1024; for a port below, add
+          # AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ] and the same in
+          # CapabilityBoundingSet).
+          ProtectSystem = "strict";
+          ReadWritePaths = [ cfg.dataDir ];
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          PrivateUsers = true;
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = [ "" ];
+          AmbientCapabilities = [ "" ];
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          ProtectProc = "invisible";
+          ProcSubset = "pid";
+          # AF_NETLINK: nats-server lists the interfaces' addresses to
+          # advertise client URLs when it listens on 0.0.0.0.
+          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" "~@privileged" ];
+          SystemCallErrorNumber = "EPERM";
+          DevicePolicy = "closed";
+        };
+      };
+    }
+
+    (mkIf cfg.prometheus.enable {
+      services.prometheus.scrapeConfigs = [
+        {
+          job_name = "fleet-coordinator";
+          static_configs = [{ targets = [ cfg.prometheus.target ]; }];
+        }
+      ];
+    })
+
+    (mkIf cfg.grafana.provisionDashboard {
+      services.grafana.provision = {
+        enable = true;
+        dashboards.settings.providers = [
+          {
+            name = "fleet";
+            type = "file";
+            options.path = dashboards;
+          }
+        ];
+      };
+    })
+  ]);
+}

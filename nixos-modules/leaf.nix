@@ -1,0 +1,239 @@
+# services.fleet-leaf: a standard nats-server running at a remote site as a
+# leaf node of the fleet's hub (the coordinator). Local agents connect to it
+# (services.fleet-agent.servers) and authenticate against the same operator;
+# the leaf enforces the same permission templates as the hub.
+#
+# Two ways to configure it:
+# - configFile: the nats-server config written by
+#   `fleet-admin leaf config --site <site>` (with its creds file placed
+#   where that config says), used as it is; or
+# - generated here from hubUrls, credsFile, account, operatorJwtFile and
+#   accountJwtDir: operator mode, a memory resolver preloaded at start with
+#   every <account public key>.jwt of accountJwtDir, and one leaf node remote
+#   to the hub bound to the FLEET account.
+#   The preload is read at each start: after revoking a device or changing
+#   an account, refresh accountJwtDir and restart the unit (the config from
+#   `fleet-admin leaf config` is the way to get live account updates).
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+
+  cfg = config.services.fleet-leaf;
+  generated = cfg.configFile == null;
+
+  runtimeConf = "/run/fleet-leaf/nats.conf";
+
+  # The static part; start.sh appends resolver_preload.
+  staticConf = pkgs.writeText "fleet-leaf-static.conf" ''
+    ${lib.optionalString (cfg.serverName != null) "server_name: ${builtins.toJSON cfg.serverName}"}
+    listen: ${builtins.toJSON cfg.listen}
+    ${lib.optionalString (cfg.monitorListen != null) "http: ${builtins.toJSON cfg.monitorListen}"}
+    operator: ${builtins.toJSON cfg.operatorJwtFile}
+    ${lib.optionalString (cfg.systemAccount != null) "system_account: ${builtins.toJSON cfg.systemAccount}"}
+    resolver: MEMORY
+    leafnodes {
+      remotes: [
+        {
+          urls: ${builtins.toJSON cfg.hubUrls}
+          credentials: "/run/credentials/fleet-leaf.service/leaf.creds"
+          account: ${builtins.toJSON cfg.account}
+        }
+      ]
+    }
+    ${cfg.extraConfig}
+  '';
+
+  prepare = pkgs.writeShellScript "fleet-leaf-prepare" ''
+    set -euo pipefail
+    umask 077
+    out=${runtimeConf}.tmp
+    cat ${staticConf} > "$out"
+    echo 'resolver_preload: {' >> "$out"
+    found=0
+    for f in ${lib.escapeShellArg cfg.accountJwtDir}/*.jwt; do
+      [ -e "$f" ] || continue
+      key=$(basename "$f" .jwt)
+      printf '  %s: "%s"\n' "$key" "$(tr -d '[:space:]' < "$f")" >> "$out"
+      found=1
+    done
+    echo '}' >> "$out"
+    if [ "$found" = 0 ]; then
+      echo "fleet-leaf: no account JWTs (*.jwt) in ${cfg.accountJwtDir}" >&2
+      exit 1
+    fi
+    mv "$out" ${runtimeConf}
+  '';
+in
+{
+  options.services.fleet-leaf = {
+    enable = mkEnableOption "a NATS leaf node of the fleet's hub for this site";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nats-server;
+      defaultText = literalExpression "pkgs.nats-server";
+      description = "The nats-server package.";
+    };
+
+    configFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/fleet/leaf-berlin.conf";
+      description = ''
+        A complete nats-server config, as written by `fleet-admin leaf
+        config`; when set, the options below (but package, openFirewall and
+        ports) are ignored. A string path, read at start: it names a creds
+        file, which must not go to the Nix store.
+      '';
+    };
+
+    hubUrls = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "nats-leaf://fleet.example.org:7422" ];
+      description = "The hub's leaf node URLs (its --leafnode-listen).";
+    };
+
+    credsFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/fleet/leaf-berlin.creds";
+      description = "The leaf's creds (a FLEET user with the leaf role); passed to the unit with systemd LoadCredential, so it may stay root-only.";
+    };
+
+    account = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "ACXYZ...";
+      description = "Public key of the FLEET account the remote binds to.";
+    };
+
+    operatorJwtFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/fleet/operator.jwt";
+      description = "The operator JWT (the coordinator's operator.jwt; it names the system account).";
+    };
+
+    accountJwtDir = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/fleet/jwt";
+      description = "Directory of account JWTs, one <public key>.jwt each (like the coordinator's resolver dir), preloaded at start.";
+    };
+
+    systemAccount = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "System account public key; null takes it from the operator JWT.";
+    };
+
+    serverName = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "leaf-berlin";
+      description = "Server name; null means generated.";
+    };
+
+    listen = mkOption {
+      type = types.str;
+      default = "0.0.0.0:4222";
+      description = "Address local agents connect to.";
+    };
+
+    monitorListen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:8222";
+      description = "nats-server monitoring address; null disables it.";
+    };
+
+    extraConfig = mkOption {
+      type = types.lines;
+      default = "";
+      description = "Extra nats-server config appended to the generated one.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the client port (listen) in the firewall.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = lib.optionals generated [
+      { assertion = cfg.hubUrls != [ ]; message = "services.fleet-leaf: set hubUrls (or configFile)."; }
+      { assertion = cfg.credsFile != null; message = "services.fleet-leaf: set credsFile (or configFile)."; }
+      { assertion = cfg.account != null; message = "services.fleet-leaf: set account, the FLEET account's public key (or configFile)."; }
+      { assertion = cfg.operatorJwtFile != null; message = "services.fleet-leaf: set operatorJwtFile (or configFile)."; }
+      { assertion = cfg.accountJwtDir != null; message = "services.fleet-leaf: set accountJwtDir (or configFile)."; }
+    ];
+
+    users.users.fleet-leaf = {
+      isSystemUser = true;
+      group = "fleet-leaf";
+      description = "fleet leaf node";
+    };
+    users.groups.fleet-leaf = { };
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
+      [ (lib.toInt (lib.last (lib.splitString ":" cfg.listen))) ];
+
+    systemd.services.fleet-leaf = {
+      description = "fleet leaf node (nats-server)";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      restartTriggers = lib.optional generated staticConf;
+
+      serviceConfig = {
+        Type = "simple";
+        ExecStartPre = lib.optional generated prepare;
+        ExecStart = "${cfg.package}/bin/nats-server -c ${if generated then runtimeConf else lib.escapeShellArg cfg.configFile}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        Restart = "on-failure";
+        RestartSec = "5s";
+        LimitNOFILE = 1048576;
+
+        User = "fleet-leaf";
+        Group = "fleet-leaf";
+        DynamicUser = false;
+        RuntimeDirectory = "fleet-leaf";
+        RuntimeDirectoryMode = "0700";
+        StateDirectory = "fleet-leaf";
+        StateDirectoryMode = "0700";
+        WorkingDirectory = "/var/lib/fleet-leaf";
+        LoadCredential = lib.optional (generated && cfg.credsFile != null) "leaf.creds:${cfg.credsFile}";
+        UMask = "0077";
+
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = [ "" ];
+        AmbientCapabilities = [ "" ];
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        SystemCallErrorNumber = "EPERM";
+        DevicePolicy = "closed";
+      };
+    };
+  };
+}
