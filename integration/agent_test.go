@@ -232,7 +232,7 @@ func (w *world) startAgent() {
 		w.t.Fatal(err)
 	}
 	cmd := exec.Command(agentBin, "--config", w.cfgFile, "--log-format", "json", "--log-level", "debug", "run",
-		"--server", w.coord.ClientURL(), "--state-dir", w.stateDir, "--release-signer", adminPub,
+		"--server", "nats://"+w.coord.ClientAddr(), "--state-dir", w.stateDir, "--release-signer", adminPub,
 		"--hostname", host, "--profile", w.nix.Profile, "--current-system", w.nix.CurrentSystem,
 		"--booted-system", w.nix.CurrentSystem, "--facts-interval", "1s", "--reconnect-within", "10s",
 		"--apply-timeout", "1m")
