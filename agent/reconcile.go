@@ -159,6 +159,11 @@ func (a *Agent) onDesired(msg *nats.Msg) {
 		a.log.Warn().Err(err).Msg("desired state notification")
 		return
 	}
+	ev := a.log.Debug().Uint64("seq", m.Seq).Bool("absent", m.Absent)
+	if m.Desired != nil {
+		ev = ev.Str("release_id", m.Desired.ReleaseID)
+	}
+	ev.Msg("desired state notification")
 	a.mu.Lock()
 	if a.pushed == nil || m.Seq >= a.pushed.Seq {
 		a.pushed = &m

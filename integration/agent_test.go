@@ -533,6 +533,49 @@ func TestKilledSwitchIncompleteRollsBack(t *testing.T) {
 	_ = w.nix.OpenGate(ctx, gen2)
 }
 
+// Desired states arriving during an apply wait for it, and only the
+// newest of them is applied next.
+func TestNewerDesiredDuringApplyCoalesced(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
+	gen3 := w.build("gen3", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	gen4 := w.build("gen4", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.deploy("gen2", gen2.Path)
+	waitUntil(t, "switch blocked on its gate", func() bool {
+		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
+	})
+	w.deploy("gen3", gen3.Path)
+	w.deploy("gen4", gen4.Path)
+	waitUntil(t, "agent got the gen4 notification", func() bool {
+		b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, `"release_id":"gen4"`) && strings.Contains(l, `"message":"desired state notification"`) {
+				return true
+			}
+		}
+		return false
+	})
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	if err := w.nix.OpenGate(ctx, gen2); err != nil {
+		t.Fatal(err)
+	}
+	if ev := w.waitEvent("final gen2", final("gen2")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen2: %+v", ev)
+	}
+	if ev := w.waitEvent("final gen4", final("gen4")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen4: %+v", ev)
+	}
+	w.wantCurrent(gen4)
+	w.drain()
+	if w.switchedTo(gen3) || w.nix.Valid(w.ctx, gen3.Path) || len(w.finals("gen3")) != 0 {
+		t.Fatal("the superseded gen3 was fetched, switched to or reported")
+	}
+}
+
 // Desired state changed twice while the agent was away: on return it
 // applies only the latest.
 func TestOfflineAppliesLatestOnly(t *testing.T) {
