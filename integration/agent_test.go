@@ -612,3 +612,27 @@ func waitUntil(t *testing.T, what string, ok func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// `fleet-agent facts` prints the facts the agent reports, as JSON.
+func TestFactsCommand(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, agentBin, "facts", "--state-dir", w.stateDir,
+		"--current-system", w.nix.CurrentSystem, "--booted-system", w.nix.CurrentSystem).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var f model.Facts
+	if err := json.Unmarshal(out, &f); err != nil {
+		t.Fatalf("facts output is not JSON: %v\n%s", err, out)
+	}
+	if f.Device != w.device || f.CurrentSystem != gen1.Path || f.NixOSVersion != "gen1" || f.RebootNeeded || f.Hostname == "" {
+		t.Fatalf("facts: %+v", f)
+	}
+	if slices.Contains(f.Unknown, "current_system") || slices.Contains(f.Unknown, "reboot_needed") {
+		t.Fatalf("unknown: %v", f.Unknown)
+	}
+}
