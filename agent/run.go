@@ -1,9 +1,128 @@
 package agent
 
-import "errors"
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
 
-// Run runs the agent. (Being built: enrollment and the reconcile loop.)
-func (cmd *RunCmd) Run(cli *CLI) error { return errors.New("fleet-agent run: not built yet") }
+	"fleet/logging"
+	"fleet/model"
+)
+
+// Run runs the agent until SIGINT or SIGTERM.
+func (cmd *RunCmd) Run(cli *CLI) error {
+	log, err := logging.New(os.Stderr, cli.LogLevel, cli.LogFormat)
+	if err != nil {
+		return err
+	}
+	fc, err := LoadFileConfig(string(cli.Config))
+	if err != nil {
+		return err
+	}
+	if err := cmd.validate(); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	host := cmd.Hostname
+	if host == "" {
+		if host, err = os.Hostname(); err != nil {
+			return fmt.Errorf("hostname: %w (set --hostname)", err)
+		}
+	}
+	token := cmd.EnrollToken
+	if token == "" && cmd.EnrollTokenFile != "" {
+		b, err := os.ReadFile(cmd.EnrollTokenFile)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("--enroll-token-file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if err := os.MkdirAll(cmd.StateDir, 0o700); err != nil {
+		return fmt.Errorf("--state-dir: %w", err)
+	}
+	creds, err := LoadOrEnroll(ctx, EnrollOptions{Servers: cmd.Server, StateDir: cmd.StateDir, Token: token, Hostname: host, Log: log})
+	if err != nil {
+		return err
+	}
+	id := creds.PublicKey()
+	log = log.With().Str("device", id).Logger()
+	if len(cmd.ReleaseSigner) == 0 {
+		log.Warn().Msg("no --release-signer configured: every release will be refused")
+	}
+	act := &NixOS{Profile: cmd.Profile, CurrentSystem: cmd.CurrentSystem, Log: log.With().Str("component", "nix").Logger()}
+	host0 := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem}
+	ag, err := New(Options{
+		DeviceID:        id,
+		Hostname:        host,
+		Domain:          cmd.Domain,
+		StateDir:        cmd.StateDir,
+		ReleaseSigners:  cmd.ReleaseSigner,
+		Activator:       act,
+		Checks:          NewHealthChecks(fc, log),
+		HealthDeadline:  fc.HealthDeadline.Std(5 * time.Minute),
+		ReconnectWithin: cmd.ReconnectWithin,
+		ApplyTimeout:    cmd.ApplyTimeout,
+		FactsInterval:   cmd.FactsInterval,
+		Facts:           host0.Sources(),
+		Log:             log,
+	})
+	if err != nil {
+		return err
+	}
+	nc, err := Connect(ctx, creds, ConnOptions{Servers: cmd.Server, Name: "fleet-agent " + host, Log: log, OnConnect: ag.OnConnect})
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	log.Info().Str("version", Version).Str("hostname", host).Msg("fleet-agent running")
+	if err := ag.Run(ctx, nc); err != nil {
+		return err
+	}
+	log.Info().Msg("stopped")
+	return nil
+}
+
+func (cmd *RunCmd) validate() error {
+	for name, d := range map[string]time.Duration{
+		"--facts-interval": cmd.FactsInterval, "--reconnect-within": cmd.ReconnectWithin, "--apply-timeout": cmd.ApplyTimeout,
+	} {
+		if d <= 0 {
+			return fmt.Errorf("%s must be positive", name)
+		}
+	}
+	if cmd.Domain == "" || strings.ContainsAny(cmd.Domain, ".*> \t") {
+		return fmt.Errorf("--domain %q: must be one token", cmd.Domain)
+	}
+	if cmd.Hostname != "" {
+		if err := model.CheckHostname(cmd.Hostname); err != nil {
+			return fmt.Errorf("--hostname: %w", err)
+		}
+	}
+	return nil
+}
 
 // Run prints this device's facts.
-func (cmd *FactsCmd) Run(cli *CLI) error { return errors.New("fleet-agent facts: not built yet") }
+func (cmd *FactsCmd) Run(cli *CLI) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem}
+	id := ""
+	if c, err := LoadCreds(cmd.StateDir); err == nil {
+		id = c.PublicKey()
+	}
+	f := CollectFacts(ctx, id, h.Sources())
+	if st, err := LoadState(cmd.StateDir); err == nil {
+		f.LastApply = st.Last
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(f)
+}

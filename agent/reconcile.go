@@ -1,0 +1,535 @@
+package agent
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// Options configure an Agent.
+type Options struct {
+	DeviceID string
+	Hostname string
+	Domain   string
+	StateDir string
+	// ReleaseSigners are the admin keys trusted to sign releases; empty
+	// refuses every release.
+	ReleaseSigners  []string
+	Activator       Activator
+	Checks          []Retrying
+	HealthDeadline  time.Duration
+	ReconnectWithin time.Duration
+	ApplyTimeout    time.Duration
+	FactsInterval   time.Duration
+	Facts           []FactSource
+	Log             zerolog.Logger
+}
+
+// Agent keeps one device on its desired generation. One goroutine applies,
+// so there is one apply at a time; desired states arriving meanwhile are
+// coalesced to the newest.
+type Agent struct {
+	o   Options
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	rep *reporter
+	log zerolog.Logger
+
+	mu      sync.Mutex
+	st      *ApplyState
+	pushed  *DesiredMsg // newest republished desired state not yet handled
+	needGet bool        // a (re)connect asks for a direct get
+	wake    chan struct{}
+	factsCh chan struct{}
+}
+
+// New prepares an agent; OnConnect must be wired to the connection's
+// connect and reconnect callbacks before Run.
+func New(o Options) (*Agent, error) {
+	if o.ReleaseSigners == nil {
+		o.ReleaseSigners = []string{} // nil would mean "any signer"
+	}
+	st, err := LoadState(o.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{o: o, st: st, log: o.Log, needGet: true,
+		wake: make(chan struct{}, 1), factsCh: make(chan struct{}, 1)}, nil
+}
+
+// OnConnect is the connection's (re)connect callback: re-read the desired
+// state, send queued events and fresh facts.
+func (a *Agent) OnConnect(*nats.Conn) {
+	a.mu.Lock()
+	a.needGet = true
+	a.mu.Unlock()
+	a.kick()
+	a.kickFacts()
+	if a.rep != nil {
+		a.rep.kick()
+	}
+}
+
+func (a *Agent) kick() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) kickFacts() {
+	select {
+	case a.factsCh <- struct{}{}:
+	default:
+	}
+}
+
+// Run reconciles until ctx ends.
+func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
+	js, err := jetstream.NewWithDomain(nc, a.o.Domain)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	a.nc, a.js = nc, js
+	if a.rep, err = newReporter(a.o.StateDir, js, a.log); err != nil {
+		return err
+	}
+	sub, err := nc.Subscribe(subjects.DeviceDesired(a.o.DeviceID), a.onDesired)
+	if err != nil {
+		return fmt.Errorf("subscribe to desired state: %w", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+
+	var wg sync.WaitGroup
+	wg.Go(func() { a.rep.run(ctx) })
+	wg.Go(func() { a.factsLoop(ctx) })
+	defer func() {
+		wg.Wait()
+		// Last chance to send what is queued; the outbox keeps the rest.
+		fctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		a.rep.flush(fctx)
+		cancel()
+	}()
+
+	a.resume(ctx)
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	for {
+		if ctx.Err() != nil {
+			return nil
+		}
+		m, err := a.next(ctx)
+		if err != nil {
+			a.log.Warn().Err(err).Msg("cannot read desired state; retrying")
+			retry.Reset(5 * time.Second)
+		} else if m != nil {
+			a.handle(ctx, m)
+			continue // something newer may have arrived meanwhile
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.wake:
+		case <-retry.C:
+			a.mu.Lock()
+			a.needGet = true
+			a.mu.Unlock()
+		}
+	}
+}
+
+// onDesired receives the KV's RePublish. It only records the newest; the
+// apply loop takes it when free.
+func (a *Agent) onDesired(msg *nats.Msg) {
+	m, err := ParseDesired(msg.Header, msg.Data)
+	if err != nil {
+		a.log.Warn().Err(err).Msg("desired state notification")
+		return
+	}
+	ev := a.log.Debug().Uint64("seq", m.Seq).Bool("absent", m.Absent)
+	if m.Desired != nil {
+		ev = ev.Str("release_id", m.Desired.ReleaseID)
+	}
+	ev.Msg("desired state notification")
+	a.mu.Lock()
+	if a.pushed == nil || m.Seq >= a.pushed.Seq {
+		a.pushed = &m
+	}
+	a.mu.Unlock()
+	a.kick()
+}
+
+// next returns the newest desired state not yet handled, or nil.
+func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
+	a.mu.Lock()
+	get := a.needGet
+	a.needGet = false
+	a.mu.Unlock()
+	var got *DesiredMsg
+	if get {
+		if !a.nc.IsConnected() {
+			return nil, nil // OnConnect asks again
+		}
+		m, err := getDesired(ctx, a.nc, a.o.Domain, a.o.DeviceID)
+		if err != nil {
+			a.mu.Lock()
+			a.needGet = true
+			a.mu.Unlock()
+			return nil, err
+		}
+		got = &m
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p := a.pushed; p != nil && (got == nil || p.Seq > got.Seq) {
+		got = p
+	}
+	a.pushed = nil
+	return got, nil
+}
+
+func newAttempt() string {
+	b := make([]byte, 8)
+	_, _ = crand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// apply is one run through the states, for events.
+type apply struct {
+	attempt   string
+	started   time.Time
+	rolloutID string
+	releaseID string
+	path      string
+	action    model.Action
+}
+
+func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg, check, log string) {
+	ev := model.Event{
+		Device: a.o.DeviceID, Time: time.Now().UTC(), State: state, Result: result,
+		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,
+		Error: errMsg, Check: check, Log: log, Attempt: ap.attempt,
+	}
+	if !ap.started.IsZero() {
+		ev.DurationMS = time.Since(ap.started).Milliseconds()
+	}
+	msgID := ap.attempt + "-" + string(state) + "-" + string(result)
+	lg := a.log.Info()
+	if errMsg != "" {
+		lg = a.log.Warn().Str("error", errMsg)
+	}
+	lg.Str("state", string(state)).Str("result", string(result)).Str("attempt", ap.attempt).Str("store_path", ap.path).Msg("apply")
+	if err := a.rep.enqueue(subjects.DeviceEvents(a.o.DeviceID), msgID, ev); err != nil {
+		a.log.Error().Err(err).Msg("queue event")
+	}
+}
+
+// finish records the end of an apply: final event first (queued durably),
+// then the state, so a crash in between repeats the same event ID (which
+// JetStream deduplicates) rather than losing it.
+func (a *Agent) finish(ap *apply, key string, result model.Result, errMsg, check, log string) {
+	state := model.StateReporting
+	a.event(ap, state, result, errMsg, check, log)
+	a.mu.Lock()
+	a.st = &ApplyState{
+		LastKey: key,
+		Last: &model.LastApply{RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,
+			Result: result, Error: errMsg, Time: time.Now().UTC()},
+	}
+	st := *a.st
+	a.mu.Unlock()
+	if err := SaveState(a.o.StateDir, &st); err != nil {
+		a.log.Error().Err(err).Msg("save apply state")
+	}
+	a.event(ap, model.StateIdle, "", "", "", "")
+	a.kickFacts()
+}
+
+func (a *Agent) saveState(st ApplyState) error {
+	a.mu.Lock()
+	a.st = &st
+	a.mu.Unlock()
+	return SaveState(a.o.StateDir, &st)
+}
+
+func (a *Agent) state() ApplyState {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return *a.st
+}
+
+// handle takes one desired state through Checking → Fetching → Applying →
+// Verifying → Reporting (or RollingBack).
+func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
+	if m.Absent {
+		a.log.Info().Msg("no desired state: staying on the current system")
+		return
+	}
+	key := m.Key()
+	cur := a.state()
+	if key == cur.LastKey {
+		return // handled already: the same desired state twice is a no-op
+	}
+	ap := &apply{attempt: newAttempt(), started: time.Now()}
+	if m.Desired != nil {
+		ap.rolloutID, ap.releaseID, ap.path = m.Desired.RolloutID, m.Desired.ReleaseID, m.Desired.StorePath
+	}
+	a.event(ap, model.StateChecking, "", "", "", "")
+	if m.Err != nil {
+		a.finish(ap, key, model.ResultFailed, m.Err.Error(), "", "")
+		return
+	}
+	// The manifest is verified before anything is fetched: a compromised
+	// coordinator cannot make the device run a closure no admin signed.
+	rel, path, err := m.Desired.Resolve(a.o.Hostname, a.o.ReleaseSigners)
+	if err != nil {
+		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
+		return
+	}
+	ap.path = path
+	action, err := model.ParseAction(string(rel.Action))
+	if err != nil {
+		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
+		return
+	}
+	ap.action = action
+	if ok, _ := a.o.Activator.Active(ctx, path, action); ok {
+		a.finish(ap, key, model.ResultUnchanged, "", "", "")
+		return
+	}
+
+	actx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
+	defer cancel()
+	a.event(ap, model.StateFetching, "", "", "", "")
+	if err := a.o.Activator.Fetch(actx, path, rel.Substituter); err != nil {
+		if ctx.Err() != nil {
+			return // stopping: the desired state is handled after restart
+		}
+		a.finish(ap, key, model.ResultFailed, "fetch: "+err.Error(), "", logTail(err))
+		return
+	}
+	prev, err := a.o.Activator.Snapshot(actx)
+	if err != nil {
+		a.finish(ap, key, model.ResultFailed, "read current generation: "+err.Error(), "", "")
+		return
+	}
+	st := ApplyState{
+		Phase: PhaseSwitching, Attempt: ap.attempt, Started: ap.started,
+		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: path, Action: action,
+		Prev: prev, LastKey: cur.LastKey, Last: cur.Last,
+	}
+	// Written before the switch: the switch may restart this very agent.
+	if err := a.saveState(st); err != nil {
+		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
+		return
+	}
+	a.event(ap, model.StateApplying, "", "", "", "")
+	if err := a.o.Activator.Switch(actx, path, action); err != nil {
+		if ctx.Err() != nil {
+			return // stopping mid-switch: resume decides after restart
+		}
+		a.rollback(ctx, ap, key, st, "switch: "+err.Error(), "", logTail(err))
+		return
+	}
+	a.verify(ctx, ap, key, st)
+}
+
+// verify runs the broker check and the health checks, then reports or
+// rolls back.
+func (a *Agent) verify(ctx context.Context, ap *apply, key string, st ApplyState) {
+	st.Phase = PhaseVerifying
+	if err := a.saveState(st); err != nil {
+		a.log.Error().Err(err).Msg("save apply state")
+	}
+	a.event(ap, model.StateVerifying, "", "", "", "")
+	if ok, err := a.o.Activator.Active(ctx, st.StorePath, st.Action); err != nil || !ok {
+		if ctx.Err() != nil {
+			return
+		}
+		msg := "the new system is not active after the switch"
+		if err != nil {
+			msg += ": " + err.Error()
+		}
+		a.rollback(ctx, ap, key, st, msg, "", "")
+		return
+	}
+	// Magic rollback: a system that cannot reach the coordinator again
+	// cannot be managed, so it does not stay.
+	if err := a.waitBroker(ctx, a.o.ReconnectWithin); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		a.rollback(ctx, ap, key, st, err.Error(), "broker", "")
+		return
+	}
+	if err := RunHealthChecks(ctx, a.o.Checks, a.o.HealthDeadline); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		var cf *CheckFailed
+		check := ""
+		if errors.As(err, &cf) {
+			check = cf.Check
+		}
+		a.rollback(ctx, ap, key, st, err.Error(), check, logTail(err))
+		return
+	}
+	a.finish(ap, key, model.ResultSucceeded, "", "", "")
+}
+
+// waitBroker waits until the connection is up and a round trip succeeds.
+func (a *Agent) waitBroker(ctx context.Context, within time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if a.nc.IsConnected() {
+			fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
+			err := a.nc.FlushWithContext(fctx)
+			fcancel()
+			if err == nil {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("not connected to the coordinator within %s after the switch", within)
+		case <-tick.C:
+		}
+	}
+}
+
+func (a *Agent) rollback(ctx context.Context, ap *apply, key string, st ApplyState, reason, check, log string) {
+	st.Phase, st.Error, st.Check, st.Log = PhaseRollingBack, reason, check, log
+	if err := a.saveState(st); err != nil {
+		a.log.Error().Err(err).Msg("save apply state")
+	}
+	a.event(ap, model.StateRollingBack, "", reason, check, log)
+	rctx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
+	defer cancel()
+	if st.Prev.System == "" {
+		a.finish(ap, key, model.ResultFailed, reason+"; no previous system to roll back to", check, log)
+		return
+	}
+	if err := a.o.Activator.Rollback(rctx, st.Prev, st.Action); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		a.finish(ap, key, model.ResultFailed, reason+"; rollback failed: "+err.Error(), check, logTail(err))
+		return
+	}
+	a.finish(ap, key, model.ResultRolledBack, reason, check, log)
+}
+
+// resume finishes an apply a restart interrupted: verify when the switch
+// went through, else roll back.
+func (a *Agent) resume(ctx context.Context) {
+	st := a.state()
+	if st.Phase == PhaseNone {
+		return
+	}
+	ap := &apply{attempt: st.Attempt, started: st.Started, rolloutID: st.RolloutID,
+		releaseID: st.ReleaseID, path: st.StorePath, action: st.Action}
+	key := st.RolloutID + "|" + st.ReleaseID + "|" + st.StorePath
+	a.log.Info().Str("phase", string(st.Phase)).Str("attempt", st.Attempt).Msg("resuming an interrupted apply")
+	switch st.Phase {
+	case PhaseSwitching, PhaseVerifying:
+		ok, err := a.o.Activator.Active(ctx, st.StorePath, st.Action)
+		if err == nil && ok {
+			a.verify(ctx, ap, key, st)
+			return
+		}
+		a.rollback(ctx, ap, key, st, "the switch was interrupted and did not complete", "", "")
+	case PhaseRollingBack:
+		a.rollback(ctx, ap, key, st, st.Error, st.Check, st.Log)
+	default:
+		a.log.Warn().Str("phase", string(st.Phase)).Msg("unknown apply phase; forgetting it")
+		st.Phase = PhaseNone
+		_ = a.saveState(st)
+	}
+}
+
+// factsLoop reports facts every interval (with jitter), on reconnect,
+// after an apply and when the running or booted system changes.
+func (a *Agent) factsLoop(ctx context.Context) {
+	interval := a.o.FactsInterval
+	if interval <= 0 {
+		interval = time.Minute
+	}
+	jitter := func() time.Duration {
+		return interval*9/10 + rand.N(interval/5+1)
+	}
+	poll := min(interval, 15*time.Second)
+	timer := time.NewTimer(jitter())
+	defer timer.Stop()
+	pollT := time.NewTicker(poll)
+	defer pollT.Stop()
+	var lastPrint string
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+			timer.Reset(jitter())
+		case <-a.factsCh:
+		case <-pollT.C:
+			f := a.collect(ctx)
+			if fp := fingerprint(f); fp == lastPrint {
+				continue
+			}
+		}
+		f := a.collect(ctx)
+		lastPrint = fingerprint(f)
+		if err := a.publishFacts(ctx, f); err != nil {
+			a.log.Debug().Err(err).Msg("facts not published")
+		}
+	}
+}
+
+func (a *Agent) collect(ctx context.Context) model.Facts {
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	f := CollectFacts(cctx, a.o.DeviceID, a.o.Facts)
+	if f.Hostname == "" {
+		f.Hostname = a.o.Hostname
+	}
+	st := a.state()
+	f.LastApply = st.Last
+	return f
+}
+
+// fingerprint is what counts as a change worth an immediate report.
+func fingerprint(f model.Facts) string {
+	b, _ := json.Marshal([]any{f.CurrentSystem, f.BootedSystem, f.NixOSVersion, f.RebootNeeded, f.Encryption, f.LastApply, len(f.Mounts)})
+	return string(b)
+}
+
+func (a *Agent) publishFacts(ctx context.Context, f model.Facts) error {
+	if !a.nc.IsConnected() {
+		return errors.New("not connected")
+	}
+	b, err := json.Marshal(f)
+	if err != nil {
+		return fmt.Errorf("encode facts: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := a.js.Publish(pctx, subjects.DeviceFacts(a.o.DeviceID), b); err != nil {
+		return fmt.Errorf("publish facts: %w", err)
+	}
+	return nil
+}

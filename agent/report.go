@@ -1,0 +1,155 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+)
+
+// OutboxFile holds events not yet acknowledged by JetStream, so what the
+// agent did while offline (or just before a crash) is reported later.
+const OutboxFile = "outbox.json"
+
+// maxOutbox bounds the outbox; the oldest non-final events go first.
+const maxOutbox = 500
+
+type outboxItem struct {
+	MsgID   string          `json:"msg_id"`
+	Subject string          `json:"subject"`
+	Data    json.RawMessage `json:"data"`
+	Final   bool            `json:"final,omitempty"`
+}
+
+// reporter publishes events in order through JetStream, with message IDs
+// so a resumed apply's repeated events are deduplicated by the stream.
+type reporter struct {
+	dir string
+	js  jetstream.JetStream
+	log zerolog.Logger
+
+	mu    sync.Mutex
+	queue []outboxItem
+	wake  chan struct{}
+}
+
+func newReporter(dir string, js jetstream.JetStream, log zerolog.Logger) (*reporter, error) {
+	r := &reporter{dir: dir, js: js, log: log, wake: make(chan struct{}, 1)}
+	b, err := os.ReadFile(filepath.Join(dir, OutboxFile))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("read outbox: %w", err)
+	}
+	if len(b) > 0 {
+		if err := json.Unmarshal(b, &r.queue); err != nil {
+			// A damaged outbox loses old events, not the agent.
+			log.Warn().Err(err).Msg("outbox is damaged; dropping it")
+			r.queue = nil
+		}
+	}
+	return r, nil
+}
+
+// enqueue adds an event and persists the outbox before returning.
+func (r *reporter) enqueue(subject, msgID string, ev model.Event) error {
+	data, err := json.Marshal(ev)
+	if err != nil {
+		return fmt.Errorf("encode event: %w", err)
+	}
+	r.mu.Lock()
+	r.queue = append(r.queue, outboxItem{MsgID: msgID, Subject: subject, Data: data, Final: ev.Result.Final()})
+	for len(r.queue) > maxOutbox {
+		drop := 0
+		for i, it := range r.queue {
+			if !it.Final {
+				drop = i
+				break
+			}
+		}
+		r.queue = append(r.queue[:drop], r.queue[drop+1:]...)
+	}
+	err = r.persistLocked()
+	r.mu.Unlock()
+	r.kick()
+	return err
+}
+
+func (r *reporter) persistLocked() error {
+	b, err := json.Marshal(r.queue)
+	if err != nil {
+		return fmt.Errorf("encode outbox: %w", err)
+	}
+	return writeAtomic(filepath.Join(r.dir, OutboxFile), b)
+}
+
+func (r *reporter) kick() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run publishes the queue until ctx ends; after a failure it waits for a
+// kick (reconnect, new event) or a retry timer.
+func (r *reporter) run(ctx context.Context) {
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	for {
+		for r.sendOne(ctx) {
+		}
+		r.mu.Lock()
+		pending := len(r.queue)
+		r.mu.Unlock()
+		if pending > 0 {
+			retry.Reset(3 * time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.wake:
+		case <-retry.C:
+		}
+	}
+}
+
+// sendOne publishes the head of the queue; it reports whether to go on.
+func (r *reporter) sendOne(ctx context.Context) bool {
+	r.mu.Lock()
+	if len(r.queue) == 0 {
+		r.mu.Unlock()
+		return false
+	}
+	it := r.queue[0]
+	r.mu.Unlock()
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err := r.js.Publish(pctx, it.Subject, it.Data, jetstream.WithMsgID(it.MsgID))
+	cancel()
+	if err != nil {
+		r.log.Debug().Err(err).Str("msg_id", it.MsgID).Msg("event not published yet")
+		return false
+	}
+	r.mu.Lock()
+	if len(r.queue) > 0 && r.queue[0].MsgID == it.MsgID {
+		r.queue = r.queue[1:]
+	}
+	if err := r.persistLocked(); err != nil {
+		r.log.Warn().Err(err).Msg("outbox")
+	}
+	r.mu.Unlock()
+	return true
+}
+
+// flush tries to publish everything queued until ctx ends (clean stop).
+func (r *reporter) flush(ctx context.Context) {
+	for ctx.Err() == nil && r.sendOne(ctx) {
+	}
+}

@@ -1,0 +1,108 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"fleet/model"
+)
+
+// StateFile in STATE_DIR holds the apply in progress and the last result,
+// so an agent restarted mid-apply (by the switch itself, a crash or
+// kill -9) finishes or rolls back and reports once.
+const StateFile = "state.json"
+
+// Phase is where a persisted apply stands.
+type Phase string
+
+const (
+	PhaseNone        Phase = ""
+	PhaseSwitching   Phase = "switching"
+	PhaseVerifying   Phase = "verifying"
+	PhaseRollingBack Phase = "rolling_back"
+)
+
+// ApplyState is the content of StateFile.
+type ApplyState struct {
+	Phase   Phase     `json:"phase,omitempty"`
+	Attempt string    `json:"attempt,omitempty"`
+	Started time.Time `json:"started,omitzero"`
+	// Target is the desired state being applied.
+	RolloutID string       `json:"rollout_id,omitempty"`
+	ReleaseID string       `json:"release_id,omitempty"`
+	StorePath string       `json:"store_path,omitempty"`
+	Action    model.Action `json:"action,omitempty"`
+	// Prev is what was running before, for rollback.
+	Prev Generation `json:"prev"`
+	// Error is why a rollback started (for its final event).
+	Error string `json:"error,omitempty"`
+	Check string `json:"check,omitempty"`
+	Log   string `json:"log,omitempty"`
+
+	// LastKey identifies the last desired state handled to the end; the
+	// same desired state again is a no-op.
+	LastKey string           `json:"last_key,omitempty"`
+	Last    *model.LastApply `json:"last,omitempty"`
+}
+
+// LoadState reads STATE_DIR/state.json; a missing file is an empty state.
+func LoadState(dir string) (*ApplyState, error) {
+	var st ApplyState
+	b, err := os.ReadFile(filepath.Join(dir, StateFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return &st, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read apply state: %w", err)
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("apply state %s is damaged: %w", filepath.Join(dir, StateFile), err)
+	}
+	return &st, nil
+}
+
+// SaveState writes st atomically (temp file, fsync, rename, fsync dir), so
+// a crash leaves the old or the new state, never half of one.
+func SaveState(dir string, st *ApplyState) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode apply state: %w", err)
+	}
+	return writeAtomic(filepath.Join(dir, StateFile), b)
+}
+
+func writeAtomic(path string, b []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	return nil
+}

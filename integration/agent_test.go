@@ -1,0 +1,638 @@
+// Package integration runs fleet's real binaries end to end: a coordinator,
+// the fleet-agent binary and the host's real Nix.
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/agent"
+	"fleet/broker"
+	"fleet/model"
+	"fleet/nixtest"
+	"fleet/subjects"
+)
+
+var agentBin string
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "fleet-integration-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	agentBin = filepath.Join(dir, "fleet-agent")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "go", "build", "-o", agentBin, "fleet/cmd/fleet-agent").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build fleet-agent: %v\n%s", err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+const host = "dev1"
+
+// world is one test's coordinator, Nix sandbox and agent device.
+type world struct {
+	t        *testing.T
+	ctx      context.Context
+	coord    *broker.Coordinator
+	nix      *nixtest.Env
+	admin    nkeys.KeyPair
+	device   string
+	stateDir string
+	cfgFile  string
+	events   chan model.Event
+	facts    chan model.Facts
+	agent    *exec.Cmd
+	agentLog *os.File
+	seen     []model.Event
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	if why := nixtest.Available(); why != "" {
+		t.Skip(why)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	cfg := broker.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.HTTP = ""
+	coord, err := broker.Start(ctx, cfg, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(coord.Close)
+	nix, err := nixtest.New(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = nix.Close() })
+	admin, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &world{t: t, ctx: ctx, coord: coord, nix: nix, admin: admin, stateDir: t.TempDir(),
+		events: make(chan model.Event, 1000), facts: make(chan model.Facts, 1000)}
+	creds, err := coord.Authority().NewUser(subjects.RoleAgent, host, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.device = creds.PublicKey()
+	if err := accounts.WriteCreds(filepath.Join(w.stateDir, agent.CredsFile), creds); err != nil {
+		t.Fatal(err)
+	}
+	fc := agent.FileConfig{
+		HealthChecks: []agent.HealthCheck{{
+			Name: "no-unhealthy-marker", Type: agent.CheckCommand, Command: nix.UnhealthyCheck(),
+			Retries: 1, Interval: agent.Duration(100 * time.Millisecond), Timeout: agent.Duration(5 * time.Second),
+		}},
+		HealthDeadline: agent.Duration(20 * time.Second),
+	}
+	b, _ := json.Marshal(fc)
+	w.cfgFile = filepath.Join(t.TempDir(), "agent.json")
+	if err := os.WriteFile(w.cfgFile, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.watch(subjects.DeviceEvents(w.device), func(data []byte) {
+		var ev model.Event
+		if json.Unmarshal(data, &ev) == nil {
+			w.events <- ev
+		}
+	})
+	w.watch(subjects.DeviceFacts(w.device), func(data []byte) {
+		var f model.Facts
+		if json.Unmarshal(data, &f) == nil {
+			w.facts <- f
+		}
+	})
+	t.Cleanup(func() {
+		w.stopAgent(syscall.SIGTERM)
+		if t.Failed() {
+			if b, err := os.ReadFile(filepath.Join(w.stateDir, "agent.log")); err == nil {
+				t.Logf("agent log:\n%s", lastN(string(b), 60))
+			}
+			t.Logf("switch log: %q", nix.Switches())
+			for _, ev := range w.seen {
+				t.Logf("event: %+v", ev)
+			}
+		}
+	})
+	return w
+}
+
+func lastN(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// watch reads a stream subject with an ordered consumer, as the rollout
+// engine and dashboards do.
+func (w *world) watch(subject string, fn func([]byte)) {
+	stream := subjects.StreamEvents
+	if strings.HasSuffix(subject, ".facts") {
+		stream = subjects.StreamFacts
+	}
+	c, err := w.coord.JetStream().OrderedConsumer(w.ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	cc, err := c.Consume(func(m jetstream.Msg) { fn(m.Data()) })
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(cc.Stop)
+}
+
+// build builds a test system; published ones exist only in the cache.
+func (w *world) build(name string, o nixtest.BuildOpts, key *nixtest.Key) nixtest.System {
+	w.t.Helper()
+	s, err := w.nix.Build(w.ctx, name, o)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if key != nil {
+		if err := w.nix.Publish(w.ctx, s, *key); err != nil {
+			w.t.Fatal(err)
+		}
+	}
+	return s
+}
+
+func (w *world) install(s nixtest.System) {
+	w.t.Helper()
+	if err := w.nix.Install(w.ctx, s); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+// release signs a manifest naming path for the host.
+func (w *world) release(id, path string, signer nkeys.KeyPair) model.Signed {
+	w.t.Helper()
+	pub, _ := signer.PublicKey()
+	r := model.Release{ID: id, CreatedAt: time.Now().UTC(), Author: pub,
+		Closures: map[string]string{host: path}, Substituter: w.nix.Substituter}
+	s, err := model.Sign(signer, model.PurposeRelease, r)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return s
+}
+
+func (w *world) putDesired(d model.Desired) {
+	w.t.Helper()
+	d.Device = w.device
+	d.IssuedAt = time.Now().UTC()
+	kv, err := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDesired)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	b, _ := json.Marshal(d)
+	if _, err := kv.Put(w.ctx, w.device, b); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+// deploy writes a desired state for a fresh release of path.
+func (w *world) deploy(id, path string) {
+	w.putDesired(model.Desired{ReleaseID: id, RolloutID: "ro-" + id, StorePath: path, Release: w.release(id, path, w.admin)})
+}
+
+func (w *world) startAgent() {
+	w.t.Helper()
+	adminPub, _ := w.admin.PublicKey()
+	logf, err := os.OpenFile(filepath.Join(w.stateDir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	cmd := exec.Command(agentBin, "--config", w.cfgFile, "--log-format", "json", "--log-level", "debug", "run",
+		"--server", "nats://"+w.coord.ClientAddr(), "--state-dir", w.stateDir, "--release-signer", adminPub,
+		"--hostname", host, "--profile", w.nix.Profile, "--current-system", w.nix.CurrentSystem,
+		"--booted-system", w.nix.CurrentSystem, "--facts-interval", "1s", "--reconnect-within", "10s",
+		"--apply-timeout", "1m")
+	cmd.Env = w.nix.Environ()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		w.t.Fatal(err)
+	}
+	w.agent, w.agentLog = cmd, logf
+}
+
+// stopAgent signals the agent and waits for it to exit.
+func (w *world) stopAgent(sig syscall.Signal) {
+	if w.agent == nil {
+		return
+	}
+	_ = w.agent.Process.Signal(sig)
+	done := make(chan struct{})
+	go func() { _ = w.agent.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = w.agent.Process.Kill()
+		<-done
+		w.t.Error("agent did not stop within 30s of", sig)
+	}
+	w.agentLog.Close()
+	w.agent = nil
+}
+
+// waitEvent returns the first event (from now on) matching ok.
+func (w *world) waitEvent(what string, ok func(model.Event) bool) model.Event {
+	w.t.Helper()
+	deadline := time.After(60 * time.Second)
+	for {
+		select {
+		case ev := <-w.events:
+			w.seen = append(w.seen, ev)
+			if ok(ev) {
+				return ev
+			}
+		case <-deadline:
+			w.t.Fatalf("no event %s within 60s", what)
+		}
+	}
+}
+
+func final(release string) func(model.Event) bool {
+	return func(ev model.Event) bool { return ev.ReleaseID == release && ev.Result.Final() }
+}
+
+// drain reads every event published so far: it publishes a marker event
+// and reads up to it.
+func (w *world) drain() {
+	w.t.Helper()
+	b, _ := json.Marshal(model.Event{Device: w.device, State: model.StateIdle, Attempt: "marker"})
+	if _, err := w.coord.JetStream().Publish(w.ctx, subjects.DeviceEvents(w.device), b); err != nil {
+		w.t.Fatal(err)
+	}
+	w.waitEvent("marker", func(ev model.Event) bool { return ev.Attempt == "marker" })
+}
+
+func (w *world) finals(release string) []model.Event {
+	var out []model.Event
+	for _, ev := range w.seen {
+		if final(release)(ev) {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+func (w *world) waitFacts(what string, ok func(model.Facts) bool) model.Facts {
+	w.t.Helper()
+	deadline := time.After(60 * time.Second)
+	for {
+		select {
+		case f := <-w.facts:
+			if ok(f) {
+				return f
+			}
+		case <-deadline:
+			w.t.Fatalf("no facts %s within 60s", what)
+		}
+	}
+}
+
+func (w *world) wantCurrent(s nixtest.System) {
+	w.t.Helper()
+	if got := nixtest.Readlink(w.nix.CurrentSystem); got != s.Path {
+		w.t.Fatalf("current system is %s, want %s (%s)", got, s.Path, s.Name)
+	}
+	if got := w.nix.ProfileTarget(); got != s.Path {
+		w.t.Fatalf("profile points at %s, want %s (%s)", got, s.Path, s.Name)
+	}
+}
+
+func (w *world) switchedTo(s nixtest.System) bool {
+	return slices.ContainsFunc(w.nix.Switches(), func(l string) bool { return strings.HasSuffix(l, " "+s.Path) })
+}
+
+// A healthy generation is fetched, switched to and reported; an unhealthy
+// one is rolled back with the failing check named; the same desired state
+// again changes nothing.
+func TestApplyThenRollBack(t *testing.T) {
+	w := newWorld(t)
+	key := &w.nix.TrustedKey
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, key)
+	gen3 := w.build("gen3", nixtest.BuildOpts{Unhealthy: true}, key)
+	w.startAgent()
+
+	w.deploy("gen2", gen2.Path)
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultSucceeded || ev.StorePath != gen2.Path || ev.RolloutID != "ro-gen2" || ev.Attempt == "" {
+		t.Fatalf("gen2 final event: %+v", ev)
+	}
+	w.wantCurrent(gen2)
+	var states []model.State
+	for _, e := range w.seen {
+		if e.Attempt == ev.Attempt {
+			states = append(states, e.State)
+		}
+	}
+	want := []model.State{model.StateChecking, model.StateFetching, model.StateApplying, model.StateVerifying, model.StateReporting}
+	if !slices.Equal(states, want) {
+		t.Fatalf("states %v, want %v", states, want)
+	}
+	f := w.waitFacts("on gen2", func(f model.Facts) bool {
+		return f.CurrentSystem == gen2.Path && f.LastApply != nil && f.LastApply.Result == model.ResultSucceeded
+	})
+	if f.NixOSVersion != "gen2" || f.Hostname == "" || f.Device != w.device {
+		t.Fatalf("facts: %+v", f)
+	}
+
+	// The same desired state again (a new KV revision) is a no-op.
+	w.deploy("gen2", gen2.Path)
+	w.deploy("gen3", gen3.Path)
+	ev = w.waitEvent("final gen3", final("gen3"))
+	if ev.Result != model.ResultRolledBack || ev.Check != "no-unhealthy-marker" {
+		t.Fatalf("gen3 final event: %+v", ev)
+	}
+	w.wantCurrent(gen2)
+	if !w.switchedTo(gen3) {
+		t.Fatal("gen3 was never switched to")
+	}
+	w.drain()
+	if n := len(w.finals("gen2")); n != 1 {
+		t.Fatalf("%d final events for gen2, want 1", n)
+	}
+}
+
+// A closure signed by a key the host does not trust is refused by Nix:
+// nothing is switched.
+func TestUntrustedClosure(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	bad, err := w.nix.NewKey(w.ctx, "untrusted")
+	if err != nil {
+		t.Fatal(err)
+	}
+	evil := w.build("evil", nixtest.BuildOpts{}, &bad)
+	w.startAgent()
+	w.deploy("evil", evil.Path)
+	ev := w.waitEvent("final evil", final("evil"))
+	if ev.Result != model.ResultFailed || !strings.Contains(ev.Error+ev.Log, "lacks a valid signature") {
+		t.Fatalf("final event: %+v", ev)
+	}
+	w.wantCurrent(gen1)
+	if w.switchedTo(evil) || w.nix.Valid(w.ctx, evil.Path) {
+		t.Fatal("the untrusted closure was switched to or stored")
+	}
+}
+
+// Manifests with an unknown signer, a tampered payload or a path that is
+// not the signed one are refused before anything is fetched.
+func TestBadManifestsRefusedBeforeFetch(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	other := w.build("other", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	stranger, _ := nkeys.CreateUser()
+	w.startAgent()
+
+	tampered := w.release("tampered", gen1.Path, w.admin)
+	tampered.Payload = json.RawMessage(strings.Replace(string(tampered.Payload), gen1.Path, gen2.Path, 1))
+
+	cases := []struct {
+		name, wantErr string
+		d             model.Desired
+	}{
+		{"unknown-signer", "not trusted", model.Desired{ReleaseID: "unknown-signer", StorePath: gen2.Path, Release: w.release("unknown-signer", gen2.Path, stranger)}},
+		{"tampered", "signature does not match", model.Desired{ReleaseID: "tampered", StorePath: gen2.Path, Release: tampered}},
+		{"mismatch", "is not the one release", model.Desired{ReleaseID: "mismatch", StorePath: gen2.Path, Release: w.release("mismatch", other.Path, w.admin)}},
+		{"unsigned", "not signed", model.Desired{ReleaseID: "unsigned", StorePath: gen2.Path}},
+	}
+	for _, c := range cases {
+		c.d.RolloutID = "ro-" + c.name
+		w.putDesired(c.d)
+		ev := w.waitEvent("final "+c.name, final(c.name))
+		if ev.Result != model.ResultFailed || !strings.Contains(ev.Error, c.wantErr) {
+			t.Fatalf("%s: final event %+v, want failed with %q", c.name, ev, c.wantErr)
+		}
+	}
+	// Not JSON at all: reported, not a crash.
+	kv, _ := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDesired)
+	if _, err := kv.Put(w.ctx, w.device, []byte("{not json")); err != nil {
+		t.Fatal(err)
+	}
+	w.waitEvent("failed garbage", func(ev model.Event) bool {
+		return ev.Result == model.ResultFailed && strings.Contains(ev.Error, "not valid JSON")
+	})
+	for _, s := range []nixtest.System{gen2, other} {
+		if w.nix.Valid(w.ctx, s.Path) {
+			t.Fatalf("%s was fetched for a refused manifest", s.Name)
+		}
+	}
+	w.wantCurrent(gen1)
+	if len(w.nix.Switches()) != 0 {
+		t.Fatalf("switches happened: %q", w.nix.Switches())
+	}
+	// A deleted desired state leaves the device alone.
+	if err := kv.Delete(w.ctx, w.device); err != nil {
+		t.Fatal(err)
+	}
+	w.drain()
+	w.wantCurrent(gen1)
+}
+
+// An agent killed with SIGKILL while switching resumes after restart,
+// finishes verification and reports the attempt exactly once.
+func TestKilledDuringApplyResumes(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.deploy("gen2", gen2.Path)
+	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
+		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
+	})
+	waitUntil(t, "switch blocked on its gate", func() bool {
+		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
+	})
+	w.stopAgent(syscall.SIGKILL)
+	// The orphaned switch completes once the gate opens.
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	if err := w.nix.OpenGate(ctx, gen2); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "orphaned switch finished", func() bool { return nixtest.Readlink(w.nix.CurrentSystem) == gen2.Path })
+
+	w.startAgent()
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultSucceeded || ev.Attempt != applying.Attempt {
+		t.Fatalf("final event %+v, want succeeded for attempt %s", ev, applying.Attempt)
+	}
+	w.wantCurrent(gen2)
+	// Restart again: nothing more is reported for that attempt.
+	w.stopAgent(syscall.SIGTERM)
+	w.startAgent()
+	w.waitFacts("after second restart", func(f model.Facts) bool { return f.CurrentSystem == gen2.Path })
+	w.drain()
+	if n := len(w.finals("gen2")); n != 1 {
+		t.Fatalf("%d final events for gen2, want exactly 1", n)
+	}
+}
+
+// An agent killed mid-switch whose switch never completed rolls back to
+// the previous generation after restart.
+func TestKilledSwitchIncompleteRollsBack(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.deploy("gen2", gen2.Path)
+	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
+		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
+	})
+	waitUntil(t, "switch blocked on its gate", func() bool {
+		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
+	})
+	w.stopAgent(syscall.SIGKILL)
+	w.startAgent()
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultRolledBack || ev.Attempt != applying.Attempt {
+		t.Fatalf("final event %+v, want rolled_back for attempt %s", ev, applying.Attempt)
+	}
+	w.wantCurrent(gen1)
+	// Let the orphaned switch go so it does not outlive the test.
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	_ = w.nix.OpenGate(ctx, gen2)
+}
+
+// Desired states arriving during an apply wait for it, and only the
+// newest of them is applied next.
+func TestNewerDesiredDuringApplyCoalesced(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
+	gen3 := w.build("gen3", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	gen4 := w.build("gen4", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.deploy("gen2", gen2.Path)
+	waitUntil(t, "switch blocked on its gate", func() bool {
+		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
+	})
+	w.deploy("gen3", gen3.Path)
+	w.deploy("gen4", gen4.Path)
+	waitUntil(t, "agent got the gen4 notification", func() bool {
+		b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, `"release_id":"gen4"`) && strings.Contains(l, `"message":"desired state notification"`) {
+				return true
+			}
+		}
+		return false
+	})
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	if err := w.nix.OpenGate(ctx, gen2); err != nil {
+		t.Fatal(err)
+	}
+	if ev := w.waitEvent("final gen2", final("gen2")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen2: %+v", ev)
+	}
+	if ev := w.waitEvent("final gen4", final("gen4")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen4: %+v", ev)
+	}
+	w.wantCurrent(gen4)
+	w.drain()
+	if w.switchedTo(gen3) || w.nix.Valid(w.ctx, gen3.Path) || len(w.finals("gen3")) != 0 {
+		t.Fatal("the superseded gen3 was fetched, switched to or reported")
+	}
+}
+
+// Desired state changed twice while the agent was away: on return it
+// applies only the latest.
+func TestOfflineAppliesLatestOnly(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	gen3 := w.build("gen3", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.waitFacts("first report", func(f model.Facts) bool { return f.CurrentSystem == gen1.Path })
+	w.stopAgent(syscall.SIGTERM)
+
+	w.deploy("gen2", gen2.Path)
+	w.deploy("gen3", gen3.Path)
+	w.startAgent()
+	ev := w.waitEvent("final gen3", final("gen3"))
+	if ev.Result != model.ResultSucceeded {
+		t.Fatalf("final event %+v", ev)
+	}
+	w.wantCurrent(gen3)
+	w.drain()
+	if w.switchedTo(gen2) || w.nix.Valid(w.ctx, gen2.Path) || len(w.finals("gen2")) != 0 {
+		t.Fatal("the intermediate gen2 was fetched, switched to or reported")
+	}
+}
+
+func waitUntil(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 30s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// `fleet-agent facts` prints the facts the agent reports, as JSON.
+func TestFactsCommand(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, agentBin, "facts", "--state-dir", w.stateDir,
+		"--current-system", w.nix.CurrentSystem, "--booted-system", w.nix.CurrentSystem).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var f model.Facts
+	if err := json.Unmarshal(out, &f); err != nil {
+		t.Fatalf("facts output is not JSON: %v\n%s", err, out)
+	}
+	if f.Device != w.device || f.CurrentSystem != gen1.Path || f.NixOSVersion != "gen1" || f.RebootNeeded || f.Hostname == "" {
+		t.Fatalf("facts: %+v", f)
+	}
+	if slices.Contains(f.Unknown, "current_system") || slices.Contains(f.Unknown, "reboot_needed") {
+		t.Fatalf("unknown: %v", f.Unknown)
+	}
+}

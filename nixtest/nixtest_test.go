@@ -1,0 +1,59 @@
+package nixtest
+
+import (
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestPublishFetchSwitch(t *testing.T) {
+	if why := Available(); why != "" {
+		t.Skip(why)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	e, err := New(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	good, err := e.Build(ctx, "good", BuildOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Install(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	other, err := e.Build(ctx, "other", BuildOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad, err := e.NewKey(ctx, "untrusted")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Publish(ctx, other, bad); err != nil {
+		t.Fatal(err)
+	}
+	if e.Valid(ctx, other.Path) {
+		t.Fatal("published path still in the store")
+	}
+	cmd := exec.CommandContext(ctx, "nix", "copy", "--from", e.Substituter, other.Path)
+	cmd.Env = e.Environ()
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "lacks a valid signature") {
+		t.Fatalf("untrusted copy: err %v, output %s", err, out)
+	}
+	cmd = exec.CommandContext(ctx, good.Path+"/bin/switch-to-configuration", "test")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("switch: %v %s", err, out)
+	}
+	if got := Readlink(e.CurrentSystem); got != good.Path {
+		t.Fatalf("current %q want %q", got, good.Path)
+	}
+	if l := e.Switches(); len(l) != 1 || l[0] != "test "+good.Path {
+		t.Fatalf("log %q", l)
+	}
+}
