@@ -32,7 +32,9 @@ func (m *DesiredMsg) Key() string {
 		return "seq:" + strconv.FormatUint(m.Seq, 10)
 	}
 	d := m.Desired
-	return d.RolloutID + "|" + d.ReleaseID + "|" + d.StorePath
+	// IssuedAt is part of it: a coordinator that writes the same release
+	// again (a resumed rollout retrying a failed device) asks for a new try.
+	return d.RolloutID + "|" + d.ReleaseID + "|" + d.StorePath + "|" + strconv.FormatInt(d.IssuedAt.UnixNano(), 10)
 }
 
 // ParseDesired reads a direct-get reply or a republished message. Status

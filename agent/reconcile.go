@@ -329,7 +329,7 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	st := ApplyState{
 		Phase: PhaseSwitching, Attempt: ap.attempt, Started: ap.started,
 		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: path, Action: action,
-		Prev: prev, LastKey: cur.LastKey, Last: cur.Last,
+		Key: key, Prev: prev, LastKey: cur.LastKey, Last: cur.Last,
 	}
 	// Written before the switch: the switch may restart this very agent.
 	if err := a.saveState(st); err != nil {
@@ -444,7 +444,7 @@ func (a *Agent) resume(ctx context.Context) {
 	}
 	ap := &apply{attempt: st.Attempt, started: st.Started, rolloutID: st.RolloutID,
 		releaseID: st.ReleaseID, path: st.StorePath, action: st.Action}
-	key := st.RolloutID + "|" + st.ReleaseID + "|" + st.StorePath
+	key := st.Key
 	a.log.Info().Str("phase", string(st.Phase)).Str("attempt", st.Attempt).Msg("resuming an interrupted apply")
 	switch st.Phase {
 	case PhaseSwitching, PhaseVerifying:

@@ -37,6 +37,8 @@ type ApplyState struct {
 	ReleaseID string       `json:"release_id,omitempty"`
 	StorePath string       `json:"store_path,omitempty"`
 	Action    model.Action `json:"action,omitempty"`
+	// Key identifies the desired state being applied (DesiredMsg.Key).
+	Key string `json:"key,omitempty"`
 	// Prev is what was running before, for rollback.
 	Prev Generation `json:"prev"`
 	// Error is why a rollback started (for its final event).
