@@ -1,11 +1,8 @@
-// Package integration runs fleet's real binaries end to end: a coordinator,
-// the fleet-agent binary and the host's real Nix.
 package integration
 
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,30 +23,6 @@ import (
 	"fleet/nixtest"
 	"fleet/subjects"
 )
-
-var agentBin string
-
-func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "fleet-integration-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	agentBin = filepath.Join(dir, "fleet-agent")
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "go", "build", "-o", agentBin, "fleet/cmd/fleet-agent").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "build fleet-agent: %v\n%s", err, out)
-		return 1
-	}
-	return m.Run()
-}
 
 const host = "dev1"
 
