@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -23,7 +24,7 @@ type ReleaseCmd struct {
 
 // ReleaseCreateCmd is `fleet-admin release create`.
 type ReleaseCreateCmd struct {
-	Name        string   `help:"Release id (letters, digits, - and _); default: rel-<time>."`
+	Name        string   `help:"Release id (letters, digits, - and _); default: rel-<time>-<random>."`
 	Closure     []string `help:"HOST=/nix/store/... (repeatable)." placeholder:"HOST=PATH"`
 	Default     string   `help:"Store path for hosts without their own closure." placeholder:"PATH"`
 	File        string   `help:"Release JSON (closures, default, substituter, action, description)." type:"existingfile"`
@@ -91,7 +92,9 @@ func (cmd *ReleaseCreateCmd) Run(g *Globals) error {
 	now := time.Now().UTC()
 	rel.ID = cmd.Name
 	if rel.ID == "" {
-		rel.ID = "rel-" + now.Format("20060102-150405")
+		var b [3]byte
+		_, _ = rand.Read(b[:])
+		rel.ID = fmt.Sprintf("rel-%s-%x", now.Format("20060102-150405"), b)
 	}
 	rel.Name = rel.ID
 	rel.CreatedAt = now
