@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -21,7 +23,8 @@ func hdr(kv ...string) nats.Header {
 }
 
 func TestParseDesired(t *testing.T) {
-	d := model.Desired{Device: "U1", ReleaseID: "r1", RolloutID: "ro", StorePath: "/nix/store/x"}
+	issued := time.Date(2026, 11, 22, 0, 0, 0, 5, time.UTC)
+	d := model.Desired{Device: "U1", ReleaseID: "r1", RolloutID: "ro", StorePath: "/nix/store/x", IssuedAt: issued}
 	body, _ := json.Marshal(d)
 
 	m, err := ParseDesired(hdr("Status", "404", "Description", "Message Not Found"), nil)
@@ -45,7 +48,7 @@ func TestParseDesired(t *testing.T) {
 		t.Fatalf("garbage body: %+v %v", m, err)
 	}
 	m, err = ParseDesired(hdr(nats.JSSequence, "12"), body)
-	if err != nil || m.Desired == nil || m.Seq != 12 || m.Key() != "ro|r1|/nix/store/x" {
+	if err != nil || m.Desired == nil || m.Seq != 12 || m.Key() != "ro|r1|/nix/store/x|"+strconv.FormatInt(issued.UnixNano(), 10) {
 		t.Fatalf("valid: %+v %v", m, err)
 	}
 	m, err = ParseDesired(nats.Header{}, nil)
