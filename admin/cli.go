@@ -51,6 +51,7 @@ type CLI struct {
 	Rollout RolloutCmd `cmd:"" help:"Rollouts: ls, show, watch, pause, resume, abort."`
 	Admin   AdminCmd   `cmd:"" help:"Admins and their roles: add, ls, remove."`
 	Audit   AuditCmd   `cmd:"" help:"The audit trail: ls, verify."`
+	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }
 

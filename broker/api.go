@@ -71,6 +71,7 @@ func (s *services) verbs() []apiVerb {
 		{subjects.VerbAdminAdd, true, subjects.RoleOwner, s.adminAdd},
 		{subjects.VerbAdminRemove, true, subjects.RoleOwner, s.adminRemove},
 		{subjects.VerbAudit, false, subjects.RoleOperator, s.auditList},
+		{subjects.VerbLeafConfig, true, subjects.RoleOwner, s.leafConfig},
 	}
 }
 

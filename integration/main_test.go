@@ -13,7 +13,7 @@ import (
 )
 
 // The binaries under test, built once by TestMain.
-var agentBin, coordinatorBin, adminBin string
+var agentBin, coordinatorBin, adminBin, natsServerBin string
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -29,9 +29,13 @@ func run(m *testing.M) int {
 	agentBin = filepath.Join(dir, "fleet-agent")
 	coordinatorBin = filepath.Join(dir, "fleet-coordinator")
 	adminBin = filepath.Join(dir, "fleet-admin")
+	natsServerBin = filepath.Join(dir, "nats-server")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "fleet/cmd/fleet-agent", "fleet/cmd/fleet-coordinator", "fleet/cmd/fleet-admin").CombinedOutput()
+	out, err := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "fleet/cmd/fleet-agent", "fleet/cmd/fleet-coordinator", "fleet/cmd/fleet-admin",
+		// The standard nats-server, built from the module fleet embeds, runs
+		// the leaf nodes of remote sites.
+		"github.com/nats-io/nats-server/v2").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
 		return 1

@@ -146,6 +146,8 @@ type fleetWorld struct {
 	creds   string
 	coord   *exec.Cmd
 	coordWG sync.WaitGroup
+	// extra are further flags of fleet-coordinator run.
+	extra   []string
 	devices []*fleetDevice
 	signer  string
 }
@@ -162,9 +164,14 @@ func freeAddr(t *testing.T) string {
 
 func newFleetWorld(t *testing.T) *fleetWorld {
 	t.Helper()
+	return newFleetWorldWith(t)
+}
+
+func newFleetWorldWith(t *testing.T, extra ...string) *fleetWorld {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	t.Cleanup(cancel)
-	w := &fleetWorld{t: t, ctx: ctx, dataDir: t.TempDir(), listen: freeAddr(t), httpAdr: freeAddr(t)}
+	w := &fleetWorld{t: t, ctx: ctx, dataDir: t.TempDir(), listen: freeAddr(t), httpAdr: freeAddr(t), extra: extra}
 	w.creds = filepath.Join(w.dataDir, accounts.AdminCredsFile)
 	w.startCoordinator()
 	cr, err := accounts.ReadCreds(w.creds)
@@ -182,8 +189,8 @@ func (w *fleetWorld) startCoordinator() {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	cmd := exec.Command(coordinatorBin, "--log-format", "json", "run", "--data-dir", w.dataDir,
-		"--listen", w.listen, "--http", w.httpAdr, "--server-name", "hub")
+	cmd := exec.Command(coordinatorBin, append([]string{"--log-format", "json", "run", "--data-dir", w.dataDir,
+		"--listen", w.listen, "--http", w.httpAdr, "--server-name", "hub"}, w.extra...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		w.t.Fatal(err)

@@ -68,3 +68,26 @@ type AuditQuery struct {
 	Since time.Duration `json:"since,omitempty"`
 	Limit int           `json:"limit,omitempty"`
 }
+
+// LeafConfigRequest asks for a site's leaf node credentials: the leaf's
+// public key (its seed stays with the admin) and the site name.
+type LeafConfigRequest struct {
+	Site string `json:"site"`
+	Key  string `json:"key"`
+}
+
+// LeafConfig is what a site's standard nats-server needs to run as a leaf
+// node of the hub.
+type LeafConfig struct {
+	Site          string `json:"site"`
+	JWT           string `json:"jwt"` // the leaf user's JWT (role leaf)
+	OperatorJWT   string `json:"operator_jwt"`
+	SystemAccount string `json:"system_account"`
+	SystemJWT     string `json:"system_jwt"`
+	FleetAccount  string `json:"fleet_account"`
+	FleetJWT      string `json:"fleet_jwt"`
+	// HubURL is the coordinator's leaf node URL as it knows it ("" when
+	// it does not listen for leaf nodes).
+	HubURL string `json:"hub_url,omitempty"`
+	Domain string `json:"domain"`
+}

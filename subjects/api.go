@@ -25,6 +25,7 @@ const (
 	VerbRolloutAction = "rollout-action" // pause, resume, abort
 	VerbAdminAdd      = "admin-add"
 	VerbAdminRemove   = "admin-remove"
+	VerbLeafConfig    = "leaf-config"
 )
 
 // APIService is the name of the coordinator's admin API micro service.

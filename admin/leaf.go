@@ -1,0 +1,117 @@
+package admin
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/nats-io/nkeys"
+
+	"fleet/accounts"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// LeafCmd is `fleet-admin leaf`.
+type LeafCmd struct {
+	Config LeafConfigCmd `cmd:"" help:"Write the config and credentials of a site's leaf node (a standard nats-server)."`
+}
+
+// LeafConfigCmd is `fleet-admin leaf config`.
+type LeafConfigCmd struct {
+	Site   string `help:"Site name, e.g. berlin." required:""`
+	Out    string `help:"Directory to write leaf.conf, leaf.creds, operator.jwt and jwt/ into (created; must not hold a leaf.conf)." required:"" type:"path"`
+	Hub    string `help:"Leaf node URL of the coordinator as the site reaches it, e.g. nats-leaf://fleet.example.org:7422 (default: what the coordinator reports)." placeholder:"URL"`
+	Listen string `help:"Where the leaf node listens for the site's agents." default:"0.0.0.0:4222"`
+}
+
+// Run writes the leaf node's files. The leaf's key is made here and its
+// seed never leaves this machine and the site.
+func (cmd *LeafConfigCmd) Run(g *Globals) error {
+	if _, _, err := net.SplitHostPort(cmd.Listen); err != nil {
+		return fmt.Errorf("--listen %q: want host:port", cmd.Listen)
+	}
+	conf := filepath.Join(cmd.Out, "leaf.conf")
+	if _, err := os.Stat(conf); err == nil {
+		return fmt.Errorf("%s exists already: choose another --out (nothing was changed)", conf)
+	}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return err
+	}
+	pub, _ := kp.PublicKey()
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var lc model.LeafConfig
+	if err := c.Call(g.ctx, subjects.VerbLeafConfig, true, model.LeafConfigRequest{Site: cmd.Site, Key: pub}, &lc); err != nil {
+		return err
+	}
+	hub := cmd.Hub
+	if hub == "" {
+		hub = lc.HubURL
+	}
+	if hub == "" {
+		return errors.New("the coordinator does not listen for leaf nodes: run it with --leafnode-listen, then pass --hub with the address sites reach it on")
+	}
+	out, err := filepath.Abs(cmd.Out)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(out, "jwt"), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", out, err)
+	}
+	if err := accounts.WriteCreds(filepath.Join(out, "leaf.creds"), &accounts.Creds{JWT: lc.JWT, Key: kp}); err != nil {
+		return err
+	}
+	files := map[string]string{
+		"operator.jwt": lc.OperatorJWT,
+		filepath.Join("jwt", lc.SystemAccount+".jwt"): lc.SystemJWT,
+		filepath.Join("jwt", lc.FleetAccount+".jwt"):  lc.FleetJWT,
+		"leaf.conf": LeafServerConfig(&lc, out, hub, cmd.Listen),
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(out, name), []byte(body), 0o600); err != nil {
+			return fmt.Errorf("write %s: %w", name, err)
+		}
+	}
+	if g.JSON {
+		return g.printJSON(map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub})
+	}
+	_, err = fmt.Fprintf(g.stdout, "wrote %s (leaf key %s)\nrun it with: nats-server -c %s\nagents at the site: fleet-agent run --server nats://<this-leaf>:%s ...\n",
+		filepath.Join(out, "leaf.conf"), pub, filepath.Join(out, "leaf.conf"), portOf(cmd.Listen))
+	return err
+}
+
+func portOf(hp string) string {
+	_, p, _ := net.SplitHostPort(hp)
+	return p
+}
+
+// LeafServerConfig renders a nats-server config for a site's leaf node:
+// operator mode with this fleet's operator, the account JWTs preloaded, and
+// one remote to the hub bound to the FLEET account. dir holds the files it
+// names. Revocations made later reach the leaf when the config is written
+// again and the leaf restarted.
+func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string) string {
+	q := strconv.Quote
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Leaf node of site %s, written by fleet-admin leaf config.\n", lc.Site)
+	fmt.Fprintf(&b, "server_name: %s\n", q("leaf-"+lc.Site))
+	fmt.Fprintf(&b, "listen: %s\n", q(listen))
+	fmt.Fprintf(&b, "operator: %s\n", q(filepath.Join(dir, "operator.jwt")))
+	fmt.Fprintf(&b, "system_account: %s\n", q(lc.SystemAccount))
+	b.WriteString("resolver: MEMORY\nresolver_preload: {\n")
+	fmt.Fprintf(&b, "  %s: %s\n", lc.SystemAccount, q(lc.SystemJWT))
+	fmt.Fprintf(&b, "  %s: %s\n", lc.FleetAccount, q(lc.FleetJWT))
+	b.WriteString("}\nleafnodes {\n  remotes: [\n")
+	fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf.creds")), q(lc.FleetAccount))
+	b.WriteString("  ]\n}\n")
+	return b.String()
+}

@@ -1,0 +1,44 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"regexp"
+
+	"github.com/nats-io/nkeys"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+var siteRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// leafConfig issues a site's leaf credential and hands out what a standard
+// nats-server needs to trust this fleet's operator and accounts.
+func (s *services) leafConfig(_ context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.LeafConfigRequest
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	if !siteRE.MatchString(a.Site) {
+		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin)", a.Site)
+	}
+	if !nkeys.IsValidPublicUserKey(a.Key) {
+		return nil, badRequest("%q is not an nkey user public key", a.Key)
+	}
+	auth := s.c.auth
+	tok, err := auth.IssueUser(subjects.RoleLeaf, a.Key, "leaf-"+a.Site, 0)
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	sysJWT, fleetJWT, err := auth.AccountJWTs()
+	if err != nil {
+		return nil, err
+	}
+	return model.LeafConfig{
+		Site: a.Site, JWT: tok, OperatorJWT: auth.OperatorJWT,
+		SystemAccount: auth.SystemAccount(), SystemJWT: sysJWT,
+		FleetAccount: auth.FleetAccount(), FleetJWT: fleetJWT,
+		HubURL: s.c.LeafURL(), Domain: s.c.cfg.Domain,
+	}, nil
+}
