@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -42,6 +43,12 @@ type Coordinator struct {
 	// stop ends the background services (rollout engine).
 	stop     context.CancelFunc
 	rollouts *rollouts
+
+	// index is the device index behind /metrics, the JSON API and Status;
+	// metrics is the coordinator's own Prometheus registry.
+	index    *deviceIndex
+	metrics  *prometheus.Registry
+	apiToken []byte // SHA-256 of the API bearer token; nil: API disabled
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -105,6 +112,9 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		}
 	}
 	c := &Coordinator{cfg: cfg, log: log, auth: auth, done: make(chan struct{})}
+	if c.apiToken, err = loadAPIToken(cfg.APITokenFile); err != nil {
+		return nil, err
+	}
 
 	// Listen checks first: the server reports a busy port only through its
 	// logger, so catch it here with a message that names the flag.
@@ -167,6 +177,11 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		return err
 	}
 	go c.rollouts.Run(runCtx)
+	c.index = newDeviceIndex(c.log.With().Str("component", "index").Logger())
+	if err := c.index.run(runCtx, c.js); err != nil {
+		return fmt.Errorf("device index: %w", err)
+	}
+	c.metrics = newMetricsRegistry(c.index, c.ns)
 	return nil
 }
 
