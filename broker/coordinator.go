@@ -216,6 +216,11 @@ func (c *Coordinator) startServer() error {
 		return fmt.Errorf("account resolver in %s: %w", c.auth.ResolverPath(), err)
 	}
 	host, port, _ := splitHostPort(c.cfg.Listen)
+	if port == 0 {
+		// The server reads 0 as "the default port" (4222); the flag
+		// promises a free one.
+		port = server.RANDOM_PORT
+	}
 	opts := &server.Options{
 		ServerName:       c.cfg.ServerName,
 		Host:             host,
@@ -231,6 +236,9 @@ func (c *Coordinator) startServer() error {
 	}
 	if c.cfg.LeafnodeListen != "" {
 		lh, lp, _ := splitHostPort(c.cfg.LeafnodeListen)
+		if lp == 0 {
+			lp = server.RANDOM_PORT
+		}
 		opts.LeafNode.Host = lh
 		opts.LeafNode.Port = lp
 	}

@@ -227,7 +227,6 @@ func (x *deviceIndex) applyRollout(id string, data []byte) {
 		x.log.Warn().Err(err).Str("rollout", id).Msg("undecodable rollout")
 		return
 	}
-	r.Devices = nil // only counted; the list may hold ten thousand IDs
 	x.mu.Lock()
 	x.rollouts[id] = &r
 	x.mu.Unlock()

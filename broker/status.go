@@ -88,7 +88,11 @@ func (c *Coordinator) FactsHistory(ctx context.Context, id string, since time.Du
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = c.js.DeleteConsumer(dctx, subjects.StreamFacts, info.Name)
+		// Each Fetch of an ordered consumer makes a new server-side
+		// consumer; delete the last one.
+		if ci := cons.CachedInfo(); ci != nil {
+			_ = c.js.DeleteConsumer(dctx, subjects.StreamFacts, ci.Name)
+		}
 	}()
 	// Read what was stored when the consumer was made; later reports wait
 	// for the next call.
