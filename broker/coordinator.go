@@ -291,7 +291,16 @@ func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn
 		return nil, err
 	}
 	nc, err := nats.Connect("", nats.InProcessServer(c.ns), nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.Name(name), nats.MaxReconnects(-1))
+		nats.Name(name), nats.MaxReconnects(-1),
+		// Asynchronous errors (e.g. a watcher's consumer gone while the
+		// coordinator shuts down) go to the log, not to stderr.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := c.log.Debug().Err(err).Str("conn", name)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("nats async error")
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("connect %s in process: %w", name, err)
 	}
