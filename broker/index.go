@@ -142,9 +142,9 @@ func (x *deviceIndex) applyFacts(id string, data []byte, at time.Time) {
 	f.Device = id
 	x.stats.facts.Add(1)
 	x.update(id, func(s *deviceState) bool {
-		if s.facts == nil || !f.Time.Before(s.facts.Time) {
-			s.facts = &f
-		}
+		// Stream order, not the device's clock, decides what is latest:
+		// a clock set back must not freeze the device's entry.
+		s.facts = &f
 		if at.After(s.lastSeen) {
 			s.lastSeen = at
 		}
