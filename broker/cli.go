@@ -52,13 +52,14 @@ type InitCmd struct {
 type RunCmd struct {
 	StoreFlags
 	Listen          string        `help:"Address for NATS clients (agents, admins)." default:"0.0.0.0:4222" env:"FLEET_LISTEN"`
-	HTTP            string        `name:"http" help:"Address for /healthz, /readyz and /metrics; empty disables." default:"127.0.0.1:9100" env:"FLEET_HTTP"`
+	HTTP            string        `name:"http" help:"Address for /healthz, /readyz, /metrics (no auth: keep it on loopback) and /api/v1 (bearer token); empty disables." default:"127.0.0.1:9100" env:"FLEET_HTTP"`
 	LeafnodeListen  string        `help:"Address for remote sites' leaf nodes; empty disables." env:"FLEET_LEAFNODE_LISTEN"`
 	ServerName      string        `help:"Server name (unique in a cluster); default: generated." env:"FLEET_SERVER_NAME"`
 	Replicas        int           `help:"Replicas of each stream and bucket: 1 alone, 3 in a cluster." default:"1" env:"FLEET_REPLICAS"`
 	FactsRetention  time.Duration `help:"How long fact reports are kept." default:"720h" env:"FLEET_FACTS_RETENTION"`
 	FactsHistory    int64         `help:"Fact reports kept per device." default:"1440" env:"FLEET_FACTS_HISTORY"`
 	EventsRetention time.Duration `help:"How long device events are kept." default:"2160h" env:"FLEET_EVENTS_RETENTION"`
+	APITokenFile    string        `help:"File holding the bearer token for /api/v1/devices and /api/v1/rollouts; unset, they answer 403." env:"FLEET_API_TOKEN_FILE" type:"path" placeholder:"FILE"`
 }
 
 func (s StoreFlags) config() Config {
@@ -106,6 +107,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	cfg.FactsRetention = cmd.FactsRetention
 	cfg.FactsHistory = cmd.FactsHistory
 	cfg.EventsRetention = cmd.EventsRetention
+	cfg.APITokenFile = cmd.APITokenFile
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

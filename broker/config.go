@@ -29,6 +29,9 @@ type Config struct {
 	FactsHistory   int64
 	// EventsRetention bounds FLEET_EVENTS by age.
 	EventsRetention time.Duration
+	// APITokenFile holds the bearer token of /api/v1/...; "" leaves the
+	// API disabled (403).
+	APITokenFile string
 
 	Limits accounts.Limits
 }

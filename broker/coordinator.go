@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -44,6 +45,12 @@ type Coordinator struct {
 	// stop ends the rollout engine.
 	stop     context.CancelFunc
 	rollouts *rollouts
+
+	// index is the device index behind /metrics, the JSON API and Status;
+	// metrics is the coordinator's own Prometheus registry.
+	index    *deviceIndex
+	metrics  *prometheus.Registry
+	apiToken []byte // SHA-256 of the API bearer token; nil: API disabled
 
 	httpLn  net.Listener
 	httpSrv *http.Server
@@ -106,6 +113,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	c := &Coordinator{cfg: cfg, log: log, done: make(chan struct{})}
+	var err error
+	if c.apiToken, err = loadAPIToken(cfg.APITokenFile); err != nil {
+		return nil, err
+	}
 
 	// Listen checks first, before the data dir is touched: the server
 	// reports a busy port only through its logger, so catch it here with a
@@ -166,7 +177,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
-	c.startEngine()
+	if err := c.startEngine(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	c.ready.Store(true)
 	if c.httpLn != nil {
 		c.startHTTP()
@@ -181,11 +195,20 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 	return c, nil
 }
 
-// startEngine starts the rollout engine (it leads while it holds the lock).
-func (c *Coordinator) startEngine() {
+// startEngine starts the rollout engine (it leads while it holds the lock)
+// and the device index behind metrics and status.
+func (c *Coordinator) startEngine() error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	c.stop = cancel
 	go c.rollouts.Run(runCtx)
+	c.index = newDeviceIndex(c.log.With().Str("component", "index").Logger())
+	if err := c.index.run(runCtx, c.js); err != nil {
+		return fmt.Errorf("device index: %w", err)
+	}
+	// Online status comes from the server's connect events.
+	c.SetOnlineSource(c.svc.presence)
+	c.metrics = newMetricsRegistry(c.index, c.ns)
+	return nil
 }
 
 // instanceName names this coordinator stably across restarts (lock owner).
@@ -308,7 +331,16 @@ func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn
 		return nil, err
 	}
 	nc, err := nats.Connect("", nats.InProcessServer(c.ns), nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.Name(name), nats.MaxReconnects(-1))
+		nats.Name(name), nats.MaxReconnects(-1),
+		// Asynchronous errors (e.g. a watcher's consumer gone while the
+		// coordinator shuts down) go to the log, not to stderr.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := c.log.Debug().Err(err).Str("conn", name)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("nats async error")
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("connect %s in process: %w", name, err)
 	}

@@ -201,7 +201,7 @@ func isAuthError(err error) bool {
 }
 
 // snapshot returns every file under dir with its contents.
-func snapshot(t *testing.T, dir string) map[string][]byte {
+func snapshotDir(t *testing.T, dir string) map[string][]byte {
 	t.Helper()
 	files := map[string][]byte{}
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {

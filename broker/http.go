@@ -20,6 +20,7 @@ func (c *Coordinator) startHTTP() {
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	c.mountVisibility(mux)
 	c.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := c.httpSrv.Serve(c.httpLn); err != nil && err != http.ErrServerClosed {

@@ -1,0 +1,409 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// The device index is the coordinator's in-memory picture of every device:
+// its record, latest facts, last event and result, desired store path and
+// when it was last seen. It is fed by exactly one consumer per stream and
+// one watcher per bucket (DESIGN §3: nothing per device):
+//
+//   - FLEET_FACTS and FLEET_EVENTS: ordered consumers that start with
+//     DeliverLastPerSubject, so a restarted coordinator rebuilds the latest
+//     state of each device without replaying history, then follow new
+//     messages;
+//   - fleet_devices and fleet_desired: one watcher over the whole bucket;
+//   - fleet_rollouts: one watcher on single-token keys (the summaries, not
+//     the per-device <id>.<device> progress).
+//
+// Readers (the /metrics collector, the JSON API, Status) take a snapshot:
+// each device's state is an immutable value replaced on every change (copy
+// on write), so a snapshot copies pointers under a read lock and the ingest
+// path waits at most for that copy, never for an HTTP client.
+
+// factsInterval is how often an agent reports facts (DESIGN §4).
+const factsInterval = 60 * time.Second
+
+// onlineAfter is the fallback rule for online: last seen within three facts
+// intervals. It applies only while no onlineSource is set.
+const onlineAfter = 3 * factsInterval
+
+// recentRollouts is how long a finished rollout stays in the metrics.
+const recentRollouts = 24 * time.Hour
+
+// onlineSource tells whether a device is connected (the server's
+// connect/disconnect advisories; broker/presence.go).
+type onlineSource interface {
+	Online(id string) bool
+}
+
+// deviceState is one device's entry. It is never modified once published in
+// the index: updates build a new value.
+type deviceState struct {
+	rec   *model.Device
+	facts *model.Facts
+	// event is the latest event; result the latest one that ended an apply.
+	event  *model.Event
+	result *model.Event
+	// desired is the desired store path, rollout the rollout that wrote it.
+	desired, rollout string
+	lastSeen         time.Time
+}
+
+// lastResult is the device's latest apply result: from its events, or from
+// its facts' LastApply when that is newer (events before the coordinator's
+// restart are not replayed, facts carry the latest result).
+func (s *deviceState) lastResult() (model.Result, string, time.Time) {
+	var res model.Result
+	var msg string
+	var at time.Time
+	if s.result != nil {
+		res, msg, at = s.result.Result, s.result.Error, s.result.Time
+	}
+	if s.facts != nil && s.facts.LastApply != nil && s.facts.LastApply.Time.After(at) {
+		la := s.facts.LastApply
+		res, msg, at = la.Result, la.Error, la.Time
+	}
+	return res, msg, at
+}
+
+// indexStats count what the index has taken in, per source.
+type indexStats struct {
+	facts, events, records, desired, rollouts atomic.Uint64
+	decodeErrors                              atomic.Uint64
+}
+
+type deviceIndex struct {
+	log zerolog.Logger
+	now func() time.Time
+
+	mu       sync.RWMutex
+	devs     map[string]*deviceState
+	rollouts map[string]*model.Rollout
+	online   onlineSource
+
+	stats indexStats
+}
+
+func newDeviceIndex(log zerolog.Logger) *deviceIndex {
+	return &deviceIndex{
+		log:      log,
+		now:      time.Now,
+		devs:     map[string]*deviceState{},
+		rollouts: map[string]*model.Rollout{},
+	}
+}
+
+// setOnline makes src the judge of online status.
+func (x *deviceIndex) setOnline(src onlineSource) {
+	x.mu.Lock()
+	x.online = src
+	x.mu.Unlock()
+}
+
+// update replaces device id's state with f applied to a copy of it. f
+// returns false to drop the entry.
+func (x *deviceIndex) update(id string, f func(s *deviceState) bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	var s deviceState
+	if old := x.devs[id]; old != nil {
+		s = *old
+	}
+	if !f(&s) {
+		delete(x.devs, id)
+		return
+	}
+	x.devs[id] = &s
+}
+
+func (x *deviceIndex) applyFacts(id string, data []byte, at time.Time) {
+	var f model.Facts
+	if err := json.Unmarshal(data, &f); err != nil {
+		x.stats.decodeErrors.Add(1)
+		x.log.Debug().Err(err).Str("device", id).Msg("undecodable facts")
+		return
+	}
+	// The subject names the sender (its permissions allow only its own);
+	// the payload's claim does not count.
+	f.Device = id
+	x.stats.facts.Add(1)
+	x.update(id, func(s *deviceState) bool {
+		// Stream order, not the device's clock, decides what is latest:
+		// a clock set back must not freeze the device's entry.
+		s.facts = &f
+		if at.After(s.lastSeen) {
+			s.lastSeen = at
+		}
+		return true
+	})
+}
+
+func (x *deviceIndex) applyEvent(id string, data []byte, at time.Time) {
+	var e model.Event
+	if err := json.Unmarshal(data, &e); err != nil {
+		x.stats.decodeErrors.Add(1)
+		x.log.Debug().Err(err).Str("device", id).Msg("undecodable event")
+		return
+	}
+	e.Device = id
+	e.Log = "" // tails of logs are for `fleet-admin`, not the index
+	x.stats.events.Add(1)
+	x.update(id, func(s *deviceState) bool {
+		s.event = &e
+		if e.Result.Final() {
+			s.result = &e
+		}
+		if at.After(s.lastSeen) {
+			s.lastSeen = at
+		}
+		return true
+	})
+}
+
+// applyRecord stores a device record; nil (deleted or purged) drops the
+// device and everything known of it.
+func (x *deviceIndex) applyRecord(id string, data []byte) {
+	x.stats.records.Add(1)
+	if data == nil {
+		x.update(id, func(*deviceState) bool { return false })
+		return
+	}
+	var d model.Device
+	if err := json.Unmarshal(data, &d); err != nil {
+		x.stats.decodeErrors.Add(1)
+		x.log.Warn().Err(err).Str("device", id).Msg("undecodable device record")
+		return
+	}
+	d.ID = id
+	x.update(id, func(s *deviceState) bool {
+		s.rec = &d
+		return true
+	})
+}
+
+func (x *deviceIndex) applyDesired(id string, data []byte) {
+	x.stats.desired.Add(1)
+	var d model.Desired
+	if data != nil {
+		if err := json.Unmarshal(data, &d); err != nil {
+			x.stats.decodeErrors.Add(1)
+			x.log.Warn().Err(err).Str("device", id).Msg("undecodable desired state")
+			return
+		}
+	}
+	x.update(id, func(s *deviceState) bool {
+		s.desired, s.rollout = d.StorePath, d.RolloutID
+		// A device with nothing but a desired state (no record, never
+		// seen) is not worth an entry.
+		return s.rec != nil || s.facts != nil || s.event != nil || s.desired != ""
+	})
+}
+
+func (x *deviceIndex) applyRollout(id string, data []byte) {
+	x.stats.rollouts.Add(1)
+	if data == nil {
+		x.mu.Lock()
+		delete(x.rollouts, id)
+		x.mu.Unlock()
+		return
+	}
+	var r model.Rollout
+	if err := json.Unmarshal(data, &r); err != nil {
+		x.stats.decodeErrors.Add(1)
+		x.log.Warn().Err(err).Str("rollout", id).Msg("undecodable rollout")
+		return
+	}
+	x.mu.Lock()
+	x.rollouts[id] = &r
+	x.mu.Unlock()
+}
+
+// snapshot is a consistent, read-only view of the index.
+type snapshot struct {
+	at       time.Time
+	devs     []*deviceState // sorted by ID
+	rollouts []*model.Rollout
+	online   onlineSource
+}
+
+func (x *deviceIndex) snapshot() *snapshot {
+	x.mu.RLock()
+	s := &snapshot{at: x.now(), online: x.online, devs: make([]*deviceState, 0, len(x.devs)), rollouts: make([]*model.Rollout, 0, len(x.rollouts))}
+	for _, d := range x.devs {
+		s.devs = append(s.devs, d)
+	}
+	for _, r := range x.rollouts {
+		s.rollouts = append(s.rollouts, r)
+	}
+	x.mu.RUnlock()
+	sort.Slice(s.devs, func(i, j int) bool { return s.devs[i].id() < s.devs[j].id() })
+	sort.Slice(s.rollouts, func(i, j int) bool { return s.rollouts[i].ID < s.rollouts[j].ID })
+	return s
+}
+
+func (s *deviceState) id() string {
+	switch {
+	case s.rec != nil:
+		return s.rec.ID
+	case s.facts != nil:
+		return s.facts.Device
+	case s.event != nil:
+		return s.event.Device
+	}
+	return ""
+}
+
+// exported reports whether the device has series and rows: it has a record
+// and is not revoked. Facts of a device without a record (deleted, or not
+// yet recorded) stay out, which bounds cardinality by the device bucket.
+func (s *deviceState) exported() bool {
+	return s.rec != nil && s.rec.Status != model.DeviceRevoked
+}
+
+// isOnline applies the online rule: the advisory source when set, else last
+// seen within onlineAfter.
+func (sn *snapshot) isOnline(s *deviceState) bool {
+	if sn.online != nil {
+		return sn.online.Online(s.rec.ID)
+	}
+	return !s.lastSeen.IsZero() && sn.at.Sub(s.lastSeen) <= onlineAfter
+}
+
+// row builds the status row of an exported device.
+func (sn *snapshot) row(s *deviceState) model.DeviceStatusRow {
+	r := model.DeviceStatusRow{
+		ID: s.rec.ID, Name: s.rec.Name, Groups: s.rec.Groups, Status: s.rec.Status,
+		Online: sn.isOnline(s), LastSeen: s.lastSeen,
+		DesiredSystem: s.desired, Rollout: s.rollout,
+	}
+	if f := s.facts; f != nil {
+		r.CurrentSystem = f.CurrentSystem
+		r.RebootNeeded = f.RebootNeeded
+		for _, m := range f.Mounts {
+			r.DiskMaxUsedRatio = max(r.DiskMaxUsedRatio, m.UsedRatio())
+		}
+		r.UpToDate = f.CurrentSystem != "" && (s.desired == "" || s.desired == f.CurrentSystem)
+	}
+	r.LastResult, r.LastError, _ = s.lastResult()
+	return r
+}
+
+// rows returns the status rows of exported devices in group ("" = all).
+func (sn *snapshot) rows(group string) []model.DeviceStatusRow {
+	out := []model.DeviceStatusRow{}
+	for _, s := range sn.devs {
+		if !s.exported() || (group != "" && !slices.Contains(s.rec.Groups, group)) {
+			continue
+		}
+		out = append(out, sn.row(s))
+	}
+	return out
+}
+
+// shownRollouts are the rollouts worth showing: unfinished ones and those
+// finished within recentRollouts.
+func (sn *snapshot) shownRollouts() []*model.Rollout {
+	var out []*model.Rollout
+	for _, r := range sn.rollouts {
+		if !r.State.Finished() || sn.at.Sub(r.UpdatedAt) <= recentRollouts {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// run feeds the index until ctx ends. It returns once every consumer and
+// watcher is created; errors after that are logged and retried by the
+// library (ordered consumers recreate themselves, watchers resubscribe).
+func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
+	for _, src := range []struct {
+		stream, filter string
+		apply          func(id string, data []byte, at time.Time)
+	}{
+		{subjects.StreamFacts, subjects.AllFacts, x.applyFacts},
+		{subjects.StreamEvents, subjects.AllEvents, x.applyEvent},
+	} {
+		cons, err := js.OrderedConsumer(ctx, src.stream, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{src.filter},
+			DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
+			NamePrefix:     "fleet-index",
+		})
+		if err != nil {
+			return err
+		}
+		apply := src.apply
+		cc, err := cons.Consume(func(m jetstream.Msg) {
+			id, ok := subjects.DeviceFromSubject(m.Subject())
+			if !ok {
+				return
+			}
+			at := time.Now()
+			if md, err := m.Metadata(); err == nil {
+				at = md.Timestamp
+			}
+			apply(id, m.Data(), at)
+		})
+		if err != nil {
+			return err
+		}
+		go func() {
+			<-ctx.Done()
+			cc.Stop()
+		}()
+	}
+	for _, w := range []struct {
+		bucket, keys string
+		apply        func(key string, data []byte)
+	}{
+		{subjects.BucketDevices, ">", x.applyRecord},
+		{subjects.BucketDesired, ">", x.applyDesired},
+		{subjects.BucketRollouts, "*", x.applyRollout},
+	} {
+		kv, err := js.KeyValue(ctx, w.bucket)
+		if err != nil {
+			return err
+		}
+		kw, err := kv.Watch(ctx, w.keys)
+		if err != nil {
+			return err
+		}
+		go x.watch(ctx, kw, w.apply)
+	}
+	return nil
+}
+
+func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte)) {
+	defer kw.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e, ok := <-kw.Updates():
+			if !ok {
+				return
+			}
+			if e == nil { // initial values delivered
+				continue
+			}
+			if e.Operation() != jetstream.KeyValuePut {
+				apply(e.Key(), nil)
+				continue
+			}
+			apply(e.Key(), e.Value())
+		}
+	}
+}
