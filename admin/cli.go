@@ -52,6 +52,8 @@ type CLI struct {
 	Admin   AdminCmd   `cmd:"" help:"Admins and their roles: add, ls, remove."`
 	Audit   AuditCmd   `cmd:"" help:"The audit trail: ls, verify."`
 	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config."`
+	Status  StatusCmd  `cmd:"" help:"The fleet at a glance: one line a device and a summary."`
+	Facts   FactsCmd   `cmd:"" help:"A device's fact reports over time."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }
 

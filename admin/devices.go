@@ -76,7 +76,13 @@ func printDevice(g *Globals, d *model.DeviceView) error {
 	if !d.RevokedAt.IsZero() {
 		fmt.Fprintf(tw, "revoked:\t%s\n", d.RevokedAt.Local().Format(time.DateTime))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if d.Facts != nil {
+		printFacts(g.stdout, d.Facts)
+	}
+	return nil
 }
 
 // DevicesShowCmd is `fleet-admin devices show`.

@@ -72,6 +72,8 @@ func (s *services) verbs() []apiVerb {
 		{subjects.VerbAdminRemove, true, subjects.RoleOwner, s.adminRemove},
 		{subjects.VerbAudit, false, subjects.RoleOperator, s.auditList},
 		{subjects.VerbLeafConfig, true, subjects.RoleOwner, s.leafConfig},
+		{subjects.VerbStatus, false, subjects.RoleViewer, s.status},
+		{subjects.VerbFacts, false, subjects.RoleViewer, s.facts},
 	}
 }
 

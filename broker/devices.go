@@ -166,7 +166,34 @@ func (s *services) deviceShow(ctx context.Context, _ *model.Admin, raw json.RawM
 	if err != nil {
 		return nil, err
 	}
-	return s.view(*d), nil
+	v := s.view(*d)
+	v.Facts = s.c.index.latestFacts(d.ID)
+	return v, nil
+}
+
+func (s *services) status(_ context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var q model.StatusQuery
+	if len(raw) > 0 {
+		if err := decodeArgs(raw, &q); err != nil {
+			return nil, err
+		}
+	}
+	return s.c.Status(q.Group), nil
+}
+
+func (s *services) facts(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var q model.FactsQuery
+	if err := decodeArgs(raw, &q); err != nil {
+		return nil, err
+	}
+	if q.Since <= 0 {
+		return nil, badRequest("--since must be a positive duration, e.g. 24h")
+	}
+	d, err := s.resolve(ctx, q.Ref)
+	if err != nil {
+		return nil, err
+	}
+	return s.c.FactsHistory(ctx, d.ID, q.Since)
 }
 
 func (s *services) deviceApprove(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {

@@ -407,3 +407,14 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 		}
 	}
 }
+
+// latestFacts returns device id's latest facts (nil when none arrived). The
+// value is never modified once in the index.
+func (x *deviceIndex) latestFacts(id string) *model.Facts {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	if s := x.devs[id]; s != nil {
+		return s.facts
+	}
+	return nil
+}

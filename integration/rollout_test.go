@@ -286,7 +286,11 @@ func (w *fleetWorld) addDevices(n int, group, initial string) {
 			ReconnectWithin: 30 * time.Second,
 			ApplyTimeout:    time.Minute,
 			FactsInterval:   time.Hour,
-			Log:             zerolog.Nop(),
+			Facts: []agent.FactSource{agent.FactSourceFunc{N: "system", F: func(ctx context.Context, f *model.Facts) error {
+				f.CurrentSystem, _ = d.act.Current(ctx)
+				return nil
+			}}},
+			Log: zerolog.Nop(),
 		})
 		if err != nil {
 			w.t.Fatal(err)
@@ -368,6 +372,36 @@ func TestRolloutCanaryToAll(t *testing.T) {
 			t.Fatalf("%s: running %s, switched to gen2 %d times", d.name, cur, d.act.switchCount(gen2))
 		}
 	}
+	// status --json shows what the agents reported: all online, on gen2.
+	var rep model.StatusReport
+	w.waitFor(30*time.Second, "status: every device reports gen2", func() bool {
+		if err := json.Unmarshal([]byte(w.mustAdmin("--json", "status", "--group", "developers")), &rep); err != nil {
+			t.Fatal(err)
+		}
+		return rep.Summary.Total == 20 && rep.Summary.UpToDate == 20
+	})
+	for _, r := range rep.Devices {
+		if !r.Online || r.CurrentSystem != gen2 || r.DesiredSystem != gen2 || r.LastResult != model.ResultSucceeded || r.Rollout != ro.ID {
+			t.Fatalf("status row %+v", r)
+		}
+	}
+	if rep.Summary.Online != 20 || rep.Summary.Failing != 0 || rep.Summary.Pending != 0 {
+		t.Fatalf("status summary %+v", rep.Summary)
+	}
+	if out := w.mustAdmin("status", "--group", "developers"); !strings.Contains(out, "20 devices, 20 online, 20 up to date, 0 failing") {
+		t.Fatalf("status table:\n%s", out)
+	}
+	var facts []model.Facts
+	if err := json.Unmarshal([]byte(w.mustAdmin("--json", "facts", "dev05", "--since", "1h")), &facts); err != nil || len(facts) == 0 || facts[len(facts)-1].CurrentSystem != gen2 {
+		t.Fatalf("facts history of dev05: %v %+v", err, facts)
+	}
+	if _, errs, err := w.admin("facts", "nosuchdevice", "--since", "1h"); err == nil || !strings.Contains(errs, "nosuchdevice") {
+		t.Fatalf("facts of an unknown device: %v %s", err, errs)
+	}
+	if _, errs, err := w.admin("facts", "dev05", "--since", "soon"); err == nil || errs == "" {
+		t.Fatalf("facts --since soon: %v", err)
+	}
+
 	var recs []model.AuditRecord
 	if err := json.Unmarshal([]byte(w.mustAdmin("--json", "audit", "ls")), &recs); err != nil {
 		t.Fatal(err)

@@ -91,3 +91,15 @@ type LeafConfig struct {
 	HubURL string `json:"hub_url,omitempty"`
 	Domain string `json:"domain"`
 }
+
+// StatusQuery is the argument of the status verb.
+type StatusQuery struct {
+	Group string `json:"group,omitempty"`
+}
+
+// FactsQuery is the argument of the facts verb: a device's reports of the
+// last Since.
+type FactsQuery struct {
+	Ref   string        `json:"ref"`
+	Since time.Duration `json:"since"`
+}

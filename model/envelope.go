@@ -134,6 +134,8 @@ type DeviceView struct {
 	Device
 	Online   bool      `json:"online"`
 	LastSeen time.Time `json:"last_seen,omitzero"`
+	// Facts are the device's latest facts (devices show only).
+	Facts *Facts `json:"facts,omitempty"`
 }
 
 // EnrollRequest is the payload of a device's enrollment request, signed

@@ -13,6 +13,8 @@ const (
 	VerbRollout  = "rollout"
 	VerbAdmins   = "admins"
 	VerbAudit    = "audit"
+	VerbStatus   = "status"
+	VerbFacts    = "facts"
 
 	// Write verbs: fleet.api.write.<verb>.
 	VerbTokenCreate   = "token-create"
