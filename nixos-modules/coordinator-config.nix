@@ -16,6 +16,7 @@ let
     factsRetention = "facts-retention";
     factsHistory = "facts-history";
     eventsRetention = "events-retention";
+    apiTokenFile = "api-token-file";
     logLevel = "log-level";
     logFormat = "log-format";
   };

@@ -119,6 +119,18 @@ in
       description = "How long device events are kept (flag --events-retention).";
     };
 
+    apiTokenFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/keys/fleet-api-token";
+      description = ''
+        File holding the bearer token (at least 16 characters) that
+        /api/v1/devices and /api/v1/rollouts require (flag --api-token-file).
+        Readable by the fleet-coordinator user; kept out of the Nix store.
+        Null leaves the JSON API off (403).
+      '';
+    };
+
     logLevel = mkOption {
       type = types.enum [ "debug" "info" "warn" "error" ];
       default = "info";
