@@ -194,7 +194,7 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if err := WriteCreds(filepath.Join(dir, AdminCredsFile), owner); err != nil {
 		return nil, err
 	}
-	if err := writeSecret(filepath.Join(dir, OperatorJWTFile), []byte(a.OperatorJWT+"\n")); err != nil {
+	if err := WriteSecretFile(filepath.Join(dir, OperatorJWTFile), []byte(a.OperatorJWT+"\n")); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -509,7 +509,7 @@ func (a *Authority) accountJWTPath(pub string) string {
 // storeAccountJWT writes an account JWT where the server's directory
 // resolver looks for it.
 func (a *Authority) storeAccountJWT(pub, tok string) error {
-	return writeSecret(a.accountJWTPath(pub), []byte(tok))
+	return WriteSecretFile(a.accountJWTPath(pub), []byte(tok))
 }
 
 func (a *Authority) readAccountJWT(pub string) (string, error) {

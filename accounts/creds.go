@@ -45,7 +45,7 @@ func WriteCreds(path string, c *Creds) error {
 	if err != nil {
 		return err
 	}
-	return writeSecret(path, b)
+	return WriteSecretFile(path, b)
 }
 
 // ReadCreds reads and checks a .creds file: it must hold a user JWT and the
@@ -82,8 +82,10 @@ func ParseCreds(b []byte, name string) (*Creds, error) {
 	return &Creds{JWT: tok, Key: kp}, nil
 }
 
-// writeSecret writes b to path (0600) atomically.
-func writeSecret(path string, b []byte) error {
+// WriteSecretFile writes b to path atomically, readable by its owner only
+// (0600), creating parent directories (0700). A crash leaves the old file or
+// the new one, never half of either.
+func WriteSecretFile(path string, b []byte) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("create directory for %s: %w", path, err)
 	}
@@ -110,6 +112,11 @@ func writeSecret(path string, b []byte) error {
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	// The rename is durable once the directory is synced.
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
 	return nil
 }
 
@@ -119,7 +126,7 @@ func WriteSeed(path string, kp nkeys.KeyPair) error {
 	if err != nil {
 		return fmt.Errorf("seed for %s: %w", path, err)
 	}
-	return writeSecret(path, append(seed, '\n'))
+	return WriteSecretFile(path, append(seed, '\n'))
 }
 
 // ReadSeed reads an nkey seed file and checks that it holds the expected

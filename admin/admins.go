@@ -41,13 +41,8 @@ func (cmd *AdminAddCmd) Run(g *Globals) error {
 		return err
 	}
 	pub, _ := kp.PublicKey()
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var out model.AdminAdded
-	if err := c.Call(g.ctx, subjects.VerbAdminAdd, true, model.AdminAdd{Name: cmd.Name, Role: cmd.Role, Groups: cmd.Group, Key: pub}, &out); err != nil {
+	if err := g.call(subjects.VerbAdminAdd, true, model.AdminAdd{Name: cmd.Name, Role: cmd.Role, Groups: cmd.Group, Key: pub}, &out); err != nil {
 		return err
 	}
 	if err := accounts.WriteCreds(cmd.Out, &accounts.Creds{JWT: out.JWT, Key: kp}); err != nil {
@@ -65,13 +60,8 @@ type AdminLsCmd struct{}
 
 // Run lists admins.
 func (AdminLsCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var list []model.Admin
-	if err := c.Call(g.ctx, subjects.VerbAdmins, false, struct{}{}, &list); err != nil {
+	if err := g.call(subjects.VerbAdmins, false, struct{}{}, &list); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -92,19 +82,14 @@ type AdminRemoveCmd struct {
 
 // Run removes an admin.
 func (cmd *AdminRemoveCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var out model.Admin
-	if err := c.Call(g.ctx, subjects.VerbAdminRemove, true, model.AdminRef{Ref: cmd.Ref}, &out); err != nil {
+	if err := g.call(subjects.VerbAdminRemove, true, model.AdminRef{Ref: cmd.Ref}, &out); err != nil {
 		return err
 	}
 	if g.JSON {
 		return g.printJSON(out)
 	}
-	_, err = fmt.Fprintf(g.stdout, "removed %s %s; its key is revoked\n", out.Role, out.Name)
+	_, err := fmt.Fprintf(g.stdout, "removed %s %s; its key is revoked\n", out.Role, out.Name)
 	return err
 }
 
@@ -141,13 +126,8 @@ func auditRecords(g *Globals, since time.Duration) ([]model.AuditRecord, error) 
 	if since < 0 {
 		return nil, errors.New("--since must not be negative")
 	}
-	c, err := g.dial()
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
 	var recs []model.AuditRecord
-	err = c.Call(g.ctx, subjects.VerbAudit, false, model.AuditQuery{Since: since}, &recs)
+	err := g.call(subjects.VerbAudit, false, model.AuditQuery{Since: since}, &recs)
 	return recs, err
 }
 

@@ -33,6 +33,16 @@ type Globals struct {
 // dial connects with the global flags.
 func (g *Globals) dial() (*Client, error) { return Dial(g.ctx, g.Server, g.Creds) }
 
+// call dials the coordinator, sends one signed request and closes.
+func (g *Globals) call(verb string, write bool, args, out any) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Call(g.ctx, verb, write, args, out)
+}
+
 // printJSON writes v as indented JSON.
 func (g *Globals) printJSON(v any) error {
 	enc := json.NewEncoder(g.stdout)

@@ -127,13 +127,8 @@ type ReleaseLsCmd struct{}
 
 // Run lists releases.
 func (ReleaseLsCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var rels []model.Release
-	if err := c.Call(g.ctx, subjects.VerbReleases, false, struct{}{}, &rels); err != nil {
+	if err := g.call(subjects.VerbReleases, false, struct{}{}, &rels); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -158,13 +153,8 @@ type ReleaseShowCmd struct {
 
 // Run shows one release.
 func (cmd *ReleaseShowCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var v model.ReleaseView
-	if err := c.Call(g.ctx, subjects.VerbRelease, false, model.ReleaseRef{ID: cmd.ID}, &v); err != nil {
+	if err := g.call(subjects.VerbRelease, false, model.ReleaseRef{ID: cmd.ID}, &v); err != nil {
 		return err
 	}
 	if g.JSON {

@@ -77,13 +77,8 @@ type RolloutLsCmd struct{}
 
 // Run lists rollouts.
 func (RolloutLsCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var list []model.Rollout
-	if err := c.Call(g.ctx, subjects.VerbRollouts, false, struct{}{}, &list); err != nil {
+	if err := g.call(subjects.VerbRollouts, false, struct{}{}, &list); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -118,13 +113,8 @@ type RolloutShowCmd struct {
 
 // Run shows a rollout.
 func (cmd *RolloutShowCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var v model.RolloutView
-	if err := c.Call(g.ctx, subjects.VerbRollout, false, model.RolloutRef{ID: cmd.ID}, &v); err != nil {
+	if err := g.call(subjects.VerbRollout, false, model.RolloutRef{ID: cmd.ID}, &v); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -184,19 +174,14 @@ type RolloutAbortCmd struct {
 func (cmd *RolloutAbortCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, "abort") }
 
 func rolloutAction(g *Globals, id, action string) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var ro model.Rollout
-	if err := c.Call(g.ctx, subjects.VerbRolloutAction, true, model.RolloutRef{ID: id, Action: action}, &ro); err != nil {
+	if err := g.call(subjects.VerbRolloutAction, true, model.RolloutRef{ID: id, Action: action}, &ro); err != nil {
 		return err
 	}
 	if g.JSON {
 		return g.printJSON(ro)
 	}
-	_, err = fmt.Fprintf(g.stdout, "rollout %s: %s\n", ro.ID, ro.State)
+	_, err := fmt.Fprintf(g.stdout, "rollout %s: %s\n", ro.ID, ro.State)
 	return err
 }
 

@@ -114,13 +114,8 @@ func (cmd *FactsCmd) Run(g *Globals) error {
 	if cmd.Since <= 0 {
 		return fmt.Errorf("--since must be a positive duration, e.g. 24h")
 	}
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	var facts []model.Facts
-	if err := c.Call(g.ctx, subjects.VerbFacts, false, model.FactsQuery{Ref: cmd.Device, Since: cmd.Since}, &facts); err != nil {
+	if err := g.call(subjects.VerbFacts, false, model.FactsQuery{Ref: cmd.Device, Since: cmd.Since}, &facts); err != nil {
 		return err
 	}
 	if g.JSON {

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
+	"fleet/accounts"
 	"fleet/model"
 )
 
@@ -88,7 +89,7 @@ func (r *reporter) persistLocked() error {
 	if err != nil {
 		return fmt.Errorf("encode outbox: %w", err)
 	}
-	return writeAtomic(filepath.Join(r.dir, OutboxFile), b)
+	return accounts.WriteSecretFile(filepath.Join(r.dir, OutboxFile), b)
 }
 
 func (r *reporter) kick() {
