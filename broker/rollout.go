@@ -47,6 +47,20 @@ type rollouts struct {
 
 	// mu serialises the engine's own steps with event handling.
 	mu sync.Mutex
+	// cache holds the per-device progress of the rollouts the engine
+	// drives, so a tick reads one summary per rollout, not every device.
+	// The engine is the only writer of device progress; a summary revision
+	// it did not write (an operator's pause, resume or abort, or another
+	// rollout superseding devices) makes it read the devices again.
+	cache map[string]*engineCache
+	// active are the pending and running rollouts, kept by a watcher.
+	active map[string]bool
+}
+
+type engineCache struct {
+	rev  uint64
+	devs []*model.RolloutDevice // batch order
+	byID map[string]*model.RolloutDevice
 }
 
 func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log zerolog.Logger) (*rollouts, error) {
@@ -147,7 +161,8 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	if len(devs) == 0 {
 		return nil, badRequest("release %s names no closure for any target device (skipped: %s)", rel.ID, strings.Join(ro.Skipped, ", "))
 	}
-	if err := r.checkBusy(ctx, devs, req.Supersede); err != nil {
+	taken, err := r.busy(ctx, devs, req.Supersede)
+	if err != nil {
 		return nil, err
 	}
 	ro.BatchSizes = model.BatchSizes(batches, len(devs))
@@ -170,6 +185,9 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	b, _ := json.Marshal(ro)
 	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
 		return nil, fmt.Errorf("record rollout: %w", err)
+	}
+	if err := r.supersede(ctx, ro.ID, taken); err != nil {
+		return nil, err
 	}
 	return ro, nil
 }
@@ -234,17 +252,20 @@ func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]mode
 	return out, nil
 }
 
-// checkBusy refuses devices that are in another unfinished rollout, or with
-// supersede marks them superseded there.
-func (r *rollouts) checkBusy(ctx context.Context, devs []*model.RolloutDevice, supersede bool) error {
+// busy finds the target devices that are still queued or waiting in other
+// unfinished rollouts. Without supersede that is a conflict; with it they
+// are returned, per rollout, to be marked superseded once the new rollout
+// is recorded.
+func (r *rollouts) busy(ctx context.Context, devs []*model.RolloutDevice, supersede bool) (map[string][]*model.RolloutDevice, error) {
 	active, err := r.List(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	want := map[string]bool{}
 	for _, d := range devs {
 		want[d.Device] = true
 	}
+	taken := map[string][]*model.RolloutDevice{}
 	for _, ro := range active {
 		if ro.State.Finished() {
 			continue
@@ -254,16 +275,40 @@ func (r *rollouts) checkBusy(ctx context.Context, devs []*model.RolloutDevice, s
 				continue
 			}
 			d, err := r.getDevice(ctx, ro.ID, id)
-			if err != nil || d.State.Done() && d.State != model.DeviceWaiting {
+			if err != nil || d.State.Done() {
 				continue
 			}
 			if !supersede {
-				return conflict("device %s is already in unfinished rollout %s (%s): wait for it, abort it, or pass --supersede", d.Name, ro.ID, ro.State)
+				return nil, conflict("device %s is already in unfinished rollout %s (%s): wait for it, abort it, or pass --supersede", d.Name, ro.ID, ro.State)
 			}
-			d.State = model.DeviceSuperseded
-			d.Finished = time.Now().UTC()
-			if err := r.putDevice(ctx, ro.ID, d); err != nil {
+			taken[ro.ID] = append(taken[ro.ID], d)
+		}
+	}
+	return taken, nil
+}
+
+// supersede marks devices superseded in their old rollouts and touches
+// those summaries, so the engine reads their devices again.
+func (r *rollouts) supersede(ctx context.Context, by string, taken map[string][]*model.RolloutDevice) error {
+	now := time.Now().UTC()
+	for id, devs := range taken {
+		for _, d := range devs {
+			d.State, d.Error, d.Finished = model.DeviceSuperseded, "superseded by rollout "+by, now
+			if err := r.putDevice(ctx, id, d); err != nil {
 				return err
+			}
+		}
+		for {
+			ro, rev, err := r.Get(ctx, id)
+			if err != nil {
+				return err
+			}
+			ro.UpdatedAt = now
+			b, _ := json.Marshal(ro)
+			if _, err := r.rollouts.Update(ctx, id, b, rev); err == nil {
+				break
+			} else if !isWrongRevision(err) {
+				return fmt.Errorf("update rollout %s: %w", id, err)
 			}
 		}
 	}
@@ -446,15 +491,34 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 	}
 	defer cc.Stop()
 
+	r.mu.Lock()
+	r.cache, r.active = map[string]*engineCache{}, map[string]bool{}
+	r.mu.Unlock()
+	// One watcher over the summaries (single-token keys) keeps the set of
+	// rollouts to drive.
+	watch, err := r.rollouts.WatchFiltered(ctx, []string{"*"})
+	if err != nil {
+		r.log.Error().Err(err).Msg("rollout engine: watch rollouts")
+		return
+	}
+	defer func() { _ = watch.Stop() }()
+
 	renew := time.NewTicker(engineLockRenew)
 	defer renew.Stop()
 	tick := time.NewTicker(engineTick)
 	defer tick.Stop()
-	r.step(ctx)
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case e, ok := <-watch.Updates():
+			if !ok {
+				r.log.Warn().Msg("rollout engine: rollout watch ended")
+				return
+			}
+			if e != nil {
+				r.track(e)
+			}
 		case <-renew.C:
 			if rev, err = r.locks.Update(ctx, engineLockKey, []byte(r.name), rev); err != nil {
 				r.log.Warn().Err(err).Msg("rollout engine: lost the lock")
@@ -480,8 +544,13 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	d, err := r.getDevice(ctx, ev.RolloutID, dev)
-	if err != nil {
+	var d *model.RolloutDevice
+	if c := r.cache[ev.RolloutID]; c != nil {
+		d = c.byID[dev]
+	} else if ev.RolloutID != "" && model.CheckRolloutID(ev.RolloutID) == nil {
+		d, _ = r.getDevice(ctx, ev.RolloutID, dev)
+	}
+	if d == nil {
 		_ = m.Ack() // not a device of that rollout (or no such rollout)
 		return
 	}
@@ -513,21 +582,52 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 	r.log.Info().Str("rollout", ev.RolloutID).Str("device", d.Name).Str("result", string(d.State)).Msg("rollout device done")
 }
 
-// step advances every unfinished rollout once.
-func (r *rollouts) step(ctx context.Context) {
-	list, err := r.List(ctx)
-	if err != nil {
-		r.log.Warn().Err(err).Msg("rollout engine: list")
+// track follows a summary change: pending and running rollouts are driven.
+func (r *rollouts) track(e jetstream.KeyValueEntry) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ro model.Rollout
+	if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &ro) != nil ||
+		ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+		delete(r.active, e.Key())
+		delete(r.cache, e.Key())
 		return
 	}
-	for _, ro := range list {
-		if ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
-			continue
-		}
-		if err := r.advance(ctx, ro.ID); err != nil {
-			r.log.Warn().Err(err).Str("rollout", ro.ID).Msg("rollout engine: advance")
+	r.active[e.Key()] = true
+}
+
+// step advances every pending or running rollout once.
+func (r *rollouts) step(ctx context.Context) {
+	r.mu.Lock()
+	ids := make([]string, 0, len(r.active))
+	for id := range r.active {
+		ids = append(ids, id)
+	}
+	r.mu.Unlock()
+	slices.Sort(ids)
+	for _, id := range ids {
+		if err := r.advance(ctx, id); err != nil {
+			r.log.Warn().Err(err).Str("rollout", id).Msg("rollout engine: advance")
 		}
 	}
+}
+
+// engineDevices returns the rollout's device progress from the cache, read
+// again from the bucket when the summary changed behind the engine's back.
+func (r *rollouts) engineDevices(ctx context.Context, ro *model.Rollout, rev uint64) ([]*model.RolloutDevice, error) {
+	if c := r.cache[ro.ID]; c != nil && c.rev == rev {
+		return c.devs, nil
+	}
+	devs, err := r.Devices(ctx, ro)
+	if err != nil {
+		return nil, err
+	}
+	c := &engineCache{rev: rev, devs: devs, byID: make(map[string]*model.RolloutDevice, len(devs))}
+	for _, d := range devs {
+		c.byID[d.Device] = d
+	}
+	r.cache[ro.ID] = c
+	return devs, nil
 }
 
 // advance moves one rollout forward: start its batch, time out devices,
@@ -542,7 +642,7 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 	if ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
 		return nil
 	}
-	devs, err := r.Devices(ctx, ro)
+	devs, err := r.engineDevices(ctx, ro, rev)
 	if err != nil {
 		return err
 	}
@@ -705,11 +805,16 @@ func (r *rollouts) save(ctx context.Context, ro *model.Rollout, devs []*model.Ro
 	}
 	ro.UpdatedAt = time.Now().UTC()
 	b, _ := json.Marshal(ro)
-	if _, err := r.rollouts.Update(ctx, ro.ID, b, rev); err != nil {
+	next, err := r.rollouts.Update(ctx, ro.ID, b, rev)
+	if err != nil {
+		delete(r.cache, ro.ID) // read it all again next time
 		if isWrongRevision(err) {
 			return nil
 		}
 		return fmt.Errorf("record rollout %s: %w", ro.ID, err)
+	}
+	if c := r.cache[ro.ID]; c != nil {
+		c.rev = next
 	}
 	if ro.State.Finished() || ro.State == model.RolloutPaused {
 		r.log.Info().Str("rollout", ro.ID).Str("state", string(ro.State)).Str("reason", ro.Reason).Msg("rollout stopped")

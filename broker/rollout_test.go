@@ -321,7 +321,23 @@ func TestRolloutBadRequests(t *testing.T) {
 	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
 		t.Fatalf("second rollout on busy devices: %v", err)
 	}
-	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test"); err != nil {
+	second, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test")
+	if err != nil {
 		t.Fatalf("superseding rollout: %v", err)
 	}
+	ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
+	devs, err := f.c.rollouts.Devices(ctx, ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range devs {
+		if d.State != model.DeviceSuperseded || !strings.Contains(d.Error, second.ID) {
+			t.Fatalf("first rollout's %s: %+v", d.Name, d)
+		}
+	}
+	// The engine drives the superseded rollout to its end: nothing waits.
+	waitFor(t, 10*time.Second, "superseded rollout finishes", func() bool {
+		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
+		return ro.State.Finished() && ro.Counts[model.DeviceWaiting] == 0
+	})
 }
