@@ -54,7 +54,7 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 		return err
 	}
 	if !g.JSON {
-		fmt.Fprintf(g.stderr, "rollout %s of %s to %d device(s) in batches %v\n", ro.ID, ro.ReleaseID, len(ro.Devices), ro.BatchSizes)
+		fmt.Fprintf(g.stderr, "rollout %s of %s to %d device(s) in batches %v\n", ro.ID, ro.ReleaseID, ro.Total, ro.BatchSizes)
 		if len(ro.Skipped) > 0 {
 			fmt.Fprintf(g.stderr, "skipped (no closure in the release): %s\n", strings.Join(ro.Skipped, ", "))
 		}
@@ -88,7 +88,7 @@ func (RolloutLsCmd) Run(g *Globals) error {
 	fmt.Fprintln(tw, "ID\tRELEASE\tTARGET\tSTATE\tBATCH\tDONE\tFAILED\tCREATED")
 	for _, r := range list {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%s\n", r.ID, r.ReleaseID, target(&r), r.State,
-			min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), len(r.Devices), failed(&r), r.CreatedAt.Local().Format(time.DateTime))
+			min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), r.Total, failed(&r), r.CreatedAt.Local().Format(time.DateTime))
 	}
 	return tw.Flush()
 }
@@ -97,7 +97,7 @@ func target(r *model.Rollout) string {
 	if r.Group != "" {
 		return "group " + r.Group
 	}
-	return fmt.Sprintf("%d device(s)", len(r.Devices))
+	return fmt.Sprintf("%d device(s)", r.Total)
 }
 
 func done(r *model.Rollout) int { return r.Counts[model.DeviceSucceeded] }
@@ -247,7 +247,7 @@ func watch(g *Globals, c *Client, id string) error {
 
 // progressLine renders [#####.....] n/total succeeded, f failed, batch b/B.
 func progressLine(v *model.RolloutView) string {
-	total := len(v.Devices)
+	total := v.Total
 	ok := done(&v.Rollout)
 	const width = 30
 	fill := 0

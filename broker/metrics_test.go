@@ -226,7 +226,7 @@ func TestVisibilityMetricsAPIAndStatus(t *testing.T) {
 	putJSON(t, f.c, subjects.BucketDesired, a.id, model.Desired{Device: a.id, ReleaseID: "rel-2", RolloutID: "r-1", StorePath: gen2})
 	putJSON(t, f.c, subjects.BucketDesired, b.id, model.Desired{Device: b.id, ReleaseID: "rel-2", RolloutID: "r-1", StorePath: gen2})
 	putJSON(t, f.c, subjects.BucketRollouts, "r-1", model.Rollout{ID: "r-1", ReleaseID: "rel-2", State: model.RolloutRunning,
-		Devices: []string{a.id, b.id}, BatchSizes: []int{2}, UpdatedAt: time.Now(),
+		Total: 2, BatchSizes: []int{2}, UpdatedAt: time.Now(),
 		Counts: map[model.DeviceRolloutState]int{model.DeviceWaiting: 1, model.DeviceSucceeded: 1}})
 	// Per-device progress shares the bucket; the index must not take it
 	// for a rollout summary.

@@ -55,6 +55,9 @@ type rollouts struct {
 	cache map[string]*engineCache
 	// active are the pending and running rollouts, kept by a watcher.
 	active map[string]bool
+	// kick asks the engine to step now rather than at its next tick: a
+	// result arrived, a batch ended, a rollout appeared.
+	kick chan struct{}
 }
 
 type engineCache struct {
@@ -64,7 +67,7 @@ type engineCache struct {
 }
 
 func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log zerolog.Logger) (*rollouts, error) {
-	r := &rollouts{log: log, js: js, name: name}
+	r := &rollouts{log: log, js: js, name: name, kick: make(chan struct{}, 1)}
 	var err error
 	for _, b := range []struct {
 		kv   *jetstream.KeyValue
@@ -142,6 +145,16 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		HealthTimeout: model.Duration(timeout), OnFailure: onFail, State: model.RolloutPending,
 		Counts: map[model.DeviceRolloutState]int{},
 	}
+	// Each device's current desired state is what a revert returns to.
+	previous := map[string]*model.Desired{}
+	if err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
+		var prev model.Desired
+		if json.Unmarshal(e.Value(), &prev) == nil {
+			previous[e.Key()] = &prev
+		}
+	}); err != nil {
+		return nil, err
+	}
 	var devs []*model.RolloutDevice
 	for _, d := range targets {
 		p, ok := rel.PathFor(d.Name)
@@ -149,13 +162,7 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 			ro.Skipped = append(ro.Skipped, d.Name)
 			continue
 		}
-		rd := &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: p}
-		if e, err := r.desired.Get(ctx, d.ID); err == nil {
-			var prev model.Desired
-			if json.Unmarshal(e.Value(), &prev) == nil {
-				rd.Previous = &prev
-			}
-		}
+		rd := &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: p, Previous: previous[d.ID]}
 		devs = append(devs, rd)
 	}
 	if len(devs) == 0 {
@@ -170,17 +177,15 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	for b, n := range ro.BatchSizes {
 		for range n {
 			devs[i].Batch = b
-			ro.Devices = append(ro.Devices, devs[i].Device)
 			i++
 		}
 	}
+	ro.Total = len(devs)
 	ro.Counts[model.DeviceQueued] = len(devs)
 	// Device records first, summary last: the engine only sees a rollout
 	// once all of it is there.
-	for _, d := range devs {
-		if err := r.putDevice(ctx, ro.ID, d); err != nil {
-			return nil, err
-		}
+	if err := r.putDevices(ctx, ro.ID, devs); err != nil {
+		return nil, err
 	}
 	b, _ := json.Marshal(ro)
 	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
@@ -270,12 +275,12 @@ func (r *rollouts) busy(ctx context.Context, devs []*model.RolloutDevice, supers
 		if ro.State.Finished() {
 			continue
 		}
-		for _, id := range ro.Devices {
-			if !want[id] {
-				continue
-			}
-			d, err := r.getDevice(ctx, ro.ID, id)
-			if err != nil || d.State.Done() {
+		rdevs, err := r.Devices(ctx, ro)
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range rdevs {
+			if !want[d.Device] || d.State.Done() {
 				continue
 			}
 			if !supersede {
@@ -354,16 +359,43 @@ func (r *rollouts) Get(ctx context.Context, id string) (*model.Rollout, uint64, 
 	return &ro, e.Revision(), nil
 }
 
-// Devices returns a rollout's per-device progress in batch order.
+// Devices returns a rollout's per-device progress in batch order (then by
+// name), read in one pass over its <id>.<device> keys.
 func (r *rollouts) Devices(ctx context.Context, ro *model.Rollout) ([]*model.RolloutDevice, error) {
-	out := make([]*model.RolloutDevice, 0, len(ro.Devices))
-	for _, id := range ro.Devices {
-		d, err := r.getDevice(ctx, ro.ID, id)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, d)
+	w, err := r.rollouts.WatchFiltered(ctx, []string{ro.ID + ".*"}, jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("read rollout %s devices: %w", ro.ID, err)
 	}
+	defer func() { _ = w.Stop() }()
+	out := make([]*model.RolloutDevice, 0, ro.Total)
+	for done := false; !done; {
+		select {
+		case e, ok := <-w.Updates():
+			switch {
+			case !ok:
+				return nil, fmt.Errorf("read rollout %s devices: watch ended", ro.ID)
+			case e == nil:
+				done = true
+			default:
+				var d model.RolloutDevice
+				if err := json.Unmarshal(e.Value(), &d); err != nil {
+					return nil, fmt.Errorf("rollout %s device %s is damaged: %w", ro.ID, e.Key(), err)
+				}
+				out = append(out, &d)
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("read rollout %s devices: %w", ro.ID, ctx.Err())
+		}
+	}
+	if len(out) != ro.Total {
+		return nil, fmt.Errorf("rollout %s: %d of its %d device records found", ro.ID, len(out), ro.Total)
+	}
+	slices.SortFunc(out, func(a, b *model.RolloutDevice) int {
+		if a.Batch != b.Batch {
+			return a.Batch - b.Batch
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
 	return out, nil
 }
 
@@ -379,6 +411,37 @@ func (r *rollouts) getDevice(ctx context.Context, rollout, dev string) (*model.R
 		return nil, fmt.Errorf("rollout %s device %s is damaged: %w", rollout, dev, err)
 	}
 	return &d, nil
+}
+
+// putDevices records many devices' progress with async publishes: one
+// round trip for the lot instead of one per device.
+func (r *rollouts) putDevices(ctx context.Context, rollout string, devs []*model.RolloutDevice) error {
+	ctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
+	defer cancel()
+	futures := make([]jetstream.PubAckFuture, 0, len(devs))
+	for _, d := range devs {
+		b, _ := json.Marshal(d)
+		f, err := r.js.PublishAsync(subjects.KVKey(subjects.BucketRollouts, deviceKey(rollout, d.Device)), b)
+		if err != nil {
+			return fmt.Errorf("record rollout %s device %s: %w", rollout, d.Device, err)
+		}
+		futures = append(futures, f)
+	}
+	return awaitAcks(ctx, futures, func(i int) string { return "record rollout " + rollout + " device " + devs[i].Device })
+}
+
+// awaitAcks waits for every async publish; what names the i-th for errors.
+func awaitAcks(ctx context.Context, futures []jetstream.PubAckFuture, what func(i int) string) error {
+	for i, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return fmt.Errorf("%s: %w", what(i), err)
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", what(i), ctx.Err())
+		}
+	}
+	return nil
 }
 
 func (r *rollouts) putDevice(ctx context.Context, rollout string, d *model.RolloutDevice) error {
@@ -526,6 +589,8 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 			}
 		case <-tick.C:
 			r.step(ctx)
+		case <-r.kick:
+			r.step(ctx)
 		}
 	}
 }
@@ -580,6 +645,14 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 	}
 	_ = m.Ack()
 	r.log.Info().Str("rollout", ev.RolloutID).Str("device", d.Name).Str("result", string(d.State)).Msg("rollout device done")
+	r.poke()
+}
+
+func (r *rollouts) poke() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
 }
 
 // track follows a summary change: pending and running rollouts are driven.
@@ -593,7 +666,10 @@ func (r *rollouts) track(e jetstream.KeyValueEntry) {
 		delete(r.cache, e.Key())
 		return
 	}
-	r.active[e.Key()] = true
+	if !r.active[e.Key()] {
+		r.active[e.Key()] = true
+		r.poke()
+	}
 }
 
 // step advances every pending or running rollout once.
@@ -646,6 +722,7 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	orig := *ro
 	now := time.Now().UTC()
 	ro.State = model.RolloutRunning
 
@@ -656,7 +733,7 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 			return err
 		}
 		ro.BatchStarted = now
-		return r.save(ctx, ro, devs, rev)
+		return r.save(ctx, &orig, ro, devs, rev)
 	}
 
 	timeout := time.Duration(ro.HealthTimeout)
@@ -694,10 +771,10 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 			ro.State = model.RolloutPaused
 			ro.Reason = fmt.Sprintf("%d device(s) failed (max %s): fix and resume, or abort", failed, ro.MaxFailures)
 		}
-		return r.save(ctx, ro, devs, rev)
+		return r.save(ctx, &orig, ro, devs, rev)
 	}
 	if !done {
-		return r.save(ctx, ro, devs, rev)
+		return r.save(ctx, &orig, ro, devs, rev)
 	}
 	if ro.Batch+1 >= len(ro.BatchSizes) {
 		ro.State = model.RolloutSucceeded
@@ -705,11 +782,12 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 		if failed > 0 {
 			ro.Reason = fmt.Sprintf("%d device(s) failed, within the allowed %s", failed, ro.MaxFailures)
 		}
-		return r.save(ctx, ro, devs, rev)
+		return r.save(ctx, &orig, ro, devs, rev)
 	}
 	ro.Batch++
 	ro.BatchStarted = time.Time{}
-	return r.save(ctx, ro, devs, rev)
+	r.poke() // start the next batch without waiting for the tick
+	return r.save(ctx, &orig, ro, devs, rev)
 }
 
 // startBatch writes the desired state of every device of the current batch
@@ -742,23 +820,17 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		}
 		pubs = append(pubs, f)
 	}
-	for i, f := range pubs {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return fmt.Errorf("write desired state of %s: %w", batch[i].Name, err)
-		case <-wctx.Done():
-			return fmt.Errorf("write desired states: %w", wctx.Err())
-		}
+	if err := awaitAcks(wctx, pubs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
+		return err
 	}
 	for _, d := range batch {
 		d.State = model.DeviceWaiting
 		d.Error = ""
 		d.Started = now
 		d.Finished = time.Time{}
-		if err := r.putDevice(ctx, ro.ID, d); err != nil {
-			return err
-		}
+	}
+	if err := r.putDevices(ctx, ro.ID, batch); err != nil {
+		return err
 	}
 	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Msg("rollout batch started")
 	return nil
@@ -795,13 +867,20 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 	return nil
 }
 
-// save writes the summary with fresh counts. If an operator changed the
+// save writes the summary with fresh counts when it changed from orig. If an operator changed the
 // rollout meanwhile (pause, abort), their change wins and the engine looks
 // again on its next tick.
-func (r *rollouts) save(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64) error {
+func (r *rollouts) save(ctx context.Context, orig, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64) error {
 	ro.Counts = map[model.DeviceRolloutState]int{}
 	for _, d := range devs {
 		ro.Counts[d.State]++
+	}
+	// Most steps change nothing: write only what changed, so results
+	// arriving one by one do not each cost a summary write.
+	before, _ := json.Marshal(orig)
+	after, _ := json.Marshal(ro)
+	if string(before) == string(after) {
+		return nil
 	}
 	ro.UpdatedAt = time.Now().UTC()
 	b, _ := json.Marshal(ro)

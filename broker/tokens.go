@@ -186,20 +186,25 @@ func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRec
 
 // eachKey calls fn with every live entry of kv.
 func eachKey(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
-	keys, err := kv.ListKeys(ctx)
+	// A watcher delivers every current value in one stream of messages,
+	// where listing keys and getting each would cost a round trip per key.
+	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
-		return fmt.Errorf("list %s: %w", kv.Bucket(), err)
+		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
 	}
-	defer keys.Stop()
-	for k := range keys.Keys() {
-		e, err := kv.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
+	defer func() { _ = w.Stop() }()
+	for {
+		select {
+		case e, ok := <-w.Updates():
+			if !ok {
+				return fmt.Errorf("read %s: watch ended", kv.Bucket())
+			}
+			if e == nil {
+				return nil // every current value has been delivered
+			}
+			fn(e)
+		case <-ctx.Done():
+			return fmt.Errorf("read %s: %w", kv.Bucket(), ctx.Err())
 		}
-		if err != nil {
-			return fmt.Errorf("read %s/%s: %w", kv.Bucket(), k, err)
-		}
-		fn(e)
 	}
-	return nil
 }

@@ -217,8 +217,10 @@ type Rollout struct {
 	// BatchStarted is when the current batch's desired states were written.
 	BatchStarted time.Time `json:"batch_started,omitzero"`
 	Reason       string    `json:"reason,omitempty"`
-	// Devices is the snapshot of target device IDs, in batch order.
-	Devices []string `json:"devices"`
+	// Total is the number of target devices; their progress lives under
+	// <id>.<device> keys, not in this summary, which stays small whatever
+	// the fleet's size.
+	Total int `json:"total"`
 	// Skipped lists hosts the release has no closure for.
 	Skipped []string `json:"skipped,omitempty"`
 	// Counts per device state, kept with every transition for cheap listing.

@@ -109,7 +109,7 @@ type RolloutStatusRow struct {
 func RolloutRow(r *Rollout) RolloutStatusRow {
 	return RolloutStatusRow{
 		ID: r.ID, ReleaseID: r.ReleaseID, Group: r.Group, State: r.State, Strategy: r.Strategy,
-		Batch: r.Batch, Batches: len(r.BatchSizes), Devices: len(r.Devices), Counts: r.Counts,
+		Batch: r.Batch, Batches: len(r.BatchSizes), Devices: r.Total, Counts: r.Counts,
 		Reason: r.Reason, CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt,
 	}
 }
