@@ -27,6 +27,9 @@ type LeafConfigCmd struct {
 	Out    string `help:"Directory to write leaf.conf, leaf.creds, operator.jwt and jwt/ into (created; must not hold a leaf.conf)." required:"" type:"path"`
 	Hub    string `help:"Leaf node URL of the coordinator as the site reaches it, e.g. nats-leaf://fleet.example.org:7422 (default: what the coordinator reports)." placeholder:"URL"`
 	Listen string `help:"Where the leaf node listens for the site's agents." default:"0.0.0.0:4222"`
+	// leaf.conf names its files by absolute path (nats-server resolves
+	// relative ones against its working directory, not the config file).
+	InstallDir string `help:"Where the files will live at the site, for the paths in leaf.conf (default: --out)." placeholder:"DIR"`
 }
 
 // Run writes the leaf node's files. The leaf's key is made here and its
@@ -64,6 +67,13 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
+	install := out
+	if cmd.InstallDir != "" {
+		if !filepath.IsAbs(cmd.InstallDir) {
+			return fmt.Errorf("--install-dir %q must be an absolute path", cmd.InstallDir)
+		}
+		install = cmd.InstallDir
+	}
 	if err := os.MkdirAll(filepath.Join(out, "jwt"), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", out, err)
 	}
@@ -74,7 +84,7 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		"operator.jwt": lc.OperatorJWT,
 		filepath.Join("jwt", lc.SystemAccount+".jwt"): lc.SystemJWT,
 		filepath.Join("jwt", lc.FleetAccount+".jwt"):  lc.FleetJWT,
-		"leaf.conf": LeafServerConfig(&lc, out, hub, cmd.Listen),
+		"leaf.conf": LeafServerConfig(&lc, install, hub, cmd.Listen),
 	}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(out, name), []byte(body), 0o600); err != nil {
@@ -82,10 +92,12 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		}
 	}
 	if g.JSON {
-		return g.printJSON(map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub})
+		return g.printJSON(map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub,
+			"fleet_account": lc.FleetAccount, "system_account": lc.SystemAccount, "install_dir": install})
 	}
-	_, err = fmt.Fprintf(g.stdout, "wrote %s (leaf key %s)\nrun it with: nats-server -c %s\nagents at the site: fleet-agent run --server nats://<this-leaf>:%s ...\n",
-		filepath.Join(out, "leaf.conf"), pub, filepath.Join(out, "leaf.conf"), portOf(cmd.Listen))
+	_, err = fmt.Fprintf(g.stdout, "wrote leaf.conf, leaf.creds, operator.jwt and jwt/ to %s (leaf key %s, FLEET account %s)\n"+
+		"at the site, with the files in %s: nats-server -c %s\nagents at the site: fleet-agent run --server nats://<this-leaf>:%s ...\n",
+		out, pub, lc.FleetAccount, install, filepath.Join(install, "leaf.conf"), portOf(cmd.Listen))
 	return err
 }
 

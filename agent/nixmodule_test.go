@@ -357,10 +357,11 @@ func TestNixModuleOptions(t *testing.T) {
 		sort.Strings(names)
 		return names
 	}
-	wantTop := append([]string{"enable", "package", "extraFlags"}, meta.SettingNames...)
+	// Module-only options: the unit itself, and nix.settings for the cache.
+	wantTop := append([]string{"enable", "package", "extraFlags", "substituter", "trustedPublicKeys"}, meta.SettingNames...)
 	sort.Strings(wantTop)
 	if got := declared(4); !slices.Equal(got, wantTop) {
-		t.Errorf("agent.nix declares options %v;\nagent-config.nix maps %v (plus enable, package, extraFlags)", got, wantTop)
+		t.Errorf("agent.nix declares options %v;\nagent-config.nix maps %v (plus enable, package, extraFlags, substituter, trustedPublicKeys)", got, wantTop)
 	}
 	var wantCheck []string
 	for opt := range meta.CheckKeys {

@@ -6,7 +6,8 @@
 #
 # The config file is made by ./agent-config.nix (a pure function, tested
 # against the agent's own parser by agent/nixmodule_test.go): every option
-# below except enable, package and extraFlags is a setting of that file.
+# below except enable, package, extraFlags, substituter and trustedPublicKeys
+# (which go to nix.settings) is a setting of that file.
 # Keep the option declarations in this layout (top-level options at 4
 # spaces, health check options at 6): the test reads them from this source.
 #
@@ -221,6 +222,31 @@ in
       example = [ "--log-level=debug" ];
       description = "Extra arguments to `fleet-agent run`; they override the config file.";
     };
+
+    substituter = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://cache.example.org";
+      description = ''
+        The fleet's binary cache, added to the host's substituters
+        (nix.settings.extra-substituters). Releases that name no substituter
+        are fetched with `nix-store --realise` from the host's substituters;
+        releases that name one are copied from it. Either way the host's
+        nix.conf decides which signatures it trusts: see trustedPublicKeys.
+      '';
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "fleet-cache-1:AbC...=" ];
+      description = ''
+        Public keys of the fleet's binary cache (nix.settings.
+        extra-trusted-public-keys). A closure not signed by a trusted key is
+        refused by Nix itself ("lacks a valid signature"), whatever a release
+        says.
+      '';
+    };
   };
 
   config = mkIf cfg.enable {
@@ -245,6 +271,9 @@ in
       "services.fleet-agent.releaseSigners is empty: the agent will refuse every release.";
 
     environment.systemPackages = [ cfg.package ];
+
+    nix.settings.extra-substituters = lib.optional (cfg.substituter != null) cfg.substituter;
+    nix.settings.extra-trusted-public-keys = cfg.trustedPublicKeys;
 
     systemd.tmpfiles.rules = lib.optional (cfg.stateDir != defaultStateDir)
       "d ${cfg.stateDir} 0700 root root - -";
