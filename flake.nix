@@ -37,7 +37,7 @@
         # `go mod vendor` writes. After changing go.mod/go.sum, update it:
         #   go mod vendor -o /tmp/v && nix hash path /tmp/v
         # (or run `nix build`, which prints the right one on a mismatch).
-        vendorHash = "sha256-0l4891DonZwcPYnWqpu3l26GsrDywmk/YSvuHYCQwL8=";
+        vendorHash = "sha256-AES6sNFJQFbQiX6P8imTSFM8BOygp/xJ7yLhDw2T3yg=";
 
         subPackages = [ "cmd/fleet-coordinator" "cmd/fleet-agent" "cmd/fleet-admin" ];
         env.CGO_ENABLED = 0;
