@@ -6,9 +6,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
+
+	"fleet/subjects"
 )
 
 // Creds is a user's JWT with the key that proves it.
@@ -21,6 +24,20 @@ type Creds struct {
 func (c *Creds) PublicKey() string {
 	pub, _ := c.Key.PublicKey()
 	return pub
+}
+
+// InboxPrefix is the reply prefix this user's role allows (from the role tag
+// its JWT carries; admins' when it has none).
+func (c *Creds) InboxPrefix() string {
+	role := subjects.Role("")
+	if uc, err := c.Claims(); err == nil {
+		for _, t := range uc.Tags {
+			if r, ok := strings.CutPrefix(t, "role:"); ok {
+				role = subjects.Role(r)
+			}
+		}
+	}
+	return subjects.InboxPrefixFor(role, c.PublicKey())
 }
 
 // Claims decodes the user JWT.

@@ -58,7 +58,7 @@ func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client,
 		nats.UserJWTAndSeed(cr.JWT, string(seed)),
 		nats.ErrorHandler(c.onError),
 		// Templates let an admin read replies only under its own prefix.
-		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
+		nats.CustomInboxPrefix(cr.InboxPrefix()),
 		nats.Name("fleet-admin"),
 		nats.Timeout(10*time.Second),
 	)

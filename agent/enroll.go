@@ -126,7 +126,7 @@ func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken
 	nc, err := nats.Connect(url,
 		// A bearer JWT needs no signature of the server's nonce.
 		nats.UserJWT(func() (string, error) { return tok.JWT, nil }, func([]byte) ([]byte, error) { return nil, nil }),
-		nats.CustomInboxPrefix(subjects.InboxPrefix(tok.BearerKey)),
+		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(tok.BearerKey)),
 		nats.Name("fleet-agent-enroll"),
 		nats.Timeout(timeout),
 		nats.NoReconnect(),

@@ -62,7 +62,7 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 	opts := []nats.Option{
 		nats.UserJWTAndSeed(creds.JWT, string(seed)),
 		// Templates let a device read replies only under its own prefix.
-		nats.CustomInboxPrefix(subjects.InboxPrefix(creds.PublicKey())),
+		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(creds.PublicKey())),
 		nats.Name(o.Name),
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(true),

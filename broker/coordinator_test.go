@@ -27,7 +27,7 @@ func adminConn(t *testing.T, c *Coordinator) (*nats.Conn, jetstream.JetStream) {
 		t.Fatal(err)
 	}
 	nc, err := nats.Connect(c.ClientURL(), nats.UserCredentials(path),
-		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())), nats.NoReconnect())
+		nats.CustomInboxPrefix(cr.InboxPrefix()), nats.NoReconnect())
 	if err != nil {
 		t.Fatalf("connect with %s: %v", path, err)
 	}

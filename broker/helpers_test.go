@@ -156,21 +156,21 @@ func dial(url string, cr *accounts.Creds, opts ...nats.Option) (*client, error) 
 	if err != nil {
 		return nil, err
 	}
-	return dialWith(url, cr.PublicKey(), append([]nats.Option{nats.UserJWTAndSeed(cr.JWT, string(seed))}, opts...)...)
+	return dialWith(url, cr.PublicKey(), cr.InboxPrefix(), append([]nats.Option{nats.UserJWTAndSeed(cr.JWT, string(seed))}, opts...)...)
 }
 
 // dialBearer connects with a bearer JWT: no key proves it.
 func dialBearer(url string, cr *accounts.Creds) (*client, error) {
-	return dialWith(url, cr.PublicKey(), nats.UserJWT(
+	return dialWith(url, cr.PublicKey(), subjects.DeviceInboxPrefix(cr.PublicKey()), nats.UserJWT(
 		func() (string, error) { return cr.JWT, nil },
 		func([]byte) ([]byte, error) { return nil, nil },
 	))
 }
 
-func dialWith(url, pub string, opts ...nats.Option) (*client, error) {
+func dialWith(url, pub, inbox string, opts ...nats.Option) (*client, error) {
 	c := &client{pub: pub, errs: newAsyncErrs(), closed: make(chan struct{})}
 	base := []nats.Option{
-		nats.CustomInboxPrefix(subjects.InboxPrefix(pub)),
+		nats.CustomInboxPrefix(inbox),
 		nats.ErrorHandler(c.errs.handler),
 		nats.NoReconnect(),
 		nats.Timeout(5 * time.Second),

@@ -85,7 +85,7 @@ func (f *visFleet) addDevice(name string, groups ...string) *visDevice {
 	d := &visDevice{id: cr.PublicKey(), name: name}
 	putJSON(t, f.c, subjects.BucketDevices, d.id, model.Device{ID: d.id, Name: name, Groups: groups, Status: model.DeviceActive, EnrolledAt: time.Now()})
 	seed, _ := cr.Key.Seed()
-	nc, err := nats.Connect(f.c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.CustomInboxPrefix(subjects.InboxPrefix(d.id)))
+	nc, err := nats.Connect(f.c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(d.id)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -98,7 +98,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"agentA", pub, subjects.DeviceFacts(A), "", true},
 		{"agentA", sub, subjects.DeviceAll(A), subjects.DeviceCmd(A), true},
 		{"agentA", sub, subjects.DeviceDesired(A), "", true},
-		{"agentA", sub, subjects.InboxPrefix(A) + ".>", subjects.InboxPrefix(A) + ".x", true},
+		{"agentA", sub, subjects.DeviceInboxPrefix(A) + ".>", subjects.DeviceInboxPrefix(A) + ".x", true},
 		{"agentA", get, A, "", true},
 		{"agentA", pub, subjects.DeviceFacts(B), "", false},
 		{"agentA", pub, subjects.DeviceCmd(B), "", false},
@@ -108,7 +108,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"agentA", sub, subjects.DeviceDesired(B), "", false},
 		{"agentA", sub, ">", "fleet.probe", false},
 		{"agentA", sub, "_INBOX.>", "_INBOX.probe", false},
-		{"agentA", sub, subjects.InboxPrefix(B) + ".>", subjects.InboxPrefix(B) + ".x", false},
+		{"agentA", sub, subjects.DeviceInboxPrefix(B) + ".>", subjects.DeviceInboxPrefix(B) + ".x", false},
 		{"agentA", sub, subjects.AllDevices, subjects.DeviceFacts(B), false},
 		{"agentA", pub, subjects.Enroll, "", false},
 		{"agentA", pub, subjects.APIReadVerb("devices"), "", false},
@@ -168,7 +168,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"owner", sub, subjects.AllDevices, subjects.DeviceFacts(A), true},
 		{"owner", sub, "_INBOX.>", "_INBOX.probe", false},
 		{"owner", sub, ">", "$JS.EVENT.probe", false},
-		{"owner", sub, subjects.InboxPrefix(A) + ".>", subjects.InboxPrefix(A) + ".x", false},
+		{"owner", sub, subjects.DeviceInboxPrefix(A) + ".>", subjects.DeviceInboxPrefix(A) + ".x", false},
 	}
 	for i, tc := range cases {
 		verdict := "denied"
@@ -414,7 +414,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		if err != nil || len(m.Data) == 0 {
 			t.Fatalf("enroll reply: %v %v", m, err)
 		}
-		if !strings.HasPrefix(m.Subject, subjects.InboxPrefix(clients["enroll"].pub)+".") {
+		if !strings.HasPrefix(m.Subject, subjects.DeviceInboxPrefix(clients["enroll"].pub)+".") {
 			t.Fatalf("reply delivered on %s", m.Subject)
 		}
 	})

@@ -78,7 +78,7 @@ func startRolloutFleet(t *testing.T, n int, group string) *rolloutFleet {
 func (d *simDevice) connect(t *testing.T, c *Coordinator, cr *accounts.Creds) {
 	seed, _ := cr.Key.Seed()
 	nc, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.CustomInboxPrefix(subjects.InboxPrefix(d.id)))
+		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(d.id)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,7 @@ func deviceConn(t *testing.T, url string, cr *accounts.Creds, opts ...nats.Optio
 	seed, _ := cr.Key.Seed()
 	opts = append([]nats.Option{
 		nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
+		nats.CustomInboxPrefix(cr.InboxPrefix()),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { errs <- err }),
 	}, opts...)
 	nc, err := nats.Connect(url, opts...)
@@ -128,7 +128,7 @@ func TestDevicePermissionMatrix(t *testing.T) {
 		{"API write verb", subjects.APIWriteVerb(subjects.VerbTokenCreate), req(subjects.APIWriteVerb(subjects.VerbTokenCreate))},
 		{"subscribe >", ">", sub(">")},
 		{"subscribe _INBOX.>", "_INBOX.>", sub("_INBOX.>")},
-		{"subscribe B's inbox", subjects.InboxPrefix(B) + ".>", sub(subjects.InboxPrefix(B) + ".>")},
+		{"subscribe B's inbox", subjects.DeviceInboxPrefix(B) + ".>", sub(subjects.DeviceInboxPrefix(B) + ".>")},
 		{"enroll again", subjects.Enroll, req(subjects.Enroll)},
 	}
 	for _, tc := range cases {

@@ -3,11 +3,14 @@ package integration
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -116,7 +119,7 @@ func TestSiteLeafNode(t *testing.T) {
 	violations := make(chan error, 4)
 	seed, _ := cr.Key.Seed()
 	probe, err := nats.Connect(leafURL, nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())),
+		nats.CustomInboxPrefix(cr.InboxPrefix()),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { violations <- err }))
 	if err != nil {
 		t.Fatal(err)
@@ -141,4 +144,103 @@ func TestSiteLeafNode(t *testing.T) {
 func newFleetWorldLeaf(t *testing.T) *fleetWorld {
 	t.Helper()
 	return newFleetWorldWith(t, "--leafnode-listen", freeAddr(t))
+}
+
+// A site's leaf credentials in the wrong hands: a plain nats-server with no
+// accounts of its own, whose local clients are unauthenticated. The link
+// carries device traffic only: no JetStream API (the audit stays
+// undeletable), no admin API, no enrollment requests (they carry token
+// secrets) and no admin replies.
+func TestRogueLeafIsContained(t *testing.T) {
+	w := newFleetWorldLeaf(t)
+	site := filepath.Join(t.TempDir(), "rogue")
+	w.mustAdmin("leaf", "config", "--site", "rogue", "--out", site)
+	hub := w.hubLeafURL(t, site)
+	listen := freeAddr(t)
+	host, port, _ := net.SplitHostPort(listen)
+	conf := filepath.Join(site, "rogue.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: %q\nleafnodes { remotes: [ { urls: [%q], credentials: %q } ] }\n",
+		net.JoinHostPort(host, port), hub, filepath.Join(site, "leaf.creds"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rogue := exec.Command(natsServerBin, "-c", conf)
+	var logb bytes.Buffer
+	rogue.Stdout, rogue.Stderr = &logb, &logb
+	if err := rogue.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rogue.Process.Kill(); _ = rogue.Wait() })
+
+	var nc *nats.Conn
+	w.waitFor(20*time.Second, "rogue leaf up and linked", func() bool {
+		var err error
+		if nc == nil {
+			// A site client reads replies under a device inbox, the only
+			// replies the link carries.
+			if nc, err = nats.Connect("nats://"+listen, nats.CustomInboxPrefix(subjects.DeviceInboxPrefix("UROGUE"))); err != nil {
+				nc = nil
+				return false
+			}
+		}
+		// Device traffic crosses: a direct get of a desired state answers.
+		_, err = nc.Request(subjects.DesiredDirectGet(subjects.Domain, "UA"), nil, 500*time.Millisecond)
+		return err == nil
+	})
+	defer nc.Close()
+	var seen []string
+	var mu sync.Mutex
+	sub, err := nc.Subscribe(">", func(m *nats.Msg) { mu.Lock(); seen = append(seen, m.Subject); mu.Unlock() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	nc.Flush()
+
+	for _, subj := range []string{
+		"$JS." + subjects.Domain + ".API.STREAM.DELETE." + subjects.StreamAudit,
+		"$JS." + subjects.Domain + ".API.STREAM.INFO.KV_" + subjects.BucketAdmins,
+		subjects.APIReadVerb(subjects.VerbDevices),
+	} {
+		if m, err := nc.Request(subj, nil, time.Second); err == nil {
+			t.Fatalf("rogue leaf reached %s: %s", subj, m.Data)
+		}
+	}
+	// Admin requests and an enrollment at the hub: nothing of them reaches
+	// the rogue site. (Forget what the rogue client itself sent.)
+	nc.Flush()
+	mu.Lock()
+	seen = nil
+	mu.Unlock()
+	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", "x", "--uses", "1", "--ttl", "1h"))
+	if _, err := agent.LoadOrEnroll(w.ctx, agent.EnrollOptions{Servers: []string{"nats://" + w.listen}, StateDir: t.TempDir(),
+		Token: token, Hostname: "hub-dev", Log: zerolog.Nop()}); err != nil {
+		t.Fatal(err)
+	}
+	w.mustAdmin("devices", "ls")
+	nc.Flush()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, s := range seen {
+		if s == subjects.Enroll || strings.HasPrefix(s, "fleet.api.") || strings.HasPrefix(s, "_INBOX_U") || strings.HasPrefix(s, "$JS") {
+			t.Fatalf("rogue leaf received %s (all: %v)", s, seen)
+		}
+	}
+	// And the audit stream is still there.
+	if out := w.mustAdmin("audit", "verify"); !strings.Contains(out, "0 accepted entries with a bad signature") {
+		t.Fatalf("audit verify: %s", out)
+	}
+}
+
+// hubLeafURL reads the hub URL leaf config wrote into leaf.conf.
+func (w *fleetWorld) hubLeafURL(t *testing.T, site string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(site, "leaf.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`urls: \["([^"]+)"\]`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no hub url in leaf.conf:\n%s", b)
+	}
+	return string(m[1])
 }

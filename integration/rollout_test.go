@@ -540,7 +540,7 @@ func (w *fleetWorld) finalEvents(id string) map[string]int {
 		w.t.Fatal(err)
 	}
 	seed, _ := cr.Key.Seed()
-	nc, err := nats.Connect("nats://"+w.listen, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.CustomInboxPrefix(subjects.InboxPrefix(cr.PublicKey())))
+	nc, err := nats.Connect("nats://"+w.listen, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.CustomInboxPrefix(cr.InboxPrefix()))
 	if err != nil {
 		w.t.Fatal(err)
 	}

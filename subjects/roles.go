@@ -48,8 +48,12 @@ type Template struct {
 
 const self = "{{subject()}}"
 
-// Inbox is the template form of InboxPrefix: only one's own replies.
-var selfInbox = InboxPrefix(self) + ".>"
+// selfInbox and selfDeviceInbox are the template forms of InboxPrefix and
+// DeviceInboxPrefix: only one's own replies.
+var (
+	selfInbox       = InboxPrefix(self) + ".>"
+	selfDeviceInbox = DeviceInboxPrefix(self) + ".>"
+)
 
 // RoleTemplate returns the permission template of role r in JetStream
 // domain d.
@@ -86,13 +90,13 @@ func RoleTemplate(r Role, d string) Template {
 		}
 		return Template{
 			Pub:       pub,
-			Sub:       []string{DeviceAll(self), selfInbox},
+			Sub:       []string{DeviceAll(self), selfDeviceInbox},
 			Responses: true,
 		}
 	case RoleEnroll:
 		return Template{
 			Pub:    []string{Enroll},
-			Sub:    []string{selfInbox},
+			Sub:    []string{selfDeviceInbox},
 			Bearer: true,
 		}
 	case RoleViewer:
@@ -118,12 +122,18 @@ func RoleTemplate(r Role, d string) Template {
 	case RoleLeaf:
 		// For a leaf connection, "pub" is what the site may send into the hub
 		// and "sub" what the hub forwards to the site. Devices at the site are
-		// held to their own templates by the leaf server; inbox prefixes are
-		// single tokens (_INBOX_<key>), so the leaf link itself cannot be
-		// narrowed by wildcard and is bound to leaf connections instead.
+		// held to their own templates by the leaf server; the link itself
+		// carries only device traffic: device subjects, enrollment requests,
+		// direct gets of desired states, replies to the coordinator's
+		// requests, and back device replies. Never the admin API, the audit,
+		// other JetStream API calls or anyone's enrollment secrets.
+		pub := []string{AllDevices, Enroll, "_INBOX.>"}
+		for _, dom := range apiDomains(d) {
+			pub = append(pub, DirectGetLast(dom, KVStream(BucketDesired), KVKey(BucketDesired, "*")))
+		}
 		return Template{
-			Pub:       []string{">"},
-			Sub:       []string{">"},
+			Pub:       pub,
+			Sub:       []string{AllDevices, deviceInboxes + ".>"},
 			ConnTypes: []string{"LEAFNODE"},
 		}
 	}

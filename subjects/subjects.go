@@ -156,10 +156,27 @@ func APIWriteVerb(verb string) string { return APIWrite + "." + verb }
 // AuditSubject is the audit stream subject for verb.
 func AuditSubject(verb string) string { return Audit + "." + verb }
 
-// InboxPrefix is the reply-inbox prefix a client with public key pub must use
-// (nats.CustomInboxPrefix). Templates allow each user only its own prefix, so
-// nobody can read replies meant for another, which may carry credentials.
+// InboxPrefix is the reply-inbox prefix an admin (or observer) with public
+// key pub must use (nats.CustomInboxPrefix). Templates allow each user only
+// its own prefix, so nobody can read replies meant for another, which may
+// carry credentials.
 func InboxPrefix(pub string) string { return "_INBOX_" + pub }
+
+// DeviceInboxPrefix is the reply-inbox prefix of a device (and of an
+// enrolling one, by its bearer key). Device inboxes share a first token so a
+// site's leaf link can carry device replies, and only those: an admin's
+// replies never cross a leaf.
+func DeviceInboxPrefix(pub string) string { return deviceInboxes + "." + pub }
+
+const deviceInboxes = "_INBOX_DEV"
+
+// InboxPrefixFor is the reply-inbox prefix of a user of role r.
+func InboxPrefixFor(r Role, pub string) string {
+	if r == RoleAgent || r == RoleEnroll {
+		return DeviceInboxPrefix(pub)
+	}
+	return InboxPrefix(pub)
+}
 
 // JSAPIPrefix is the JetStream API prefix in domain d; with d empty, the
 // local prefix $JS.API of the server a client is connected to.

@@ -215,10 +215,35 @@ func TestRoleTemplatesNeverShareInboxes(t *testing.T) {
 			}
 			sub := expand(tpl.Sub, user)
 			if r == RoleLeaf {
-				// DESIGN §2: the leaf link carries everything a site's
-				// devices may see, but only on a leaf node connection.
+				// The leaf link carries device traffic only, on a leaf node
+				// connection: never admin replies, enrollment requests (they
+				// carry token secrets), the API or JetStream's API.
 				if len(tpl.ConnTypes) != 1 || tpl.ConnTypes[0] != "LEAFNODE" {
 					t.Errorf("leaf role must be bound to LEAFNODE connections, got %v", tpl.ConnTypes)
+				}
+				for _, bad := range []string{InboxPrefix(newDevice(t)) + ".x", "_INBOX.x", Enroll, APIReadVerb("devices"),
+					APIWriteVerb("deploy"), AuditSubject("x"), "$JS.API.STREAM.INFO.x", "$SYS.x", KVKey(BucketTokens, "x")} {
+					if f, ok := collides(sub, bad); ok {
+						t.Errorf("leaf (domain %s) receives %q through %q", d, bad, f)
+					}
+				}
+				pub := expand(tpl.Pub, user)
+				for _, bad := range []string{APIReadVerb("devices"), APIWriteVerb("deploy"), AuditSubject("x"),
+					JSAPIPrefix(d) + ".STREAM.DELETE." + StreamAudit, JSAPIPrefix("") + ".STREAM.INFO." + KVStream(BucketAdmins),
+					KVKey(BucketAdmins, "x"), "$SYS.REQ.CLAIMS.UPDATE"} {
+					if f, ok := collides(pub, bad); ok {
+						t.Errorf("leaf (domain %s) may send %q through %q", d, bad, f)
+					}
+				}
+				for _, good := range []string{DeviceFacts(user), Enroll, DesiredDirectGet(d, user), "_INBOX.r"} {
+					if _, ok := collides(pub, good); !ok {
+						t.Errorf("leaf (domain %s) may not send %q", d, good)
+					}
+				}
+				for _, good := range []string{DeviceDesired(user), DeviceInboxPrefix(user) + ".r"} {
+					if _, ok := collides(sub, good); !ok {
+						t.Errorf("leaf (domain %s) does not receive %q", d, good)
+					}
 				}
 				continue
 			}
@@ -236,7 +261,7 @@ func TestRoleTemplatesNeverShareInboxes(t *testing.T) {
 				}
 			}
 			// Every role may read its own replies, through its own prefix.
-			want := InboxPrefix(user) + ".>"
+			want := InboxPrefixFor(r, user) + ".>"
 			found := false
 			for _, f := range sub {
 				found = found || f == want
@@ -262,7 +287,7 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 			t.Errorf("agent %s may not publish %s", a, s)
 		}
 	}
-	for _, s := range []string{DeviceDesired(a), DeviceCmd(a), InboxPrefix(a) + ".r"} {
+	for _, s := range []string{DeviceDesired(a), DeviceCmd(a), DeviceInboxPrefix(a) + ".r"} {
 		if _, ok := collides(sub, s); !ok {
 			t.Errorf("agent %s may not subscribe %s", a, s)
 		}
@@ -280,7 +305,7 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 			t.Errorf("agent %s may publish %s through %s", a, s, f)
 		}
 	}
-	for _, s := range []string{DeviceDesired(b), DeviceCmd(b), InboxPrefix(b) + ".r", "fleet.enroll"} {
+	for _, s := range []string{DeviceDesired(b), DeviceCmd(b), DeviceInboxPrefix(b) + ".r", InboxPrefix(b) + ".r", "fleet.enroll"} {
 		if f, ok := collides(sub, s); ok {
 			t.Errorf("agent %s may subscribe %s through %s", a, s, f)
 		}
