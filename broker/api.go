@@ -2,12 +2,13 @@ package broker
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -177,7 +178,7 @@ func (s *services) authenticate(ctx context.Context, v apiVerb, data []byte, rec
 		return nil, nil, refused("request time %s is %s off the coordinator's clock (more than %s): fix this machine's clock (NTP) and retry",
 			req.Time.UTC().Format(time.RFC3339), skew.Round(time.Second), model.MaxSkew)
 	}
-	if err := s.nonces.add(env.Signer+"/"+req.Nonce, req.Time.Add(model.MaxSkew), s.now()); err != nil {
+	if err := s.seen(ctx, env.Signer, req.Nonce); err != nil {
 		return nil, nil, err
 	}
 	who, err := s.admin(ctx, env.Signer)
@@ -249,35 +250,17 @@ func (s *services) registerOwner(ctx context.Context) error {
 	return nil
 }
 
-// nonceCache remembers the nonces of fresh requests until they would be
-// stale anyway. It is bounded: when full of live entries it refuses new
-// requests rather than forget a nonce and let a replay through.
-type nonceCache struct {
-	mu   sync.Mutex
-	max  int
-	seen map[string]time.Time
-}
-
-func newNonceCache(max int) *nonceCache {
-	return &nonceCache{max: max, seen: map[string]time.Time{}}
-}
-
-func (n *nonceCache) add(key string, expires, now time.Time) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if _, ok := n.seen[key]; ok {
-		return refused("request was already received (replayed nonce): send a new request")
-	}
-	if len(n.seen) >= n.max {
-		for k, exp := range n.seen {
-			if now.After(exp) {
-				delete(n.seen, k)
-			}
+// seen records a request's nonce, or refuses it as a replay. The record
+// lives in a KV bucket (kv.Create either makes it or finds it), so a replay
+// is refused after a restart and on any coordinator of a cluster; its TTL
+// outlasts the freshness window, after which the time check refuses it.
+func (s *services) seen(ctx context.Context, signer, nonce string) error {
+	sum := sha256.Sum256([]byte(signer + "/" + nonce))
+	if _, err := s.nonces.Create(ctx, hex.EncodeToString(sum[:]), []byte{1}); err != nil {
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			return refused("request was already received (replayed nonce): send a new request")
 		}
-		if len(n.seen) >= n.max {
-			return &apiError{model.CodeInternal, "the coordinator is receiving too many requests; retry in a minute"}
-		}
+		return fmt.Errorf("record request nonce: %w", err)
 	}
-	n.seen[key] = expires
 	return nil
 }

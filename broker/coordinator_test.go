@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"fleet/accounts"
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -112,7 +113,7 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 	history := map[string]int64{
 		subjects.BucketDevices: 5, subjects.BucketDesired: 5, subjects.BucketReleases: 1,
 		subjects.BucketRollouts: 5, subjects.BucketTokens: 1, subjects.BucketAdmins: 5,
-		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1,
+		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1, subjects.BucketNonces: 1,
 	}
 	if len(history) != len(subjects.Buckets) {
 		t.Fatalf("test knows %d buckets, subjects lists %d", len(history), len(subjects.Buckets))
@@ -141,6 +142,11 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 		case subjects.BucketLocks:
 			if sc.MaxAge != 15*time.Second {
 				t.Errorf("fleet_locks TTL = %v, want 15s", sc.MaxAge)
+			}
+		case subjects.BucketNonces:
+			// Nonces outlive the freshness window of the requests they guard.
+			if sc.MaxAge <= 2*model.MaxSkew {
+				t.Errorf("fleet_nonces TTL = %v, want more than %v", sc.MaxAge, 2*model.MaxSkew)
 			}
 		default:
 			if sc.RePublish != nil || sc.MaxAge != 0 {

@@ -11,10 +11,12 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 
 	"fleet/accounts"
 	"fleet/admin"
 	"fleet/agent"
+	"fleet/broker"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -330,4 +332,38 @@ func enrollWith(c interface{ ClientURL() string }, dir, token, host string) (*ac
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return agentEnroll(ctx, c.ClientURL(), dir, token, host)
+}
+
+// A request replayed after the coordinator restarted is still refused: the
+// nonces of fresh requests outlive the process.
+func TestReplayAfterRestartRefused(t *testing.T) {
+	c := startCoordinator(t)
+	cfg := c.Config()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	owner := ownerClient(t, c)
+	env, err := owner.Sign(subjects.VerbTokenCreate, model.TokenCreate{Groups: []string{"g"}, Uses: 1, TTL: time.Hour}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Send(ctx, subjects.VerbTokenCreate, true, env, nil); err != nil {
+		t.Fatal(err)
+	}
+	owner.Close()
+	c.Close()
+	<-c.Done()
+	c2, err := broker.Start(ctx, cfg, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	owner2 := ownerClient(t, c2)
+	err = owner2.Send(ctx, subjects.VerbTokenCreate, true, env, nil)
+	if err == nil || !strings.Contains(err.Error(), "replayed") {
+		t.Fatalf("replay after restart: %v", err)
+	}
+	var toks []model.TokenInfo
+	if err := owner2.Call(ctx, subjects.VerbTokens, false, struct{}{}, &toks); err != nil || len(toks) != 1 {
+		t.Fatalf("tokens after the replay: %d %v", len(toks), err)
+	}
 }

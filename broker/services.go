@@ -27,7 +27,7 @@ type services struct {
 	admins  jetstream.KeyValue
 
 	presence *Presence
-	nonces   *nonceCache
+	nonces   jetstream.KeyValue
 
 	api  micro.Service
 	subs []*nats.Subscription
@@ -41,12 +41,12 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		c:         c,
 		log:       c.log.With().Str("component", "services").Logger(),
 		now:       time.Now,
-		nonces:    newNonceCache(100_000),
 		enrollSem: make(chan struct{}, 16),
 	}
 	var err error
 	for name, kv := range map[string]*jetstream.KeyValue{
 		subjects.BucketDevices: &s.devices, subjects.BucketTokens: &s.tokens, subjects.BucketAdmins: &s.admins,
+		subjects.BucketNonces: &s.nonces,
 	} {
 		if *kv, err = c.js.KeyValue(ctx, name); err != nil {
 			return fmt.Errorf("bucket %s: %w", name, err)

@@ -7,6 +7,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -30,6 +31,10 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
 	locks.TTL = 15 * time.Second
+	// A nonce must outlive its request's freshness window (time ± MaxSkew).
+	nonces := kv(subjects.BucketNonces, "nonces of fresh admin requests", 1)
+	nonces.TTL = 2*model.MaxSkew + time.Minute
+	nonces.MaxValueSize = 64
 	releases := kv(subjects.BucketReleases, "immutable signed release manifests", 1)
 	releases.MaxValueSize = 4 << 20
 	return []jetstream.KeyValueConfig{
@@ -42,6 +47,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		kv(subjects.BucketEscrow, "sealed disk-encryption recovery keys", 10),
 		kv(subjects.BucketPayloads, "sealed per-device payloads", 5),
 		locks,
+		nonces,
 	}
 }
 

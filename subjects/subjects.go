@@ -36,12 +36,15 @@ const (
 	BucketPayloads = "fleet_payloads"
 	// BucketLocks holds leader locks (the rollout engine's) with a TTL.
 	BucketLocks = "fleet_locks"
+	// BucketNonces remembers the nonces of admin requests while they are
+	// fresh, so a request is taken once, across restarts and coordinators.
+	BucketNonces = "fleet_nonces"
 )
 
 // Buckets lists every KV bucket the coordinator owns.
 var Buckets = []string{
 	BucketDevices, BucketDesired, BucketReleases, BucketRollouts,
-	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks,
+	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces,
 }
 
 // Streams.
