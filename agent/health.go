@@ -77,14 +77,10 @@ func NewHealthChecks(fc *FileConfig, log zerolog.Logger) []Retrying {
 		default:
 			continue // Validate refused these already
 		}
-		retries := hc.Retries
-		if retries == 0 {
-			retries = 3
-		}
 		out = append(out, Retrying{
 			HealthChecker: c,
 			Timeout:       hc.Timeout.Std(10 * time.Second),
-			Retries:       retries,
+			Retries:       hc.EffectiveRetries(),
 			Interval:      hc.Interval.Std(2 * time.Second),
 		})
 	}
@@ -115,7 +111,7 @@ func (c SystemdCheck) Name() string { return c.CheckName }
 
 func (c SystemdCheck) Check(ctx context.Context) error {
 	for _, u := range c.Units {
-		out, err := runCmd(ctx, c.Log, "systemctl", "is-active", "--", u)
+		out, err := runCmdOpts(ctx, c.Log, checkRun, "systemctl", "is-active", "--", u)
 		if err != nil {
 			return fmt.Errorf("unit %s is %s", u, strings.TrimSpace(lastLines(out, 1)))
 		}
@@ -168,6 +164,10 @@ func (c CommandCheck) Check(ctx context.Context) error {
 	if len(c.Argv) == 0 {
 		return errors.New("no command")
 	}
-	_, err := runCmd(ctx, c.Log, c.Argv[0], c.Argv[1:]...)
+	_, err := runCmdOpts(ctx, c.Log, checkRun, c.Argv[0], c.Argv[1:]...)
 	return err
 }
+
+// checkRun ends a check's command (and all it started) with SIGKILL when
+// the attempt's timeout passes: a check has nothing to clean up.
+var checkRun = runOpts{}
