@@ -111,6 +111,11 @@ func (cmd *RunCmd) validate() error {
 		}
 	}
 	for _, k := range cmd.ReleaseSigner {
+		if strings.HasPrefix(k, "S") {
+			if _, err := nkeys.FromSeed([]byte(k)); err == nil {
+				return errors.New("--release-signer: a value is a secret seed, not a public key; pass the admin's public key (U...) and keep the seed secret")
+			}
+		}
 		if !nkeys.IsValidPublicUserKey(k) {
 			return fmt.Errorf("--release-signer %q is not an admin public key (a U... nkey, as `fleet-admin` prints it)", k)
 		}
