@@ -55,6 +55,9 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		log.Warn().Msg("no --release-signer configured: every release will be refused")
 	}
 	creds, err := LoadOrEnroll(ctx, EnrollOptions{Servers: cmd.Server, StateDir: cmd.StateDir, Token: token, Hostname: host, Log: log})
+	if errors.Is(err, ErrNoIdentity) && cmd.EnrollToken == "" && cmd.EnrollTokenFile != "" {
+		return fmt.Errorf("this device is not enrolled and --enroll-token-file %s does not exist or is empty: put a token from `fleet-admin token create` there", cmd.EnrollTokenFile)
+	}
 	if err != nil {
 		return err
 	}
