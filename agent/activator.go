@@ -395,7 +395,7 @@ func runCmd(ctx context.Context, log zerolog.Logger, name string, args ...string
 // open can make it outlast ctx. Processes the command leaves behind when it
 // exits are killed too.
 func runCmdOpts(ctx context.Context, log zerolog.Logger, o runOpts, name string, args ...string) (string, error) {
-	desc := name + " " + strings.Join(args, " ")
+	desc := cmdDesc(name, args)
 	log.Debug().Str("cmd", desc).Msg("running")
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -458,6 +458,19 @@ func runCmdOpts(ctx context.Context, log zerolog.Logger, o runOpts, name string,
 		return out, &CmdError{Cmd: desc, Err: waitErr, Tail: lastLines(out, 20)}
 	}
 	return out, nil
+}
+
+// cmdDesc is the command line for logs and errors, with the userinfo of
+// URLs (a substituter's user:password@) redacted.
+func cmdDesc(name string, args []string) string {
+	parts := make([]string, 0, len(args)+1)
+	for _, a := range append([]string{name}, args...) {
+		if strings.Contains(a, "://") && strings.Contains(a, "@") {
+			a = RedactURL(a)
+		}
+		parts = append(parts, a)
+	}
+	return strings.Join(parts, " ")
 }
 
 // stopGroup ends process group pgid: SIGTERM, then SIGKILL after grace

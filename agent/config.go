@@ -209,7 +209,7 @@ func (fc *FileConfig) Validate() error {
 		case CheckHTTP:
 			u, err := url.Parse(hc.URL)
 			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				return fmt.Errorf("health check %q: url %q is not an http(s) URL", hc.Name, hc.URL)
+				return fmt.Errorf("health check %q: url %q is not an http(s) URL", hc.Name, RedactURL(hc.URL))
 			}
 			if hc.ExpectStatus != 0 && (hc.ExpectStatus < 100 || hc.ExpectStatus > 599) {
 				return fmt.Errorf("health check %q: expect-status %d is not an HTTP status", hc.Name, hc.ExpectStatus)

@@ -106,3 +106,23 @@ func TestReleaseSignerValidated(t *testing.T) {
 		t.Fatalf("seed: err %v", err)
 	}
 }
+
+// Userinfo of URLs stays out of logs, events and errors.
+func TestRedactURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"http://user:secret@cache.example/x": "http://user:xxxxx@cache.example/x",
+		"nats://tok3n@127.0.0.1:4222":        "nats://xxxxx@127.0.0.1:4222",
+		"http://cache.example/x":             "http://cache.example/x",
+	} {
+		if got := RedactURL(in); got != want {
+			t.Errorf("RedactURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+	if d := cmdDesc("nix", []string{"copy", "--from", "https://u:pw@cache.example", "/nix/store/x"}); strings.Contains(d, "pw") {
+		t.Errorf("command line %q shows the password", d)
+	}
+	err := HTTPCheck{URL: "http://u:pw@127.0.0.1:1/"}.Check(context.Background())
+	if err == nil || strings.Contains(err.Error(), "pw") {
+		t.Errorf("http check error %v shows the password", err)
+	}
+}

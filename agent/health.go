@@ -135,18 +135,18 @@ func (c HTTPCheck) Check(ctx context.Context) error {
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL, nil)
 	if err != nil {
-		return fmt.Errorf("request %s: %w", c.URL, err)
+		return fmt.Errorf("request %s: %w", RedactURL(c.URL), err)
 	}
 	// No redirects: the status the service itself answers is what counts.
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("GET %s: %w", c.URL, err)
+		return fmt.Errorf("GET %s: %w", RedactURL(c.URL), err)
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
 	if resp.StatusCode != want {
-		return fmt.Errorf("GET %s: status %d, want %d", c.URL, resp.StatusCode, want)
+		return fmt.Errorf("GET %s: status %d, want %d", RedactURL(c.URL), resp.StatusCode, want)
 	}
 	return nil
 }
