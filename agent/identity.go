@@ -33,7 +33,11 @@ func LoadCreds(stateDir string) (*accounts.Creds, error) {
 	if _, err := os.Stat(p); err != nil {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
-	return accounts.ReadCreds(p)
+	c, err := accounts.ReadCreds(p)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("%w; if %s is damaged, remove it and enrol again with a new token (--enroll-token or --enroll-token-file from `fleet-admin token create`)", err, p)
+	}
+	return c, err
 }
 
 // ConnOptions are how an agent connects.

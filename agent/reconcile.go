@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -221,7 +222,26 @@ type apply struct {
 	action    model.Action
 }
 
+// MaxEventLog bounds Event.Log (the tail is kept): events travel in one
+// message each.
+const MaxEventLog = 8 << 10
+
+func capTail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[len(s)-n:]
+	// Start on a whole UTF-8 character.
+	for i := 0; i < len(s) && i < 4; i++ {
+		if utf8.RuneStart(s[i]) {
+			return s[i:]
+		}
+	}
+	return s
+}
+
 func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg, check, log string) {
+	log = capTail(log, MaxEventLog)
 	ev := model.Event{
 		Device: a.o.DeviceID, Time: time.Now().UTC(), State: state, Result: result,
 		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,

@@ -41,6 +41,8 @@ type world struct {
 	agent    *exec.Cmd
 	agentLog *os.File
 	seen     []model.Event
+	// signers, when set, replace the admin key as --release-signer.
+	signers []string
 }
 
 func newWorld(t *testing.T) *world {
@@ -227,6 +229,9 @@ func (w *world) deployAction(id, path string, action model.Action) {
 func (w *world) startAgent() {
 	w.t.Helper()
 	adminPub, _ := w.admin.PublicKey()
+	if w.signers != nil {
+		adminPub = strings.Join(w.signers, ",")
+	}
 	logf, err := os.OpenFile(filepath.Join(w.stateDir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		w.t.Fatal(err)
@@ -792,4 +797,28 @@ func TestRunFlagsChecked(t *testing.T) {
 	if warn < 0 || warn > strings.Index(out, missing) {
 		t.Fatalf("no warning about the missing --release-signer before the enrollment error:\n%s", out)
 	}
+}
+
+// A desired state refused for its signer is checked again after the agent
+// restarts (with the signer now trusted), not remembered as handled.
+func TestRefusedSignerRetriedAfterRestart(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	second, _ := nkeys.CreateUser()
+	w.startAgent()
+	w.putDesired(model.Desired{ReleaseID: "gen2", RolloutID: "ro-gen2", StorePath: gen2.Path, Release: w.release("gen2", gen2.Path, second)})
+	if ev := w.waitEvent("refused gen2", final("gen2")); ev.Result != model.ResultFailed || !strings.Contains(ev.Error, "not trusted") {
+		t.Fatalf("final event: %+v", ev)
+	}
+	w.stopAgent(syscall.SIGTERM)
+	adminPub, _ := w.admin.PublicKey()
+	secondPub, _ := second.PublicKey()
+	w.signers = []string{adminPub, secondPub}
+	w.startAgent()
+	if ev := w.waitEvent("gen2 applied after restart", final("gen2")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("final event after restart: %+v", ev)
+	}
+	w.wantCurrent(gen2)
 }
