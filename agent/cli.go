@@ -51,6 +51,7 @@ type FactsCmd struct {
 	StateDir      string `help:"Directory of the device's creds and apply state (for the device ID and last apply)." default:"/var/lib/fleet-agent" env:"FLEET_STATE_DIR" type:"path"`
 	CurrentSystem string `help:"Link to the running system." default:"/run/current-system" env:"FLEET_CURRENT_SYSTEM"`
 	BootedSystem  string `help:"Link to the booted system." default:"/run/booted-system" env:"FLEET_BOOTED_SYSTEM"`
+	Profile       string `help:"System profile (a generation pending for the next boot means a reboot is needed)." default:"/nix/var/nix/profiles/system" env:"FLEET_PROFILE"`
 }
 
 // VersionCmd is `fleet-agent version`.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -44,9 +45,63 @@ type HealthCheck struct {
 	// command: argv, run without a shell
 	Command []string `json:"command,omitempty"`
 
-	Timeout  Duration `json:"timeout,omitempty"`  // per attempt, default 10s
-	Retries  int      `json:"retries,omitempty"`  // extra attempts, default 3
+	Timeout Duration `json:"timeout,omitempty"` // per attempt, default 10s
+	// Retries is the number of extra attempts: 3 when the config leaves it
+	// out, none when it says "retries": 0 (RetriesSet).
+	Retries  int      `json:"retries,omitempty"`
 	Interval Duration `json:"interval,omitempty"` // between attempts, default 2s
+	// RetriesSet records that the config gave retries, 0 included (an int
+	// cannot tell "retries": 0 from no retries key).
+	RetriesSet bool `json:"-"`
+}
+
+// DefaultRetries is the extra attempts of a check that does not say.
+const DefaultRetries = 3
+
+// EffectiveRetries is Retries, or DefaultRetries when it was not given.
+func (hc HealthCheck) EffectiveRetries() int {
+	if hc.Retries == 0 && !hc.RetriesSet {
+		return DefaultRetries
+	}
+	return hc.Retries
+}
+
+// UnmarshalJSON decodes one check strictly: an unknown key (a typo such as
+// "expect_status") is an error, not a silently ignored setting.
+func (hc *HealthCheck) UnmarshalJSON(b []byte) error {
+	type plain HealthCheck
+	var p plain
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		return err
+	}
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(b, &keys); err != nil {
+		return err
+	}
+	for k, v := range keys {
+		// encoding/json matches keys without regard to case.
+		if strings.EqualFold(k, "retries") && string(bytes.TrimSpace(v)) != "null" {
+			p.RetriesSet = true
+		}
+	}
+	*hc = HealthCheck(p)
+	return nil
+}
+
+// MarshalJSON writes retries when it was given, 0 included.
+func (hc HealthCheck) MarshalJSON() ([]byte, error) {
+	type plain HealthCheck
+	out := struct {
+		plain
+		Retries *int `json:"retries,omitempty"`
+	}{plain: plain(hc)}
+	if hc.Retries != 0 || hc.RetriesSet {
+		r := hc.Retries
+		out.Retries = &r
+	}
+	return json.Marshal(out)
 }
 
 // Duration is a time.Duration written as a Go duration string ("30s").
@@ -89,13 +144,47 @@ func LoadFileConfig(path string) (*FileConfig, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read config %s: %w", path, err)
 	}
-	if err := json.NewDecoder(bytes.NewReader(b)).Decode(&fc); err != nil {
+	if err := decodeFileConfig(b, &fc); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	if err := fc.Validate(); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return &fc, nil
+}
+
+// decodeFileConfig reads the keys FileConfig owns, strictly; the other
+// top-level keys are flags, which kong reads.
+func decodeFileConfig(b []byte, fc *FileConfig) error {
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(b, &top); err != nil {
+		return err
+	}
+	if raw, ok := top["health-deadline"]; ok {
+		if err := json.Unmarshal(raw, &fc.HealthDeadline); err != nil {
+			return fmt.Errorf("health-deadline: %w", err)
+		}
+	}
+	raw, ok := top["health-checks"]
+	if !ok || string(bytes.TrimSpace(raw)) == "null" {
+		return nil
+	}
+	var list []json.RawMessage
+	if err := json.Unmarshal(raw, &list); err != nil {
+		return fmt.Errorf("health-checks must be a list: %w", err)
+	}
+	for i, item := range list {
+		var hc HealthCheck
+		if err := json.Unmarshal(item, &hc); err != nil {
+			var named struct {
+				Name string `json:"name"`
+			}
+			_ = json.Unmarshal(item, &named)
+			return fmt.Errorf("health-checks[%d] (%q): %w", i, named.Name, err)
+		}
+		fc.HealthChecks = append(fc.HealthChecks, hc)
+	}
+	return nil
 }
 
 // Validate checks every health check.
@@ -120,7 +209,7 @@ func (fc *FileConfig) Validate() error {
 		case CheckHTTP:
 			u, err := url.Parse(hc.URL)
 			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				return fmt.Errorf("health check %q: url %q is not an http(s) URL", hc.Name, hc.URL)
+				return fmt.Errorf("health check %q: url %q is not an http(s) URL", hc.Name, RedactURL(hc.URL))
 			}
 			if hc.ExpectStatus != 0 && (hc.ExpectStatus < 100 || hc.ExpectStatus > 599) {
 				return fmt.Errorf("health check %q: expect-status %d is not an HTTP status", hc.Name, hc.ExpectStatus)

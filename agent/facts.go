@@ -41,6 +41,9 @@ type Host struct {
 	Root          string
 	CurrentSystem string
 	BootedSystem  string
+	// Profile is the system profile; when it points elsewhere than the
+	// running system, a generation is pending for the next boot.
+	Profile string
 	// Lsblk returns `lsblk --json` output; nil runs lsblk.
 	Lsblk func(ctx context.Context) ([]byte, error)
 	// Statfs returns size and used bytes of a mount; nil uses statfs(2).
@@ -151,8 +154,18 @@ func (h *Host) nixosVersion(_ context.Context, f *model.Facts) error {
 }
 
 // rebootNeeded compares the kernel, initrd and modules of the booted and
-// the current system, as NixOS's own "reboot required" checks do.
+// the current system, as NixOS's own "reboot required" checks do. A system
+// profile pointing elsewhere than the running system (a generation applied
+// with boot, pending) needs a reboot too.
 func (h *Host) rebootNeeded(_ context.Context, f *model.Facts) error {
+	if h.Profile != "" {
+		p, errP := filepath.EvalSymlinks(h.path(h.Profile))
+		c, errC := filepath.EvalSymlinks(h.path(h.CurrentSystem))
+		// No profile at all (not NixOS, or a fresh test host) pends nothing.
+		if errP == nil && errC == nil && p != c {
+			f.RebootNeeded = true
+		}
+	}
 	for _, part := range []string{"kernel", "initrd", "kernel-modules"} {
 		b, errB := filepath.EvalSymlinks(h.path(filepath.Join(h.BootedSystem, part)))
 		c, errC := filepath.EvalSymlinks(h.path(filepath.Join(h.CurrentSystem, part)))

@@ -77,14 +77,10 @@ func NewHealthChecks(fc *FileConfig, log zerolog.Logger) []Retrying {
 		default:
 			continue // Validate refused these already
 		}
-		retries := hc.Retries
-		if retries == 0 {
-			retries = 3
-		}
 		out = append(out, Retrying{
 			HealthChecker: c,
 			Timeout:       hc.Timeout.Std(10 * time.Second),
-			Retries:       retries,
+			Retries:       hc.EffectiveRetries(),
 			Interval:      hc.Interval.Std(2 * time.Second),
 		})
 	}
@@ -115,7 +111,7 @@ func (c SystemdCheck) Name() string { return c.CheckName }
 
 func (c SystemdCheck) Check(ctx context.Context) error {
 	for _, u := range c.Units {
-		out, err := runCmd(ctx, c.Log, "systemctl", "is-active", "--", u)
+		out, err := runCmdOpts(ctx, c.Log, checkRun, "systemctl", "is-active", "--", u)
 		if err != nil {
 			return fmt.Errorf("unit %s is %s", u, strings.TrimSpace(lastLines(out, 1)))
 		}
@@ -139,18 +135,18 @@ func (c HTTPCheck) Check(ctx context.Context) error {
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL, nil)
 	if err != nil {
-		return fmt.Errorf("request %s: %w", c.URL, err)
+		return fmt.Errorf("request %s: %w", RedactURL(c.URL), err)
 	}
 	// No redirects: the status the service itself answers is what counts.
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("GET %s: %w", c.URL, err)
+		return fmt.Errorf("GET %s: %w", RedactURL(c.URL), err)
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
 	if resp.StatusCode != want {
-		return fmt.Errorf("GET %s: status %d, want %d", c.URL, resp.StatusCode, want)
+		return fmt.Errorf("GET %s: status %d, want %d", RedactURL(c.URL), resp.StatusCode, want)
 	}
 	return nil
 }
@@ -168,6 +164,10 @@ func (c CommandCheck) Check(ctx context.Context) error {
 	if len(c.Argv) == 0 {
 		return errors.New("no command")
 	}
-	_, err := runCmd(ctx, c.Log, c.Argv[0], c.Argv[1:]...)
+	_, err := runCmdOpts(ctx, c.Log, checkRun, c.Argv[0], c.Argv[1:]...)
 	return err
 }
+
+// checkRun ends a check's command (and all it started) with SIGKILL when
+// the attempt's timeout passes: a check has nothing to clean up.
+var checkRun = runOpts{}

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io/fs"
 	"math/rand/v2"
+	neturl "net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -31,7 +33,11 @@ func LoadCreds(stateDir string) (*accounts.Creds, error) {
 	if _, err := os.Stat(p); err != nil {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
-	return accounts.ReadCreds(p)
+	c, err := accounts.ReadCreds(p)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("%w; if %s is damaged, remove it and enrol again with a new token (--enroll-token or --enroll-token-file from `fleet-admin token create`)", err, p)
+	}
+	return c, err
 }
 
 // ConnOptions are how an agent connects.
@@ -80,6 +86,11 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 				o.OnConnect(nc)
 			}
 		}),
+		// Says why the agent waits when no server answers (also for the
+		// first connect, retried in the background).
+		nats.ReconnectErrHandler(func(nc *nats.Conn, err error) {
+			log.Warn().Err(err).Strs("servers", redactURLs(o.Servers)).Msg("cannot reach the coordinator; retrying")
+		}),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			if err != nil {
 				log.Warn().Err(err).Msg("disconnected")
@@ -100,11 +111,42 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 	if len(o.Servers) > 0 {
 		url = joinURLs(o.Servers)
 	}
+	log.Info().Strs("servers", redactURLs(o.Servers)).Msg("connecting")
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w", url, err)
+		return nil, fmt.Errorf("connect to %s: %w", strings.Join(redactURLs(o.Servers), ","), err)
 	}
 	return nc, nil
+}
+
+// redactURLs hides the password of URLs with userinfo (user:xxxxx@).
+func redactURLs(urls []string) []string {
+	out := make([]string, len(urls))
+	for i, u := range urls {
+		out[i] = RedactURL(u)
+	}
+	return out
+}
+
+// RedactURL hides the password of a URL with userinfo; a URL that does
+// not parse loses everything up to its last "@".
+func RedactURL(s string) string {
+	u, err := neturl.Parse(s)
+	if err != nil {
+		if i := strings.LastIndex(s, "@"); i >= 0 {
+			return "xxxxx@" + s[i+1:]
+		}
+		return s
+	}
+	if u.User == nil {
+		return s
+	}
+	if _, ok := u.User.Password(); !ok {
+		// A lone user part is often a token.
+		u.User = neturl.User("xxxxx")
+		return u.String()
+	}
+	return u.Redacted()
 }
 
 // backoff grows the reconnect delay up to a minute, so ten thousand devices

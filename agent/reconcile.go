@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -54,6 +55,10 @@ type Agent struct {
 	needGet bool        // a (re)connect asks for a direct get
 	wake    chan struct{}
 	factsCh chan struct{}
+	// refusedKey is the last desired state refused on verification (bad
+	// signature, unknown signer). It is not persisted: after a restart,
+	// perhaps with a fixed --release-signer, it is checked again.
+	refusedKey string
 }
 
 // New prepares an agent; OnConnect must be wired to the connection's
@@ -217,7 +222,26 @@ type apply struct {
 	action    model.Action
 }
 
+// MaxEventLog bounds Event.Log (the tail is kept): events travel in one
+// message each.
+const MaxEventLog = 8 << 10
+
+func capTail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[len(s)-n:]
+	// Start on a whole UTF-8 character.
+	for i := 0; i < len(s) && i < 4; i++ {
+		if utf8.RuneStart(s[i]) {
+			return s[i:]
+		}
+	}
+	return s
+}
+
 func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg, check, log string) {
+	log = capTail(log, MaxEventLog)
 	ev := model.Event{
 		Device: a.o.DeviceID, Time: time.Now().UTC(), State: state, Result: result,
 		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,
@@ -241,11 +265,29 @@ func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg,
 // then the state, so a crash in between repeats the same event ID (which
 // JetStream deduplicates) rather than losing it.
 func (a *Agent) finish(ap *apply, key string, result model.Result, errMsg, check, log string) {
+	a.finishKey(ap, key, key, result, errMsg, check, log)
+}
+
+// refuse finishes a desired state refused before anything was fetched
+// (its manifest does not verify): it is remembered only until the agent
+// restarts, so a fixed --release-signer lets it through then.
+func (a *Agent) refuse(ap *apply, key, lastKey, errMsg string) {
+	a.mu.Lock()
+	a.refusedKey = key
+	a.mu.Unlock()
+	a.finishKey(ap, key, lastKey, model.ResultFailed, errMsg, "", "")
+}
+
+// finishKey is finish recording lastKey as the last desired state handled.
+func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, errMsg, check, log string) {
 	state := model.StateReporting
 	a.event(ap, state, result, errMsg, check, log)
 	a.mu.Lock()
+	if key == lastKey {
+		a.refusedKey = ""
+	}
 	a.st = &ApplyState{
-		LastKey: key,
+		LastKey: lastKey,
 		Last: &model.LastApply{RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,
 			Result: result, Error: errMsg, Time: time.Now().UTC()},
 	}
@@ -280,10 +322,14 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	}
 	key := m.Key()
 	cur := a.state()
-	if key == cur.LastKey {
+	a.mu.Lock()
+	refused := a.refusedKey
+	a.mu.Unlock()
+	if key == cur.LastKey || key == refused {
 		return // handled already: the same desired state twice is a no-op
 	}
 	ap := &apply{attempt: newAttempt(), started: time.Now()}
+	ctx = WithAttempt(ctx, ap.attempt)
 	if m.Desired != nil {
 		ap.rolloutID, ap.releaseID, ap.path = m.Desired.RolloutID, m.Desired.ReleaseID, m.Desired.StorePath
 	}
@@ -296,7 +342,7 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	// coordinator cannot make the device run a closure no admin signed.
 	rel, path, err := m.Desired.Resolve(a.o.Hostname, a.o.ReleaseSigners)
 	if err != nil {
-		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
+		a.refuse(ap, key, cur.LastKey, err.Error())
 		return
 	}
 	ap.path = path
@@ -366,6 +412,12 @@ func (a *Agent) verify(ctx context.Context, ap *apply, key string, st ApplyState
 		a.rollback(ctx, ap, key, st, msg, "", "")
 		return
 	}
+	if st.Action == model.ActionBoot {
+		// The running system did not change: checking it (or the broker)
+		// would say nothing about the new one, which runs after a reboot.
+		a.finish(ap, key, model.ResultSucceeded, "", "", BootNote)
+		return
+	}
 	// Magic rollback: a system that cannot reach the coordinator again
 	// cannot be managed, so it does not stay.
 	if err := a.waitBroker(ctx, a.o.ReconnectWithin); err != nil {
@@ -389,6 +441,9 @@ func (a *Agent) verify(ctx context.Context, ap *apply, key string, st ApplyState
 	}
 	a.finish(ap, key, model.ResultSucceeded, "", "", "")
 }
+
+// BootNote is the Log of a succeeded boot apply.
+const BootNote = "action boot: the new system is the default for the next boot and runs after a reboot; it was not activated or health-checked now"
 
 // waitBroker waits until the connection is up and a round trip succeeds.
 func (a *Agent) waitBroker(ctx context.Context, within time.Duration) error {
@@ -445,9 +500,40 @@ func (a *Agent) resume(ctx context.Context) {
 	ap := &apply{attempt: st.Attempt, started: st.Started, rolloutID: st.RolloutID,
 		releaseID: st.ReleaseID, path: st.StorePath, action: st.Action}
 	key := st.Key
+	ctx = WithAttempt(ctx, ap.attempt)
 	a.log.Info().Str("phase", string(st.Phase)).Str("attempt", st.Attempt).Msg("resuming an interrupted apply")
+	// A switch (or rollback) running in its own systemd unit outlives the
+	// agent: decide only once it has finished.
+	if w, ok := a.o.Activator.(interface {
+		WaitActivations(ctx context.Context, attempt string) error
+	}); ok {
+		wctx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
+		err := w.WaitActivations(wctx, st.Attempt)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			a.log.Warn().Err(err).Msg("waiting for the interrupted switch")
+		}
+	}
 	switch st.Phase {
 	case PhaseSwitching, PhaseVerifying:
+		if st.Phase == PhaseSwitching && st.Action == model.ActionBoot {
+			// The profile may be set without the boot loader written:
+			// switch-to-configuration boot again (both steps repeat
+			// harmlessly).
+			actx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
+			err := a.o.Activator.Switch(actx, st.StorePath, st.Action)
+			cancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				a.rollback(ctx, ap, key, st, "switch (resumed): "+err.Error(), "", logTail(err))
+				return
+			}
+		}
 		ok, err := a.o.Activator.Active(ctx, st.StorePath, st.Action)
 		if err == nil && ok {
 			a.verify(ctx, ap, key, st)

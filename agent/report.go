@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
@@ -134,7 +135,11 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	_, err := r.js.Publish(pctx, it.Subject, it.Data, jetstream.WithMsgID(it.MsgID))
 	cancel()
-	if err != nil {
+	if err != nil && permanentPublishError(err) {
+		// Retrying cannot help, and the queue behind it would wait forever.
+		r.log.Error().Err(err).Str("msg_id", it.MsgID).Str("subject", it.Subject).Int("bytes", len(it.Data)).
+			Msg("the server refuses this event for good; dropping it")
+	} else if err != nil {
 		r.log.Debug().Err(err).Str("msg_id", it.MsgID).Msg("event not published yet")
 		return false
 	}
@@ -147,6 +152,22 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 	}
 	r.mu.Unlock()
 	return true
+}
+
+// permanentPublishError reports whether the server will never take the
+// message as it is (too large, malformed), as opposed to being away.
+func permanentPublishError(err error) bool {
+	if errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject) {
+		return true
+	}
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		switch apiErr.ErrorCode {
+		case jetstream.JSErrCodeStreamMessageExceedsMaximum, jetstream.JSErrCodeBadRequest:
+			return true
+		}
+	}
+	return false
 }
 
 // flush tries to publish everything queued until ctx ends (clean stop).

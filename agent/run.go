@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
 	"fleet/logging"
 	"fleet/model"
 )
@@ -48,17 +50,22 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	if err := os.MkdirAll(cmd.StateDir, 0o700); err != nil {
 		return fmt.Errorf("--state-dir: %w", err)
 	}
+	// Before enrolling, which may wait long for the coordinator.
+	if len(cmd.ReleaseSigner) == 0 {
+		log.Warn().Msg("no --release-signer configured: every release will be refused")
+	}
 	creds, err := LoadOrEnroll(ctx, EnrollOptions{Servers: cmd.Server, StateDir: cmd.StateDir, Token: token, Hostname: host, Log: log})
+	if errors.Is(err, ErrNoIdentity) && cmd.EnrollToken == "" && cmd.EnrollTokenFile != "" {
+		return fmt.Errorf("this device is not enrolled and --enroll-token-file %s does not exist or is empty: put a token from `fleet-admin token create` there", cmd.EnrollTokenFile)
+	}
 	if err != nil {
 		return err
 	}
 	id := creds.PublicKey()
 	log = log.With().Str("device", id).Logger()
-	if len(cmd.ReleaseSigner) == 0 {
-		log.Warn().Msg("no --release-signer configured: every release will be refused")
-	}
-	act := &NixOS{Profile: cmd.Profile, CurrentSystem: cmd.CurrentSystem, Log: log.With().Str("component", "nix").Logger()}
-	host0 := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem}
+	act := &NixOS{Profile: cmd.Profile, CurrentSystem: cmd.CurrentSystem, LogDir: cmd.StateDir, Log: log.With().Str("component", "nix").Logger()}
+	act.SystemdRun, act.Systemctl = DetectSystemd()
+	host0 := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem, Profile: cmd.Profile}
 	ag, err := New(Options{
 		DeviceID:        id,
 		Hostname:        host,
@@ -106,6 +113,16 @@ func (cmd *RunCmd) validate() error {
 			return fmt.Errorf("--hostname: %w", err)
 		}
 	}
+	for _, k := range cmd.ReleaseSigner {
+		if strings.HasPrefix(k, "S") {
+			if _, err := nkeys.FromSeed([]byte(k)); err == nil {
+				return errors.New("--release-signer: a value is a secret seed, not a public key; pass the admin's public key (U...) and keep the seed secret")
+			}
+		}
+		if !nkeys.IsValidPublicUserKey(k) {
+			return fmt.Errorf("--release-signer %q is not an admin public key (a U... nkey, as `fleet-admin` prints it)", k)
+		}
+	}
 	return nil
 }
 
@@ -113,7 +130,7 @@ func (cmd *RunCmd) validate() error {
 func (cmd *FactsCmd) Run(cli *CLI) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	h := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem}
+	h := &Host{CurrentSystem: cmd.CurrentSystem, BootedSystem: cmd.BootedSystem, Profile: cmd.Profile}
 	id := ""
 	if c, err := LoadCreds(cmd.StateDir); err == nil {
 		id = c.PublicKey()

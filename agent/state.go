@@ -64,7 +64,7 @@ func LoadState(dir string) (*ApplyState, error) {
 		return nil, fmt.Errorf("read apply state: %w", err)
 	}
 	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, fmt.Errorf("apply state %s is damaged: %w", filepath.Join(dir, StateFile), err)
+		return nil, fmt.Errorf("apply state %s is damaged (%w); remove it to start afresh (an apply it records as interrupted will then neither resume nor roll back; check the running system)", filepath.Join(dir, StateFile), err)
 	}
 	return &st, nil
 }

@@ -41,6 +41,8 @@ type world struct {
 	agent    *exec.Cmd
 	agentLog *os.File
 	seen     []model.Event
+	// signers, when set, replace the admin key as --release-signer.
+	signers []string
 }
 
 func newWorld(t *testing.T) *world {
@@ -168,8 +170,13 @@ func (w *world) install(s nixtest.System) {
 // release signs a manifest naming path for the host.
 func (w *world) release(id, path string, signer nkeys.KeyPair) model.Signed {
 	w.t.Helper()
+	return w.releaseAction(id, path, signer, "")
+}
+
+func (w *world) releaseAction(id, path string, signer nkeys.KeyPair, action model.Action) model.Signed {
+	w.t.Helper()
 	pub, _ := signer.PublicKey()
-	r := model.Release{ID: id, CreatedAt: time.Now().UTC(), Author: pub,
+	r := model.Release{ID: id, CreatedAt: time.Now().UTC(), Author: pub, Action: action,
 		Closures: map[string]string{host: path}, Substituter: w.nix.Substituter}
 	s, err := model.Sign(signer, model.PurposeRelease, r)
 	if err != nil {
@@ -214,9 +221,17 @@ func (w *world) deploy(id, path string) {
 	w.putDesired(model.Desired{ReleaseID: id, RolloutID: "ro-" + id, StorePath: path, Release: w.release(id, path, w.admin)})
 }
 
+// deployAction deploys path with a release activated by action.
+func (w *world) deployAction(id, path string, action model.Action) {
+	w.putDesired(model.Desired{ReleaseID: id, RolloutID: "ro-" + id, StorePath: path, Release: w.releaseAction(id, path, w.admin, action)})
+}
+
 func (w *world) startAgent() {
 	w.t.Helper()
 	adminPub, _ := w.admin.PublicKey()
+	if w.signers != nil {
+		adminPub = strings.Join(w.signers, ",")
+	}
 	logf, err := os.OpenFile(filepath.Join(w.stateDir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		w.t.Fatal(err)
@@ -626,4 +641,184 @@ func TestFactsCommand(t *testing.T) {
 	if slices.Contains(f.Unknown, "current_system") || slices.Contains(f.Unknown, "reboot_needed") {
 		t.Fatalf("unknown: %v", f.Unknown)
 	}
+}
+
+// wantSystems checks the running system and the profile separately.
+func (w *world) wantSystems(running, profile nixtest.System) {
+	w.t.Helper()
+	if got := nixtest.Readlink(w.nix.CurrentSystem); got != running.Path {
+		w.t.Fatalf("current system is %s, want %s (%s)", got, running.Path, running.Name)
+	}
+	if got := w.nix.ProfileTarget(); got != profile.Path {
+		w.t.Fatalf("profile points at %s, want %s (%s)", got, profile.Path, profile.Name)
+	}
+}
+
+func (w *world) lastSwitch() string {
+	l := w.nix.Switches()
+	if len(l) == 0 {
+		return ""
+	}
+	return l[len(l)-1]
+}
+
+// Action boot sets the profile and the boot default only: the running
+// system is not health-checked (it did not change), the success says a
+// reboot activates it, facts say a reboot is needed, and a failed boot
+// switch returns the profile to the previous generation and runs that
+// generation's switch-to-configuration boot (not the running system's).
+func TestBootAction(t *testing.T) {
+	w := newWorld(t)
+	key := &w.nix.TrustedKey
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{Unhealthy: true}, key)
+	broken := w.build("broken", nixtest.BuildOpts{FailSwitch: true}, key)
+	w.startAgent()
+
+	w.deployAction("gen2", gen2.Path, model.ActionBoot)
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultSucceeded || ev.Log != agent.BootNote || ev.Check != "" {
+		t.Fatalf("gen2 (boot) final event: %+v", ev)
+	}
+	w.wantSystems(gen1, gen2)
+	if got := w.lastSwitch(); got != "boot "+gen2.Path {
+		t.Fatalf("last switch %q, want boot of gen2", got)
+	}
+	var states []model.State
+	for _, e := range w.seen {
+		if e.Attempt == ev.Attempt {
+			states = append(states, e.State)
+		}
+	}
+	want := []model.State{model.StateChecking, model.StateFetching, model.StateApplying, model.StateVerifying, model.StateReporting}
+	if !slices.Equal(states, want) {
+		t.Fatalf("states %v, want %v", states, want)
+	}
+	w.waitFacts("reboot needed", func(f model.Facts) bool {
+		return f.CurrentSystem == gen1.Path && f.RebootNeeded && f.LastApply != nil && f.LastApply.ReleaseID == "gen2"
+	})
+
+	w.deployAction("broken", broken.Path, model.ActionBoot)
+	ev = w.waitEvent("final broken", final("broken"))
+	if ev.Result != model.ResultRolledBack || !strings.Contains(ev.Error, "switch") || !strings.Contains(ev.Log, "cannot boot") {
+		t.Fatalf("broken (boot) final event: %+v", ev)
+	}
+	w.wantSystems(gen1, gen2)
+	if got := w.lastSwitch(); got != "boot "+gen2.Path {
+		t.Fatalf("last switch %q, want gen2's switch-to-configuration boot (the profile's previous generation)", got)
+	}
+}
+
+// Action test activates without touching the profile; its rollback
+// activates the previous running system with test.
+func TestTestAction(t *testing.T) {
+	w := newWorld(t)
+	key := &w.nix.TrustedKey
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, key)
+	gen3 := w.build("gen3", nixtest.BuildOpts{Unhealthy: true}, key)
+	w.startAgent()
+
+	w.deployAction("gen2", gen2.Path, model.ActionTest)
+	if ev := w.waitEvent("final gen2", final("gen2")); ev.Result != model.ResultSucceeded || ev.Log != "" {
+		t.Fatalf("gen2 (test) final event: %+v", ev)
+	}
+	w.wantSystems(gen2, gen1)
+	if got := w.lastSwitch(); got != "test "+gen2.Path {
+		t.Fatalf("last switch %q", got)
+	}
+
+	w.deployAction("gen3", gen3.Path, model.ActionTest)
+	ev := w.waitEvent("final gen3", final("gen3"))
+	if ev.Result != model.ResultRolledBack || ev.Check != "no-unhealthy-marker" {
+		t.Fatalf("gen3 (test) final event: %+v", ev)
+	}
+	w.wantSystems(gen2, gen1)
+	if got := w.lastSwitch(); got != "test "+gen2.Path {
+		t.Fatalf("last switch %q, want gen2's switch-to-configuration test", got)
+	}
+	if !w.switchedTo(gen3) {
+		t.Fatal("gen3 was never activated")
+	}
+}
+
+// A check whose command leaves a grandchild holding its output for 25 s,
+// with timeout 1s and health deadline 3s, rolls back within seconds: the
+// deadline ends the whole process group.
+func TestSlowCheckDeadlineHolds(t *testing.T) {
+	w := newWorld(t)
+	cfg := `{"health-deadline": "3s", "health-checks": [{"name": "slow", "type": "command", "timeout": "1s",
+		"command": ["/bin/sh", "-c", "sleep 25; exit 1"]}]}`
+	if err := os.WriteFile(w.cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.deploy("gen2", gen2.Path)
+	verifying := w.waitEvent("verifying gen2", func(ev model.Event) bool {
+		return ev.ReleaseID == "gen2" && ev.State == model.StateVerifying
+	})
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultRolledBack || ev.Check != "slow" {
+		t.Fatalf("final event: %+v", ev)
+	}
+	if d := ev.Time.Sub(verifying.Time); d > 10*time.Second {
+		t.Fatalf("verifying to rolled back took %s with a 3s health deadline", d)
+	}
+	w.wantCurrent(gen1)
+}
+
+// fleet-agent run refuses a malformed --release-signer, warns about a
+// missing one before enrolling, and names a missing token file.
+func TestRunFlagsChecked(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	state := t.TempDir()
+	run := func(args ...string) (string, error) {
+		cmd := exec.CommandContext(ctx, agentBin, append([]string{"--log-format", "json", "run", "--state-dir", state,
+			"--server", "nats://127.0.0.1:1"}, args...)...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := run("--release-signer", "not-a-key")
+	if err == nil || !strings.Contains(out, "--release-signer") || !strings.Contains(out, "not-a-key") {
+		t.Fatalf("bad signer: err %v, output %s", err, out)
+	}
+	missing := filepath.Join(state, "no-such-token")
+	out, err = run("--enroll-token-file", missing)
+	if err == nil || !strings.Contains(out, missing) {
+		t.Fatalf("missing token file: err %v, output %s", err, out)
+	}
+	warn := strings.Index(out, "every release will be refused")
+	if warn < 0 || warn > strings.Index(out, missing) {
+		t.Fatalf("no warning about the missing --release-signer before the enrollment error:\n%s", out)
+	}
+}
+
+// A desired state refused for its signer is checked again after the agent
+// restarts (with the signer now trusted), not remembered as handled.
+func TestRefusedSignerRetriedAfterRestart(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	second, _ := nkeys.CreateUser()
+	w.startAgent()
+	w.putDesired(model.Desired{ReleaseID: "gen2", RolloutID: "ro-gen2", StorePath: gen2.Path, Release: w.release("gen2", gen2.Path, second)})
+	if ev := w.waitEvent("refused gen2", final("gen2")); ev.Result != model.ResultFailed || !strings.Contains(ev.Error, "not trusted") {
+		t.Fatalf("final event: %+v", ev)
+	}
+	w.stopAgent(syscall.SIGTERM)
+	adminPub, _ := w.admin.PublicKey()
+	secondPub, _ := second.PublicKey()
+	w.signers = []string{adminPub, secondPub}
+	w.startAgent()
+	if ev := w.waitEvent("gen2 applied after restart", final("gen2")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("final event after restart: %+v", ev)
+	}
+	w.wantCurrent(gen2)
 }

@@ -155,6 +155,10 @@ type BuildOpts struct {
 	// Unhealthy: the system holds a file named "unhealthy", which a test's
 	// health check can look for (see UnhealthyCheck).
 	Unhealthy bool
+	// FailSwitch: switch-to-configuration logs "fail <action> <path>" and
+	// exits 1 without touching the current-system link, like an activation
+	// or boot loader installation that fails.
+	FailSwitch bool
 }
 
 // UnhealthyCheck is argv of a command health check that fails while the
@@ -177,6 +181,9 @@ func (e *Env) Build(ctx context.Context, name string, o BuildOpts) (System, erro
 	}
 	// The builder writes the script through an unquoted here-document so
 	// $out expands to the system's own path; every other $ is escaped.
+	if o.FailSwitch {
+		gateCmd += fmt.Sprintf(`echo "fail $1 $self" >> %s; echo "switch-to-configuration: cannot $1" >&2; exit 1; `, shq(e.SwitchLog))
+	}
 	body := gateCmd +
 		fmt.Sprintf(`echo "$1 $self" >> %s; `, shq(e.SwitchLog)) +
 		fmt.Sprintf(`if [ "$1" != boot ]; then /bin/ln -sfn "$self" %s; fi`, shq(e.CurrentSystem)) + "\n"

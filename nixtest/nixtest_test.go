@@ -57,3 +57,38 @@ func TestPublishFetchSwitch(t *testing.T) {
 		t.Fatalf("log %q", l)
 	}
 }
+
+// A FailSwitch system's switch-to-configuration fails and changes nothing.
+func TestFailSwitch(t *testing.T) {
+	if why := Available(); why != "" {
+		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	e, err := New(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	good, err := e.Build(ctx, "good", BuildOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Install(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	broken, err := e.Build(ctx, "broken", BuildOpts{FailSwitch: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(ctx, broken.Path+"/bin/switch-to-configuration", "boot").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "cannot boot") {
+		t.Fatalf("broken switch: err %v, output %s", err, out)
+	}
+	if got := Readlink(e.CurrentSystem); got != good.Path {
+		t.Fatalf("current %q want %q", got, good.Path)
+	}
+	if l := e.Switches(); len(l) != 1 || l[0] != "fail boot "+broken.Path {
+		t.Fatalf("log %q", l)
+	}
+}
