@@ -243,6 +243,14 @@ func (s *services) registerOwner(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Only into an empty bucket: an owner removed later stays removed.
+	admins, err := s.allAdmins(ctx)
+	if err != nil {
+		return err
+	}
+	if len(admins) > 0 {
+		return nil
+	}
 	b, _ := json.Marshal(model.Admin{Key: cr.PublicKey(), Name: "owner", Role: string(subjects.RoleOwner), CreatedAt: s.now().UTC()})
 	if _, err := s.admins.Create(ctx, cr.PublicKey(), b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 		return fmt.Errorf("register the first owner: %w", err)

@@ -89,6 +89,11 @@ func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device
 	if tok.Revoked {
 		return nil, refused("enrollment token %s was revoked: create a new one with fleet-admin token create", tok.ID)
 	}
+	// The JWT is issued before anything is recorded: a key it cannot be
+	// issued for never becomes a device or spends a use.
+	if _, err := s.c.auth.IssueUser(subjects.RoleAgent, key, req.Hostname, 0); err != nil {
+		return nil, badRequest("device key %s: %v", key, err)
+	}
 	if s.c.auth.IsRevoked(key) {
 		return nil, refused("device key %s is revoked: a revoked device enrols again only with a new key (remove agent.nk from the state dir) and a new token", key)
 	}

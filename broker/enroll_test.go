@@ -61,6 +61,15 @@ func TestEnrollBadInputChangesNothing(t *testing.T) {
 		b, _ := json.Marshal(s)
 		return b
 	}()
+	// The same key spelled with a trailing character: nkeys decodes it, but
+	// it would give one device two names (and a record no revoke matches).
+	longKey := func() []byte {
+		var s model.Signed
+		_ = json.Unmarshal(signEnroll(t, newUserKey(t), req(goodTok)), &s)
+		s.Signer += "A"
+		b, _ := json.Marshal(s)
+		return b
+	}()
 	badHost := req(goodTok)
 	badHost.Hostname = "bad_host.example"
 	wrongSecret := req(goodTok)
@@ -78,6 +87,7 @@ func TestEnrollBadInputChangesNothing(t *testing.T) {
 		{"used-up token", "used up", signEnroll(t, newUserKey(t), req(usedTok))},
 		{"revoked token", "revoked", signEnroll(t, newUserKey(t), req(revTok))},
 		{"bad signature", "signature", forged},
+		{"non-canonical key", "not an nkey user public key", longKey},
 		{"key under another token", "another token", signEnroll(t, enrolled, req(goodTok))},
 		{"malformed JSON", "not a signed JSON", []byte(`{"payload":`)},
 		{"not JSON at all", "not a signed JSON", []byte("hello")},

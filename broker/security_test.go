@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -365,5 +366,52 @@ func TestReplayAfterRestartRefused(t *testing.T) {
 	var toks []model.TokenInfo
 	if err := owner2.Call(ctx, subjects.VerbTokens, false, struct{}{}, &toks); err != nil || len(toks) != 1 {
 		t.Fatalf("tokens after the replay: %d %v", len(toks), err)
+	}
+}
+
+// A removed first owner stays removed after a restart.
+func TestRemovedOwnerStaysRemoved(t *testing.T) {
+	c := startCoordinator(t)
+	cfg := c.Config()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	owner := ownerClient(t, c)
+	// A second owner, through the API, so its creds outlive this client.
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	var added model.AdminAdded
+	if err := owner.Call(ctx, subjects.VerbAdminAdd, true, model.AdminAdd{Name: "owner2", Role: "owner", Key: pub}, &added); err != nil {
+		t.Fatal(err)
+	}
+	second := &accounts.Creds{JWT: added.JWT, Key: kp}
+	cl1, err := admin.DialCreds(ctx, c.ClientURL(), second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl1.Call(ctx, subjects.VerbAdminRemove, true, model.AdminRef{Ref: "owner"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	cl1.Close()
+	owner.Close()
+	c.Close()
+	<-c.Done()
+	c2, err := broker.Start(ctx, cfg, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	cl, err := admin.DialCreds(ctx, c2.ClientURL(), second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var admins []model.Admin
+	if err := cl.Call(ctx, subjects.VerbAdmins, false, struct{}{}, &admins); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range admins {
+		if a.Name == "owner" {
+			t.Fatalf("the removed owner is back: %+v", admins)
+		}
 	}
 }

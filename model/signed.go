@@ -13,6 +13,8 @@ import (
 	"slices"
 
 	"github.com/nats-io/nkeys"
+
+	"fleet/subjects"
 )
 
 // Signature purposes. A signature covers its purpose too, so a signed API
@@ -82,7 +84,9 @@ func (s *Signed) Verify(purpose string, trusted []string) error {
 	if s == nil || len(s.Payload) == 0 || s.Sig == "" || s.Signer == "" {
 		return ErrUnsigned
 	}
-	if !nkeys.IsValidPublicUserKey(s.Signer) {
+	// Only the canonical 56-character form: nkeys also decodes a key with
+	// trailing characters, which would give one key several names.
+	if !subjects.ValidDeviceID(s.Signer) {
 		return fmt.Errorf("signer %q is not an nkey user public key", s.Signer)
 	}
 	sig, err := base64.RawURLEncoding.DecodeString(s.Sig)
