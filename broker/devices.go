@@ -246,6 +246,13 @@ func (s *services) deviceRevoke(ctx context.Context, who *model.Admin, raw json.
 	if err != nil {
 		return nil, err
 	}
+	// Nothing waits for a revoked device: no desired state, no rollout.
+	if err := s.c.rollouts.desired.Delete(ctx, d.ID); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, fmt.Errorf("clear desired state of %s: %w", d.ID, err)
+	}
+	if err := s.c.rollouts.DeviceGone(ctx, d.ID, "device revoked"); err != nil {
+		return nil, err
+	}
 	return s.view(*d), nil
 }
 

@@ -147,10 +147,13 @@ func (s *services) rolloutAction(ctx context.Context, who *model.Admin, raw json
 	if err != nil {
 		return nil, err
 	}
+	// An operator limited to groups acts only on rollouts within them.
+	groups := ro.Groups
 	if ro.Group != "" {
-		if err := mayAssign(who, []string{ro.Group}); err != nil {
-			return nil, err
-		}
+		groups = []string{ro.Group}
+	}
+	if err := mayAssign(who, groups); err != nil {
+		return nil, err
 	}
 	return s.c.rollouts.Transition(ctx, a.ID, a.Action)
 }

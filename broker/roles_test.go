@@ -123,8 +123,9 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 
 		// Viewer: read verbs and the facts and events streams.
 		{"viewer", pub, subjects.APIReadVerb("devices"), "", true},
-		{"viewer", pub, subjects.APIWriteVerb("deploy"), "", false},
-		{"viewer", pub, subjects.APIWriteVerb("tokens"), "", false},
+		// Write verbs reach the coordinator, which refuses and audits them.
+		{"viewer", pub, subjects.APIWriteVerb("deploy"), "", true},
+		{"viewer", pub, subjects.APIWriteVerb("tokens"), "", true},
 		{"viewer", streamInfo, subjects.StreamFacts, "", true},
 		{"viewer", streamInfo, subjects.StreamEvents, "", true},
 		{"viewer", streamInfo, subjects.StreamAudit, "", false},

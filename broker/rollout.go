@@ -181,17 +181,34 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		}
 	}
 	ro.Total = len(devs)
+	groups := map[string]bool{}
+	for _, d := range targets {
+		for _, g := range d.Groups {
+			groups[g] = true
+		}
+	}
+	for g := range groups {
+		ro.Groups = append(ro.Groups, g)
+	}
+	slices.Sort(ro.Groups)
 	ro.Counts[model.DeviceQueued] = len(devs)
 	// Device records first, summary last: the engine only sees a rollout
 	// once all of it is there.
 	if err := r.putDevices(ctx, ro.ID, devs); err != nil {
+		for _, d := range devs {
+			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
+		}
 		return nil, err
 	}
 	b, _ := json.Marshal(ro)
 	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
+		// Leave nothing half-written: the device records go too.
+		for _, d := range devs {
+			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
+		}
 		return nil, fmt.Errorf("record rollout: %w", err)
 	}
-	if err := r.supersede(ctx, ro.ID, taken); err != nil {
+	if err := r.settle(ctx, taken, model.DeviceSuperseded, "superseded by rollout "+ro.ID); err != nil {
 		return nil, err
 	}
 	return ro, nil
@@ -280,7 +297,8 @@ func (r *rollouts) busy(ctx context.Context, devs []*model.RolloutDevice, supers
 			return nil, err
 		}
 		for _, d := range rdevs {
-			if !want[d.Device] || d.State.Done() {
+			// Failed devices count too: resuming their rollout retries them.
+			if !want[d.Device] || d.State.Done() && !d.State.Failed() {
 				continue
 			}
 			if !supersede {
@@ -292,13 +310,13 @@ func (r *rollouts) busy(ctx context.Context, devs []*model.RolloutDevice, supers
 	return taken, nil
 }
 
-// supersede marks devices superseded in their old rollouts and touches
-// those summaries, so the engine reads their devices again.
-func (r *rollouts) supersede(ctx context.Context, by string, taken map[string][]*model.RolloutDevice) error {
+// settle takes devices out of their unfinished rollouts (state and why) and
+// touches those summaries, so the engine reads their devices again.
+func (r *rollouts) settle(ctx context.Context, taken map[string][]*model.RolloutDevice, state model.DeviceRolloutState, why string) error {
 	now := time.Now().UTC()
 	for id, devs := range taken {
 		for _, d := range devs {
-			d.State, d.Error, d.Finished = model.DeviceSuperseded, "superseded by rollout "+by, now
+			d.State, d.Error, d.Finished = state, why, now
 			if err := r.putDevice(ctx, id, d); err != nil {
 				return err
 			}
@@ -318,6 +336,16 @@ func (r *rollouts) supersede(ctx context.Context, by string, taken map[string][]
 		}
 	}
 	return nil
+}
+
+// DeviceGone takes a revoked device out of every unfinished rollout that
+// still waits for it or would retry it.
+func (r *rollouts) DeviceGone(ctx context.Context, id, why string) error {
+	taken, err := r.busy(ctx, []*model.RolloutDevice{{Device: id}}, true)
+	if err != nil {
+		return err
+	}
+	return r.settle(ctx, taken, model.DeviceSkipped, why)
 }
 
 // List returns every rollout summary, oldest first.
@@ -730,6 +758,14 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 		// Start (or, after a resume, restart) the current batch: write the
 		// desired state of its devices that still need it.
 		if err := r.startBatch(ctx, ro, devs, now); err != nil {
+			// A write the server refuses (e.g. a desired state over the
+			// size limit) fails the same way on every retry: stop here,
+			// saying why, rather than retrying each tick for ever.
+			var apiErr *jetstream.APIError
+			if errors.As(err, &apiErr) {
+				ro.State, ro.Reason = model.RolloutFailed, "cannot write desired states: "+err.Error()
+				return r.save(ctx, &orig, ro, devs, rev)
+			}
 			return err
 		}
 		ro.BatchStarted = now
@@ -797,11 +833,34 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	if err != nil {
 		return err
 	}
-	var batch []*model.RolloutDevice
+	// A device revoked, removed or sent back to approval since the
+	// snapshot gets no desired state: it is skipped, not failed.
+	current := map[string]model.Device{}
+	all, err := readDevices(ctx, r.devices)
+	if err != nil {
+		return err
+	}
+	for _, d := range all {
+		current[d.ID] = d
+	}
+	var batch, gone []*model.RolloutDevice
 	for _, d := range devs {
-		if d.Batch == ro.Batch && (d.State == model.DeviceQueued || d.State.Failed()) {
-			batch = append(batch, d)
+		if d.Batch != ro.Batch || !(d.State == model.DeviceQueued || d.State.Failed()) {
+			continue
 		}
+		if rec, ok := current[d.Device]; !ok || rec.Status != model.DeviceActive {
+			why := "removed since the rollout started"
+			if ok {
+				why = "device is " + string(rec.Status) + " since the rollout started"
+			}
+			d.State, d.Error, d.Finished = model.DeviceSkipped, why, now
+			gone = append(gone, d)
+			continue
+		}
+		batch = append(batch, d)
+	}
+	if err := r.putDevices(ctx, ro.ID, gone); err != nil {
+		return err
 	}
 	pubs := make([]jetstream.PubAckFuture, 0, len(batch))
 	wctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)

@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/admin"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -340,4 +341,85 @@ func TestRolloutBadRequests(t *testing.T) {
 		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
 		return ro.State.Finished() && ro.Counts[model.DeviceWaiting] == 0
 	})
+}
+
+// A device revoked while its rollout waits is skipped when its batch
+// starts, not failed; a failed device of a paused rollout is still taken
+// (resume retries it), so another rollout needs --supersede for it.
+func TestRolloutSkipsGoneDevicesAndHoldsFailedOnes(t *testing.T) {
+	f := startRolloutFleet(t, 6, "developers")
+	ctx := context.Background()
+	gen2 := storePath("gen2")
+	f.release("rel-2", gen2)
+	f.release("rel-3", storePath("gen3"))
+	bad := f.byName["dev02"] // batch 2 of 1 | 2 | 3
+	bad.fail.Store(&gen2)
+	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.waitState(ro.ID, model.RolloutPaused)
+
+	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-3", Devices: []string{bad.id}}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
+		t.Fatalf("a failed device of a paused rollout was taken by another: %v", err)
+	}
+
+	// dev05 (batch 3) is revoked meanwhile.
+	gone := f.byName["dev05"]
+	devKV, _ := f.c.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	e, _ := devKV.Get(ctx, gone.id)
+	var rec model.Device
+	_ = json.Unmarshal(e.Value(), &rec)
+	rec.Status = model.DeviceRevoked
+	b, _ := json.Marshal(rec)
+	if _, err := devKV.Put(ctx, gone.id, b); err != nil {
+		t.Fatal(err)
+	}
+	bad.fail.Store(nil)
+	if _, err := f.c.rollouts.Transition(ctx, ro.ID, "resume"); err != nil {
+		t.Fatal(err)
+	}
+	done := f.waitState(ro.ID, model.RolloutSucceeded)
+	if done.Counts[model.DeviceSkipped] != 1 || done.Counts[model.DeviceSucceeded] != 5 {
+		t.Fatalf("counts %v", done.Counts)
+	}
+	if f.desiredOf(gone) != nil || gone.appliedCount(gen2) != 0 {
+		t.Fatal("the revoked device got a desired state")
+	}
+}
+
+// An operator limited to a group acts only on rollouts within its groups,
+// also when the rollout names devices rather than a group.
+func TestGroupOperatorActsOnlyOnItsRollouts(t *testing.T) {
+	f := startRolloutFleet(t, 2, "developers")
+	ctx := context.Background()
+	f.release("rel-2", storePath("gen2"))
+	for _, d := range f.devs {
+		d.nc.Close() // offline: the rollout keeps waiting
+	}
+	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Devices: []string{f.devs[0].id, f.devs[1].id}, HealthTimeout: "1h"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr, err := f.c.Authority().NewUser(subjects.RoleOperator, "quinn", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, _ := f.c.JetStream().KeyValue(ctx, subjects.BucketAdmins)
+	b, _ := json.Marshal(model.Admin{Key: cr.PublicKey(), Name: "quinn", Role: "operator", Groups: []string{"qa"}})
+	if _, err := kv.Put(ctx, cr.PublicKey(), b); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := admin.DialCreds(ctx, f.c.ClientURL(), cr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	err = cl.Call(ctx, subjects.VerbRolloutAction, true, model.RolloutRef{ID: ro.ID, Action: "abort"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "may not assign group developers") {
+		t.Fatalf("qa operator aborting a developers rollout: %v", err)
+	}
+	if got, _, _ := f.c.rollouts.Get(ctx, ro.ID); got.State.Finished() {
+		t.Fatalf("rollout %s", got.State)
+	}
 }

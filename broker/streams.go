@@ -25,6 +25,9 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		}
 	}
 	desired := kv(subjects.BucketDesired, "desired state of each device, key = device ID", 5)
+	// A desired state carries its signed release, which grows with the
+	// release's hosts: allow up to the message size limit.
+	desired.MaxValueSize = int32(cfg.Limits.MaxPayload) - 4096
 	desired.RePublish = &jetstream.RePublish{
 		Source:      subjects.DesiredRepublishSource,
 		Destination: subjects.DesiredRepublishDest,

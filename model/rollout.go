@@ -203,6 +203,8 @@ type Rollout struct {
 	// CreatedBy is the admin key that asked for it.
 	CreatedBy string `json:"created_by,omitempty"`
 	Group     string `json:"group,omitempty"`
+	// Groups are the target devices' groups: who may act on the rollout.
+	Groups []string `json:"groups,omitempty"`
 
 	Strategy      Strategy   `json:"strategy"`
 	Batches       []Quantity `json:"batches"`

@@ -100,8 +100,11 @@ func RoleTemplate(r Role, d string) Template {
 			Bearer: true,
 		}
 	case RoleViewer:
+		// Write verbs too: the coordinator refuses them for a viewer (its
+		// role in fleet_admins is the authority) and the audit records the
+		// refusal, which a denial by the server would leave unrecorded.
 		return Template{
-			Pub: append([]string{APIRead + ".>"}, readStreams...),
+			Pub: append([]string{APIRead + ".>", APIWrite + ".>"}, readStreams...),
 			Sub: []string{selfInbox},
 		}
 	case RoleOperator:

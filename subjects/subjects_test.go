@@ -331,7 +331,8 @@ func TestAdminTemplates(t *testing.T) {
 			{JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamFacts, false},
 		},
 		RoleViewer: {
-			{APIReadVerb("devices"), true}, {APIWriteVerb("deploy"), false}, {Enroll, false},
+			// Write verbs reach the coordinator, which refuses and audits them.
+			{APIReadVerb("devices"), true}, {APIWriteVerb("deploy"), true}, {Enroll, false},
 			{JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamFacts, true},
 			{DirectGetLast(Domain, StreamEvents, DeviceEvents(dev)), true},
 			{JSAPIPrefix(Domain) + ".STREAM.INFO." + StreamAudit, false},
