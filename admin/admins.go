@@ -61,7 +61,11 @@ type AdminLsCmd struct{}
 // Run lists admins.
 func (AdminLsCmd) Run(g *Globals) error {
 	var list []model.Admin
-	if err := g.call(subjects.VerbAdmins, false, struct{}{}, &list); err != nil {
+	err := g.withClient(func(c *Client) (err error) {
+		list, err = c.Admins(g.ctx)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	if g.JSON {
@@ -127,7 +131,10 @@ func auditRecords(g *Globals, since time.Duration) ([]model.AuditRecord, error) 
 		return nil, errors.New("--since must not be negative")
 	}
 	var recs []model.AuditRecord
-	err := g.call(subjects.VerbAudit, false, model.AuditQuery{Since: since}, &recs)
+	err := g.withClient(func(c *Client) (err error) {
+		recs, err = c.Audit(g.ctx, since)
+		return err
+	})
 	return recs, err
 }
 

@@ -25,13 +25,34 @@ type Globals struct {
 	Server string          `help:"Coordinator URL." default:"nats://127.0.0.1:4222" env:"FLEET_SERVER"`
 	Creds  string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
 	JSON   bool            `name:"json" help:"Print JSON instead of tables."`
+	Limit  int             `help:"Page size of listings: items one reply carries (0: the coordinator's cap). Commands fetch every page." default:"0"`
 
 	ctx            context.Context
 	stdout, stderr io.Writer
 }
 
 // dial connects with the global flags.
-func (g *Globals) dial() (*Client, error) { return Dial(g.ctx, g.Server, g.Creds) }
+func (g *Globals) dial() (*Client, error) {
+	if g.Limit < 0 {
+		return nil, fmt.Errorf("--limit must not be negative")
+	}
+	c, err := Dial(g.ctx, g.Server, g.Creds)
+	if err != nil {
+		return nil, err
+	}
+	c.PageSize = g.Limit
+	return c, nil
+}
+
+// withClient dials, runs fn and closes.
+func (g *Globals) withClient(fn func(c *Client) error) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return fn(c)
+}
 
 // call dials the coordinator, sends one signed request and closes.
 func (g *Globals) call(verb string, write bool, args, out any) error {

@@ -30,6 +30,9 @@ type Client struct {
 	denied map[string]context.CancelCauseFunc
 	// Timeout bounds one request when ctx has no deadline.
 	Timeout time.Duration
+	// PageSize is the page size listings ask for (0: the coordinator's
+	// cap, which also bounds larger values).
+	PageSize int
 }
 
 // Dial connects to server with the creds file at credsPath.
@@ -181,10 +184,9 @@ func (c *Client) CreateToken(ctx context.Context, a model.TokenCreate) (*model.T
 	return &out, c.Call(ctx, subjects.VerbTokenCreate, true, a, &out)
 }
 
-// Tokens lists tokens.
+// Tokens lists every token, oldest first.
 func (c *Client) Tokens(ctx context.Context) ([]model.TokenInfo, error) {
-	var out []model.TokenInfo
-	return out, c.Call(ctx, subjects.VerbTokens, false, struct{}{}, &out)
+	return ListAll[model.TokenInfo](ctx, c, subjects.VerbTokens, listQuery)
 }
 
 // RevokeToken revokes token id.
@@ -195,10 +197,12 @@ func (c *Client) RevokeToken(ctx context.Context, id string) (*model.TokenInfo, 
 
 // Device verbs.
 
-// Devices lists devices, of one group when group is not empty.
+// Devices lists every device, of one group when group is not empty, by
+// name.
 func (c *Client) Devices(ctx context.Context, group string) ([]model.DeviceView, error) {
-	var out []model.DeviceView
-	return out, c.Call(ctx, subjects.VerbDevices, false, model.DeviceList{Group: group}, &out)
+	return ListAll[model.DeviceView](ctx, c, subjects.VerbDevices, func(p model.Page) any {
+		return model.DeviceList{Group: group, Page: p}
+	})
 }
 
 func (c *Client) deviceCall(ctx context.Context, verb string, write bool, args any) (*model.DeviceView, error) {

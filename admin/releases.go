@@ -128,7 +128,11 @@ type ReleaseLsCmd struct{}
 // Run lists releases.
 func (ReleaseLsCmd) Run(g *Globals) error {
 	var rels []model.Release
-	if err := g.call(subjects.VerbReleases, false, struct{}{}, &rels); err != nil {
+	err := g.withClient(func(c *Client) (err error) {
+		rels, err = c.Releases(g.ctx)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	if g.JSON {

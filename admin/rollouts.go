@@ -78,7 +78,11 @@ type RolloutLsCmd struct{}
 // Run lists rollouts.
 func (RolloutLsCmd) Run(g *Globals) error {
 	var list []model.Rollout
-	if err := g.call(subjects.VerbRollouts, false, struct{}{}, &list); err != nil {
+	err := g.withClient(func(c *Client) (err error) {
+		list, err = c.Rollouts(g.ctx)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	if g.JSON {
@@ -113,8 +117,12 @@ type RolloutShowCmd struct {
 
 // Run shows a rollout.
 func (cmd *RolloutShowCmd) Run(g *Globals) error {
-	var v model.RolloutView
-	if err := g.call(subjects.VerbRollout, false, model.RolloutRef{ID: cmd.ID}, &v); err != nil {
+	var v *model.RolloutView
+	err := g.withClient(func(c *Client) (err error) {
+		v, err = c.Rollout(g.ctx, cmd.ID)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	if g.JSON {
@@ -189,8 +197,11 @@ func rolloutAction(g *Globals, id, action string) error {
 // succeed, so the command exits non-zero.
 var errRolloutStopped = errors.New("rollout did not succeed")
 
-// watch polls a rollout until it ends or pauses: a progress bar on a
-// terminal, JSON lines with --json, a line per change otherwise.
+// watch polls a rollout's summary each second until it ends or pauses: a
+// progress bar on a terminal, JSON lines with --json (the summary, with no
+// progress rows), a line per change otherwise. At the end it reads every
+// device's progress, page by page: the last JSON line carries it, and the
+// devices that failed, timed out or were skipped are listed.
 func watch(g *Globals, c *Client, id string) error {
 	tty := false
 	if f, ok := g.stdout.(*os.File); ok {
@@ -200,15 +211,21 @@ func watch(g *Globals, c *Client, id string) error {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
-		var v model.RolloutView
 		ctx, cancel := context.WithTimeout(g.ctx, 30*time.Second)
-		err := c.Call(ctx, subjects.VerbRollout, false, model.RolloutRef{ID: id}, &v)
+		ro, err := c.RolloutSummary(ctx, id)
 		cancel()
 		if err != nil {
 			return err
 		}
-		line := progressLine(&v)
-		if line != last {
+		end := ro.State.Finished() || ro.State == model.RolloutPaused
+		v := &model.RolloutView{Rollout: *ro}
+		if end && (g.JSON || ro.State != model.RolloutSucceeded) {
+			if v, err = c.Rollout(g.ctx, id); err != nil {
+				return err
+			}
+		}
+		line := progressLine(v)
+		if line != last || (end && g.JSON) {
 			switch {
 			case g.JSON:
 				b, _ := json.Marshal(v)
@@ -220,7 +237,7 @@ func watch(g *Globals, c *Client, id string) error {
 			}
 			last = line
 		}
-		if v.State.Finished() || v.State == model.RolloutPaused {
+		if end {
 			if tty && !g.JSON {
 				fmt.Fprintln(g.stdout)
 			}
@@ -230,7 +247,7 @@ func watch(g *Globals, c *Client, id string) error {
 			if !g.JSON {
 				fmt.Fprintf(g.stderr, "rollout %s %s: %s\n", v.ID, v.State, v.Reason)
 				for _, d := range v.Progress {
-					if d.State.Failed() || d.Error != "" {
+					if d.State.Failed() || d.State == model.DeviceSkipped || d.Error != "" {
 						fmt.Fprintf(g.stderr, "  %s (%s): %s %s\n", d.Name, d.Device, d.State, d.Error)
 					}
 				}

@@ -1,7 +1,6 @@
 package admin
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"os"
@@ -12,7 +11,6 @@ import (
 	"github.com/mattn/go-isatty"
 
 	"fleet/model"
-	"fleet/subjects"
 )
 
 // StatusCmd is `fleet-admin status`.
@@ -37,10 +35,7 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 		tty = isatty.IsTerminal(f.Fd())
 	}
 	for {
-		var rep model.StatusReport
-		ctx, cancel := context.WithTimeout(g.ctx, 30*time.Second)
-		err := c.Call(ctx, subjects.VerbStatus, false, model.StatusQuery{Group: cmd.Group}, &rep)
-		cancel()
+		rep, err := c.Status(g.ctx, cmd.Group)
 		if err != nil {
 			return err
 		}
@@ -51,7 +46,7 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 			if err := g.printJSON(rep); err != nil {
 				return err
 			}
-		} else if err := printStatus(g.stdout, &rep); err != nil {
+		} else if err := printStatus(g.stdout, rep); err != nil {
 			return err
 		}
 		if !cmd.Watch {
@@ -115,7 +110,11 @@ func (cmd *FactsCmd) Run(g *Globals) error {
 		return fmt.Errorf("--since must be a positive duration, e.g. 24h")
 	}
 	var facts []model.Facts
-	if err := g.call(subjects.VerbFacts, false, model.FactsQuery{Ref: cmd.Device, Since: cmd.Since}, &facts); err != nil {
+	err := g.withClient(func(c *Client) (err error) {
+		facts, err = c.Facts(g.ctx, cmd.Device, cmd.Since)
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	if g.JSON {

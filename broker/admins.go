@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -68,13 +67,16 @@ func (s *services) adminAdd(ctx context.Context, _ *model.Admin, raw json.RawMes
 	return model.AdminAdded{Admin: rec, JWT: tok}, nil
 }
 
-func (s *services) adminsList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
+func (s *services) adminsList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	q, err := listQuery(raw)
+	if err != nil {
+		return nil, err
+	}
 	admins, err := s.allAdmins(ctx)
 	if err != nil {
 		return nil, err
 	}
-	slices.SortFunc(admins, func(a, b model.Admin) int { return strings.Compare(a.Name, b.Name) })
-	return admins, nil
+	return pageOf(admins, func(a *model.Admin) string { return a.Name + "\x00" + a.Key }, q.Page, capList)
 }
 
 // adminRemove deletes an admin and revokes its key, so its creds stop
@@ -124,8 +126,10 @@ func (s *services) allAdmins(ctx context.Context) ([]model.Admin, error) {
 	return out, err
 }
 
-// auditList reads the audit stream from a start time. The records carry
-// the signed requests verbatim so the client can verify them itself.
+// auditList reads one page of the audit stream, oldest first: from a start
+// time on the first page, after the cursor's sequence on later ones. The
+// records carry the signed requests verbatim so the client can verify them
+// itself.
 func (s *services) auditList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
 	var q model.AuditQuery
 	if len(raw) > 0 {
@@ -136,12 +140,17 @@ func (s *services) auditList(ctx context.Context, _ *model.Admin, raw json.RawMe
 	if q.Since < 0 {
 		return nil, badRequest("--since must be positive")
 	}
-	limit := q.Limit
-	if limit <= 0 || limit > 10000 {
-		limit = 10000
+	after, err := decodeSeqCursor(q.Page.After)
+	if err != nil {
+		return nil, err
 	}
+	limit := pageLimit(q.Page, capAudit)
 	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subjects.AllAudit}}
-	if q.Since > 0 {
+	switch {
+	case after > 0:
+		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
+		cfg.OptStartSeq = after + 1
+	case q.Since > 0:
 		start := s.now().Add(-q.Since)
 		cfg.DeliverPolicy = jetstream.DeliverByStartTimePolicy
 		cfg.OptStartTime = &start
@@ -154,33 +163,48 @@ func (s *services) auditList(ctx context.Context, _ *model.Admin, raw json.RawMe
 	if err != nil {
 		return nil, fmt.Errorf("audit stream: %w", err)
 	}
-	out := []model.AuditRecord{}
-	if info.State.Msgs == 0 {
+	out := &model.PageOf[model.AuditRecord]{Items: []model.AuditRecord{}, Total: -1}
+	if info.State.Msgs == 0 || (after > 0 && after >= info.State.LastSeq) {
 		return out, nil
 	}
 	cons, err := stream.OrderedConsumer(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("read audit: %w", err)
 	}
-	for len(out) < limit {
-		batch, err := cons.Fetch(min(500, limit-len(out)), jetstream.FetchMaxWait(300*time.Millisecond))
+	size := 0
+	var lastSeq, pending uint64
+	for {
+		batch, err := cons.Fetch(min(100, limit-len(out.Items)+1), jetstream.FetchMaxWait(300*time.Millisecond))
 		if err != nil {
 			return nil, fmt.Errorf("read audit: %w", err)
 		}
 		n := 0
 		for m := range batch.Messages() {
 			n++
+			md, err := m.Metadata()
+			if err != nil {
+				return nil, fmt.Errorf("read audit: %w", err)
+			}
+			// A full page: the cursor is the last record on it.
+			if len(out.Items) >= limit || (len(out.Items) > 0 && size+len(m.Data()) > maxPageBytes) {
+				out.Next = seqCursor(md.Sequence.Stream - 1)
+				return out, nil
+			}
 			var r model.AuditRecord
 			if json.Unmarshal(m.Data(), &r) == nil {
-				out = append(out, r)
+				out.Items = append(out.Items, r)
+				size += len(m.Data())
 			}
-			if md, err := m.Metadata(); err == nil && md.NumPending == 0 {
+			lastSeq, pending = md.Sequence.Stream, md.NumPending
+			if pending == 0 {
 				return out, nil
 			}
 		}
 		if n == 0 {
-			return out, nil // nothing newer than the start time
+			if pending > 0 { // more stored, but slow to come: go on next page
+				out.Next = seqCursor(lastSeq)
+			}
+			return out, nil // nothing newer than the start
 		}
 	}
-	return out, nil
 }

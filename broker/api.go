@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
@@ -78,6 +80,9 @@ func (s *services) verbs() []apiVerb {
 	}
 }
 
+// testVerbs are extra verbs tests add to the API (nil otherwise).
+var testVerbs func(s *services) []apiVerb
+
 // roleRank orders the admin roles; a role may call what a lower one may.
 func roleRank(r subjects.Role) int {
 	switch r {
@@ -101,7 +106,11 @@ func (s *services) startAPI() error {
 		return fmt.Errorf("admin API service: %w", err)
 	}
 	s.api = svc
-	for _, v := range s.verbs() {
+	verbs := s.verbs()
+	if testVerbs != nil {
+		verbs = append(verbs, testVerbs(s)...)
+	}
+	for _, v := range verbs {
 		subj := subjects.APIReadVerb(v.name)
 		if v.write {
 			subj = subjects.APIWriteVerb(v.name)
@@ -110,14 +119,38 @@ func (s *services) startAPI() error {
 		err := svc.AddEndpoint(v.name, micro.HandlerFunc(func(r micro.Request) {
 			s.wg.Add(1)
 			defer s.wg.Done()
-			resp := s.serve(v, r.Data())
-			_ = r.RespondJSON(resp)
+			s.respond(r, v.name, s.serve(v, r.Data()))
 		}), micro.WithEndpointSubject(subj))
 		if err != nil {
 			return fmt.Errorf("admin API verb %s: %w", v.name, err)
 		}
 	}
 	return nil
+}
+
+// respond sends resp. A reply the connection cannot carry (larger than the
+// max payload) or that fails to send is logged and answered with an
+// explicit error, so the caller is not left waiting for its timeout.
+func (s *services) respond(r micro.Request, verb string, resp model.Response) {
+	b, err := json.Marshal(resp)
+	if err != nil {
+		b, _ = json.Marshal(model.Response{Error: "encode reply: " + err.Error(), Code: model.CodeInternal})
+	}
+	limit := s.c.nc.MaxPayload()
+	if int64(len(b)) > limit {
+		err = fmt.Errorf("reply too large: %d bytes, more than the %d a message may carry; page with --limit", len(b), limit)
+	} else if err = r.Respond(b); err == nil {
+		return
+	} else if strings.Contains(err.Error(), nats.ErrMaxPayload.Error()) {
+		err = fmt.Errorf("reply too large: %d bytes (%v); page with --limit", len(b), err)
+	} else {
+		err = fmt.Errorf("reply could not be sent: %w", err)
+	}
+	s.log.Error().Err(err).Str("verb", verb).Int("bytes", len(b)).Msg("admin API reply not sent; answering with an error")
+	eb, _ := json.Marshal(model.Response{Error: verb + ": " + err.Error(), Code: model.CodeInternal})
+	if err := r.Respond(eb); err != nil {
+		s.log.Error().Err(err).Str("verb", verb).Msg("admin API error reply not sent either")
+	}
 }
 
 // serve checks one request and runs it: signature, verb, freshness, replay,

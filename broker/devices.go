@@ -41,16 +41,13 @@ func (s *services) devicesList(ctx context.Context, _ *model.Admin, raw json.Raw
 	if err != nil {
 		return nil, err
 	}
-	out := []model.DeviceView{}
+	var out []model.DeviceView
 	for _, d := range all {
 		if a.Group == "" || slices.Contains(d.Groups, a.Group) {
 			out = append(out, s.view(d))
 		}
 	}
-	slices.SortFunc(out, func(a, b model.DeviceView) int {
-		return strings.Compare(a.Name+"\x00"+a.ID, b.Name+"\x00"+b.ID)
-	})
-	return out, nil
+	return pageOf(out, func(d *model.DeviceView) string { return d.Name + "\x00" + d.ID }, a.Page, capDevices)
 }
 
 // resolve finds a device by full ID, unique ID prefix or unique name.
@@ -178,7 +175,13 @@ func (s *services) status(_ context.Context, _ *model.Admin, raw json.RawMessage
 			return nil, err
 		}
 	}
-	return s.c.Status(q.Group), nil
+	rep := s.c.Status(q.Group)
+	rows, next, err := pageSorted(rep.Devices, func(r *model.DeviceStatusRow) string { return r.ID }, q.Page, capDevices)
+	if err != nil {
+		return nil, err
+	}
+	rep.Devices, rep.Next = rows, next
+	return rep, nil
 }
 
 func (s *services) facts(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
@@ -189,11 +192,23 @@ func (s *services) facts(ctx context.Context, _ *model.Admin, raw json.RawMessag
 	if q.Since <= 0 {
 		return nil, badRequest("--since must be a positive duration, e.g. 24h")
 	}
+	after, err := decodeSeqCursor(q.Page.After)
+	if err != nil {
+		return nil, err
+	}
 	d, err := s.resolve(ctx, q.Ref)
 	if err != nil {
 		return nil, err
 	}
-	return s.c.FactsHistory(ctx, d.ID, q.Since)
+	facts, last, more, err := s.c.FactsPage(ctx, d.ID, q.Since, after, pageLimit(q.Page, capFacts))
+	if err != nil {
+		return nil, err
+	}
+	p := &model.PageOf[model.Facts]{Items: facts, Total: -1}
+	if more {
+		p.Next = seqCursor(last)
+	}
+	return p, nil
 }
 
 func (s *services) deviceApprove(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -40,7 +39,11 @@ func (s *services) releaseCreate(ctx context.Context, who *model.Admin, raw json
 	return model.ReleaseView{Release: *rel, Signed: signed}, nil
 }
 
-func (s *services) releasesList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
+func (s *services) releasesList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	q, err := listQuery(raw)
+	if err != nil {
+		return nil, err
+	}
 	kv := s.c.rollouts.releases
 	lister, err := kv.ListKeys(ctx)
 	if err != nil {
@@ -55,8 +58,7 @@ func (s *services) releasesList(ctx context.Context, _ *model.Admin, _ json.RawM
 		}
 		out = append(out, v.Release)
 	}
-	slices.SortFunc(out, func(a, b model.Release) int { return a.CreatedAt.Compare(b.CreatedAt) })
-	return out, nil
+	return pageOf(out, func(r *model.Release) string { return timeKey(r.CreatedAt, r.ID) }, q.Page, capList)
 }
 
 func (s *services) releaseShow(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
@@ -107,17 +109,20 @@ func (s *services) deploy(ctx context.Context, who *model.Admin, raw json.RawMes
 	return ro, nil
 }
 
-func (s *services) rolloutsList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
+func (s *services) rolloutsList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	q, err := listQuery(raw)
+	if err != nil {
+		return nil, err
+	}
 	list, err := s.c.rollouts.List(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if list == nil {
-		list = []*model.Rollout{}
-	}
-	return list, nil
+	return pageOf(list, func(r **model.Rollout) string { return timeKey((*r).CreatedAt, (*r).ID) }, q.Page, capList)
 }
 
+// rolloutShow answers a rollout with one page of its progress rows (none
+// with SummaryOnly).
 func (s *services) rolloutShow(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
 	var a model.RolloutRef
 	if err := decodeArgs(raw, &a); err != nil {
@@ -127,13 +132,25 @@ func (s *services) rolloutShow(ctx context.Context, _ *model.Admin, raw json.Raw
 	if err != nil {
 		return nil, err
 	}
+	v := model.RolloutView{Rollout: *ro, Progress: []model.RolloutProgress{}}
+	if a.SummaryOnly {
+		return v, nil
+	}
 	devs, err := s.c.rollouts.Devices(ctx, ro)
 	if err != nil {
 		return nil, err
 	}
-	v := model.RolloutView{Rollout: *ro, Progress: make([]model.RolloutDevice, 0, len(devs))}
-	for _, d := range devs {
-		v.Progress = append(v.Progress, *d)
+	rows := make([]model.RolloutProgress, len(devs))
+	for i, d := range devs {
+		rows[i] = d.Progress()
+	}
+	// Batch order, then name, as Devices sorts them.
+	key := func(p *model.RolloutProgress) string {
+		return fmt.Sprintf("%08d\x00%s\x00%s", p.Batch, p.Name, p.Device)
+	}
+	v.Progress, v.Next, err = pageSorted(rows, key, a.Page, capProgress)
+	if err != nil {
+		return nil, err
 	}
 	return v, nil
 }

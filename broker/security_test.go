@@ -363,8 +363,8 @@ func TestReplayAfterRestartRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "replayed") {
 		t.Fatalf("replay after restart: %v", err)
 	}
-	var toks []model.TokenInfo
-	if err := owner2.Call(ctx, subjects.VerbTokens, false, struct{}{}, &toks); err != nil || len(toks) != 1 {
+	toks, err := owner2.Tokens(ctx)
+	if err != nil || len(toks) != 1 {
 		t.Fatalf("tokens after the replay: %d %v", len(toks), err)
 	}
 }
@@ -405,8 +405,8 @@ func TestRemovedOwnerStaysRemoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	var admins []model.Admin
-	if err := cl.Call(ctx, subjects.VerbAdmins, false, struct{}{}, &admins); err != nil {
+	admins, err := cl.Admins(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, a := range admins {

@@ -39,51 +39,78 @@ func (c *Coordinator) SetOnlineSource(src interface{ Online(id string) bool }) {
 	c.index.setOnline(src)
 }
 
-// maxFactsHistory bounds what one FactsHistory call returns.
-const maxFactsHistory = 10000
-
 // ErrUnknownDevice is returned for a device ID without a record.
 var ErrUnknownDevice = errors.New("unknown device")
 
 // FactsHistory returns device id's fact reports stored since now-since,
-// oldest first, at most the stream's per-device history (and never more
-// than 10000). It reads FLEET_FACTS with one short-lived ordered consumer
-// filtered to the device's subject.
+// oldest first: every one the stream keeps (its per-device history), read
+// a page at a time.
 func (c *Coordinator) FactsHistory(ctx context.Context, id string, since time.Duration) ([]model.Facts, error) {
+	var out []model.Facts
+	var after uint64
+	for {
+		page, last, more, err := c.FactsPage(ctx, id, since, after, 1000)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, page...)
+		if !more {
+			if out == nil {
+				out = []model.Facts{}
+			}
+			return out, nil
+		}
+		after = last
+	}
+}
+
+// FactsPage returns up to limit of device id's fact reports stored since
+// now-since (or, when after is not 0, stored after stream sequence after),
+// oldest first, and about maxPageBytes at most. more tells whether later
+// reports were stored when the page was read; last is the stream sequence
+// of the page's last report, the start of the next page. It reads
+// FLEET_FACTS with one short-lived ordered consumer filtered to the
+// device's subject.
+func (c *Coordinator) FactsPage(ctx context.Context, id string, since time.Duration, after uint64, limit int) (facts []model.Facts, last uint64, more bool, err error) {
 	if err := subjects.CheckDeviceID(id); err != nil {
-		return nil, err
+		return nil, 0, false, err
 	}
 	if since <= 0 {
-		return nil, fmt.Errorf("since %s: must be a positive duration, e.g. 24h", since)
+		return nil, 0, false, fmt.Errorf("since %s: must be a positive duration, e.g. 24h", since)
+	}
+	if limit <= 0 {
+		limit = capFacts
 	}
 	devKV, err := c.js.KeyValue(ctx, subjects.BucketDevices)
 	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketDevices, err)
+		return nil, 0, false, fmt.Errorf("bucket %s: %w", subjects.BucketDevices, err)
 	}
 	if _, err := devKV.Get(ctx, id); errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, fmt.Errorf("%w %s: no such device record (fleet-admin devices ls lists them)", ErrUnknownDevice, id)
+		return nil, 0, false, fmt.Errorf("%w %s: no such device record (fleet-admin devices ls lists them)", ErrUnknownDevice, id)
 	} else if err != nil {
-		return nil, fmt.Errorf("read device %s: %w", id, err)
+		return nil, 0, false, fmt.Errorf("read device %s: %w", id, err)
 	}
-	limit := min(maxFactsHistory, int(min(c.cfg.FactsHistory, maxFactsHistory)))
-	if limit <= 0 {
-		limit = maxFactsHistory
-	}
-	start := time.Now().Add(-since)
-	cons, err := c.js.OrderedConsumer(ctx, subjects.StreamFacts, jetstream.OrderedConsumerConfig{
+	cfg := jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{subjects.DeviceFacts(id)},
-		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
-		OptStartTime:   &start,
 		NamePrefix:     "fleet-facts-history",
 		// Gone soon even if the delete below does not get through.
 		InactiveThreshold: 30 * time.Second,
-	})
+	}
+	if after > 0 {
+		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
+		cfg.OptStartSeq = after + 1
+	} else {
+		start := time.Now().Add(-since)
+		cfg.DeliverPolicy = jetstream.DeliverByStartTimePolicy
+		cfg.OptStartTime = &start
+	}
+	cons, err := c.js.OrderedConsumer(ctx, subjects.StreamFacts, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("read facts of %s: %w", id, err)
+		return nil, 0, false, fmt.Errorf("read facts of %s: %w", id, err)
 	}
 	info, err := cons.Info(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("read facts of %s: %w", id, err)
+		return nil, 0, false, fmt.Errorf("read facts of %s: %w", id, err)
 	}
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -96,33 +123,47 @@ func (c *Coordinator) FactsHistory(ctx context.Context, id string, since time.Du
 	}()
 	// Read what was stored when the consumer was made; later reports wait
 	// for the next call.
-	want := min(int(info.NumPending), limit)
+	pending := int(info.NumPending)
+	want := min(pending, limit)
 	out := make([]model.Facts, 0, want)
+	size := 0
 	for read := 0; read < want; {
-		batch, err := cons.Fetch(want-read, jetstream.FetchMaxWait(5*time.Second))
+		batch, err := cons.Fetch(min(want-read, 200), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
-			return nil, fmt.Errorf("read facts of %s: %w", id, err)
+			return nil, 0, false, fmt.Errorf("read facts of %s: %w", id, err)
 		}
 		n := 0
 		for m := range batch.Messages() {
+			if read >= want {
+				break
+			}
+			if len(out) > 0 && size+len(m.Data()) > maxPageBytes {
+				return out, last, true, nil // full: the rest on the next page
+			}
+			md, err := m.Metadata()
+			if err != nil {
+				return nil, 0, false, fmt.Errorf("read facts of %s: %w", id, err)
+			}
 			n++
 			read++
+			last = md.Sequence.Stream
 			var f model.Facts
 			if json.Unmarshal(m.Data(), &f) != nil {
 				continue // a report no agent could have sent; skip it
 			}
 			f.Device = id
+			size += len(m.Data())
 			out = append(out, f)
 		}
 		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) {
-			return nil, fmt.Errorf("read facts of %s: %w", id, err)
+			return nil, 0, false, fmt.Errorf("read facts of %s: %w", id, err)
 		}
-		if n == 0 {
-			break
+		if n == 0 { // stored, but not delivered in time: go on next page
+			return out, last, last > 0 && read < pending, nil
 		}
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, 0, false, ctx.Err()
 		}
 	}
-	return out, nil
+	return out, last, pending > want && last > 0, nil
 }

@@ -119,16 +119,33 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 	}, nil
 }
 
-func (s *services) tokensList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
-	out := []model.TokenInfo{}
-	err := eachKey(ctx, s.tokens, func(e jetstream.KeyValueEntry) {
+func (s *services) tokensList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	q, err := listQuery(raw)
+	if err != nil {
+		return nil, err
+	}
+	var out []model.TokenInfo
+	err = eachKey(ctx, s.tokens, func(e jetstream.KeyValueEntry) {
 		var t tokenRecord
 		if json.Unmarshal(e.Value(), &t) == nil {
 			out = append(out, t.TokenInfo)
 		}
 	})
-	slices.SortFunc(out, func(a, b model.TokenInfo) int { return a.CreatedAt.Compare(b.CreatedAt) })
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	return pageOf(out, func(t *model.TokenInfo) string { return timeKey(t.CreatedAt, t.ID) }, q.Page, capList)
+}
+
+// listQuery decodes the argument of a listing verb without filters.
+func listQuery(raw json.RawMessage) (model.ListQuery, error) {
+	var q model.ListQuery
+	if len(raw) > 0 {
+		if err := decodeArgs(raw, &q); err != nil {
+			return q, err
+		}
+	}
+	return q, nil
 }
 
 func (s *services) tokenRevoke(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {

@@ -437,7 +437,7 @@ func TestRolloutPauseResumeRevert(t *testing.T) {
 	if err == nil || ro.State != model.RolloutPaused || ro.Batch != 1 {
 		t.Fatalf("want paused in batch 2: %v %+v", err, ro.Rollout)
 	}
-	var badRow *model.RolloutDevice
+	var badRow *model.RolloutProgress
 	for i := range ro.Progress {
 		if ro.Progress[i].Device == bad.id {
 			badRow = &ro.Progress[i]

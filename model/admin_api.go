@@ -30,16 +30,53 @@ type DeployRequest struct {
 }
 
 // RolloutRef names a rollout; Action is pause, resume or abort for the
-// rollout-action verb.
+// rollout-action verb. For the rollout verb, Page selects a page of the
+// progress rows and SummaryOnly asks for the rollout alone (no rows), a
+// small reply for polling.
 type RolloutRef struct {
-	ID     string `json:"id"`
-	Action string `json:"action,omitempty"`
+	ID          string `json:"id"`
+	Action      string `json:"action,omitempty"`
+	Page        Page   `json:"page,omitzero"`
+	SummaryOnly bool   `json:"summary_only,omitempty"`
 }
 
-// RolloutView is a rollout with each device's progress.
+// RolloutView is a rollout with one page of its devices' progress, in
+// batch order then by name; Next is the cursor of the following page (""
+// when done). Rollout.Total counts every row.
 type RolloutView struct {
 	Rollout
-	Progress []RolloutDevice `json:"progress"`
+	Progress []RolloutProgress `json:"progress"`
+	Next     string            `json:"next,omitempty"`
+}
+
+// RolloutProgress is a device's progress as the rollout verb shows it: a
+// RolloutDevice without the previous desired state (whose signed manifest
+// would make every row kilobytes), naming it instead.
+type RolloutProgress struct {
+	Device    string             `json:"device"`
+	Name      string             `json:"name"`
+	Batch     int                `json:"batch"`
+	State     DeviceRolloutState `json:"state"`
+	StorePath string             `json:"store_path,omitempty"`
+	Error     string             `json:"error,omitempty"`
+	// PreviousRelease and PreviousStorePath name the desired state the
+	// device had before the rollout ("": none).
+	PreviousRelease   string    `json:"previous_release,omitempty"`
+	PreviousStorePath string    `json:"previous_store_path,omitempty"`
+	Started           time.Time `json:"started,omitzero"`
+	Finished          time.Time `json:"finished,omitzero"`
+}
+
+// Progress is d as the rollout verb shows it.
+func (d *RolloutDevice) Progress() RolloutProgress {
+	p := RolloutProgress{
+		Device: d.Device, Name: d.Name, Batch: d.Batch, State: d.State, StorePath: d.StorePath,
+		Error: d.Error, Started: d.Started, Finished: d.Finished,
+	}
+	if d.Previous != nil {
+		p.PreviousRelease, p.PreviousStorePath = d.Previous.ReleaseID, d.Previous.StorePath
+	}
+	return p
 }
 
 // AdminAdd is the argument of admin-add: the new admin's public key (its
@@ -63,10 +100,12 @@ type AdminRef struct {
 	Ref string `json:"ref"`
 }
 
-// AuditQuery selects audit entries newer than Since (0: all).
+// AuditQuery selects audit entries newer than Since (0: all), one page at
+// a time, oldest first (the reply is a PageOf[AuditRecord]; Since applies
+// to the first page, later ones follow the cursor).
 type AuditQuery struct {
 	Since time.Duration `json:"since,omitempty"`
-	Limit int           `json:"limit,omitempty"`
+	Page  Page          `json:"page,omitzero"`
 }
 
 // LeafConfigRequest asks for a site's leaf node credentials: the leaf's
@@ -95,11 +134,14 @@ type LeafConfig struct {
 // StatusQuery is the argument of the status verb.
 type StatusQuery struct {
 	Group string `json:"group,omitempty"`
+	Page  Page   `json:"page,omitzero"`
 }
 
 // FactsQuery is the argument of the facts verb: a device's reports of the
-// last Since.
+// last Since, one page at a time, oldest first (the reply is a
+// PageOf[Facts]).
 type FactsQuery struct {
 	Ref   string        `json:"ref"`
 	Since time.Duration `json:"since"`
+	Page  Page          `json:"page,omitzero"`
 }

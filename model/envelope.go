@@ -118,9 +118,11 @@ type DeviceRef struct {
 	Ref string `json:"ref"`
 }
 
-// DeviceList is the argument of the devices verb.
+// DeviceList is the argument of the devices verb (the reply is a
+// PageOf[DeviceView], by name then ID).
 type DeviceList struct {
 	Group string `json:"group,omitempty"`
+	Page  Page   `json:"page,omitzero"`
 }
 
 // DeviceGroups is the argument of device-groups.

@@ -56,13 +56,17 @@ type StatusSummary struct {
 	AwaitingApproval int `json:"awaiting_approval"`
 }
 
-// StatusReport is the fleet's state for `fleet-admin status`.
+// StatusReport is the fleet's state for `fleet-admin status`. Over the API
+// it is paged: Devices holds one page (by ID), Next the cursor of the
+// following one ("" when done); Summary always counts every device of the
+// group.
 type StatusReport struct {
 	// Group filters the devices ("" = all).
 	Group   string            `json:"group,omitempty"`
 	Time    time.Time         `json:"time"`
 	Summary StatusSummary     `json:"summary"`
 	Devices []DeviceStatusRow `json:"devices"`
+	Next    string            `json:"next,omitempty"`
 }
 
 // Summarize counts rows.
