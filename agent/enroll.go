@@ -66,11 +66,9 @@ func Enroll(ctx context.Context, o EnrollOptions) (*accounts.Creds, error) {
 	}
 	host := o.Hostname
 	if host == "" {
-		if host, err = os.Hostname(); err != nil {
-			return nil, fmt.Errorf("hostname: %w (pass --hostname)", err)
+		if host, err = HostName(); err != nil {
+			return nil, err
 		}
-		// A FQDN names the host by its first label, as NixOS does.
-		host, _, _ = strings.Cut(host, ".")
 	}
 	if err := model.CheckHostname(host); err != nil {
 		return nil, fmt.Errorf("%w (pass --hostname)", err)
@@ -197,4 +195,15 @@ func loadOrCreateKey(path string, prefix nkeys.PrefixByte, create func() (nkeys.
 		return nil, err
 	}
 	return kp, nil
+}
+
+// HostName is this host's name as NixOS's networking.hostName has it: the
+// first label of a fully qualified name.
+func HostName() (string, error) {
+	h, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("hostname: %w (pass --hostname)", err)
+	}
+	h, _, _ = strings.Cut(h, ".")
+	return h, nil
 }

@@ -50,6 +50,9 @@ type ConnOptions struct {
 	OnConnect func(*nats.Conn)
 	// OnDisconnect runs when the connection drops.
 	OnDisconnect func(*nats.Conn, error)
+	// OnClosed runs when nats.go gives up on the connection while ctx is
+	// live (not on a Close at shutdown), with the last error.
+	OnClosed func(error)
 }
 
 // Connect dials the fleet with the device's creds and keeps reconnecting
@@ -97,6 +100,11 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 			}
 			if o.OnDisconnect != nil {
 				o.OnDisconnect(nc, err)
+			}
+		}),
+		nats.ClosedHandler(func(nc *nats.Conn) {
+			if o.OnClosed != nil && ctx.Err() == nil && nc.LastError() != nil {
+				o.OnClosed(nc.LastError())
 			}
 		}),
 		nats.ErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -35,8 +36,8 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 
 	host := cmd.Hostname
 	if host == "" {
-		if host, err = os.Hostname(); err != nil {
-			return fmt.Errorf("hostname: %w (set --hostname)", err)
+		if host, err = HostName(); err != nil {
+			return err
 		}
 	}
 	token := cmd.EnrollToken
@@ -84,7 +85,15 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	if err != nil {
 		return err
 	}
-	nc, err := Connect(ctx, creds, ConnOptions{Servers: cmd.Server, Name: "fleet-agent " + host, Log: log, OnConnect: ag.OnConnect})
+	// A connection nats.go gives up on (the servers refuse the creds: a
+	// revoked device) ends the agent with an error that says what to do;
+	// systemd restarts it with backoff.
+	ctx, refused := context.WithCancelCause(ctx)
+	nc, err := Connect(ctx, creds, ConnOptions{Servers: cmd.Server, Name: "fleet-agent " + host, Log: log, OnConnect: ag.OnConnect,
+		OnClosed: func(err error) {
+			refused(fmt.Errorf("the coordinator closed this device's connection for good (%v): if the device was revoked, "+
+				"remove %s and %s and enrol again with a new token", err, filepath.Join(cmd.StateDir, CredsFile), filepath.Join(cmd.StateDir, KeyFile)))
+		}})
 	if err != nil {
 		return err
 	}
@@ -92,6 +101,9 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	log.Info().Str("version", Version).Str("hostname", host).Msg("fleet-agent running")
 	if err := ag.Run(ctx, nc); err != nil {
 		return err
+	}
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		return cause
 	}
 	log.Info().Msg("stopped")
 	return nil
