@@ -129,19 +129,30 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 func printNextSteps(w io.Writer, c *Coordinator) {
 	cfg := c.Config()
 	creds, _ := filepath.Abs(filepath.Join(cfg.DataDir, accounts.AdminCredsFile))
-	// The port actually listened on (--listen may say 0).
-	port := c.Server().Addr().(*net.TCPAddr).Port
-	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	// The address actually listened on (--listen may say port 0); a
+	// wildcard host is reached on loopback from this machine.
+	addr := c.Server().Addr().(*net.TCPAddr)
+	host := addr.IP.String()
+	if addr.IP.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	url := "nats://" + net.JoinHostPort(host, fmt.Sprint(addr.Port))
+	owner := "<owner key>"
+	if cr, err := accounts.ReadCreds(creds); err == nil {
+		owner = cr.PublicKey()
+	}
 	fmt.Fprintf(w, "\nfleet coordinator ready: NATS on %s, JetStream domain %q", c.ClientAddr(), cfg.Domain)
 	if a := c.HTTPAddr(); a != "" {
 		fmt.Fprintf(w, ", health on http://%s/readyz", a)
 	}
-	fmt.Fprintf(w, "\nOwner credentials: %s\n\nNext steps:\n", creds)
+	fmt.Fprintf(w, "\nOwner credentials: %s (key %s)\n\nNext steps (go tool task build puts fleet-admin and fleet-agent in ./bin):\n", creds, owner)
 	fmt.Fprintf(w, "  export FLEET_SERVER=%s FLEET_CREDS=%s\n", url, creds)
-	fmt.Fprintf(w, "  fleet-admin token create --group developers --uses 10 --ttl 24h\n")
-	fmt.Fprintf(w, "  # on each device (NixOS: services.fleet-agent):\n")
-	fmt.Fprintf(w, "  fleet-agent run --server nats://<this-host>:%d --state-dir /var/lib/fleet-agent --enroll-token <TOKEN>\n", port)
-	fmt.Fprintf(w, "  fleet-admin devices ls\n\n")
+	fmt.Fprintf(w, "  fleet-admin token create --group developers --uses 10 --ttl 24h > enroll-token\n")
+	fmt.Fprintf(w, "  # on each device (NixOS: services.fleet-agent), with the token file copied there:\n")
+	fmt.Fprintf(w, "  fleet-agent run --server nats://<this-host>:%d --enroll-token-file enroll-token --release-signer %s\n", addr.Port, owner)
+	fmt.Fprintf(w, "  fleet-admin devices ls\n")
+	fmt.Fprintf(w, "  fleet-admin release create --name v1 --default /nix/store/...   # or --flake .#nixosConfigurations --hosts ...\n")
+	fmt.Fprintf(w, "  fleet-admin deploy --release v1 --group developers --strategy canary --wait\n\n")
 }
 
 // Run prints the version.
