@@ -151,18 +151,18 @@ func WriteSeed(path string, kp nkeys.KeyPair) error {
 func ReadSeed(path string, prefix nkeys.PrefixByte) (nkeys.KeyPair, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("key file %s is missing", path)
+		return nil, fmt.Errorf("key file %s is missing: restore it from a backup of the data dir", path)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read key %s: %w", path, err)
 	}
 	kp, err := nkeys.ParseDecoratedNKey(b)
 	if err != nil {
-		return nil, fmt.Errorf("key file %s is damaged: %w", path, err)
+		return nil, fmt.Errorf("key file %s is damaged (%w): restore it from a backup", path, err)
 	}
 	pub, err := kp.PublicKey()
 	if err != nil {
-		return nil, fmt.Errorf("key file %s is damaged: %w", path, err)
+		return nil, fmt.Errorf("key file %s is damaged (%w): restore it from a backup", path, err)
 	}
 	if p := nkeys.Prefix(pub); p != prefix {
 		return nil, fmt.Errorf("key file %s holds a %s key, want %s", path, p, prefix)

@@ -42,7 +42,7 @@ func Dial(ctx context.Context, server, credsPath string) (*Client, error) {
 	}
 	cr, err := accounts.ReadCreds(credsPath)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--creds: %w (check --creds / FLEET_CREDS: an admin's creds file, e.g. DATA_DIR/admin.creds)", err)
 	}
 	return DialCreds(ctx, server, cr)
 }

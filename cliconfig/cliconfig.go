@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -19,17 +20,22 @@ import (
 // that the program reads itself (not flags), which are allowed too.
 func Loader(extra ...string) kong.ConfigurationLoader {
 	return func(r io.Reader) (kong.Resolver, error) {
+		name := "config file"
+		if f, ok := r.(*os.File); ok {
+			name += " " + f.Name()
+		}
 		values := map[string]any{}
 		dec := json.NewDecoder(r)
 		dec.UseNumber()
 		if err := dec.Decode(&values); err != nil {
-			return nil, fmt.Errorf("config file is not a JSON object: %w", err)
+			return nil, fmt.Errorf("%s is not a JSON object: %w", name, err)
 		}
-		return &resolver{values: values, extra: extra}, nil
+		return &resolver{name: name, values: values, extra: extra}, nil
 	}
 }
 
 type resolver struct {
+	name   string
 	values map[string]any
 	extra  []string
 }
@@ -55,8 +61,8 @@ func (r *resolver) Validate(app *kong.Application) error {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return fmt.Errorf("config file: unknown key(s) %s (keys are flag names as on the command line, e.g. %q; see --help)",
-			strings.Join(unknown, ", "), "log-level")
+		return fmt.Errorf("%s: unknown key(s) %s (keys are flag names as on the command line, e.g. %q; see --help)",
+			r.name, strings.Join(unknown, ", "), "log-level")
 	}
 	return nil
 }
