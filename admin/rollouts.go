@@ -46,6 +46,11 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 	if err := c.Call(g.ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
 		return err
 	}
+	// Hosts the release has no closure for are named either way (stderr,
+	// so stdout stays the rollout id alone).
+	if len(ro.Skipped) > 0 && !g.JSON {
+		fmt.Fprintf(g.stderr, "skipped (no closure in release %s): %s\n", ro.ReleaseID, strings.Join(ro.Skipped, ", "))
+	}
 	if !cmd.Wait {
 		if g.JSON {
 			return g.printJSON(ro)
@@ -55,9 +60,6 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 	}
 	if !g.JSON {
 		fmt.Fprintf(g.stderr, "rollout %s of %s to %d device(s) in batches %v\n", ro.ID, ro.ReleaseID, ro.Total, ro.BatchSizes)
-		if len(ro.Skipped) > 0 {
-			fmt.Fprintf(g.stderr, "skipped (no closure in the release): %s\n", strings.Join(ro.Skipped, ", "))
-		}
 	}
 	return watch(g, c, ro.ID)
 }
