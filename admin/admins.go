@@ -25,7 +25,7 @@ type AdminCmd struct {
 // AdminAddCmd is `fleet-admin admin add`.
 type AdminAddCmd struct {
 	Name  string   `arg:"" help:"Admin name (a person or a CI job)."`
-	Role  string   `help:"viewer (read), operator (releases, deploys, devices) or owner (everything)." required:"" enum:"viewer,operator,owner"`
+	Role  string   `help:"observer (devices, status, facts: for dashboards), viewer (read), operator (releases, deploys, devices) or owner (everything)." required:"" enum:"observer,viewer,operator,owner"`
 	Group []string `help:"Limit an operator to devices of these groups (repeatable)."`
 	Out   string   `help:"Where to write the new admin's creds (mode 0600)." required:"" type:"path"`
 }

@@ -147,6 +147,17 @@ func TestRolesAndAudit(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "0 accepted entries with a bad signature") {
 		t.Fatalf("audit verify: %d %s %s", code, out, errs)
 	}
+	// An observer (a dashboard) reads the fleet's state and nothing else.
+	obs := filepath.Join(dir, "obs.creds")
+	if _, errs, code := run(t, c, "admin", "add", "grafana", "--role", "observer", "--out", obs); code != 0 {
+		t.Fatal(errs)
+	}
+	if out, errs, code := as(obs, "--json", "status"); code != 0 || !strings.Contains(out, `"summary"`) {
+		t.Fatalf("observer status: %s %s", out, errs)
+	}
+	if _, errs, code := as(obs, "release", "ls"); code == 0 || !strings.Contains(errs, "may not call") {
+		t.Fatalf("observer release ls: %d %s", code, errs)
+	}
 	// Removing an admin revokes its creds at once.
 	if _, errs, code := run(t, c, "admin", "remove", "vera"); code != 0 {
 		t.Fatal(errs)

@@ -30,7 +30,7 @@ func (s *services) adminAdd(ctx context.Context, _ *model.Admin, raw json.RawMes
 	}
 	role, err := subjects.ParseRole(a.Role)
 	if err != nil || !slices.Contains(subjects.AdminRoles, role) {
-		return nil, badRequest("role %q: an admin is a viewer, operator or owner", a.Role)
+		return nil, badRequest("role %q: an admin is an observer (dashboards), viewer, operator or owner", a.Role)
 	}
 	if !nkeys.IsValidPublicUserKey(a.Key) {
 		return nil, badRequest("%q is not an nkey user public key", a.Key)

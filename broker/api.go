@@ -55,7 +55,7 @@ type apiVerb struct {
 
 func (s *services) verbs() []apiVerb {
 	return []apiVerb{
-		{subjects.VerbDevices, false, subjects.RoleViewer, s.devicesList},
+		{subjects.VerbDevices, false, subjects.RoleObserver, s.devicesList},
 		{subjects.VerbDevice, false, subjects.RoleViewer, s.deviceShow},
 		{subjects.VerbTokens, false, subjects.RoleOwner, s.tokensList},
 		{subjects.VerbTokenCreate, true, subjects.RoleOwner, s.tokenCreate},
@@ -75,8 +75,8 @@ func (s *services) verbs() []apiVerb {
 		{subjects.VerbAdminRemove, true, subjects.RoleOwner, s.adminRemove},
 		{subjects.VerbAudit, false, subjects.RoleOperator, s.auditList},
 		{subjects.VerbLeafConfig, true, subjects.RoleOwner, s.leafConfig},
-		{subjects.VerbStatus, false, subjects.RoleViewer, s.status},
-		{subjects.VerbFacts, false, subjects.RoleViewer, s.facts},
+		{subjects.VerbStatus, false, subjects.RoleObserver, s.status},
+		{subjects.VerbFacts, false, subjects.RoleObserver, s.facts},
 	}
 }
 
@@ -84,14 +84,17 @@ func (s *services) verbs() []apiVerb {
 var testVerbs func(s *services) []apiVerb
 
 // roleRank orders the admin roles; a role may call what a lower one may.
+// An observer (dashboards) reads the fleet's state: devices, status, facts.
 func roleRank(r subjects.Role) int {
 	switch r {
-	case subjects.RoleViewer:
+	case subjects.RoleObserver:
 		return 1
-	case subjects.RoleOperator:
+	case subjects.RoleViewer:
 		return 2
-	case subjects.RoleOwner:
+	case subjects.RoleOperator:
 		return 3
+	case subjects.RoleOwner:
+		return 4
 	}
 	return 0
 }

@@ -20,8 +20,8 @@ const (
 // Roles lists every role, each of which gets a scoped signing key.
 var Roles = []Role{RoleAgent, RoleViewer, RoleOperator, RoleOwner, RoleLeaf, RoleEnroll, RoleObserver}
 
-// AdminRoles are the roles a person or CI job can hold.
-var AdminRoles = []Role{RoleViewer, RoleOperator, RoleOwner}
+// AdminRoles are the roles a person, CI job or dashboard can hold.
+var AdminRoles = []Role{RoleObserver, RoleViewer, RoleOperator, RoleOwner}
 
 // ParseRole returns the role named s.
 func ParseRole(s string) (Role, error) {
@@ -119,7 +119,7 @@ func RoleTemplate(r Role, d string) Template {
 		}
 	case RoleObserver:
 		return Template{
-			Pub: append([]string{APIRead + ".devices", APIRead + ".facts"}, api(".STREAM.INFO."+StreamFacts)...),
+			Pub: append([]string{APIRead + "." + VerbDevices, APIRead + "." + VerbStatus, APIRead + "." + VerbFacts}, api(".STREAM.INFO."+StreamFacts)...),
 			Sub: []string{selfInbox},
 		}
 	case RoleLeaf:
