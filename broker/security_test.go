@@ -133,6 +133,10 @@ func TestDevicePermissionMatrix(t *testing.T) {
 		{"subscribe _INBOX.>", "_INBOX.>", sub("_INBOX.>")},
 		{"subscribe B's inbox", subjects.DeviceInboxPrefix(B) + ".>", sub(subjects.DeviceInboxPrefix(B) + ".>")},
 		{"enroll again", subjects.Enroll, req(subjects.Enroll)},
+		{"direct get of B's facts", subjects.DirectGetLast(d, subjects.StreamFacts, subjects.DeviceFacts(B)), req(subjects.DirectGetLast(d, subjects.StreamFacts, subjects.DeviceFacts(B)))},
+		{"direct get of B's events", subjects.DirectGetLast(d, subjects.StreamEvents, subjects.DeviceEvents(B)), req(subjects.DirectGetLast(d, subjects.StreamEvents, subjects.DeviceEvents(B)))},
+		{"consumer on the desired states", js + ".CONSUMER.CREATE." + subjects.KVStream(subjects.BucketDesired), req(js + ".CONSUMER.CREATE." + subjects.KVStream(subjects.BucketDesired))},
+		{"consumer on the facts", js + ".CONSUMER.CREATE." + subjects.StreamFacts, req(js + ".CONSUMER.CREATE." + subjects.StreamFacts)},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) { expectDenied(t, errs, tc.subj, tc.try) })
