@@ -76,6 +76,16 @@ func TestReleaseCommands(t *testing.T) {
 	if code != 0 || !strings.Contains(out, `"action": "boot"`) {
 		t.Fatalf("release from file: %s %s", out, errs)
 	}
+	// A misspelt key, or an id that disagrees with --name, is refused.
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	os.WriteFile(bad, []byte(`{"default": "`+storePath("x")+`", "substitutor": "https://cache"}`), 0o644)
+	if _, errs, code := run(t, c, "release", "create", "--name", "rel-4", "--file", bad); code == 0 || !strings.Contains(errs, "substitutor") {
+		t.Fatalf("misspelt key: %d %s", code, errs)
+	}
+	os.WriteFile(bad, []byte(`{"id": "rel-5", "default": "`+storePath("x")+`"}`), 0o644)
+	if _, errs, code := run(t, c, "release", "create", "--name", "rel-6", "--file", bad); code == 0 || !strings.Contains(errs, "give one") {
+		t.Fatalf("id and --name disagree: %d %s", code, errs)
+	}
 }
 
 // Roles: a viewer reads but cannot deploy; an operator of group qa cannot

@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
@@ -32,7 +33,7 @@ type ReleaseCreateCmd struct {
 	Hosts       []string `help:"Hosts to build with --flake." sep:","`
 	PushTo      string   `help:"Binary cache to copy built closures to (nix copy --to), e.g. s3://... or file:///srv/cache." placeholder:"URL"`
 	Substituter string   `help:"Binary cache devices fetch from (their nix.conf must trust its key)." placeholder:"URL"`
-	Action      string   `help:"How devices activate it: switch, boot or test." default:"switch" enum:"switch,boot,test"`
+	Action      string   `help:"How devices activate it: switch (default), boot or test; overrides --file."`
 	Description string   `help:"Free text shown in release ls."`
 }
 
@@ -44,8 +45,13 @@ func (cmd *ReleaseCreateCmd) Run(g *Globals) error {
 		if err != nil {
 			return fmt.Errorf("read --file: %w", err)
 		}
-		if err := json.Unmarshal(b, &rel); err != nil {
-			return fmt.Errorf("--file %s is not release JSON: %w", cmd.File, err)
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.DisallowUnknownFields() // a misspelt key would silently drop a setting
+		if err := dec.Decode(&rel); err != nil {
+			return fmt.Errorf("--file %s is not release JSON (keys: closures, default, substituter, action, description, id): %w", cmd.File, err)
+		}
+		if rel.ID != "" && cmd.Name != "" && rel.ID != cmd.Name {
+			return fmt.Errorf("--file %s names release %q but --name says %q: give one", cmd.File, rel.ID, cmd.Name)
 		}
 	}
 	if rel.Closures == nil {
@@ -86,11 +92,16 @@ func (cmd *ReleaseCreateCmd) Run(g *Globals) error {
 	if cmd.Description != "" {
 		rel.Description = cmd.Description
 	}
-	if rel.Action == "" {
+	if cmd.Action != "" {
 		rel.Action = model.Action(cmd.Action)
 	}
+	if rel.Action == "" {
+		rel.Action = model.ActionSwitch
+	}
 	now := time.Now().UTC()
-	rel.ID = cmd.Name
+	if cmd.Name != "" {
+		rel.ID = cmd.Name
+	}
 	if rel.ID == "" {
 		var b [3]byte
 		_, _ = rand.Read(b[:])

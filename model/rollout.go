@@ -119,6 +119,13 @@ func ParseBatches(spec string) ([]Quantity, error) {
 		if q.N == 0 && q.Percent == 0 {
 			return nil, fmt.Errorf("--batches: a batch of %q devices reaches nobody", strings.TrimSpace(part))
 		}
+		// Entries are cumulative, so each must reach further than the last
+		// of its kind (counts and percentages compare only at deploy time).
+		for _, prev := range out {
+			if prev.Percent > 0 && q.Percent > 0 && q.Percent <= prev.Percent || prev.N > 0 && q.N > 0 && q.N <= prev.N {
+				return nil, fmt.Errorf("--batches %q: entries are cumulative and must grow (%s after %s)", spec, q, prev)
+			}
+		}
 		out = append(out, q)
 	}
 	if last := out[len(out)-1]; last.Percent != 100 {

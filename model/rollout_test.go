@@ -27,7 +27,7 @@ func TestBatchSizes(t *testing.T) {
 			t.Errorf("%s of %d: %s, want %s", c.spec, c.total, got, c.want)
 		}
 	}
-	for _, bad := range []string{"", "0", "150%", "x", "-1", "1,,2", "0%", "NaN%"} {
+	for _, bad := range []string{"", "0", "150%", "x", "-1", "1,,2", "0%", "NaN%", "1,1", "50%,10%", "5,2,100%"} {
 		if _, err := ParseBatches(bad); err == nil {
 			t.Errorf("ParseBatches(%q) accepted", bad)
 		}
