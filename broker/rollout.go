@@ -651,26 +651,30 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 		_ = m.Ack()
 		return
 	}
+	// Change a copy: the cached entry takes the result only once it is
+	// recorded, so a redelivered event after a failed write still counts.
+	nd := *d
 	switch ev.Result {
 	case model.ResultSucceeded, model.ResultUnchanged:
-		d.State = model.DeviceSucceeded
-		d.Error = ""
+		nd.State = model.DeviceSucceeded
+		nd.Error = ""
 	default:
-		d.State = model.DeviceFailed
-		d.Error = string(ev.Result)
+		nd.State = model.DeviceFailed
+		nd.Error = string(ev.Result)
 		if ev.Error != "" {
-			d.Error += ": " + ev.Error
+			nd.Error += ": " + ev.Error
 		}
 		if ev.Check != "" {
-			d.Error += " (check " + ev.Check + ")"
+			nd.Error += " (check " + ev.Check + ")"
 		}
 	}
-	d.Finished = time.Now().UTC()
-	if err := r.putDevice(ctx, ev.RolloutID, d); err != nil {
+	nd.Finished = time.Now().UTC()
+	if err := r.putDevice(ctx, ev.RolloutID, &nd); err != nil {
 		r.log.Warn().Err(err).Msg("rollout engine: record result")
 		_ = m.Nak()
 		return
 	}
+	*d = nd
 	_ = m.Ack()
 	r.log.Info().Str("rollout", ev.RolloutID).Str("device", d.Name).Str("result", string(d.State)).Msg("rollout device done")
 	r.poke()
