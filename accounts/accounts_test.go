@@ -2,7 +2,7 @@ package accounts
 
 import (
 	"bytes"
-	"io/fs"
+	"fleet/internal/dirstate"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,37 +26,20 @@ func create(t *testing.T) (string, *Authority) {
 	return dir, a
 }
 
-// snapshot returns every file under dir with its contents.
-func snapshot(t *testing.T, dir string) map[string][]byte {
+func snapshot(t *testing.T, dir string) dirstate.State {
 	t.Helper()
-	files := map[string][]byte{}
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		b, err := os.ReadFile(p)
-		files[p] = b
-		return err
-	})
+	s, err := dirstate.Read(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return files
+	return s
 }
 
-func sameFiles(t *testing.T, before, after map[string][]byte) {
+// sameFiles fails unless before and after hold the same files, byte for byte.
+func sameFiles(t *testing.T, before, after dirstate.State) {
 	t.Helper()
-	for p, b := range before {
-		if a, ok := after[p]; !ok {
-			t.Errorf("%s was removed", p)
-		} else if !bytes.Equal(a, b) {
-			t.Errorf("%s was changed", p)
-		}
-	}
-	for p := range after {
-		if _, ok := before[p]; !ok {
-			t.Errorf("%s was created", p)
-		}
+	for _, d := range dirstate.Diff(before, after) {
+		t.Error(d)
 	}
 }
 

@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io/fs"
-	"os"
-	"path/filepath"
+	"fleet/internal/dirstate"
 	"strings"
 	"sync"
 	"testing"
@@ -200,41 +198,20 @@ func isAuthError(err error) bool {
 		errors.Is(err, nats.ErrAuthExpired) || (err != nil && strings.Contains(strings.ToLower(err.Error()), "authorization violation"))
 }
 
-// snapshot returns every file under dir with its contents.
-func snapshotDir(t *testing.T, dir string) map[string][]byte {
+func snapshotDir(t *testing.T, dir string) dirstate.State {
 	t.Helper()
-	files := map[string][]byte{}
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if errors.Is(err, fs.ErrNotExist) && p == dir {
-			return nil
-		}
-		if err != nil || d.IsDir() {
-			return err
-		}
-		b, err := os.ReadFile(p)
-		files[p] = b
-		return err
-	})
+	s, err := dirstate.Read(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return files
+	return s
 }
 
 // sameFiles fails unless before and after hold the same files, byte for byte.
-func sameFiles(t *testing.T, before, after map[string][]byte) {
+func sameFiles(t *testing.T, before, after dirstate.State) {
 	t.Helper()
-	for p, b := range before {
-		if a, ok := after[p]; !ok {
-			t.Errorf("%s was removed", p)
-		} else if !bytes.Equal(a, b) {
-			t.Errorf("%s was changed", p)
-		}
-	}
-	for p := range after {
-		if _, ok := before[p]; !ok {
-			t.Errorf("%s was created", p)
-		}
+	for _, d := range dirstate.Diff(before, after) {
+		t.Error(d)
 	}
 }
 
