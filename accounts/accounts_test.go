@@ -2,7 +2,6 @@ package accounts
 
 import (
 	"bytes"
-	"fleet/internal/dirstate"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,6 +12,7 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
+	"fleet/internal/dirstate"
 	"fleet/subjects"
 )
 
