@@ -371,11 +371,20 @@ func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn
 func (c *Coordinator) waitJetStream(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
+	lastLog := time.Now()
 	for {
-		if _, err := c.js.AccountInfo(ctx); err == nil {
+		// Each attempt is short: in a cluster without a meta leader the
+		// request goes unanswered until its deadline.
+		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := c.js.AccountInfo(actx)
+		acancel()
+		if err == nil {
 			return nil
 		} else if ctx.Err() != nil {
 			return fmt.Errorf("JetStream did not become available: %w", err)
+		} else if time.Since(lastLog) > 5*time.Second {
+			lastLog = time.Now()
+			c.log.Info().Err(err).Msg("waiting for JetStream (in a cluster: for the other coordinators)")
 		}
 		select {
 		case <-ctx.Done():
@@ -394,7 +403,7 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	for {
-		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 		err := ensureStreams(sctx, c.js, c.cfg)
 		scancel()
 		if err == nil {
