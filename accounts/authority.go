@@ -470,6 +470,7 @@ func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds,
 func (a *Authority) Revoke(pubs ...string) (string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.syncRevocations()
 	next := *a.fleetClaim
 	next.Revocations = maps.Clone(a.fleetClaim.Revocations)
 	// A revocation covers JWTs issued up to now; one second of slack so a JWT
@@ -498,8 +499,47 @@ func (a *Authority) Revoke(pubs ...string) (string, error) {
 func (a *Authority) IsRevoked(pub string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if _, ok := a.fleetClaim.Revocations[pub]; ok {
+		return true
+	}
+	a.syncRevocations()
 	_, ok := a.fleetClaim.Revocations[pub]
 	return ok
+}
+
+// syncRevocations adds the revocations of the FLEET account JWT in the
+// resolver directory to the claim in memory. In a cluster another
+// coordinator revokes and pushes its JWT, which this server's resolver
+// stores there; without the merge this coordinator's next revocation would
+// push a JWT that lacks the other's, undoing it. A file that does not
+// decode (being written) or is not this account's is ignored. a.mu is held.
+func (a *Authority) syncRevocations() {
+	tok, err := a.readAccountJWT(a.fleetClaim.Subject)
+	if err != nil {
+		return
+	}
+	disk, err := jwt.DecodeAccountClaims(tok)
+	if err != nil || disk.Subject != a.fleetClaim.Subject || disk.Issuer != mustPub(a.opSigner) {
+		return
+	}
+	var added jwt.RevocationList
+	for k, at := range disk.Revocations {
+		if cur, ok := a.fleetClaim.Revocations[k]; !ok || cur < at {
+			if added == nil {
+				added = maps.Clone(a.fleetClaim.Revocations)
+				if added == nil {
+					added = jwt.RevocationList{}
+				}
+			}
+			added[k] = at
+		}
+	}
+	if added == nil {
+		return
+	}
+	next := *a.fleetClaim
+	next.Revocations = added
+	a.fleetClaim = &next
 }
 
 func (a *Authority) accountJWTPath(pub string) string {
@@ -533,4 +573,66 @@ func mustPub(kp nkeys.KeyPair) string {
 		return ""
 	}
 	return pub
+}
+
+// IdentityFiles are the files and directories of a data dir that every
+// coordinator of a cluster shares: the operator JWT, the account and role
+// keys, the account JWTs and the first owner's creds. The operator's
+// identity seed stays behind (no coordinator needs it), and so does the
+// JetStream data, which each server keeps for itself.
+var IdentityFiles = []string{OperatorJWTFile, KeysDir, ResolverDir, AdminCredsFile}
+
+// CopyIdentity copies the identity files of the initialised data dir from
+// into the data dir to, for another coordinator of the same cluster. It
+// refuses a target that already holds any of them, or JetStream data.
+func CopyIdentity(from, to string) error {
+	if !Initialized(from) {
+		return fmt.Errorf("%s is not an initialised fleet data dir (its %s is missing)", from, OperatorJWTFile)
+	}
+	if _, err := Load(from, subjects.Domain, DefaultLimits); err != nil {
+		return err
+	}
+	for _, f := range append(slices.Clone(IdentityFiles), "jetstream", OperatorSeedFile) {
+		if _, err := os.Lstat(filepath.Join(to, f)); err == nil {
+			return fmt.Errorf("%s already exists: %s is already initialised; nothing was copied", filepath.Join(to, f), to)
+		}
+	}
+	if err := os.MkdirAll(to, 0o700); err != nil {
+		return fmt.Errorf("create data dir %s: %w", to, err)
+	}
+	for _, f := range IdentityFiles {
+		src := filepath.Join(from, f)
+		if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) && f == AdminCredsFile {
+			continue // moved away already: admins come from fleet_admins
+		}
+		if err := copyTree(src, filepath.Join(to, f)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyTree copies a file or a directory of files, private to the owner.
+func copyTree(src, dst string) error {
+	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		out := filepath.Join(dst, rel)
+		if d.IsDir() {
+			return os.MkdirAll(out, 0o700)
+		}
+		if !d.Type().IsRegular() {
+			return fmt.Errorf("%s is not a regular file", p)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(out, b, 0o600); err != nil {
+			return fmt.Errorf("copy %s: %w", p, err)
+		}
+		return nil
+	})
 }

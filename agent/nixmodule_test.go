@@ -398,7 +398,7 @@ func TestNixModuleCoordinatorConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := nixEval(t, "--expr", "(import "+abs+`) { dataDir = "/var/lib/fc"; domain = "hub"; listen = "0.0.0.0:4333"; http = ""; leafnodeListen = "0.0.0.0:7422"; serverName = "fc-1"; replicas = 3; factsRetention = "24h"; factsHistory = 10; eventsRetention = "48h"; logLevel = "debug"; logFormat = "json"; }`)
+	out := nixEval(t, "--expr", "(import "+abs+`) { dataDir = "/var/lib/fc"; domain = "hub"; listen = "0.0.0.0:4333"; http = ""; leafnodeListen = "0.0.0.0:7422"; serverName = "fc-1"; clusterName = "hq"; clusterListen = "0.0.0.0:6222"; routes = [ "nats-route://fc-2:6222" "nats-route://fc-3:6222" ]; replicas = 3; factsRetention = "24h"; factsHistory = 10; eventsRetention = "48h"; logLevel = "debug"; logFormat = "json"; }`)
 	path := filepath.Join(t.TempDir(), "coordinator.json")
 	if err := os.WriteFile(path, out, 0o644); err != nil {
 		t.Fatal(err)
@@ -413,7 +413,8 @@ func TestNixModuleCoordinatorConfig(t *testing.T) {
 	}
 	r := cli.Run
 	if r.DataDir != "/var/lib/fc" || r.Domain != "hub" || r.Listen != "0.0.0.0:4333" || r.HTTP != "" || r.LeafnodeListen != "0.0.0.0:7422" ||
-		r.ServerName != "fc-1" || r.Replicas != 3 || r.FactsRetention != 24*time.Hour || r.FactsHistory != 10 || r.EventsRetention != 48*time.Hour ||
+		r.ServerName != "fc-1" || r.ClusterName != "hq" || r.ClusterListen != "0.0.0.0:6222" ||
+		strings.Join(r.Routes, " ") != "nats-route://fc-2:6222 nats-route://fc-3:6222" || r.Replicas != 3 || r.FactsRetention != 24*time.Hour || r.FactsHistory != 10 || r.EventsRetention != 48*time.Hour ||
 		cli.LogLevel != "debug" || cli.LogFormat != "json" {
 		t.Errorf("parsed %+v (log %q %q) from %s", r, cli.LogLevel, cli.LogFormat, out)
 	}

@@ -170,6 +170,11 @@ func TestConfigValidate(t *testing.T) {
 		func(c *Config) { c.Listen = "[::1]:4222" },
 		func(c *Config) { c.Domain = "site_1-a" },
 		func(c *Config) { c.LeafnodeListen = "0.0.0.0:7422" },
+		func(c *Config) { c.ServerName, c.ClusterListen, c.Replicas = "c1", "0.0.0.0:6222", 3 },
+		func(c *Config) {
+			c.ServerName, c.ClusterListen = "c1", "127.0.0.1:0"
+			c.Routes = []string{"nats-route://10.0.0.2:6222", "nats-route://c3.example:6222"}
+		},
 	} {
 		c := DefaultConfig()
 		good(&c)
@@ -200,6 +205,17 @@ func TestConfigValidate(t *testing.T) {
 		{"--replicas", func(c *Config) { c.Replicas = 2 }},
 		{"--replicas", func(c *Config) { c.Replicas = 0 }},
 		{"--replicas", func(c *Config) { c.Replicas = -1 }},
+		{"--routes", func(c *Config) { c.Routes = []string{"nats-route://10.0.0.2:6222"} }}, // no --cluster-listen
+		{"--cluster-listen", func(c *Config) { c.ServerName, c.ClusterListen = "c1", "6222" }},
+		{"--cluster-listen", func(c *Config) { c.ServerName, c.ClusterListen = "c1", "0.0.0.0:4222" }}, // same port as --listen
+		{"--server-name", func(c *Config) { c.ClusterListen = "0.0.0.0:6222" }},
+		{"--cluster-name", func(c *Config) { c.ServerName, c.ClusterListen, c.ClusterName = "c1", "0.0.0.0:6222", "a.b" }},
+		{"--routes", func(c *Config) {
+			c.ServerName, c.ClusterListen, c.Routes = "c1", "0.0.0.0:6222", []string{"10.0.0.2:6222"}
+		}},
+		{"--routes", func(c *Config) {
+			c.ServerName, c.ClusterListen, c.Routes = "c1", "0.0.0.0:6222", []string{"nats-route://10.0.0.2"}
+		}},
 		{"--facts-retention", func(c *Config) { c.FactsRetention = 0 }},
 		{"--facts-retention", func(c *Config) { c.FactsRetention = -time.Hour }},
 		{"--facts-history", func(c *Config) { c.FactsHistory = 0 }},

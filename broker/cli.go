@@ -46,6 +46,7 @@ type StoreFlags struct {
 // InitCmd is `fleet-coordinator init`.
 type InitCmd struct {
 	StoreFlags
+	From string `help:"Copy the identity (operator.jwt, keys/, jwt/, admin.creds) of another coordinator's initialised data dir instead of creating a new fleet: for the other coordinators of a cluster." type:"path" placeholder:"DIR"`
 }
 
 // RunCmd is `fleet-coordinator run`.
@@ -54,8 +55,11 @@ type RunCmd struct {
 	Listen          string        `help:"Address for NATS clients (agents, admins)." default:"0.0.0.0:4222" env:"FLEET_LISTEN"`
 	HTTP            string        `name:"http" help:"Address for /healthz, /readyz, /metrics (no auth: keep it on loopback) and /api/v1 (bearer token); empty disables." default:"127.0.0.1:9100" env:"FLEET_HTTP"`
 	LeafnodeListen  string        `help:"Address for remote sites' leaf nodes; empty disables." env:"FLEET_LEAFNODE_LISTEN"`
-	ServerName      string        `help:"Server name (unique in a cluster); default: generated." env:"FLEET_SERVER_NAME"`
-	Replicas        int           `help:"Replicas of each stream and bucket: 1 alone, 3 in a cluster." default:"1" env:"FLEET_REPLICAS"`
+	ServerName      string        `help:"Server name (unique in a cluster, required with --cluster-listen); default: generated." env:"FLEET_SERVER_NAME"`
+	ClusterName     string        `help:"Cluster name, the same on every coordinator of the cluster." default:"fleet" env:"FLEET_CLUSTER_NAME"`
+	ClusterListen   string        `help:"Address for routes from the other coordinators (host:port); empty runs alone." env:"FLEET_CLUSTER_LISTEN"`
+	Routes          []string      `help:"The other coordinators' cluster addresses, nats-route://host:port (repeat or comma-separate)." env:"FLEET_ROUTES" placeholder:"URL"`
+	Replicas        int           `help:"Replicas of each stream and bucket: 1 alone, 3 or 5 in a cluster; default: 1 alone, 3 with --cluster-listen." env:"FLEET_REPLICAS"`
 	FactsRetention  time.Duration `help:"How long fact reports are kept." default:"720h" env:"FLEET_FACTS_RETENTION"`
 	FactsHistory    int64         `help:"Fact reports kept per device." default:"1440" env:"FLEET_FACTS_HISTORY"`
 	EventsRetention time.Duration `help:"How long device events are kept." default:"2160h" env:"FLEET_EVENTS_RETENTION"`
@@ -74,6 +78,23 @@ func (cmd *InitCmd) Run(cli *CLI) error {
 	cfg := cmd.config()
 	if accounts.Initialized(cfg.DataDir) {
 		return fmt.Errorf("%s is already initialised (its %s exists); nothing was changed", cfg.DataDir, accounts.OperatorJWTFile)
+	}
+	if cmd.From != "" {
+		if err := cfg.Validate(); err != nil {
+			return err
+		}
+		if err := accounts.CopyIdentity(cmd.From, cfg.DataDir); err != nil {
+			return err
+		}
+		a, err := accounts.Load(cfg.DataDir, cfg.Domain, cfg.Limits)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(cli.stdout, "Copied the fleet identity of %s to %s\n", cmd.From, cfg.DataDir)
+		fmt.Fprintf(cli.stdout, "  operator:     %s\n", a.OperatorPublicKey())
+		fmt.Fprintf(cli.stdout, "  account:      %s (FLEET)\n", a.FleetAccount())
+		fmt.Fprintf(cli.stdout, "Run it with its own --server-name, --cluster-listen and --routes to the other coordinators.\n")
+		return nil
 	}
 	a, err := Init(cfg)
 	if err != nil {
@@ -103,7 +124,16 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	cfg.HTTP = cmd.HTTP
 	cfg.LeafnodeListen = cmd.LeafnodeListen
 	cfg.ServerName = cmd.ServerName
+	cfg.ClusterName = cmd.ClusterName
+	cfg.ClusterListen = cmd.ClusterListen
+	cfg.Routes = cmd.Routes
 	cfg.Replicas = cmd.Replicas
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+		if cfg.Clustered() {
+			cfg.Replicas = 3
+		}
+	}
 	cfg.FactsRetention = cmd.FactsRetention
 	cfg.FactsHistory = cmd.FactsHistory
 	cfg.EventsRetention = cmd.EventsRetention

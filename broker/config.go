@@ -3,6 +3,7 @@ package broker
 import (
 	"fmt"
 	"net"
+	"net/url"
 	"strconv"
 	"time"
 
@@ -19,6 +20,13 @@ type Config struct {
 	LeafnodeListen string // host:port for leaf nodes; "" disables
 	ServerName     string
 	Domain         string // JetStream domain
+
+	// ClusterName, ClusterListen and Routes join coordinators into a
+	// cluster: ClusterListen "" runs alone; Routes are the other
+	// coordinators' cluster addresses (nats-route://host:port).
+	ClusterName   string
+	ClusterListen string
+	Routes        []string
 
 	// Replicas is the replica count of every stream and bucket (1 alone,
 	// 3 in a cluster).
@@ -43,6 +51,7 @@ func DefaultConfig() Config {
 		Listen:          "0.0.0.0:4222",
 		HTTP:            "127.0.0.1:9100",
 		Domain:          subjects.Domain,
+		ClusterName:     "fleet",
 		Replicas:        1,
 		FactsRetention:  30 * 24 * time.Hour,
 		FactsHistory:    1440,
@@ -82,6 +91,9 @@ func (c *Config) Validate() error {
 	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
 		return fmt.Errorf("--replicas %d: use 1 (single coordinator), 3 or 5 (cluster)", c.Replicas)
 	}
+	if err := c.validateCluster(); err != nil {
+		return err
+	}
 	if c.FactsRetention <= 0 {
 		return fmt.Errorf("--facts-retention must be positive")
 	}
@@ -108,6 +120,7 @@ func (c *Config) checkPortClash() error {
 	var seen []addr
 	for _, a := range []struct{ flag, hp string }{
 		{"--listen", c.Listen}, {"--http", c.HTTP}, {"--leafnode-listen", c.LeafnodeListen},
+		{"--cluster-listen", c.ClusterListen},
 	} {
 		if a.hp == "" {
 			continue
@@ -151,4 +164,35 @@ func validToken(s string) bool {
 		}
 	}
 	return s != ""
+}
+
+// Clustered reports whether the coordinator joins a cluster.
+func (c *Config) Clustered() bool { return c.ClusterListen != "" }
+
+// validateCluster checks the cluster flags: routes need a cluster listener,
+// and every coordinator of a cluster needs its own server name (JetStream
+// peers and the rollout engine's lock owner are told apart by it).
+func (c *Config) validateCluster() error {
+	if !c.Clustered() {
+		if len(c.Routes) > 0 {
+			return fmt.Errorf("--routes needs --cluster-listen (this coordinator's own cluster address)")
+		}
+		return nil
+	}
+	if _, _, err := splitHostPort(c.ClusterListen); err != nil {
+		return fmt.Errorf("--cluster-listen %q: %w", c.ClusterListen, err)
+	}
+	if c.ClusterName == "" || !validToken(c.ClusterName) {
+		return fmt.Errorf("--cluster-name %q: must be one word of letters, digits, - or _", c.ClusterName)
+	}
+	if c.ServerName == "" {
+		return fmt.Errorf("--server-name is required with --cluster-listen: give each coordinator of the cluster its own name")
+	}
+	for _, r := range c.Routes {
+		u, err := url.Parse(r)
+		if err != nil || u.Scheme != "nats-route" && u.Scheme != "nats" || u.Host == "" || u.Port() == "" {
+			return fmt.Errorf("--routes %q: want nats-route://host:port", r)
+		}
+	}
+	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,9 +43,11 @@ type Coordinator struct {
 	// svc are enrollment, the admin API and presence (services.go).
 	svc *services
 
-	// stop ends the rollout engine.
-	stop     context.CancelFunc
-	rollouts *rollouts
+	// stop ends the rollout engine; engineDone is closed once it has
+	// (and released its lock).
+	stop       context.CancelFunc
+	engineDone chan struct{}
+	rollouts   *rollouts
 
 	// index is the device index behind /metrics, the JSON API and Status;
 	// metrics is the coordinator's own Prometheus registry.
@@ -129,6 +132,11 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 			return nil, err
 		}
 	}
+	if cfg.ClusterListen != "" {
+		if err := checkFree(cfg.ClusterListen, "--cluster-listen"); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.HTTP != "" {
 		ln, err := net.Listen("tcp", cfg.HTTP)
 		if err != nil {
@@ -164,7 +172,7 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
-	if err := ensureStreams(ctx, c.js, cfg); err != nil {
+	if err := c.ensureStreams(ctx); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -200,7 +208,11 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 func (c *Coordinator) startEngine() error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	c.stop = cancel
-	go c.rollouts.Run(runCtx)
+	c.engineDone = make(chan struct{})
+	go func() {
+		defer close(c.engineDone)
+		c.rollouts.Run(runCtx)
+	}()
 	c.index = newDeviceIndex(c.log.With().Str("component", "index").Logger())
 	if err := c.index.run(runCtx, c.js); err != nil {
 		return fmt.Errorf("device index: %w", err)
@@ -265,6 +277,15 @@ func (c *Coordinator) startServer() error {
 		}
 		opts.LeafNode.Host = lh
 		opts.LeafNode.Port = serverPort(lp)
+	}
+	if c.cfg.Clustered() {
+		ch, cp, _ := splitHostPort(c.cfg.ClusterListen)
+		opts.Cluster.Name = c.cfg.ClusterName
+		opts.Cluster.Host = ch
+		opts.Cluster.Port = serverPort(cp)
+		if len(c.cfg.Routes) > 0 {
+			opts.Routes = server.RoutesFromStr(strings.Join(c.cfg.Routes, ","))
+		}
 	}
 	ns, err := server.NewServer(opts)
 	if err != nil {
@@ -350,15 +371,51 @@ func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn
 func (c *Coordinator) waitJetStream(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
+	lastLog := time.Now()
 	for {
-		if _, err := c.js.AccountInfo(ctx); err == nil {
+		// Each attempt is short: in a cluster without a meta leader the
+		// request goes unanswered until its deadline.
+		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := c.js.AccountInfo(actx)
+		acancel()
+		if err == nil {
 			return nil
 		} else if ctx.Err() != nil {
 			return fmt.Errorf("JetStream did not become available: %w", err)
+		} else if time.Since(lastLog) > 5*time.Second {
+			lastLog = time.Now()
+			c.log.Info().Err(err).Msg("waiting for JetStream (in a cluster: for the other coordinators)")
 		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// ensureStreams creates or updates every stream and bucket. In a cluster
+// every coordinator does so, concurrently, while the JetStream peers are
+// still coming up (an R3 stream needs three of them): retry until it holds.
+func (c *Coordinator) ensureStreams(ctx context.Context) error {
+	if !c.cfg.Clustered() {
+		return ensureStreams(ctx, c.js, c.cfg)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	for {
+		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+		err := ensureStreams(sctx, c.js, c.cfg)
+		scancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("JetStream cluster: %w (are --replicas coordinators up and routed to each other?)", err)
+		}
+		c.log.Info().Err(err).Msg("waiting for the JetStream cluster")
+		select {
+		case <-ctx.Done():
+		case <-time.After(250 * time.Millisecond):
 		}
 	}
 }
@@ -399,6 +456,13 @@ func (c *Coordinator) Close() {
 		if c.stop != nil {
 			c.stop()
 		}
+		if c.engineDone != nil {
+			select {
+			case <-c.engineDone:
+			case <-time.After(5 * time.Second):
+				c.log.Warn().Msg("rollout engine did not stop within 5s")
+			}
+		}
 		c.svc.stop()
 		if c.httpSrv != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -434,6 +498,23 @@ func (c *Coordinator) ClientAddr() string {
 		return a.String()
 	}
 	return c.cfg.Listen
+}
+
+// ClusterURL is the route URL the other coordinators of a cluster use
+// ("" when not clustered; the real port when --cluster-listen said 0).
+func (c *Coordinator) ClusterURL() string {
+	if !c.cfg.Clustered() || c.ns == nil {
+		return ""
+	}
+	a := c.ns.ClusterAddr()
+	if a == nil {
+		return ""
+	}
+	host := a.IP.String()
+	if a.IP.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return "nats-route://" + net.JoinHostPort(host, fmt.Sprint(a.Port))
 }
 
 // LeafURL is the URL leaf nodes connect to ("" when disabled).

@@ -21,7 +21,9 @@ import (
 const enrollSkew = time.Hour
 
 func (s *services) startEnroll() error {
-	sub, err := s.c.nc.Subscribe(subjects.Enroll, func(m *nats.Msg) {
+	// A queue subscription: in a cluster one coordinator answers each
+	// request (the admin API's micro endpoints are in a queue group too).
+	sub, err := s.c.nc.QueueSubscribe(subjects.Enroll, subjects.CoordinatorQueue, func(m *nats.Msg) {
 		// Handle concurrently (bounded): the token's revision check, not
 		// message order, keeps uses from being overspent.
 		s.enrollSem <- struct{}{}

@@ -559,8 +559,11 @@ func (r *rollouts) takeLock(ctx context.Context) (uint64, error) {
 	return 0, err
 }
 
-// lead drives rollouts while the lock holds.
+// lead drives rollouts while the lock holds. When ctx ends (the
+// coordinator stops) it releases the lock, so another coordinator of the
+// cluster takes over at once instead of after the lock's TTL.
 func (r *rollouts) lead(ctx context.Context, rev uint64) {
+	defer func() { r.releaseLock(rev) }()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	cons, err := r.js.CreateOrUpdateConsumer(ctx, subjects.StreamEvents, jetstream.ConsumerConfig{
@@ -620,6 +623,19 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 		case <-r.kick:
 			r.step(ctx)
 		}
+	}
+}
+
+// releaseLock deletes the engine lock if it is still this coordinator's
+// (at revision rev).
+func (r *rollouts) releaseLock(rev uint64) {
+	if rev == 0 {
+		return // lost it already
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := r.locks.Delete(ctx, engineLockKey, jetstream.LastRevision(rev)); err != nil {
+		r.log.Debug().Err(err).Msg("rollout engine: release the lock")
 	}
 }
 

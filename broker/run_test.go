@@ -62,3 +62,35 @@ func TestMainRunUntilSignal(t *testing.T) {
 		t.Error("run did not initialise the dir")
 	}
 }
+
+// TestInitFrom: `init --from` copies a fleet's identity for another
+// coordinator of a cluster, without the operator seed or JetStream data,
+// and refuses a dir that holds any of it.
+func TestInitFrom(t *testing.T) {
+	a, b := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
+	var out, errOut syncBuffer
+	if code := run([]string{"init", "--data-dir", a}, &out, &errOut); code != 0 {
+		t.Fatalf("init: %d %s", code, errOut.String())
+	}
+	if code := run([]string{"init", "--data-dir", b, "--from", a}, &out, &errOut); code != 0 {
+		t.Fatalf("init --from: %d %s", code, errOut.String())
+	}
+	ka, err := accounts.Load(a, "fleet", accounts.DefaultLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := accounts.Load(b, "fleet", accounts.DefaultLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ka.OperatorPublicKey() != kb.OperatorPublicKey() || ka.FleetAccount() != kb.FleetAccount() {
+		t.Error("copied identity differs")
+	}
+	if _, err := os.Stat(filepath.Join(b, accounts.OperatorSeedFile)); err == nil {
+		t.Error("the operator seed was copied")
+	}
+	errOut = syncBuffer{}
+	if code := run([]string{"init", "--data-dir", b, "--from", a}, &out, &errOut); code == 0 || !strings.Contains(errOut.String(), "already") {
+		t.Errorf("second init --from: %d %s", code, errOut.String())
+	}
+}

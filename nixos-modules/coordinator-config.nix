@@ -12,6 +12,9 @@ let
     http = "http";
     leafnodeListen = "leafnode-listen";
     serverName = "server-name";
+    clusterName = "cluster-name";
+    clusterListen = "cluster-listen";
+    routes = "routes";
     replicas = "replicas";
     factsRetention = "facts-retention";
     factsHistory = "facts-history";

@@ -6,12 +6,14 @@
 # and passed with `fleet-coordinator run --config`; its keys are the flags of
 # `fleet-coordinator run` (broker/cli.go).
 #
-# Clustering: `fleet-coordinator run` has no flags for cluster routes yet
-# (only --server-name and --replicas, which a cluster needs too). This module
-# therefore has no `cluster.*` options; when the coordinator grows its
-# cluster flags (routes, cluster listen address, cluster name), add options
-# here that map to them through coordinator-config.nix, and open the cluster
-# port in the firewall. Until then, set replicas = 1.
+# Clustering: run this module on three hosts with the same clusterName,
+# each with its own serverName, clusterListen set, routes naming the other
+# two (nats-route://host:port) and replicas = 3 (the default once
+# clusterListen is set). All three share one identity: initialise one data
+# dir (`fleet-coordinator init`), then copy its operator.jwt, keys/, jwt/ and
+# admin.creds (not jetstream/) into the others' dataDir before their first
+# start, or run `fleet-coordinator init --from DIR` there. openFirewall opens
+# the cluster port too.
 { config, lib, pkgs, ... }:
 
 let
@@ -95,10 +97,37 @@ in
       description = "Server name, unique in a cluster (flag --server-name); null means generated.";
     };
 
+    clusterName = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "fleet";
+      description = "Cluster name, the same on every coordinator of a cluster (flag --cluster-name); null means \"fleet\".";
+    };
+
+    clusterListen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "0.0.0.0:6222";
+      description = ''
+        Address for routes from the other coordinators of a cluster (flag
+        --cluster-listen); null runs alone. Needs serverName.
+      '';
+    };
+
+    routes = mkOption {
+      type = types.nullOr (types.listOf types.str);
+      default = null;
+      example = [ "nats-route://fleet-2.example:6222" "nats-route://fleet-3.example:6222" ];
+      description = "The other coordinators' cluster addresses (flag --routes); needs clusterListen.";
+    };
+
     replicas = mkOption {
-      type = types.ints.positive;
-      default = 1;
-      description = "Replicas of each stream and bucket: 1 alone, 3 in a cluster (flag --replicas).";
+      type = types.nullOr types.ints.positive;
+      default = null;
+      description = ''
+        Replicas of each stream and bucket: 1 alone, 3 or 5 in a cluster
+        (flag --replicas); null means 1 alone, 3 with clusterListen.
+      '';
     };
 
     factsRetention = mkOption {
@@ -146,7 +175,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open the client port (listen) and, when set, the leaf node port in the firewall. The HTTP port is not opened.";
+      description = "Open the client port (listen) and, when set, the leaf node and cluster ports in the firewall. The HTTP port is not opened.";
     };
 
     extraFlags = mkOption {
@@ -208,7 +237,9 @@ in
         "d ${cfg.dataDir} 0700 fleet-coordinator fleet-coordinator - -";
 
       networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
-        ([ (portOf cfg.listen) ] ++ lib.optional (cfg.leafnodeListen != null) (portOf cfg.leafnodeListen));
+        ([ (portOf cfg.listen) ]
+          ++ lib.optional (cfg.leafnodeListen != null) (portOf cfg.leafnodeListen)
+          ++ lib.optional (cfg.clusterListen != null) (portOf cfg.clusterListen));
 
       systemd.services.fleet-coordinator = {
         description = "fleet coordinator";

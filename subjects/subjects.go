@@ -57,6 +57,10 @@ const (
 // Subjects that are not per device.
 const (
 	Enroll = "fleet.enroll"
+	// CoordinatorQueue is the queue group of the coordinators' request
+	// handlers (enrollment): in a cluster one coordinator answers each
+	// request.
+	CoordinatorQueue = "fleet-coordinator"
 	// APIRead and APIWrite prefix the admin API verbs.
 	APIRead  = "fleet.api.read"
 	APIWrite = "fleet.api.write"

@@ -1,0 +1,299 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/admin"
+	"fleet/broker"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startCluster starts n coordinators routed to each other: the first data
+// dir is initialised, the others get copies of its identity files.
+func startCluster(t *testing.T, n int) []*broker.Coordinator {
+	t.Helper()
+	dirs := make([]string, n)
+	ports := make([]int, n)
+	for i := range n {
+		dirs[i] = filepath.Join(t.TempDir(), fmt.Sprintf("c%d", i+1))
+		ports[i] = freePort(t)
+	}
+	base := broker.DefaultConfig()
+	base.DataDir = dirs[0]
+	if _, err := broker.Init(base); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs[1:] {
+		if err := accounts.CopyIdentity(dirs[0], d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The coordinators' logs, shown when the test fails.
+	logs := &lockedBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("coordinator logs:\n%s", logs.String())
+		}
+	})
+	cs := make([]*broker.Coordinator, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		cfg := broker.DefaultConfig()
+		cfg.DataDir = dirs[i]
+		cfg.Listen = "127.0.0.1:0"
+		cfg.HTTP = ""
+		cfg.ServerName = fmt.Sprintf("c%d", i+1)
+		cfg.ClusterListen = fmt.Sprintf("127.0.0.1:%d", ports[i])
+		for j := range n {
+			if j != i {
+				cfg.Routes = append(cfg.Routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[j]))
+			}
+		}
+		cfg.Replicas = 3
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Start's context bounds the coordinator's life too.
+			cs[i], errs[i] = broker.Start(context.Background(), cfg, zerolog.New(logs).Level(zerolog.InfoLevel).With().Str("node", cfg.ServerName).Logger())
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			for _, c := range cs {
+				if c != nil {
+					c.Close()
+				}
+			}
+			t.Fatalf("start c%d: %v", i+1, err)
+		}
+	}
+	for _, c := range cs {
+		t.Cleanup(c.Close)
+	}
+	return cs
+}
+
+// lockHolder is the server name in the rollout engine's lock ("" if free).
+func lockHolder(t *testing.T, c *broker.Coordinator) string {
+	t.Helper()
+	kv, err := c.JetStream().KeyValue(context.Background(), subjects.BucketLocks)
+	if err != nil {
+		return ""
+	}
+	e, err := kv.Get(context.Background(), "rollout-engine")
+	if err != nil {
+		return ""
+	}
+	return string(e.Value())
+}
+
+func connectDevice(t *testing.T, url string, cr *accounts.Creds) (*nats.Conn, chan struct{}) {
+	t.Helper()
+	seed, _ := cr.Key.Seed()
+	closed := make(chan struct{})
+	nc, err := nats.Connect(url, nats.UserJWTAndSeed(cr.JWT, string(seed)),
+		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(cr.PublicKey())),
+		nats.NoReconnect(), nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
+		nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc, closed
+}
+
+// TestCluster runs three coordinators in one process: shared identity,
+// R3 streams, requests answered through any node, revocations reaching
+// every server, and the rollout engine moving when its leader stops.
+func TestCluster(t *testing.T) {
+	cs := startCluster(t, 3)
+	ctx := context.Background()
+
+	// Every stream and bucket is replicated on all three.
+	for _, name := range []string{subjects.StreamFacts, subjects.StreamEvents, subjects.StreamAudit, "KV_" + subjects.BucketDevices, "KV_" + subjects.BucketLocks} {
+		s, err := cs[0].JetStream().Stream(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info := s.CachedInfo()
+		if info.Config.Replicas != 3 || info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
+			t.Errorf("stream %s: replicas %d, cluster %+v", name, info.Config.Replicas, info.Cluster)
+		}
+	}
+
+	// The owner (creds of the first node, copied to all) talks to node 2;
+	// devices enrol through node 3.
+	owner, err := admin.Dial(ctx, cs[1].ClientURL(), filepath.Join(cs[1].Config().DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(owner.Close)
+	tok := createToken(t, owner, 3, false, "developers")
+	stolen, _ := enrollAgent(t, cs[2], tok.Token, "stolen")
+	other, _ := enrollAgent(t, cs[2], tok.Token, "other")
+	kept, _ := enrollAgent(t, cs[2], tok.Token, "kept")
+	devs, err := owner.Devices(ctx, "developers")
+	if err != nil || len(devs) != 3 {
+		t.Fatalf("devices through node 2: %v %+v", err, devs)
+	}
+
+	// A revocation made on node 1 disconnects a device on node 2 and is
+	// refused on node 3.
+	_, closed := connectDevice(t, cs[1].ClientURL(), stolen)
+	start := time.Now()
+	if err := cs[0].Revoke(ctx, stolen.PublicKey()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-closed:
+		t.Logf("device on node 2 disconnected %v after the revocation on node 1", time.Since(start))
+	case <-time.After(5 * time.Second):
+		t.Fatal("device on node 2 still connected 5s after its revocation on node 1")
+	}
+	refused := func(i int, cr *accounts.Creds) bool {
+		seed, _ := cr.Key.Seed()
+		nc, err := nats.Connect(cs[i].ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.NoReconnect())
+		if err == nil {
+			nc.Close()
+			return false
+		}
+		return strings.Contains(strings.ToLower(err.Error()), "authorization")
+	}
+	waitFor(t, 5*time.Second, "revoked device refused on node 3", func() bool { return refused(2, stolen) })
+	waitFor(t, 5*time.Second, "node 2 knows the revocation", func() bool { return cs[1].Authority().IsRevoked(stolen.PublicKey()) })
+
+	// A later revocation on node 2 keeps node 1's: its account JWT merges
+	// the revocations it received.
+	if err := cs[1].Revoke(ctx, other.PublicKey()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "second revocation refused on node 1", func() bool { return refused(0, other) })
+	for i := range cs {
+		if !refused(i, stolen) {
+			t.Fatalf("the first revocation was undone on node %d by the second", i+1)
+		}
+	}
+
+	// The engine leader stops; another coordinator takes the lock.
+	var leader string
+	waitFor(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })
+	var rest []*broker.Coordinator
+	for _, c := range cs {
+		if c.Config().ServerName == leader {
+			c.Close()
+		} else {
+			rest = append(rest, c)
+		}
+	}
+	if len(rest) != 2 {
+		t.Fatalf("lock holder %q is no coordinator", leader)
+	}
+	var next string
+	waitFor(t, 20*time.Second, "a new engine leader", func() bool {
+		next = lockHolder(t, rest[0])
+		return next != "" && next != leader
+	})
+	t.Logf("engine moved from %s to %s", leader, next)
+
+	// A rollout created afterwards completes: the device on a surviving
+	// node applies and reports.
+	cl, err := admin.Dial(ctx, rest[1].ClientURL(), filepath.Join(rest[1].Config().DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	nc, _ := connectDevice(t, rest[0].ClientURL(), kept)
+	js, err := jetstream.NewWithDomain(nc, subjects.Domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nc.Subscribe(subjects.DeviceDesired(kept.PublicKey()), func(m *nats.Msg) {
+		var des model.Desired
+		if json.Unmarshal(m.Data, &des) != nil || des.StorePath == "" {
+			return
+		}
+		ev := model.Event{Device: kept.PublicKey(), Time: time.Now(), State: model.StateReporting, Result: model.ResultSucceeded,
+			RolloutID: des.RolloutID, ReleaseID: des.ReleaseID, StorePath: des.StorePath}
+		b, _ := json.Marshal(ev)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := js.Publish(ctx, subjects.DeviceEvents(kept.PublicKey()), b); err != nil {
+			t.Errorf("publish event: %v", err)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ownerCreds, err := accounts.ReadCreds(filepath.Join(rest[1].Config().DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel := model.Release{ID: "rel-cluster", Name: "rel-cluster", CreatedAt: time.Now().UTC(), Author: ownerCreds.PublicKey(),
+		Default: "/nix/store/" + strings.Repeat("a", 31) + "b-cluster"}
+	signed, err := model.Sign(ownerCreds.Key, model.PurposeRelease, rel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rv model.ReleaseView
+	if err := cl.Call(ctx, subjects.VerbReleaseCreate, true, signed, &rv); err != nil {
+		t.Fatal(err)
+	}
+	var ro model.Rollout
+	if err := cl.Call(ctx, subjects.VerbDeploy, true, model.DeployRequest{ReleaseID: rel.ID, Devices: []string{kept.PublicKey()}}, &ro); err != nil {
+		t.Fatal(err)
+	}
+	var last *model.Rollout
+	waitFor(t, 20*time.Second, "rollout succeeded after the leader change", func() bool {
+		last, err = cl.RolloutSummary(ctx, ro.ID)
+		return err == nil && last.State == model.RolloutSucceeded
+	})
+	if last.Counts[model.DeviceSucceeded] != 1 {
+		t.Errorf("rollout counts %v", last.Counts)
+	}
+}
