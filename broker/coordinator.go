@@ -369,7 +369,12 @@ func (c *Coordinator) InProcessConn(cr *accounts.Creds, name string) (*nats.Conn
 }
 
 func (c *Coordinator) waitJetStream(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	// A cluster's first start waits for its peers and a meta leader.
+	wait := 60 * time.Second
+	if c.cfg.Clustered() {
+		wait = 3 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	lastLog := time.Now()
 	for {
