@@ -449,6 +449,27 @@ func (a *Authority) SystemUser(name string) (*Creds, error) {
 	return a.accountUser(a.systemSvc, a.system, name)
 }
 
+// IssueSiteSystemUser signs a system-account user JWT for a site's leaf
+// node (public key pub), limited to subjects.SiteSystemTemplate: enough for
+// the leaf to learn account updates and report presence, nothing more.
+func (a *Authority) IssueSiteSystemUser(pub, name string) (string, error) {
+	if !subjects.ValidDeviceID(pub) {
+		return "", fmt.Errorf("%q is not a user public key", pub)
+	}
+	t := subjects.SiteSystemTemplate()
+	uc := jwt.NewUserClaims(pub)
+	uc.Name = name
+	uc.IssuerAccount = mustPub(a.system)
+	uc.Pub.Allow = t.Pub
+	uc.Sub.Allow = t.Sub
+	uc.AllowedConnectionTypes = t.ConnTypes
+	tok, err := uc.Encode(a.systemSvc)
+	if err != nil {
+		return "", fmt.Errorf("sign %s: %w", name, err)
+	}
+	return tok, nil
+}
+
 func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds, error) {
 	kp, err := nkeys.CreateUser()
 	if err != nil {

@@ -24,7 +24,7 @@ type LeafCmd struct {
 // LeafConfigCmd is `fleet-admin leaf config`.
 type LeafConfigCmd struct {
 	Site   string `help:"Site name, e.g. berlin." required:""`
-	Out    string `help:"Directory to write leaf.conf, leaf.creds, operator.jwt and jwt/ into (created; must not hold a leaf.conf)." required:"" type:"path"`
+	Out    string `help:"Directory to write leaf.conf, leaf.creds, leaf-system.creds, operator.jwt and jwt/ into (created; must not hold a leaf.conf)." required:"" type:"path"`
 	Hub    string `help:"Leaf node URL of the coordinator as the site reaches it, e.g. nats-leaf://fleet.example.org:7422 (default: what the coordinator reports)." placeholder:"URL"`
 	Listen string `help:"Where the leaf node listens for the site's agents." default:"0.0.0.0:4222"`
 	// leaf.conf names its files by absolute path (nats-server resolves
@@ -47,13 +47,18 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		return err
 	}
 	pub, _ := kp.PublicKey()
+	sysKP, err := nkeys.CreateUser()
+	if err != nil {
+		return err
+	}
+	sysPub, _ := sysKP.PublicKey()
 	c, err := g.dial()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	var lc model.LeafConfig
-	if err := c.Call(g.ctx, subjects.VerbLeafConfig, true, model.LeafConfigRequest{Site: cmd.Site, Key: pub}, &lc); err != nil {
+	if err := c.Call(g.ctx, subjects.VerbLeafConfig, true, model.LeafConfigRequest{Site: cmd.Site, Key: pub, SystemKey: sysPub}, &lc); err != nil {
 		return err
 	}
 	hub := cmd.Hub
@@ -80,6 +85,9 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 	if err := accounts.WriteCreds(filepath.Join(out, "leaf.creds"), &accounts.Creds{JWT: lc.JWT, Key: kp}); err != nil {
 		return err
 	}
+	if err := accounts.WriteCreds(filepath.Join(out, "leaf-system.creds"), &accounts.Creds{JWT: lc.SystemUserJWT, Key: sysKP}); err != nil {
+		return err
+	}
 	files := map[string]string{
 		"operator.jwt": lc.OperatorJWT,
 		filepath.Join("jwt", lc.SystemAccount+".jwt"): lc.SystemJWT,
@@ -95,7 +103,7 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		return g.printJSON(map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub,
 			"fleet_account": lc.FleetAccount, "system_account": lc.SystemAccount, "install_dir": install})
 	}
-	_, err = fmt.Fprintf(g.stdout, "wrote leaf.conf, leaf.creds, operator.jwt and jwt/ to %s (leaf key %s, FLEET account %s)\n"+
+	_, err = fmt.Fprintf(g.stdout, "wrote leaf.conf, leaf.creds, leaf-system.creds, operator.jwt and jwt/ to %s (leaf key %s, FLEET account %s)\n"+
 		"at the site, with the files in %s: nats-server -c %s\nagents at the site: fleet-agent run --server nats://<this-leaf>:%s ...\n",
 		out, pub, lc.FleetAccount, install, filepath.Join(install, "leaf.conf"), portOf(cmd.Listen))
 	return err
@@ -107,10 +115,12 @@ func portOf(hp string) string {
 }
 
 // LeafServerConfig renders a nats-server config for a site's leaf node:
-// operator mode with this fleet's operator, the account JWTs preloaded, and
-// one remote to the hub bound to the FLEET account. dir holds the files it
-// names. Revocations made later reach the leaf when the config is written
-// again and the leaf restarted.
+// operator mode with this fleet's operator, a cache resolver seeded with the
+// account JWTs, and two remotes to the hub: one bound to the FLEET account
+// for the site's devices, one to the system account, over which the leaf
+// hears account updates at once (a revoked device at the site is cut off
+// like one at the hub) and reports its clients' presence. dir holds the
+// files it names.
 func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string) string {
 	q := strconv.Quote
 	var b strings.Builder
@@ -119,11 +129,15 @@ func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string) string {
 	fmt.Fprintf(&b, "listen: %s\n", q(listen))
 	fmt.Fprintf(&b, "operator: %s\n", q(filepath.Join(dir, "operator.jwt")))
 	fmt.Fprintf(&b, "system_account: %s\n", q(lc.SystemAccount))
-	b.WriteString("resolver: MEMORY\nresolver_preload: {\n")
+	fmt.Fprintf(&b, "resolver: { type: cache, dir: %s, ttl: \"1h\", limit: 1000 }\n", q(filepath.Join(dir, "jwt")))
+	b.WriteString("resolver_preload: {\n")
 	fmt.Fprintf(&b, "  %s: %s\n", lc.SystemAccount, q(lc.SystemJWT))
 	fmt.Fprintf(&b, "  %s: %s\n", lc.FleetAccount, q(lc.FleetJWT))
 	b.WriteString("}\nleafnodes {\n  remotes: [\n")
 	fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf.creds")), q(lc.FleetAccount))
+	if lc.SystemUserJWT != "" {
+		fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf-system.creds")), q(lc.SystemAccount))
+	}
 	b.WriteString("  ]\n}\n")
 	return b.String()
 }

@@ -26,6 +26,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/logging"
+	"fleet/subjects"
 )
 
 // Coordinator is a running coordinator.
@@ -429,7 +430,13 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 // account, the same way `nats-server` clusters and leaf nodes learn of
 // updates; the local full resolver stores it and applies it at once.
 func (c *Coordinator) PushAccount(ctx context.Context, tok string) error {
-	msg, err := c.sys.RequestWithContext(ctx, "$SYS.REQ.CLAIMS.UPDATE", []byte(tok))
+	claims, err := jwt.DecodeAccountClaims(tok)
+	if err != nil {
+		return fmt.Errorf("push account JWT: %w", err)
+	}
+	// The per-account subject reaches every resolver that holds the
+	// account: the hub's, and the cache resolvers of sites' leaf nodes.
+	msg, err := c.sys.RequestWithContext(ctx, subjects.AccountClaimsUpdate(claims.Subject), []byte(tok))
 	if err != nil {
 		return fmt.Errorf("push account JWT: %w", err)
 	}

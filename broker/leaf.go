@@ -31,12 +31,18 @@ func (s *services) leafConfig(_ context.Context, _ *model.Admin, raw json.RawMes
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
+	var sysTok string
+	if a.SystemKey != "" {
+		if sysTok, err = auth.IssueSiteSystemUser(a.SystemKey, "leaf-"+a.Site+"-system"); err != nil {
+			return nil, badRequest("%v", err)
+		}
+	}
 	sysJWT, fleetJWT, err := auth.AccountJWTs()
 	if err != nil {
 		return nil, err
 	}
 	return model.LeafConfig{
-		Site: a.Site, JWT: tok, OperatorJWT: auth.OperatorJWT,
+		Site: a.Site, JWT: tok, SystemUserJWT: sysTok, OperatorJWT: auth.OperatorJWT,
 		SystemAccount: auth.SystemAccount(), SystemJWT: sysJWT,
 		FleetAccount: auth.FleetAccount(), FleetJWT: fleetJWT,
 		HubURL: s.c.LeafURL(), Domain: s.c.cfg.Domain,

@@ -36,7 +36,7 @@ func TestSiteLeafNode(t *testing.T) {
 	if !strings.Contains(out, "leaf.conf") {
 		t.Fatalf("leaf config printed %q", out)
 	}
-	for _, f := range []string{"leaf.conf", "leaf.creds", "operator.jwt"} {
+	for _, f := range []string{"leaf.conf", "leaf.creds", "leaf-system.creds", "operator.jwt"} {
 		if fi, err := os.Stat(filepath.Join(site, f)); err != nil || fi.Mode().Perm() != 0o600 {
 			t.Fatalf("%s: %v %v", f, err, fi)
 		}
@@ -137,6 +137,28 @@ func TestSiteLeafNode(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("publishing to another device's facts through the leaf was not refused")
 	}
+
+	// Presence crosses the leaf's system link: the site's device is online.
+	w.waitFor(10*time.Second, "site device online at the hub", func() bool {
+		for _, d := range w.devicesJSON(t) {
+			if d.Name == "berlin-1" {
+				return d.Online
+			}
+		}
+		return false
+	})
+	// A revocation at the hub reaches the leaf at once: the device is cut
+	// off at the site and refused there after.
+	w.mustAdmin("devices", "revoke", "berlin-1")
+	w.waitFor(10*time.Second, "revoked device refused at the leaf", func() bool {
+		c, err := nats.Connect(leafURL, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.NoReconnect(), nats.Timeout(2*time.Second))
+		if err == nil {
+			c.Close()
+			return false
+		}
+		return strings.Contains(strings.ToLower(err.Error()), "authorization")
+	})
+	w.waitFor(10*time.Second, "revoked device's connection closed at the leaf", func() bool { return !probe.IsConnected() })
 }
 
 // newFleetWorldLeaf is a fleet world whose coordinator listens for leaf

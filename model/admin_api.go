@@ -113,13 +113,18 @@ type AuditQuery struct {
 type LeafConfigRequest struct {
 	Site string `json:"site"`
 	Key  string `json:"key"`
+	// SystemKey is the public key of the leaf's system-account link, over
+	// which it learns account updates (revocations) and reports presence.
+	SystemKey string `json:"system_key,omitempty"`
 }
 
 // LeafConfig is what a site's standard nats-server needs to run as a leaf
 // node of the hub.
 type LeafConfig struct {
-	Site          string `json:"site"`
-	JWT           string `json:"jwt"` // the leaf user's JWT (role leaf)
+	Site string `json:"site"`
+	JWT  string `json:"jwt"` // the leaf user's JWT (role leaf)
+	// SystemUserJWT is the JWT of the leaf's system-account link.
+	SystemUserJWT string `json:"system_user_jwt,omitempty"`
 	OperatorJWT   string `json:"operator_jwt"`
 	SystemAccount string `json:"system_account"`
 	SystemJWT     string `json:"system_jwt"`

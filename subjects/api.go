@@ -39,3 +39,27 @@ func AccountDisconnect(acc string) string { return "$SYS.ACCOUNT." + acc + ".DIS
 
 // ClaimsUpdate is where account JWT updates are pushed.
 const ClaimsUpdate = "$SYS.REQ.CLAIMS.UPDATE"
+
+// AccountClaimsUpdate is where the update of account acc's JWT is pushed so
+// every server that holds it hears: the hub's full resolvers and the cache
+// resolvers of leaf nodes at sites.
+func AccountClaimsUpdate(acc string) string { return "$SYS.REQ.ACCOUNT." + acc + ".CLAIMS.UPDATE" }
+
+// SiteSystemTemplate is what a site's leaf node may do in the system
+// account: look account JWTs up, hear their updates (revocations), answer
+// them, and report its clients' connects and disconnects (presence).
+// "Pub" is what the site sends to the hub, "Sub" what the hub sends to it.
+func SiteSystemTemplate() Template {
+	return Template{
+		Pub: []string{
+			"$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP",
+			"$SYS.ACCOUNT.*.CONNECT", "$SYS.ACCOUNT.*.DISCONNECT",
+			"_INBOX.>", // answers to the coordinator's update requests
+		},
+		Sub: []string{
+			"$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE", "$SYS.ACCOUNT.*.CLAIMS.UPDATE",
+			"$SYS._INBOX.>", "$SYS._INBOX_.>", // answers to the leaf's lookups
+		},
+		ConnTypes: []string{"LEAFNODE"},
+	}
+}

@@ -376,3 +376,34 @@ func TestAdminTemplates(t *testing.T) {
 		t.Errorf("unknown role got a template: %+v", got)
 	}
 }
+
+// A site's system link learns account updates and reports presence; it can
+// neither push account JWTs, nor reach server requests, nor read anyone's
+// replies but the leaf's own lookups.
+func TestSiteSystemTemplate(t *testing.T) {
+	tpl := SiteSystemTemplate()
+	if len(tpl.ConnTypes) != 1 || tpl.ConnTypes[0] != "LEAFNODE" {
+		t.Fatalf("site system link must be a leaf node connection, got %v", tpl.ConnTypes)
+	}
+	for _, bad := range []string{ClaimsUpdate, AccountClaimsUpdate("ACC"), "$SYS.REQ.SERVER.PING", "$SYS.REQ.SERVER.X.KICK",
+		"$SYS.REQ.ACCOUNT.ACC.CONNZ", Enroll, APIWriteVerb("deploy")} {
+		if f, ok := collides(tpl.Pub, bad); ok {
+			t.Errorf("a site may send %q through %q", bad, f)
+		}
+	}
+	for _, bad := range []string{"_INBOX.x", InboxPrefix("UA") + ".x", "$SYS.REQ.SERVER.PING", Enroll} {
+		if f, ok := collides(tpl.Sub, bad); ok {
+			t.Errorf("a site receives %q through %q", bad, f)
+		}
+	}
+	for _, good := range []string{AccountClaimsUpdate("ACC"), "$SYS.ACCOUNT.ACC.CLAIMS.UPDATE"} {
+		if _, ok := collides(tpl.Sub, good); !ok {
+			t.Errorf("a site does not hear %q", good)
+		}
+	}
+	for _, good := range []string{"$SYS.REQ.ACCOUNT.ACC.CLAIMS.LOOKUP", "$SYS.ACCOUNT.ACC.CONNECT", "$SYS.ACCOUNT.ACC.DISCONNECT"} {
+		if _, ok := collides(tpl.Pub, good); !ok {
+			t.Errorf("a site may not send %q", good)
+		}
+	}
+}
