@@ -33,6 +33,7 @@ var (
 	descRebootNeeded    = desc("fleet_device_reboot_needed", "1 when the booted kernel, initrd or modules differ from the current system's.", "device", "name")
 	descApplySuccess    = desc("fleet_device_last_apply_success", "1 when the device's latest apply succeeded (or changed nothing), 0 when it failed or was rolled back; absent before any apply.", "device", "name")
 	descOnline          = desc("fleet_device_online", "1 when the device is online (see fleet_devices_online).", "device", "name")
+	descAgentStates     = desc("fleet_devices_agent_state", "Devices by their agent's latest reconcile state (idle, checking, fetching, applying, verifying, reporting, rolling_back), from their events.", "state")
 	descRolloutDevices  = desc("fleet_rollout_devices", "Devices of a rollout by their state in it (unfinished rollouts and those finished within 24h).", "rollout", "state")
 	descRolloutInfo     = desc("fleet_rollout_info", "A rollout, its release and its state (unfinished rollouts and those finished within 24h).", "rollout", "release", "state")
 	descIndexMessages   = desc("fleet_index_messages_total", "Messages and KV entries the device index has taken in, by source.", "source")
@@ -61,7 +62,7 @@ type fleetCollector struct{ x *deviceIndex }
 
 func (fc fleetCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDevices, descDevicesOnline, descLastSeen, descGeneration, descDesired,
-		descUpToDate, descDiskUsed, descRebootNeeded, descApplySuccess, descOnline, descRolloutDevices, descRolloutInfo,
+		descUpToDate, descDiskUsed, descRebootNeeded, descApplySuccess, descOnline, descAgentStates, descRolloutDevices, descRolloutInfo,
 		descIndexMessages, descIndexDecodeErrs} {
 		ch <- d
 	}
@@ -81,6 +82,10 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	byStatus := map[model.DeviceStatus]int{model.DevicePending: 0, model.DeviceActive: 0, model.DeviceRevoked: 0}
 	online := 0
+	byState := map[model.State]int{}
+	for _, st := range model.States {
+		byState[st] = 0
+	}
 	for _, s := range sn.devs {
 		if s.rec == nil {
 			continue
@@ -88,6 +93,11 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		byStatus[s.rec.Status]++
 		if !s.exported() {
 			continue
+		}
+		if s.event != nil {
+			if _, known := byState[s.event.State]; known {
+				byState[s.event.State]++
+			}
 		}
 		r := sn.row(s)
 		id, name := r.ID, r.Name
@@ -124,6 +134,9 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descDevices, float64(n), string(st))
 	}
 	gauge(descDevicesOnline, float64(online))
+	for st, n := range byState {
+		gauge(descAgentStates, float64(n), string(st))
+	}
 	for _, r := range sn.shownRollouts() {
 		gauge(descRolloutInfo, 1, r.ID, r.ReleaseID, string(r.State))
 		for _, st := range model.DeviceRolloutStates {
