@@ -249,7 +249,7 @@ in
         # Stop and start (not restart in place) on a config change.
         restartTriggers = [ configFile ];
 
-        serviceConfig = {
+        serviceConfig = import ./hardening.nix // {
           Type = "simple";
           ExecStart = lib.escapeShellArgs ([
             "${cfg.package}/bin/fleet-coordinator"
@@ -275,36 +275,9 @@ in
           # privilege (ports above 1024; for a port below, add
           # AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ] and the same in
           # CapabilityBoundingSet).
-          ProtectSystem = "strict";
           ReadWritePaths = [ cfg.dataDir ];
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
           PrivateUsers = true;
-          NoNewPrivileges = true;
-          CapabilityBoundingSet = [ "" ];
-          AmbientCapabilities = [ "" ];
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          ProtectProc = "invisible";
           ProcSubset = "pid";
-          # AF_NETLINK: nats-server lists the interfaces' addresses to
-          # advertise client URLs when it listens on 0.0.0.0.
-          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          RemoveIPC = true;
-          SystemCallArchitectures = "native";
-          SystemCallFilter = [ "@system-service" "~@privileged" ];
-          SystemCallErrorNumber = "EPERM";
-          DevicePolicy = "closed";
         };
       };
     }

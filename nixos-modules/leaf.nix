@@ -188,7 +188,7 @@ in
       after = [ "network-online.target" ];
       restartTriggers = lib.optional generated staticConf;
 
-      serviceConfig = {
+      serviceConfig = import ./hardening.nix // {
         Type = "simple";
         ExecStartPre = lib.optional generated prepare;
         ExecStart = "${cfg.package}/bin/nats-server -c ${if generated then runtimeConf else lib.escapeShellArg cfg.configFile}";
@@ -207,32 +207,6 @@ in
         WorkingDirectory = "/var/lib/fleet-leaf";
         LoadCredential = lib.optional (generated && cfg.credsFile != null) "leaf.creds:${cfg.credsFile}";
         UMask = "0077";
-
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = [ "" ];
-        AmbientCapabilities = [ "" ];
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        ProtectProc = "invisible";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" ];
-        SystemCallErrorNumber = "EPERM";
-        DevicePolicy = "closed";
       };
     };
   };
