@@ -17,6 +17,7 @@ import (
 	"fleet/admin"
 	"fleet/agent"
 	"fleet/broker"
+	"fleet/internal/poll"
 	"fleet/model"
 )
 
@@ -72,8 +73,7 @@ func TestTokenEnrollDevicesLs(t *testing.T) {
 	defer nc.Close()
 
 	var ds []model.DeviceView
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	poll.Until(t, 5*time.Second, "device listed online", func() bool {
 		out, errs, code = run(t, c, "--json", "devices", "ls", "--group", "lab")
 		if code != 0 {
 			t.Fatalf("devices ls: %s", errs)
@@ -81,14 +81,8 @@ func TestTokenEnrollDevicesLs(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &ds); err != nil {
 			t.Fatalf("devices ls --json: %v in %q", err, out)
 		}
-		if len(ds) == 1 && ds[0].Online {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("device not listed online: %+v", ds)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return len(ds) == 1 && ds[0].Online
+	})
 	d := ds[0]
 	if d.ID != cr.PublicKey() || d.Name != "laptop1" || strings.Join(d.Groups, ",") != "developers,lab" || d.Status != model.DeviceActive || d.LastSeen.IsZero() {
 		t.Fatalf("device %+v", d)

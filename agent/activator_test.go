@@ -14,20 +14,9 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"fleet/internal/poll"
 	"fleet/model"
 )
-
-// waitFor polls ok until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, within time.Duration, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // gone reports whether pid no longer runs (a zombie counts as gone: in a
 // container nobody may reap it).
@@ -49,7 +38,7 @@ func gone(pid int) bool {
 func readPid(t *testing.T, file string) int {
 	t.Helper()
 	var pid int
-	waitFor(t, "pid file "+file, 10*time.Second, func() bool {
+	poll.Until(t, 10*time.Second, "pid file "+file, func() bool {
 		b, err := os.ReadFile(file)
 		if err != nil {
 			return false
@@ -94,7 +83,7 @@ func TestRunCmdKillsProcessGroup(t *testing.T) {
 		t.Fatalf("err %v after %s, want a deadline error within seconds", err, time.Since(start))
 	}
 	pid := readPid(t, pidf)
-	waitFor(t, "grandchild killed", 5*time.Second, func() bool { return gone(pid) })
+	poll.Until(t, 5*time.Second, "grandchild killed", func() bool { return gone(pid) })
 
 	// A group that ignores SIGTERM gets SIGKILL after the grace.
 	pidf = filepath.Join(dir, "b.pid")
@@ -106,7 +95,7 @@ func TestRunCmdKillsProcessGroup(t *testing.T) {
 		t.Fatalf("err %v after %s, want an error within seconds", err, time.Since(start))
 	}
 	pid = readPid(t, pidf)
-	waitFor(t, "TERM-ignoring grandchild killed", 5*time.Second, func() bool { return gone(pid) })
+	poll.Until(t, 5*time.Second, "TERM-ignoring grandchild killed", func() bool { return gone(pid) })
 
 	// A command that exits leaving a child behind (holding its output)
 	// returns at once, and the child goes.
@@ -117,7 +106,7 @@ func TestRunCmdKillsProcessGroup(t *testing.T) {
 		t.Fatalf("out %q err %v after %s", out, err, time.Since(start))
 	}
 	pid = readPid(t, pidf)
-	waitFor(t, "leftover child killed", 5*time.Second, func() bool { return gone(pid) })
+	poll.Until(t, 5*time.Second, "leftover child killed", func() bool { return gone(pid) })
 }
 
 // A switch is never cut off when the agent stops: cancelling leaves it
@@ -132,7 +121,7 @@ func TestActivationSurvivesCancel(t *testing.T) {
 			"/bin/sh", "-c", "touch "+started+"; sleep 1; touch "+done)
 		errc <- err
 	}()
-	waitFor(t, "command started", 10*time.Second, func() bool { _, err := os.Stat(started); return err == nil })
+	poll.Until(t, 10*time.Second, "command started", func() bool { _, err := os.Stat(started); return err == nil })
 	cancel()
 	select {
 	case err := <-errc:
@@ -142,7 +131,7 @@ func TestActivationSurvivesCancel(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("runCmd did not return on cancel")
 	}
-	waitFor(t, "command finished on its own", 10*time.Second, func() bool { _, err := os.Stat(done); return err == nil })
+	poll.Until(t, 10*time.Second, "command finished on its own", func() bool { _, err := os.Stat(done); return err == nil })
 }
 
 // Which argv activates a system, with and without systemd.

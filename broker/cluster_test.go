@@ -19,6 +19,7 @@ import (
 	"fleet/accounts"
 	"fleet/admin"
 	"fleet/broker"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -203,15 +204,15 @@ func TestCluster(t *testing.T) {
 		}
 		return strings.Contains(strings.ToLower(err.Error()), "authorization")
 	}
-	waitFor(t, 5*time.Second, "revoked device refused on node 3", func() bool { return refused(2, stolen) })
-	waitFor(t, 5*time.Second, "node 2 knows the revocation", func() bool { return cs[1].Authority().IsRevoked(stolen.PublicKey()) })
+	poll.Until(t, 5*time.Second, "revoked device refused on node 3", func() bool { return refused(2, stolen) })
+	poll.Until(t, 5*time.Second, "node 2 knows the revocation", func() bool { return cs[1].Authority().IsRevoked(stolen.PublicKey()) })
 
 	// A later revocation on node 2 keeps node 1's: its account JWT merges
 	// the revocations it received.
 	if err := cs[1].Revoke(ctx, other.PublicKey()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "second revocation refused on node 1", func() bool { return refused(0, other) })
+	poll.Until(t, 5*time.Second, "second revocation refused on node 1", func() bool { return refused(0, other) })
 	for i := range cs {
 		if !refused(i, stolen) {
 			t.Fatalf("the first revocation was undone on node %d by the second", i+1)
@@ -220,7 +221,7 @@ func TestCluster(t *testing.T) {
 
 	// The engine leader stops; another coordinator takes the lock.
 	var leader string
-	waitFor(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })
+	poll.Until(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })
 	var rest []*broker.Coordinator
 	for _, c := range cs {
 		if c.Config().ServerName == leader {
@@ -233,7 +234,7 @@ func TestCluster(t *testing.T) {
 		t.Fatalf("lock holder %q is no coordinator", leader)
 	}
 	var next string
-	waitFor(t, 20*time.Second, "a new engine leader", func() bool {
+	poll.Until(t, 20*time.Second, "a new engine leader", func() bool {
 		next = lockHolder(t, rest[0])
 		return next != "" && next != leader
 	})
@@ -289,7 +290,7 @@ func TestCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	var last *model.Rollout
-	waitFor(t, 20*time.Second, "rollout succeeded after the leader change", func() bool {
+	poll.Until(t, 20*time.Second, "rollout succeeded after the leader change", func() bool {
 		last, err = cl.RolloutSummary(ctx, ro.ID)
 		return err == nil && last.State == model.RolloutSucceeded
 	})

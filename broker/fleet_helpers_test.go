@@ -222,18 +222,6 @@ func editToken(t *testing.T, c *broker.Coordinator, id string, fn func(map[strin
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // auditRecords reads every record of FLEET_AUDIT.
 func auditRecords(t *testing.T, c *broker.Coordinator) []model.AuditRecord {
 	t.Helper()

@@ -14,22 +14,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"fleet/accounts"
+	"fleet/internal/poll"
 	"fleet/subjects"
 )
-
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, d)
-		}
-		<-tick.C
-	}
-}
 
 // startLeaf runs a site's leaf node the way DESIGN §7 describes: a plain
 // nats-server in operator mode with the same operator, the account JWTs
@@ -90,7 +77,7 @@ func startLeaf(t *testing.T, c *Coordinator) *server.Server {
 	if !ls.ReadyForConnections(10 * time.Second) {
 		t.Fatal("leaf server not ready")
 	}
-	waitFor(t, 10*time.Second, "leaf connection to the coordinator", func() bool {
+	poll.Until(t, 10*time.Second, "leaf connection to the coordinator", func() bool {
 		return ls.NumLeafNodes() == 1 && c.Server().NumLeafNodes() == 1
 	})
 	return ls
@@ -139,7 +126,7 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the hub's stream and JetStream API interest at the leaf", func() bool {
+	poll.Until(t, 10*time.Second, "the hub's stream and JetStream API interest at the leaf", func() bool {
 		return leafAcc.SubscriptionInterest(subjects.DeviceFacts(A)) &&
 			leafAcc.SubscriptionInterest(subjects.DesiredDirectGet(cfg.Domain, A))
 	})
@@ -161,7 +148,7 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	if err := cl.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the agent's interest reaching the hub", func() bool {
+	poll.Until(t, 10*time.Second, "the agent's interest reaching the hub", func() bool {
 		return fleetAcc.SubscriptionInterest(subjects.DeviceDesired(A))
 	})
 	if _, err := desired.Put(ctx, A, []byte("release-2")); err != nil {

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -72,7 +73,7 @@ scrape_configs:
 		}
 	})
 	base := "http://" + addr
-	waitUntil(t, 30*time.Second, "prometheus ready on "+addr, func() (bool, string) {
+	poll.Telling(t, 30*time.Second, "prometheus ready on "+addr, func() (bool, string) {
 		select {
 		case <-exited:
 			t.Fatalf("prometheus exited: %s", out.String())
@@ -168,7 +169,7 @@ func TestPrometheusScrapesCoordinator(t *testing.T) {
 	}()
 
 	for _, s := range devs {
-		waitUntil(t, 30*time.Second, s.d.name+"'s series in Prometheus", func() (bool, string) {
+		poll.Telling(t, 30*time.Second, s.d.name+"'s series in Prometheus", func() (bool, string) {
 			gen := promQuery(t, prom, fmt.Sprintf(`fleet_device_generation_info{device=%q}`, s.d.id))
 			seen := promQuery(t, prom, fmt.Sprintf(`fleet_device_last_seen_timestamp_seconds{device=%q}`, s.d.id))
 			if len(gen) != 1 || len(seen) != 1 {
@@ -187,7 +188,7 @@ func TestPrometheusScrapesCoordinator(t *testing.T) {
 		})
 	}
 	// Versions in use, as the dashboard asks, and the fleet totals.
-	waitUntil(t, 30*time.Second, "versions in use", func() (bool, string) {
+	poll.Telling(t, 30*time.Second, "versions in use", func() (bool, string) {
 		res := promQuery(t, prom, `count by (store_path) (fleet_device_generation_info)`)
 		counts := map[string]float64{}
 		for _, r := range res {
@@ -203,7 +204,7 @@ func TestPrometheusScrapesCoordinator(t *testing.T) {
 	}
 	// The device that keeps reporting moves its last-seen forward.
 	first := promQuery(t, prom, fmt.Sprintf(`fleet_device_last_seen_timestamp_seconds{device=%q}`, devs[0].d.id))[0].value()
-	waitUntil(t, 30*time.Second, "host00's last seen to advance", func() (bool, string) {
+	poll.Telling(t, 30*time.Second, "host00's last seen to advance", func() (bool, string) {
 		r := promQuery(t, prom, fmt.Sprintf(`fleet_device_last_seen_timestamp_seconds{device=%q}`, devs[0].d.id))
 		return len(r) == 1 && r[0].value() > first+0.5, fmt.Sprint(r)
 	})

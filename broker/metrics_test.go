@@ -23,6 +23,7 @@ import (
 	pmodel "github.com/prometheus/common/model"
 	"github.com/rs/zerolog"
 
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -110,26 +111,6 @@ func (d *visDevice) publish(t testing.TB, subj string, v any) {
 	defer cancel()
 	if _, err := d.js.Publish(ctx, subj, b); err != nil {
 		t.Fatalf("%s: publish %s: %v", d.name, subj, err)
-	}
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitUntil(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	last := ""
-	for {
-		ok, state := cond()
-		if ok {
-			return
-		}
-		last = state
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s; last: %s", timeout, what, last)
-		}
-		<-tick.C
 	}
 }
 
@@ -232,7 +213,7 @@ func TestVisibilityMetricsAPIAndStatus(t *testing.T) {
 	// for a rollout summary.
 	putJSON(t, f.c, subjects.BucketRollouts, "r-1."+a.id, model.RolloutDevice{Device: a.id, State: model.DeviceWaiting})
 
-	waitUntil(t, 10*time.Second, "status of three devices", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "status of three devices", func() (bool, string) {
 		st := f.c.Status("")
 		ok := st.Summary.Total == 3 && st.Summary.Failing == 1 && len(f.c.Rollouts()) == 1
 		for _, r := range st.Devices {
@@ -402,7 +383,7 @@ func TestRevokedAndDeletedDevicesLeaveMetrics(t *testing.T) {
 		}
 		return n
 	}
-	waitUntil(t, 10*time.Second, "series of three devices", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "series of three devices", func() (bool, string) {
 		fams := scrape(t, f.c)
 		n := countSeries(fams, "fleet_device_generation_info", "store_path", gen)
 		return n == 3, fmt.Sprint(n, " generation series")
@@ -414,7 +395,7 @@ func TestRevokedAndDeletedDevicesLeaveMetrics(t *testing.T) {
 	if err := kv.Delete(context.Background(), b.id); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "revoked and deleted devices' series to go", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "revoked and deleted devices' series to go", func() (bool, string) {
 		fams := scrape(t, f.c)
 		na, nb, nk := perDevice(fams, a.id), perDevice(fams, b.id), perDevice(fams, keep.id)
 		return na == 0 && nb == 0 && nk > 0, fmt.Sprintf("alpha %d bravo %d charlie %d series", na, nb, nk)
@@ -428,7 +409,7 @@ func TestRevokedAndDeletedDevicesLeaveMetrics(t *testing.T) {
 	}
 	// A deleted device that still reports gets no series back.
 	b.facts(t, gen)
-	waitUntil(t, 10*time.Second, "bravo's late facts to be indexed", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "bravo's late facts to be indexed", func() (bool, string) {
 		return f.c.index.stats.facts.Load() >= 4, fmt.Sprint(f.c.index.stats.facts.Load())
 	})
 	if n := perDevice(scrape(t, f.c), b.id); n != 0 {
@@ -452,7 +433,7 @@ func TestIndexRebuildsAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	waitUntil(t, 10*time.Second, "index rebuilt", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "index rebuilt", func() (bool, string) {
 		st := c.Status("")
 		return len(st.Devices) == 1 && st.Devices[0].CurrentSystem == storePath("new"), fmt.Sprintf("%+v", st.Devices)
 	})
@@ -512,7 +493,7 @@ func TestFactsHistory(t *testing.T) {
 		}
 	}
 	// No consumer left behind.
-	waitUntil(t, 5*time.Second, "history consumers deleted", func() (bool, string) {
+	poll.Telling(t, 5*time.Second, "history consumers deleted", func() (bool, string) {
 		s, err := f.c.JetStream().Stream(ctx, subjects.StreamFacts)
 		if err != nil {
 			return false, err.Error()
@@ -612,7 +593,7 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	putJSON(t, f.c, subjects.BucketDesired, d.id, model.Desired{Device: d.id, StorePath: gen})
 	putJSON(t, f.c, subjects.BucketRollouts, "r-1", model.Rollout{ID: "r-1", ReleaseID: "rel", State: model.RolloutRunning, UpdatedAt: time.Now()})
 	var fams map[string]*dto.MetricFamily
-	waitUntil(t, 10*time.Second, "every device family", func() (bool, string) {
+	poll.Telling(t, 10*time.Second, "every device family", func() (bool, string) {
 		fams = scrape(t, f.c)
 		for _, n := range []string{"fleet_device_desired_info", "fleet_device_last_apply_success", "fleet_rollout_info", "fleet_device_disk_used_ratio"} {
 			if fams[n] == nil {

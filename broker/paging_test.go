@@ -18,6 +18,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/admin"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -134,7 +135,7 @@ func TestStatusPagesLargeFleet(t *testing.T) {
 	putDeviceRecords(t, c, ids, status)
 	bulkPublish(t, c, func(i int) string { return subjects.DeviceFacts(ids[i]) }, func(i int) []byte { return pageFacts(ids[i], i) }, n)
 	want := model.StatusSummary{Total: n - n/100, UpToDate: n - n/100, AwaitingApproval: n/10 - n/100} // none connected: offline
-	waitUntil(t, 20*time.Second, "index has every device", func() (bool, string) {
+	poll.Telling(t, 20*time.Second, "index has every device", func() (bool, string) {
 		s := c.Status("").Summary
 		return s == want, fmt.Sprintf("%+v, want %+v", s, want)
 	})

@@ -17,6 +17,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/admin"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -150,21 +151,19 @@ func (f *rolloutFleet) release(id, path string) {
 // waitState waits until the rollout reaches state, or fails the test.
 func (f *rolloutFleet) waitState(id string, want model.RolloutState) *model.Rollout {
 	f.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
 	var ro *model.Rollout
-	for time.Now().Before(deadline) {
-		var err error
-		ro, _, err = f.c.rollouts.Get(context.Background(), id)
-		if err == nil && ro.State == want {
-			return ro
+	poll.Telling(f.t, 30*time.Second, "rollout "+id+" "+string(want), func() (bool, string) {
+		got, _, err := f.c.rollouts.Get(context.Background(), id)
+		if err != nil {
+			return false, err.Error()
 		}
-		if err == nil && ro.State.Finished() && ro.State != want {
-			break
+		ro = got
+		if ro.State.Finished() && ro.State != want {
+			f.t.Fatalf("rollout %s ended %s, want %s: %+v", id, ro.State, want, ro)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	f.t.Fatalf("rollout %s: want %s, have %+v", id, want, ro)
-	return nil
+		return ro.State == want, fmt.Sprintf("%+v", ro)
+	})
+	return ro
 }
 
 func (f *rolloutFleet) desiredOf(d *simDevice) *model.Desired {
@@ -315,7 +314,7 @@ func TestRolloutBadRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "first rollout waiting on every device", func() bool {
+	poll.Until(t, 10*time.Second, "first rollout waiting on every device", func() bool {
 		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
 		return ro.Counts[model.DeviceWaiting] == 3
 	})
@@ -337,7 +336,7 @@ func TestRolloutBadRequests(t *testing.T) {
 		}
 	}
 	// The engine drives the superseded rollout to its end: nothing waits.
-	waitFor(t, 10*time.Second, "superseded rollout finishes", func() bool {
+	poll.Until(t, 10*time.Second, "superseded rollout finishes", func() bool {
 		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
 		return ro.State.Finished() && ro.Counts[model.DeviceWaiting] == 0
 	})

@@ -18,6 +18,7 @@ import (
 	"fleet/admin"
 	"fleet/agent"
 	"fleet/broker"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -164,7 +165,7 @@ func TestDevicePermissionMatrix(t *testing.T) {
 	default:
 	}
 	// The coordinator saw A's facts: last seen is set.
-	waitFor(t, 2*time.Second, "A last seen", func() bool { return !c.Presence().LastSeen(A).IsZero() })
+	poll.Until(t, 2*time.Second, "A last seen", func() bool { return !c.Presence().LastSeen(A).IsZero() })
 }
 
 func TestRevokeConnectedDevice(t *testing.T) {
@@ -178,7 +179,7 @@ func TestRevokeConnectedDevice(t *testing.T) {
 	closed := make(chan struct{})
 	nc, _ := deviceConn(t, c.ClientURL(), a, nats.NoReconnect(), nats.ClosedHandler(func(*nats.Conn) { close(closed) }))
 	bnc, _ := deviceConn(t, c.ClientURL(), other)
-	waitFor(t, 2*time.Second, "victim online", func() bool { return c.Presence().Online(a.PublicKey()) })
+	poll.Until(t, 2*time.Second, "victim online", func() bool { return c.Presence().Online(a.PublicKey()) })
 
 	d, err := owner.RevokeDevice(ctx, "victim")
 	if err != nil {
@@ -201,7 +202,7 @@ func TestRevokeConnectedDevice(t *testing.T) {
 		nc2.Close()
 		t.Fatal("revoked device reconnected")
 	}
-	waitFor(t, 2*time.Second, "victim offline", func() bool { return !c.Presence().Online(a.PublicKey()) })
+	poll.Until(t, 2*time.Second, "victim offline", func() bool { return !c.Presence().Online(a.PublicKey()) })
 
 	// Enrolling again needs a new key and a new token.
 	tok2 := createToken(t, owner, 1, false, "lab")

@@ -19,6 +19,7 @@ import (
 	"fleet/accounts"
 	"fleet/agent"
 	"fleet/broker"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/nixtest"
 	"fleet/subjects"
@@ -483,7 +484,7 @@ func TestKilledDuringApplyResumes(t *testing.T) {
 	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
 		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
 	})
-	waitUntil(t, "switch blocked on its gate", func() bool {
+	poll.Until(t, 30*time.Second, "switch blocked on its gate", func() bool {
 		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
 	})
 	w.stopAgent(syscall.SIGKILL)
@@ -493,7 +494,7 @@ func TestKilledDuringApplyResumes(t *testing.T) {
 	if err := w.nix.OpenGate(ctx, gen2); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "orphaned switch finished", func() bool { return nixtest.Readlink(w.nix.CurrentSystem) == gen2.Path })
+	poll.Until(t, 30*time.Second, "orphaned switch finished", func() bool { return nixtest.Readlink(w.nix.CurrentSystem) == gen2.Path })
 
 	w.startAgent()
 	ev := w.waitEvent("final gen2", final("gen2"))
@@ -523,7 +524,7 @@ func TestKilledSwitchIncompleteRollsBack(t *testing.T) {
 	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
 		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
 	})
-	waitUntil(t, "switch blocked on its gate", func() bool {
+	poll.Until(t, 30*time.Second, "switch blocked on its gate", func() bool {
 		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
 	})
 	w.stopAgent(syscall.SIGKILL)
@@ -550,12 +551,12 @@ func TestNewerDesiredDuringApplyCoalesced(t *testing.T) {
 	gen4 := w.build("gen4", nixtest.BuildOpts{}, &w.nix.TrustedKey)
 	w.startAgent()
 	w.deploy("gen2", gen2.Path)
-	waitUntil(t, "switch blocked on its gate", func() bool {
+	poll.Until(t, 30*time.Second, "switch blocked on its gate", func() bool {
 		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
 	})
 	w.deploy("gen3", gen3.Path)
 	w.deploy("gen4", gen4.Path)
-	waitUntil(t, "agent got the gen4 notification", func() bool {
+	poll.Until(t, 30*time.Second, "agent got the gen4 notification", func() bool {
 		b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.Contains(l, `"release_id":"gen4"`) && strings.Contains(l, `"message":"desired state notification"`) {
@@ -605,17 +606,6 @@ func TestOfflineAppliesLatestOnly(t *testing.T) {
 	w.drain()
 	if w.switchedTo(gen2) || w.nix.Valid(w.ctx, gen2.Path) || len(w.finals("gen2")) != 0 {
 		t.Fatal("the intermediate gen2 was fetched, switched to or reported")
-	}
-}
-
-func waitUntil(t *testing.T, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 30s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"fleet/internal/poll"
 	"fleet/model"
 )
 
@@ -99,7 +100,7 @@ func TestAgentBinaryEnrolment(t *testing.T) {
 	}
 	p := w.startAgentBin(t, state, "--enroll-token-file", tokenFile)
 	var dev model.DeviceView
-	w.waitFor(30*time.Second, "device enrolled and online", func() bool {
+	poll.Until(w.t, 30*time.Second, "device enrolled and online", func() bool {
 		for _, d := range w.devicesJSON(t) {
 			if d.Name == "laptop-1" && d.Online {
 				dev = d
@@ -140,7 +141,7 @@ func TestAgentBinaryEnrolment(t *testing.T) {
 	}
 	credsBefore, _ := os.ReadFile(filepath.Join(state, "agent.creds"))
 	p = w.startAgentBin(t, state)
-	w.waitFor(30*time.Second, "device back online, active", func() bool {
+	poll.Until(w.t, 30*time.Second, "device back online, active", func() bool {
 		for _, d := range w.devicesJSON(t) {
 			if d.Name == "laptop-1" && d.Online && d.Status == model.DeviceActive {
 				return true

@@ -20,6 +20,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/agent"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -66,7 +67,7 @@ func TestSiteLeafNode(t *testing.T) {
 			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
 		}
 	})
-	w.waitFor(20*time.Second, "leaf node up", func() bool {
+	poll.Until(w.t, 20*time.Second, "leaf node up", func() bool {
 		c, err := net.Dial("tcp", leafListen)
 		if err == nil {
 			c.Close()
@@ -81,7 +82,7 @@ func TestSiteLeafNode(t *testing.T) {
 	leafURL := "nats://" + leafListen
 	var cr *accounts.Creds
 	var err error
-	w.waitFor(30*time.Second, "enrolment through the leaf", func() bool {
+	poll.Until(w.t, 30*time.Second, "enrolment through the leaf", func() bool {
 		ctx, cancel := context.WithTimeout(w.ctx, 5*time.Second)
 		defer cancel()
 		cr, err = agent.LoadOrEnroll(ctx, agent.EnrollOptions{Servers: []string{leafURL}, StateDir: dir, Token: token, Hostname: "berlin-1", Log: zerolog.Nop()})
@@ -139,7 +140,7 @@ func TestSiteLeafNode(t *testing.T) {
 	}
 
 	// Presence crosses the leaf's system link: the site's device is online.
-	w.waitFor(10*time.Second, "site device online at the hub", func() bool {
+	poll.Until(w.t, 10*time.Second, "site device online at the hub", func() bool {
 		for _, d := range w.devicesJSON(t) {
 			if d.Name == "berlin-1" {
 				return d.Online
@@ -150,7 +151,7 @@ func TestSiteLeafNode(t *testing.T) {
 	// A revocation at the hub reaches the leaf at once: the device is cut
 	// off at the site and refused there after.
 	w.mustAdmin("devices", "revoke", "berlin-1")
-	w.waitFor(10*time.Second, "revoked device refused at the leaf", func() bool {
+	poll.Until(w.t, 10*time.Second, "revoked device refused at the leaf", func() bool {
 		c, err := nats.Connect(leafURL, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.NoReconnect(), nats.Timeout(2*time.Second))
 		if err == nil {
 			c.Close()
@@ -158,7 +159,7 @@ func TestSiteLeafNode(t *testing.T) {
 		}
 		return strings.Contains(strings.ToLower(err.Error()), "authorization")
 	})
-	w.waitFor(10*time.Second, "revoked device's connection closed at the leaf", func() bool { return !probe.IsConnected() })
+	poll.Until(w.t, 10*time.Second, "revoked device's connection closed at the leaf", func() bool { return !probe.IsConnected() })
 }
 
 // newFleetWorldLeaf is a fleet world whose coordinator listens for leaf
@@ -194,7 +195,7 @@ func TestRogueLeafIsContained(t *testing.T) {
 	t.Cleanup(func() { _ = rogue.Process.Kill(); _ = rogue.Wait() })
 
 	var nc *nats.Conn
-	w.waitFor(20*time.Second, "rogue leaf up and linked", func() bool {
+	poll.Until(w.t, 20*time.Second, "rogue leaf up and linked", func() bool {
 		var err error
 		if nc == nil {
 			// A site client reads replies under a device inbox, the only

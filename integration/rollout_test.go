@@ -25,6 +25,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/agent"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -206,7 +207,7 @@ func (w *fleetWorld) startCoordinator() {
 			w.t.Logf("coordinator log (tail):\n%s", tail(string(b), 4000))
 		}
 	})
-	w.waitFor(30*time.Second, "coordinator ready", func() bool {
+	poll.Until(w.t, 30*time.Second, "coordinator ready", func() bool {
 		resp, err := http.Get("http://" + w.httpAdr + "/readyz")
 		if err != nil {
 			return false
@@ -230,17 +231,6 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
-}
-
-func (w *fleetWorld) waitFor(d time.Duration, what string, cond func() bool) {
-	w.t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			w.t.Fatalf("%s: not within %s", what, d)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // admin runs the fleet-admin binary as the owner.
@@ -374,7 +364,7 @@ func TestRolloutCanaryToAll(t *testing.T) {
 	}
 	// status --json shows what the agents reported: all online, on gen2.
 	var rep model.StatusReport
-	w.waitFor(30*time.Second, "status: every device reports gen2", func() bool {
+	poll.Until(w.t, 30*time.Second, "status: every device reports gen2", func() bool {
 		if err := json.Unmarshal([]byte(w.mustAdmin("--json", "status", "--group", "developers")), &rep); err != nil {
 			t.Fatal(err)
 		}
@@ -477,7 +467,7 @@ func TestRolloutPauseResumeRevert(t *testing.T) {
 	if err == nil || ro.State != model.RolloutReverted {
 		t.Fatalf("want reverted: %v %+v", err, ro.Rollout)
 	}
-	w.waitFor(30*time.Second, "earlier batches back on gen2", func() bool { return w.onSystem(gen2, w.devices...) })
+	poll.Until(w.t, 30*time.Second, "earlier batches back on gen2", func() bool { return w.onSystem(gen2, w.devices...) })
 	for _, d := range w.devices[5:] {
 		if d.act.switchCount(gen3) != 0 {
 			t.Fatalf("%s of batch 3 switched to gen3", d.name)
@@ -507,7 +497,7 @@ func TestRolloutSurvivesCoordinatorKill(t *testing.T) {
 	}
 	w.killCoordinator()
 	close(gate) // the canary finishes its apply while the coordinator is down
-	w.waitFor(10*time.Second, "canary on gen2", func() bool { return w.onSystem(gen2, canary) })
+	poll.Until(w.t, 10*time.Second, "canary on gen2", func() bool { return w.onSystem(gen2, canary) })
 	w.startCoordinator()
 
 	out, errs, err := w.admin("--json", "rollout", "watch", id)
