@@ -48,9 +48,7 @@ type world struct {
 
 func newWorld(t *testing.T) *world {
 	t.Helper()
-	if why := nixtest.Available(); why != "" {
-		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
-	}
+	nixtest.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	cfg := broker.DefaultConfig()

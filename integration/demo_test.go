@@ -44,9 +44,7 @@ func runDemo(t *testing.T, env ...string) (string, error) {
 // `task demo` end to end: three agents enrol, the canary rollout of gen2
 // succeeds on all of them, and every process is gone afterwards.
 func TestDemo(t *testing.T) {
-	if why := nixtest.Available(); why != "" {
-		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
-	}
+	nixtest.Require(t)
 	dir := filepath.Join(t.TempDir(), "demo")
 	listen := freeAddr(t)
 	out, err := runDemo(t, "DEMO_DIR="+dir, "DEMO_LISTEN="+listen, "DEMO_HTTP="+freeAddr(t))
@@ -82,9 +80,7 @@ func TestDemo(t *testing.T) {
 
 // The demo never wipes a dir it did not create.
 func TestDemoRefusesForeignDir(t *testing.T) {
-	if why := nixtest.Available(); why != "" {
-		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
-	}
+	nixtest.Require(t)
 	dir := t.TempDir()
 	keep := filepath.Join(dir, "precious")
 	if err := os.WriteFile(keep, []byte("x"), 0o600); err != nil {

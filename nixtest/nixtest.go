@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -72,6 +73,15 @@ func Available() string {
 		}
 	}
 	return ""
+}
+
+// Require fails the test when Nix cannot run here: the suite runs real Nix
+// and must not pass by skipping it.
+func Require(tb testing.TB) {
+	tb.Helper()
+	if why := Available(); why != "" {
+		tb.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
+	}
 }
 
 // New creates an Env in dir (a test's temp dir), with a trusted key and a

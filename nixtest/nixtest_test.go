@@ -9,23 +9,7 @@ import (
 )
 
 func TestPublishFetchSwitch(t *testing.T) {
-	if why := Available(); why != "" {
-		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	e, err := New(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	good, err := e.Build(ctx, "good", BuildOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Install(ctx, good); err != nil {
-		t.Fatal(err)
-	}
+	ctx, e, good := installed(t)
 	other, err := e.Build(ctx, "other", BuildOpts{})
 	if err != nil {
 		t.Fatal(err)
@@ -60,23 +44,7 @@ func TestPublishFetchSwitch(t *testing.T) {
 
 // A FailSwitch system's switch-to-configuration fails and changes nothing.
 func TestFailSwitch(t *testing.T) {
-	if why := Available(); why != "" {
-		t.Fatalf("%s: the suite runs real Nix (install it with scripts/test-deps, as root)", why)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	e, err := New(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	good, err := e.Build(ctx, "good", BuildOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Install(ctx, good); err != nil {
-		t.Fatal(err)
-	}
+	ctx, e, good := installed(t)
 	broken, err := e.Build(ctx, "broken", BuildOpts{FailSwitch: true})
 	if err != nil {
 		t.Fatal(err)
@@ -91,4 +59,26 @@ func TestFailSwitch(t *testing.T) {
 	if l := e.Switches(); len(l) != 1 || l[0] != "fail boot "+broken.Path {
 		t.Fatalf("log %q", l)
 	}
+}
+
+// installed is an Env with a system "good" built and installed as the
+// running one.
+func installed(t *testing.T) (context.Context, *Env, System) {
+	t.Helper()
+	Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	e, err := New(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	good, err := e.Build(ctx, "good", BuildOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Install(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	return ctx, e, good
 }
