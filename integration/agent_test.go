@@ -470,6 +470,23 @@ func TestBadManifestsRefusedBeforeFetch(t *testing.T) {
 	w.wantCurrent(gen1)
 }
 
+// killMidSwitch deploys gen (a Gated system) as release "gen2" and kills
+// the agent with SIGKILL while its switch waits on the gate; it returns
+// the applying event of that attempt.
+func (w *world) killMidSwitch(gen nixtest.System) model.Event {
+	w.t.Helper()
+	w.startAgent()
+	w.deploy("gen2", gen.Path)
+	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
+		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
+	})
+	poll.Until(w.t, 30*time.Second, "switch blocked on its gate", func() bool {
+		return slices.Contains(w.nix.Switches(), "begin switch "+gen.Path)
+	})
+	w.stopAgent(syscall.SIGKILL)
+	return applying
+}
+
 // An agent killed with SIGKILL while switching resumes after restart,
 // finishes verification and reports the attempt exactly once.
 func TestKilledDuringApplyResumes(t *testing.T) {
@@ -477,15 +494,7 @@ func TestKilledDuringApplyResumes(t *testing.T) {
 	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
 	w.install(gen1)
 	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
-	w.startAgent()
-	w.deploy("gen2", gen2.Path)
-	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
-		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
-	})
-	poll.Until(t, 30*time.Second, "switch blocked on its gate", func() bool {
-		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
-	})
-	w.stopAgent(syscall.SIGKILL)
+	applying := w.killMidSwitch(gen2)
 	// The orphaned switch completes once the gate opens.
 	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
 	defer cancel()
@@ -517,15 +526,7 @@ func TestKilledSwitchIncompleteRollsBack(t *testing.T) {
 	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
 	w.install(gen1)
 	gen2 := w.build("gen2", nixtest.BuildOpts{Gated: true}, &w.nix.TrustedKey)
-	w.startAgent()
-	w.deploy("gen2", gen2.Path)
-	applying := w.waitEvent("applying gen2", func(ev model.Event) bool {
-		return ev.ReleaseID == "gen2" && ev.State == model.StateApplying
-	})
-	poll.Until(t, 30*time.Second, "switch blocked on its gate", func() bool {
-		return slices.Contains(w.nix.Switches(), "begin switch "+gen2.Path)
-	})
-	w.stopAgent(syscall.SIGKILL)
+	applying := w.killMidSwitch(gen2)
 	w.startAgent()
 	ev := w.waitEvent("final gen2", final("gen2"))
 	if ev.Result != model.ResultRolledBack || ev.Attempt != applying.Attempt {
