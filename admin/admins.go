@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nkeys"
@@ -60,23 +59,10 @@ type AdminLsCmd struct{}
 
 // Run lists admins.
 func (AdminLsCmd) Run(g *Globals) error {
-	var list []model.Admin
-	err := g.withClient(func(c *Client) (err error) {
-		list, err = c.Admins(g.ctx)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	if g.JSON {
-		return g.printJSON(list)
-	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tGROUPS\tKEY\tCREATED")
-	for _, a := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Name, a.Role, orDash(strings.Join(a.Groups, ",")), a.Key, a.CreatedAt.Local().Format(time.DateTime))
-	}
-	return tw.Flush()
+	return printList(g, func(c *Client) ([]model.Admin, error) { return c.Admins(g.ctx) },
+		"NAME\tROLE\tGROUPS\tKEY\tCREATED", func(a model.Admin) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s", a.Name, a.Role, orDash(strings.Join(a.Groups, ",")), a.Key, a.CreatedAt.Local().Format(time.DateTime))
+		})
 }
 
 // AdminRemoveCmd is `fleet-admin admin remove`.
@@ -117,7 +103,7 @@ func (cmd *AuditLsCmd) Run(g *Globals) error {
 	if g.JSON {
 		return g.printJSON(recs)
 	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	tw := newTable(g.stdout)
 	fmt.Fprintln(tw, "TIME\tADMIN\tROLE\tVERB\tRESULT\tARGUMENTS\tERROR")
 	for _, r := range recs {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Local().Format(time.DateTime), orDash(r.Admin), orDash(r.Role),

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"text/tabwriter"
 
 	"github.com/alecthomas/kong"
 
@@ -56,13 +57,29 @@ func (g *Globals) withClient(fn func(c *Client) error) error {
 
 // call dials the coordinator, sends one signed request and closes.
 func (g *Globals) call(verb string, write bool, args, out any) error {
-	c, err := g.dial()
-	if err != nil {
+	return g.withClient(func(c *Client) error { return c.Call(g.ctx, verb, write, args, out) })
+}
+
+// printList fetches a listing and prints it: JSON with --json, else a
+// table of header and one tab-separated row an item.
+func printList[T any](g *Globals, fetch func(*Client) ([]T, error), header string, row func(T) string) error {
+	var items []T
+	if err := g.withClient(func(c *Client) (err error) { items, err = fetch(c); return err }); err != nil {
 		return err
 	}
-	defer c.Close()
-	return c.Call(g.ctx, verb, write, args, out)
+	if g.JSON {
+		return g.printJSON(items)
+	}
+	tw := newTable(g.stdout)
+	fmt.Fprintln(tw, header)
+	for _, it := range items {
+		fmt.Fprintln(tw, row(it))
+	}
+	return tw.Flush()
 }
+
+// newTable aligns tab-separated columns for the terminal.
+func newTable(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 4, 2, ' ', 0) }
 
 // printJSON writes v as indented JSON.
 func (g *Globals) printJSON(v any) error {

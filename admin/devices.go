@@ -3,7 +3,6 @@ package admin
 import (
 	"fmt"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"fleet/model"
@@ -25,24 +24,10 @@ type DevicesLsCmd struct {
 
 // Run lists devices.
 func (cmd *DevicesLsCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ds, err := c.Devices(g.ctx, cmd.Group)
-	if err != nil {
-		return err
-	}
-	if g.JSON {
-		return g.printJSON(ds)
-	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tGROUPS\tSTATUS\tONLINE\tLAST SEEN")
-	for _, d := range ds {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Name, strings.Join(d.Groups, ","), d.Status, yesNo(d.Online), seen(d.LastSeen))
-	}
-	return tw.Flush()
+	return printList(g, func(c *Client) ([]model.DeviceView, error) { return c.Devices(g.ctx, cmd.Group) },
+		"ID\tNAME\tGROUPS\tSTATUS\tONLINE\tLAST SEEN", func(d model.DeviceView) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", d.ID, d.Name, strings.Join(d.Groups, ","), d.Status, yesNo(d.Online), seen(d.LastSeen))
+		})
 }
 
 func yesNo(b bool) string {
@@ -64,7 +49,7 @@ func printDevice(g *Globals, d *model.DeviceView) error {
 	if g.JSON {
 		return g.printJSON(d)
 	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	tw := newTable(g.stdout)
 	fmt.Fprintf(tw, "id:\t%s\n", d.ID)
 	fmt.Fprintf(tw, "name:\t%s\n", d.Name)
 	fmt.Fprintf(tw, "groups:\t%s\n", strings.Join(d.Groups, ","))

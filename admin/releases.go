@@ -8,7 +8,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"fleet/model"
@@ -138,27 +137,14 @@ type ReleaseLsCmd struct{}
 
 // Run lists releases.
 func (ReleaseLsCmd) Run(g *Globals) error {
-	var rels []model.Release
-	err := g.withClient(func(c *Client) (err error) {
-		rels, err = c.Releases(g.ctx)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	if g.JSON {
-		return g.printJSON(rels)
-	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tCREATED\tHOSTS\tDEFAULT\tACTION\tDESCRIPTION")
-	for _, r := range rels {
-		def := "-"
-		if r.Default != "" {
-			def = shortPath(r.Default)
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", r.ID, r.CreatedAt.Local().Format(time.DateTime), len(r.Closures), def, r.Action, r.Description)
-	}
-	return tw.Flush()
+	return printList(g, func(c *Client) ([]model.Release, error) { return c.Releases(g.ctx) },
+		"ID\tCREATED\tHOSTS\tDEFAULT\tACTION\tDESCRIPTION", func(r model.Release) string {
+			def := "-"
+			if r.Default != "" {
+				def = shortPath(r.Default)
+			}
+			return fmt.Sprintf("%s\t%s\t%d\t%s\t%s\t%s", r.ID, r.CreatedAt.Local().Format(time.DateTime), len(r.Closures), def, r.Action, r.Description)
+		})
 }
 
 // ReleaseShowCmd is `fleet-admin release show`.
@@ -175,7 +161,7 @@ func (cmd *ReleaseShowCmd) Run(g *Globals) error {
 	if g.JSON {
 		return g.printJSON(v)
 	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	tw := newTable(g.stdout)
 	fmt.Fprintf(tw, "id:\t%s\n", v.ID)
 	fmt.Fprintf(tw, "created:\t%s\n", v.CreatedAt.Local().Format(time.DateTime))
 	fmt.Fprintf(tw, "author:\t%s\n", v.Author)

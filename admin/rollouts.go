@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/mattn/go-isatty"
@@ -79,24 +78,11 @@ type RolloutLsCmd struct{}
 
 // Run lists rollouts.
 func (RolloutLsCmd) Run(g *Globals) error {
-	var list []model.Rollout
-	err := g.withClient(func(c *Client) (err error) {
-		list, err = c.Rollouts(g.ctx)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	if g.JSON {
-		return g.printJSON(list)
-	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tRELEASE\tTARGET\tSTATE\tBATCH\tDONE\tFAILED\tCREATED")
-	for _, r := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%s\n", r.ID, r.ReleaseID, target(&r), r.State,
-			min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), r.Total, failed(&r), r.CreatedAt.Local().Format(time.DateTime))
-	}
-	return tw.Flush()
+	return printList(g, func(c *Client) ([]model.Rollout, error) { return c.Rollouts(g.ctx) },
+		"ID\tRELEASE\tTARGET\tSTATE\tBATCH\tDONE\tFAILED\tCREATED", func(r model.Rollout) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%s", r.ID, r.ReleaseID, target(&r), r.State,
+				min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), r.Total, failed(&r), r.CreatedAt.Local().Format(time.DateTime))
+		})
 }
 
 func target(r *model.Rollout) string {
@@ -136,7 +122,7 @@ func (cmd *RolloutShowCmd) Run(g *Globals) error {
 	}
 	fmt.Fprintf(g.stdout, "\nbatch %d of %d %v, max failures %s, health timeout %s, on failure %s\n\n",
 		min(v.Batch+1, len(v.BatchSizes)), len(v.BatchSizes), v.BatchSizes, v.MaxFailures, time.Duration(v.HealthTimeout), v.OnFailure)
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	tw := newTable(g.stdout)
 	fmt.Fprintln(tw, "DEVICE\tBATCH\tSTATE\tSTORE PATH\tERROR")
 	for _, d := range v.Progress {
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", d.Name, d.Batch+1, d.State, shortPath(d.StorePath), d.Error)

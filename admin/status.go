@@ -5,7 +5,6 @@ import (
 	"io"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/mattn/go-isatty"
@@ -61,7 +60,7 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 }
 
 func printStatus(w io.Writer, rep *model.StatusReport) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	tw := newTable(w)
 	fmt.Fprintln(tw, "NAME\tONLINE\tLAST SEEN\tCURRENT\tDESIRED\tHEALTH\tDISK\tREBOOT\tROLLOUT")
 	for _, r := range rep.Devices {
 		health := "-"
@@ -120,7 +119,7 @@ func (cmd *FactsCmd) Run(g *Globals) error {
 	if g.JSON {
 		return g.printJSON(facts)
 	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	tw := newTable(g.stdout)
 	fmt.Fprintln(tw, "TIME\tSYSTEM\tKERNEL\tUPTIME\tLOAD\tMEM AVAIL\tROOT ENCRYPTED\tLAST APPLY")
 	for _, f := range facts {
 		last := "-"
@@ -156,7 +155,7 @@ func bytesHuman(n uint64) string {
 // printFacts prints the latest facts of a device under devices show.
 func printFacts(w io.Writer, f *model.Facts) {
 	fmt.Fprintf(w, "facts (%s):\n", f.Time.Local().Format(time.DateTime))
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	tw := newTable(w)
 	fmt.Fprintf(tw, "  hostname:\t%s\n", f.Hostname)
 	fmt.Fprintf(tw, "  nixos:\t%s\n", orDash(f.NixOSVersion))
 	fmt.Fprintf(tw, "  current system:\t%s\n", orDash(f.CurrentSystem))

@@ -3,7 +3,6 @@ package admin
 import (
 	"fmt"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"fleet/model"
@@ -55,35 +54,21 @@ type TokenLsCmd struct{}
 
 // Run lists tokens.
 func (cmd *TokenLsCmd) Run(g *Globals) error {
-	c, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ts, err := c.Tokens(g.ctx)
-	if err != nil {
-		return err
-	}
-	if g.JSON {
-		return g.printJSON(ts)
-	}
-	tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tGROUPS\tUSES LEFT\tUSED\tEXPIRES\tAPPROVAL\tSTATE")
 	now := time.Now()
-	for _, t := range ts {
-		state := "valid"
-		switch {
-		case t.Revoked:
-			state = "revoked"
-		case !now.Before(t.ExpiresAt):
-			state = "expired"
-		case t.Uses <= 0:
-			state = "used up"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%v\t%s\n", t.ID, strings.Join(t.Groups, ","), t.Uses, t.Used,
-			t.ExpiresAt.Local().Format(time.DateTime), t.Approval, state)
-	}
-	return tw.Flush()
+	return printList(g, func(c *Client) ([]model.TokenInfo, error) { return c.Tokens(g.ctx) },
+		"ID\tGROUPS\tUSES LEFT\tUSED\tEXPIRES\tAPPROVAL\tSTATE", func(t model.TokenInfo) string {
+			state := "valid"
+			switch {
+			case t.Revoked:
+				state = "revoked"
+			case !now.Before(t.ExpiresAt):
+				state = "expired"
+			case t.Uses <= 0:
+				state = "used up"
+			}
+			return fmt.Sprintf("%s\t%s\t%d\t%d\t%s\t%v\t%s", t.ID, strings.Join(t.Groups, ","), t.Uses, t.Used,
+				t.ExpiresAt.Local().Format(time.DateTime), t.Approval, state)
+		})
 }
 
 // TokenRevokeCmd is `fleet-admin token revoke`.
