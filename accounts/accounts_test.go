@@ -26,23 +26,6 @@ func create(t *testing.T) (string, *Authority) {
 	return dir, a
 }
 
-func snapshot(t *testing.T, dir string) dirstate.State {
-	t.Helper()
-	s, err := dirstate.Read(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-// sameFiles fails unless before and after hold the same files, byte for byte.
-func sameFiles(t *testing.T, before, after dirstate.State) {
-	t.Helper()
-	for _, d := range dirstate.Diff(before, after) {
-		t.Error(d)
-	}
-}
-
 func wantErr(t *testing.T, err error, parts ...string) {
 	t.Helper()
 	if err == nil {
@@ -64,7 +47,7 @@ func TestCreateLoad(t *testing.T) {
 		t.Fatal("Initialized = true for an empty dir")
 	}
 	// Secrets are private.
-	for p := range snapshot(t, dir) {
+	for p := range dirstate.Take(t, dir) {
 		st, err := os.Stat(p)
 		if err != nil {
 			t.Fatal(err)
@@ -164,10 +147,10 @@ func TestCreateLoad(t *testing.T) {
 
 func TestCreateRefusesInitialisedDir(t *testing.T) {
 	dir, _ := create(t)
-	before := snapshot(t, dir)
+	before := dirstate.Take(t, dir)
 	_, err := Create(dir, subjects.Domain, DefaultLimits)
 	wantErr(t, err, dir, "already")
-	sameFiles(t, before, snapshot(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 
 	// Each of the files alone blocks a new Create.
 	for _, f := range []string{OperatorJWTFile, OperatorSeedFile, AdminCredsFile, KeysDir, ResolverDir} {
@@ -177,10 +160,10 @@ func TestCreateRefusesInitialisedDir(t *testing.T) {
 			if err := os.WriteFile(p, []byte("keep me"), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			before := snapshot(t, d)
+			before := dirstate.Take(t, d)
 			_, err := Create(d, subjects.Domain, DefaultLimits)
 			wantErr(t, err, p)
-			sameFiles(t, before, snapshot(t, d))
+			dirstate.Unchanged(t, before, dirstate.Take(t, d))
 		})
 	}
 }
@@ -263,13 +246,13 @@ func TestLoadDamagedDir(t *testing.T) {
 			}
 			p := filepath.Join(dir, c.file)
 			c.apply(t, p)
-			before := snapshot(t, dir)
+			before := dirstate.Take(t, dir)
 			b, err := Load(dir, subjects.Domain, DefaultLimits)
 			if err == nil {
 				t.Fatalf("Load of a dir with %s succeeded (%v)", c.name, b != nil)
 			}
 			wantErr(t, err, append([]string{p}, c.want...)...)
-			sameFiles(t, before, snapshot(t, dir))
+			dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 		})
 	}
 	_ = keys
@@ -366,11 +349,11 @@ func TestRevokePersists(t *testing.T) {
 		t.Errorf("resolver file not updated: %v", err)
 	}
 	// Invalid keys are refused and nothing changes.
-	before := snapshot(t, dir)
+	before := dirstate.Take(t, dir)
 	if _, err := a.Revoke(u2.PublicKey(), "nope"); err == nil {
 		t.Error("Revoke of an invalid key succeeded")
 	}
-	sameFiles(t, before, snapshot(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 	if a.IsRevoked(u2.PublicKey()) {
 		t.Error("failed Revoke still revoked the valid key")
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"fleet/accounts"
+	"fleet/internal/dirstate"
 	"fleet/subjects"
 )
 
@@ -48,10 +49,10 @@ func occupy(t *testing.T) string {
 
 func TestInitRefusesInitialisedDir(t *testing.T) {
 	dir, _ := initDir(t)
-	before := snapshotDir(t, dir)
+	before := dirstate.Take(t, dir)
 	_, err := Init(testConfig(dir))
 	wantErr(t, err, dir)
-	sameFiles(t, before, snapshotDir(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 
 	// A dir that holds only JetStream data belongs to a lost fleet: a new
 	// identity would orphan it.
@@ -59,10 +60,10 @@ func TestInitRefusesInitialisedDir(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(orphan, jetstreamDir, "x"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	before = snapshotDir(t, orphan)
+	before = dirstate.Take(t, orphan)
 	_, err = Init(testConfig(orphan))
 	wantErr(t, err, filepath.Join(orphan, jetstreamDir))
-	sameFiles(t, before, snapshotDir(t, orphan))
+	dirstate.Unchanged(t, before, dirstate.Take(t, orphan))
 }
 
 func TestStartRefusesDamagedDir(t *testing.T) {
@@ -102,14 +103,14 @@ func TestStartRefusesDamagedDir(t *testing.T) {
 			dir := copyDir(t, dir0)
 			p := filepath.Join(dir, tc.file)
 			tc.damage(t, p)
-			before := snapshotDir(t, dir)
+			before := dirstate.Take(t, dir)
 			c, err := Start(context.Background(), testConfig(dir), testLogger(t))
 			if err == nil {
 				c.Close()
 				t.Fatal("Start on a damaged dir succeeded")
 			}
 			wantErr(t, err, p)
-			sameFiles(t, before, snapshotDir(t, dir))
+			dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 		})
 	}
 }
@@ -143,7 +144,7 @@ func TestStartRefusesBusyPorts(t *testing.T) {
 			}
 			// On an initialised dir nothing changes.
 			dir, _ := initDir(t)
-			before := snapshotDir(t, dir)
+			before := dirstate.Take(t, dir)
 			cfg = testConfig(dir)
 			set(&cfg)
 			c, err = Start(context.Background(), cfg, testLogger(t))
@@ -152,7 +153,7 @@ func TestStartRefusesBusyPorts(t *testing.T) {
 				t.Fatalf("Start with a busy %s succeeded", flag)
 			}
 			wantErr(t, err, flag, busy)
-			sameFiles(t, before, snapshotDir(t, dir))
+			dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 		})
 	}
 }
@@ -268,7 +269,7 @@ func TestMainInitTwice(t *testing.T) {
 	if _, err := accounts.ReadCreds(filepath.Join(dir, accounts.AdminCredsFile)); err != nil {
 		t.Fatal(err)
 	}
-	before := snapshotDir(t, dir)
+	before := dirstate.Take(t, dir)
 	code, _, errOut = runMain("init", "--data-dir", dir)
 	if code == 0 {
 		t.Fatal("second init succeeded")
@@ -276,12 +277,12 @@ func TestMainInitTwice(t *testing.T) {
 	if !strings.Contains(errOut, filepath.Join(dir, accounts.OperatorJWTFile)) && !strings.Contains(errOut, dir) {
 		t.Errorf("second init error does not name the dir: %s", errOut)
 	}
-	sameFiles(t, before, snapshotDir(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 	// Main itself returns the code rather than exiting.
 	if code := Main([]string{"init", "--data-dir", dir}); code == 0 {
 		t.Error("Main init on an initialised dir returned 0")
 	}
-	sameFiles(t, before, snapshotDir(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 }
 
 func TestMainBadFlags(t *testing.T) {
@@ -323,7 +324,7 @@ func TestMainBadFlags(t *testing.T) {
 func TestMainBusyPort(t *testing.T) {
 	dir, _ := initDir(t)
 	busy := occupy(t)
-	before := snapshotDir(t, dir)
+	before := dirstate.Take(t, dir)
 	code, _, errOut := runMain("run", "--data-dir", dir, "--listen", busy, "--http", "")
 	if code == 0 {
 		t.Fatal("run on a busy port succeeded")
@@ -331,7 +332,7 @@ func TestMainBusyPort(t *testing.T) {
 	if !strings.Contains(errOut, "--listen") || !strings.Contains(errOut, busy) {
 		t.Errorf("error does not name --listen %s: %s", busy, errOut)
 	}
-	sameFiles(t, before, snapshotDir(t, dir))
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 }
 
 func TestMainHelpAndVersion(t *testing.T) {

@@ -13,7 +13,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
-	"fleet/internal/dirstate"
 	"fleet/subjects"
 )
 
@@ -196,23 +195,6 @@ func mustDial(t *testing.T, url string, cr *accounts.Creds) *client {
 func isAuthError(err error) bool {
 	return errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthRevoked) ||
 		errors.Is(err, nats.ErrAuthExpired) || (err != nil && strings.Contains(strings.ToLower(err.Error()), "authorization violation"))
-}
-
-func snapshotDir(t *testing.T, dir string) dirstate.State {
-	t.Helper()
-	s, err := dirstate.Read(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-// sameFiles fails unless before and after hold the same files, byte for byte.
-func sameFiles(t *testing.T, before, after dirstate.State) {
-	t.Helper()
-	for _, d := range dirstate.Diff(before, after) {
-		t.Error(d)
-	}
 }
 
 func wantErr(t *testing.T, err error, parts ...string) {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"testing"
 )
 
 // State maps each file under a directory to its contents.
@@ -49,4 +50,22 @@ func Diff(before, after State) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Take records dir for a test, failing it when dir cannot be read.
+func Take(tb testing.TB, dir string) State {
+	tb.Helper()
+	s, err := Read(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return s
+}
+
+// Unchanged fails the test for every file that differs from before to after.
+func Unchanged(tb testing.TB, before, after State) {
+	tb.Helper()
+	for _, d := range Diff(before, after) {
+		tb.Error(d)
+	}
 }
