@@ -22,7 +22,7 @@ func TestReleaseCommands(t *testing.T) {
 	if code != 0 || strings.TrimSpace(out) != "rel-1" {
 		t.Fatalf("release create: %d %q %s", code, out, errs)
 	}
-	out, errs, code = run(t, c, "release", "create", "--name", "rel-2", "--closure", "web1="+storePath("web1-b"), "--closure", "db="+storePath("db"))
+	_, errs, code = run(t, c, "release", "create", "--name", "rel-2", "--closure", "web1="+storePath("web1-b"), "--closure", "db="+storePath("db"))
 	if code != 0 {
 		t.Fatalf("release create rel-2: %s", errs)
 	}
