@@ -37,7 +37,8 @@ const APIService = "fleet-api"
 func AccountConnect(acc string) string    { return "$SYS.ACCOUNT." + acc + ".CONNECT" }
 func AccountDisconnect(acc string) string { return "$SYS.ACCOUNT." + acc + ".DISCONNECT" }
 
-// ClaimsUpdate is where account JWT updates are pushed.
+// ClaimsUpdate is the servers' general account-update subject; fleet pushes
+// updates per account (AccountClaimsUpdate), and no site may send either.
 const ClaimsUpdate = "$SYS.REQ.CLAIMS.UPDATE"
 
 // AccountClaimsUpdate is where the update of account acc's JWT is pushed so
