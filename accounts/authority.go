@@ -1,6 +1,12 @@
 // Package accounts holds fleet's decentralised NATS identity: the operator,
-// the system and FLEET accounts, one scoped signing key per role, user JWTs,
-// .creds files and revocation.
+// the system, CORE and FLEET accounts, one scoped signing key per role, user
+// JWTs, .creds files and revocation.
+//
+// CORE holds the fleet's state (every stream and bucket) and has no users
+// but the coordinators' own; FLEET holds every client and has no JetStream.
+// The accounts share nothing: no export, no import. The coordinator is the
+// only bridge, so nothing a client sends, and no reply subject it picks,
+// reaches the state except through the coordinator's validated handlers.
 //
 // The data directory keeps the operator's identity seed in a file of its own
 // (operator.nk) so it can be moved offline: the running coordinator signs
@@ -38,19 +44,22 @@ const (
 	operatorSigningFile = "operator-signing.nk"
 	systemSeedFile      = "sys.nk"
 	fleetSeedFile       = "fleet.nk"
+	coreSeedFile        = "core.nk"
 	// The operator uses strict signing-key usage, so even the accounts'
 	// identity keys sign no users: unscoped signing keys do.
 	fleetServiceFile  = "fleet-service.nk"
 	systemServiceFile = "sys-service.nk"
+	coreServiceFile   = "core-service.nk"
 )
 
-// Limits are the FLEET account's limits, written into its JWT.
+// Limits are the accounts' limits, written into their JWTs.
 type Limits struct {
-	// Connections caps concurrent client connections (-1: unlimited).
+	// Connections caps concurrent client connections of FLEET (-1:
+	// unlimited).
 	Connections int64
 	// MaxPayload caps one message (bytes).
 	MaxPayload int64
-	// JetStreamDisk and JetStreamMemory cap the account's JetStream storage
+	// JetStreamDisk and JetStreamMemory cap CORE's JetStream storage
 	// (bytes, -1: unlimited).
 	JetStreamDisk   int64
 	JetStreamMemory int64
@@ -60,7 +69,7 @@ type Limits struct {
 var DefaultLimits = Limits{
 	Connections:     -1,
 	MaxPayload:      1 << 20,
-	JetStreamDisk:   -1,
+	JetStreamDisk:   20 << 30,
 	JetStreamMemory: 512 << 20,
 }
 
@@ -79,10 +88,13 @@ type Authority struct {
 	fleet       nkeys.KeyPair
 	fleetSvc    nkeys.KeyPair
 	systemSvc   nkeys.KeyPair
+	core        nkeys.KeyPair
+	coreSvc     nkeys.KeyPair
 	roles       map[subjects.Role]nkeys.KeyPair
 
 	mu         sync.Mutex
 	fleetClaim *jwt.AccountClaims // current, including revocations
+	coreClaim  *jwt.AccountClaims
 	systemJWT  string
 }
 
@@ -127,6 +139,12 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if a.systemSvc, err = nkeys.CreateAccount(); err != nil {
 		return nil, err
 	}
+	if a.core, err = nkeys.CreateAccount(); err != nil {
+		return nil, err
+	}
+	if a.coreSvc, err = nkeys.CreateAccount(); err != nil {
+		return nil, err
+	}
 	for _, r := range subjects.Roles {
 		if a.roles[r], err = nkeys.CreateAccount(); err != nil {
 			return nil, err
@@ -159,6 +177,13 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sign FLEET account: %w", err)
 	}
+	a.coreClaim = jwt.NewAccountClaims(mustPub(a.core))
+	a.coreClaim.Name = subjects.AccountCore
+	a.applyCorePolicy(a.coreClaim)
+	coreJWT, err := a.coreClaim.Encode(a.opSigner)
+	if err != nil {
+		return nil, fmt.Errorf("sign CORE account: %w", err)
+	}
 
 	// Write keys first and the operator JWT last: its presence marks the
 	// directory as initialised, so a crash midway leaves a dir that init
@@ -172,6 +197,8 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 		fleetSeedFile:       a.fleet,
 		fleetServiceFile:    a.fleetSvc,
 		systemServiceFile:   a.systemSvc,
+		coreSeedFile:        a.core,
+		coreServiceFile:     a.coreSvc,
 	}
 	for _, r := range subjects.Roles {
 		seeds[roleSeedFile(r)] = a.roles[r]
@@ -185,6 +212,9 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 		return nil, err
 	}
 	if err := a.storeAccountJWT(mustPub(a.fleet), fleetJWT); err != nil {
+		return nil, err
+	}
+	if err := a.storeAccountJWT(mustPub(a.core), coreJWT); err != nil {
 		return nil, err
 	}
 	owner, err := a.NewUser(subjects.RoleOwner, "owner", 0)
@@ -241,6 +271,12 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 	if a.systemSvc, err = ReadSeed(filepath.Join(keys, systemServiceFile), nkeys.PrefixByteAccount); err != nil {
 		return nil, err
 	}
+	if a.core, err = ReadSeed(filepath.Join(keys, coreSeedFile), nkeys.PrefixByteAccount); err != nil {
+		return nil, fmt.Errorf("%w (a data dir made before the CORE account existed cannot be upgraded in place: init a new one)", err)
+	}
+	if a.coreSvc, err = ReadSeed(filepath.Join(keys, coreServiceFile), nkeys.PrefixByteAccount); err != nil {
+		return nil, err
+	}
 	for _, r := range subjects.Roles {
 		if a.roles[r], err = ReadSeed(filepath.Join(keys, roleSeedFile(r)), nkeys.PrefixByteAccount); err != nil {
 			return nil, err
@@ -254,6 +290,9 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 		return nil, err
 	}
 	if a.fleetClaim, err = a.loadAccount(oc, a.fleet, a.fleetSvc, fleetServiceFile); err != nil {
+		return nil, err
+	}
+	if a.coreClaim, err = a.loadAccount(oc, a.core, a.coreSvc, coreServiceFile); err != nil {
 		return nil, err
 	}
 	for _, r := range subjects.Roles {
@@ -292,13 +331,17 @@ func (a *Authority) loadAccount(oc *jwt.OperatorClaims, acc, signer nkeys.KeyPai
 	return ac, nil
 }
 
-// Refresh re-signs the FLEET account JWT with this version's role templates
-// and limits, keeping its revocations, and stores it in the resolver
-// directory. It is called before the server starts so upgrades and changed
-// settings take effect; it reports whether anything changed.
+// Refresh re-signs the FLEET and CORE account JWTs with this version's role
+// templates and limits, keeping FLEET's revocations, and stores them in the
+// resolver directory. It is called before the server starts so upgrades and
+// changed settings take effect; it reports whether anything changed.
 func (a *Authority) Refresh() (bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	coreChanged, err := a.refreshCore()
+	if err != nil {
+		return false, err
+	}
 	next := *a.fleetClaim
 	next.SigningKeys = jwt.SigningKeys{}
 	next.Revocations = maps.Clone(a.fleetClaim.Revocations)
@@ -306,7 +349,7 @@ func (a *Authority) Refresh() (bool, error) {
 	before, _ := json.Marshal(a.fleetClaim.Account)
 	after, _ := json.Marshal(next.Account)
 	if string(before) == string(after) {
-		return false, nil
+		return coreChanged, nil
 	}
 	tok, err := next.Encode(a.opSigner)
 	if err != nil {
@@ -319,37 +362,86 @@ func (a *Authority) Refresh() (bool, error) {
 	return true, nil
 }
 
-// applyFleetPolicy sets limits and the scoped signing keys of the FLEET
-// account claim c.
-func (a *Authority) applyFleetPolicy(c *jwt.AccountClaims) {
-	c.Limits.Conn = a.limits.Connections
+// refreshCore re-signs the CORE account JWT when its policy changed. a.mu
+// is held.
+func (a *Authority) refreshCore() (bool, error) {
+	next := *a.coreClaim
+	next.SigningKeys = jwt.SigningKeys{}
+	a.applyCorePolicy(&next)
+	before, _ := json.Marshal(a.coreClaim.Account)
+	after, _ := json.Marshal(next.Account)
+	if string(before) == string(after) {
+		return false, nil
+	}
+	tok, err := next.Encode(a.opSigner)
+	if err != nil {
+		return false, fmt.Errorf("sign CORE account: %w", err)
+	}
+	if err := a.storeAccountJWT(next.Subject, tok); err != nil {
+		return false, err
+	}
+	a.coreClaim = &next
+	return true, nil
+}
+
+// applyCorePolicy sets the limits and the one signing key of the CORE
+// account claim c: JetStream with bounded storage, no leaf links, no
+// imports or exports, and users only of the coordinator's own.
+func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
+	c.Limits.Conn = 64 // the coordinators' own connections
 	c.Limits.Payload = a.limits.MaxPayload
 	c.Limits.Subs = -1
 	c.Limits.Data = -1
-	c.Limits.LeafNodeConn = -1
-	c.Limits.Imports = -1
-	c.Limits.Exports = -1
-	c.Limits.WildcardExports = true
+	c.Limits.LeafNodeConn = 0
+	c.Limits.Imports = 0
+	c.Limits.Exports = 0
+	c.Limits.WildcardExports = false
 	c.Limits.JetStreamLimits = jwt.JetStreamLimits{
 		MemoryStorage: a.limits.JetStreamMemory,
 		DiskStorage:   a.limits.JetStreamDisk,
 		Streams:       -1,
 		Consumer:      -1,
 	}
+	c.Imports = nil
+	c.Exports = nil
+	if c.SigningKeys == nil {
+		c.SigningKeys = jwt.SigningKeys{}
+	}
+	c.SigningKeys.Add(mustPub(a.coreSvc))
+}
+
+// applyFleetPolicy sets limits and the scoped signing keys of the FLEET
+// account claim c. FLEET has no JetStream: it stores nothing.
+func (a *Authority) applyFleetPolicy(c *jwt.AccountClaims) {
+	c.Limits.Conn = a.limits.Connections
+	c.Limits.Payload = a.limits.MaxPayload
+	c.Limits.Subs = -1
+	c.Limits.Data = -1
+	c.Limits.LeafNodeConn = -1
+	c.Limits.Imports = 0
+	c.Limits.Exports = 0
+	c.Limits.WildcardExports = false
+	c.Limits.JetStreamLimits = jwt.JetStreamLimits{}
+	c.Imports = nil
+	c.Exports = nil
 	if c.SigningKeys == nil {
 		c.SigningKeys = jwt.SigningKeys{}
 	}
 	c.SigningKeys.Add(mustPub(a.fleetSvc))
 	for _, r := range subjects.Roles {
-		t := subjects.RoleTemplate(r, a.domain)
+		t := subjects.RoleTemplate(r)
 		s := jwt.NewUserScope()
 		s.Key = mustPub(a.roles[r])
 		s.Role = string(r)
 		s.Description = "fleet role " + string(r)
 		s.Template.Pub.Allow = slices.Clone(t.Pub)
 		s.Template.Sub.Allow = slices.Clone(t.Sub)
-		if t.Responses {
-			s.Template.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
+		s.Template.Limits = jwt.Limits{NatsLimits: jwt.NatsLimits{Subs: -1, Data: -1, Payload: -1}}
+		if t.MaxSubs > 0 {
+			s.Template.Limits.Subs = t.MaxSubs
+		}
+		if t.MaxPayload > 0 {
+			s.Template.Limits.Payload = t.MaxPayload
 		}
 		s.Template.BearerToken = t.Bearer
 		s.Template.AllowedConnectionTypes = slices.Clone(t.ConnTypes)
@@ -363,6 +455,9 @@ func (a *Authority) OperatorPublicKey() string { return a.operatorPub }
 // FleetAccount is the FLEET account's public key.
 func (a *Authority) FleetAccount() string { return mustPub(a.fleet) }
 
+// CoreAccount is the CORE account's public key.
+func (a *Authority) CoreAccount() string { return mustPub(a.core) }
+
 // SystemAccount is the system account's public key.
 func (a *Authority) SystemAccount() string { return mustPub(a.system) }
 
@@ -371,6 +466,13 @@ func (a *Authority) Domain() string { return a.domain }
 
 // ResolverPath is the directory of the server's full account resolver.
 func (a *Authority) ResolverPath() string { return filepath.Join(a.dir, ResolverDir) }
+
+// CoreJWT returns the current CORE account JWT.
+func (a *Authority) CoreJWT() (string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.coreClaim.Encode(a.opSigner)
+}
 
 // AccountJWTs returns the current system and FLEET account JWTs.
 func (a *Authority) AccountJWTs() (system, fleet string, err error) {
@@ -400,12 +502,37 @@ func (a *Authority) RoleOf(uc *jwt.UserClaims) (subjects.Role, bool) {
 // IssueUser signs a user JWT for public key pub with role r's scoped key.
 // name is shown in server logs and monitoring; ttl 0 means no expiry.
 func (a *Authority) IssueUser(r subjects.Role, pub, name string, ttl time.Duration) (string, error) {
+	return a.IssueSiteUser(r, pub, name, "", ttl)
+}
+
+// IssueSiteUser is IssueUser for a user at a site: devices, enrolling
+// bearers and leaf links carry their site as a tag, which their templates
+// expand ({{tag(site)}}) into the only inboxes they may receive. site ""
+// is the hub (subjects.DefaultSite) for device roles.
+func (a *Authority) IssueSiteUser(r subjects.Role, pub, name, site string, ttl time.Duration) (string, error) {
 	kp, ok := a.roles[r]
 	if !ok {
 		return "", fmt.Errorf("unknown role %q", r)
 	}
 	if !subjects.ValidDeviceID(pub) {
 		return "", fmt.Errorf("%q is not a user public key", pub)
+	}
+	switch r {
+	case subjects.RoleAgent, subjects.RolePending, subjects.RoleEnroll:
+		if site == "" {
+			site = subjects.DefaultSite
+		}
+	case subjects.RoleLeaf:
+		if site == subjects.DefaultSite {
+			return "", fmt.Errorf("site %q is the hub's own: name the leaf's site", site)
+		}
+	default:
+		if site != "" {
+			return "", fmt.Errorf("role %s has no site", r)
+		}
+	}
+	if site != "" && !subjects.ValidSite(site) {
+		return "", fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin)", site)
 	}
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = name
@@ -417,6 +544,9 @@ func (a *Authority) IssueUser(r subjects.Role, pub, name string, ttl time.Durati
 		uc.Expires = time.Now().Add(ttl).Unix()
 	}
 	uc.Tags.Add("role:" + string(r))
+	if site != "" {
+		uc.Tags.Add(subjects.SiteTag(site))
+	}
 	tok, err := uc.Encode(kp)
 	if err != nil {
 		return "", fmt.Errorf("sign %s user: %w", r, err)
@@ -437,8 +567,16 @@ func (a *Authority) NewUser(r subjects.Role, name string, ttl time.Duration) (*C
 	return &Creds{JWT: tok, Key: kp}, nil
 }
 
+// CoreUser creates a CORE user with every permission, for the
+// coordinator's own in-process connection to the fleet's state. It is never
+// written to disk.
+func (a *Authority) CoreUser(name string) (*Creds, error) {
+	return a.accountUser(a.coreSvc, a.core, name)
+}
+
 // ServiceUser creates an unscoped FLEET user with every permission, for the
-// coordinator's own in-process connection. It is never written to disk.
+// coordinator's own in-process connection to the clients: it answers their
+// requests and sends devices their triggers. It is never written to disk.
 func (a *Authority) ServiceUser(name string) (*Creds, error) {
 	return a.accountUser(a.fleetSvc, a.fleet, name)
 }

@@ -26,18 +26,37 @@ func (c *Creds) PublicKey() string {
 	return pub
 }
 
-// InboxPrefix is the reply prefix this user's role allows (from the role tag
-// its JWT carries; admins' when it has none).
+// InboxPrefix is the reply prefix this user's role allows (from the role and
+// site tags its JWT carries; admins' when it has none).
 func (c *Creds) InboxPrefix() string {
-	role := subjects.Role("")
-	if uc, err := c.Claims(); err == nil {
-		for _, t := range uc.Tags {
-			if r, ok := strings.CutPrefix(t, "role:"); ok {
-				role = subjects.Role(r)
-			}
+	return subjects.InboxPrefixFor(c.Role(), c.Site(), c.PublicKey())
+}
+
+// Role is the role tag of the user JWT ("" when it has none).
+func (c *Creds) Role() subjects.Role {
+	return subjects.Role(c.tag("role"))
+}
+
+// Site is the site tag of the user JWT; a device's is the hub's when it has
+// none.
+func (c *Creds) Site() string {
+	if s := c.tag("site"); s != "" {
+		return s
+	}
+	return subjects.DefaultSite
+}
+
+func (c *Creds) tag(name string) string {
+	uc, err := c.Claims()
+	if err != nil {
+		return ""
+	}
+	for _, t := range uc.Tags {
+		if v, ok := strings.CutPrefix(t, name+":"); ok {
+			return v
 		}
 	}
-	return subjects.InboxPrefixFor(role, c.PublicKey())
+	return ""
 }
 
 // Claims decodes the user JWT.

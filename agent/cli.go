@@ -36,7 +36,6 @@ type RunCmd struct {
 	EnrollToken     string        `help:"Enrollment token (from fleet-admin token create); used once, when the device has no creds." env:"FLEET_ENROLL_TOKEN"`
 	EnrollTokenFile string        `help:"File holding the enrollment token." env:"FLEET_ENROLL_TOKEN_FILE" type:"path"`
 	ReleaseSigner   []string      `help:"Admin public key trusted to sign releases (repeatable); releases by others are refused." env:"FLEET_RELEASE_SIGNERS" sep:","`
-	Domain          string        `help:"JetStream domain of the coordinator." default:"fleet" env:"FLEET_DOMAIN"`
 	Hostname        string        `help:"Host name to enrol and select closures with (default: this host's)." env:"FLEET_HOSTNAME"`
 	Profile         string        `help:"System profile to set on apply." default:"/nix/var/nix/profiles/system" env:"FLEET_PROFILE"`
 	CurrentSystem   string        `help:"Link to the running system." default:"/run/current-system" env:"FLEET_CURRENT_SYSTEM"`
@@ -44,6 +43,8 @@ type RunCmd struct {
 	FactsInterval   time.Duration `help:"How often to report facts (with jitter); also on change." default:"60s" env:"FLEET_FACTS_INTERVAL"`
 	ReconnectWithin time.Duration `help:"After a switch the agent must reach the coordinator again within this time, or it rolls back." default:"2m" env:"FLEET_RECONNECT_WITHIN"`
 	ApplyTimeout    time.Duration `help:"Bound on fetching and switching one generation." default:"30m" env:"FLEET_APPLY_TIMEOUT"`
+	Recheck         time.Duration `help:"How often to re-read the desired state (with jitter), in case a change notification was lost." default:"15m" env:"FLEET_RECHECK"`
+	ApprovalPoll    time.Duration `help:"While the device waits for approval, how often to ask (with jitter)." default:"30s" env:"FLEET_APPROVAL_POLL"`
 }
 
 // FactsCmd is `fleet-agent facts`.

@@ -85,7 +85,7 @@ func TestReleaseSignerValidated(t *testing.T) {
 	acct, _ := nkeys.CreateAccount()
 	acctPub, _ := acct.PublicKey()
 	seed, _ := kp.Seed()
-	base := RunCmd{Domain: "fleet", FactsInterval: time.Minute, ReconnectWithin: time.Minute, ApplyTimeout: time.Minute}
+	base := RunCmd{Recheck: time.Minute, ApprovalPoll: time.Minute, FactsInterval: time.Minute, ReconnectWithin: time.Minute, ApplyTimeout: time.Minute}
 	ok := base
 	ok.ReleaseSigner = []string{good}
 	if err := ok.validate(); err != nil {

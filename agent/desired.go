@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -37,37 +36,25 @@ func (m *DesiredMsg) Key() string {
 	return d.RolloutID + "|" + d.ReleaseID + "|" + d.StorePath + "|" + strconv.FormatInt(d.IssuedAt.UnixNano(), 10)
 }
 
-// ParseDesired reads a direct-get reply or a republished message. Status
-// 404 (direct get of an absent key) and KV delete or purge markers mean no
-// desired state; other statuses are errors. A body that is not a Desired is
-// returned with Err set, not as an error, so it is reported.
-func ParseDesired(h nats.Header, data []byte) (DesiredMsg, error) {
+// ParseDesired reads the coordinator's answer to a desired-state request:
+// the entry's revision and value, none, or an error. A value that is not a
+// Desired is returned with Err set, not as an error, so it is reported.
+func ParseDesired(data []byte) (DesiredMsg, error) {
 	var m DesiredMsg
-	if st := h.Get("Status"); st != "" {
-		if st == "404" {
-			m.Absent = true
-			return m, nil
-		}
-		return m, fmt.Errorf("desired state: server answered status %s %s", st, h.Get("Description"))
+	var r model.DesiredReply
+	if err := json.Unmarshal(data, &r); err != nil {
+		return m, fmt.Errorf("desired state: the reply does not decode: %w", err)
 	}
-	if s := h.Get(nats.JSSequence); s != "" {
-		seq, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			return m, fmt.Errorf("desired state: bad sequence header %q", s)
-		}
-		m.Seq = seq
+	if r.Error != "" {
+		return m, fmt.Errorf("desired state: coordinator: %s", r.Error)
 	}
-	switch strings.ToUpper(h.Get("KV-Operation")) {
-	case "DEL", "PURGE":
-		m.Absent = true
-		return m, nil
-	}
-	if len(data) == 0 {
+	m.Seq = r.Seq
+	if len(r.Desired) == 0 {
 		m.Absent = true
 		return m, nil
 	}
 	var d model.Desired
-	if err := json.Unmarshal(data, &d); err != nil {
+	if err := json.Unmarshal(r.Desired, &d); err != nil {
 		m.Err = fmt.Errorf("desired state is not valid JSON: %w", err)
 		return m, nil
 	}
@@ -75,14 +62,14 @@ func ParseDesired(h nats.Header, data []byte) (DesiredMsg, error) {
 	return m, nil
 }
 
-// getDesired direct-gets the device's own key. Agents may not read stream
-// info, so this is a raw request, not the KV API.
-func getDesired(ctx context.Context, nc *nats.Conn, domain, id string) (DesiredMsg, error) {
+// getDesired asks the coordinator for the device's own desired state; the
+// answer comes only into this device's inbox.
+func getDesired(ctx context.Context, nc *nats.Conn, id string) (DesiredMsg, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	msg, err := nc.RequestWithContext(ctx, subjects.DesiredDirectGet(domain, id), nil)
+	msg, err := nc.RequestWithContext(ctx, subjects.DesiredGetFor(id), nil)
 	if err != nil {
-		return DesiredMsg{}, fmt.Errorf("direct get of desired state: %w", err)
+		return DesiredMsg{}, fmt.Errorf("read desired state: %w", err)
 	}
-	return ParseDesired(msg.Header, msg.Data)
+	return ParseDesired(msg.Data)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -117,14 +118,11 @@ func Enroll(ctx context.Context, o EnrollOptions) (*accounts.Creds, error) {
 // requestEnroll connects with the token's bearer credential and sends one
 // signed request. Errors wrapping ErrEnrollRefused are final.
 func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken, kp nkeys.KeyPair, req model.EnrollRequest, timeout time.Duration) (string, error) {
-	url := nats.DefaultURL
-	if len(servers) > 0 {
-		url = joinURLs(servers)
-	}
+	url := serversURL(servers)
 	nc, err := nats.Connect(url,
 		// A bearer JWT needs no signature of the server's nonce.
 		nats.UserJWT(func() (string, error) { return tok.JWT, nil }, func([]byte) ([]byte, error) { return nil, nil }),
-		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(tok.BearerKey)),
+		nats.CustomInboxPrefix(tok.InboxPrefix()),
 		nats.Name("fleet-agent-enroll"),
 		nats.Timeout(timeout),
 		nats.NoReconnect(),
@@ -136,7 +134,19 @@ func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken
 		return "", fmt.Errorf("connect to %s: %w", url, err)
 	}
 	defer nc.Close()
+	return sendEnroll(ctx, nc, kp, req, timeout)
+}
 
+func serversURL(servers []string) string {
+	if len(servers) > 0 {
+		return joinURLs(servers)
+	}
+	return nats.DefaultURL
+}
+
+// sendEnroll sends one signed enrollment request on nc and returns the
+// user JWT of the answer. Errors wrapping ErrEnrollRefused are final.
+func sendEnroll(ctx context.Context, nc *nats.Conn, kp nkeys.KeyPair, req model.EnrollRequest, timeout time.Duration) (string, error) {
 	// Sign afresh on every attempt: the time must be current.
 	req.Time = time.Now().UTC()
 	signed, err := model.Sign(kp, model.PurposeEnroll, req)
@@ -169,6 +179,72 @@ func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken
 		return "", fmt.Errorf("%w: the coordinator answered with credentials for another key", ErrEnrollRefused)
 	}
 	return resp.JWT, nil
+}
+
+// DefaultApprovalPoll is how often a pending device asks whether it was
+// approved.
+const DefaultApprovalPoll = 30 * time.Second
+
+// WaitApproval keeps asking, with the pending creds in STATE_DIR, whether
+// this device was approved, every poll (with jitter), until an admin
+// approves it (`fleet-admin devices approve`): then it writes and returns
+// the device's agent creds. Pending creds can do nothing else.
+func WaitApproval(ctx context.Context, o EnrollOptions, creds *accounts.Creds, poll time.Duration) (*accounts.Creds, error) {
+	if poll <= 0 {
+		poll = DefaultApprovalPoll
+	}
+	timeout := o.RequestTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	xk, err := loadOrCreateKey(filepath.Join(o.StateDir, XKeyFile), nkeys.PrefixByteCurve, nkeys.CreateCurveKeys)
+	if err != nil {
+		return nil, err
+	}
+	xpub, _ := xk.PublicKey()
+	host := o.Hostname
+	if host == "" {
+		if host, err = HostName(); err != nil {
+			return nil, err
+		}
+	}
+	seed, err := creds.Key.Seed()
+	if err != nil {
+		return nil, err
+	}
+	log := o.Log.With().Str("device", creds.PublicKey()).Logger()
+	log.Info().Msg("waiting for approval: an admin approves this device with `fleet-admin devices approve`")
+	url := serversURL(o.Servers)
+	for {
+		var jwtStr string
+		nc, err := nats.Connect(url, nats.UserJWTAndSeed(creds.JWT, string(seed)),
+			nats.CustomInboxPrefix(creds.InboxPrefix()), nats.Name("fleet-agent-pending"),
+			nats.Timeout(timeout), nats.NoReconnect())
+		if err == nil {
+			jwtStr, err = sendEnroll(ctx, nc, creds.Key, model.EnrollRequest{XKey: xpub, Hostname: host}, timeout)
+			nc.Close()
+		}
+		if err == nil {
+			next := &accounts.Creds{JWT: jwtStr, Key: creds.Key}
+			if next.Role() != subjects.RolePending {
+				if err := accounts.WriteCreds(filepath.Join(o.StateDir, CredsFile), next); err != nil {
+					return nil, err
+				}
+				log.Info().Msg("approved")
+				return next, nil
+			}
+			log.Debug().Msg("still waiting for approval")
+		} else if errors.Is(err, ErrEnrollRefused) || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthRevoked) {
+			return nil, fmt.Errorf("waiting for approval: %w", err)
+		} else {
+			log.Warn().Err(err).Msg("cannot ask whether this device was approved; retrying")
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(poll*9/10 + rand.N(poll/5+1)):
+		}
+	}
 }
 
 // loadOrCreateKey reuses the key at path, so an enrollment retried after a

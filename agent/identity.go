@@ -16,7 +16,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
-	"fleet/subjects"
 )
 
 // Files in the agent's state directory.
@@ -71,7 +70,7 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 	opts := []nats.Option{
 		nats.UserJWTAndSeed(creds.JWT, string(seed)),
 		// Templates let a device read replies only under its own prefix.
-		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(creds.PublicKey())),
+		nats.CustomInboxPrefix(creds.InboxPrefix()),
 		nats.Name(o.Name),
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(true),

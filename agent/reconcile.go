@@ -13,7 +13,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/model"
@@ -23,8 +23,13 @@ import (
 // Options configure an Agent.
 type Options struct {
 	DeviceID string
+	// Key is the device's identity key: it signs facts and events, so no
+	// one between the device and the coordinator can forge them.
+	Key nkeys.KeyPair
+	// Site is where the device connects (its creds' site tag): its inbox,
+	// where the coordinator's triggers arrive, names it.
+	Site     string
 	Hostname string
-	Domain   string
 	StateDir string
 	// ReleaseSigners are the admin keys trusted to sign releases; empty
 	// refuses every release.
@@ -35,6 +40,9 @@ type Options struct {
 	ReconnectWithin time.Duration
 	ApplyTimeout    time.Duration
 	FactsInterval   time.Duration
+	// Recheck is how often the desired state is read again (with jitter)
+	// in case a trigger was lost while connected (default 15m).
+	Recheck time.Duration
 	Facts           []FactSource
 	Log             zerolog.Logger
 }
@@ -45,14 +53,14 @@ type Options struct {
 type Agent struct {
 	o   Options
 	nc  *nats.Conn
-	js  jetstream.JetStream
 	rep *reporter
 	log zerolog.Logger
 
-	mu      sync.Mutex
-	st      *ApplyState
-	pushed  *DesiredMsg // newest republished desired state not yet handled
-	needGet bool        // a (re)connect asks for a direct get
+	mu sync.Mutex
+	st *ApplyState
+	// needGet asks the loop to read the desired state: on (re)connect, on
+	// a trigger from the coordinator, and on the safety-net timer.
+	needGet bool
 	wake    chan struct{}
 	factsCh chan struct{}
 	// refusedKey is the last desired state refused on verification (bad
@@ -66,6 +74,12 @@ type Agent struct {
 func New(o Options) (*Agent, error) {
 	if o.ReleaseSigners == nil {
 		o.ReleaseSigners = []string{} // nil would mean "any signer"
+	}
+	if o.Key == nil {
+		return nil, errors.New("agent: no device key to sign reports with")
+	}
+	if o.Site == "" {
+		o.Site = subjects.DefaultSite
 	}
 	st, err := LoadState(o.StateDir)
 	if err != nil {
@@ -104,17 +118,14 @@ func (a *Agent) kickFacts() {
 
 // Run reconciles until ctx ends.
 func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
-	js, err := jetstream.NewWithDomain(nc, a.o.Domain)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
-	a.nc, a.js = nc, js
-	if a.rep, err = newReporter(a.o.StateDir, js, a.log); err != nil {
+	a.nc = nc
+	var err error
+	if a.rep, err = newReporter(a.o.StateDir, nc, a.o.Key, a.log); err != nil {
 		return err
 	}
-	sub, err := nc.Subscribe(subjects.DeviceDesired(a.o.DeviceID), a.onDesired)
+	sub, err := nc.Subscribe(subjects.DeviceNotify(a.o.Site, a.o.DeviceID), a.onNotify)
 	if err != nil {
-		return fmt.Errorf("subscribe to desired state: %w", err)
+		return fmt.Errorf("subscribe to desired state triggers: %w", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 
@@ -130,8 +141,15 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 	}()
 
 	a.resume(ctx)
-	retry := time.NewTimer(time.Hour)
-	defer retry.Stop()
+	// One timer: the jittered safety-net re-read, or a retry after an
+	// error. Jitter keeps a fleet's re-reads spread out.
+	recheck := a.o.Recheck
+	if recheck <= 0 {
+		recheck = 15 * time.Minute
+	}
+	jittered := func() time.Duration { return recheck*4/5 + rand.N(recheck*2/5+1) }
+	timer := time.NewTimer(jittered())
+	defer timer.Stop()
 	for {
 		if ctx.Err() != nil {
 			return nil
@@ -139,7 +157,7 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 		m, err := a.next(ctx)
 		if err != nil {
 			a.log.Warn().Err(err).Msg("cannot read desired state; retrying")
-			retry.Reset(5 * time.Second)
+			timer.Reset(5 * time.Second)
 		} else if m != nil {
 			a.handle(ctx, m)
 			continue // something newer may have arrived meanwhile
@@ -148,62 +166,45 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 		case <-ctx.Done():
 			return nil
 		case <-a.wake:
-		case <-retry.C:
+		case <-timer.C:
 			a.mu.Lock()
 			a.needGet = true
 			a.mu.Unlock()
+			timer.Reset(jittered())
 		}
 	}
 }
 
-// onDesired receives the KV's RePublish. It only records the newest; the
-// apply loop takes it when free.
-func (a *Agent) onDesired(msg *nats.Msg) {
-	m, err := ParseDesired(msg.Header, msg.Data)
-	if err != nil {
-		a.log.Warn().Err(err).Msg("desired state notification")
-		return
-	}
-	ev := a.log.Debug().Uint64("seq", m.Seq).Bool("absent", m.Absent)
-	if m.Desired != nil {
-		ev = ev.Str("release_id", m.Desired.ReleaseID)
-	}
-	ev.Msg("desired state notification")
+// onNotify receives the coordinator's trigger: the desired state changed.
+// Whatever the message carries is ignored (anyone's reply could land in
+// this inbox): the loop reads the state itself, from the coordinator.
+func (a *Agent) onNotify(*nats.Msg) {
 	a.mu.Lock()
-	if a.pushed == nil || m.Seq >= a.pushed.Seq {
-		a.pushed = &m
-	}
+	a.needGet = true
 	a.mu.Unlock()
 	a.kick()
 }
 
-// next returns the newest desired state not yet handled, or nil.
+// next reads the desired state when asked to, or returns nil.
 func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
 	a.mu.Lock()
 	get := a.needGet
 	a.needGet = false
 	a.mu.Unlock()
-	var got *DesiredMsg
-	if get {
-		if !a.nc.IsConnected() {
-			return nil, nil // OnConnect asks again
-		}
-		m, err := getDesired(ctx, a.nc, a.o.Domain, a.o.DeviceID)
-		if err != nil {
-			a.mu.Lock()
-			a.needGet = true
-			a.mu.Unlock()
-			return nil, err
-		}
-		got = &m
+	if !get {
+		return nil, nil
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if p := a.pushed; p != nil && (got == nil || p.Seq > got.Seq) {
-		got = p
+	if !a.nc.IsConnected() {
+		return nil, nil // OnConnect asks again
 	}
-	a.pushed = nil
-	return got, nil
+	m, err := getDesired(ctx, a.nc, a.o.DeviceID)
+	if err != nil {
+		a.mu.Lock()
+		a.needGet = true
+		a.mu.Unlock()
+		return nil, err
+	}
+	return &m, nil
 }
 
 func newAttempt() string {
@@ -250,7 +251,7 @@ func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg,
 	if !ap.started.IsZero() {
 		ev.DurationMS = time.Since(ap.started).Milliseconds()
 	}
-	msgID := ap.attempt + "-" + string(state) + "-" + string(result)
+	msgID := model.EventMsgID(&ev)
 	lg := a.log.Info()
 	if errMsg != "" {
 		lg = a.log.Warn().Str("error", errMsg)
@@ -612,10 +613,5 @@ func (a *Agent) publishFacts(ctx context.Context, f model.Facts) error {
 	if err != nil {
 		return fmt.Errorf("encode facts: %w", err)
 	}
-	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if _, err := a.js.Publish(pctx, subjects.DeviceFacts(a.o.DeviceID), b); err != nil {
-		return fmt.Errorf("publish facts: %w", err)
-	}
-	return nil
+	return sendReport(ctx, a.nc, a.o.Key, subjects.DeviceFacts(a.o.DeviceID), model.PurposeFacts, b)
 }

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -33,11 +33,13 @@ type outboxItem struct {
 	Final   bool            `json:"final,omitempty"`
 }
 
-// reporter publishes events in order through JetStream, with message IDs
-// so a resumed apply's repeated events are deduplicated by the stream.
+// reporter sends events in order, each signed with the device key, and
+// drops one from the outbox once the coordinator acknowledged storing it
+// (it deduplicates a resumed apply's repeated events by their IDs).
 type reporter struct {
 	dir string
-	js  jetstream.JetStream
+	nc  *nats.Conn
+	key nkeys.KeyPair
 	log zerolog.Logger
 
 	mu    sync.Mutex
@@ -45,8 +47,8 @@ type reporter struct {
 	wake  chan struct{}
 }
 
-func newReporter(dir string, js jetstream.JetStream, log zerolog.Logger) (*reporter, error) {
-	r := &reporter{dir: dir, js: js, log: log, wake: make(chan struct{}, 1)}
+func newReporter(dir string, nc *nats.Conn, key nkeys.KeyPair, log zerolog.Logger) (*reporter, error) {
+	r := &reporter{dir: dir, nc: nc, key: key, log: log, wake: make(chan struct{}, 1)}
 	b, err := os.ReadFile(filepath.Join(dir, OutboxFile))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("read outbox: %w", err)
@@ -132,9 +134,7 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 	}
 	it := r.queue[0]
 	r.mu.Unlock()
-	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	_, err := r.js.Publish(pctx, it.Subject, it.Data, jetstream.WithMsgID(it.MsgID))
-	cancel()
+	err := sendReport(ctx, r.nc, r.key, it.Subject, model.PurposeEvent, it.Data)
 	if err != nil && permanentPublishError(err) {
 		// Retrying cannot help, and the queue behind it would wait forever.
 		r.log.Error().Err(err).Str("msg_id", it.MsgID).Str("subject", it.Subject).Int("bytes", len(it.Data)).
@@ -154,20 +154,40 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 	return true
 }
 
-// permanentPublishError reports whether the server will never take the
+// errReportRefused wraps the coordinator's final refusal of a report.
+var errReportRefused = errors.New("the coordinator refuses this report")
+
+// permanentPublishError reports whether the coordinator will never take the
 // message as it is (too large, malformed), as opposed to being away.
 func permanentPublishError(err error) bool {
-	if errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject) {
-		return true
+	return errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject) || errors.Is(err, errReportRefused)
+}
+
+// sendReport signs payload (JSON) for purpose with the device key, sends it
+// to subject and waits for the coordinator's acknowledgement.
+func sendReport(ctx context.Context, nc *nats.Conn, key nkeys.KeyPair, subject, purpose string, payload []byte) error {
+	signed, err := model.SignBytes(key, purpose, payload)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errReportRefused, err)
 	}
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) {
-		switch apiErr.ErrorCode {
-		case jetstream.JSErrCodeStreamMessageExceedsMaximum, jetstream.JSErrCodeBadRequest:
-			return true
+	body, _ := json.Marshal(signed)
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	msg, err := nc.RequestWithContext(pctx, subject, body)
+	if err != nil {
+		return fmt.Errorf("send %s: %w", subject, err)
+	}
+	var ack model.ReportAck
+	if err := json.Unmarshal(msg.Data, &ack); err != nil {
+		return fmt.Errorf("send %s: the acknowledgement does not decode: %w", subject, err)
+	}
+	if ack.Error != "" {
+		if ack.Permanent {
+			return fmt.Errorf("%w: %s", errReportRefused, ack.Error)
 		}
+		return fmt.Errorf("send %s: %s", subject, ack.Error)
 	}
-	return false
+	return nil
 }
 
 // flush tries to publish everything queued until ctx ends (clean stop).

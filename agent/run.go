@@ -16,6 +16,7 @@ import (
 
 	"fleet/logging"
 	"fleet/model"
+	"fleet/subjects"
 )
 
 // Run runs the agent until SIGINT or SIGTERM.
@@ -62,6 +63,15 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	if err != nil {
 		return err
 	}
+	if creds.Role() == subjects.RolePending {
+		eo := EnrollOptions{Servers: cmd.Server, StateDir: cmd.StateDir, Hostname: host, Log: log}
+		if creds, err = WaitApproval(ctx, eo, creds, cmd.ApprovalPoll); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
 	id := creds.PublicKey()
 	log = log.With().Str("device", id).Logger()
 	act := &NixOS{Profile: cmd.Profile, CurrentSystem: cmd.CurrentSystem, LogDir: cmd.StateDir, Log: log.With().Str("component", "nix").Logger()}
@@ -70,7 +80,8 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	ag, err := New(Options{
 		DeviceID:        id,
 		Hostname:        host,
-		Domain:          cmd.Domain,
+		Key:             creds.Key,
+		Site:            creds.Site(),
 		StateDir:        cmd.StateDir,
 		ReleaseSigners:  cmd.ReleaseSigner,
 		Activator:       act,
@@ -79,6 +90,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		ReconnectWithin: cmd.ReconnectWithin,
 		ApplyTimeout:    cmd.ApplyTimeout,
 		FactsInterval:   cmd.FactsInterval,
+		Recheck:         cmd.Recheck,
 		Facts:           host0.Sources(),
 		Log:             log,
 	})
@@ -112,13 +124,11 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 func (cmd *RunCmd) validate() error {
 	for name, d := range map[string]time.Duration{
 		"--facts-interval": cmd.FactsInterval, "--reconnect-within": cmd.ReconnectWithin, "--apply-timeout": cmd.ApplyTimeout,
+		"--recheck": cmd.Recheck, "--approval-poll": cmd.ApprovalPoll,
 	} {
 		if d <= 0 {
 			return fmt.Errorf("%s must be positive", name)
 		}
-	}
-	if cmd.Domain == "" || strings.ContainsAny(cmd.Domain, ".*> \t") {
-		return fmt.Errorf("--domain %q: must be one token", cmd.Domain)
 	}
 	if cmd.Hostname != "" {
 		if err := model.CheckHostname(cmd.Hostname); err != nil {

@@ -42,6 +42,13 @@ func conflict(format string, a ...any) error {
 	return &apiError{model.CodeConflict, fmt.Sprintf(format, a...)}
 }
 
+// Refused requests each admin, and all non-admins together, may add to the
+// audit: a burst, then one a second.
+const (
+	auditRefusalRate  = 1.0
+	auditRefusalBurst = 60
+)
+
 // apiHandler runs a verb for an authenticated admin with its decoded args.
 type apiHandler func(ctx context.Context, who *model.Admin, args json.RawMessage) (any, error)
 
@@ -100,7 +107,7 @@ func roleRank(r subjects.Role) int {
 }
 
 func (s *services) startAPI() error {
-	svc, err := micro.AddService(s.c.nc, micro.Config{
+	svc, err := micro.AddService(s.c.fc, micro.Config{
 		Name:        subjects.APIService,
 		Version:     "0.1.0",
 		Description: "fleet admin API: signed requests, role-checked, audited",
@@ -122,7 +129,20 @@ func (s *services) startAPI() error {
 		err := svc.AddEndpoint(v.name, micro.HandlerFunc(func(r micro.Request) {
 			s.wg.Add(1)
 			defer s.wg.Done()
-			s.respond(r, v.name, s.serve(v, r.Data()))
+			// Answer only into an admin's own inbox, and (once the
+			// request is parsed) only the signer's: a reply subject
+			// anywhere else is dropped before any work.
+			key, ok := subjects.AdminInboxKey(r.Reply())
+			if !ok {
+				s.dropped.WithLabelValues("api", dropReply).Inc()
+				return
+			}
+			resp, ok := s.serve(v, r.Data(), key)
+			if !ok {
+				s.dropped.WithLabelValues("api", dropReply).Inc()
+				return
+			}
+			s.respond(r, v.name, resp)
 		}), micro.WithEndpointSubject(subj))
 		if err != nil {
 			return fmt.Errorf("admin API verb %s: %w", v.name, err)
@@ -139,7 +159,7 @@ func (s *services) respond(r micro.Request, verb string, resp model.Response) {
 	if err != nil {
 		b, _ = json.Marshal(model.Response{Error: "encode reply: " + err.Error(), Code: model.CodeInternal})
 	}
-	limit := s.c.nc.MaxPayload()
+	limit := s.c.fc.MaxPayload()
 	if int64(len(b)) > limit {
 		err = fmt.Errorf("reply too large: %d bytes, more than the %d a message may carry; page with --limit", len(b), limit)
 	} else if err = r.Respond(b); err == nil {
@@ -156,14 +176,19 @@ func (s *services) respond(r micro.Request, verb string, resp model.Response) {
 	}
 }
 
-// serve checks one request and runs it: signature, verb, freshness, replay,
-// admin and role, in that order, so nothing unauthenticated reaches the
-// nonce cache or the buckets. Writes and refusals go to the audit stream.
-func (s *services) serve(v apiVerb, data []byte) model.Response {
+// serve checks one request and runs it: signature, reply inbox, verb,
+// freshness, replay, admin and role, in that order, so nothing
+// unauthenticated reaches the nonce cache or the buckets. Writes and
+// refusals go to the audit stream. It reports false for a request signed
+// by another key than the inbox it asks to be answered in (dropped).
+func (s *services) serve(v apiVerb, data []byte, replyKey string) (model.Response, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	rec := model.AuditRecord{Time: s.now().UTC(), Verb: v.name, Request: auditRequest(data)}
-	who, args, err := s.authenticate(ctx, v, data, &rec)
+	rec := model.AuditRecord{Time: s.now().UTC(), Verb: v.name}
+	who, args, err := s.authenticate(ctx, v, data, replyKey, &rec)
+	if errors.Is(err, errNotOwnInbox) {
+		return model.Response{}, false
+	}
 	var out any
 	if err == nil {
 		out, err = v.h(ctx, who, args)
@@ -181,27 +206,42 @@ func (s *services) serve(v apiVerb, data []byte) model.Response {
 	if err != nil {
 		rec.Error = err.Error()
 	}
-	if v.write || rec.Result == model.AuditRefused {
+	if rec.Result == model.AuditRefused {
+		// A refusal keeps only what identifies the request: anyone may
+		// send refused requests, and the audit must not be theirs to fill.
+		sum := sha256.Sum256(data)
+		rec.RequestHash, rec.RequestBytes = hex.EncodeToString(sum[:]), len(data)
+		// Non-admins share one bucket: keys cost nothing to make.
+		if s.auditLimiter.allow(rec.Admin) {
+			s.audit(ctx, rec)
+		} else {
+			s.auditSuppressed.Inc()
+		}
+	} else if v.write {
+		rec.Request = auditRequest(data)
 		s.audit(ctx, rec)
 	}
 	if err != nil {
 		var ae *apiError
 		if errors.As(err, &ae) {
-			return model.Response{Error: ae.msg, Code: ae.code}
+			return model.Response{Error: ae.msg, Code: ae.code}, true
 		}
 		s.log.Error().Err(err).Str("verb", v.name).Msg("admin API request failed")
-		return model.Response{Error: err.Error(), Code: model.CodeInternal}
+		return model.Response{Error: err.Error(), Code: model.CodeInternal}, true
 	}
 	b, err := json.Marshal(out)
 	if err != nil {
-		return model.Response{Error: "encode reply: " + err.Error(), Code: model.CodeInternal}
+		return model.Response{Error: "encode reply: " + err.Error(), Code: model.CodeInternal}, true
 	}
-	return model.Response{Data: b}
+	return model.Response{Data: b}, true
 }
 
-func (s *services) authenticate(ctx context.Context, v apiVerb, data []byte, rec *model.AuditRecord) (*model.Admin, json.RawMessage, error) {
+func (s *services) authenticate(ctx context.Context, v apiVerb, data []byte, replyKey string, rec *model.AuditRecord) (*model.Admin, json.RawMessage, error) {
 	env, req, err := model.ParseEnvelope(data)
-	if env != nil {
+	if env != nil && err == nil {
+		if env.Signer != replyKey {
+			return nil, nil, errNotOwnInbox
+		}
 		rec.Signer = env.Signer
 	}
 	if err != nil {

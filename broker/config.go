@@ -103,6 +103,9 @@ func (c *Config) Validate() error {
 	if c.EventsRetention <= 0 {
 		return fmt.Errorf("--events-retention must be positive")
 	}
+	if c.Limits.JetStreamDisk < 1<<30 {
+		return fmt.Errorf("--storage-gib must be at least 1")
+	}
 	// The server's limit is an int32 and at most 64 MiB.
 	if c.Limits.MaxPayload <= 0 || c.Limits.MaxPayload > 64<<20 {
 		return fmt.Errorf("max payload %d: must be from 1 byte to 64 MiB", c.Limits.MaxPayload)

@@ -36,9 +36,14 @@ type Coordinator struct {
 	auth *accounts.Authority
 	ns   *server.Server
 
-	// nc is the coordinator's own in-process FLEET connection; sys is its
-	// system-account connection (account updates, connection events).
+	// nc is the coordinator's own in-process CORE connection (the state:
+	// every stream and bucket); fc its FLEET connection, the only one that
+	// hears clients (requests, reports) and speaks to them (replies,
+	// triggers); sys its system-account connection (account updates,
+	// connection events). No client can reach CORE: these handlers are the
+	// only bridge.
 	nc  *nats.Conn
+	fc  *nats.Conn
 	sys *nats.Conn
 	js  jetstream.JetStream
 	// svc are enrollment, the admin API and presence (services.go).
@@ -220,7 +225,8 @@ func (c *Coordinator) startEngine() error {
 	}
 	// Online status comes from the server's connect events.
 	c.SetOnlineSource(c.svc.presence)
-	c.metrics = newMetricsRegistry(c.index, c.ns)
+	c.metrics = newMetricsRegistry(c.index, c.ns, c.auth.CoreAccount())
+	c.metrics.MustRegister(c.svc.dropped, c.svc.auditSuppressed)
 	return nil
 }
 
@@ -323,11 +329,19 @@ func serverPort(p int) int {
 
 // connect opens the coordinator's own connections, in process.
 func (c *Coordinator) connect() error {
+	core, err := c.auth.CoreUser("fleet-coordinator-core")
+	if err != nil {
+		return err
+	}
+	c.nc, err = c.InProcessConn(core, "fleet-coordinator-core")
+	if err != nil {
+		return err
+	}
 	svc, err := c.auth.ServiceUser("fleet-coordinator")
 	if err != nil {
 		return err
 	}
-	c.nc, err = c.InProcessConn(svc, "fleet-coordinator")
+	c.fc, err = c.InProcessConn(svc, "fleet-coordinator")
 	if err != nil {
 		return err
 	}
@@ -483,6 +497,9 @@ func (c *Coordinator) Close() {
 		} else if c.httpLn != nil {
 			c.httpLn.Close()
 		}
+		if c.fc != nil {
+			_ = c.fc.Drain()
+		}
 		if c.nc != nil {
 			_ = c.nc.Drain()
 		}
@@ -561,8 +578,11 @@ func (c *Coordinator) Authority() *accounts.Authority { return c.auth }
 // Server is the embedded NATS server.
 func (c *Coordinator) Server() *server.Server { return c.ns }
 
-// Conn is the coordinator's own FLEET connection.
+// Conn is the coordinator's own CORE connection (the fleet's state).
 func (c *Coordinator) Conn() *nats.Conn { return c.nc }
+
+// ClientConn is the coordinator's own FLEET connection (the clients' side).
+func (c *Coordinator) ClientConn() *nats.Conn { return c.fc }
 
 // JetStream is the coordinator's JetStream handle.
 func (c *Coordinator) JetStream() jetstream.JetStream { return c.js }

@@ -23,7 +23,13 @@ const enrollSkew = time.Hour
 func (s *services) startEnroll() error {
 	// A queue subscription: in a cluster one coordinator answers each
 	// request (the admin API's micro endpoints are in a queue group too).
-	sub, err := s.c.nc.QueueSubscribe(subjects.Enroll, subjects.CoordinatorQueue, func(m *nats.Msg) {
+	sub, err := s.c.fc.QueueSubscribe(subjects.Enroll, subjects.CoordinatorQueue, func(m *nats.Msg) {
+		// Only a device inbox can be answered; anything else is dropped
+		// before any work.
+		if _, _, ok := subjects.DeviceInboxOf(m.Reply); !ok {
+			s.drop("enroll", dropReply, m)
+			return
+		}
 		// Handle concurrently (bounded): the token's revision check, not
 		// message order, keeps uses from being overspent.
 		s.enrollSem <- struct{}{}
@@ -32,9 +38,13 @@ func (s *services) startEnroll() error {
 			defer func() { <-s.enrollSem; s.wg.Done() }()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			resp := s.enroll(ctx, m.Data)
+			resp, ok := s.enroll(ctx, m.Data, m.Reply)
+			if !ok {
+				s.drop("enroll", dropReply, m)
+				return
+			}
 			b, _ := json.Marshal(resp)
-			_ = m.Respond(b)
+			_ = s.c.fc.Publish(m.Reply, b)
 		}()
 	})
 	if err != nil {
@@ -44,28 +54,41 @@ func (s *services) startEnroll() error {
 	return nil
 }
 
-// enroll answers one enrollment request. Every refusal leaves the buckets
-// as they were.
-func (s *services) enroll(ctx context.Context, data []byte) model.EnrollResponse {
-	d, err := s.enrollDevice(ctx, data)
+// enroll answers one enrollment request, or reports false when the reply
+// subject is not the requester's own inbox: the token's bearer inbox, or
+// (a device asking whether it was approved) the device's own. Every
+// refusal leaves the buckets as they were.
+func (s *services) enroll(ctx context.Context, data []byte, reply string) (model.EnrollResponse, bool) {
+	d, err := s.enrollDevice(ctx, data, reply)
+	if errors.Is(err, errNotOwnInbox) {
+		return model.EnrollResponse{}, false
+	}
 	if err != nil {
 		var ae *apiError
 		if errors.As(err, &ae) {
 			s.log.Info().Str("reason", ae.msg).Msg("enrollment refused")
-			return model.EnrollResponse{Error: ae.msg, Code: ae.code}
+			return model.EnrollResponse{Error: ae.msg, Code: ae.code}, true
 		}
 		s.log.Error().Err(err).Msg("enrollment failed")
-		return model.EnrollResponse{Error: "the coordinator could not enrol the device: " + err.Error(), Code: model.CodeInternal}
+		return model.EnrollResponse{Error: "the coordinator could not enrol the device: " + err.Error(), Code: model.CodeInternal}, true
 	}
-	tok, err := s.c.auth.IssueUser(subjects.RoleAgent, d.ID, d.Name, 0)
+	// A pending device gets creds that can only ask again.
+	role := subjects.RoleAgent
+	if d.Status == model.DevicePending {
+		role = subjects.RolePending
+	}
+	tok, err := s.c.auth.IssueSiteUser(role, d.ID, d.Name, d.Site, 0)
 	if err != nil {
-		return model.EnrollResponse{Error: err.Error(), Code: model.CodeInternal}
+		return model.EnrollResponse{Error: err.Error(), Code: model.CodeInternal}, true
 	}
 	s.log.Info().Str("device", d.ID).Str("name", d.Name).Str("status", string(d.Status)).Msg("device enrolled")
-	return model.EnrollResponse{JWT: tok, Status: d.Status}
+	return model.EnrollResponse{JWT: tok, Status: d.Status}, true
 }
 
-func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device, error) {
+// errNotOwnInbox: the request's reply subject is not the requester's inbox.
+var errNotOwnInbox = errors.New("reply subject is not the requester's own inbox")
+
+func (s *services) enrollDevice(ctx context.Context, data []byte, reply string) (*model.Device, error) {
 	key, req, err := model.ParseEnrollRequest(data)
 	if err != nil {
 		if errors.Is(err, model.ErrBadSignature) || errors.Is(err, model.ErrUnsigned) {
@@ -75,6 +98,9 @@ func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device
 	}
 	if skew := s.now().Sub(req.Time); skew > enrollSkew || skew < -enrollSkew {
 		return nil, refused("the device clock is %s off the coordinator's: set the clock (NTP) and retry", skew.Round(time.Second))
+	}
+	if req.TokenID == "" {
+		return s.approvalCheck(ctx, key, reply)
 	}
 	if !model.ValidTokenID(req.TokenID) {
 		return nil, refused("unknown enrollment token")
@@ -88,12 +114,20 @@ func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device
 	if tok == nil || !tok.matches(req.Secret) {
 		return nil, refused("unknown enrollment token: check it, or create a new one with fleet-admin token create")
 	}
+	site := tok.Site
+	if site == "" {
+		site = subjects.DefaultSite
+	}
+	if !subjects.InInbox(reply, subjects.DeviceInboxPrefix(site, tok.BearerKey)) &&
+		!subjects.InInbox(reply, subjects.DeviceInboxPrefix(site, key)) {
+		return nil, errNotOwnInbox
+	}
 	if tok.Revoked {
 		return nil, refused("enrollment token %s was revoked: create a new one with fleet-admin token create", tok.ID)
 	}
 	// The JWT is issued before anything is recorded: a key it cannot be
 	// issued for never becomes a device or spends a use.
-	if _, err := s.c.auth.IssueUser(subjects.RoleAgent, key, req.Hostname, 0); err != nil {
+	if _, err := s.c.auth.IssueSiteUser(subjects.RoleAgent, key, req.Hostname, site, 0); err != nil {
 		return nil, badRequest("device key %s: %v", key, err)
 	}
 	if s.c.auth.IsRevoked(key) {
@@ -115,7 +149,7 @@ func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device
 			return nil, refused("enrollment token %s is used up: create a new one or one with more --uses", tok.ID)
 		}
 		d = &model.Device{
-			ID: key, Name: req.Hostname, Groups: tok.Groups, Status: model.DeviceActive,
+			ID: key, Name: req.Hostname, Groups: tok.Groups, Site: site, Status: model.DeviceActive,
 			XKey: req.XKey, EnrolledAt: s.now().UTC(), TokenID: tok.ID,
 		}
 		if tok.Approval {
@@ -141,6 +175,30 @@ func (s *services) enrollDevice(ctx context.Context, data []byte) (*model.Device
 		return d, nil
 	}
 	return nil, &apiError{model.CodeInternal, "device record is busy; retry"}
+}
+
+// approvalCheck answers a recorded device that asks, without a token,
+// whether it was approved: its signature proves the key, and the answer
+// goes only to its own inbox.
+func (s *services) approvalCheck(ctx context.Context, key, reply string) (*model.Device, error) {
+	d, _, err := s.getDevice(ctx, key)
+	var ae *apiError
+	if errors.As(err, &ae) && ae.code == model.CodeNotFound {
+		if _, rkey, ok := subjects.DeviceInboxOf(reply); !ok || rkey != key {
+			return nil, errNotOwnInbox
+		}
+		return nil, refused("device %s is not enrolled: enrol with a token", key)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !subjects.InInbox(reply, subjects.DeviceInboxPrefix(siteOf(d), key)) {
+		return nil, errNotOwnInbox
+	}
+	if d.Status == model.DeviceRevoked {
+		return nil, refused("device %s is revoked: enrol with a new key and a new token", d.ID)
+	}
+	return d, nil
 }
 
 // reenroll answers a device that is already recorded: the same key with

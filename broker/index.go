@@ -408,6 +408,17 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 	}
 }
 
+// record returns device id's record (nil when the index has none). The
+// value is never modified once in the index.
+func (x *deviceIndex) record(id string) *model.Device {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	if s := x.devs[id]; s != nil {
+		return s.rec
+	}
+	return nil
+}
+
 // latestFacts returns device id's latest facts (nil when none arrived). The
 // value is never modified once in the index.
 func (x *deviceIndex) latestFacts(id string) *model.Facts {

@@ -49,6 +49,8 @@ var (
 	descNATSInBytes     = desc("fleet_nats_in_bytes_total", "Bytes received by the server.")
 	descNATSOutBytes    = desc("fleet_nats_out_bytes_total", "Bytes sent by the server.")
 	descJSStorage       = desc("fleet_jetstream_storage_bytes", "JetStream file storage in use.")
+	descJSStreamBytes   = desc("fleet_jetstream_stream_bytes", "Bytes each stream of the fleet's state holds; alert well before fleet_jetstream_stream_max_bytes.", "stream")
+	descJSStreamMax     = desc("fleet_jetstream_stream_max_bytes", "Bytes each stream may hold before it drops its oldest messages.", "stream")
 	descJSMemory        = desc("fleet_jetstream_memory_bytes", "JetStream memory storage in use.")
 	descJSStreams       = desc("fleet_jetstream_streams", "JetStream streams (KV buckets included).")
 	descJSConsumers     = desc("fleet_jetstream_consumers", "JetStream consumers.")
@@ -155,14 +157,16 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 
 // natsCollector exports the embedded server's own figures.
 type natsCollector struct {
-	ns     *server.Server
-	errors prometheus.Counter
+	ns *server.Server
+	// account is the account whose streams are reported (CORE).
+	account string
+	errors  prometheus.Counter
 }
 
 func (nc *natsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descNATSConnections, descNATSTotalConns, descNATSLeafnodes, descNATSSubs,
 		descNATSSlow, descNATSInMsgs, descNATSOutMsgs, descNATSInBytes, descNATSOutBytes, descJSStorage, descJSMemory,
-		descJSStreams, descJSConsumers, descJSMessages, descJSAPIRequests, descJSAPIErrors} {
+		descJSStreams, descJSConsumers, descJSMessages, descJSAPIRequests, descJSAPIErrors, descJSStreamBytes, descJSStreamMax} {
 		ch <- d
 	}
 	nc.errors.Describe(ch)
@@ -200,14 +204,29 @@ func (nc *natsCollector) Collect(ch chan<- prometheus.Metric) {
 		c(descJSAPIRequests, float64(j.API.Total))
 		c(descJSAPIErrors, float64(j.API.Errors))
 	}
+	if nc.account == "" {
+		return
+	}
+	if j, err := nc.ns.Jsz(&server.JSzOptions{Account: nc.account, Streams: true, Config: true}); err != nil {
+		nc.errors.Inc()
+	} else {
+		for _, a := range j.AccountDetails {
+			for _, st := range a.Streams {
+				ch <- prometheus.MustNewConstMetric(descJSStreamBytes, prometheus.GaugeValue, float64(st.State.Bytes), st.Name)
+				if st.Config != nil && st.Config.MaxBytes > 0 {
+					ch <- prometheus.MustNewConstMetric(descJSStreamMax, prometheus.GaugeValue, float64(st.Config.MaxBytes), st.Name)
+				}
+			}
+		}
+	}
 }
 
 // newMetricsRegistry builds the coordinator's registry.
-func newMetricsRegistry(x *deviceIndex, ns *server.Server) *prometheus.Registry {
+func newMetricsRegistry(x *deviceIndex, ns *server.Server, coreAccount string) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		fleetCollector{x: x},
-		&natsCollector{ns: ns, errors: prometheus.NewCounter(prometheus.CounterOpts{
+		&natsCollector{ns: ns, account: coreAccount, errors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleet_nats_scrape_errors_total", Help: "Failures to read the embedded server's statistics.",
 		})},
 		collectors.NewGoCollector(),

@@ -16,26 +16,54 @@ import (
 // Presence is an in-memory index of the FLEET account's connections by user
 // key (for a device, its ID) and of when each device was last heard from.
 // It is rebuilt from the server on start and kept by the system account's
-// connect/disconnect advisories and by plain subscriptions on facts and
-// events: no JetStream write per heartbeat (DESIGN §3 scale rules).
+// connect/disconnect advisories of the hub's own servers and by the
+// device's verified reports: no JetStream write per heartbeat (DESIGN §3
+// scale rules).
+//
+// A device behind a site's leaf node is invisible to the hub's advisories
+// (the hub sees the leaf link), and a site may not report connects: its
+// word would let a rogue site show any device online. Such a device counts
+// as online while its signed reports keep coming (within reportOnline).
 type Presence struct {
 	mu sync.RWMutex
 	// conns holds each user's open connections as "<server id>/<cid>", so
 	// an event seen twice (advisory and seed) counts once.
 	conns    map[string]map[string]struct{}
 	lastSeen map[string]time.Time
-	now      func() time.Time
+	// lastReport is when each device's last verified report came; gone
+	// when the hub saw it disconnect since.
+	lastReport map[string]time.Time
+	now        func() time.Time
 }
+
+// reportOnline is how long a device without a connection to the hub counts
+// as online after a verified report: a little over two facts intervals.
+const reportOnline = 2*factsInterval + 30*time.Second
 
 func newPresence(now func() time.Time) *Presence {
-	return &Presence{conns: map[string]map[string]struct{}{}, lastSeen: map[string]time.Time{}, now: now}
+	return &Presence{conns: map[string]map[string]struct{}{}, lastSeen: map[string]time.Time{},
+		lastReport: map[string]time.Time{}, now: now}
 }
 
-// Online reports whether user key id has an open connection.
+// Online reports whether user key id has an open connection to the hub, or
+// (a device behind a leaf) sent a verified report lately.
 func (p *Presence) Online(id string) bool {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	return len(p.conns[id]) > 0
+	if len(p.conns[id]) > 0 {
+		return true
+	}
+	at, ok := p.lastReport[id]
+	return ok && p.now().Sub(at) < reportOnline
+}
+
+// reported records a verified report of device id.
+func (p *Presence) reported(id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := p.now()
+	p.lastSeen[id] = now
+	p.lastReport[id] = now
 }
 
 // LastSeen is when id last connected or sent facts or events (zero: not
@@ -71,13 +99,8 @@ func (p *Presence) disconnected(user, conn string) {
 		}
 		// A device seen until now is last seen now.
 		p.lastSeen[user] = p.now()
+		delete(p.lastReport, user)
 	}
-}
-
-func (p *Presence) touch(id string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.lastSeen[id] = p.now()
 }
 
 func connKey(serverID string, cid uint64) string { return serverID + "/" + strconv.FormatUint(cid, 10) }
@@ -99,11 +122,6 @@ func startPresence(c *Coordinator, s *services) (*Presence, error) {
 			p.disconnected(ev.Client.User, connKey(ev.Server.ID, ev.Client.ID))
 		}
 	}
-	onDevice := func(m *nats.Msg) {
-		if id, ok := subjects.DeviceFromSubject(m.Subject); ok {
-			p.touch(id)
-		}
-	}
 	for _, sub := range []struct {
 		nc   *nats.Conn
 		subj string
@@ -111,8 +129,6 @@ func startPresence(c *Coordinator, s *services) (*Presence, error) {
 	}{
 		{c.sys, subjects.AccountConnect(acc), onConnect},
 		{c.sys, subjects.AccountDisconnect(acc), onDisconnect},
-		{c.nc, subjects.AllFacts, onDevice},
-		{c.nc, subjects.AllEvents, onDevice},
 	} {
 		ns, err := sub.nc.Subscribe(sub.subj, sub.h)
 		if err != nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"fleet/subjects"
@@ -25,6 +26,18 @@ type services struct {
 	devices jetstream.KeyValue
 	tokens  jetstream.KeyValue
 	admins  jetstream.KeyValue
+	desired jetstream.KeyValue
+	// js stores verified device reports, many in flight at once.
+	js jetstream.JetStream
+
+	// dropped counts requests and reports dropped unanswered; limiter
+	// bounds each device's reports.
+	dropped *prometheus.CounterVec
+	limiter *rateLimiter
+	// auditLimiter bounds the refusals each admin (and all non-admins
+	// together) may add to the audit; auditSuppressed counts the rest.
+	auditLimiter    *rateLimiter
+	auditSuppressed prometheus.Counter
 
 	presence *Presence
 	nonces   jetstream.KeyValue
@@ -42,11 +55,21 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		log:       c.log.With().Str("component", "services").Logger(),
 		now:       time.Now,
 		enrollSem: make(chan struct{}, 16),
+		dropped:   newDroppedCounter(),
 	}
+	s.limiter = newRateLimiter(reportRate, reportBurst, s.now)
+	s.auditLimiter = newRateLimiter(auditRefusalRate, auditRefusalBurst, s.now)
+	s.auditSuppressed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "fleet_audit_refusals_suppressed_total",
+		Help: "Refused admin requests not written to the audit because their sender passed its rate.",
+	})
 	var err error
+	if s.js, err = jetstream.New(c.nc, jetstream.WithPublishAsyncMaxPending(16384)); err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
 	for name, kv := range map[string]*jetstream.KeyValue{
 		subjects.BucketDevices: &s.devices, subjects.BucketTokens: &s.tokens, subjects.BucketAdmins: &s.admins,
-		subjects.BucketNonces: &s.nonces,
+		subjects.BucketNonces: &s.nonces, subjects.BucketDesired: &s.desired,
 	} {
 		if *kv, err = c.js.KeyValue(ctx, name); err != nil {
 			return fmt.Errorf("bucket %s: %w", name, err)
@@ -67,6 +90,12 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 	}
 	// A flush makes every subscription known to the server before Start
 	// returns, so a client that connects next is answered.
+	if err := s.startDeviceHandlers(); err != nil {
+		return err
+	}
+	if err := c.fc.Flush(); err != nil {
+		return fmt.Errorf("flush service subscriptions: %w", err)
+	}
 	if err := c.nc.Flush(); err != nil {
 		return fmt.Errorf("flush service subscriptions: %w", err)
 	}

@@ -31,6 +31,8 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	desired.RePublish = &jetstream.RePublish{
 		Source:      subjects.DesiredRepublishSource,
 		Destination: subjects.DesiredRepublishDest,
+		// A trigger only: the device reads its state itself.
+		HeadersOnly: true,
 	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
 	locks.TTL = 15 * time.Second
@@ -67,7 +69,8 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			Discard:           jetstream.DiscardOld,
 			MaxAge:            cfg.FactsRetention,
 			MaxMsgsPerSubject: cfg.FactsHistory,
-			MaxMsgSize:        256 << 10,
+			MaxMsgSize:        model.MaxFactsBytes,
+			MaxBytes:          cfg.streamBytes(35),
 			AllowDirect:       true,
 		},
 		{
@@ -79,8 +82,9 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			Retention:         jetstream.LimitsPolicy,
 			Discard:           jetstream.DiscardOld,
 			MaxAge:            cfg.EventsRetention,
-			MaxMsgsPerSubject: 10000,
-			MaxMsgSize:        256 << 10,
+			MaxMsgsPerSubject: 2000,
+			MaxMsgSize:        model.MaxEventBytes,
+			MaxBytes:          cfg.streamBytes(35),
 			AllowDirect:       true,
 		},
 		{
@@ -94,9 +98,21 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			DenyDelete:  true,
 			DenyPurge:   true,
 			MaxMsgSize:  1 << 20,
+			// Full, it drops its oldest entries; the audit refuses to grow
+			// from refusals (rate-limited, stored as hashes), and
+			// fleet_jetstream_stream_bytes warns long before.
+			MaxBytes:    cfg.streamBytes(15),
 			AllowDirect: true,
 		},
 	}
+}
+
+// streamBytes is pct percent of the state's disk limit.
+func (c Config) streamBytes(pct int64) int64 {
+	if c.Limits.JetStreamDisk <= 0 {
+		return -1
+	}
+	return c.Limits.JetStreamDisk / 100 * pct
 }
 
 // ensureStreams creates or updates every stream and bucket; running it

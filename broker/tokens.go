@@ -79,6 +79,12 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 	if a.TTL < time.Minute || a.TTL > maxTokenTTL {
 		return nil, badRequest("--ttl %s: give 1m to %s", a.TTL, maxTokenTTL)
 	}
+	if a.Site == subjects.DefaultSite {
+		a.Site = ""
+	}
+	if a.Site != "" && !subjects.ValidSite(a.Site) {
+		return nil, badRequest("--site %q: use lower-case letters, digits and - (e.g. berlin)", a.Site)
+	}
 	var idb [8]byte
 	var secret [32]byte
 	_, _ = rand.Read(idb[:])
@@ -94,7 +100,7 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 		return nil, err
 	}
 	bpub, _ := bk.PublicKey()
-	bearer, err := s.c.auth.IssueUser(subjects.RoleEnroll, bpub, "enroll-"+id, a.TTL)
+	bearer, err := s.c.auth.IssueSiteUser(subjects.RoleEnroll, bpub, "enroll-"+id, a.Site, a.TTL)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +111,7 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 	rec := tokenRecord{
 		TokenInfo: model.TokenInfo{
 			ID: id, Groups: groups, Uses: a.Uses, ExpiresAt: now.Add(a.TTL).Truncate(time.Second),
-			Approval: a.Approval, CreatedAt: now, CreatedBy: who.Name, BearerKey: bpub,
+			Approval: a.Approval, Site: a.Site, CreatedAt: now, CreatedBy: who.Name, BearerKey: bpub,
 		},
 		Hash: hashSecret(sec),
 	}
@@ -115,7 +121,7 @@ func (s *services) tokenCreate(ctx context.Context, who *model.Admin, raw json.R
 	}
 	return model.TokenCreated{
 		Token: model.FormatToken(id, sec, bearer), ID: id, Groups: groups,
-		Uses: a.Uses, ExpiresAt: rec.ExpiresAt, Approval: a.Approval,
+		Uses: a.Uses, ExpiresAt: rec.ExpiresAt, Approval: a.Approval, Site: a.Site,
 	}, nil
 }
 

@@ -86,6 +86,9 @@ type TokenInfo struct {
 	Used      int       `json:"used"`
 	ExpiresAt time.Time `json:"expires_at"`
 	Approval  bool      `json:"approval,omitempty"`
+	// Site is where the token's devices connect: a site's leaf node, or
+	// the hub (empty).
+	Site      string    `json:"site,omitempty"`
 	Revoked   bool      `json:"revoked,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	CreatedBy string    `json:"created_by,omitempty"`
@@ -100,6 +103,7 @@ type TokenCreate struct {
 	Uses     int           `json:"uses"`
 	TTL      time.Duration `json:"ttl"`
 	Approval bool          `json:"approval,omitempty"`
+	Site     string        `json:"site,omitempty"`
 }
 
 // TokenCreated is the reply of token-create: the one time the token string
@@ -111,6 +115,7 @@ type TokenCreated struct {
 	Uses      int       `json:"uses"`
 	ExpiresAt time.Time `json:"expires_at"`
 	Approval  bool      `json:"approval,omitempty"`
+	Site      string    `json:"site,omitempty"`
 }
 
 // DeviceRef names a device by full ID, unique ID prefix or unique name.
@@ -174,7 +179,7 @@ func ParseEnrollRequest(b []byte) (string, *EnrollRequest, error) {
 	if err := s.Decode(&r); err != nil {
 		return "", nil, err
 	}
-	if r.TokenID == "" || r.Secret == "" || r.Time.IsZero() {
+	if r.Time.IsZero() || (r.TokenID == "") != (r.Secret == "") {
 		return "", nil, errors.New("enrollment request lacks token id, secret or time")
 	}
 	if !nkeys.IsValidPublicCurveKey(r.XKey) {
@@ -209,14 +214,19 @@ const (
 // AuditRecord is one entry of the FLEET_AUDIT stream: the signed request
 // verbatim, who sent it and what came of it.
 type AuditRecord struct {
-	Time    time.Time       `json:"time"`
-	Verb    string          `json:"verb"`
-	Signer  string          `json:"signer,omitempty"`
-	Admin   string          `json:"admin,omitempty"`
-	Role    string          `json:"role,omitempty"`
-	Result  AuditResult     `json:"result"`
-	Error   string          `json:"error,omitempty"`
-	Request json.RawMessage `json:"request"`
+	Time   time.Time   `json:"time"`
+	Verb   string      `json:"verb"`
+	Signer string      `json:"signer,omitempty"`
+	Admin  string      `json:"admin,omitempty"`
+	Role   string      `json:"role,omitempty"`
+	Result AuditResult `json:"result"`
+	Error  string      `json:"error,omitempty"`
+	// Request is the signed request verbatim, for requests that took
+	// effect (so the trail can be verified); a refused one keeps only its
+	// hash and size.
+	Request      json.RawMessage `json:"request,omitempty"`
+	RequestHash  string          `json:"request_sha256,omitempty"`
+	RequestBytes int             `json:"request_bytes,omitempty"`
 }
 
 // TokenRef names a token by id.

@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/nats-io/jwt/v2"
+
+	"fleet/subjects"
 )
 
 // TokenPrefix starts every enrollment token, so a token is recognisable in
@@ -23,8 +25,15 @@ func FormatToken(id, secret, bearer string) string {
 // ParsedToken is an enrollment token taken apart.
 type ParsedToken struct {
 	ID, Secret, JWT string
-	// BearerKey is the enroll credential's public key (its inbox prefix).
-	BearerKey string
+	// BearerKey is the enroll credential's public key, and Site its site:
+	// together they name its inbox prefix.
+	BearerKey, Site string
+}
+
+// InboxPrefix is the inbox prefix the token's enroll credential may receive
+// replies under.
+func (t *ParsedToken) InboxPrefix() string {
+	return subjects.DeviceInboxPrefix(t.Site, t.BearerKey)
 }
 
 // ParseToken takes an enrollment token apart and checks its shape. It does
@@ -47,6 +56,12 @@ func ParseToken(s string) (*ParsedToken, error) {
 		return nil, errors.New("enrollment token is damaged: its credential is not an enroll credential")
 	}
 	t.BearerKey = uc.Subject
+	t.Site = subjects.DefaultSite
+	for _, tag := range uc.Tags {
+		if v, ok := strings.CutPrefix(tag, "site:"); ok && subjects.ValidSite(v) {
+			t.Site = v
+		}
+	}
 	return t, nil
 }
 

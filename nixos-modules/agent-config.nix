@@ -25,7 +25,6 @@ let
     stateDir = "state-dir";
     enrollmentTokenFile = "enroll-token-file";
     releaseSigners = "release-signer";
-    domain = "domain";
     hostname = "hostname";
     profile = "profile";
     currentSystem = "current-system";

@@ -156,12 +156,6 @@ in
       description = "Directory for the device's keys, credentials and apply state (flag --state-dir).";
     };
 
-    domain = mkOption {
-      type = types.str;
-      default = "fleet";
-      description = "JetStream domain of the coordinator (flag --domain).";
-    };
-
     hostname = mkOption {
       type = types.nullOr types.str;
       default = null;

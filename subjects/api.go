@@ -47,14 +47,15 @@ const ClaimsUpdate = "$SYS.REQ.CLAIMS.UPDATE"
 func AccountClaimsUpdate(acc string) string { return "$SYS.REQ.ACCOUNT." + acc + ".CLAIMS.UPDATE" }
 
 // SiteSystemTemplate is what a site's leaf node may do in the system
-// account: look account JWTs up, hear their updates (revocations), answer
-// them, and report its clients' connects and disconnects (presence).
+// account: look account JWTs up, hear their updates (revocations) and
+// answer them. It cannot report connects or disconnects: a site's word on
+// presence would let a rogue site show any device online, so the hub
+// counts a device behind a leaf as seen only by its own signed reports.
 // "Pub" is what the site sends to the hub, "Sub" what the hub sends to it.
 func SiteSystemTemplate() Template {
 	return Template{
 		Pub: []string{
 			"$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP",
-			"$SYS.ACCOUNT.*.CONNECT", "$SYS.ACCOUNT.*.DISCONNECT",
 			"_INBOX.>", // answers to the coordinator's update requests
 		},
 		Sub: []string{

@@ -15,10 +15,13 @@ const (
 	RoleLeaf     Role = "leaf"
 	RoleEnroll   Role = "enroll"
 	RoleObserver Role = "observer"
+	// RolePending is a device enrolled with a token that needs approval:
+	// it can only ask whether it was approved.
+	RolePending Role = "pending"
 )
 
 // Roles lists every role, each of which gets a scoped signing key.
-var Roles = []Role{RoleAgent, RoleViewer, RoleOperator, RoleOwner, RoleLeaf, RoleEnroll, RoleObserver}
+var Roles = []Role{RoleAgent, RoleViewer, RoleOperator, RoleOwner, RoleLeaf, RoleEnroll, RoleObserver, RolePending}
 
 // AdminRoles are the roles a person, CI job or dashboard can hold.
 var AdminRoles = []Role{RoleObserver, RoleViewer, RoleOperator, RoleOwner}
@@ -30,132 +33,110 @@ func ParseRole(s string) (Role, error) {
 			return r, nil
 		}
 	}
-	return "", fmt.Errorf("unknown role %q (one of agent, viewer, operator, owner, leaf, enroll, observer)", s)
+	return "", fmt.Errorf("unknown role %q (one of agent, viewer, operator, owner, leaf, enroll, observer, pending)", s)
 }
 
 // Template is a role's permission template. {{subject()}} is replaced by the
-// server with the connecting user's public key.
+// server with the connecting user's public key, {{tag(site)}} with the site
+// in the user's tags.
 type Template struct {
 	Pub []string
 	Sub []string
-	// Responses lets the user answer requests sent to it (one reply each).
-	Responses bool
 	// Bearer users connect with the JWT alone, without proving the key.
 	Bearer bool
 	// ConnTypes limits how the user may connect (empty: any).
 	ConnTypes []string
+	// MaxSubs and MaxPayload bound each connection of the role (0: the
+	// account's limits).
+	MaxSubs    int64
+	MaxPayload int64
 }
 
-const self = "{{subject()}}"
+const (
+	self     = "{{subject()}}"
+	selfSite = "{{tag(" + siteTagName + ")}}"
+)
 
 // selfInbox and selfDeviceInbox are the template forms of InboxPrefix and
 // DeviceInboxPrefix: only one's own replies.
 var (
 	selfInbox       = InboxPrefix(self) + ".>"
-	selfDeviceInbox = DeviceInboxPrefix(self) + ".>"
+	selfDeviceInbox = DeviceInboxPrefix(selfSite, self) + ".>"
 )
 
-// RoleTemplate returns the permission template of role r in JetStream
-// domain d.
+// Limits of device-side roles: a device needs a handful of subscriptions
+// (its inbox, the request mux) and sends facts, events and small requests.
+const (
+	deviceMaxSubs    = 16
+	deviceMaxPayload = 256 << 10
+	enrollMaxPayload = 64 << 10
+	adminMaxSubs     = 256
+)
+
+// RoleTemplate returns the permission template of role r.
 //
-// Every JetStream API subject is allowed in two forms. A client directly on
-// the coordinator sends the domain form ($JS.<d>.API...), but the server maps
-// it to the local form ($JS.API...) before it checks permissions, so the
-// local form must be allowed. A client at a leaf node is checked by the leaf
-// server on the domain form, which then crosses the leaf link. Both forms
-// name the same operation on the same hub stream.
-func RoleTemplate(r Role, d string) Template {
-	api := func(rest ...string) []string {
-		var out []string
-		for _, prefix := range apiPrefixes(d) {
-			for _, s := range rest {
-				out = append(out, prefix+s)
-			}
-		}
-		return out
-	}
-	readStreams := api(
-		".STREAM.INFO."+StreamFacts,
-		".STREAM.INFO."+StreamEvents,
-		".DIRECT.GET."+StreamFacts+".>",
-		".DIRECT.GET."+StreamEvents+".>",
-		".DIRECT.GET."+StreamFacts,
-		".DIRECT.GET."+StreamEvents,
-	)
+// No role may both send and receive a subject it could echo through: a
+// client receives only its own inbox (replies, and the coordinator's
+// triggers and commands), and sends only requests the coordinator
+// validates. No role answers requests (allow_responses): the coordinator
+// is the only responder. Every subject here is in the FLEET account; the
+// state lives in CORE, which no client can name.
+func RoleTemplate(r Role) Template {
 	switch r {
 	case RoleAgent:
-		pub := []string{DeviceAll(self)}
-		for _, dom := range apiDomains(d) {
-			pub = append(pub, DesiredDirectGet(dom, self))
-		}
 		return Template{
-			Pub:       pub,
-			Sub:       []string{DeviceAll(self), selfDeviceInbox},
-			Responses: true,
+			Pub:        []string{DeviceFacts(self), DeviceEvents(self), DesiredGet + "." + self},
+			Sub:        []string{selfDeviceInbox},
+			MaxSubs:    deviceMaxSubs,
+			MaxPayload: deviceMaxPayload,
+		}
+	case RolePending:
+		// A device waiting for approval may only ask again whether it
+		// was approved.
+		return Template{
+			Pub:        []string{Enroll},
+			Sub:        []string{selfDeviceInbox},
+			MaxSubs:    deviceMaxSubs,
+			MaxPayload: enrollMaxPayload,
 		}
 	case RoleEnroll:
 		return Template{
-			Pub:    []string{Enroll},
-			Sub:    []string{selfDeviceInbox},
-			Bearer: true,
+			Pub:        []string{Enroll},
+			Sub:        []string{selfDeviceInbox},
+			Bearer:     true,
+			MaxSubs:    deviceMaxSubs,
+			MaxPayload: enrollMaxPayload,
 		}
-	case RoleViewer:
-		// Write verbs too: the coordinator refuses them for a viewer (its
-		// role in fleet_admins is the authority) and the audit records the
-		// refusal, which a denial by the server would leave unrecorded.
+	case RoleViewer, RoleOperator, RoleOwner:
+		// Write verbs too, for every admin role: the coordinator refuses
+		// them by role (fleet_admins is the authority) and the audit
+		// records the refusal, which a denial by the server would leave
+		// unrecorded.
 		return Template{
-			Pub: append([]string{APIRead + ".>", APIWrite + ".>"}, readStreams...),
-			Sub: []string{selfInbox},
-		}
-	case RoleOperator:
-		return Template{
-			Pub: append([]string{APIRead + ".>", APIWrite + ".>"}, readStreams...),
-			Sub: []string{selfInbox},
-		}
-	case RoleOwner:
-		return Template{
-			Pub: []string{">"},
-			Sub: []string{selfInbox, "fleet.>"},
+			Pub:     []string{APIRead + ".>", APIWrite + ".>"},
+			Sub:     []string{selfInbox},
+			MaxSubs: adminMaxSubs,
 		}
 	case RoleObserver:
 		return Template{
-			Pub: append([]string{APIRead + "." + VerbDevices, APIRead + "." + VerbStatus, APIRead + "." + VerbFacts}, api(".STREAM.INFO."+StreamFacts)...),
-			Sub: []string{selfInbox},
+			Pub:     []string{APIReadVerb(VerbDevices), APIReadVerb(VerbStatus), APIReadVerb(VerbFacts)},
+			Sub:     []string{selfInbox},
+			MaxSubs: adminMaxSubs,
 		}
 	case RoleLeaf:
-		// For a leaf connection, "pub" is what the site may send into the hub
-		// and "sub" what the hub forwards to the site. Devices at the site are
-		// held to their own templates by the leaf server; the link itself
-		// carries only device traffic: device subjects, enrollment requests,
-		// direct gets of desired states, replies to the coordinator's
-		// requests, and back device replies. Never the admin API, the audit,
-		// other JetStream API calls or anyone's enrollment secrets.
-		pub := []string{AllDevices, Enroll, "_INBOX.>"}
-		for _, dom := range apiDomains(d) {
-			pub = append(pub, DirectGetLast(dom, KVStream(BucketDesired), KVKey(BucketDesired, "*")))
-		}
+		// For a leaf connection, "pub" is what the site may send into the
+		// hub and "sub" what the hub forwards to the site. Devices at the
+		// site are held to their own templates by the leaf server; the
+		// link itself carries only device requests into the hub (each
+		// verified by the coordinator: signed facts and events, desired
+		// gets answered only into the asking device's inbox, enrollment)
+		// and back only its own site's device inboxes. Never the admin
+		// API, another site's replies, or anyone's desired state.
 		return Template{
-			Pub:       pub,
-			Sub:       []string{AllDevices, deviceInboxes + ".>"},
+			Pub:       []string{AllFacts, AllEvents, AllDesiredGet, Enroll},
+			Sub:       []string{SiteInboxes(selfSite)},
 			ConnTypes: []string{"LEAFNODE"},
 		}
 	}
 	return Template{}
-}
-
-// apiDomains are the domains a template names JetStream API subjects in:
-// none (the local form) and d.
-func apiDomains(d string) []string {
-	if d == "" {
-		return []string{""}
-	}
-	return []string{"", d}
-}
-
-func apiPrefixes(d string) []string {
-	var out []string
-	for _, dom := range apiDomains(d) {
-		out = append(out, JSAPIPrefix(dom))
-	}
-	return out
 }

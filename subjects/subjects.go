@@ -19,10 +19,22 @@ import (
 const Domain = "fleet"
 
 // Account names.
+//
+// CORE holds every stream and bucket; its only users are the coordinators'
+// own connections, so no client can name a subject in it, and no reply a
+// client chooses can land in it. FLEET holds every client (devices, admins,
+// enrolling bearers, leaf links) and stores nothing: the coordinator
+// answers FLEET's requests with its FLEET connection after validating them,
+// and writes to CORE with its CORE connection.
 const (
+	AccountCore   = "CORE"
 	AccountFleet  = "FLEET"
 	AccountSystem = "SYS"
 )
+
+// DefaultSite is the site of devices that connect to the hub directly
+// rather than through a site's leaf node. It is not a valid leaf site name.
+const DefaultSite = "hub"
 
 // KV buckets.
 const (
@@ -57,6 +69,9 @@ const (
 // Subjects that are not per device.
 const (
 	Enroll = "fleet.enroll"
+	// DesiredGet prefixes the requests a device sends for its own desired
+	// state: fleet.desired.<dev>, answered by the coordinator.
+	DesiredGet = "fleet.desired"
 	// CoordinatorQueue is the queue group of the coordinators' request
 	// handlers (enrollment): in a cluster one coordinator answers each
 	// request.
@@ -70,13 +85,15 @@ const (
 	devicePrefix = "fleet.dev"
 )
 
-// Stream subject filters.
+// Subject filters. Facts and events are what devices send in FLEET and
+// what the CORE streams hold after the coordinator verified them;
+// AllDesired is the CORE-internal change notification of fleet_desired.
 const (
-	AllFacts   = devicePrefix + ".*.facts"
-	AllEvents  = devicePrefix + ".*.events"
-	AllDesired = devicePrefix + ".*.desired"
-	AllAudit   = Audit + ".>"
-	AllDevices = devicePrefix + ".>"
+	AllFacts      = devicePrefix + ".*.facts"
+	AllEvents     = devicePrefix + ".*.events"
+	AllDesired    = devicePrefix + ".*.desired"
+	AllDesiredGet = DesiredGet + ".*"
+	AllAudit      = Audit + ".>"
 )
 
 // Per-device leaf tokens.
@@ -87,8 +104,10 @@ const (
 	tokCmd     = "cmd"
 )
 
-// DesiredRepublishSource and DesiredRepublishDest wire the fleet_desired KV to
-// per-device notification subjects without a consumer per device.
+// DesiredRepublishSource and DesiredRepublishDest wire the fleet_desired KV
+// to a CORE-internal change notification (headers only) without a consumer
+// per device; a coordinator turns each into a trigger in the device's own
+// inbox (DeviceNotify).
 const (
 	DesiredRepublishSource = "$KV." + BucketDesired + ".*"
 	DesiredRepublishDest   = devicePrefix + ".{{wildcard(1)}}." + tokDesired
@@ -126,21 +145,34 @@ func device(id, leaf string) string {
 	return devicePrefix + "." + id + "." + leaf
 }
 
-// DeviceDesired is where the coordinator's KV republishes device id's desired
-// state.
+// DeviceDesired is the CORE-internal notification that device id's
+// desired state changed (the KV's RePublish, headers only).
 func DeviceDesired(id string) string { return device(id, tokDesired) }
 
-// DeviceFacts is where device id publishes its facts.
+// DeviceFacts is where device id sends its signed facts.
 func DeviceFacts(id string) string { return device(id, tokFacts) }
 
-// DeviceEvents is where device id publishes its events.
+// DeviceEvents is where device id sends its signed events.
 func DeviceEvents(id string) string { return device(id, tokEvents) }
 
-// DeviceCmd is where device id listens for signed commands.
-func DeviceCmd(id string) string { return device(id, tokCmd) }
+// DesiredGetFor is the request subject device id reads its desired state
+// on. The coordinator answers it only into the device's own inbox.
+func DesiredGetFor(id string) string {
+	if !ValidDeviceID(id) {
+		return DesiredGet + ".invalid"
+	}
+	return DesiredGet + "." + id
+}
 
-// DeviceAll matches every subject of device id.
-func DeviceAll(id string) string { return device(id, ">") }
+// DeviceNotify is the trigger the coordinator sends device id at site
+// when its desired state changed. It lies in the device's own inbox, which
+// only that device (and its site's leaf link) may receive, so no
+// notification permission exists that could be aimed at another device.
+func DeviceNotify(site, id string) string { return DeviceInboxPrefix(site, id) + "." + tokDesired }
+
+// DeviceCmd is where device id at site receives signed commands, likewise
+// in its own inbox.
+func DeviceCmd(site, id string) string { return DeviceInboxPrefix(site, id) + "." + tokCmd }
 
 // DeviceFromSubject returns the device ID of a fleet.dev.<id>.<leaf> subject.
 // The leaf must be one plain token: a wildcard or an empty token is not a
@@ -169,21 +201,46 @@ func AuditSubject(verb string) string { return Audit + "." + verb }
 // carry credentials.
 func InboxPrefix(pub string) string { return "_INBOX_" + pub }
 
-// DeviceInboxPrefix is the reply-inbox prefix of a device (and of an
-// enrolling one, by its bearer key). Device inboxes share a first token so a
-// site's leaf link can carry device replies, and only those: an admin's
-// replies never cross a leaf.
-func DeviceInboxPrefix(pub string) string { return deviceInboxes + "." + pub }
+// DeviceInboxPrefix is the reply-inbox prefix of a device at site (and of
+// an enrolling one, by its bearer key). Device inboxes share a first token
+// and name the site, so a site's leaf link carries its own devices' replies
+// and triggers, and only those: an admin's replies, and another site's,
+// never cross it.
+func DeviceInboxPrefix(site, pub string) string { return deviceInboxes + "." + site + "." + pub }
 
 const deviceInboxes = "_INBOX_DEV"
 
-// InboxPrefixFor is the reply-inbox prefix of a user of role r.
-func InboxPrefixFor(r Role, pub string) string {
-	if r == RoleAgent || r == RoleEnroll {
-		return DeviceInboxPrefix(pub)
+// SiteInboxes matches every device inbox of site.
+func SiteInboxes(site string) string { return deviceInboxes + "." + site + ".>" }
+
+// InboxPrefixFor is the reply-inbox prefix of a user of role r at site.
+func InboxPrefixFor(r Role, site, pub string) string {
+	switch r {
+	case RoleAgent, RoleEnroll, RolePending:
+		return DeviceInboxPrefix(site, pub)
 	}
 	return InboxPrefix(pub)
 }
+
+// ValidSite reports whether s can name a site: lower-case letters, digits
+// and '-', one subject token.
+func ValidSite(s string) bool {
+	if s == "" || len(s) > 63 || s[0] == '-' {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// SiteTag is the user JWT tag that names a device's (or leaf's) site; the
+// role templates expand it with {{tag(site)}}.
+func SiteTag(site string) string { return siteTagName + ":" + site }
+
+const siteTagName = "site"
 
 // JSAPIPrefix is the JetStream API prefix in domain d; with d empty, the
 // local prefix $JS.API of the server a client is connected to.
@@ -206,8 +263,38 @@ func KVStream(b string) string { return "KV_" + b }
 // KVKey is the stream subject of key in bucket b.
 func KVKey(b, key string) string { return "$KV." + b + "." + key }
 
-// DesiredDirectGet is the subject device id requests to read its own
-// desired state.
-func DesiredDirectGet(d, id string) string {
-	return DirectGetLast(d, KVStream(BucketDesired), KVKey(BucketDesired, id))
+
+// InInbox reports whether reply is a subject under the inbox prefix: the
+// check every responder makes before it answers, so a reply can only ever
+// reach the one who asked.
+func InInbox(reply, prefix string) bool {
+	return len(reply) > len(prefix)+1 && reply[len(prefix)] == '.' && reply[:len(prefix)] == prefix
+}
+
+// AdminInboxKey returns the user key of an admin inbox subject
+// (_INBOX_<key>.…), or false.
+func AdminInboxKey(reply string) (string, bool) {
+	rest, ok := strings.CutPrefix(reply, "_INBOX_")
+	if !ok {
+		return "", false
+	}
+	key, tail, ok := strings.Cut(rest, ".")
+	if !ok || tail == "" || !ValidDeviceID(key) {
+		return "", false
+	}
+	return key, true
+}
+
+// DeviceInboxOf returns the site and key of a device inbox subject
+// (_INBOX_DEV.<site>.<key>.…), or false.
+func DeviceInboxOf(reply string) (site, key string, ok bool) {
+	rest, ok := strings.CutPrefix(reply, deviceInboxes+".")
+	if !ok {
+		return "", "", false
+	}
+	parts := strings.SplitN(rest, ".", 3)
+	if len(parts) != 3 || parts[2] == "" || !ValidSite(parts[0]) || !ValidDeviceID(parts[1]) {
+		return "", "", false
+	}
+	return parts[0], parts[1], true
 }

@@ -13,7 +13,6 @@ agentConfig {
     "UAEXAMPLEADMINKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
     "UAEXAMPLECIKEYBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
   ];
-  domain = "fleet";
   hostname = null; # the host's own name
   profile = "/nix/var/nix/profiles/system";
   currentSystem = "/run/current-system";

@@ -1,0 +1,308 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// This file holds the coordinator's handlers of device traffic, all on its
+// FLEET connection: signed facts and events, which it verifies and only then
+// stores in CORE; requests for a device's desired state, answered only into
+// that device's own inbox; and the trigger a device gets when its desired
+// state changes. Devices never speak JetStream and never reach CORE.
+
+// Reasons a handler drops a message, for fleet_requests_dropped_total.
+const (
+	dropReply    = "reply_not_own_inbox"
+	dropUnknown  = "unknown_device"
+	dropInvalid  = "invalid"
+	dropRate     = "rate_limited"
+	dropInactive = "device_not_active"
+)
+
+// reportRate and reportBurst bound what one device may send: enough for an
+// apply's handful of events and an outbox drained after days offline, far
+// too little to flood the streams.
+const (
+	reportRate  = 5.0 // per second
+	reportBurst = 120
+)
+
+// rateLimiter is a token bucket per key. Callers key it only by identities
+// the coordinator knows (recorded devices, admins), so its size is bounded
+// by the fleet, never by what a sender invents.
+type rateLimiter struct {
+	rate, burst float64
+	now         func() time.Time
+
+	mu   sync.Mutex
+	buck map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	at     time.Time
+}
+
+func newRateLimiter(rate, burst float64, now func() time.Time) *rateLimiter {
+	return &rateLimiter{rate: rate, burst: burst, now: now, buck: map[string]*bucket{}}
+}
+
+// allow takes a token of key, or reports that none is left.
+func (l *rateLimiter) allow(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	b := l.buck[key]
+	if b == nil {
+		b = &bucket{tokens: l.burst, at: now}
+		l.buck[key] = b
+	}
+	b.tokens = min(l.burst, b.tokens+now.Sub(b.at).Seconds()*l.rate)
+	b.at = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// newDroppedCounter counts the requests and reports the handlers drop.
+func newDroppedCounter() *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "fleet_requests_dropped_total",
+		Help: "Requests and device reports the coordinator dropped unanswered, by handler and reason (reply_not_own_inbox: a reply subject that is not the sender's own inbox).",
+	}, []string{"handler", "reason"})
+}
+
+func (s *services) drop(handler, reason string, m *nats.Msg) {
+	s.dropped.WithLabelValues(handler, reason).Inc()
+	s.log.Debug().Str("handler", handler).Str("reason", reason).Str("subject", m.Subject).Str("reply", m.Reply).Msg("dropped")
+}
+
+// startDeviceHandlers subscribes the device-facing handlers, each in the
+// coordinators' queue group so one coordinator of a cluster takes each
+// message.
+func (s *services) startDeviceHandlers() error {
+	for _, h := range []struct {
+		nc   *nats.Conn
+		subj string
+		f    nats.MsgHandler
+	}{
+		{s.c.fc, subjects.AllFacts, s.onFacts},
+		{s.c.fc, subjects.AllEvents, s.onEvent},
+		{s.c.fc, subjects.AllDesiredGet, s.onDesiredGet},
+		// The KV's change notifications, inside CORE.
+		{s.c.nc, subjects.AllDesired, s.onDesiredChanged},
+	} {
+		sub, err := h.nc.QueueSubscribe(h.subj, subjects.CoordinatorQueue, h.f)
+		if err != nil {
+			return fmt.Errorf("subscribe %s: %w", h.subj, err)
+		}
+		// A burst of a whole fleet's reports must wait, not be dropped by
+		// the client library.
+		if err := sub.SetPendingLimits(-1, 256<<20); err != nil {
+			return fmt.Errorf("subscribe %s: %w", h.subj, err)
+		}
+		s.subs = append(s.subs, sub)
+	}
+	return nil
+}
+
+// knownDevice returns device id's record, from the index when it has it
+// and from the bucket otherwise (a device enrolled a moment ago).
+func (s *services) knownDevice(ctx context.Context, id string) (*model.Device, error) {
+	if x := s.c.index; x != nil {
+		if d := x.record(id); d != nil {
+			return d, nil
+		}
+	}
+	d, _, err := s.getDevice(ctx, id)
+	return d, err
+}
+
+// deviceFor checks a device message: its subject names a device that is
+// recorded and active, and its reply (when it wants one) is that device's
+// own inbox. It returns the device, or "" and drops the message.
+func (s *services) deviceFor(handler string, m *nats.Msg, id string, ok bool) *model.Device {
+	if !ok {
+		s.drop(handler, dropInvalid, m)
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d, err := s.knownDevice(ctx, id)
+	if err != nil || d == nil {
+		s.drop(handler, dropUnknown, m)
+		return nil
+	}
+	if m.Reply != "" && !subjects.InInbox(m.Reply, subjects.DeviceInboxPrefix(siteOf(d), id)) {
+		s.drop(handler, dropReply, m)
+		return nil
+	}
+	if d.Status != model.DeviceActive {
+		s.drop(handler, dropInactive, m)
+		return nil
+	}
+	return d
+}
+
+func siteOf(d *model.Device) string {
+	if d.Site == "" {
+		return subjects.DefaultSite
+	}
+	return d.Site
+}
+
+func (s *services) onFacts(m *nats.Msg) {
+	id, ok := subjects.DeviceFromSubject(m.Subject)
+	d := s.deviceFor("facts", m, id, ok)
+	if d == nil {
+		return
+	}
+	f, err := model.ParseFacts(m.Data, id)
+	if err != nil {
+		s.refuseReport("facts", m, err)
+		return
+	}
+	if !s.limiter.allow(id) {
+		s.drop("facts", dropRate, m)
+		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
+		return
+	}
+	b, _ := json.Marshal(f)
+	s.store(m, id, subjects.DeviceFacts(id), b, "")
+}
+
+func (s *services) onEvent(m *nats.Msg) {
+	id, ok := subjects.DeviceFromSubject(m.Subject)
+	d := s.deviceFor("events", m, id, ok)
+	if d == nil {
+		return
+	}
+	ev, err := model.ParseEvent(m.Data, id)
+	if err != nil {
+		s.refuseReport("events", m, err)
+		return
+	}
+	if !s.limiter.allow(id) {
+		s.drop("events", dropRate, m)
+		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
+		return
+	}
+	b, _ := json.Marshal(ev)
+	// Deduplication is per stream: the device ID keeps one device's IDs
+	// from colliding with (or suppressing) another's.
+	s.store(m, id, subjects.DeviceEvents(id), b, id+"/"+model.EventMsgID(ev))
+}
+
+// refuseReport answers a report that will never be stored as it is.
+func (s *services) refuseReport(handler string, m *nats.Msg, err error) {
+	s.drop(handler, dropInvalid, m)
+	s.ack(m, model.ReportAck{Error: err.Error(), Permanent: true})
+}
+
+// store appends a verified report to its CORE stream and acknowledges it
+// to the device once JetStream has. The wait runs apart from the
+// subscription, bounded, so one slow write does not hold up the rest.
+func (s *services) store(m *nats.Msg, id, subj string, data []byte, msgID string) {
+	if s.presence != nil {
+		s.presence.reported(id)
+	}
+	opts := []jetstream.PublishOpt{}
+	if msgID != "" {
+		opts = append(opts, jetstream.WithMsgID(msgID))
+	}
+	f, err := s.js.PublishAsync(subj, data, opts...)
+	if err != nil {
+		s.ack(m, model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()})
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case pa := <-f.Ok():
+			s.ack(m, model.ReportAck{Seq: pa.Sequence, Duplicate: pa.Duplicate})
+		case err := <-f.Err():
+			ack := model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()}
+			var apiErr *jetstream.APIError
+			if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum {
+				ack.Permanent = true
+			}
+			s.ack(m, ack)
+		case <-time.After(10 * time.Second):
+			s.ack(m, model.ReportAck{Error: "the coordinator could not store the report in time"})
+		}
+	}()
+}
+
+func (s *services) ack(m *nats.Msg, a model.ReportAck) {
+	if m.Reply == "" {
+		return
+	}
+	b, _ := json.Marshal(a)
+	_ = s.c.fc.Publish(m.Reply, b)
+}
+
+// onDesiredGet answers a device's request for its own desired state, only
+// into that device's own inbox.
+func (s *services) onDesiredGet(m *nats.Msg) {
+	id, ok := desiredGetDevice(m.Subject)
+	if m.Reply == "" {
+		s.drop("desired", dropInvalid, m)
+		return
+	}
+	if s.deviceFor("desired", m, id, ok) == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var r model.DesiredReply
+	e, err := s.desired.Get(ctx, id)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+	case err != nil:
+		r.Error = "read desired state: " + err.Error()
+	default:
+		r.Seq, r.Desired = e.Revision(), e.Value()
+	}
+	b, _ := json.Marshal(r)
+	_ = s.c.fc.Publish(m.Reply, b)
+}
+
+func desiredGetDevice(subj string) (string, bool) {
+	if len(subj) <= len(subjects.DesiredGet)+1 || subj[:len(subjects.DesiredGet)+1] != subjects.DesiredGet+"." {
+		return "", false
+	}
+	id := subj[len(subjects.DesiredGet)+1:]
+	return id, subjects.ValidDeviceID(id)
+}
+
+// onDesiredChanged turns fleet_desired's change notification (inside
+// CORE) into a trigger in the device's own inbox. The trigger carries
+// nothing: the device reads its desired state itself.
+func (s *services) onDesiredChanged(m *nats.Msg) {
+	id, ok := subjects.DeviceFromSubject(m.Subject)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d, err := s.knownDevice(ctx, id)
+	if err != nil || d == nil || d.Status != model.DeviceActive {
+		return
+	}
+	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), nil)
+}

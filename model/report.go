@@ -1,0 +1,95 @@
+package model
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+)
+
+// Purposes of what a device signs. Facts and events are signed with the
+// device key, so nothing between the device and the coordinator (a site's
+// leaf node, another device) can forge or alter them.
+const (
+	PurposeFacts = "fleet.facts.v1"
+	PurposeEvent = "fleet.event.v1"
+)
+
+// Size limits of what a device sends, checked by the coordinator before
+// anything is stored. An event carries at most a MaxEventLog tail.
+const (
+	MaxFactsBytes = 128 << 10
+	MaxEventBytes = 32 << 10
+)
+
+// ReportAck answers a device's facts or event: the stream sequence it was
+// stored at, or why not. Permanent errors will not change on a retry (the
+// report is malformed or too large); the agent drops such a report.
+type ReportAck struct {
+	Seq       uint64 `json:"seq,omitempty"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+	Error     string `json:"error,omitempty"`
+	Permanent bool   `json:"permanent,omitempty"`
+}
+
+// EventMsgID is the deduplication ID of an event: one per apply attempt,
+// state and result, so a resumed apply's repeated events are stored once.
+func EventMsgID(ev *Event) string {
+	return ev.Attempt + "-" + string(ev.State) + "-" + string(ev.Result)
+}
+
+// ParseEvent decodes a signed event and checks that device signed it about
+// itself.
+func ParseEvent(b []byte, device string) (*Event, error) {
+	var ev Event
+	if err := parseReport(b, device, PurposeEvent, MaxEventBytes, &ev); err != nil {
+		return nil, err
+	}
+	if ev.Device != device {
+		return nil, fmt.Errorf("event names device %q, not its signer %s", ev.Device, device)
+	}
+	if ev.Time.IsZero() || ev.State == "" {
+		return nil, errors.New("event lacks time or state")
+	}
+	return &ev, nil
+}
+
+// ParseFacts decodes signed facts and checks that device signed them about
+// itself.
+func ParseFacts(b []byte, device string) (*Facts, error) {
+	var f Facts
+	if err := parseReport(b, device, PurposeFacts, MaxFactsBytes, &f); err != nil {
+		return nil, err
+	}
+	if f.Device != device {
+		return nil, fmt.Errorf("facts name device %q, not their signer %s", f.Device, device)
+	}
+	return &f, nil
+}
+
+// ErrReportTooLarge is returned for a report over its size limit.
+var ErrReportTooLarge = errors.New("report too large")
+
+func parseReport(b []byte, device, purpose string, limit int, v any) error {
+	if len(b) > limit+1024 {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrReportTooLarge, len(b), limit)
+	}
+	var s Signed
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("not a signed report: %w", err)
+	}
+	if len(s.Payload) > limit {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrReportTooLarge, len(s.Payload), limit)
+	}
+	if err := s.Verify(purpose, []string{device}); err != nil {
+		return fmt.Errorf("report signature: %w", err)
+	}
+	return s.Decode(v)
+}
+
+// DesiredReply answers a device's request for its desired state: the
+// fleet_desired entry's revision and value (Desired nil: none), or an error.
+type DesiredReply struct {
+	Seq     uint64          `json:"seq,omitempty"`
+	Desired json.RawMessage `json:"desired,omitempty"`
+	Error   string          `json:"error,omitempty"`
+}
