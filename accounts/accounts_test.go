@@ -2,6 +2,7 @@ package accounts
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,8 +19,13 @@ import (
 
 func create(t *testing.T) (string, *Authority) {
 	t.Helper()
+	return createWith(t, DefaultLimits)
+}
+
+func createWith(t *testing.T, limits Limits) (string, *Authority) {
+	t.Helper()
 	dir := t.TempDir()
-	a, err := Create(dir, subjects.Domain, DefaultLimits)
+	a, err := Create(dir, subjects.Domain, limits)
 	if err != nil {
 		t.Fatalf("Create: %v", err)
 	}
@@ -77,21 +83,99 @@ func TestCreateLoad(t *testing.T) {
 	if fc.Issuer == oc.Subject {
 		t.Error("FLEET account signed by the operator identity key; strict signing wants a signing key")
 	}
-	if fc.Limits.JetStreamLimits.DiskStorage != DefaultLimits.JetStreamDisk || fc.Limits.Payload != DefaultLimits.MaxPayload {
-		t.Errorf("FLEET limits not applied: %+v", fc.Limits)
+	// FLEET holds the clients and stores nothing.
+	if fc.Limits.Payload != DefaultLimits.MaxPayload || fc.Limits.Conn != DefaultLimits.Connections || fc.Limits.LeafNodeConn != -1 {
+		t.Errorf("FLEET limits not applied: %+v", fc.Limits.NatsLimits)
 	}
-	for _, r := range subjects.Roles {
-		sk, ok := fc.SigningKeys.GetScope(a.RoleKey(r))
-		if !ok || sk == nil {
-			t.Fatalf("role %s has no scoped signing key in the account", r)
+	if fc.Limits.JetStreamLimits != (jwt.JetStreamLimits{}) || fc.Limits.IsJSEnabled() || len(fc.Limits.JetStreamTieredLimits) != 0 {
+		t.Errorf("FLEET has JetStream: %+v", fc.Limits.JetStreamLimits)
+	}
+	noSharing(t, "FLEET", fc)
+	checkScopes(t, a, fc)
+	fleetSvc, err := ReadSeed(filepath.Join(dir, KeysDir, fleetServiceFile), nkeys.PrefixByteAccount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sk, ok := fc.SigningKeys.GetScope(mustPub(fleetSvc)); !ok || sk != nil {
+		t.Errorf("FLEET's service key is not an unscoped signing key (%v, %v)", sk, ok)
+	}
+	if len(fc.SigningKeys) != len(subjects.Roles)+1 {
+		t.Errorf("FLEET has %d signing keys, want one per role and the service key", len(fc.SigningKeys))
+	}
+
+	// CORE holds the state: JetStream within the limits, no leaf links,
+	// one unscoped signing key that only the coordinator holds.
+	coreJWT, err := a.CoreJWT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := jwt.DecodeAccountClaims(coreJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cc.Subject != a.CoreAccount() || cc.Name != subjects.AccountCore || !oc.SigningKeys.Contains(cc.Issuer) || cc.Issuer == oc.Subject {
+		t.Errorf("CORE account claims: sub %s name %s issuer %s", cc.Subject, cc.Name, cc.Issuer)
+	}
+	if a.CoreAccount() == a.FleetAccount() || a.CoreAccount() == a.SystemAccount() {
+		t.Error("CORE is not an account of its own")
+	}
+	if DefaultLimits.JetStreamDisk != 20<<30 {
+		t.Errorf("default JetStream disk = %d, want 20 GiB", DefaultLimits.JetStreamDisk)
+	}
+	js := cc.Limits.JetStreamLimits
+	if js.DiskStorage != DefaultLimits.JetStreamDisk || js.MemoryStorage != DefaultLimits.JetStreamMemory || !cc.Limits.IsJSEnabled() {
+		t.Errorf("CORE JetStream limits %+v, want disk %d memory %d", js, DefaultLimits.JetStreamDisk, DefaultLimits.JetStreamMemory)
+	}
+	if cc.Limits.LeafNodeConn != 0 || cc.Limits.Payload != DefaultLimits.MaxPayload || cc.Limits.Conn <= 0 {
+		t.Errorf("CORE limits %+v: want no leaf connections, bounded connections", cc.Limits.NatsLimits)
+	}
+	noSharing(t, "CORE", cc)
+	coreSvc, err := ReadSeed(filepath.Join(dir, KeysDir, coreServiceFile), nkeys.PrefixByteAccount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sk, ok := cc.SigningKeys.GetScope(mustPub(coreSvc)); !ok || sk != nil || len(cc.SigningKeys) != 1 {
+		t.Errorf("CORE signing keys %v, want only the unscoped key of %s", cc.SigningKeys.Keys(), coreServiceFile)
+	}
+	onDisk, err := os.ReadFile(filepath.Join(dir, ResolverDir, a.CoreAccount()+".jwt"))
+	if err != nil {
+		t.Fatalf("CORE account JWT not in the resolver dir: %v", err)
+	}
+	if dc, err := jwt.DecodeAccountClaims(string(onDisk)); err != nil || dc.Subject != a.CoreAccount() {
+		t.Errorf("resolver's CORE JWT: %v", err)
+	}
+
+	sysSvc, err := ReadSeed(filepath.Join(dir, KeysDir, systemServiceFile), nkeys.PrefixByteAccount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The coordinator's own users: CORE's, FLEET's service user, SYS's,
+	// each signed by its account's unscoped key.
+	for name, c := range map[string]struct {
+		mk     func(string) (*Creds, error)
+		acc    string
+		signer nkeys.KeyPair
+	}{
+		"core":    {a.CoreUser, a.CoreAccount(), coreSvc},
+		"service": {a.ServiceUser, a.FleetAccount(), fleetSvc},
+		"system":  {a.SystemUser, a.SystemAccount(), sysSvc},
+	} {
+		cr, err := c.mk("x-" + name)
+		if err != nil {
+			t.Fatal(err)
 		}
-		us := sk.(*jwt.UserScope)
-		want := subjects.RoleTemplate(r, subjects.Domain)
-		if us.Role != string(r) || !slices.Equal(us.Template.Pub.Allow, want.Pub) || !slices.Equal(us.Template.Sub.Allow, want.Sub) ||
-			us.Template.BearerToken != want.Bearer {
-			t.Errorf("role %s scope %+v does not match its template %+v", r, us.Template, want)
+		uc, err := cr.Claims()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if uc.IssuerAccount != c.acc || uc.Name != "x-"+name || uc.Issuer != mustPub(c.signer) {
+			t.Errorf("%s user: issuer %s/%s", name, uc.Issuer, uc.IssuerAccount)
+		}
+		if r, ok := a.RoleOf(uc); ok {
+			t.Errorf("%s user has role %s", name, r)
 		}
 	}
+
 	sc, err := jwt.DecodeAccountClaims(sys)
 	if err != nil || sc.Subject != a.SystemAccount() {
 		t.Fatalf("system account JWT: %v", err)
@@ -125,7 +209,7 @@ func TestCreateLoad(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
-	if b.OperatorPublicKey() != a.OperatorPublicKey() || b.FleetAccount() != a.FleetAccount() ||
+	if b.OperatorPublicKey() != a.OperatorPublicKey() || b.FleetAccount() != a.FleetAccount() || b.CoreAccount() != a.CoreAccount() ||
 		b.SystemAccount() != a.SystemAccount() || b.OperatorJWT != a.OperatorJWT {
 		t.Error("Load returned another identity")
 	}
@@ -137,11 +221,68 @@ func TestCreateLoad(t *testing.T) {
 	if r, ok := b.RoleOf(uc); !ok || r != subjects.RoleOwner {
 		t.Errorf("loaded authority: admin.creds role = %q, %v", r, ok)
 	}
-	if changed, err := b.Refresh(); err != nil || changed {
-		t.Errorf("Refresh of an unchanged dir = %v, %v; want false, nil", changed, err)
+	for i := range 2 {
+		if changed, err := b.Refresh(); err != nil || changed {
+			t.Errorf("Refresh %d of an unchanged dir = %v, %v; want false, nil", i+1, changed, err)
+		}
+	}
+	if changed, err := a.Refresh(); err != nil || changed {
+		t.Errorf("Refresh right after Create = %v, %v; want false, nil", changed, err)
 	}
 	if b.ResolverPath() != filepath.Join(dir, ResolverDir) || b.Domain() != subjects.Domain {
 		t.Errorf("ResolverPath %s Domain %s", b.ResolverPath(), b.Domain())
+	}
+}
+
+// noSharing checks that account c imports and exports nothing, and may
+// not.
+func noSharing(t *testing.T, name string, c *jwt.AccountClaims) {
+	t.Helper()
+	if len(c.Imports) != 0 || len(c.Exports) != 0 || c.Limits.Imports != 0 || c.Limits.Exports != 0 || c.Limits.WildcardExports {
+		t.Errorf("%s shares: imports %v exports %v limits %+v", name, c.Imports, c.Exports, c.Limits.AccountLimits)
+	}
+}
+
+// checkScopes checks that every role's scoped key in the FLEET claims fc
+// carries exactly its template: the permissions, no response permission
+// (no role answers requests), the per-connection limits (-1 where the
+// template sets none), the bearer flag and the connection types.
+func checkScopes(t *testing.T, a *Authority, fc *jwt.AccountClaims) {
+	t.Helper()
+	orUnlimited := func(v int64) int64 {
+		if v == 0 {
+			return -1
+		}
+		return v
+	}
+	bounded := 0
+	for _, r := range subjects.Roles {
+		sk, ok := fc.SigningKeys.GetScope(a.RoleKey(r))
+		if !ok || sk == nil {
+			t.Fatalf("role %s has no scoped signing key in the account", r)
+		}
+		us, ok := sk.(*jwt.UserScope)
+		if !ok {
+			t.Fatalf("role %s: scope is a %T", r, sk)
+		}
+		want := subjects.RoleTemplate(r)
+		tp := us.Template
+		if us.Role != string(r) || us.Key != a.RoleKey(r) || !slices.Equal(tp.Pub.Allow, want.Pub) || !slices.Equal(tp.Sub.Allow, want.Sub) ||
+			len(tp.Pub.Deny)+len(tp.Sub.Deny) != 0 || tp.BearerToken != want.Bearer || !slices.Equal(tp.AllowedConnectionTypes, want.ConnTypes) {
+			t.Errorf("role %s scope %+v does not match its template %+v", r, tp, want)
+		}
+		if tp.Resp != nil {
+			t.Errorf("role %s may answer requests: %+v", r, tp.Resp)
+		}
+		if tp.Limits.Subs != orUnlimited(want.MaxSubs) || tp.Limits.Payload != orUnlimited(want.MaxPayload) || tp.Limits.Data != -1 {
+			t.Errorf("role %s limits %+v, want subs %d payload %d", r, tp.Limits.NatsLimits, want.MaxSubs, want.MaxPayload)
+		}
+		if want.MaxSubs > 0 {
+			bounded++
+		}
+	}
+	if bounded == 0 {
+		t.Error("no role's subscriptions are bounded")
 	}
 }
 
@@ -173,6 +314,7 @@ func TestLoadDamagedDir(t *testing.T) {
 	keys := filepath.Join(dir0, KeysDir)
 	fleetJWT := filepath.Join(dir0, ResolverDir, a.FleetAccount()+".jwt")
 	sysJWT := filepath.Join(dir0, ResolverDir, a.SystemAccount()+".jwt")
+	coreJWT := filepath.Join(dir0, ResolverDir, a.CoreAccount()+".jwt")
 	otherDir, other := create(t)
 	_ = other
 
@@ -224,12 +366,18 @@ func TestLoadDamagedDir(t *testing.T) {
 		{"system account jwt missing", rel(sysJWT), remove, []string{"missing"}},
 		{"system account jwt garbage", rel(sysJWT), write([]byte("garbage")), []string{"damaged"}},
 		{"system account jwt holds the fleet account", rel(sysJWT), copyFrom(fleetJWT), []string{}},
+		{"core account jwt missing", rel(coreJWT), remove, []string{"missing"}},
+		{"core account jwt garbage", rel(coreJWT), write([]byte("garbage")), []string{"damaged"}},
+		{"core account jwt holds the fleet account", rel(coreJWT), copyFrom(fleetJWT), []string{"mixed up"}},
+		// A data dir from before the CORE account: its key is missing.
+		{"data dir without a CORE account", filepath.Join(KeysDir, coreSeedFile), remove, []string{"missing", "CORE", "init a new one"}},
 	}
-	for _, f := range []string{fleetServiceFile, roleSeedFile(subjects.RoleAgent), roleSeedFile(subjects.RoleEnroll)} {
+	for _, f := range []string{fleetServiceFile, coreServiceFile, roleSeedFile(subjects.RoleAgent), roleSeedFile(subjects.RoleEnroll), roleSeedFile(subjects.RolePending)} {
 		p := filepath.Join(KeysDir, f)
 		cases = append(cases, damage{"key of another fleet " + f, p, copyFrom(filepath.Join(otherDir, p)), []string{"mixed up"}})
 	}
-	for _, f := range []string{operatorSigningFile, systemSeedFile, fleetSeedFile, fleetServiceFile, systemServiceFile, roleSeedFile(subjects.RoleAgent), roleSeedFile(subjects.RoleOwner)} {
+	for _, f := range []string{operatorSigningFile, systemSeedFile, fleetSeedFile, fleetServiceFile, systemServiceFile,
+		coreSeedFile, coreServiceFile, roleSeedFile(subjects.RoleAgent), roleSeedFile(subjects.RoleOwner), roleSeedFile(subjects.RolePending)} {
 		p := filepath.Join(KeysDir, f)
 		cases = append(cases,
 			damage{"key missing " + f, p, remove, []string{"missing"}},
@@ -281,8 +429,21 @@ func TestIssueUser(t *testing.T) {
 		if got, ok := a.RoleOf(uc); !ok || got != r {
 			t.Errorf("RoleOf = %q, %v; want %q", got, ok, r)
 		}
-		if !uc.Tags.Contains("role:" + string(r)) {
-			t.Errorf("role %s: tags %v", r, uc.Tags)
+		if !uc.Tags.Contains("role:"+string(r)) || c.Role() != r {
+			t.Errorf("role %s: tags %v, Role() %q", r, uc.Tags, c.Role())
+		}
+		switch r {
+		case subjects.RoleAgent, subjects.RolePending, subjects.RoleEnroll:
+			// A device without a site is at the hub, and says so.
+			if !slices.Equal(uc.Tags, jwt.TagList{"role:" + string(r), subjects.SiteTag(subjects.DefaultSite)}) ||
+				c.Site() != subjects.DefaultSite || c.InboxPrefix() != subjects.DeviceInboxPrefix(subjects.DefaultSite, c.PublicKey()) {
+				t.Errorf("role %s: tags %v, site %q, inbox %q", r, uc.Tags, c.Site(), c.InboxPrefix())
+			}
+		case subjects.RoleLeaf:
+		default:
+			if !slices.Equal(uc.Tags, jwt.TagList{"role:" + string(r)}) || c.InboxPrefix() != subjects.InboxPrefix(c.PublicKey()) {
+				t.Errorf("admin role %s: tags %v, inbox %q", r, uc.Tags, c.InboxPrefix())
+			}
 		}
 	}
 	noExp, err := a.NewUser(subjects.RoleAgent, "x", 0)
@@ -320,6 +481,207 @@ func TestIssueUser(t *testing.T) {
 	suc, _ := svc.Claims()
 	if r, ok := a.RoleOf(suc); ok {
 		t.Errorf("RoleOf the service user = %q", r)
+	}
+}
+
+func TestIssueSiteUser(t *testing.T) {
+	_, a := create(t)
+	kp, _ := nkeys.CreateUser()
+	pub := mustPub(kp)
+	issue := func(r subjects.Role, site string) (*Creds, *jwt.UserClaims, error) {
+		tok, err := a.IssueSiteUser(r, pub, "u", site, time.Hour)
+		if err != nil {
+			return nil, nil, err
+		}
+		c := &Creds{JWT: tok, Key: kp}
+		uc, err := c.Claims()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if uc.Subject != pub || uc.IssuerAccount != a.FleetAccount() || uc.Issuer != a.RoleKey(r) || !uc.HasEmptyPermissions() {
+			t.Errorf("%s@%s: claims sub %s issuer %s/%s, permissions %+v", r, site, uc.Subject, uc.Issuer, uc.IssuerAccount, uc.UserPermissionLimits)
+		}
+		return c, uc, nil
+	}
+	siteTags := func(uc *jwt.UserClaims) (sites []string) {
+		for _, tag := range uc.Tags {
+			if v, ok := strings.CutPrefix(tag, "site:"); ok {
+				sites = append(sites, v)
+			}
+		}
+		return sites
+	}
+
+	// Device-side users carry their site; "" and "hub" are the hub.
+	for _, r := range []subjects.Role{subjects.RoleAgent, subjects.RolePending, subjects.RoleEnroll} {
+		for site, want := range map[string]string{"berlin": "berlin", "": subjects.DefaultSite, subjects.DefaultSite: subjects.DefaultSite, "a-1": "a-1"} {
+			c, uc, err := issue(r, site)
+			if err != nil {
+				t.Fatalf("%s@%q: %v", r, site, err)
+			}
+			if got := siteTags(uc); !slices.Equal(got, []string{want}) || !uc.Tags.Contains("role:"+string(r)) {
+				t.Errorf("%s@%q: tags %v, want site %s", r, site, uc.Tags, want)
+			}
+			if c.Role() != r || c.Site() != want || c.InboxPrefix() != subjects.DeviceInboxPrefix(want, pub) {
+				t.Errorf("%s@%q: Role %q Site %q InboxPrefix %q", r, site, c.Role(), c.Site(), c.InboxPrefix())
+			}
+		}
+	}
+
+	// A leaf link is its site's; the hub is no leaf's site.
+	c, uc, err := issue(subjects.RoleLeaf, "berlin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(siteTags(uc), []string{"berlin"}) || c.Role() != subjects.RoleLeaf || c.Site() != "berlin" {
+		t.Errorf("leaf@berlin: tags %v", uc.Tags)
+	}
+	if _, _, err := issue(subjects.RoleLeaf, subjects.DefaultSite); err == nil {
+		t.Error("a leaf credential for the hub's own site was issued")
+	} else {
+		wantErr(t, err, subjects.DefaultSite)
+	}
+
+	// Admins have no site.
+	for _, r := range subjects.AdminRoles {
+		for _, site := range []string{"berlin", subjects.DefaultSite} {
+			if _, _, err := issue(r, site); err == nil {
+				t.Errorf("admin role %s issued with site %q", r, site)
+			} else {
+				wantErr(t, err, string(r), "site")
+			}
+		}
+		if _, uc, err := issue(r, ""); err != nil || len(siteTags(uc)) != 0 {
+			t.Errorf("admin role %s without a site: %v", r, err)
+		}
+	}
+
+	// A site is one plain token, lower case: it is written into subjects.
+	for _, site := range []string{"Berlin", "a.b", "*", ">", "-x", "a b", "a\nb", "a_b", "ber:lin", strings.Repeat("a", 64)} {
+		for _, r := range []subjects.Role{subjects.RoleAgent, subjects.RoleEnroll, subjects.RoleLeaf} {
+			if _, _, err := issue(r, site); err == nil {
+				t.Errorf("%s issued with site %q", r, site)
+			} else {
+				wantErr(t, err, fmt.Sprintf("%q", site))
+			}
+		}
+	}
+	if _, err := a.IssueSiteUser("root", pub, "x", "berlin", 0); err == nil {
+		t.Error("IssueSiteUser with an unknown role succeeded")
+	}
+	if _, err := a.IssueSiteUser(subjects.RoleAgent, pub[:55], "x", "berlin", 0); err == nil {
+		t.Error("IssueSiteUser with a bad key succeeded")
+	}
+}
+
+// Creds read role and site from the JWT's tags; a JWT without them is an
+// admin-style user at the hub.
+func TestCredsTags(t *testing.T) {
+	_, a := create(t)
+	svc, err := a.ServiceUser("svc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if svc.Role() != "" || svc.Site() != subjects.DefaultSite || svc.InboxPrefix() != subjects.InboxPrefix(svc.PublicKey()) {
+		t.Errorf("untagged creds: role %q site %q inbox %q", svc.Role(), svc.Site(), svc.InboxPrefix())
+	}
+	broken := &Creds{JWT: "not a jwt", Key: svc.Key}
+	if broken.Role() != "" || broken.Site() != subjects.DefaultSite {
+		t.Errorf("creds with a broken JWT: role %q site %q", broken.Role(), broken.Site())
+	}
+	kp, _ := nkeys.CreateUser()
+	tok, err := a.IssueSiteUser(subjects.RolePending, mustPub(kp), "p", "site-7", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Creds{JWT: tok, Key: kp}
+	if p.Role() != subjects.RolePending || p.Site() != "site-7" || p.InboxPrefix() != subjects.DeviceInboxPrefix("site-7", mustPub(kp)) {
+		t.Errorf("pending creds: role %q site %q inbox %q", p.Role(), p.Site(), p.InboxPrefix())
+	}
+	// The tags survive the .creds file.
+	b, err := p.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := ParseCreds(b, "p.creds")
+	if err != nil || back.Site() != "site-7" || back.Role() != subjects.RolePending {
+		t.Errorf("creds round trip: %v, site %q", err, back.Site())
+	}
+}
+
+func TestRefresh(t *testing.T) {
+	dir, a := create(t)
+	fleetPath := filepath.Join(dir, ResolverDir, a.FleetAccount()+".jwt")
+	corePath := filepath.Join(dir, ResolverDir, a.CoreAccount()+".jwt")
+	read := func(p string) string {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+
+	// Only CORE's storage changed: CORE is re-signed, FLEET is not.
+	fleetBefore, coreBefore := read(fleetPath), read(corePath)
+	bigger := DefaultLimits
+	bigger.JetStreamDisk = 40 << 30
+	l, err := Load(dir, subjects.Domain, bigger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := l.Refresh(); err != nil || !changed {
+		t.Fatalf("Refresh with a new disk limit = %v, %v; want true", changed, err)
+	}
+	if read(fleetPath) != fleetBefore {
+		t.Error("FLEET re-signed for a CORE-only change")
+	}
+	if read(corePath) == coreBefore {
+		t.Error("CORE JWT in the resolver dir not updated")
+	}
+	tok, err := l.CoreJWT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := jwt.DecodeAccountClaims(tok)
+	if err != nil || cc.Limits.DiskStorage != 40<<30 {
+		t.Fatalf("CORE after Refresh: %v %+v", err, cc.Limits.JetStreamLimits)
+	}
+	if dc, err := jwt.DecodeAccountClaims(read(corePath)); err != nil || dc.Limits.DiskStorage != 40<<30 {
+		t.Errorf("resolver's CORE JWT after Refresh: %v", err)
+	}
+	if changed, err := l.Refresh(); err != nil || changed {
+		t.Errorf("second Refresh = %v, %v; want false", changed, err)
+	}
+	l2, err := Load(dir, subjects.Domain, bigger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := l2.Refresh(); err != nil || changed {
+		t.Errorf("Refresh after Load of a refreshed dir = %v, %v; want false", changed, err)
+	}
+
+	// A FLEET-only change.
+	fewer := bigger
+	fewer.Connections = 100
+	l3, err := Load(dir, subjects.Domain, fewer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	coreBefore = read(corePath)
+	if changed, err := l3.Refresh(); err != nil || !changed {
+		t.Fatalf("Refresh with a new connection limit = %v, %v; want true", changed, err)
+	}
+	if read(corePath) != coreBefore {
+		t.Error("CORE re-signed for a FLEET-only change")
+	}
+	_, fleet, _ := l3.AccountJWTs()
+	fc, _ := jwt.DecodeAccountClaims(fleet)
+	if fc.Limits.Conn != 100 || fc.Limits.IsJSEnabled() {
+		t.Errorf("FLEET after Refresh: %+v", fc.Limits)
+	}
+	checkScopes(t, l3, fc)
+	if changed, err := l3.Refresh(); err != nil || changed {
+		t.Errorf("second Refresh = %v, %v; want false", changed, err)
 	}
 }
 
@@ -375,12 +737,20 @@ func TestRevokePersists(t *testing.T) {
 	if !fc.IsClaimRevoked(uc1) {
 		t.Error("Refresh dropped the revocation")
 	}
-	if fc.Limits.Conn != 10 || fc.Limits.Payload != 1024 {
+	if fc.Limits.Conn != 10 || fc.Limits.Payload != 1024 || fc.Limits.IsJSEnabled() {
 		t.Errorf("Refresh did not apply limits: %+v", fc.Limits)
 	}
-	sk, _ := fc.SigningKeys.GetScope(l.RoleKey(subjects.RoleAgent))
-	if us := sk.(*jwt.UserScope); !slices.Equal(us.Template.Pub.Allow, subjects.RoleTemplate(subjects.RoleAgent, "otherdomain").Pub) {
-		t.Errorf("Refresh did not apply the new domain: %v", us.Template.Pub.Allow)
+	checkScopes(t, l, fc)
+	coreTok, err := l.CoreJWT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, _ := jwt.DecodeAccountClaims(coreTok)
+	if cc.Limits.DiskStorage != 1<<30 || cc.Limits.MemoryStorage != 1<<20 || cc.Limits.Payload != 1024 {
+		t.Errorf("Refresh did not apply CORE's limits: %+v", cc.Limits)
+	}
+	if len(cc.Revocations) != 0 {
+		t.Errorf("CORE has revocations %v: FLEET's users are revoked in FLEET", cc.Revocations)
 	}
 	l2, err := Load(dir, "otherdomain", Limits{Connections: 10, MaxPayload: 1024, JetStreamDisk: 1 << 30, JetStreamMemory: 1 << 20})
 	if err != nil {

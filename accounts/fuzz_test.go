@@ -2,6 +2,7 @@ package accounts
 
 import (
 	"bytes"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nkeys"
@@ -25,6 +26,16 @@ func FuzzParseCreds(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	kp, _ := nkeys.CreateUser()
+	leafTok, err := a.IssueSiteUser(subjects.RoleLeaf, mustPub(kp), "l", "berlin", 0)
+	if err != nil {
+		f.Fatal(err)
+	}
+	leaf, err := (&Creds{JWT: leafTok, Key: kp}).Bytes()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(leaf)
 	seed, _ := c.Key.Seed()
 	acc, _ := nkeys.CreateAccount()
 	accSeed, _ := acc.Seed()
@@ -55,6 +66,10 @@ func FuzzParseCreds(f *testing.F) {
 		}
 		if _, err := cr.Bytes(); err != nil {
 			t.Fatalf("accepted creds cannot be written back: %v", err)
+		}
+		// Whatever tags the JWT carries, the inbox is the user's own.
+		if cr.Site() == "" || !strings.HasSuffix(cr.InboxPrefix(), "."+cr.PublicKey()) && cr.InboxPrefix() != subjects.InboxPrefix(cr.PublicKey()) {
+			t.Fatalf("accepted creds: site %q, inbox %q for key %s", cr.Site(), cr.InboxPrefix(), cr.PublicKey())
 		}
 	})
 }

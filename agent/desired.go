@@ -49,7 +49,7 @@ func ParseDesired(data []byte) (DesiredMsg, error) {
 		return m, fmt.Errorf("desired state: coordinator: %s", r.Error)
 	}
 	m.Seq = r.Seq
-	if len(r.Desired) == 0 {
+	if len(r.Desired) == 0 || string(r.Desired) == "null" {
 		m.Absent = true
 		return m, nil
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -9,17 +10,19 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"fleet/model"
 )
 
-func hdr(kv ...string) nats.Header {
-	h := nats.Header{}
-	for i := 0; i+1 < len(kv); i += 2 {
-		h.Set(kv[i], kv[i+1])
+// reply encodes the coordinator's answer to a desired-state request.
+func reply(t *testing.T, r model.DesiredReply) []byte {
+	t.Helper()
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return h
+	return b
 }
 
 func TestParseDesired(t *testing.T) {
@@ -27,33 +30,50 @@ func TestParseDesired(t *testing.T) {
 	d := model.Desired{Device: "U1", ReleaseID: "r1", RolloutID: "ro", StorePath: "/nix/store/x", IssuedAt: issued}
 	body, _ := json.Marshal(d)
 
-	m, err := ParseDesired(hdr("Status", "404", "Description", "Message Not Found"), nil)
-	if err != nil || !m.Absent {
-		t.Fatalf("404: %+v %v", m, err)
-	}
-	if _, err := ParseDesired(hdr("Status", "408"), nil); err == nil {
-		t.Fatal("status 408 accepted")
-	}
-	for _, op := range []string{"DEL", "PURGE"} {
-		m, err := ParseDesired(hdr(nats.JSSequence, "9", "KV-Operation", op), nil)
-		if err != nil || !m.Absent || m.Seq != 9 {
-			t.Fatalf("%s: %+v %v", op, m, err)
-		}
-	}
-	if _, err := ParseDesired(hdr(nats.JSSequence, "x"), body); err == nil {
-		t.Fatal("bad sequence accepted")
-	}
-	m, err = ParseDesired(hdr(nats.JSSequence, "7"), []byte("{nope"))
-	if err != nil || m.Err == nil || m.Desired != nil || m.Key() != "seq:7" {
-		t.Fatalf("garbage body: %+v %v", m, err)
-	}
-	m, err = ParseDesired(hdr(nats.JSSequence, "12"), body)
-	if err != nil || m.Desired == nil || m.Seq != 12 || m.Key() != "ro|r1|/nix/store/x|"+strconv.FormatInt(issued.UnixNano(), 10) {
+	// A valid value: its revision and the decoded Desired.
+	m, err := ParseDesired(reply(t, model.DesiredReply{Seq: 12, Desired: body}))
+	if err != nil || m.Absent || m.Err != nil || m.Desired == nil || m.Seq != 12 ||
+		m.Desired.ReleaseID != "r1" || !m.Desired.IssuedAt.Equal(issued) ||
+		m.Key() != "ro|r1|/nix/store/x|"+strconv.FormatInt(issued.UnixNano(), 10) {
 		t.Fatalf("valid: %+v %v", m, err)
 	}
-	m, err = ParseDesired(nats.Header{}, nil)
-	if err != nil || !m.Absent {
-		t.Fatalf("empty: %+v %v", m, err)
+
+	// No value (never set, deleted or purged): absent, with the revision
+	// when the coordinator gives one.
+	for _, tc := range []struct {
+		name string
+		data []byte
+		seq  uint64
+	}{
+		{"empty object", []byte(`{}`), 0},
+		{"seq only", reply(t, model.DesiredReply{Seq: 9}), 9},
+	} {
+		m, err := ParseDesired(tc.data)
+		if err != nil || !m.Absent || m.Desired != nil || m.Err != nil || m.Seq != tc.seq {
+			t.Fatalf("%s: %+v %v", tc.name, m, err)
+		}
+	}
+
+	// The coordinator's error is an error (retried), not a desired state.
+	m, err = ParseDesired(reply(t, model.DesiredReply{Seq: 4, Desired: body, Error: "kv unavailable"}))
+	if err == nil || !strings.Contains(err.Error(), "kv unavailable") || m.Absent || m.Desired != nil {
+		t.Fatalf("coordinator error: %+v %v", m, err)
+	}
+
+	// A value that is not a Desired is returned with Err set, keyed by its
+	// revision, so it is reported once.
+	for _, bad := range []string{`{"seq":7,"desired":"nope"}`, `{"seq":7,"desired":[1,2]}`, `{"seq":7,"desired":{"issued_at":"yesterday"}}`} {
+		m, err = ParseDesired([]byte(bad))
+		if err != nil || m.Err == nil || m.Desired != nil || m.Absent || m.Seq != 7 || m.Key() != "seq:7" {
+			t.Fatalf("undecodable desired %s: %+v %v", bad, m, err)
+		}
+	}
+
+	// An envelope that is not the reply's JSON is an error.
+	for _, bad := range []string{"", "{nope", "null x", `[]`, `{"seq":"7"}`, `{"error":5}`} {
+		if m, err := ParseDesired([]byte(bad)); err == nil {
+			t.Fatalf("bad envelope %q accepted: %+v", bad, m)
+		}
 	}
 }
 
@@ -87,11 +107,40 @@ func TestStateRoundTripAndDamage(t *testing.T) {
 func TestResolveRefusesBeforeFetch(t *testing.T) {
 	// Desired.Resolve with no signers must refuse: the agent passes a
 	// non-nil empty list when --release-signer is not set.
-	a, err := New(Options{StateDir: t.TempDir()})
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(Options{StateDir: t.TempDir(), Key: kp})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if a.o.ReleaseSigners == nil {
 		t.Fatal("nil signers would trust any signer")
+	}
+	// A properly signed release: trusted when its signer is listed, refused
+	// with the agent's (empty) list.
+	admin, _ := nkeys.CreateUser()
+	adminPub, _ := admin.PublicKey()
+	path := "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-host"
+	rel := model.Release{ID: "r1", CreatedAt: time.Now().UTC(), Author: adminPub, Default: path}
+	signed, err := model.Sign(admin, model.PurposeRelease, rel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &model.Desired{ReleaseID: "r1", StorePath: path, Release: signed}
+	if _, p, err := d.Resolve("host", []string{adminPub}); err != nil || p != path {
+		t.Fatalf("trusted signer: %q %v", p, err)
+	}
+	if _, _, err := d.Resolve("host", a.o.ReleaseSigners); !errors.Is(err, model.ErrUnknownSigner) {
+		t.Fatalf("no trusted signers: %v", err)
+	}
+}
+
+// Facts and events are signed with the device key: an agent without one
+// is refused, not started to send reports the coordinator rejects.
+func TestNewRequiresKey(t *testing.T) {
+	if _, err := New(Options{StateDir: t.TempDir()}); err == nil {
+		t.Fatal("agent created without a device key")
 	}
 }

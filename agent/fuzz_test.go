@@ -1,9 +1,12 @@
 package agent
 
 import (
+	"encoding/json"
 	"testing"
+	"time"
+	"unicode/utf8"
 
-	"github.com/nats-io/nats.go"
+	"fleet/model"
 )
 
 func FuzzParseLsblk(f *testing.F) {
@@ -44,32 +47,67 @@ func FuzzProcParsers(f *testing.F) {
 }
 
 func FuzzParseDesired(f *testing.F) {
-	f.Add("", "", "", []byte(`{"device":"U","release_id":"r","store_path":"/nix/store/x","release":{"payload":{},"signer":"U","sig":"x"}}`))
-	f.Add("404", "", "", []byte(nil))
-	f.Add("", "DEL", "5", []byte(nil))
-	f.Add("", "", "x", []byte("{"))
-	f.Fuzz(func(t *testing.T, status, op, seq string, body []byte) {
-		h := nats.Header{}
-		if status != "" {
-			h.Set("Status", status)
-		}
-		if op != "" {
-			h.Set("KV-Operation", op)
-		}
-		if seq != "" {
-			h.Set(nats.JSSequence, seq)
-		}
-		m, err := ParseDesired(h, body)
+	desired := `{"device":"U","release_id":"r","store_path":"/nix/store/x","release":{"payload":{},"signer":"U","sig":"x"}}`
+	f.Add([]byte(`{"seq":3,"desired":`+desired+`}`), uint64(3), "r", "/nix/store/x", int64(5), "")
+	f.Add([]byte(`{"seq":5}`), uint64(0), "", "", int64(0), "")
+	f.Add([]byte(`{"error":"no"}`), uint64(1), "r", "p", int64(-1), "kv down")
+	f.Add([]byte(`{"seq":7,"desired":"x"}`), uint64(1<<63), "\xff", "", int64(1)<<62, "")
+	f.Add([]byte("{"), uint64(0), "", "", int64(0), "")
+	f.Fuzz(func(t *testing.T, raw []byte, seq uint64, releaseID, storePath string, issuedNS int64, errMsg string) {
+		// Whatever arrives: no panic, and one coherent answer.
+		m, err := ParseDesired(raw)
 		if err != nil {
+			if m.Absent || m.Desired != nil || m.Err != nil || m.Seq != 0 {
+				t.Fatalf("partial result with an error: %+v", m)
+			}
+		} else {
+			set := 0
+			for _, b := range []bool{m.Absent, m.Desired != nil, m.Err != nil} {
+				if b {
+					set++
+				}
+			}
+			if set != 1 {
+				t.Fatalf("not exactly one of absent, desired, err: %+v", m)
+			}
+			if m.Desired != nil {
+				// Whatever arrives must go through Resolve without
+				// panicking, and an empty signer list refuses it.
+				if _, _, err := m.Desired.Resolve("host", []string{}); err == nil {
+					t.Fatal("resolved without trusted signers")
+				}
+			}
+			_ = m.Key()
+		}
+
+		// A reply the coordinator encodes comes back as it was sent.
+		d := model.Desired{ReleaseID: releaseID, StorePath: storePath, IssuedAt: time.Unix(0, issuedNS).UTC()}
+		body, err := json.Marshal(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := json.Marshal(model.DesiredReply{Seq: seq, Desired: body, Error: errMsg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err = ParseDesired(data)
+		if errMsg != "" {
+			if err == nil {
+				t.Fatalf("coordinator error %q not returned: %+v", errMsg, m)
+			}
 			return
 		}
-		if m.Desired != nil {
-			// Whatever arrives must go through Resolve without panicking,
-			// and an empty signer list refuses it.
-			if _, _, err := m.Desired.Resolve("host", []string{}); err == nil {
-				t.Fatal("resolved without trusted signers")
-			}
+		if err != nil || m.Desired == nil || m.Err != nil || m.Absent || m.Seq != seq || !m.Desired.IssuedAt.Equal(d.IssuedAt) {
+			t.Fatalf("round trip of %s: %+v %v", data, m, err)
 		}
-		_ = m.Key()
+		// JSON replaces invalid UTF-8; valid strings come back as they were.
+		if utf8.ValidString(releaseID) && m.Desired.ReleaseID != releaseID || utf8.ValidString(storePath) && m.Desired.StorePath != storePath {
+			t.Fatalf("round trip of %s: %+v", data, m.Desired)
+		}
+		// No value: absent, with its revision.
+		data, _ = json.Marshal(model.DesiredReply{Seq: seq})
+		if m, err := ParseDesired(data); err != nil || !m.Absent || m.Seq != seq {
+			t.Fatalf("no value, seq %d: %+v %v", seq, m, err)
+		}
 	})
 }

@@ -43,8 +43,8 @@ type Options struct {
 	// Recheck is how often the desired state is read again (with jitter)
 	// in case a trigger was lost while connected (default 15m).
 	Recheck time.Duration
-	Facts           []FactSource
-	Log             zerolog.Logger
+	Facts   []FactSource
+	Log     zerolog.Logger
 }
 
 // Agent keeps one device on its desired generation. One goroutine applies,

@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,7 +11,6 @@ import (
 	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Damaged files say what to do about them.
@@ -42,16 +43,20 @@ func TestCapTail(t *testing.T) {
 	}
 }
 
-// Which publish failures drop an outbox message instead of retrying it.
+// Which send failures drop an outbox message instead of retrying it: the
+// coordinator's permanent refusal and what the connection can never send.
 func TestPermanentPublishError(t *testing.T) {
 	for _, tc := range []struct {
 		err  error
 		want bool
 	}{
 		{nats.ErrMaxPayload, true},
-		{&jetstream.APIError{Code: 400, ErrorCode: jetstream.JSErrCodeStreamMessageExceedsMaximum}, true},
+		{fmt.Errorf("send x: %w", nats.ErrBadSubject), true},
+		{fmt.Errorf("%w: event too large", errReportRefused), true},
 		{nats.ErrNoResponders, false},
-		{nats.ErrTimeout, false},
+		{fmt.Errorf("send x: %w", nats.ErrTimeout), false},
+		{context.DeadlineExceeded, false},
+		{errors.New("send fleet.dev.x.events: stream unavailable"), false},
 		{errors.New("connection closed"), false},
 	} {
 		if got := permanentPublishError(tc.err); got != tc.want {

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -137,7 +136,7 @@ func connectDevice(t *testing.T, url string, cr *accounts.Creds) (*nats.Conn, ch
 	seed, _ := cr.Key.Seed()
 	closed := make(chan struct{})
 	nc, err := nats.Connect(url, nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(cr.PublicKey())),
+		nats.CustomInboxPrefix(cr.InboxPrefix()),
 		nats.NoReconnect(), nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
 		nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {}))
 	if err != nil {
@@ -248,21 +247,24 @@ func TestCluster(t *testing.T) {
 	}
 	t.Cleanup(cl.Close)
 	nc, _ := connectDevice(t, rest[0].ClientURL(), kept)
-	js, err := jetstream.NewWithDomain(nc, subjects.Domain)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := nc.Subscribe(subjects.DeviceDesired(kept.PublicKey()), func(m *nats.Msg) {
+	// Like an agent: the trigger asks it to read its desired state; it
+	// answers with a signed event.
+	if _, err := nc.Subscribe(subjects.DeviceNotify(kept.Site(), kept.PublicKey()), func(*nats.Msg) {
+		m, err := nc.Request(subjects.DesiredGetFor(kept.PublicKey()), nil, 5*time.Second)
+		if err != nil {
+			t.Errorf("read desired state: %v", err)
+			return
+		}
+		var r model.DesiredReply
 		var des model.Desired
-		if json.Unmarshal(m.Data, &des) != nil || des.StorePath == "" {
+		if json.Unmarshal(m.Data, &r) != nil || json.Unmarshal(r.Desired, &des) != nil || des.StorePath == "" {
 			return
 		}
 		ev := model.Event{Device: kept.PublicKey(), Time: time.Now(), State: model.StateReporting, Result: model.ResultSucceeded,
 			RolloutID: des.RolloutID, ReleaseID: des.ReleaseID, StorePath: des.StorePath}
-		b, _ := json.Marshal(ev)
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if _, err := js.Publish(ctx, subjects.DeviceEvents(kept.PublicKey()), b); err != nil {
+		signed, _ := model.Sign(kept.Key, model.PurposeEvent, ev)
+		b, _ := json.Marshal(signed)
+		if _, err := nc.Request(subjects.DeviceEvents(kept.PublicKey()), b, 5*time.Second); err != nil {
 			t.Errorf("publish event: %v", err)
 		}
 	}); err != nil {

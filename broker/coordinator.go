@@ -418,13 +418,13 @@ func (c *Coordinator) waitJetStream(ctx context.Context) error {
 // still coming up (an R3 stream needs three of them): retry until it holds.
 func (c *Coordinator) ensureStreams(ctx context.Context) error {
 	if !c.cfg.Clustered() {
-		return ensureStreams(ctx, c.js, c.cfg)
+		return ensureStreams(ctx, c.js, c.cfg, c.stateDisk())
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	for {
 		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
-		err := ensureStreams(sctx, c.js, c.cfg)
+		err := ensureStreams(sctx, c.js, c.cfg, c.stateDisk())
 		scancel()
 		if err == nil {
 			return nil
@@ -438,6 +438,17 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
+}
+
+// stateDisk is the disk the fleet's state may use: --storage-gib, or less
+// when this server's JetStream has less room (a small disk must not make
+// the streams impossible to create).
+func (c *Coordinator) stateDisk() int64 {
+	disk := c.cfg.Limits.JetStreamDisk
+	if jc := c.ns.JetStreamConfig(); jc != nil && jc.MaxStore > 0 && (disk <= 0 || jc.MaxStore < disk) {
+		disk = jc.MaxStore
+	}
+	return disk
 }
 
 // PushAccount sends an account JWT to every server through the system

@@ -40,6 +40,19 @@ func adminConn(t *testing.T, c *Coordinator) (*nats.Conn, jetstream.JetStream) {
 	return nc, js
 }
 
+// stateOutOfReach checks that even the owner's creds reach no JetStream:
+// the state lives in CORE, which no client belongs to.
+func stateOutOfReach(t *testing.T, c *Coordinator) {
+	t.Helper()
+	_, js := adminConn(t, c)
+	if _, err := js.AccountInfo(ctxT(t, 3*time.Second)); err == nil {
+		t.Error("the owner's creds reached a JetStream API")
+	}
+	if _, err := js.KeyValue(ctxT(t, 3*time.Second), subjects.BucketAdmins); err == nil {
+		t.Error("the owner's creds opened fleet_admins")
+	}
+}
+
 func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "data")
 	cfg := testConfig(dir)
@@ -61,7 +74,8 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 		t.Errorf("--listen 127.0.0.1:0 should pick a free port, got %s", c.ClientURL())
 	}
 	ctx := ctxT(t, 30*time.Second)
-	_, js := adminConn(t, c)
+	stateOutOfReach(t, c)
+	js := c.JetStream()
 
 	streams := map[string]func(jetstream.StreamConfig) []string{
 		subjects.StreamFacts: func(sc jetstream.StreamConfig) (bad []string) {
@@ -89,11 +103,25 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 			if !sc.DenyDelete || !sc.DenyPurge {
 				bad = append(bad, "deny delete/purge")
 			}
-			if sc.MaxAge != 0 || sc.MaxMsgs > 0 || sc.MaxBytes > 0 {
+			if sc.MaxAge != 0 || sc.MaxMsgs > 0 {
 				bad = append(bad, "the audit trail must not expire")
+			}
+			// Bounded in bytes only, a share of the state's disk.
+			if sc.MaxBytes <= 0 || sc.MaxBytes > cfg.Limits.JetStreamDisk/5 {
+				bad = append(bad, "audit size bound")
 			}
 			return bad
 		},
+	}
+	for _, name := range []string{subjects.StreamFacts, subjects.StreamEvents} {
+		check := streams[name]
+		streams[name] = func(sc jetstream.StreamConfig) []string {
+			bad := check(sc)
+			if sc.MaxBytes <= 0 || sc.MaxBytes > cfg.Limits.JetStreamDisk/2 || sc.MaxMsgSize <= 0 || sc.MaxMsgSize > 256<<10 {
+				bad = append(bad, "size bounds")
+			}
+			return bad
+		}
 	}
 	for name, check := range streams {
 		s, err := js.Stream(ctx, name)
@@ -136,7 +164,7 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 		switch b {
 		case subjects.BucketDesired:
 			rp := sc.RePublish
-			if rp == nil || rp.Source != subjects.DesiredRepublishSource || rp.Destination != subjects.DesiredRepublishDest || rp.HeadersOnly {
+			if rp == nil || rp.Source != subjects.DesiredRepublishSource || rp.Destination != subjects.DesiredRepublishDest || !rp.HeadersOnly {
 				t.Errorf("fleet_desired RePublish = %+v", rp)
 			}
 		case subjects.BucketLocks:
@@ -226,7 +254,7 @@ func TestRestartKeepsState(t *testing.T) {
 	if auth2.OperatorPublicKey() != opPub || auth2.FleetAccount() != fleetPub || auth2.RoleKey(subjects.RoleAgent) != agentKey {
 		t.Error("the fleet's keys changed across a restart")
 	}
-	_, ajs := adminConn(t, c2)
+	ajs := c2.JetStream()
 	kv, err := ajs.KeyValue(ctx, subjects.BucketDevices)
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
@@ -108,7 +109,27 @@ func enrollAgent(t *testing.T, c *broker.Coordinator, token, host string) (*acco
 // own connection, to test the responder's checks directly.
 func rawEnroll(t *testing.T, c *broker.Coordinator, data []byte) model.EnrollResponse {
 	t.Helper()
-	msg, err := c.Conn().Request(subjects.Enroll, data, 10*time.Second)
+	// Answered only into the inbox of the key that signed the request (or
+	// of any key, when it does not parse): ask as that key would.
+	var env model.Signed
+	signer := ""
+	if json.Unmarshal(data, &env) == nil && subjects.ValidDeviceID(env.Signer) {
+		signer = env.Signer
+	} else {
+		kp, _ := nkeys.CreateUser()
+		signer, _ = kp.PublicKey()
+	}
+	fc := c.ClientConn()
+	inbox := subjects.DeviceInboxPrefix(subjects.DefaultSite, signer) + "." + nats.NewInbox()[len("_INBOX."):]
+	s, err := fc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Unsubscribe()
+	if err := fc.PublishRequest(subjects.Enroll, inbox, data); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := s.NextMsg(10 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"sync"
@@ -10,9 +11,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -158,7 +161,7 @@ func dial(url string, cr *accounts.Creds, opts ...nats.Option) (*client, error) 
 
 // dialBearer connects with a bearer JWT: no key proves it.
 func dialBearer(url string, cr *accounts.Creds) (*client, error) {
-	return dialWith(url, cr.PublicKey(), subjects.DeviceInboxPrefix(cr.PublicKey()), nats.UserJWT(
+	return dialWith(url, cr.PublicKey(), cr.InboxPrefix(), nats.UserJWT(
 		func() (string, error) { return cr.JWT, nil },
 		func([]byte) ([]byte, error) { return nil, nil },
 	))
@@ -214,4 +217,33 @@ func ctxT(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+func newKey(t *testing.T) nkeys.KeyPair {
+	t.Helper()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp
+}
+
+func pubOf(kp nkeys.KeyPair) string {
+	pub, _ := kp.PublicKey()
+	return pub
+}
+
+// recordDevice writes an active device record for id at site straight into
+// fleet_devices, as enrollment would.
+func recordDevice(t *testing.T, c *Coordinator, id, site string) {
+	t.Helper()
+	ctx := ctxT(t, 10*time.Second)
+	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(model.Device{ID: id, Name: "dev-" + id[:6], Site: site, Status: model.DeviceActive, EnrolledAt: time.Now().UTC()})
+	if _, err := kv.Put(ctx, id, b); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -2,19 +2,22 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 
 	"fleet/accounts"
 	"fleet/internal/poll"
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -24,10 +27,12 @@ import (
 func startLeaf(t *testing.T, c *Coordinator) *server.Server {
 	t.Helper()
 	auth := c.Authority()
-	leafUser, err := auth.NewUser(subjects.RoleLeaf, "site-berlin", 0)
+	lk := newKey(t)
+	tok, err := auth.IssueSiteUser(subjects.RoleLeaf, pubOf(lk), "site-berlin", "berlin", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
+	leafUser := &accounts.Creds{JWT: tok, Key: lk}
 	credsPath := filepath.Join(t.TempDir(), "leaf.creds")
 	if err := accounts.WriteCreds(credsPath, leafUser); err != nil {
 		t.Fatal(err)
@@ -84,7 +89,7 @@ func startLeaf(t *testing.T, c *Coordinator) *server.Server {
 }
 
 // Devices at a site connect to the leaf node; the leaf enforces the same
-// role templates, and JetStream is reached through the domain.
+// role templates, and the link carries the site's device traffic only.
 func TestAgentThroughLeafNode(t *testing.T) {
 	cfg := testConfig(t.TempDir())
 	cfg.LeafnodeListen = "127.0.0.1:0"
@@ -92,21 +97,23 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	ls := startLeaf(t, c)
 	auth := c.Authority()
 	ctx := ctxT(t, 30*time.Second)
-	a, err := auth.NewUser(subjects.RoleAgent, "a", 0)
-	if err != nil {
-		t.Fatal(err)
+	newAgent := func(site string) (*accounts.Creds, string) {
+		kp := newKey(t)
+		tok, err := auth.IssueSiteUser(subjects.RoleAgent, pubOf(kp), "dev", site, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recordDevice(t, c, pubOf(kp), site)
+		return &accounts.Creds{JWT: tok, Key: kp}, pubOf(kp)
 	}
-	b, err := auth.NewUser(subjects.RoleAgent, "b", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	A, B := a.PublicKey(), b.PublicKey()
+	a, A := newAgent("berlin")
+	_, B := newAgent("berlin")
 	desired, err := c.JetStream().KeyValue(ctx, subjects.BucketDesired)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range []string{A, B} {
-		if _, err := desired.Put(ctx, id, []byte("desired-"+id)); err != nil {
+		if _, err := desired.Put(ctx, id, []byte(`{"release_id":"r-`+id[:8]+`"}`)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -116,32 +123,31 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-
-	// Facts cross the leaf into the hub's stream.
-	j, err := jetstream.NewWithDomain(cl.Conn, cfg.Domain)
-	if err != nil {
-		t.Fatal(err)
-	}
 	leafAcc, err := ls.LookupAccount(auth.FleetAccount())
 	if err != nil {
 		t.Fatal(err)
 	}
-	poll.Until(t, 10*time.Second, "the hub's stream and JetStream API interest at the leaf", func() bool {
-		return leafAcc.SubscriptionInterest(subjects.DeviceFacts(A)) &&
-			leafAcc.SubscriptionInterest(subjects.DesiredDirectGet(cfg.Domain, A))
+	poll.Until(t, 10*time.Second, "the coordinator's interest at the leaf", func() bool {
+		return leafAcc.SubscriptionInterest(subjects.DeviceFacts(A)) && leafAcc.SubscriptionInterest(subjects.DesiredGetFor(A))
 	})
-	if ack, err := j.Publish(ctx, subjects.DeviceFacts(A), []byte(`{"site":"berlin"}`)); err != nil || ack.Stream != subjects.StreamFacts {
-		t.Fatalf("facts through the leaf: %v %v", ack, err)
+
+	// Signed facts cross the leaf; the coordinator stores them.
+	if ack := sendSigned(t, cl, a.Key, subjects.DeviceFacts(A), model.PurposeFacts, model.Facts{Device: A, Hostname: "at-berlin"}); ack.Error != "" || ack.Seq == 0 {
+		t.Fatalf("facts through the leaf: %+v", ack)
 	}
 
-	// Direct get of its own desired state through the domain.
-	m, err := cl.RequestWithContext(ctxT(t, 5*time.Second), subjects.DesiredDirectGet(cfg.Domain, A), nil)
-	if err != nil || string(m.Data) != "desired-"+A {
-		t.Fatalf("direct get through the leaf: %v %v", m, err)
+	// Its own desired state, answered into its own inbox at the site.
+	m, err := cl.RequestWithContext(ctxT(t, 5*time.Second), subjects.DesiredGetFor(A), nil)
+	if err != nil {
+		t.Fatalf("desired state through the leaf: %v", err)
+	}
+	var dr model.DesiredReply
+	if err := json.Unmarshal(m.Data, &dr); err != nil || !strings.Contains(string(dr.Desired), "r-"+A[:8]) {
+		t.Fatalf("desired state through the leaf: %s %v", m.Data, err)
 	}
 
-	// The RePublish reaches the device at the site.
-	s, err := cl.SubscribeSync(subjects.DeviceDesired(A))
+	// The trigger reaches the device at the site.
+	s, err := cl.SubscribeSync(subjects.DeviceNotify("berlin", A))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,13 +155,13 @@ func TestAgentThroughLeafNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	poll.Until(t, 10*time.Second, "the agent's interest reaching the hub", func() bool {
-		return fleetAcc.SubscriptionInterest(subjects.DeviceDesired(A))
+		return fleetAcc.SubscriptionInterest(subjects.DeviceNotify("berlin", A))
 	})
-	if _, err := desired.Put(ctx, A, []byte("release-2")); err != nil {
+	if _, err := desired.Put(ctx, A, []byte(`{"release_id":"r2"}`)); err != nil {
 		t.Fatal(err)
 	}
-	if m, err := s.NextMsg(5 * time.Second); err != nil || string(m.Data) != "release-2" {
-		t.Fatalf("RePublish through the leaf: %v %v", m, err)
+	if _, err := s.NextMsg(5 * time.Second); err != nil {
+		t.Fatalf("trigger through the leaf: %v", err)
 	}
 
 	// The leaf server refuses another device's subjects itself.
@@ -163,13 +169,14 @@ func TestAgentThroughLeafNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	cl.errs.waitViolation(t, 5*time.Second, "Publish", subjects.DeviceFacts(B))
-	subB, err := cl.SubscribeSync(subjects.DeviceAll(B))
+	inboxB := subjects.DeviceInboxPrefix("berlin", B) + ".>"
+	subB, err := cl.SubscribeSync(inboxB)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer subB.Unsubscribe()
-	cl.errs.waitViolation(t, 5*time.Second, "Subscription", subjects.DeviceAll(B))
-	other := subjects.DesiredDirectGet(cfg.Domain, B)
+	cl.errs.waitViolation(t, 5*time.Second, "Subscription", inboxB)
+	other := subjects.DesiredGetFor(B)
 	rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	res := make(chan error, 1)
@@ -184,6 +191,26 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	// A refused request never completes; end it.
 	cancel()
 	if err := <-res; err == nil || !errors.Is(err, context.Canceled) {
-		t.Fatalf("direct get of another device's key through the leaf: %v", err)
+		t.Fatalf("another device's desired state through the leaf: %v", err)
 	}
+}
+
+// sendSigned sends payload signed by kp as a device report and returns the
+// coordinator's acknowledgement.
+func sendSigned(t *testing.T, cl *client, kp nkeys.KeyPair, subj, purpose string, payload any) model.ReportAck {
+	t.Helper()
+	s, err := model.Sign(kp, purpose, payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(s)
+	m, err := cl.Request(subj, b, 5*time.Second)
+	if err != nil {
+		t.Fatalf("send %s: %v", subj, err)
+	}
+	var ack model.ReportAck
+	if err := json.Unmarshal(m.Data, &ack); err != nil {
+		t.Fatalf("ack %q: %v", m.Data, err)
+	}
+	return ack
 }

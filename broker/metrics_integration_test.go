@@ -160,10 +160,8 @@ func TestPrometheusScrapesCoordinator(t *testing.T) {
 				return
 			case <-tick.C:
 				s := devs[0]
-				b, _ := json.Marshal(model.Facts{Device: s.d.id, Time: time.Now(), Hostname: s.d.name, CurrentSystem: s.path})
-				pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-				s.d.js.Publish(pctx, subjects.DeviceFacts(s.d.id), b)
-				cancel()
+				_ = reportSigned(s.d.nc, s.d.key, subjects.DeviceFacts(s.d.id), model.PurposeFacts,
+					model.Facts{Device: s.d.id, Time: time.Now(), Hostname: s.d.name, CurrentSystem: s.path})
 			}
 		}
 	}()

@@ -275,6 +275,10 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 	case err != nil:
 		r.Error = "read desired state: " + err.Error()
+	case !json.Valid(e.Value()):
+		// Only the coordinator writes the bucket; say so rather than send
+		// a reply the device cannot read.
+		r.Seq, r.Error = e.Revision(), "the stored desired state is damaged (not JSON): deploy again"
 	default:
 		r.Seq, r.Desired = e.Revision(), e.Value()
 	}

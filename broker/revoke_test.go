@@ -4,22 +4,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"fleet/accounts"
+	"fleet/model"
 	"fleet/subjects"
 )
 
-// jsPublishFacts proves cl is connected and authorised: its facts get a
-// PubAck.
-func jsPublishFacts(t *testing.T, cl *client, domain string) {
+// jsPublishFacts proves cl is connected and authorised: its signed facts
+// are stored.
+func jsPublishFacts(t *testing.T, cl *client, cr *accounts.Creds) {
 	t.Helper()
-	j, err := jetstream.NewWithDomain(cl.Conn, domain)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := j.Publish(ctxT(t, 5*time.Second), subjects.DeviceFacts(cl.pub), []byte(`{"up":true}`)); err != nil {
-		t.Fatalf("facts of %s: %v", cl.pub, err)
+	if ack := sendSigned(t, cl, cr.Key, subjects.DeviceFacts(cl.pub), model.PurposeFacts, model.Facts{Device: cl.pub}); ack.Seq == 0 {
+		t.Fatalf("facts of %s: %+v", cl.pub, ack)
 	}
 }
 
@@ -33,13 +28,14 @@ func TestRevokeDisconnectsAndRefuses(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		recordDevice(t, c, cr.PublicKey(), subjects.DefaultSite)
 		return cr
 	}
 	bad, good := newAgent("stolen-laptop"), newAgent("desktop")
 	badConn := mustDial(t, c.ClientURL(), bad)
 	goodConn := mustDial(t, c.ClientURL(), good)
-	jsPublishFacts(t, badConn, cfg.Domain)
-	jsPublishFacts(t, goodConn, cfg.Domain)
+	jsPublishFacts(t, badConn, bad)
+	jsPublishFacts(t, goodConn, good)
 
 	start := time.Now()
 	if err := c.Revoke(ctxT(t, 5*time.Second), bad.PublicKey()); err != nil {
@@ -72,13 +68,13 @@ func TestRevokeDisconnectsAndRefuses(t *testing.T) {
 	if !goodConn.IsConnected() {
 		t.Fatal("an unrevoked device is not connected")
 	}
-	jsPublishFacts(t, goodConn, cfg.Domain)
+	jsPublishFacts(t, goodConn, good)
 
 	// Revoking nonsense fails and changes nothing.
 	if err := c.Revoke(ctxT(t, 5*time.Second), "not-a-key"); err == nil {
 		t.Error("Revoke of an invalid key succeeded")
 	}
-	jsPublishFacts(t, goodConn, cfg.Domain)
+	jsPublishFacts(t, goodConn, good)
 
 	// After a restart the revocation still holds.
 	goodConn.Close()
@@ -93,10 +89,11 @@ func TestRevokeDisconnectsAndRefuses(t *testing.T) {
 	} else if !isAuthError(err) {
 		t.Fatalf("revoked device after a restart: want an authorization error, got %v", err)
 	}
-	jsPublishFacts(t, mustDial(t, c2.ClientURL(), good), cfg.Domain)
+	jsPublishFacts(t, mustDial(t, c2.ClientURL(), good), good)
 	fresh, err := c2.Authority().NewUser(subjects.RoleAgent, "new", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	jsPublishFacts(t, mustDial(t, c2.ClientURL(), fresh), cfg.Domain)
+	recordDevice(t, c2, fresh.PublicKey(), subjects.DefaultSite)
+	jsPublishFacts(t, mustDial(t, c2.ClientURL(), fresh), fresh)
 }

@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -22,23 +21,31 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 	c := startCoordinator(t, testConfig(t.TempDir()))
 	auth := c.Authority()
 	url := c.ClientURL()
-	domain := c.Config().Domain
-	coord := c.Conn()
+	// The coordinator's FLEET connection: it sees what clients publish and
+	// publishes the probes they may or may not receive.
+	coord := c.ClientConn()
 	ctx := ctxT(t, 60*time.Second)
 
 	creds := map[string]*accounts.Creds{}
 	for name, r := range map[string]subjects.Role{
-		"agentA": subjects.RoleAgent, "agentB": subjects.RoleAgent,
+		"agentA": subjects.RoleAgent, "agentB": subjects.RoleAgent, "pending": subjects.RolePending,
 		"viewer": subjects.RoleViewer, "operator": subjects.RoleOperator, "owner": subjects.RoleOwner,
 		"observer": subjects.RoleObserver, "enroll": subjects.RoleEnroll, "leaf": subjects.RoleLeaf,
 	} {
-		cr, err := auth.NewUser(r, name, time.Hour)
+		site := ""
+		if r == subjects.RoleLeaf {
+			site = "berlin"
+		}
+		kp := newKey(t)
+		tok, err := auth.IssueSiteUser(r, pubOf(kp), name, site, time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
-		creds[name] = cr
+		creds[name] = &accounts.Creds{JWT: tok, Key: kp}
 	}
-	A, B := creds["agentA"].PublicKey(), creds["agentB"].PublicKey()
+	A, B, P := creds["agentA"].PublicKey(), creds["agentB"].PublicKey(), creds["pending"].PublicKey()
+	hub := subjects.DefaultSite
+	inboxA := subjects.DeviceInboxPrefix(hub, A)
 
 	clients := map[string]*client{}
 	for name, cr := range creds {
@@ -59,30 +66,15 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		clients[name] = cl
 	}
 
-	// Desired states for both devices, written by the coordinator.
-	desired, err := c.JetStream().KeyValue(ctx, subjects.BucketDesired)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, id := range []string{A, B} {
-		if _, err := desired.Put(ctx, id, []byte("desired-"+id)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	js := func(name string) string { return subjects.JSAPIPrefix(domain) + name }
-
 	const (
-		pub        = "pub"        // plain publish; the coordinator listens
-		sub        = "sub"        // subscribe; the coordinator publishes probe
-		jsPub      = "jspub"      // JetStream publish through the domain, wants a PubAck
-		streamInfo = "streaminfo" // JetStream stream info through the domain
-		get        = "directget"  // raw direct-get request through the domain; subj is the key's device
-		getLocal   = "directget-local"
+		pub = "pub" // plain publish; the coordinator listens
+		sub = "sub" // subscribe; the coordinator publishes probe
 	)
-	// The hub checks a JetStream API subject after mapping the domain form
-	// to the local one, so a refusal may name either.
+	jsAPI := func(rest string) string { return subjects.JSAPIPrefix(c.Config().Domain) + rest }
+	// The server maps a JetStream domain form to the local one before it
+	// checks permissions, so a refusal may name either.
 	forms := func(subj string) []string {
-		if rest, ok := strings.CutPrefix(subj, subjects.JSAPIPrefix(domain)); ok {
+		if rest, ok := strings.CutPrefix(subj, subjects.JSAPIPrefix(c.Config().Domain)); ok {
 			return []string{subj, subjects.JSAPIPrefix("") + rest}
 		}
 		return []string{subj}
@@ -92,56 +84,59 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		probe          string // for sub: a literal subject the filter matches
 		allow          bool
 	}{
-		// Agent of device A: its own subjects only.
-		{"agentA", jsPub, subjects.DeviceFacts(A), "", true},
-		{"agentA", jsPub, subjects.DeviceEvents(A), "", true},
+		// Agent of device A: sends its own reports and desired-state
+		// requests, receives only its own inbox; nothing it can send, it
+		// can also receive (no echo).
 		{"agentA", pub, subjects.DeviceFacts(A), "", true},
-		{"agentA", sub, subjects.DeviceAll(A), subjects.DeviceCmd(A), true},
-		{"agentA", sub, subjects.DeviceDesired(A), "", true},
-		{"agentA", sub, subjects.DeviceInboxPrefix(A) + ".>", subjects.DeviceInboxPrefix(A) + ".x", true},
-		{"agentA", get, A, "", true},
+		{"agentA", pub, subjects.DeviceEvents(A), "", true},
+		{"agentA", pub, subjects.DesiredGetFor(A), "", true},
+		{"agentA", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), true},
 		{"agentA", pub, subjects.DeviceFacts(B), "", false},
-		{"agentA", pub, subjects.DeviceCmd(B), "", false},
-		{"agentA", jsPub, subjects.DeviceFacts(B), "", false},
-		{"agentA", get, B, "", false},
-		{"agentA", sub, subjects.DeviceAll(B), subjects.DeviceDesired(B), false},
-		{"agentA", sub, subjects.DeviceDesired(B), "", false},
-		{"agentA", sub, ">", "fleet.probe", false},
-		{"agentA", sub, "_INBOX.>", "_INBOX.probe", false},
-		{"agentA", sub, subjects.DeviceInboxPrefix(B) + ".>", subjects.DeviceInboxPrefix(B) + ".x", false},
-		{"agentA", sub, subjects.AllDevices, subjects.DeviceFacts(B), false},
+		{"agentA", pub, subjects.DeviceEvents(B), "", false},
+		{"agentA", pub, subjects.DesiredGetFor(B), "", false},
+		{"agentA", pub, subjects.DeviceNotify(hub, B), "", false},
+		{"agentA", pub, subjects.DeviceNotify(hub, A), "", false},
+		{"agentA", pub, subjects.DeviceCmd(hub, A), "", false},
 		{"agentA", pub, subjects.Enroll, "", false},
 		{"agentA", pub, subjects.APIReadVerb("devices"), "", false},
 		{"agentA", pub, "_INBOX.spoof", "", false},
-		{"agentA", getLocal, A, "", true},
-		{"agentA", getLocal, B, "", false},
-		{"agentA", streamInfo, subjects.StreamFacts, "", false},
-		{"agentB", jsPub, subjects.DeviceFacts(B), "", true},
-		{"agentB", get, B, "", true},
+		{"agentA", pub, jsAPI(".STREAM.DELETE." + subjects.StreamAudit), "", false},
+		{"agentA", pub, "$JS.API.INFO", "", false},
+		{"agentA", pub, subjects.KVKey(subjects.BucketAdmins, A), "", false},
+		{"agentA", sub, subjects.DeviceFacts(A), "", false},
+		{"agentA", sub, subjects.DesiredGetFor(A), "", false},
+		{"agentA", sub, subjects.DeviceInboxPrefix(hub, B) + ".>", subjects.DeviceNotify(hub, B), false},
+		{"agentA", sub, subjects.DeviceInboxPrefix("berlin", A) + ".>", subjects.DeviceNotify("berlin", A), false},
+		{"agentA", sub, subjects.SiteInboxes(hub), subjects.DeviceNotify(hub, B), false},
+		{"agentA", sub, ">", "fleet.probe", false},
+		{"agentA", sub, "_INBOX.>", "_INBOX.probe", false},
+		{"agentB", pub, subjects.DeviceFacts(B), "", true},
 		{"agentB", pub, subjects.DeviceEvents(A), "", false},
-		{"agentB", get, A, "", false},
 
-		// Viewer: read verbs and the facts and events streams.
+		// Pending device: may only ask again whether it was approved.
+		{"pending", pub, subjects.Enroll, "", true},
+		{"pending", sub, subjects.DeviceInboxPrefix(hub, P) + ".>", subjects.DeviceInboxPrefix(hub, P) + ".x", true},
+		{"pending", pub, subjects.DeviceFacts(P), "", false},
+		{"pending", pub, subjects.DeviceEvents(P), "", false},
+		{"pending", pub, subjects.DesiredGetFor(P), "", false},
+		{"pending", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), false},
+
+		// Viewer: the API only (write verbs reach the coordinator, which
+		// refuses and audits them).
 		{"viewer", pub, subjects.APIReadVerb("devices"), "", true},
-		// Write verbs reach the coordinator, which refuses and audits them.
 		{"viewer", pub, subjects.APIWriteVerb("deploy"), "", true},
-		{"viewer", pub, subjects.APIWriteVerb("tokens"), "", true},
-		{"viewer", streamInfo, subjects.StreamFacts, "", true},
-		{"viewer", streamInfo, subjects.StreamEvents, "", true},
-		{"viewer", streamInfo, subjects.StreamAudit, "", false},
-		{"viewer", pub, subjects.DeviceCmd(A), "", false},
+		{"viewer", pub, jsAPI(".STREAM.INFO." + subjects.StreamFacts), "", false},
+		{"viewer", pub, subjects.DeviceFacts(A), "", false},
+		{"viewer", pub, subjects.DeviceCmd(hub, A), "", false},
 		{"viewer", pub, subjects.Enroll, "", false},
-		{"viewer", sub, subjects.DeviceAll(A), subjects.DeviceFacts(A), false},
+		{"viewer", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), false},
 		{"viewer", sub, "_INBOX.>", "_INBOX.probe", false},
 		{"viewer", sub, ">", "fleet.probe", false},
 
-		// Operator: viewer plus write verbs.
-		{"operator", pub, subjects.APIReadVerb("devices"), "", true},
+		// Operator: the same subjects; its role decides at the coordinator.
 		{"operator", pub, subjects.APIWriteVerb("deploy"), "", true},
-		{"operator", streamInfo, subjects.StreamFacts, "", true},
-		{"operator", streamInfo, subjects.StreamAudit, "", false},
-		{"operator", pub, subjects.DeviceCmd(A), "", false},
-		{"operator", pub, js(".STREAM.DELETE.") + subjects.StreamFacts, "", false},
+		{"operator", pub, subjects.DeviceCmd(hub, A), "", false},
+		{"operator", pub, jsAPI(".STREAM.DELETE." + subjects.StreamFacts), "", false},
 		{"operator", sub, "_INBOX.>", "_INBOX.probe", false},
 
 		// Observer: a few read verbs.
@@ -155,21 +150,22 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"enroll", pub, subjects.Enroll, "", true},
 		{"enroll", pub, subjects.APIReadVerb("devices"), "", false},
 		{"enroll", pub, subjects.DeviceFacts(A), "", false},
-		{"enroll", jsPub, subjects.DeviceFacts(A), "", false},
-		{"enroll", sub, subjects.DeviceAll(A), subjects.DeviceCmd(A), false},
+		{"enroll", pub, subjects.DesiredGetFor(A), "", false},
+		{"enroll", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), false},
 		{"enroll", sub, "_INBOX.>", "_INBOX.probe", false},
 
-		// Owner: everything it needs, but not other users' replies.
+		// Owner: the API, like every admin; never device subjects, the
+		// state, or other users' replies.
 		{"owner", pub, subjects.APIWriteVerb("tokens"), "", true},
-		{"owner", pub, subjects.DeviceCmd(A), "", true},
-		{"owner", jsPub, subjects.DeviceFacts(B), "", true},
-		{"owner", jsPub, subjects.AuditSubject("test"), "", true},
-		{"owner", streamInfo, subjects.StreamAudit, "", true},
-		{"owner", streamInfo, subjects.KVStream(subjects.BucketTokens), "", true},
-		{"owner", sub, subjects.AllDevices, subjects.DeviceFacts(A), true},
+		{"owner", pub, subjects.DeviceCmd(hub, A), "", false},
+		{"owner", pub, subjects.DeviceFacts(B), "", false},
+		{"owner", pub, subjects.AuditSubject("test"), "", false},
+		{"owner", pub, jsAPI(".STREAM.DELETE." + subjects.StreamAudit), "", false},
+		{"owner", pub, subjects.KVKey(subjects.BucketAdmins, A), "", false},
+		{"owner", sub, "fleet.>", subjects.DeviceFacts(A), false},
 		{"owner", sub, "_INBOX.>", "_INBOX.probe", false},
 		{"owner", sub, ">", "$JS.EVENT.probe", false},
-		{"owner", sub, subjects.DeviceInboxPrefix(A) + ".>", subjects.DeviceInboxPrefix(A) + ".x", false},
+		{"owner", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), false},
 	}
 	for i, tc := range cases {
 		verdict := "denied"
@@ -196,7 +192,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 					if _, err := watch.NextMsg(5 * time.Second); err != nil {
 						t.Fatalf("allowed publish did not arrive: %v", err)
 					}
-					if err := cl.errs.violation("Publish", forms(tc.subj)...); err != nil {
+					if err := cl.errs.violation("Publish", tc.subj); err != nil {
 						t.Fatalf("allowed publish reported %v", err)
 					}
 					return
@@ -251,87 +247,28 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 				if n, _, _ := s.Pending(); n != 0 {
 					t.Fatalf("a refused subscription received %d messages", n)
 				}
-
-			case jsPub, streamInfo, get, getLocal:
-				var subject string
-				var do func(ctx context.Context) error
-				switch tc.op {
-				case jsPub:
-					subject = tc.subj
-					do = func(ctx context.Context) error {
-						j, err := jetstream.NewWithDomain(cl.Conn, domain)
-						if err != nil {
-							return err
-						}
-						ack, err := j.Publish(ctx, tc.subj, []byte(`{"probe":true}`))
-						if err == nil && ack.Domain != domain {
-							return fmt.Errorf("PubAck from domain %q", ack.Domain)
-						}
-						return err
-					}
-				case streamInfo:
-					subject = js(".STREAM.INFO." + tc.subj)
-					do = func(ctx context.Context) error {
-						j, err := jetstream.NewWithDomain(cl.Conn, domain)
-						if err != nil {
-							return err
-						}
-						_, err = j.Stream(ctx, tc.subj)
-						return err
-					}
-				case get, getLocal:
-					subject = subjects.DesiredDirectGet(domain, tc.subj)
-					if tc.op == getLocal {
-						subject = subjects.DesiredDirectGet("", tc.subj)
-					}
-					do = func(ctx context.Context) error {
-						m, err := cl.RequestWithContext(ctx, subject, nil)
-						if err != nil {
-							return err
-						}
-						if st := m.Header.Get("Status"); st != "" {
-							return fmt.Errorf("direct get status %s %s", st, m.Header.Get("Description"))
-						}
-						if string(m.Data) != "desired-"+tc.subj || m.Header.Get(jetstream.SubjectHeader) != subjects.KVKey(subjects.BucketDesired, tc.subj) {
-							return fmt.Errorf("direct get returned %q for %s", m.Data, m.Header.Get(jetstream.SubjectHeader))
-						}
-						return nil
-					}
-				}
-				if tc.allow {
-					if err := do(ctxT(t, 5*time.Second)); err != nil {
-						t.Fatalf("allowed %s failed: %v", tc.op, err)
-					}
-					if err := cl.errs.violation("Publish", forms(subject)...); err != nil {
-						t.Fatalf("allowed %s reported %v", tc.op, err)
-					}
-					return
-				}
-				// A refused request never gets an answer: wait for the
-				// server's refusal, then give up on the request.
-				rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				res := make(chan error, 1)
-				go func() { res <- do(rctx) }()
-				cl.errs.waitViolation(t, 5*time.Second, "Publish", forms(subject)...)
-				cancel()
-				if err := <-res; err == nil {
-					t.Fatalf("refused %s succeeded", tc.op)
-				}
 			default:
 				t.Fatalf("unknown op %s", tc.op)
 			}
 		})
 	}
 
-	t.Run("agent receives the RePublish of its desired state", func(t *testing.T) {
+	t.Run("agent gets a bare trigger, in its own inbox, when its desired state changes", func(t *testing.T) {
+		desired, err := c.JetStream().KeyValue(ctx, subjects.BucketDesired)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Triggers go to recorded, active devices only.
+		for _, id := range []string{A, B} {
+			recordDevice(t, c, id, hub)
+		}
 		a, b := clients["agentA"], clients["agentB"]
-		sa, err := a.SubscribeSync(subjects.DeviceDesired(A))
+		sa, err := a.SubscribeSync(subjects.DeviceNotify(hub, A))
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer sa.Unsubscribe()
-		sb, err := b.SubscribeSync(subjects.DeviceDesired(B))
+		sb, err := b.SubscribeSync(subjects.DeviceNotify(hub, B))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -341,59 +278,41 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if _, err := desired.Put(ctx, A, []byte("release-2")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := desired.Put(ctx, B, []byte("release-3")); err != nil {
+		if _, err := desired.Put(ctx, A, []byte(`{"release_id":"secret-release-of-A"}`)); err != nil {
 			t.Fatal(err)
 		}
 		m, err := sa.NextMsg(5 * time.Second)
-		if err != nil || string(m.Data) != "release-2" {
-			t.Fatalf("agent A: %v %v", m, err)
+		if err != nil {
+			t.Fatalf("agent A got no trigger: %v", err)
 		}
-		if m.Header.Get(jetstream.SubjectHeader) != subjects.KVKey(subjects.BucketDesired, A) {
-			t.Errorf("republished from %s", m.Header.Get(jetstream.SubjectHeader))
+		if len(m.Data) != 0 || len(m.Header) != 0 {
+			t.Fatalf("the trigger carries data %q / headers %v; it must carry nothing", m.Data, m.Header)
 		}
-		// B's first notification is its own, not A's.
-		m, err = sb.NextMsg(5 * time.Second)
-		if err != nil || string(m.Data) != "release-3" {
-			t.Fatalf("agent B: %v %v", m, err)
+		if _, err := desired.Put(ctx, B, []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+		// B's first trigger is its own change; A's change never reached B.
+		if _, err := sb.NextMsg(5 * time.Second); err != nil {
+			t.Fatalf("agent B: %v", err)
+		}
+		if n, _, _ := sb.Pending(); n != 0 {
+			t.Fatalf("agent B got %d more triggers", n)
 		}
 	})
 
-	t.Run("agent cannot roll up or purge the shared streams", func(t *testing.T) {
-		a, b := clients["agentA"], clients["agentB"]
-		ja, _ := jetstream.NewWithDomain(a.Conn, domain)
-		jb, _ := jetstream.NewWithDomain(b.Conn, domain)
-		ackB, err := jb.Publish(ctx, subjects.DeviceFacts(B), []byte(`{"b":1}`))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, h := range []string{"all", "sub"} {
-			m := nats.NewMsg(subjects.DeviceFacts(A))
-			m.Header.Set("Nats-Rollup", h)
-			m.Data = []byte(`{"a":1}`)
-			if _, err := ja.PublishMsg(ctx, m); err == nil {
-				t.Errorf("agent published a %q rollup into %s", h, subjects.StreamFacts)
-			}
-		}
-		m := nats.NewMsg(subjects.DeviceFacts(A))
-		m.Header.Set("Nats-TTL", "1s")
-		if _, err := ja.PublishMsg(ctx, m); err == nil {
-			t.Error("agent set a per-message TTL")
-		}
-		facts, err := c.JetStream().Stream(ctx, subjects.StreamFacts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got, err := facts.GetLastMsgForSubject(ctx, subjects.DeviceFacts(B)); err != nil || got.Sequence != ackB.Sequence {
-			t.Fatalf("device B's facts after A's rollup attempts: %v", err)
-		}
-	})
-
-	t.Run("agent answers a command", func(t *testing.T) {
+	t.Run("agent cannot answer a request: no role has allow_responses", func(t *testing.T) {
 		a := clients["agentA"]
-		s, err := a.Subscribe(subjects.DeviceCmd(A), func(m *nats.Msg) { _ = m.Respond([]byte("done")) })
+		owner := clients["owner"]
+		reply := creds["owner"].InboxPrefix() + ".probe"
+		got, err := owner.SubscribeSync(reply)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer got.Unsubscribe()
+		if err := owner.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		s, err := a.Subscribe(subjects.DeviceCmd(hub, A), func(m *nats.Msg) { _ = m.Respond([]byte("echo")) })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -401,13 +320,19 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		if err := a.Flush(); err != nil {
 			t.Fatal(err)
 		}
-		m, err := coord.Request(subjects.DeviceCmd(A), []byte("reboot"), 5*time.Second)
-		if err != nil || string(m.Data) != "done" {
-			t.Fatalf("command reply: %v %v", m, err)
+		if err := coord.PublishRequest(subjects.DeviceCmd(hub, A), reply, []byte("reboot")); err != nil {
+			t.Fatal(err)
+		}
+		a.errs.waitViolation(t, 5*time.Second, "Publish", reply)
+		if err := owner.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if n, _, _ := got.Pending(); n != 0 {
+			t.Fatal("the device's answer reached the reply subject")
 		}
 	})
 
-	t.Run("enroll request gets its reply", func(t *testing.T) {
+	t.Run("enroll request gets its reply in the bearer's own inbox", func(t *testing.T) {
 		// The coordinator's enrollment service answers (here: refuses the
 		// junk request); any answer proves the reply reached the bearer
 		// user's own inbox.
@@ -415,28 +340,26 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		if err != nil || len(m.Data) == 0 {
 			t.Fatalf("enroll reply: %v %v", m, err)
 		}
-		if !strings.HasPrefix(m.Subject, subjects.DeviceInboxPrefix(clients["enroll"].pub)+".") {
+		if !strings.HasPrefix(m.Subject, subjects.DeviceInboxPrefix(hub, clients["enroll"].pub)+".") {
 			t.Fatalf("reply delivered on %s", m.Subject)
 		}
 	})
 
-	t.Run("owner uses buckets through the domain", func(t *testing.T) {
-		j, err := jetstream.NewWithDomain(clients["owner"].Conn, domain)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kv, err := j.KeyValue(ctx, subjects.BucketDevices)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, "probe", []byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		if e, err := kv.Get(ctx, "probe"); err != nil || string(e.Value()) != "x" {
-			t.Fatalf("get: %v", err)
-		}
-		if e, err := kv.Get(ctx, A); err == nil {
-			t.Fatalf("unexpected device record %q", e.Value())
+	t.Run("no client reaches JetStream", func(t *testing.T) {
+		// FLEET has no JetStream and no imports: even the owner's
+		// JetStream calls find nothing to answer them.
+		for _, name := range []string{"owner", "agentA"} {
+			j, err := jetstream.NewWithDomain(clients[name].Conn, c.Config().Domain)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := j.KeyValue(ctxT(t, 3*time.Second), subjects.BucketAdmins); err == nil {
+				t.Fatalf("%s opened %s", name, subjects.BucketAdmins)
+			}
+			j, _ = jetstream.New(clients[name].Conn)
+			if _, err := j.AccountInfo(ctxT(t, 3*time.Second)); err == nil {
+				t.Fatalf("%s reached a JetStream API", name)
+			}
 		}
 	})
 
@@ -493,13 +416,11 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer nc.Close()
-		j, _ := jetstream.NewWithDomain(nc, domain)
-		_, err = j.Publish(ctxT(t, 2*time.Second), subjects.DeviceFacts(A), []byte("{}"))
-		if err == nil {
-			t.Fatal("JetStream publish with the default _INBOX. prefix got its ack")
+		if _, err := nc.Request(subjects.DesiredGetFor(A), nil, 2*time.Second); err == nil {
+			t.Fatal("a request with the default _INBOX. prefix got its answer")
 		}
 		if !errors.Is(nc.LastError(), nats.ErrPermissionViolation) || !strings.Contains(nc.LastError().Error(), `Subscription to "_INBOX.`) {
-			t.Fatalf("want a permissions violation on _INBOX., got %v / %v", err, nc.LastError())
+			t.Fatalf("want a permissions violation on _INBOX., got %v", nc.LastError())
 		}
 	})
 }

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
@@ -80,19 +79,23 @@ func startRolloutFleet(t *testing.T, n int, group string) *rolloutFleet {
 func (d *simDevice) connect(t *testing.T, c *Coordinator, cr *accounts.Creds) {
 	seed, _ := cr.Key.Seed()
 	nc, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)),
-		nats.CustomInboxPrefix(subjects.DeviceInboxPrefix(d.id)))
+		nats.CustomInboxPrefix(cr.InboxPrefix()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
 	d.nc = nc
-	js, err := jetstream.NewWithDomain(nc, subjects.Domain)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = nc.Subscribe(subjects.DeviceDesired(d.id), func(m *nats.Msg) {
+	// Like an agent: a trigger asks it to read its desired state, and it
+	// answers with a signed event.
+	_, err = nc.Subscribe(subjects.DeviceNotify(cr.Site(), d.id), func(*nats.Msg) {
+		m, err := nc.Request(subjects.DesiredGetFor(d.id), nil, 5*time.Second)
+		if err != nil {
+			t.Errorf("%s: read desired state: %v", d.name, err)
+			return
+		}
+		var r model.DesiredReply
 		var des model.Desired
-		if json.Unmarshal(m.Data, &des) != nil || des.StorePath == "" {
+		if json.Unmarshal(m.Data, &r) != nil || json.Unmarshal(r.Desired, &des) != nil || des.StorePath == "" {
 			return
 		}
 		d.mu.Lock()
@@ -103,14 +106,11 @@ func (d *simDevice) connect(t *testing.T, c *Coordinator, cr *accounts.Creds) {
 			res = model.ResultRolledBack
 		}
 		ev := model.Event{Device: d.id, Time: time.Now(), State: model.StateReporting, Result: res,
-			RolloutID: des.RolloutID, ReleaseID: des.ReleaseID, StorePath: des.StorePath}
+			RolloutID: des.RolloutID, ReleaseID: des.ReleaseID, StorePath: des.StorePath, Attempt: fmt.Sprint(r.Seq)}
 		if res != model.ResultSucceeded {
 			ev.Check, ev.Error = "http-health", "health check failed"
 		}
-		b, _ := json.Marshal(ev)
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if _, err := js.Publish(ctx, subjects.DeviceEvents(d.id), b); err != nil {
+		if err := reportSigned(nc, cr.Key, subjects.DeviceEvents(d.id), model.PurposeEvent, ev); err != nil {
 			t.Errorf("%s: publish event: %v", d.name, err)
 		}
 	})
@@ -120,6 +120,28 @@ func (d *simDevice) connect(t *testing.T, c *Coordinator, cr *accounts.Creds) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// reportSigned sends v signed by kp as a device report and waits for the
+// coordinator's acknowledgement.
+func reportSigned(nc *nats.Conn, kp nkeys.KeyPair, subj, purpose string, v any) error {
+	s, err := model.Sign(kp, purpose, v)
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(s)
+	m, err := nc.Request(subj, b, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	var ack model.ReportAck
+	if err := json.Unmarshal(m.Data, &ack); err != nil {
+		return err
+	}
+	if ack.Error != "" {
+		return fmt.Errorf("coordinator: %s", ack.Error)
+	}
+	return nil
 }
 
 func (d *simDevice) appliedCount(path string) int {

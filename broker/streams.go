@@ -56,8 +56,16 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	}
 }
 
-// streamConfigs are the streams of DESIGN §3 with their limits.
-func streamConfigs(cfg Config) []jetstream.StreamConfig {
+// streamConfigs are the streams of DESIGN §3 with their limits. disk is
+// the bytes the state may use on this server (all replicas together).
+func streamConfigs(cfg Config, disk int64) []jetstream.StreamConfig {
+	share := func(pct int64) int64 {
+		if disk <= 0 {
+			return -1
+		}
+		// Each replica's bytes count against the account's limit.
+		return disk / 100 * pct / int64(max(cfg.Replicas, 1))
+	}
 	return []jetstream.StreamConfig{
 		{
 			Name:              subjects.StreamFacts,
@@ -70,7 +78,7 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			MaxAge:            cfg.FactsRetention,
 			MaxMsgsPerSubject: cfg.FactsHistory,
 			MaxMsgSize:        model.MaxFactsBytes,
-			MaxBytes:          cfg.streamBytes(35),
+			MaxBytes:          share(35),
 			AllowDirect:       true,
 		},
 		{
@@ -84,7 +92,7 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			MaxAge:            cfg.EventsRetention,
 			MaxMsgsPerSubject: 2000,
 			MaxMsgSize:        model.MaxEventBytes,
-			MaxBytes:          cfg.streamBytes(35),
+			MaxBytes:          share(35),
 			AllowDirect:       true,
 		},
 		{
@@ -95,30 +103,22 @@ func streamConfigs(cfg Config) []jetstream.StreamConfig {
 			Replicas:    cfg.Replicas,
 			Retention:   jetstream.LimitsPolicy,
 			// The audit trail is append-only: nobody deletes or purges it.
-			DenyDelete:  true,
-			DenyPurge:   true,
-			MaxMsgSize:  1 << 20,
+			DenyDelete: true,
+			DenyPurge:  true,
+			MaxMsgSize: 1 << 20,
 			// Full, it drops its oldest entries; the audit refuses to grow
 			// from refusals (rate-limited, stored as hashes), and
 			// fleet_jetstream_stream_bytes warns long before.
-			MaxBytes:    cfg.streamBytes(15),
+			MaxBytes:    share(15),
 			AllowDirect: true,
 		},
 	}
 }
 
-// streamBytes is pct percent of the state's disk limit.
-func (c Config) streamBytes(pct int64) int64 {
-	if c.Limits.JetStreamDisk <= 0 {
-		return -1
-	}
-	return c.Limits.JetStreamDisk / 100 * pct
-}
-
 // ensureStreams creates or updates every stream and bucket; running it
 // again with the same config changes nothing.
-func ensureStreams(ctx context.Context, js jetstream.JetStream, cfg Config) error {
-	for _, sc := range streamConfigs(cfg) {
+func ensureStreams(ctx context.Context, js jetstream.JetStream, cfg Config, disk int64) error {
+	for _, sc := range streamConfigs(cfg, disk) {
 		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
 			return fmt.Errorf("stream %s: %w", sc.Name, err)
 		}

@@ -32,6 +32,8 @@ let
     factsInterval = "facts-interval";
     reconnectWithin = "reconnect-within";
     applyTimeout = "apply-timeout";
+    recheck = "recheck";
+    approvalPoll = "approval-poll";
     logLevel = "log-level";
     logFormat = "log-format";
   };

@@ -198,6 +198,18 @@ in
       description = "Bound on fetching and switching one generation.";
     };
 
+    recheck = mkOption {
+      type = duration;
+      default = "15m";
+      description = "How often to re-read the desired state (with jitter), in case a change notification was lost.";
+    };
+
+    approvalPoll = mkOption {
+      type = duration;
+      default = "30s";
+      description = "While the device waits for approval, how often to ask (with jitter).";
+    };
+
     logLevel = mkOption {
       type = types.enum [ "debug" "info" "warn" "error" ];
       default = "info";

@@ -263,7 +263,6 @@ func KVStream(b string) string { return "KV_" + b }
 // KVKey is the stream subject of key in bucket b.
 func KVKey(b, key string) string { return "$KV." + b + "." + key }
 
-
 // InInbox reports whether reply is a subject under the inbox prefix: the
 // check every responder makes before it answers, so a reply can only ever
 // reach the one who asked.

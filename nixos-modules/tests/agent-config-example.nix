@@ -20,6 +20,8 @@ agentConfig {
   factsInterval = "60s";
   reconnectWithin = "2m";
   applyTimeout = "30m";
+  recheck = "15m";
+  approvalPoll = "30s";
   logLevel = "info";
   logFormat = "json";
   healthDeadline = "5m";

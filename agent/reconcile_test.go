@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// runningActivator reports path as the running system and fails the test
+// on anything that would change the system.
+type runningActivator struct {
+	t    *testing.T
+	path string
+}
+
+func (f runningActivator) Current(context.Context) (string, error) { return f.path, nil }
+func (f runningActivator) Fetch(context.Context, string, string) error {
+	f.t.Error("unexpected Fetch")
+	return nil
+}
+func (f runningActivator) Snapshot(context.Context) (Generation, error) {
+	f.t.Error("unexpected Snapshot")
+	return Generation{}, nil
+}
+func (f runningActivator) Switch(context.Context, string, model.Action) error {
+	f.t.Error("unexpected Switch")
+	return nil
+}
+func (f runningActivator) Rollback(context.Context, Generation, model.Action) error {
+	f.t.Error("unexpected Rollback")
+	return nil
+}
+func (f runningActivator) Active(_ context.Context, path string, action model.Action) (bool, error) {
+	return path == f.path && action == model.ActionSwitch, nil
+}
+
+func waitFor[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("timed out waiting for %s", what)
+		panic("unreachable")
+	}
+}
+
+// The agent reads its desired state from the coordinator on start and again
+// on a trigger in its own inbox (whatever the trigger carries), handles it,
+// and reports signed events and facts that the coordinator acknowledges.
+func TestAgentReadsDesiredOnTrigger(t *testing.T) {
+	nc, coord := natsPair(t)
+	kp, id := deviceKey(t)
+	admin, adminPub := deviceKey(t)
+	const site = "berlin"
+	path := "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-host"
+
+	rel, err := model.Sign(admin, model.PurposeRelease, model.Release{ID: "r1", CreatedAt: time.Now().UTC(), Author: adminPub, Default: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	desired := model.Desired{Device: id, ReleaseID: "r1", RolloutID: "ro1", StorePath: path, Release: rel, IssuedAt: time.Now().UTC()}
+	desiredJSON, _ := json.Marshal(desired)
+
+	// The coordinator: desired-state reads, events, facts.
+	var (
+		mu     sync.Mutex
+		answer model.DesiredReply // none at first
+	)
+	asks := make(chan struct{}, 10)
+	if _, err := coord.Subscribe(subjects.DesiredGetFor(id), func(m *nats.Msg) {
+		mu.Lock()
+		a := answer
+		mu.Unlock()
+		asks <- struct{}{}
+		respondJSON(t, m, a)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	events := serveEvents(t, coord, id)
+	events.setAck(model.ReportAck{Seq: 1})
+	facts := make(chan *model.Facts, 10)
+	if _, err := coord.Subscribe(subjects.DeviceFacts(id), func(m *nats.Msg) {
+		f, err := model.ParseFacts(m.Data, id)
+		if err != nil {
+			t.Errorf("facts: %v", err)
+			respondJSON(t, m, model.ReportAck{Error: err.Error(), Permanent: true})
+			return
+		}
+		facts <- f
+		respondJSON(t, m, model.ReportAck{Seq: 1})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := coord.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	dir := t.TempDir()
+	a, err := New(Options{DeviceID: id, Key: kp, Site: site, Hostname: "host", StateDir: dir,
+		ReleaseSigners: []string{adminPub}, Activator: runningActivator{t: t, path: path},
+		ApplyTimeout: time.Minute, ReconnectWithin: time.Minute, FactsInterval: time.Hour, Recheck: time.Hour,
+		Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx, nc) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := waitFor(t, done, "the agent to stop"); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}
+	defer stop()
+
+	// On start the agent asks once; there is no desired state yet. Its
+	// trigger subscription was sent before that request, so the server has
+	// it by now.
+	waitFor(t, asks, "the first desired-state read")
+	mu.Lock()
+	answer = model.DesiredReply{Seq: 5, Desired: desiredJSON}
+	mu.Unlock()
+	if err := coord.Publish(subjects.DeviceNotify(site, id), []byte("anything: the agent reads for itself")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, asks, "the desired-state read after the trigger")
+
+	// The device already runs the release: checking, reporting unchanged,
+	// idle, each signed and stored.
+	want := []struct {
+		state  model.State
+		result model.Result
+	}{{model.StateChecking, ""}, {model.StateReporting, model.ResultUnchanged}, {model.StateIdle, ""}}
+	var attempt string
+	for i, w := range want {
+		ev := waitFor(t, events.stored, "event "+string(w.state))
+		if ev.State != w.state || ev.Result != w.result || ev.ReleaseID != "r1" || ev.RolloutID != "ro1" || ev.StorePath != path || ev.Attempt == "" {
+			t.Fatalf("event %d: %+v, want %s %s", i, ev, w.state, w.result)
+		}
+		if i > 0 && ev.Attempt != attempt {
+			t.Fatalf("event %d of another attempt: %s, want %s", i, ev.Attempt, attempt)
+		}
+		attempt = ev.Attempt
+	}
+	// Fresh facts follow the apply, carrying its result.
+	for f := waitFor(t, facts, "facts"); f.LastApply == nil || f.LastApply.Result != model.ResultUnchanged; f = waitFor(t, facts, "facts after the apply") {
+	}
+
+	stop()
+	// Nothing else was reported: the absent state caused no event. An
+	// event whose ack was in flight at the stop is sent again by the
+	// final flush (at least once; the coordinator deduplicates by ID).
+	got, bad := events.received()
+	ids := map[string]bool{}
+	for _, ev := range got {
+		ids[model.EventMsgID(&ev)] = true
+	}
+	if len(ids) != len(want) || len(bad) != 0 {
+		t.Fatalf("coordinator got events %+v, refused %v", got, bad)
+	}
+	st, err := LoadState(dir)
+	if err != nil || st.Phase != PhaseNone || st.Last == nil || st.Last.Result != model.ResultUnchanged || st.LastKey != (&DesiredMsg{Desired: &desired}).Key() {
+		t.Fatalf("state after the apply: %+v %v", st, err)
+	}
+}
