@@ -409,6 +409,13 @@ func TestLoadDamagedDir(t *testing.T) {
 func TestIssueUser(t *testing.T) {
 	_, a := create(t)
 	for _, r := range subjects.Roles {
+		if r == subjects.RoleLeaf {
+			// A leaf link always names its site (TestIssueSiteUser).
+			if _, err := a.NewUser(r, "u-leaf", time.Hour); err == nil {
+				t.Error("NewUser(leaf) without a site succeeded")
+			}
+			continue
+		}
 		c, err := a.NewUser(r, "u-"+string(r), time.Hour)
 		if err != nil {
 			t.Fatalf("NewUser(%s): %v", r, err)

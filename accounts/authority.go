@@ -523,8 +523,8 @@ func (a *Authority) IssueSiteUser(r subjects.Role, pub, name, site string, ttl t
 			site = subjects.DefaultSite
 		}
 	case subjects.RoleLeaf:
-		if site == subjects.DefaultSite {
-			return "", fmt.Errorf("site %q is the hub's own: name the leaf's site", site)
+		if site == "" || site == subjects.DefaultSite {
+			return "", fmt.Errorf("site %q: a leaf link needs its own site (not the hub's)", site)
 		}
 	default:
 		if site != "" {

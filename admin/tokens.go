@@ -21,6 +21,7 @@ type TokenCreateCmd struct {
 	Uses     int           `help:"How many devices may enrol with it." default:"1"`
 	TTL      time.Duration `name:"ttl" help:"How long it is valid." default:"24h"`
 	Approval bool          `help:"Enrolled devices stay pending until fleet-admin devices approve."`
+	Site     string        `help:"Site whose leaf node the devices connect through (as in leaf config --site); empty: the hub."`
 }
 
 // Run creates the token.
@@ -30,7 +31,7 @@ func (cmd *TokenCreateCmd) Run(g *Globals) error {
 		return err
 	}
 	defer c.Close()
-	t, err := c.CreateToken(g.ctx, model.TokenCreate{Groups: cmd.Group, Uses: cmd.Uses, TTL: cmd.TTL, Approval: cmd.Approval})
+	t, err := c.CreateToken(g.ctx, model.TokenCreate{Groups: cmd.Group, Uses: cmd.Uses, TTL: cmd.TTL, Approval: cmd.Approval, Site: cmd.Site})
 	if err != nil {
 		return err
 	}
@@ -42,7 +43,8 @@ func (cmd *TokenCreateCmd) Run(g *Globals) error {
 			Uses      int       `json:"uses"`
 			ExpiresAt time.Time `json:"expires_at"`
 			Approval  bool      `json:"approval"`
-		}{t.Token, t.ID, t.Groups, t.Uses, t.ExpiresAt, t.Approval})
+			Site      string    `json:"site,omitempty"`
+		}{t.Token, t.ID, t.Groups, t.Uses, t.ExpiresAt, t.Approval, t.Site})
 	}
 	// The token alone, so `$(fleet-admin token create ...)` captures it.
 	_, err = fmt.Fprintln(g.stdout, t.Token)

@@ -49,6 +49,10 @@ func ParseDesired(data []byte) (DesiredMsg, error) {
 		return m, fmt.Errorf("desired state: coordinator: %s", r.Error)
 	}
 	m.Seq = r.Seq
+	if r.Damaged != "" {
+		m.Err = fmt.Errorf("desired state is not valid JSON: %s", r.Damaged)
+		return m, nil
+	}
 	if len(r.Desired) == 0 || string(r.Desired) == "null" {
 		m.Absent = true
 		return m, nil

@@ -208,21 +208,20 @@ func WaitApproval(ctx context.Context, o EnrollOptions, creds *accounts.Creds, p
 			return nil, err
 		}
 	}
-	seed, err := creds.Key.Seed()
+	log := o.Log.With().Str("device", creds.PublicKey()).Logger()
+	log.Info().Msg("waiting for approval: an admin approves this device with `fleet-admin devices approve`")
+	// One connection for the whole wait: the device shows online while
+	// pending, and reconnects like a running agent.
+	nc, err := Connect(ctx, creds, ConnOptions{Servers: o.Servers, Name: "fleet-agent-pending " + host, Log: log})
 	if err != nil {
 		return nil, err
 	}
-	log := o.Log.With().Str("device", creds.PublicKey()).Logger()
-	log.Info().Msg("waiting for approval: an admin approves this device with `fleet-admin devices approve`")
-	url := serversURL(o.Servers)
+	defer nc.Close()
 	for {
 		var jwtStr string
-		nc, err := nats.Connect(url, nats.UserJWTAndSeed(creds.JWT, string(seed)),
-			nats.CustomInboxPrefix(creds.InboxPrefix()), nats.Name("fleet-agent-pending"),
-			nats.Timeout(timeout), nats.NoReconnect())
-		if err == nil {
+		err := errors.New("not connected")
+		if nc.IsConnected() {
 			jwtStr, err = sendEnroll(ctx, nc, creds.Key, model.EnrollRequest{XKey: xpub, Hostname: host}, timeout)
-			nc.Close()
 		}
 		if err == nil {
 			next := &accounts.Creds{JWT: jwtStr, Key: creds.Key}
@@ -234,10 +233,10 @@ func WaitApproval(ctx context.Context, o EnrollOptions, creds *accounts.Creds, p
 				return next, nil
 			}
 			log.Debug().Msg("still waiting for approval")
-		} else if errors.Is(err, ErrEnrollRefused) || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthRevoked) {
+		} else if errors.Is(err, ErrEnrollRefused) {
 			return nil, fmt.Errorf("waiting for approval: %w", err)
-		} else {
-			log.Warn().Err(err).Msg("cannot ask whether this device was approved; retrying")
+		} else if ctx.Err() == nil {
+			log.Debug().Err(err).Msg("cannot ask whether this device was approved yet")
 		}
 		select {
 		case <-ctx.Done():

@@ -179,6 +179,7 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 // Whatever the message carries is ignored (anyone's reply could land in
 // this inbox): the loop reads the state itself, from the coordinator.
 func (a *Agent) onNotify(*nats.Msg) {
+	a.log.Debug().Msg("desired state trigger")
 	a.mu.Lock()
 	a.needGet = true
 	a.mu.Unlock()

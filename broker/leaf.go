@@ -20,14 +20,15 @@ func (s *services) leafConfig(_ context.Context, _ *model.Admin, raw json.RawMes
 	if err := decodeArgs(raw, &a); err != nil {
 		return nil, err
 	}
-	if !siteRE.MatchString(a.Site) {
-		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin)", a.Site)
+	if !siteRE.MatchString(a.Site) || a.Site == subjects.DefaultSite {
+		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", a.Site, subjects.DefaultSite)
 	}
 	if !nkeys.IsValidPublicUserKey(a.Key) {
 		return nil, badRequest("%q is not an nkey user public key", a.Key)
 	}
 	auth := s.c.auth
-	tok, err := auth.IssueUser(subjects.RoleLeaf, a.Key, "leaf-"+a.Site, 0)
+	// The site tag scopes the link to its own devices' inboxes.
+	tok, err := auth.IssueSiteUser(subjects.RoleLeaf, a.Key, "leaf-"+a.Site, a.Site, 0)
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}

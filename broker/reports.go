@@ -278,7 +278,7 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 	case !json.Valid(e.Value()):
 		// Only the coordinator writes the bucket; say so rather than send
 		// a reply the device cannot read.
-		r.Seq, r.Error = e.Revision(), "the stored desired state is damaged (not JSON): deploy again"
+		r.Seq, r.Damaged = e.Revision(), "the stored desired state is not valid JSON"
 	default:
 		r.Seq, r.Desired = e.Revision(), e.Value()
 	}

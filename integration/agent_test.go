@@ -79,6 +79,15 @@ func newWorld(t *testing.T) *world {
 	if err := accounts.WriteCreds(filepath.Join(w.stateDir, agent.CredsFile), creds); err != nil {
 		t.Fatal(err)
 	}
+	// The coordinator hears only devices it has a record of.
+	devKV, err := coord.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, _ := json.Marshal(model.Device{ID: w.device, Name: host, Site: subjects.DefaultSite, Status: model.DeviceActive, EnrolledAt: time.Now().UTC()})
+	if _, err := devKV.Put(ctx, w.device, rec); err != nil {
+		t.Fatal(err)
+	}
 	fc := agent.FileConfig{
 		HealthChecks: []agent.HealthCheck{{
 			Name: "no-unhealthy-marker", Type: agent.CheckCommand, Command: nix.UnhealthyCheck(),
@@ -555,14 +564,12 @@ func TestNewerDesiredDuringApplyCoalesced(t *testing.T) {
 	})
 	w.deploy("gen3", gen3.Path)
 	w.deploy("gen4", gen4.Path)
-	poll.Until(t, 30*time.Second, "agent got the gen4 notification", func() bool {
+	// Two triggers after the switch began (gen3, gen4): the agent knows
+	// its state changed again while it applies gen2.
+	poll.Until(t, 30*time.Second, "agent got the gen4 trigger", func() bool {
 		b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
-		for _, l := range strings.Split(string(b), "\n") {
-			if strings.Contains(l, `"release_id":"gen4"`) && strings.Contains(l, `"message":"desired state notification"`) {
-				return true
-			}
-		}
-		return false
+		_, after, ok := strings.Cut(string(b), gen2.Path+"/bin/switch-to-configuration")
+		return ok && strings.Count(after, `"message":"desired state trigger"`) >= 2
 	})
 	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
 	defer cancel()

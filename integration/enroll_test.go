@@ -13,8 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"fleet/accounts"
 	"fleet/internal/poll"
 	"fleet/model"
+	"fleet/subjects"
 )
 
 // agentProc is a running fleet-agent binary.
@@ -98,7 +100,7 @@ func TestAgentBinaryEnrolment(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := w.startAgentBin(t, state, "--enroll-token-file", tokenFile)
+	p := w.startAgentBin(t, state, "--enroll-token-file", tokenFile, "--approval-poll", "500ms")
 	var dev model.DeviceView
 	poll.Until(w.t, 30*time.Second, "device enrolled and online", func() bool {
 		for _, d := range w.devicesJSON(t) {
@@ -126,7 +128,19 @@ func TestAgentBinaryEnrolment(t *testing.T) {
 	if _, errs, err := w.admin("deploy", "--release", "rel-1", "--device", "laptop-1"); err == nil || !strings.Contains(errs, "pending") {
 		t.Fatalf("device deploy to a pending device: %v %s", err, errs)
 	}
+	// Pending creds can only ask whether the device was approved.
+	if cr, err := accounts.ReadCreds(filepath.Join(state, "agent.creds")); err != nil || cr.Role() != subjects.RolePending {
+		t.Fatalf("pending device's creds: role %q, %v", cr.Role(), err)
+	}
+	if !strings.Contains(p.output(), "waiting for approval") {
+		t.Errorf("the pending agent does not say it waits for approval:\n%s", p.output())
+	}
 	w.mustAdmin("devices", "approve", "laptop-1")
+	// The waiting agent learns of the approval and runs with agent creds.
+	poll.Until(w.t, 30*time.Second, "approved device active with agent creds", func() bool {
+		cr, err := accounts.ReadCreds(filepath.Join(state, "agent.creds"))
+		return err == nil && cr.Role() == subjects.RoleAgent && strings.Contains(p.output(), "fleet-agent running")
+	})
 
 	// Restart: the creds are reused, no token needed (the token is used up).
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)

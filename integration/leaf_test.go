@@ -2,7 +2,7 @@ package integration
 
 import (
 	"bytes"
-	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -77,34 +78,10 @@ func TestSiteLeafNode(t *testing.T) {
 
 	// Enrol and run a device at the site: it only knows the leaf.
 	gen1, gen2 := fakePath("gen1"), fakePath("gen2")
-	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", "berlin", "--uses", "1", "--ttl", "1h"))
-	dir := t.TempDir()
+	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", "berlin", "--site", "berlin", "--uses", "1", "--ttl", "1h"))
 	leafURL := "nats://" + leafListen
-	var cr *accounts.Creds
-	var err error
-	poll.Until(w.t, 30*time.Second, "enrolment through the leaf", func() bool {
-		ctx, cancel := context.WithTimeout(w.ctx, 5*time.Second)
-		defer cancel()
-		cr, err = agent.LoadOrEnroll(ctx, agent.EnrollOptions{Servers: []string{leafURL}, StateDir: dir, Token: token, Hostname: "berlin-1", Log: zerolog.Nop()})
-		return err == nil
-	})
-	act := newMemActivator(gen1)
-	ag, err := agent.New(agent.Options{
-		DeviceID: cr.PublicKey(), Hostname: "berlin-1", Domain: subjects.Domain, StateDir: dir,
-		ReleaseSigners: []string{w.signer}, Activator: act, HealthDeadline: 10 * time.Second,
-		ReconnectWithin: 30 * time.Second, ApplyTimeout: time.Minute, FactsInterval: time.Hour, Log: zerolog.Nop(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	nc, err := agent.Connect(w.ctx, cr, agent.ConnOptions{Servers: []string{leafURL}, Name: "berlin-1", Log: zerolog.Nop(), OnConnect: ag.OnConnect})
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, stop := context.WithCancel(w.ctx)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = ag.Run(actx, nc) }()
-	t.Cleanup(func() { stop(); <-done; nc.Close() })
+	dev, cr := w.startDevice("berlin-1", token, leafURL, gen1)
+	act := dev.act
 
 	w.release("rel-2", gen2)
 	ro, errs, err := w.deployWait("--release", "rel-2", "--group", "berlin", "--strategy", "all")
@@ -139,7 +116,8 @@ func TestSiteLeafNode(t *testing.T) {
 		t.Fatal("publishing to another device's facts through the leaf was not refused")
 	}
 
-	// Presence crosses the leaf's system link: the site's device is online.
+	// The site's device is online at the hub by its signed reports (a
+	// site cannot report presence itself).
 	poll.Until(w.t, 10*time.Second, "site device online at the hub", func() bool {
 		for _, d := range w.devicesJSON(t) {
 			if d.Name == "berlin-1" {
@@ -169,21 +147,39 @@ func newFleetWorldLeaf(t *testing.T) *fleetWorld {
 	return newFleetWorldWith(t, "--leafnode-listen", freeAddr(t))
 }
 
-// A site's leaf credentials in the wrong hands: a plain nats-server with no
-// accounts of its own, whose local clients are unauthenticated. The link
-// carries device traffic only: no JetStream API (the audit stays
-// undeletable), no admin API, no enrollment requests (they carry token
-// secrets) and no admin replies.
+// A site's leaf credentials in the wrong hands: a plain nats-server whose
+// local clients are unauthenticated, linked with the site's leaf.creds and
+// leaf-system.creds. It attacks the hub the ways a review did and is
+// refused each time; the owner's view of admins, devices, rollouts and the
+// audit is what it was.
 func TestRogueLeafIsContained(t *testing.T) {
 	w := newFleetWorldLeaf(t)
+	gen1, gen2 := fakePath("gen1"), fakePath("gen2")
+	// Two devices on the hub, with a rollout that waits for their results.
+	w.addDevices(2, "hq", gen1)
+	hubA, hubB := w.devices[0], w.devices[1]
+	w.release("rel-2", gen2)
+	for _, d := range w.devices {
+		bad := gen2
+		d.bad.Store(&bad) // gen2 fails its health check: the rollout fails
+	}
+
 	site := filepath.Join(t.TempDir(), "rogue")
 	w.mustAdmin("leaf", "config", "--site", "rogue", "--out", site)
 	hub := w.hubLeafURL(t, site)
 	listen := freeAddr(t)
-	host, port, _ := net.SplitHostPort(listen)
 	conf := filepath.Join(site, "rogue.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: %q\nleafnodes { remotes: [ { urls: [%q], credentials: %q } ] }\n",
-		net.JoinHostPort(host, port), hub, filepath.Join(site, "leaf.creds"))), 0o600); err != nil {
+	// The rogue's own accounts: APP for its clients, SYS for its system
+	// link; nobody authenticates at the rogue.
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`listen: %q
+accounts { APP: { users: [ {user: app, password: app} ] }, SYS: { users: [ {user: sys, password: sys} ] } }
+system_account: SYS
+no_auth_user: app
+leafnodes { remotes: [
+  { urls: [%q], credentials: %q, account: APP },
+  { urls: [%q], credentials: %q, account: SYS },
+] }
+`, listen, hub, filepath.Join(site, "leaf.creds"), hub, filepath.Join(site, "leaf-system.creds"))), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	rogue := exec.Command(natsServerBin, "-c", conf)
@@ -192,21 +188,26 @@ func TestRogueLeafIsContained(t *testing.T) {
 	if err := rogue.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = rogue.Process.Kill(); _ = rogue.Wait() })
+	t.Cleanup(func() {
+		_ = rogue.Process.Kill()
+		_ = rogue.Wait()
+		if t.Failed() {
+			t.Logf("rogue leaf log:\n%s", tail(logb.String(), 3000))
+		}
+	})
 
+	before := w.ownerView(t)
 	var nc *nats.Conn
 	poll.Until(w.t, 20*time.Second, "rogue leaf up and linked", func() bool {
 		var err error
 		if nc == nil {
-			// A site client reads replies under a device inbox, the only
-			// replies the link carries.
-			if nc, err = nats.Connect("nats://"+listen, nats.CustomInboxPrefix(subjects.DeviceInboxPrefix("UROGUE"))); err != nil {
+			if nc, err = nats.Connect("nats://"+listen, nats.CustomInboxPrefix(subjects.DeviceInboxPrefix("rogue", hubA.id))); err != nil {
 				nc = nil
 				return false
 			}
 		}
-		// Device traffic crosses: a direct get of a desired state answers.
-		_, err = nc.Request(subjects.DesiredDirectGet(subjects.Domain, "UA"), nil, 500*time.Millisecond)
+		// Device traffic crosses: an enrollment request is answered.
+		_, err = nc.Request(subjects.Enroll, []byte("{}"), 500*time.Millisecond)
 		return err == nil
 	})
 	defer nc.Close()
@@ -217,41 +218,151 @@ func TestRogueLeafIsContained(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Unsubscribe()
-	nc.Flush()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 
+	// The JetStream API, the admin API and another site's inboxes are not
+	// on the link at all.
 	for _, subj := range []string{
 		"$JS." + subjects.Domain + ".API.STREAM.DELETE." + subjects.StreamAudit,
+		"$JS.API.STREAM.DELETE." + subjects.StreamAudit,
 		"$JS." + subjects.Domain + ".API.STREAM.INFO.KV_" + subjects.BucketAdmins,
 		subjects.APIReadVerb(subjects.VerbDevices),
+		subjects.APIWriteVerb(subjects.VerbAdminAdd),
 	} {
 		if m, err := nc.Request(subj, nil, time.Second); err == nil {
 			t.Fatalf("rogue leaf reached %s: %s", subj, m.Data)
 		}
 	}
-	// Admin requests and an enrollment at the hub: nothing of them reaches
-	// the rogue site. (Forget what the rogue client itself sent.)
-	nc.Flush()
+
+	// Reading a hub device's desired state: the answer goes only into that
+	// device's own inbox at the hub, never to the rogue site.
+	if m, err := nc.Request(subjects.DesiredGetFor(hubA.id), nil, time.Second); err == nil {
+		t.Fatalf("rogue leaf read %s's desired state: %s", hubA.name, m.Data)
+	}
+	// Replaying a desired state (or any trigger) to a hub device: the link
+	// may not publish into device inboxes.
+	if err := nc.Publish(subjects.DeviceNotify(subjects.DefaultSite, hubB.id), []byte(`{"release_id":"old"}`)); err != nil {
+		t.Fatal(err)
+	}
+	// Forging results: a "succeeded" event for each hub device, unsigned,
+	// and signed by a key of its own; the rollout must not count them.
+	rogueKey, _ := nkeys.CreateUser()
+	for _, d := range w.devices {
+		ev := model.Event{Device: d.id, Time: time.Now(), State: model.StateReporting, Result: model.ResultSucceeded, ReleaseID: "rel-2", StorePath: gen2}
+		raw, _ := json.Marshal(ev)
+		forged, _ := model.Sign(rogueKey, model.PurposeEvent, ev)
+		fb, _ := json.Marshal(forged)
+		for _, body := range [][]byte{raw, fb} {
+			if err := nc.Publish(subjects.DeviceEvents(d.id), body); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Inventing devices: facts for 2,000 new keys, each signed by itself.
+	for range 2000 {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		f, _ := model.Sign(kp, model.PurposeFacts, model.Facts{Device: pub, Hostname: "ghost"})
+		b, _ := json.Marshal(f)
+		if err := nc.Publish(subjects.DeviceFacts(pub), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Faking presence over the system link: a connect event for a device
+	// the hub never saw. The link may not publish it.
+	ghost, _ := nkeys.CreateUser()
+	ghostPub, _ := ghost.PublicKey()
+	sysConn, err := nats.Connect("nats://"+listen, nats.UserInfo("sys", "sys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sysConn.Close()
+	connect := fmt.Sprintf(`{"type":"io.nats.server.advisory.v1.client_connect","server":{"id":"NROGUE"},"client":{"id":1,"user":%q,"acc":%q}}`, ghostPub, before.fleetAccount)
+	if err := sysConn.Publish("$SYS.ACCOUNT."+before.fleetAccount+".CONNECT", []byte(connect)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sysConn.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Forget what the rogue's own clients sent.
 	mu.Lock()
 	seen = nil
 	mu.Unlock()
+
+	// The real rollout runs: both devices fail their health check, and the
+	// forged successes changed nothing.
+	ro, _, _ := w.deployWait("--release", "rel-2", "--group", "hq", "--strategy", "all", "--max-failures", "0")
+	if ro.State == model.RolloutSucceeded || ro.Counts[model.DeviceSucceeded] != 0 {
+		t.Fatalf("rollout counted forged results: %+v", ro.Rollout)
+	}
+
+	// Traffic at the hub (an enrollment, admin calls, the devices' own
+	// requests and reports) never reached the rogue site.
 	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", "x", "--uses", "1", "--ttl", "1h"))
 	if _, err := agent.LoadOrEnroll(w.ctx, agent.EnrollOptions{Servers: []string{"nats://" + w.listen}, StateDir: t.TempDir(),
 		Token: token, Hostname: "hub-dev", Log: zerolog.Nop()}); err != nil {
 		t.Fatal(err)
 	}
 	w.mustAdmin("devices", "ls")
-	nc.Flush()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	mu.Lock()
-	defer mu.Unlock()
 	for _, s := range seen {
-		if s == subjects.Enroll || strings.HasPrefix(s, "fleet.api.") || strings.HasPrefix(s, "_INBOX_U") || strings.HasPrefix(s, "$JS") {
-			t.Fatalf("rogue leaf received %s (all: %v)", s, seen)
+		if s == subjects.Enroll || strings.HasPrefix(s, "fleet.") || strings.HasPrefix(s, "_INBOX_U") ||
+			strings.HasPrefix(s, "_INBOX_DEV."+subjects.DefaultSite+".") || strings.HasPrefix(s, "$JS") {
+			t.Errorf("rogue leaf received %s", s)
 		}
 	}
-	// And the audit stream is still there.
+	mu.Unlock()
+
+	// The owner's view: the same admins, only the real devices (none
+	// invented, the ghost not online), and an audit that verifies.
+	after := w.ownerView(t)
+	if after.admins != before.admins {
+		t.Errorf("admins changed: %s -> %s", before.admins, after.admins)
+	}
+	if after.devices != before.devices+1 { // hub-dev, enrolled above
+		t.Errorf("devices: %d before, %d after (one enrolled)", before.devices, after.devices)
+	}
+	for _, d := range w.devicesJSON(t) {
+		if d.ID == ghostPub || d.Name == "ghost" {
+			t.Errorf("invented device listed: %+v", d)
+		}
+	}
 	if out := w.mustAdmin("audit", "verify"); !strings.Contains(out, "0 accepted entries with a bad signature") {
 		t.Fatalf("audit verify: %s", out)
 	}
+}
+
+// ownerState is what the owner sees of the fleet, to compare before and
+// after an attack.
+type ownerState struct {
+	admins       string
+	devices      int
+	fleetAccount string
+}
+
+func (w *fleetWorld) ownerView(t *testing.T) ownerState {
+	t.Helper()
+	var s ownerState
+	s.admins = w.mustAdmin("admin", "ls", "--json")
+	s.devices = len(w.devicesJSON(t))
+	cr, err := accounts.ReadCreds(w.creds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := cr.Claims()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.fleetAccount = uc.IssuerAccount
+	return s
 }
 
 // hubLeafURL reads the hub URL leaf config wrote into leaf.conf.

@@ -19,12 +19,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
 	"fleet/agent"
+	"fleet/broker"
 	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
@@ -256,45 +256,57 @@ func (w *fleetWorld) addDevices(n int, group, initial string) {
 	w.t.Helper()
 	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", group, "--uses", fmt.Sprint(n), "--ttl", "1h"))
 	for i := range n {
-		d := &fleetDevice{name: fmt.Sprintf("dev%02d", i), act: newMemActivator(initial)}
-		dir := filepath.Join(w.t.TempDir(), d.name)
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			w.t.Fatal(err)
-		}
-		url := "nats://" + w.listen
-		cr, err := agent.LoadOrEnroll(w.ctx, agent.EnrollOptions{Servers: []string{url}, StateDir: dir, Token: token, Hostname: d.name, Log: zerolog.Nop()})
-		if err != nil {
-			w.t.Fatalf("enrol %s: %v", d.name, err)
-		}
-		d.id = cr.PublicKey()
-		ag, err := agent.New(agent.Options{
-			DeviceID: d.id, Hostname: d.name, Domain: subjects.Domain, StateDir: dir,
-			ReleaseSigners:  []string{w.signer},
-			Activator:       d.act,
-			Checks:          []agent.Retrying{{HealthChecker: appCheck{act: d.act, bad: &d.bad}, Timeout: time.Second}},
-			HealthDeadline:  10 * time.Second,
-			ReconnectWithin: 30 * time.Second,
-			ApplyTimeout:    time.Minute,
-			FactsInterval:   time.Hour,
-			Facts: []agent.FactSource{agent.FactSourceFunc{N: "system", F: func(ctx context.Context, f *model.Facts) error {
-				f.CurrentSystem, _ = d.act.Current(ctx)
-				return nil
-			}}},
-			Log: zerolog.Nop(),
-		})
-		if err != nil {
-			w.t.Fatal(err)
-		}
-		nc, err := agent.Connect(w.ctx, cr, agent.ConnOptions{Servers: []string{url}, Name: d.name, Log: zerolog.Nop(), OnConnect: ag.OnConnect})
-		if err != nil {
-			w.t.Fatal(err)
-		}
-		actx, stop := context.WithCancel(w.ctx)
-		done := make(chan struct{})
-		go func() { defer close(done); _ = ag.Run(actx, nc) }()
-		w.t.Cleanup(func() { stop(); <-done; nc.Close() })
+		d, _ := w.startDevice(fmt.Sprintf("dev%02d", i), token, "nats://"+w.listen, initial)
 		w.devices = append(w.devices, d)
 	}
+}
+
+// startDevice enrols a device with token through url and runs the real
+// agent loop for it (the instant in-memory activator stands in for Nix).
+func (w *fleetWorld) startDevice(name, token, url, initial string) (*fleetDevice, *accounts.Creds) {
+	w.t.Helper()
+	d := &fleetDevice{name: name, act: newMemActivator(initial)}
+	dir := filepath.Join(w.t.TempDir(), d.name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		w.t.Fatal(err)
+	}
+	var cr *accounts.Creds
+	var err error
+	// Through a leaf node the coordinator's interest may take a moment.
+	poll.Until(w.t, 30*time.Second, "enrolment of "+name, func() bool {
+		ctx, cancel := context.WithTimeout(w.ctx, 5*time.Second)
+		defer cancel()
+		cr, err = agent.LoadOrEnroll(ctx, agent.EnrollOptions{Servers: []string{url}, StateDir: dir, Token: token, Hostname: d.name, Log: zerolog.Nop()})
+		return err == nil
+	})
+	d.id = cr.PublicKey()
+	ag, err := agent.New(agent.Options{
+		DeviceID: d.id, Key: cr.Key, Site: cr.Site(), Hostname: d.name, StateDir: dir,
+		ReleaseSigners:  []string{w.signer},
+		Activator:       d.act,
+		Checks:          []agent.Retrying{{HealthChecker: appCheck{act: d.act, bad: &d.bad}, Timeout: time.Second}},
+		HealthDeadline:  10 * time.Second,
+		ReconnectWithin: 30 * time.Second,
+		ApplyTimeout:    time.Minute,
+		FactsInterval:   time.Hour,
+		Facts: []agent.FactSource{agent.FactSourceFunc{N: "system", F: func(ctx context.Context, f *model.Facts) error {
+			f.CurrentSystem, _ = d.act.Current(ctx)
+			return nil
+		}}},
+		Log: zerolog.Nop(),
+	})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	nc, err := agent.Connect(w.ctx, cr, agent.ConnOptions{Servers: []string{url}, Name: d.name, Log: zerolog.Nop(), OnConnect: ag.OnConnect})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	actx, stop := context.WithCancel(w.ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = ag.Run(actx, nc) }()
+	w.t.Cleanup(func() { stop(); <-done; nc.Close() })
+	return d, cr
 }
 
 // release records a release whose default closure is path.
@@ -522,24 +534,23 @@ func TestRolloutSurvivesCoordinatorKill(t *testing.T) {
 }
 
 // finalEvents counts final events per device for rollout id, read from
-// FLEET_EVENTS with the owner's creds through the JetStream domain.
+// FLEET_EVENTS. No client can read the state (it lives in the CORE
+// account), so the coordinator process is stopped and the data dir opened
+// by an embedded coordinator, the way an operator inspects a backup.
 func (w *fleetWorld) finalEvents(id string) map[string]int {
 	w.t.Helper()
-	cr, err := accounts.ReadCreds(w.creds)
+	if err := w.coord.Process.Signal(syscall.SIGTERM); err != nil {
+		w.t.Fatal(err)
+	}
+	w.coordWG.Wait()
+	cfg := broker.DefaultConfig()
+	cfg.DataDir, cfg.Listen, cfg.HTTP = w.dataDir, "127.0.0.1:0", ""
+	c, err := broker.Start(w.ctx, cfg, zerolog.Nop())
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	seed, _ := cr.Key.Seed()
-	nc, err := nats.Connect("nats://"+w.listen, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.CustomInboxPrefix(cr.InboxPrefix()))
-	if err != nil {
-		w.t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.NewWithDomain(nc, subjects.Domain)
-	if err != nil {
-		w.t.Fatal(err)
-	}
-	cons, err := js.OrderedConsumer(w.ctx, subjects.StreamEvents, jetstream.OrderedConsumerConfig{})
+	defer c.Close()
+	cons, err := c.JetStream().OrderedConsumer(w.ctx, subjects.StreamEvents, jetstream.OrderedConsumerConfig{})
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -91,5 +91,8 @@ func parseReport(b []byte, device, purpose string, limit int, v any) error {
 type DesiredReply struct {
 	Seq     uint64          `json:"seq,omitempty"`
 	Desired json.RawMessage `json:"desired,omitempty"`
-	Error   string          `json:"error,omitempty"`
+	// Damaged says why the stored value cannot be sent (not JSON): the
+	// device reports it as a failed apply, once.
+	Damaged string `json:"damaged,omitempty"`
+	Error   string `json:"error,omitempty"`
 }

@@ -206,7 +206,14 @@ func InboxPrefix(pub string) string { return "_INBOX_" + pub }
 // and name the site, so a site's leaf link carries its own devices' replies
 // and triggers, and only those: an admin's replies, and another site's,
 // never cross it.
-func DeviceInboxPrefix(site, pub string) string { return deviceInboxes + "." + site + "." + pub }
+func DeviceInboxPrefix(site, pub string) string {
+	// Callers validate at the edge; a wildcard or dot would widen what the
+	// prefix names, so refuse to build one here as a second guard.
+	if strings.ContainsAny(site+pub, ".*> \t\r\n") || site == "" || pub == "" {
+		return deviceInboxes + ".invalid"
+	}
+	return deviceInboxes + "." + site + "." + pub
+}
 
 const deviceInboxes = "_INBOX_DEV"
 
