@@ -22,6 +22,13 @@ type Creds struct {
 
 // PublicKey is the user's public key (for a device, its device ID).
 func (c *Creds) PublicKey() string {
+	if c.Key == nil {
+		// A bearer JWT alone: its subject is the key.
+		if uc, err := c.Claims(); err == nil {
+			return uc.Subject
+		}
+		return ""
+	}
 	pub, _ := c.Key.PublicKey()
 	return pub
 }

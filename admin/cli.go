@@ -14,6 +14,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"fleet/cliconfig"
+	"fleet/model"
 )
 
 // Version is set at build time (-ldflags "-X fleet/admin.Version=...").
@@ -79,7 +80,20 @@ func printList[T any](g *Globals, fetch func(*Client) ([]T, error), header strin
 }
 
 // newTable aligns tab-separated columns for the terminal.
-func newTable(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 4, 2, ' ', 0) }
+func newTable(w io.Writer) *tabwriter.Writer {
+	return tabwriter.NewWriter(cleanWriter{w}, 0, 4, 2, ' ', 0)
+}
+
+// cleanWriter drops what a terminal would act on from table output: rows
+// show device-supplied text, and a table has no escapes of its own.
+type cleanWriter struct{ w io.Writer }
+
+func (c cleanWriter) Write(p []byte) (int, error) {
+	if _, err := io.WriteString(c.w, model.CleanText(string(p))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
 
 // printJSON writes v as indented JSON.
 func (g *Globals) printJSON(v any) error {

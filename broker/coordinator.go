@@ -612,3 +612,6 @@ func (c *Coordinator) Ready() error {
 	}
 	return nil
 }
+
+// Metrics is the coordinator's Prometheus registry, as /metrics serves it.
+func (c *Coordinator) Metrics() *prometheus.Registry { return c.metrics }

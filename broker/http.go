@@ -21,7 +21,10 @@ func (c *Coordinator) startHTTP() {
 		fmt.Fprintln(w, "ready")
 	})
 	c.mountVisibility(mux)
-	c.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// Every phase is bounded, so a local client cannot hold the process's
+	// file descriptors (which the NATS server shares) by going slow.
+	c.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 60 * time.Second, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 64 << 10}
 	go func() {
 		if err := c.httpSrv.Serve(c.httpLn); err != nil && err != http.ErrServerClosed {
 			c.log.Error().Err(err).Msg("http server stopped")

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"net/http"
+	"strings"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,6 +71,15 @@ func (fc fleetCollector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
+// maxMountSeries caps fleet_device_disk_used_ratio series per device.
+const maxMountSeries = 32
+
+// validMountLabel: an absolute path of at most 256 bytes of printable
+// UTF-8.
+func validMountLabel(p string) bool {
+	return len(p) > 0 && len(p) <= 256 && p[0] == '/' && model.CleanText(p) == p && !strings.ContainsAny(p, "\n\t")
+}
+
 func b2f(b bool) float64 {
 	if b {
 		return 1
@@ -110,7 +120,7 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		if !r.LastSeen.IsZero() {
 			gauge(descLastSeen, float64(r.LastSeen.UnixMilli())/1e3, id, name)
 		}
-		if r.CurrentSystem != "" {
+		if r.CurrentSystem != "" && model.CheckStorePath(r.CurrentSystem) == nil {
 			gauge(descGeneration, 1, id, name, r.CurrentSystem)
 		}
 		if r.DesiredSystem != "" {
@@ -119,9 +129,14 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descUpToDate, b2f(r.UpToDate), id, name)
 		if s.facts != nil {
 			gauge(descRebootNeeded, b2f(r.RebootNeeded), id, name)
+			// A device decides how many mounts it reports: the series it
+			// may cost are capped, and labels are plain paths of sane size.
 			seen := map[string]bool{}
 			for _, m := range s.facts.Mounts {
-				if m.Path == "" || seen[m.Path] {
+				if len(seen) == maxMountSeries {
+					break
+				}
+				if !validMountLabel(m.Path) || seen[m.Path] {
 					continue
 				}
 				seen[m.Path] = true

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -637,5 +638,63 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	walk(dash.Panels)
 	if n < 10 {
 		t.Errorf("only %d metric references in the dashboard", n)
+	}
+}
+
+// A device decides what it reports, not what the coordinator exports: 2,000
+// mounts cost at most maxMountSeries series, bad labels none, and escapes
+// in its text never reach a reader.
+func TestDeviceCannotBlowUpMetrics(t *testing.T) {
+	f := startVis(t, false)
+	d := f.addDevice("greedy")
+	mounts := make([]model.Mount, 0, 2000)
+	for i := range 2000 {
+		mounts = append(mounts, model.Mount{Path: fmt.Sprintf("/m/%04d", i), SizeBytes: 100, UsedBytes: 50})
+	}
+	mounts = append(mounts[:10:10], model.Mount{Path: "relative", SizeBytes: 1}, model.Mount{Path: "/" + strings.Repeat("x", 300), SizeBytes: 1})
+	mounts = append(mounts, model.Mount{Path: "/esc\x1b[2J", SizeBytes: 1})
+	for i := range 1990 {
+		mounts = append(mounts, model.Mount{Path: fmt.Sprintf("/n/%04d", i), SizeBytes: 100, UsedBytes: 50})
+	}
+	fa := model.Facts{Device: d.id, Time: time.Now().UTC(), Hostname: "greedy\x1b]0;owned\x07", Kernel: "\x1b[31mred", CurrentSystem: storePath("g"), Mounts: mounts}
+	d.publish(t, subjects.DeviceFacts(d.id), fa)
+	poll.Telling(t, 10*time.Second, "greedy's facts indexed", func() (bool, string) {
+		lf := f.c.index.latestFacts(d.id)
+		return lf != nil, "none yet"
+	})
+	n := countSeries(scrape(t, f.c), "fleet_device_disk_used_ratio", "device", d.id)
+	if n != maxMountSeries {
+		t.Errorf("%d disk series for one device, want %d", n, maxMountSeries)
+	}
+	lf := f.c.index.latestFacts(d.id)
+	if strings.ContainsAny(lf.Hostname+lf.Kernel, "\x1b\x07") {
+		t.Errorf("escapes stored: %q %q", lf.Hostname, lf.Kernel)
+	}
+	for _, m := range scrape(t, f.c)["fleet_device_disk_used_ratio"].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "mount" && (len(l.GetValue()) > 256 || !strings.HasPrefix(l.GetValue(), "/")) {
+				t.Errorf("mount label %q", l.GetValue())
+			}
+		}
+	}
+}
+
+// A slow HTTP client is cut off: it cannot hold the process's descriptors.
+func TestHTTPSlowClientCutOff(t *testing.T) {
+	f := startVis(t, false)
+	conn, err := net.Dial("tcp", f.c.HTTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("GET /metrics HTTP/1.1\r\nHost: x\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	// The header never ends; the server gives up after ReadHeaderTimeout.
+	_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	start := time.Now()
+	_, err = io.ReadAll(conn)
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("the server still held the half-sent request after %s", time.Since(start))
 	}
 }

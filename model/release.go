@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -106,9 +107,8 @@ func (r *Release) Validate() error {
 		}
 	}
 	if r.Substituter != "" {
-		u, err := url.Parse(r.Substituter)
-		if err != nil || u.Scheme == "" {
-			return fmt.Errorf("substituter %q is not a URL (e.g. https://cache.example.org or file:///srv/cache)", r.Substituter)
+		if err := CheckSubstituter(r.Substituter); err != nil {
+			return err
 		}
 	}
 	if _, err := ParseAction(string(r.Action)); err != nil {
@@ -170,4 +170,32 @@ type HostChange struct {
 	Host string `json:"host"`
 	From string `json:"from,omitempty"`
 	To   string `json:"to,omitempty"`
+}
+
+// substituterSchemes are the binary cache URL schemes a release may name.
+// Others (ssh://, and anything Nix may add) could make the device run a
+// command or reach a host the operator never meant to trust.
+var substituterSchemes = []string{"https", "http", "file", "s3"}
+
+// CheckSubstituter refuses a substituter that is not a plain binary cache
+// URL: an allowed scheme, a host (or a path for file://), no leading '-'
+// that a command line would take for a flag, no spaces or control
+// characters.
+func CheckSubstituter(s string) error {
+	bad := fmt.Errorf("substituter %q is not a binary cache URL (https://, http://, file:// or s3://, e.g. https://cache.example.org or file:///srv/cache)", s)
+	if s == "" || strings.HasPrefix(s, "-") || len(s) > 2048 || strings.ContainsFunc(s, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+		return bad
+	}
+	u, err := url.Parse(s)
+	if err != nil || !slices.Contains(substituterSchemes, u.Scheme) || u.Opaque != "" {
+		return bad
+	}
+	if u.Scheme == "file" {
+		if u.Path == "" || u.Host != "" {
+			return bad
+		}
+	} else if u.Host == "" || strings.HasPrefix(u.Host, "-") {
+		return bad
+	}
+	return nil
 }

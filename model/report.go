@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 )
 
 // Purposes of what a device signs. Facts and events are signed with the
@@ -83,7 +84,13 @@ func parseReport(b []byte, device, purpose string, limit int, v any) error {
 	if err := s.Verify(purpose, []string{device}); err != nil {
 		return fmt.Errorf("report signature: %w", err)
 	}
-	return s.Decode(v)
+	if err := s.Decode(v); err != nil {
+		return err
+	}
+	// What is stored is what every reader sees: strip what a terminal
+	// would act on once, here.
+	cleanStrings(reflect.ValueOf(v))
+	return nil
 }
 
 // DesiredReply answers a device's request for its desired state: the
