@@ -2,8 +2,6 @@ package admin
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -111,17 +109,7 @@ func (c *Client) Call(ctx context.Context, verb string, write bool, args, out an
 // Sign builds the signed envelope of a request (exported for tests that
 // send stale or replayed ones).
 func (c *Client) Sign(verb string, args any, at time.Time) ([]byte, error) {
-	var nonce [16]byte
-	_, _ = rand.Read(nonce[:])
-	req := model.Request{Verb: verb, Time: at.UTC(), Nonce: base64.RawURLEncoding.EncodeToString(nonce[:])}
-	if args != nil {
-		b, err := json.Marshal(args)
-		if err != nil {
-			return nil, fmt.Errorf("encode arguments: %w", err)
-		}
-		req.Args = b
-	}
-	s, err := model.Sign(c.creds.Key, model.PurposeAPI, req)
+	s, err := model.SignRequest(c.creds.Key, verb, args, at)
 	if err != nil {
 		return nil, err
 	}

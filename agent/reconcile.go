@@ -289,7 +289,8 @@ func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, e
 		a.refusedKey = ""
 	}
 	a.st = &ApplyState{
-		LastKey: lastKey,
+		Statement: a.st.Statement,
+		LastKey:   lastKey,
 		Last: &model.LastApply{RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: ap.path,
 			Result: result, Error: errMsg, Time: time.Now().UTC()},
 	}
@@ -347,6 +348,20 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 		a.refuse(ap, key, cur.LastKey, err.Error())
 		return
 	}
+	// An admin must have asked for this desired state, for this device,
+	// and not before what the device already accepted: a coordinator (or
+	// anyone who can write the bucket) cannot roll it back to an old
+	// release on its own.
+	stmt, err := model.CheckStatement(m.Desired, a.o.DeviceID, a.o.Hostname, a.o.ReleaseSigners, cur.Statement)
+	if err != nil {
+		a.refuse(ap, key, cur.LastKey, err.Error())
+		return
+	}
+	cur.Statement = stmt
+	if err := a.saveState(cur); err != nil {
+		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
+		return
+	}
 	ap.path = path
 	action, err := model.ParseAction(string(rel.Action))
 	if err != nil {
@@ -377,7 +392,7 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	st := ApplyState{
 		Phase: PhaseSwitching, Attempt: ap.attempt, Started: ap.started,
 		RolloutID: ap.rolloutID, ReleaseID: ap.releaseID, StorePath: path, Action: action,
-		Key: key, Prev: prev, LastKey: cur.LastKey, Last: cur.Last,
+		Key: key, Prev: prev, LastKey: cur.LastKey, Last: cur.Last, Statement: cur.Statement,
 	}
 	// Written before the switch: the switch may restart this very agent.
 	if err := a.saveState(st); err != nil {

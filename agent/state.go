@@ -51,6 +51,10 @@ type ApplyState struct {
 	// same desired state again is a no-op.
 	LastKey string           `json:"last_key,omitempty"`
 	Last    *model.LastApply `json:"last,omitempty"`
+	// Statement is what the device remembers of the admin statements
+	// behind what it accepted: nothing older is taken (rollback
+	// protection).
+	Statement model.Statement `json:"statement,omitzero"`
 }
 
 // LoadState reads STATE_DIR/state.json; a missing file is an empty state.

@@ -49,6 +49,21 @@ const (
 	auditRefusalBurst = 60
 )
 
+// requestKey carries the signed request into a handler's context: a deploy
+// keeps it, so each device can check an admin asked for its desired state.
+type requestKey struct{}
+
+// signedRequest is the verified signed request being served (nil outside
+// a handler).
+func signedRequest(ctx context.Context) *model.Signed {
+	b, _ := ctx.Value(requestKey{}).([]byte)
+	var s model.Signed
+	if json.Unmarshal(b, &s) != nil {
+		return nil
+	}
+	return &s
+}
+
 // apiHandler runs a verb for an authenticated admin with its decoded args.
 type apiHandler func(ctx context.Context, who *model.Admin, args json.RawMessage) (any, error)
 
@@ -191,7 +206,7 @@ func (s *services) serve(v apiVerb, data []byte, replyKey string) (model.Respons
 	}
 	var out any
 	if err == nil {
-		out, err = v.h(ctx, who, args)
+		out, err = v.h(context.WithValue(ctx, requestKey{}, data), who, args)
 		var ae *apiError
 		if errors.As(err, &ae) && ae.code == model.CodeRefused {
 			rec.Result = model.AuditRefused // e.g. an operator outside its groups

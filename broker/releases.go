@@ -102,7 +102,7 @@ func (s *services) deploy(ctx context.Context, who *model.Admin, raw json.RawMes
 		ids = append(ids, d.ID)
 	}
 	req.Devices = ids
-	ro, err := s.c.rollouts.Create(ctx, req, who.Key)
+	ro, err := s.c.rollouts.Create(ctx, req, who.Key, signedRequest(ctx))
 	if err != nil {
 		return nil, err
 	}

@@ -95,7 +95,7 @@ func newRolloutID(now time.Time) string {
 
 // Create validates req, snapshots the target devices and records a pending
 // rollout for the engine to start.
-func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by string) (*model.Rollout, error) {
+func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by string, signed *model.Signed) (*model.Rollout, error) {
 	strategy, err := model.ParseStrategy(req.Strategy)
 	if err != nil {
 		return nil, badRequest("%v", err)
@@ -140,7 +140,7 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	}
 	now := time.Now().UTC()
 	ro := &model.Rollout{
-		ID: newRolloutID(now), ReleaseID: rel.ID, CreatedAt: now, UpdatedAt: now, CreatedBy: by,
+		ID: newRolloutID(now), ReleaseID: rel.ID, CreatedAt: now, UpdatedAt: now, CreatedBy: by, Request: signed,
 		Group: req.Group, Strategy: strategy, Batches: batches, MaxFailures: maxFail,
 		HealthTimeout: model.Duration(timeout), OnFailure: onFail, State: model.RolloutPending,
 		Counts: map[model.DeviceRolloutState]int{},
@@ -888,7 +888,7 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	for _, d := range batch {
 		des := model.Desired{
 			Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
-			Action: rel.Action, Release: *signed, IssuedAt: now,
+			Action: rel.Action, Release: *signed, IssuedAt: now, Deploy: ro.Request,
 		}
 		b, _ := json.Marshal(des)
 		// Async publish straight to the bucket's subject: one round trip for
@@ -932,6 +932,9 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 		} else {
 			prev := *d.Previous
 			prev.IssuedAt = now
+			// The way back is signed too: the deploy that asked to
+			// revert on failure (the agent checks it).
+			prev.Revert = ro.Request
 			b, _ := json.Marshal(prev)
 			if _, err := r.desired.Put(ctx, d.Device, b); err != nil {
 				return fmt.Errorf("revert desired state of %s: %w", d.Name, err)

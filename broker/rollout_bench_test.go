@@ -104,7 +104,7 @@ func BenchmarkRollout(b *testing.B) {
 				rel := fmt.Sprintf("rel-%d", i)
 				f.release(b, rel)
 				b.StartTimer()
-				ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: rel, Group: "bench", Strategy: "all", Supersede: true}, "bench")
+				ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: rel, Group: "bench", Strategy: "all", Supersede: true}, "bench", nil)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -207,7 +207,7 @@ func TestRolloutStagedSucceeds(t *testing.T) {
 	f.release("rel-2", gen2)
 	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Strategy: "staged", Batches: "1,50%,100%", MaxFailures: "0",
-	}, "test")
+	}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +237,7 @@ func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
 	bad.fail.Store(&gen2)
 	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", MaxFailures: "0",
-	}, "test")
+	}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +273,7 @@ func TestRolloutRevertsEarlierBatches(t *testing.T) {
 	gen1, gen2 := storePath("gen1"), storePath("gen2")
 	f.release("rel-1", gen1)
 	f.release("rel-2", gen2)
-	first, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test")
+	first, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +282,7 @@ func TestRolloutRevertsEarlierBatches(t *testing.T) {
 	f.byName["dev02"].fail.Store(&gen2)
 	ro, err := f.c.rollouts.Create(context.Background(), model.DeployRequest{
 		ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%", OnFailure: "revert",
-	}, "test")
+	}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +319,7 @@ func TestRolloutBadRequests(t *testing.T) {
 		{model.DeployRequest{ReleaseID: "rel-2", Group: "developers", MaxFailures: "lots"}, "--max-failures"},
 	}
 	for _, tc := range cases {
-		_, err := f.c.rollouts.Create(ctx, tc.req, "test")
+		_, err := f.c.rollouts.Create(ctx, tc.req, "test", nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: error %v, want %q", tc.req, err, tc.want)
 		}
@@ -332,7 +332,7 @@ func TestRolloutBadRequests(t *testing.T) {
 	for _, d := range f.devs {
 		d.nc.Close() // offline: the first rollout waits
 	}
-	first, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test")
+	first, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,10 +340,10 @@ func TestRolloutBadRequests(t *testing.T) {
 		ro, _, _ := f.c.rollouts.Get(ctx, first.ID)
 		return ro.Counts[model.DeviceWaiting] == 3
 	})
-	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
+	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test", nil); err == nil || !strings.Contains(err.Error(), "--supersede") {
 		t.Fatalf("second rollout on busy devices: %v", err)
 	}
-	second, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test")
+	second, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Supersede: true}, "test", nil)
 	if err != nil {
 		t.Fatalf("superseding rollout: %v", err)
 	}
@@ -375,13 +375,13 @@ func TestRolloutSkipsGoneDevicesAndHoldsFailedOnes(t *testing.T) {
 	f.release("rel-3", storePath("gen3"))
 	bad := f.byName["dev02"] // batch 2 of 1 | 2 | 3
 	bad.fail.Store(&gen2)
-	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%"}, "test")
+	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Batches: "1,50%,100%"}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.waitState(ro.ID, model.RolloutPaused)
 
-	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-3", Devices: []string{bad.id}}, "test"); err == nil || !strings.Contains(err.Error(), "--supersede") {
+	if _, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-3", Devices: []string{bad.id}}, "test", nil); err == nil || !strings.Contains(err.Error(), "--supersede") {
 		t.Fatalf("a failed device of a paused rollout was taken by another: %v", err)
 	}
 
@@ -418,7 +418,7 @@ func TestGroupOperatorActsOnlyOnItsRollouts(t *testing.T) {
 	for _, d := range f.devs {
 		d.nc.Close() // offline: the rollout keeps waiting
 	}
-	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Devices: []string{f.devs[0].id, f.devs[1].id}, HealthTimeout: "1h"}, "test")
+	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Devices: []string{f.devs[0].id, f.devs[1].id}, HealthTimeout: "1h"}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

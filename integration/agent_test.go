@@ -197,6 +197,14 @@ func (w *world) putDesired(d model.Desired) {
 	w.t.Helper()
 	d.Device = w.device
 	d.IssuedAt = time.Now().UTC()
+	if d.Deploy == nil {
+		// As a deploy does: the admin's signed request travels along.
+		st, err := model.SignRequest(w.admin, subjects.VerbDeploy, model.DeployRequest{ReleaseID: d.ReleaseID, Devices: []string{w.device}}, time.Now())
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		d.Deploy = &st
+	}
 	kv, err := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDesired)
 	if err != nil {
 		w.t.Fatal(err)

@@ -46,6 +46,12 @@ type Desired struct {
 	// Release is the signed manifest of ReleaseID.
 	Release  Signed    `json:"release"`
 	IssuedAt time.Time `json:"issued_at"`
+	// Deploy is the admin's signed deploy request that asked for it, and
+	// Revert, on a desired state that goes back, the signed deploy being
+	// undone: the agent takes nothing older than it already accepted
+	// unless an admin signed the way back (CheckStatement).
+	Deploy *Signed `json:"deploy,omitempty"`
+	Revert *Signed `json:"revert,omitempty"`
 }
 
 // Resolve verifies d's manifest against trusted signers and returns the

@@ -207,9 +207,11 @@ type Rollout struct {
 	ReleaseID string    `json:"release_id"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
-	// CreatedBy is the admin key that asked for it.
-	CreatedBy string `json:"created_by,omitempty"`
-	Group     string `json:"group,omitempty"`
+	// CreatedBy is the admin key that asked for it; Request is its signed
+	// deploy request, which every desired state of the rollout carries.
+	CreatedBy string  `json:"created_by,omitempty"`
+	Request   *Signed `json:"request,omitempty"`
+	Group     string  `json:"group,omitempty"`
 	// Groups are the target devices' groups: who may act on the rollout.
 	Groups []string `json:"groups,omitempty"`
 
