@@ -67,7 +67,11 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	desired := model.Desired{Device: id, ReleaseID: "r1", RolloutID: "ro1", StorePath: path, Release: rel, IssuedAt: time.Now().UTC()}
+	deploy, err := model.SignRequest(admin, "deploy", model.DeployRequest{ReleaseID: "r1", Devices: []string{id}}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	desired := model.Desired{Device: id, ReleaseID: "r1", RolloutID: "ro1", StorePath: path, Release: rel, IssuedAt: time.Now().UTC(), Deploy: &deploy}
 	desiredJSON, _ := json.Marshal(desired)
 
 	// The coordinator: desired-state reads, events, facts.

@@ -826,3 +826,49 @@ func TestRefusedSignerRetriedAfterRestart(t *testing.T) {
 	}
 	w.wantCurrent(gen2)
 }
+
+// Rollback protection: an old desired state, with the admin's old signed
+// deploy, written again (by a compromised coordinator, or replayed from a
+// capture) is refused; the device stays on what it runs.
+func TestOldDesiredStateRefused(t *testing.T) {
+	w := newWorld(t)
+	key := &w.nix.TrustedKey
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, key)
+	gen3 := w.build("gen3", nixtest.BuildOpts{}, key)
+	w.startAgent()
+
+	w.deploy("gen2", gen2.Path)
+	if ev := w.waitEvent("final gen2", final("gen2")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen2: %+v", ev)
+	}
+	kv, err := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(w.ctx, w.device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var old model.Desired
+	if err := json.Unmarshal(e.Value(), &old); err != nil {
+		t.Fatal(err)
+	}
+	w.deploy("gen3", gen3.Path)
+	if ev := w.waitEvent("final gen3", final("gen3")); ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen3: %+v", ev)
+	}
+	// gen2's desired state again, its signed deploy and all, as a new
+	// write: refused before anything is fetched or switched.
+	old.RolloutID = "ro-replayed"
+	w.putDesired(old)
+	ev := w.waitEvent("replayed gen2 refused", func(ev model.Event) bool { return ev.RolloutID == "ro-replayed" && ev.Result.Final() })
+	if ev.Result != model.ResultFailed || !strings.Contains(ev.Error, "older than the last") {
+		t.Fatalf("replayed old desired state: %+v", ev)
+	}
+	w.wantCurrent(gen3)
+	if n := strings.Count(strings.Join(w.nix.Switches(), "\n"), gen2.Path); n != 1 {
+		t.Fatalf("gen2 switched to %d times, want once", n)
+	}
+}
