@@ -37,6 +37,12 @@ const (
 const (
 	reportRate  = 5.0 // per second
 	reportBurst = 120
+	// Bytes: a dozen times what a device reports normally (facts of a few
+	// KiB a minute), a burst for an outbox drained after days away. One
+	// device cannot fill the streams (and push out other devices' history)
+	// before fleet_jetstream_stream_bytes warns.
+	reportByteRate  = 1 << 10 // per second
+	reportByteBurst = 1 << 20
 )
 
 // rateLimiter is a token bucket per key. Callers key it only by identities
@@ -60,7 +66,10 @@ func newRateLimiter(rate, burst float64, now func() time.Time) *rateLimiter {
 }
 
 // allow takes a token of key, or reports that none is left.
-func (l *rateLimiter) allow(key string) bool {
+func (l *rateLimiter) allow(key string) bool { return l.allowN(key, 1) }
+
+// allowN takes n tokens of key, or none when fewer are left.
+func (l *rateLimiter) allowN(key string, n float64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
@@ -71,11 +80,16 @@ func (l *rateLimiter) allow(key string) bool {
 	}
 	b.tokens = min(l.burst, b.tokens+now.Sub(b.at).Seconds()*l.rate)
 	b.at = now
-	if b.tokens < 1 {
+	if b.tokens < n {
 		return false
 	}
-	b.tokens--
+	b.tokens -= n
 	return true
+}
+
+// allowReport takes one report of size bytes from device id.
+func (s *services) allowReport(id string, size int) bool {
+	return s.limiter.allow(id) && s.byteLimiter.allowN(id, float64(size))
 }
 
 // newDroppedCounter counts the requests and reports the handlers drop.
@@ -176,7 +190,7 @@ func (s *services) onFacts(m *nats.Msg) {
 		s.refuseReport("facts", m, err)
 		return
 	}
-	if !s.limiter.allow(id) {
+	if !s.allowReport(id, len(m.Data)) {
 		s.drop("facts", dropRate, m)
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return
@@ -196,7 +210,7 @@ func (s *services) onEvent(m *nats.Msg) {
 		s.refuseReport("events", m, err)
 		return
 	}
-	if !s.limiter.allow(id) {
+	if !s.allowReport(id, len(m.Data)) {
 		s.drop("events", dropRate, m)
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return

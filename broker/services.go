@@ -32,8 +32,8 @@ type services struct {
 
 	// dropped counts requests and reports dropped unanswered; limiter
 	// bounds each device's reports.
-	dropped *prometheus.CounterVec
-	limiter *rateLimiter
+	dropped              *prometheus.CounterVec
+	limiter, byteLimiter *rateLimiter
 	// auditLimiter bounds the refusals each admin (and all non-admins
 	// together) may add to the audit; auditSuppressed counts the rest.
 	auditLimiter    *rateLimiter
@@ -58,6 +58,7 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		dropped:   newDroppedCounter(),
 	}
 	s.limiter = newRateLimiter(reportRate, reportBurst, s.now)
+	s.byteLimiter = newRateLimiter(reportByteRate, reportByteBurst, s.now)
 	s.auditLimiter = newRateLimiter(auditRefusalRate, auditRefusalBurst, s.now)
 	s.auditSuppressed = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "fleet_audit_refusals_suppressed_total",
