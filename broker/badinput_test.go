@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"fleet/accounts"
+	"fleet/internal/dirlock"
 	"fleet/internal/dirstate"
 	"fleet/subjects"
 )
@@ -355,4 +356,23 @@ func TestMainHelpAndVersion(t *testing.T) {
 		t.Errorf("config file domain a.b: exit %d, %s", code, errOut)
 	}
 	_ = subjects.Domain
+}
+
+// init takes the data dir like run does: while another process holds it,
+// init refuses and writes nothing.
+func TestInitRefusesBusyDataDir(t *testing.T) {
+	dir := t.TempDir()
+	l, err := dirlock.Acquire(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	before := dirstate.Take(t, dir)
+	_, err = Init(testConfig(dir))
+	wantErr(t, err, "is in use by pid", "--data-dir")
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
+	if _, err := Start(context.Background(), testConfig(dir), testLogger(t)); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("Start on a busy dir: %v", err)
+	}
+	dirstate.Unchanged(t, before, dirstate.Take(t, dir))
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/internal/dirlock"
 	"fleet/logging"
 	"fleet/subjects"
 )
@@ -64,17 +65,43 @@ type Coordinator struct {
 	httpLn  net.Listener
 	httpSrv *http.Server
 
+	// lock holds the data dir for this process's life.
+	lock *dirlock.Lock
+
 	ready    atomic.Bool
 	fatal    atomic.Pointer[string]
 	closeOne sync.Once
 	done     chan struct{}
 }
 
-// Init creates the identity of a new fleet in cfg.DataDir.
+// Init creates the identity of a new fleet in cfg.DataDir. It holds the
+// data dir while it works: a coordinator running on it refuses it.
 func Init(cfg Config) (*accounts.Authority, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	lock, err := lockDataDir(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Release()
+	return initDataDir(cfg)
+}
+
+// lockDataDir holds dir for this process: a data dir belongs to one
+// running coordinator (two would both lead the rollout engine and corrupt
+// the streams).
+func lockDataDir(dir string) (*dirlock.Lock, error) {
+	l, err := dirlock.Acquire(dir)
+	if errors.Is(err, dirlock.ErrBusy) {
+		return nil, fmt.Errorf("data dir %w (another fleet-coordinator runs on it): stop it, or give this one its own --data-dir", err)
+	}
+	return l, err
+}
+
+// initDataDir creates the identity of a new fleet in cfg.DataDir, which the
+// caller holds.
+func initDataDir(cfg Config) (*accounts.Authority, error) {
 	// JetStream data without keys belongs to a fleet whose identity was
 	// lost: a new identity would orphan it, so refuse like for the keys.
 	if js := filepath.Join(cfg.DataDir, jetstreamDir); exists(js) {
@@ -109,7 +136,7 @@ func loadOrInit(cfg Config, log zerolog.Logger) (*accounts.Authority, bool, erro
 		}
 	}
 	log.Info().Str("data_dir", cfg.DataDir).Msg("initialising a new fleet")
-	a, err := Init(cfg)
+	a, err := initDataDir(cfg)
 	return a, true, err
 }
 
@@ -149,6 +176,12 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 			return nil, fmt.Errorf("--http %s: cannot listen: %w (pick another address or stop what uses it)", cfg.HTTP, err)
 		}
 		c.httpLn = ln
+	}
+	// Then, before anything in it is opened: a data dir another
+	// coordinator runs on is refused.
+	if c.lock, err = lockDataDir(cfg.DataDir); err != nil {
+		c.Close()
+		return nil, err
 	}
 
 	auth, fresh, err := loadOrInit(cfg, log)
@@ -521,6 +554,7 @@ func (c *Coordinator) Close() {
 			c.ns.Shutdown()
 			c.ns.WaitForShutdown()
 		}
+		c.lock.Release()
 		close(c.done)
 	})
 }
