@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -54,6 +55,9 @@ type Agent struct {
 	o   Options
 	nc  *nats.Conn
 	rep *reporter
+	// repReady is rep for the connection's callbacks, which may run
+	// before Run has made it.
+	repReady atomic.Pointer[reporter]
 	log zerolog.Logger
 
 	mu sync.Mutex
@@ -97,8 +101,8 @@ func (a *Agent) OnConnect(*nats.Conn) {
 	a.mu.Unlock()
 	a.kick()
 	a.kickFacts()
-	if a.rep != nil {
-		a.rep.kick()
+	if rep := a.repReady.Load(); rep != nil {
+		rep.kick()
 	}
 }
 
@@ -123,6 +127,7 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 	if a.rep, err = newReporter(a.o.StateDir, nc, a.o.Key, a.log); err != nil {
 		return err
 	}
+	a.repReady.Store(a.rep)
 	sub, err := nc.Subscribe(subjects.DeviceNotify(a.o.Site, a.o.DeviceID), a.onNotify)
 	if err != nil {
 		return fmt.Errorf("subscribe to desired state triggers: %w", err)

@@ -142,7 +142,9 @@ func (s *services) startAPI() error {
 		}
 		v := v
 		err := svc.AddEndpoint(v.name, micro.HandlerFunc(func(r micro.Request) {
-			s.wg.Add(1)
+			if !s.begin() {
+				return
+			}
 			defer s.wg.Done()
 			// Answer only into an admin's own inbox, and (once the
 			// request is parsed) only the signer's: a reply subject

@@ -32,8 +32,10 @@ func (s *services) startEnroll() error {
 		}
 		// Handle concurrently (bounded): the token's revision check, not
 		// message order, keeps uses from being overspent.
+		if !s.begin() {
+			return
+		}
 		s.enrollSem <- struct{}{}
-		s.wg.Add(1)
 		go func() {
 			defer func() { <-s.enrollSem; s.wg.Done() }()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -243,7 +243,9 @@ func (s *services) store(m *nats.Msg, id, subj string, data []byte, msgID string
 		s.ack(m, model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()})
 		return
 	}
-	s.wg.Add(1)
+	if !s.begin() {
+		return
+	}
 	go func() {
 		defer s.wg.Done()
 		select {

@@ -47,6 +47,8 @@ type services struct {
 	// enrollSem bounds concurrent enrollment handlers.
 	enrollSem chan struct{}
 	wg        sync.WaitGroup
+	workMu    sync.Mutex
+	stopping  bool
 }
 
 func (c *Coordinator) startServices(ctx context.Context) error {
@@ -114,7 +116,23 @@ func (s *services) stop() {
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}
+	// No handler starts work once stopping is set, so Wait cannot race
+	// with an Add from a callback still running.
+	s.workMu.Lock()
+	s.stopping = true
+	s.workMu.Unlock()
 	s.wg.Wait()
+}
+
+// begin registers work that stop waits for; false once stopping.
+func (s *services) begin() bool {
+	s.workMu.Lock()
+	defer s.workMu.Unlock()
+	if s.stopping {
+		return false
+	}
+	s.wg.Add(1)
+	return true
 }
 
 // Presence is the coordinator's index of which devices are online and when
