@@ -624,81 +624,82 @@ func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds,
 }
 
 // Revoke adds user keys to the FLEET account's revocation list and returns
-// the new account JWT, also stored in the resolver directory. The caller
+// the account JWT, also stored in the resolver directory. The caller
 // pushes it to the running servers (see broker), which disconnect the users.
 func (a *Authority) Revoke(pubs ...string) (string, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.syncRevocations()
-	next := *a.fleetClaim
-	next.Revocations = maps.Clone(a.fleetClaim.Revocations)
 	// A revocation covers JWTs issued up to now; one second of slack so a JWT
 	// issued in this very second is covered too.
-	at := time.Now().Add(time.Second)
+	at := time.Now().Add(time.Second).Unix()
+	revs := map[string]int64{}
 	for _, p := range pubs {
 		// The canonical form only: the server matches revocations by
 		// the exact key string.
 		if !subjects.ValidDeviceID(p) {
 			return "", fmt.Errorf("%q is not a user public key", p)
 		}
-		next.RevokeAt(p, at)
+		revs[p] = at
 	}
-	tok, err := next.Encode(a.opSigner)
+	tok, err := a.MergeRevocations(revs)
+	if err != nil || tok != "" {
+		return tok, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.fleetClaim.Encode(a.opSigner)
+}
+
+// MergeRevocations adds revocations (user key → unix time) to the FLEET
+// account's list, never removing one, and returns the re-signed account
+// JWT (also stored in the resolver directory) when anything was added, or
+// "" when the list already held them all.
+func (a *Authority) MergeRevocations(revs map[string]int64) (string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var next jwt.RevocationList
+	for k, at := range revs {
+		if !subjects.ValidDeviceID(k) {
+			continue
+		}
+		if cur, ok := a.fleetClaim.Revocations[k]; ok && cur >= at {
+			continue
+		}
+		if next == nil {
+			next = maps.Clone(a.fleetClaim.Revocations)
+			if next == nil {
+				next = jwt.RevocationList{}
+			}
+		}
+		next[k] = at
+	}
+	if next == nil {
+		return "", nil
+	}
+	claim := *a.fleetClaim
+	claim.Revocations = next
+	tok, err := claim.Encode(a.opSigner)
 	if err != nil {
 		return "", fmt.Errorf("sign FLEET account: %w", err)
 	}
-	if err := a.storeAccountJWT(next.Subject, tok); err != nil {
+	if err := a.storeAccountJWT(claim.Subject, tok); err != nil {
 		return "", err
 	}
-	a.fleetClaim = &next
+	a.fleetClaim = &claim
 	return tok, nil
+}
+
+// Revocations returns a copy of the FLEET account's revocation list.
+func (a *Authority) Revocations() map[string]int64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return maps.Clone(a.fleetClaim.Revocations)
 }
 
 // IsRevoked reports whether user key pub is on the revocation list.
 func (a *Authority) IsRevoked(pub string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, ok := a.fleetClaim.Revocations[pub]; ok {
-		return true
-	}
-	a.syncRevocations()
 	_, ok := a.fleetClaim.Revocations[pub]
 	return ok
-}
-
-// syncRevocations adds the revocations of the FLEET account JWT in the
-// resolver directory to the claim in memory. In a cluster another
-// coordinator revokes and pushes its JWT, which this server's resolver
-// stores there; without the merge this coordinator's next revocation would
-// push a JWT that lacks the other's, undoing it. A file that does not
-// decode (being written) or is not this account's is ignored. a.mu is held.
-func (a *Authority) syncRevocations() {
-	tok, err := a.readAccountJWT(a.fleetClaim.Subject)
-	if err != nil {
-		return
-	}
-	disk, err := jwt.DecodeAccountClaims(tok)
-	if err != nil || disk.Subject != a.fleetClaim.Subject || disk.Issuer != mustPub(a.opSigner) {
-		return
-	}
-	var added jwt.RevocationList
-	for k, at := range disk.Revocations {
-		if cur, ok := a.fleetClaim.Revocations[k]; !ok || cur < at {
-			if added == nil {
-				added = maps.Clone(a.fleetClaim.Revocations)
-				if added == nil {
-					added = jwt.RevocationList{}
-				}
-			}
-			added[k] = at
-		}
-	}
-	if added == nil {
-		return
-	}
-	next := *a.fleetClaim
-	next.Revocations = added
-	a.fleetClaim = &next
 }
 
 func (a *Authority) accountJWTPath(pub string) string {

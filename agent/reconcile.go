@@ -58,7 +58,7 @@ type Agent struct {
 	// repReady is rep for the connection's callbacks, which may run
 	// before Run has made it.
 	repReady atomic.Pointer[reporter]
-	log zerolog.Logger
+	log      zerolog.Logger
 
 	mu sync.Mutex
 	st *ApplyState

@@ -218,6 +218,37 @@ func TestCluster(t *testing.T) {
 		}
 	}
 
+	// Revocations at the same moment on two nodes never undo each other:
+	// both keys are refused on every node within 2s, round after round.
+	for round := range 5 {
+		x, err := cs[0].Authority().NewUser(subjects.RoleAgent, "x", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := cs[0].Authority().NewUser(subjects.RoleAgent, "y", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		errs := make(chan error, 2)
+		go func() { errs <- cs[0].Revoke(ctx, x.PublicKey()) }()
+		go func() { errs <- cs[1].Revoke(ctx, y.PublicKey()) }()
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		start := time.Now()
+		poll.Until(t, 2*time.Second, fmt.Sprintf("round %d: both concurrent revocations refused on every node", round), func() bool {
+			for i := range cs {
+				if !refused(i, x) || !refused(i, y) {
+					return false
+				}
+			}
+			return true
+		})
+		t.Logf("round %d: both refused everywhere %v after the concurrent revocations", round, time.Since(start))
+	}
+
 	// The engine leader stops; another coordinator takes the lock.
 	var leader string
 	poll.Until(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })

@@ -50,6 +50,13 @@ type Coordinator struct {
 	// svc are enrollment, the admin API and presence (services.go).
 	svc *services
 
+	// revocations is fleet_revocations, the authority on revoked keys;
+	// revMu orders this coordinator's re-signs and pushes of the FLEET
+	// account; stopWatch ends the bucket's watcher.
+	revocations jetstream.KeyValue
+	revMu       sync.Mutex
+	stopWatch   context.CancelFunc
+
 	// stop ends the rollout engine; engineDone is closed once it has
 	// (and released its lock).
 	stop       context.CancelFunc
@@ -212,6 +219,13 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	if err := c.ensureStreams(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	// Revocations before the services: enrollment checks them.
+	wctx, cancel := context.WithCancel(context.Background())
+	c.stopWatch = cancel
+	if err := c.startRevocations(wctx); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -509,22 +523,15 @@ func (c *Coordinator) PushAccount(ctx context.Context, tok string) error {
 	return nil
 }
 
-// Revoke revokes user keys and pushes the new FLEET account JWT: their
-// connections are closed at once and refused after.
-func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
-	tok, err := c.auth.Revoke(pubs...)
-	if err != nil {
-		return err
-	}
-	return c.PushAccount(ctx, tok)
-}
-
 // Close stops the coordinator and its server.
 func (c *Coordinator) Close() {
 	c.closeOne.Do(func() {
 		c.ready.Store(false)
 		if c.stop != nil {
 			c.stop()
+		}
+		if c.stopWatch != nil {
+			c.stopWatch()
 		}
 		if c.engineDone != nil {
 			select {

@@ -132,7 +132,9 @@ func (s *services) enrollDevice(ctx context.Context, data []byte, reply string) 
 	if _, err := s.c.auth.IssueSiteUser(subjects.RoleAgent, key, req.Hostname, site, 0); err != nil {
 		return nil, badRequest("device key %s: %v", key, err)
 	}
-	if s.c.auth.IsRevoked(key) {
+	if revoked, err := s.c.revokedKey(ctx, key); err != nil {
+		return nil, err
+	} else if revoked {
 		return nil, refused("device key %s is revoked: a revoked device enrols again only with a new key (remove agent.nk from the state dir) and a new token", key)
 	}
 	for range 3 {

@@ -53,6 +53,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		kv(subjects.BucketPayloads, "sealed per-device payloads", 5),
 		locks,
 		nonces,
+		kv(subjects.BucketRevocations, "revoked user keys (create only, never deleted)", 1),
 	}
 }
 

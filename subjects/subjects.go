@@ -51,12 +51,16 @@ const (
 	// BucketNonces remembers the nonces of admin requests while they are
 	// fresh, so a request is taken once, across restarts and coordinators.
 	BucketNonces = "fleet_nonces"
+	// BucketRevocations holds one key per revoked user key, written with
+	// Create and never deleted: every account JWT a coordinator pushes
+	// carries the whole set, so revocations never undo each other.
+	BucketRevocations = "fleet_revocations"
 )
 
 // Buckets lists every KV bucket the coordinator owns.
 var Buckets = []string{
 	BucketDevices, BucketDesired, BucketReleases, BucketRollouts,
-	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces,
+	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces, BucketRevocations,
 }
 
 // Streams.

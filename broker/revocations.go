@@ -1,0 +1,134 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"fleet/subjects"
+)
+
+// Revocations live in the replicated fleet_revocations bucket, one key per
+// revoked user key, written with Create and never deleted. The FLEET
+// account JWT is derived from the whole bucket: every coordinator watches
+// it and, whenever it learns of a key its JWT lacks, re-signs the JWT with
+// every revocation and pushes it. Two revocations at once on two
+// coordinators therefore cannot undo each other: whichever push comes last,
+// the coordinator that made the incomplete one sees the other key next and
+// pushes again.
+
+// revocationRecord is the value of a fleet_revocations key.
+type revocationRecord struct {
+	// At is when the revocation takes effect (JWTs issued before are
+	// refused), unix seconds.
+	At int64 `json:"at"`
+}
+
+// Revoke revokes user keys: it records them in fleet_revocations and
+// pushes the FLEET account JWT with every revocation. Their connections are
+// closed at once and refused after, on every server.
+func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
+	for _, p := range pubs {
+		// The canonical form only: the server matches revocations by the
+		// exact key string.
+		if !subjects.ValidDeviceID(p) {
+			return fmt.Errorf("%q is not a user public key", p)
+		}
+	}
+	// One second of slack: a JWT issued in this very second is covered.
+	b, _ := json.Marshal(revocationRecord{At: time.Now().Add(time.Second).Unix()})
+	for _, p := range pubs {
+		if _, err := c.revocations.Create(ctx, p, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("record the revocation of %s: %w", p, err)
+		}
+	}
+	return c.syncRevocations(ctx)
+}
+
+// syncRevocations makes the FLEET account JWT hold every revocation of the
+// bucket and pushes it when that changed it.
+func (c *Coordinator) syncRevocations(ctx context.Context) error {
+	c.revMu.Lock()
+	defer c.revMu.Unlock()
+	revs := map[string]int64{}
+	err := eachKey(ctx, c.revocations, func(e jetstream.KeyValueEntry) {
+		var r revocationRecord
+		if json.Unmarshal(e.Value(), &r) == nil && r.At > 0 {
+			revs[e.Key()] = r.At
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("read revocations: %w", err)
+	}
+	tok, err := c.auth.MergeRevocations(revs)
+	if err != nil || tok == "" {
+		return err
+	}
+	return c.PushAccount(ctx, tok)
+}
+
+// startRevocations seeds the bucket with the revocations the account JWT
+// already holds (made before the bucket existed, or restored), then keeps
+// the JWT in step with the bucket until ctx ends.
+func (c *Coordinator) startRevocations(ctx context.Context) error {
+	kv, err := c.js.KeyValue(ctx, subjects.BucketRevocations)
+	if err != nil {
+		return fmt.Errorf("bucket %s: %w", subjects.BucketRevocations, err)
+	}
+	c.revocations = kv
+	for key, at := range c.auth.Revocations() {
+		b, _ := json.Marshal(revocationRecord{At: at})
+		if _, err := kv.Create(ctx, key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("record revocation of %s: %w", key, err)
+		}
+	}
+	if err := c.syncRevocations(ctx); err != nil {
+		return err
+	}
+	w, err := kv.WatchAll(ctx, jetstream.UpdatesOnly())
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", subjects.BucketRevocations, err)
+	}
+	go func() {
+		defer func() { _ = w.Stop() }()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				if e == nil || c.auth.IsRevoked(e.Key()) {
+					continue
+				}
+				sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				if err := c.syncRevocations(sctx); err != nil {
+					c.log.Error().Err(err).Str("key", e.Key()).Msg("revocation not applied yet; retrying on the next change or restart")
+				}
+				cancel()
+			}
+		}
+	}()
+	return nil
+}
+
+// revokedKey reports whether user key pub is revoked, by the bucket (the
+// authority) or the account JWT.
+func (c *Coordinator) revokedKey(ctx context.Context, pub string) (bool, error) {
+	if c.auth.IsRevoked(pub) {
+		return true, nil
+	}
+	_, err := c.revocations.Get(ctx, pub)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look up revocation of %s: %w", pub, err)
+	}
+	return true, nil
+}
