@@ -648,6 +648,11 @@ func (c *Coordinator) Ready() error {
 	if !c.ready.Load() {
 		return errors.New("starting")
 	}
+	if !c.index.CaughtUp() {
+		// Ready means the index holds every device: a status read now is
+		// the fleet's, not part of it.
+		return errors.New("indexing the devices' records, facts and events")
+	}
 	if st := c.ns.Healthz(nil); st.Status != "ok" {
 		return fmt.Errorf("jetstream: %s", st.Error)
 	}

@@ -96,6 +96,12 @@ type deviceIndex struct {
 	online   onlineSource
 
 	stats indexStats
+
+	// behind counts the sources (consumers and watchers) that have not yet
+	// delivered what was there when they started; caughtUp is closed when
+	// none is left, and only then does the coordinator say it is ready.
+	behind   atomic.Int32
+	caughtUp chan struct{}
 }
 
 func newDeviceIndex(log zerolog.Logger) *deviceIndex {
@@ -104,6 +110,26 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		now:      time.Now,
 		devs:     map[string]*deviceState{},
 		rollouts: map[string]*model.Rollout{},
+		caughtUp: make(chan struct{}),
+	}
+}
+
+// sourceCaughtUp records that one source has delivered its initial
+// values; it must be called once per source.
+func (x *deviceIndex) sourceCaughtUp() {
+	if x.behind.Add(-1) == 0 {
+		close(x.caughtUp)
+	}
+}
+
+// CaughtUp reports whether every source has delivered what it held when
+// the index started.
+func (x *deviceIndex) CaughtUp() bool {
+	select {
+	case <-x.caughtUp:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -330,6 +356,8 @@ func (sn *snapshot) shownRollouts() []*model.Rollout {
 // watcher is created; errors after that are logged and retried by the
 // library (ordered consumers recreate themselves, watchers resubscribe).
 func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
+	// Two streams and three buckets.
+	x.behind.Store(5)
 	for _, src := range []struct {
 		stream, filter string
 		apply          func(id string, data []byte, at time.Time)
@@ -346,16 +374,27 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 			return err
 		}
 		apply := src.apply
+		var once sync.Once
+		caughtUp := func() { once.Do(x.sourceCaughtUp) }
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumPending == 0 {
+			caughtUp()
+		}
 		cc, err := cons.Consume(func(m jetstream.Msg) {
-			id, ok := subjects.DeviceFromSubject(m.Subject())
-			if !ok {
-				return
-			}
 			at := time.Now()
-			if md, err := m.Metadata(); err == nil {
+			md, err := m.Metadata()
+			if err == nil {
 				at = md.Timestamp
 			}
-			apply(id, m.Data(), at)
+			if id, ok := subjects.DeviceFromSubject(m.Subject()); ok {
+				apply(id, m.Data(), at)
+			}
+			if err == nil && md.NumPending == 0 {
+				caughtUp()
+			}
 		})
 		if err != nil {
 			return err
@@ -388,6 +427,7 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 
 func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte)) {
 	defer kw.Stop()
+	var once sync.Once
 	for {
 		select {
 		case <-ctx.Done():
@@ -397,6 +437,7 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 				return
 			}
 			if e == nil { // initial values delivered
+				once.Do(x.sourceCaughtUp)
 				continue
 			}
 			if e.Operation() != jetstream.KeyValuePut {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -696,5 +697,66 @@ func TestHTTPSlowClientCutOff(t *testing.T) {
 	_, err = io.ReadAll(conn)
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatalf("the server still held the half-sent request after %s", time.Since(start))
+	}
+}
+
+// Ready means indexed: after a restart with thousands of devices, the first
+// moment the coordinator says ready, status already counts every device
+// with its latest facts.
+func TestReadyMeansIndexed(t *testing.T) {
+	const n = 3000
+	cfg := testConfig(t.TempDir())
+	c := startCoordinator(t, cfg)
+	ctx := ctxT(t, 2*time.Minute)
+	js, err := jetstream.New(c.Conn(), jetstream.WithPublishAsyncMaxPending(4096))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var futs []jetstream.PubAckFuture
+	for i := range n {
+		kp := newKey(t)
+		id := pubOf(kp)
+		rec, _ := json.Marshal(model.Device{ID: id, Name: fmt.Sprintf("d%04d", i), Site: subjects.DefaultSite, Status: model.DeviceActive, EnrolledAt: time.Now()})
+		facts, _ := json.Marshal(model.Facts{Device: id, CurrentSystem: storePath("s"), Time: time.Now()})
+		for _, m := range []struct {
+			subj string
+			b    []byte
+		}{{subjects.KVKey(subjects.BucketDevices, id), rec}, {subjects.DeviceFacts(id), facts}} {
+			f, err := js.PublishAsync(m.subj, m.b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			futs = append(futs, f)
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-ctx.Done():
+		t.Fatal("writes not acknowledged")
+	}
+	for _, f := range futs {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			t.Fatal(err)
+		}
+	}
+	stop(t, c)
+
+	c2, err := Start(ctx, cfg, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c2.Close)
+	poll.Until(t, time.Minute, "ready", func() bool { return c2.Ready() == nil })
+	st := c2.Status("")
+	withFacts := 0
+	for _, d := range st.Devices {
+		if d.CurrentSystem != "" {
+			withFacts++
+		}
+	}
+	if st.Summary.Total != n || withFacts != n {
+		t.Fatalf("ready with %d devices and %d facts indexed, want %d", st.Summary.Total, withFacts, n)
 	}
 }
