@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -227,6 +228,9 @@ type apply struct {
 	releaseID string
 	path      string
 	action    model.Action
+	// fetches counts the fetch attempts (more than one: a passing failure
+	// was retried); the final event says so.
+	fetches int
 }
 
 // MaxEventLog bounds Event.Log (the tail is kept): events travel in one
@@ -288,6 +292,9 @@ func (a *Agent) refuse(ap *apply, key, lastKey, errMsg string) {
 // finishKey is finish recording lastKey as the last desired state handled.
 func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, errMsg, check, log string) {
 	state := model.StateReporting
+	if ap.fetches > 1 && result != model.ResultFailed && log == "" {
+		log = fmt.Sprintf("fetched after %d attempts", ap.fetches)
+	}
 	a.event(ap, state, result, errMsg, check, log)
 	a.mu.Lock()
 	if key == lastKey {
@@ -382,11 +389,11 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	actx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
 	defer cancel()
 	a.event(ap, model.StateFetching, "", "", "", "")
-	if err := a.o.Activator.Fetch(actx, path, rel.Substituter); err != nil {
+	if err := a.fetch(actx, ap, path, rel.Substituter); err != nil {
 		if ctx.Err() != nil {
 			return // stopping: the desired state is handled after restart
 		}
-		a.finish(ap, key, model.ResultFailed, "fetch: "+err.Error(), "", logTail(err))
+		a.finish(ap, key, model.ResultFailed, fmt.Sprintf("fetch (%d attempts): %v", ap.fetches, err), "", logTail(err))
 		return
 	}
 	prev, err := a.o.Activator.Snapshot(actx)
@@ -413,6 +420,47 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 		return
 	}
 	a.verify(ctx, ap, key, st)
+}
+
+// fetch fetches path, retrying with backoff while the failure is one that
+// passes (a cache that is down or busy, the network, Nix's own database
+// busy with another fetch) until ctx (the apply timeout) ends. A closure
+// that is refused (a signature) fails at once.
+func (a *Agent) fetch(ctx context.Context, ap *apply, path, substituter string) error {
+	delay := time.Second
+	for {
+		ap.fetches++
+		err := a.o.Activator.Fetch(ctx, path, substituter)
+		if err == nil || !transientFetch(err) || ctx.Err() != nil {
+			return err
+		}
+		a.log.Warn().Err(err).Int("attempt", ap.fetches).Dur("retry_in", delay).Msg("fetch failed for a passing reason; retrying")
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 15*time.Second)
+	}
+}
+
+// transientMarks are what Nix says when a fetch may work on a retry.
+var transientMarks = []string{
+	"HTTP error 5", "Couldn't connect", "Connection refused", "Connection reset", "timed out", "Timeout was reached",
+	"Could not resolve host", "SQLite", "database is locked", "temporarily unavailable", "Failure when receiving data",
+}
+
+func transientFetch(err error) bool {
+	text := err.Error() + "\n" + logTail(err)
+	if strings.Contains(text, "lacks a valid signature") {
+		return false
+	}
+	for _, m := range transientMarks {
+		if strings.Contains(text, m) {
+			return true
+		}
+	}
+	return false
 }
 
 // verify runs the broker check and the health checks, then reports or

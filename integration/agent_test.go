@@ -872,3 +872,29 @@ func TestOldDesiredStateRefused(t *testing.T) {
 		t.Fatalf("gen2 switched to %d times, want once", n)
 	}
 }
+
+// A cache that is down for a few seconds does not fail the device: the
+// fetch is retried with backoff within --apply-timeout, and the final event
+// says how many attempts it took.
+func TestFetchRetriedWhileCacheDown(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.nix.SetCacheDown(true)
+	w.deploy("gen2", gen2.Path)
+	w.waitEvent("fetching gen2", func(ev model.Event) bool { return ev.ReleaseID == "gen2" && ev.State == model.StateFetching })
+	// At least one attempt has failed against the down cache before it
+	// comes back.
+	poll.Until(t, 30*time.Second, "a failed fetch attempt", func() bool {
+		b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
+		return strings.Contains(string(b), "fetch failed for a passing reason")
+	})
+	w.nix.SetCacheDown(false)
+	ev := w.waitEvent("final gen2", final("gen2"))
+	if ev.Result != model.ResultSucceeded || !strings.Contains(ev.Log, "fetched after") {
+		t.Fatalf("gen2 after the cache came back: %+v", ev)
+	}
+	w.wantCurrent(gen2)
+}

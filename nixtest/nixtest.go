@@ -22,6 +22,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -45,7 +46,13 @@ type Env struct {
 	Profile       string
 
 	srv *http.Server
+	// down makes the cache answer 503, like a cache being restarted.
+	down atomic.Bool
 }
+
+// SetCacheDown makes the HTTP binary cache answer every request with 503
+// (true) or serve again (false).
+func (e *Env) SetCacheDown(down bool) { e.down.Store(down) }
 
 // Key is a binary-cache signing key pair.
 type Key struct {
@@ -108,7 +115,14 @@ func New(ctx context.Context, dir string) (*Env, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nixtest: listen: %w", err)
 	}
-	e.srv = &http.Server{Handler: http.FileServer(http.Dir(e.CacheDir)), ReadHeaderTimeout: 10 * time.Second}
+	files := http.FileServer(http.Dir(e.CacheDir))
+	e.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if e.down.Load() {
+			http.Error(w, "cache restarting", http.StatusServiceUnavailable)
+			return
+		}
+		files.ServeHTTP(w, r)
+	}), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = e.srv.Serve(ln) }()
 	e.Substituter = "http://" + ln.Addr().String()
 	return e, nil
