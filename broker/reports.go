@@ -322,6 +322,9 @@ func (s *services) onDesiredChanged(m *nats.Msg) {
 	defer cancel()
 	d, err := s.knownDevice(ctx, id)
 	if err != nil || d == nil || d.Status != model.DeviceActive {
+		// It reads its state when it becomes active and reconnects, or on
+		// its timer.
+		s.drop("notify", dropInactive, m)
 		return
 	}
 	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), nil)

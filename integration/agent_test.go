@@ -256,7 +256,7 @@ func (w *world) startAgent() {
 		"--server", "nats://"+w.coord.ClientAddr(), "--state-dir", w.stateDir, "--release-signer", adminPub,
 		"--hostname", host, "--profile", w.nix.Profile, "--current-system", w.nix.CurrentSystem,
 		"--booted-system", w.nix.CurrentSystem, "--facts-interval", "1s", "--reconnect-within", "10s",
-		"--apply-timeout", "1m")
+		"--apply-timeout", "1m", "--recheck", "3s")
 	cmd.Env = w.nix.Environ()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -897,4 +897,74 @@ func TestFetchRetriedWhileCacheDown(t *testing.T) {
 		t.Fatalf("gen2 after the cache came back: %+v", ev)
 	}
 	w.wantCurrent(gen2)
+}
+
+// A change notification lost while connected does not stall the device:
+// it re-reads its desired state on a jittered timer (--recheck).
+func TestLostNotificationRecovered(t *testing.T) {
+	w := newWorld(t)
+	gen1 := w.build("gen1", nixtest.BuildOpts{}, nil)
+	w.install(gen1)
+	gen2 := w.build("gen2", nixtest.BuildOpts{}, &w.nix.TrustedKey)
+	w.startAgent()
+	w.waitFacts("first report", func(model.Facts) bool { return true })
+	// The coordinator sends triggers only to active devices: with the
+	// record briefly not active, the write's trigger is lost.
+	devKV, err := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setStatus := func(st model.DeviceStatus) {
+		rec, _ := json.Marshal(model.Device{ID: w.device, Name: host, Site: subjects.DefaultSite, Status: st, EnrolledAt: time.Now().UTC()})
+		if _, err := devKV.Put(w.ctx, w.device, rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setStatus(model.DevicePending)
+	poll.Until(t, 5*time.Second, "the coordinator's index to see the device inactive", func() bool {
+		for _, d := range w.coord.Status("").Devices {
+			if d.ID == w.device {
+				return d.Status == model.DevicePending
+			}
+		}
+		return false
+	})
+	dropped := func() float64 {
+		return metricValue(t, w.coord, "fleet_requests_dropped_total", "handler", "notify")
+	}
+	before := dropped()
+	w.deploy("gen2", gen2.Path)
+	poll.Until(t, 5*time.Second, "the trigger dropped", func() bool { return dropped() > before })
+	setStatus(model.DeviceActive)
+	ev := w.waitEvent("final gen2 without a trigger", final("gen2"))
+	if ev.Result != model.ResultSucceeded {
+		t.Fatalf("gen2: %+v", ev)
+	}
+	b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
+	if strings.Contains(string(b), `"message":"desired state trigger"`) {
+		t.Fatal("the agent got a trigger after all: the test did not lose it")
+	}
+}
+
+// metricValue is the value of the first series of name whose label has
+// value, from the coordinator's registry (0 when none).
+func metricValue(t *testing.T, c *broker.Coordinator, name, label, value string) float64 {
+	t.Helper()
+	fams, err := c.Metrics().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
