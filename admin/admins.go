@@ -165,18 +165,28 @@ func (AuditVerifyCmd) Run(g *Globals) error {
 			bad = append(bad, fmt.Sprintf("entry %d (%s %s by %s at %s): %v", i+1, r.Verb, r.Result, orDash(r.Admin), r.Time.Format(time.RFC3339), perr))
 		}
 	}
+	// Each entry names the hash of the one before: a lost, removed or
+	// altered entry breaks the chain where it was.
+	for _, i := range model.CheckAuditChain(recs) {
+		r := recs[i]
+		bad = append(bad, fmt.Sprintf("entry %d (%s %s at %s): the entry before it is missing or was altered", i+1, r.Verb, r.Result, r.Time.Format(time.RFC3339)))
+	}
+	truncated := len(recs) > 0 && recs[0].Prev != ""
 	if g.JSON {
-		if err := g.printJSON(map[string]any{"entries": len(recs), "invalid": bad, "refused_unsigned": refusedBad}); err != nil {
+		if err := g.printJSON(map[string]any{"entries": len(recs), "invalid": bad, "refused_unsigned": refusedBad, "oldest_dropped": truncated}); err != nil {
 			return err
 		}
 	} else {
-		fmt.Fprintf(g.stdout, "%d entries; %d accepted entries with a bad signature; %d refused requests were unsigned or forged\n", len(recs), len(bad), refusedBad)
+		fmt.Fprintf(g.stdout, "%d entries; %d accepted entries with a bad signature or a broken chain; %d refused requests were unsigned or forged\n", len(recs), len(bad), refusedBad)
+		if truncated {
+			fmt.Fprintln(g.stdout, "the oldest entries were dropped by the audit's size limit (--storage-gib); the chain holds from the first one kept")
+		}
 		for _, b := range bad {
 			fmt.Fprintln(g.stdout, "  "+b)
 		}
 	}
 	if len(bad) > 0 {
-		return fmt.Errorf("audit verification failed: %d entries do not carry a valid signature", len(bad))
+		return fmt.Errorf("audit verification failed: %d entries do not verify (signature or chain)", len(bad))
 	}
 	return nil
 }

@@ -302,16 +302,67 @@ func (s *services) admin(ctx context.Context, key string) (*model.Admin, error) 
 	return &a, nil
 }
 
-// audit appends rec to FLEET_AUDIT. A failed append is logged: the request
-// has already taken effect.
+// audit appends rec to FLEET_AUDIT, chained to the entry before it. A
+// failed append is logged: the request has already taken effect.
+//
+// The append expects the stream's last sequence to be the one whose hash
+// it names, so two coordinators appending at once cannot fork the chain:
+// the one that lost reads the new tail and tries again.
 func (s *services) audit(ctx context.Context, rec model.AuditRecord) {
-	b, err := json.Marshal(rec)
-	if err == nil {
-		_, err = s.c.js.Publish(ctx, subjects.AuditSubject(rec.Verb), b)
+	s.auditMu.Lock()
+	defer s.auditMu.Unlock()
+	var err error
+	for range 10 {
+		if !s.auditTailKnown {
+			if s.auditSeq, s.auditPrev, err = s.readAuditTail(ctx); err != nil {
+				break
+			}
+			s.auditTailKnown = true
+		}
+		rec.Prev = s.auditPrev
+		var ack *jetstream.PubAck
+		ack, err = s.c.js.Publish(ctx, subjects.AuditSubject(rec.Verb), mustJSON(rec), jetstream.WithExpectLastSequence(s.auditSeq))
+		if err == nil {
+			s.auditSeq, s.auditPrev = ack.Sequence, model.AuditHash(rec)
+			return
+		}
+		s.auditTailKnown = false // another coordinator appended: read again
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
+			break
+		}
 	}
+	s.log.Error().Err(err).Str("verb", rec.Verb).Str("result", string(rec.Result)).Msg("audit append failed")
+}
+
+// readAuditTail returns the audit stream's last sequence and the hash of
+// its entry (0 and "" when empty).
+func (s *services) readAuditTail(ctx context.Context) (uint64, string, error) {
+	st, err := s.c.js.Stream(ctx, subjects.StreamAudit)
 	if err != nil {
-		s.log.Error().Err(err).Str("verb", rec.Verb).Str("result", string(rec.Result)).Msg("audit append failed")
+		return 0, "", fmt.Errorf("audit stream: %w", err)
 	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return 0, "", fmt.Errorf("audit stream: %w", err)
+	}
+	if info.State.LastSeq == 0 {
+		return 0, "", nil
+	}
+	m, err := st.GetMsg(ctx, info.State.LastSeq)
+	if err != nil {
+		return 0, "", fmt.Errorf("last audit entry: %w", err)
+	}
+	var last model.AuditRecord
+	if err := json.Unmarshal(m.Data, &last); err != nil {
+		return 0, "", fmt.Errorf("last audit entry %d is damaged: %w", info.State.LastSeq, err)
+	}
+	return info.State.LastSeq, model.AuditHash(last), nil
+}
+
+func mustJSON(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
 }
 
 // auditRequest keeps the signed request verbatim when it is JSON of sane

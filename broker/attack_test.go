@@ -466,3 +466,32 @@ func TestDeviceFloodBounded(t *testing.T) {
 		t.Fatalf("64 subscriptions on one device connection: %v", subErr)
 	}
 }
+
+// The audit is a chain: entries the coordinator appends name the one
+// before; an entry slipped in by anyone else breaks it where it stands.
+func TestAuditChainShowsInsertions(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	ctx := ctxFor(t, 30*time.Second)
+	for range 3 {
+		if _, err := owner.CreateToken(ctx, model.TokenCreate{Groups: []string{"lab"}, Uses: 1, TTL: time.Hour}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b := model.CheckAuditChain(auditRecords(t, c)); len(b) != 0 {
+		t.Fatalf("the coordinator's own chain is broken at %v", b)
+	}
+	// Someone with the state's own credentials appends a record.
+	forged, _ := json.Marshal(model.AuditRecord{Time: time.Now().UTC(), Verb: subjects.VerbAdminAdd, Result: model.AuditOK})
+	if _, err := c.JetStream().Publish(ctx, subjects.AuditSubject(subjects.VerbAdminAdd), forged); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := owner.CreateToken(ctx, model.TokenCreate{Groups: []string{"lab"}, Uses: 1, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	recs := auditRecords(t, c)
+	broken := model.CheckAuditChain(recs)
+	if len(broken) != 1 || recs[broken[0]].Verb != subjects.VerbAdminAdd {
+		t.Fatalf("chain breaks at %v, want only at the inserted entry", broken)
+	}
+}

@@ -249,6 +249,28 @@ func TestCluster(t *testing.T) {
 		t.Logf("round %d: both refused everywhere %v after the concurrent revocations", round, time.Since(start))
 	}
 
+	// Audit entries appended on three nodes form one chain.
+	var wg sync.WaitGroup
+	for i := range cs {
+		wg.Go(func() {
+			cl, err := admin.Dial(ctx, cs[i].ClientURL(), filepath.Join(cs[i].Config().DataDir, accounts.AdminCredsFile))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer cl.Close()
+			for range 5 {
+				if _, err := cl.CreateToken(ctx, model.TokenCreate{Groups: []string{"chain"}, Uses: 1, TTL: time.Hour}); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if b := model.CheckAuditChain(auditRecords(t, cs[0])); len(b) != 0 {
+		t.Fatalf("audit appended on three nodes at once: chain broken at %v", b)
+	}
+
 	// The engine leader stops; another coordinator takes the lock.
 	var leader string
 	poll.Until(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })

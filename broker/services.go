@@ -38,6 +38,12 @@ type services struct {
 	// together) may add to the audit; auditSuppressed counts the rest.
 	auditLimiter    *rateLimiter
 	auditSuppressed prometheus.Counter
+	// auditMu orders this coordinator's audit appends; auditSeq and
+	// auditPrev are the chain's tail as last seen.
+	auditMu        sync.Mutex
+	auditTailKnown bool
+	auditSeq       uint64
+	auditPrev      string
 
 	presence *Presence
 	nonces   jetstream.KeyValue

@@ -1,6 +1,8 @@
 package model
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -227,6 +229,31 @@ type AuditRecord struct {
 	Request      json.RawMessage `json:"request,omitempty"`
 	RequestHash  string          `json:"request_sha256,omitempty"`
 	RequestBytes int             `json:"request_bytes,omitempty"`
+	// Prev is the AuditHash of the entry before this one ("" for the
+	// first): the trail is a chain, so a lost or removed entry shows.
+	Prev string `json:"prev,omitempty"`
+}
+
+// AuditHash is the hash of an audit entry as stored (its JSON encoding),
+// which the next entry names as Prev.
+func AuditHash(rec AuditRecord) string {
+	b, _ := json.Marshal(rec)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// CheckAuditChain checks that each entry names the one before it. It
+// returns the index of each entry whose predecessor is missing or altered.
+// The first entry may name a predecessor: the size limit drops the oldest
+// entries.
+func CheckAuditChain(recs []AuditRecord) []int {
+	var broken []int
+	for i := 1; i < len(recs); i++ {
+		if recs[i].Prev != AuditHash(recs[i-1]) {
+			broken = append(broken, i)
+		}
+	}
+	return broken
 }
 
 // TokenRef names a token by id.

@@ -89,3 +89,35 @@ func FuzzParseToken(f *testing.F) {
 		}
 	})
 }
+
+func TestAuditChain(t *testing.T) {
+	var recs []AuditRecord
+	prev := ""
+	for i := range 5 {
+		r := AuditRecord{Time: time.Unix(int64(1000+i), 0).UTC(), Verb: "deploy", Result: AuditOK, Request: json.RawMessage(`{"n":` + string(rune('0'+i)) + `}`), Prev: prev}
+		// As stored and read back.
+		b, _ := json.Marshal(r)
+		var back AuditRecord
+		if err := json.Unmarshal(b, &back); err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, back)
+		prev = AuditHash(back)
+	}
+	if b := CheckAuditChain(recs); len(b) != 0 {
+		t.Fatalf("intact chain reported broken at %v", b)
+	}
+	missing := append(append([]AuditRecord{}, recs[:2]...), recs[3:]...)
+	if b := CheckAuditChain(missing); len(b) != 1 || b[0] != 2 {
+		t.Fatalf("a removed entry: broken at %v, want [2]", b)
+	}
+	altered := append([]AuditRecord{}, recs...)
+	altered[1].Verb = "admin-add"
+	if b := CheckAuditChain(altered); len(b) != 1 || b[0] != 2 {
+		t.Fatalf("an altered entry: broken at %v, want [2]", b)
+	}
+	// The oldest dropped by the size limit: the rest still holds.
+	if b := CheckAuditChain(recs[2:]); len(b) != 0 {
+		t.Fatalf("a truncated start: broken at %v", b)
+	}
+}
