@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -27,18 +28,23 @@ import (
 // on the next step, so a coordinator killed at any point resumes where it was.
 
 const (
-	engineLockKey      = "rollout-engine"
-	engineConsumer     = "rollout-engine"
-	engineTick         = time.Second
-	engineLockRenew    = 5 * time.Second
+	engineLockKey   = "rollout-engine"
+	engineConsumer  = "rollout-engine"
+	engineTick      = time.Second
+	engineLockRenew = 5 * time.Second
+	// engineLockTTL is fleet_locks' TTL: a lock not renewed for this long
+	// is free for another coordinator.
+	engineLockTTL      = 15 * time.Second
 	desiredWriteWindow = 30 * time.Second
 )
 
 // rollouts is the engine and the rollout operations of the API.
 type rollouts struct {
-	log      zerolog.Logger
-	js       jetstream.JetStream
-	name     string // this coordinator, as lock owner
+	log  zerolog.Logger
+	js   jetstream.JetStream
+	name string // this coordinator, as lock owner
+	// leading is whether this coordinator drives rollouts now.
+	leading  atomic.Bool
 	rollouts jetstream.KeyValue
 	desired  jetstream.KeyValue
 	devices  jetstream.KeyValue
@@ -540,7 +546,9 @@ func (r *rollouts) Run(ctx context.Context) {
 			continue
 		}
 		r.log.Info().Msg("rollout engine: leading")
+		r.leading.Store(true)
 		r.lead(ctx, rev)
+		r.leading.Store(false)
 		r.log.Info().Msg("rollout engine: stopped leading")
 	}
 }
@@ -563,9 +571,24 @@ func (r *rollouts) takeLock(ctx context.Context) (uint64, error) {
 // coordinator stops) it releases the lock, so another coordinator of the
 // cluster takes over at once instead of after the lock's TTL.
 func (r *rollouts) lead(ctx context.Context, rev uint64) {
-	defer func() { r.releaseLock(rev) }()
+	// The lease is renewed apart from the work, which may block longer
+	// than the lease lasts: the moment it is lost (or cannot be confirmed
+	// within most of its TTL) the work's context ends, so a leader that
+	// lost the lock stops writing at once.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	var held atomic.Uint64
+	held.Store(rev)
+	renewed := make(chan struct{})
+	go func() {
+		defer close(renewed)
+		r.renew(ctx, cancel, &held)
+	}()
+	defer func() {
+		cancel()
+		<-renewed
+		r.releaseLock(held.Load())
+	}()
 	cons, err := r.js.CreateOrUpdateConsumer(ctx, subjects.StreamEvents, jetstream.ConsumerConfig{
 		Durable:       engineConsumer,
 		FilterSubject: subjects.AllEvents,
@@ -597,8 +620,6 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 	}
 	defer func() { _ = watch.Stop() }()
 
-	renew := time.NewTicker(engineLockRenew)
-	defer renew.Stop()
 	tick := time.NewTicker(engineTick)
 	defer tick.Stop()
 	for {
@@ -613,16 +634,45 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 			if e != nil {
 				r.track(e)
 			}
-		case <-renew.C:
-			if rev, err = r.locks.Update(ctx, engineLockKey, []byte(r.name), rev); err != nil {
-				r.log.Warn().Err(err).Msg("rollout engine: lost the lock")
-				return
-			}
 		case <-tick.C:
 			r.step(ctx)
 		case <-r.kick:
 			r.step(ctx)
 		}
+	}
+}
+
+// renew keeps the engine lock (revision in held) until ctx ends, and calls
+// lost when it is gone or could not be confirmed for two thirds of its
+// TTL; held is 0 then.
+func (r *rollouts) renew(ctx context.Context, lost context.CancelFunc, held *atomic.Uint64) {
+	t := time.NewTicker(engineLockRenew)
+	defer t.Stop()
+	confirmed := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, engineLockRenew/2)
+		rev, err := r.locks.Update(rctx, engineLockKey, []byte(r.name), held.Load())
+		cancel()
+		if err == nil {
+			held.Store(rev)
+			confirmed = time.Now()
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if isWrongRevision(err) || errors.Is(err, jetstream.ErrKeyNotFound) || time.Since(confirmed) > engineLockTTL*2/3 {
+			r.log.Warn().Err(err).Msg("rollout engine: lost the lock; stopping at once")
+			held.Store(0)
+			lost()
+			return
+		}
+		r.log.Warn().Err(err).Msg("rollout engine: lock not renewed yet; retrying")
 	}
 }
 
@@ -657,7 +707,15 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 	if c := r.cache[ev.RolloutID]; c != nil {
 		d = c.byID[dev]
 	} else if ev.RolloutID != "" && model.CheckRolloutID(ev.RolloutID) == nil {
-		d, _ = r.getDevice(ctx, ev.RolloutID, dev)
+		var err error
+		d, err = r.getDevice(ctx, ev.RolloutID, dev)
+		if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			// A read that failed is not an answer: acknowledging would
+			// lose the device's result. Redelivered in a moment.
+			r.log.Warn().Err(err).Msg("rollout engine: read a result's device; will retry")
+			_ = m.NakWithDelay(time.Second)
+			return
+		}
 	}
 	if d == nil {
 		_ = m.Ack() // not a device of that rollout (or no such rollout)

@@ -35,7 +35,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		HeadersOnly: true,
 	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
-	locks.TTL = 15 * time.Second
+	locks.TTL = engineLockTTL
 	// A nonce must outlive its request's freshness window (time ± MaxSkew).
 	nonces := kv(subjects.BucketNonces, "nonces of fresh admin requests", 1)
 	nonces.TTL = 2*model.MaxSkew + time.Minute
