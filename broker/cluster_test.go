@@ -275,8 +275,10 @@ func TestCluster(t *testing.T) {
 	var leader string
 	poll.Until(t, 15*time.Second, "an engine leader", func() bool { leader = lockHolder(t, cs[0]); return leader != "" })
 	var rest []*broker.Coordinator
+	var stoppedCfg broker.Config
 	for _, c := range cs {
 		if c.Config().ServerName == leader {
+			stoppedCfg = c.Config()
 			c.Close()
 		} else {
 			rest = append(rest, c)
@@ -352,4 +354,29 @@ func TestCluster(t *testing.T) {
 	if last.Counts[model.DeviceSucceeded] != 1 {
 		t.Errorf("rollout counts %v", last.Counts)
 	}
+
+	// The stopped node comes back: at once it shows the device connected to
+	// another node as online (it asks the cluster, not only its own
+	// server), before the device sends anything.
+	<-closedWhenDone(t, cs, leader)
+	back, err := broker.Start(ctx, stoppedCfg, zerolog.Nop())
+	if err != nil {
+		t.Fatalf("restart %s: %v", leader, err)
+	}
+	t.Cleanup(back.Close)
+	if !back.Presence().Online(kept.PublicKey()) {
+		t.Fatal("a rejoined node shows a device connected to another node offline")
+	}
+}
+
+// closedWhenDone is the Done channel of the coordinator named name.
+func closedWhenDone(t *testing.T, cs []*broker.Coordinator, name string) <-chan struct{} {
+	t.Helper()
+	for _, c := range cs {
+		if c.Config().ServerName == name {
+			return c.Done()
+		}
+	}
+	t.Fatalf("no coordinator %s", name)
+	return nil
 }

@@ -152,5 +152,47 @@ func startPresence(c *Coordinator, s *services) (*Presence, error) {
 			break
 		}
 	}
+	if c.cfg.Clustered() {
+		// The other coordinators' connections too: a node that joins late
+		// knows who is online on the others at once, not at their next
+		// report. Advisories since the subscription above keep it current.
+		if err := seedClusterPresence(c, p, acc); err != nil {
+			c.log.Warn().Err(err).Msg("presence: the other coordinators' connections are not known yet")
+		}
+	}
 	return p, nil
+}
+
+// seedClusterPresence asks every server of the cluster for its FLEET
+// connections ($SYS.REQ.SERVER.PING.CONNZ) and records them. Sites' leaf
+// nodes do not hear the request (their system link carries account updates
+// only), so only the hub's servers answer.
+func seedClusterPresence(c *Coordinator, p *Presence, acc string) error {
+	inbox := c.sys.NewRespInbox()
+	sub, err := c.sys.SubscribeSync(inbox)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	req, _ := json.Marshal(server.ConnzEventOptions{ConnzOptions: server.ConnzOptions{Account: acc, Username: true, Limit: 1 << 20}})
+	if err := c.sys.PublishRequest("$SYS.REQ.SERVER.PING.CONNZ", inbox, req); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		m, err := sub.NextMsg(time.Until(deadline))
+		if err != nil {
+			return nil // every server that answers in time has
+		}
+		var resp struct {
+			Server *server.ServerInfo `json:"server"`
+			Data   *server.Connz      `json:"data"`
+		}
+		if json.Unmarshal(m.Data, &resp) != nil || resp.Server == nil || resp.Data == nil {
+			continue
+		}
+		for _, ci := range resp.Data.Conns {
+			p.connected(ci.AuthorizedUser, connKey(resp.Server.ID, ci.Cid))
+		}
+	}
 }
