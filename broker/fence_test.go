@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -49,5 +50,41 @@ func TestEngineStepsDownWhenTheLockIsLost(t *testing.T) {
 		if n := d.appliedCount(storePath("one")); n != 1 {
 			t.Fatalf("%s applied %d times", d.name, n)
 		}
+	}
+}
+
+// Two deploys of the same devices at the same moment (as on two
+// coordinators): both may pass the check for unfinished rollouts, but only
+// one claims the devices; the other is refused and drives nothing.
+func TestConcurrentDeploysClaimOnce(t *testing.T) {
+	f := startRolloutFleet(t, 3, "developers")
+	ctx := ctxT(t, 60*time.Second)
+	f.release("rel-a", storePath("a"))
+	f.release("rel-b", storePath("b"))
+	for round := range 5 {
+		type result struct {
+			ro  *model.Rollout
+			err error
+		}
+		res := make(chan result, 2)
+		for _, rel := range []string{"rel-a", "rel-b"} {
+			go func() {
+				ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: rel, Group: "developers", Strategy: "all"}, "test", nil)
+				res <- result{ro, err}
+			}()
+		}
+		var won []*model.Rollout
+		for range 2 {
+			r := <-res
+			if r.err == nil {
+				won = append(won, r.ro)
+			} else if !strings.Contains(r.err.Error(), "claimed") && !strings.Contains(r.err.Error(), "already in unfinished rollout") {
+				t.Fatalf("round %d: the losing deploy: %v", round, r.err)
+			}
+		}
+		if len(won) != 1 {
+			t.Fatalf("round %d: %d deploys of the same devices were accepted", round, len(won))
+		}
+		f.waitState(won[0].ID, model.RolloutSucceeded)
 	}
 }

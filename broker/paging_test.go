@@ -233,6 +233,7 @@ func TestAuditPaged(t *testing.T) {
 	pub, _ := kp.PublicKey()
 	const n = 3200
 	recs := make([][]byte, n)
+	prev := ""
 	for i := range recs {
 		pad := strings.Repeat("a", 200)
 		if i%160 == 7 {
@@ -249,6 +250,9 @@ func TestAuditPaged(t *testing.T) {
 		if i == n-1 { // a forged request, refused
 			r.Result, r.Request = model.AuditRefused, json.RawMessage(`"junk"`)
 		}
+		// A chain, as the coordinator appends it.
+		r.Prev = prev
+		prev = model.AuditHash(r)
 		recs[i], _ = json.Marshal(r)
 	}
 	bulkPublish(t, c, func(i int) string { return subjects.AuditSubject(subjects.VerbDeviceGroups) }, func(i int) []byte { return recs[i] }, n)

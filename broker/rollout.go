@@ -49,6 +49,7 @@ type rollouts struct {
 	desired  jetstream.KeyValue
 	devices  jetstream.KeyValue
 	releases jetstream.KeyValue
+	claims   jetstream.KeyValue
 	locks    jetstream.KeyValue
 
 	// mu serialises the engine's own steps with event handling.
@@ -83,6 +84,7 @@ func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log z
 		{&r.desired, subjects.BucketDesired},
 		{&r.devices, subjects.BucketDevices},
 		{&r.releases, subjects.BucketReleases},
+		{&r.claims, subjects.BucketClaims},
 		{&r.locks, subjects.BucketLocks},
 	} {
 		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
@@ -178,6 +180,18 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	if err != nil {
 		return nil, err
 	}
+	// busy() looked; claiming decides: of two deploys racing for a device
+	// (on two coordinators), one gets it and the other is refused.
+	undo, err := r.claim(ctx, ro.ID, devs, taken)
+	if err != nil {
+		return nil, err
+	}
+	created := false
+	defer func() {
+		if !created {
+			undo()
+		}
+	}()
 	ro.BatchSizes = model.BatchSizes(batches, len(devs))
 	i := 0
 	for b, n := range ro.BatchSizes {
@@ -214,6 +228,7 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		}
 		return nil, fmt.Errorf("record rollout: %w", err)
 	}
+	created = true
 	if err := r.settle(ctx, taken, model.DeviceSuperseded, "superseded by rollout "+ro.ID); err != nil {
 		return nil, err
 	}
@@ -278,6 +293,77 @@ func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]mode
 	}
 	slices.SortFunc(out, func(a, b model.Device) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
+}
+
+// claim takes each device for rollout id in fleet_claims: with Create, or
+// over a claim whose rollout has finished or that this deploy supersedes
+// (taken), with a revision check. Any other claim is a conflict, and the
+// claims taken so far are given back. It returns how to give them back.
+func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice) (func(), error) {
+	type held struct {
+		dev string
+		rev uint64
+	}
+	var got []held
+	undo := func() {
+		uctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, h := range got {
+			_ = r.claims.Delete(uctx, h.dev, jetstream.LastRevision(h.rev))
+		}
+	}
+	superseded := map[string]bool{}
+	for owner, ds := range taken {
+		for _, d := range ds {
+			superseded[owner+"/"+d.Device] = true
+		}
+	}
+	finished := map[string]bool{}
+	for _, d := range devs {
+		rev, err := r.claims.Create(ctx, d.Device, []byte(id))
+		if err == nil {
+			got = append(got, held{d.Device, rev})
+			continue
+		}
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			undo()
+			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
+		}
+		e, err := r.claims.Get(ctx, d.Device)
+		if err != nil {
+			undo()
+			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
+		}
+		owner := string(e.Value())
+		free, ok := finished[owner]
+		if !ok {
+			ro, _, err := r.Get(ctx, owner)
+			var ae *apiError
+			free = err == nil && ro.State.Finished() || errors.As(err, &ae) && ae.code == model.CodeNotFound
+			finished[owner] = free
+		}
+		if !free && !superseded[owner+"/"+d.Device] {
+			undo()
+			return nil, conflict("device %s is claimed by unfinished rollout %s: wait for it, abort it, or pass --supersede", d.Name, owner)
+		}
+		rev, err = r.claims.Update(ctx, d.Device, []byte(id), e.Revision())
+		if err != nil {
+			undo()
+			if isWrongRevision(err) {
+				return nil, conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
+			}
+			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
+		}
+		got = append(got, held{d.Device, rev})
+	}
+	return undo, nil
+}
+
+// claimsOf reads every device's claim: device ID → rollout ID.
+func (r *rollouts) claimsOf(ctx context.Context) (map[string]string, error) {
+	out := map[string]string{}
+	err := eachKey(ctx, r.claims, func(e jetstream.KeyValueEntry) { out[e.Key()] = string(e.Value()) })
+	return out, err
 }
 
 // busy finds the target devices that are still queued or waiting in other
@@ -921,9 +1007,32 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	for _, d := range all {
 		current[d.ID] = d
 	}
+	// Only devices this rollout holds the claim of are driven; another
+	// rollout took the others.
+	claims, err := r.claimsOf(ctx)
+	if err != nil {
+		return err
+	}
 	var batch, gone []*model.RolloutDevice
 	for _, d := range devs {
 		if d.Batch != ro.Batch || !(d.State == model.DeviceQueued || d.State.Failed()) {
+			continue
+		}
+		owner, ok := claims[d.Device]
+		if !ok {
+			// Unclaimed (a rollout from before claims existed): take it
+			// now, or learn who did.
+			if _, err := r.claims.Create(ctx, d.Device, []byte(ro.ID)); err == nil {
+				owner = ro.ID
+			} else if e, gerr := r.claims.Get(ctx, d.Device); gerr == nil {
+				owner = string(e.Value())
+			} else {
+				return fmt.Errorf("claim %s: %w", d.Name, err)
+			}
+		}
+		if owner != ro.ID {
+			d.State, d.Error, d.Finished = model.DeviceSuperseded, "claimed by rollout "+owner, now
+			gone = append(gone, d)
 			continue
 		}
 		if rec, ok := current[d.Device]; !ok || rec.Status != model.DeviceActive {

@@ -54,6 +54,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		locks,
 		nonces,
 		kv(subjects.BucketRevocations, "revoked user keys (create only, never deleted)", 1),
+		kv(subjects.BucketClaims, "the rollout that may drive each device", 1),
 	}
 }
 

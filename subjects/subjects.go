@@ -55,12 +55,17 @@ const (
 	// Create and never deleted: every account JWT a coordinator pushes
 	// carries the whole set, so revocations never undo each other.
 	BucketRevocations = "fleet_revocations"
+	// BucketClaims holds, per device, the rollout that may drive it: taken
+	// with Create (or from a finished or superseded rollout with a
+	// revision check), so two rollouts, or two engine leaders, never
+	// both drive one device.
+	BucketClaims = "fleet_claims"
 )
 
 // Buckets lists every KV bucket the coordinator owns.
 var Buckets = []string{
 	BucketDevices, BucketDesired, BucketReleases, BucketRollouts,
-	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces, BucketRevocations,
+	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces, BucketRevocations, BucketClaims,
 }
 
 // Streams.
