@@ -18,6 +18,7 @@ import (
 	"fleet/admin"
 	"fleet/broker"
 	"fleet/internal/poll"
+	"fleet/internal/promvalue"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -81,32 +82,11 @@ func dropped(t *testing.T, c *broker.Coordinator, handler, reason string) float6
 
 func metric(t *testing.T, c *broker.Coordinator, name string, labels map[string]string) float64 {
 	t.Helper()
-	fams, err := c.Metrics().Gather()
+	v, _, err := promvalue.Get(c.Metrics(), name, labels)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range f.GetMetric() {
-			got := map[string]string{}
-			for _, l := range m.GetLabel() {
-				got[l.GetName()] = l.GetValue()
-			}
-			for k, v := range labels {
-				if got[k] != v {
-					continue next
-				}
-			}
-			if m.GetCounter() != nil {
-				return m.GetCounter().GetValue()
-			}
-			return m.GetGauge().GetValue()
-		}
-	}
-	return 0
+	return v
 }
 
 // rawConn connects as cr over TCP with its own inbox prefix.

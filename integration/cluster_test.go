@@ -134,11 +134,7 @@ func TestClusterProcessesSurviveLeaderKill(t *testing.T) {
 	}
 	w.release("rel-2", gen2)
 	canary := w.devices[0]
-	gate := make(chan struct{})
-	canary.act.mu.Lock()
-	canary.act.gate, canary.act.switching = gate, make(chan struct{})
-	switching := canary.act.switching
-	canary.act.mu.Unlock()
+	gate, switching := canary.act.holdSwitch()
 	id := strings.TrimSpace(w.mustAdmin("deploy", "--release", "rel-2", "--group", "hq", "--strategy", "canary", "--health-timeout", "3m"))
 	select {
 	case <-switching:

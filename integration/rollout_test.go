@@ -101,6 +101,15 @@ func (m *memActivator) Active(_ context.Context, path string, _ model.Action) (b
 	return m.current == path, nil
 }
 
+// holdSwitch makes the next Switch wait until gate is closed; switching is
+// closed when it starts waiting.
+func (m *memActivator) holdSwitch() (gate chan struct{}, switching <-chan struct{}) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.gate, m.switching = make(chan struct{}), make(chan struct{})
+	return m.gate, m.switching
+}
+
 func (m *memActivator) state() (string, int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -495,11 +504,7 @@ func TestRolloutSurvivesCoordinatorKill(t *testing.T) {
 	w.addDevices(4, "developers", gen1)
 	w.release("rel-2", gen2)
 	canary := w.devices[0]
-	gate := make(chan struct{})
-	canary.act.mu.Lock()
-	canary.act.gate, canary.act.switching = gate, make(chan struct{})
-	switching := canary.act.switching
-	canary.act.mu.Unlock()
+	gate, switching := canary.act.holdSwitch()
 
 	id := strings.TrimSpace(w.mustAdmin("deploy", "--release", "rel-2", "--group", "developers", "--strategy", "canary", "--health-timeout", "2m"))
 	select {
