@@ -1,7 +1,10 @@
 {
   description = "fleet: fleet management (an MDM) for NixOS on NATS JetStream";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  # Pinned in flake.lock (a nixos-25.11 revision). Evaluates with Nix 2.8 or
+  # newer: no lib.fileset (Nix >= 2.14 in pure mode), modules wrapped in
+  # attribute sets.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs = { self, nixpkgs }:
     let
@@ -18,19 +21,26 @@
       goFor = pkgs: pkgs.go_1_26 or pkgs.go;
       buildGoModuleFor = pkgs: pkgs.buildGo126Module or pkgs.buildGoModule;
 
+      # A copy of the repository with only the files `keep` accepts (and the
+      # directories on the way to them). lib.cleanSourceWith is builtins.path
+      # with a filter, which pure evaluation accepts on every Nix with
+      # flakes; lib.fileset needs Nix >= 2.14 there.
+      sourceOf = name: keep: lib.cleanSourceWith {
+        inherit name;
+        src = ./.;
+        filter = path: type:
+          let rel = lib.removePrefix (toString ./. + "/") (toString path);
+          in (type == "directory" && baseNameOf path != ".git") || keep rel;
+      };
+      isGo = rel: lib.hasSuffix ".go" rel || rel == "go.mod" || rel == "go.sum";
+      under = dirs: rel: lib.any (d: lib.hasPrefix "${d}/" rel) dirs;
+
       # Only Go sources and the module files: editing docs or Nix files does
       # not rebuild the binaries.
-      src = lib.fileset.toSource {
-        root = ./.;
-        fileset = lib.fileset.unions [
-          ./go.mod
-          ./go.sum
-          (lib.fileset.fileFilter (f: f.hasExt "go") ./.)
-        ];
-      };
+      src = sourceOf "fleet-src" isGo;
 
       mkFleet = pkgs: (buildGoModuleFor pkgs) {
-        pname = "fleet";
+        pname = "nixos-fleet";
         inherit version src;
 
         # The hash of the Go module dependencies: the NAR hash of what
@@ -59,53 +69,48 @@
       };
 
       # A module of ./nixos-modules with its package defaulting to this
-      # flake's build.
+      # flake's build. The package is called nixos-fleet: nixpkgs' `fleet`
+      # is FleetDM, another program.
       withPackage = file: service: { lib, pkgs, ... }: {
         imports = [ file ];
         config.services.${service}.package =
-          lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+          lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.nixos-fleet;
       };
     in
     {
       packages = forSystems allSystems (pkgs: rec {
-        fleet = mkFleet pkgs;
-        default = fleet;
+        nixos-fleet = mkFleet pkgs;
+        default = nixos-fleet;
       });
 
-      overlays.default = final: prev: { fleet = mkFleet final; };
+      # Adds pkgs.nixos-fleet, the modules' default package. It replaces no
+      # nixpkgs package (pkgs.fleet stays FleetDM's).
+      overlays.default = final: prev: { nixos-fleet = mkFleet final; };
 
       nixosModules = {
         agent = withPackage ./nixos-modules/agent.nix "fleet-agent";
         coordinator = withPackage ./nixos-modules/coordinator.nix "fleet-coordinator";
-        # The leaf runs pkgs.nats-server; it needs no fleet package.
-        leaf = ./nixos-modules/leaf.nix;
+        # The leaf runs pkgs.nats-server; it needs no fleet package. A module
+        # given as a path is refused by `nix flake check` of older Nix
+        # ("module must be a function or an attribute set"): wrap it.
+        leaf = { imports = [ ./nixos-modules/leaf.nix ]; };
         default = {
           imports = [ self.nixosModules.agent self.nixosModules.coordinator self.nixosModules.leaf ];
         };
       };
 
       checks = forSystems linuxSystems (pkgs: {
-        package = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+        package = self.packages.${pkgs.stdenv.hostPlatform.system}.nixos-fleet;
 
         # The Go unit tests that fit a build sandbox: not integration/,
         # nixtest/ and admin/ (they build and fetch with a real Nix store as
         # root; CI runs them). nix-instantiate evaluates agent-config.nix for
         # agent/nixmodule_test.go against a dummy store; broker/ starts its
         # own Prometheus.
-        go-test = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet.overrideAttrs (old: {
+        go-test = self.packages.${pkgs.stdenv.hostPlatform.system}.nixos-fleet.overrideAttrs (old: {
           pname = "fleet-go-test";
           # The tests also read nixos-modules/ (agent/nixmodule_test.go).
-          src = lib.fileset.toSource {
-            root = ./.;
-            fileset = lib.fileset.unions [
-              ./go.mod
-              ./go.sum
-              (lib.fileset.fileFilter (f: f.hasExt "go") ./.)
-              ./nixos-modules
-              ./grafana
-              ./prometheus
-            ];
-          };
+          src = sourceOf "fleet-test-src" (rel: isGo rel || under [ "nixos-modules" "grafana" "prometheus" ] rel);
           nativeCheckInputs = (old.nativeCheckInputs or [ ]) ++ [ pkgs.nix pkgs.prometheus ];
           doCheck = true;
           checkPhase = ''

@@ -11,9 +11,12 @@
 # Keep the option declarations in this layout (top-level options at 4
 # spaces, health check options at 6): the test reads them from this source.
 #
-# The package defaults to pkgs.fleet (the flake's overlays.default); the
-# flake's nixosModules.agent sets it to the flake's own package.
-{ config, lib, pkgs, ... }:
+# The package defaults to pkgs.nixos-fleet, which only the flake's
+# overlays.default provides (nixpkgs' own `fleet` is FleetDM, another
+# program): without the overlay, evaluation stops with "nixos-fleet cannot
+# be found in pkgs". The flake's nixosModules.agent sets it to the flake's
+# own package.
+{ config, lib, pkgs, utils, ... }:
 
 let
   inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
@@ -21,7 +24,7 @@ let
   cfg = config.services.fleet-agent;
   agentConfig = import ./agent-config.nix;
 
-  duration = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+";
+  inherit (import ./types.nix { inherit lib; }) duration;
 
   healthCheckModule = { name, ... }: {
     options = {
@@ -93,11 +96,8 @@ in
   options.services.fleet-agent = {
     enable = mkEnableOption "the fleet agent, which keeps this machine on the generation its fleet coordinator assigns";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.fleet;
-      defaultText = literalExpression "pkgs.fleet";
-      description = "Package providing bin/fleet-agent.";
+    package = lib.mkPackageOption pkgs "nixos-fleet" {
+      extraDescription = "Must provide bin/fleet-agent. Only fleet's overlays.default (or nixosModules.agent) provides pkgs.nixos-fleet.";
     };
 
     servers = mkOption {
@@ -309,7 +309,7 @@ in
 
       serviceConfig = {
         Type = "simple";
-        ExecStart = lib.escapeShellArgs ([
+        ExecStart = utils.escapeSystemdExecArgs ([
           "${cfg.package}/bin/fleet-agent"
           "run"
           "--config"

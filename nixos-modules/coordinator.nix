@@ -14,7 +14,10 @@
 # admin.creds (not jetstream/) into the others' dataDir before their first
 # start, or run `fleet-coordinator init --from DIR` there. openFirewall opens
 # the cluster port too.
-{ config, lib, pkgs, ... }:
+#
+# The package defaults to pkgs.nixos-fleet (the flake's overlays.default;
+# nixpkgs' own `fleet` is FleetDM, another program).
+{ config, lib, pkgs, utils, ... }:
 
 let
   inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
@@ -22,15 +25,14 @@ let
   cfg = config.services.fleet-coordinator;
   coordinatorConfig = import ./coordinator-config.nix;
 
-  duration = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+";
+  fleetTypes = import ./types.nix { inherit lib; };
+  inherit (fleetTypes) duration listenAddress portOf;
 
   defaultDataDir = "/var/lib/fleet-coordinator";
 
   settings = lib.genAttrs coordinatorConfig.settingNames (n: cfg.${n});
   configFile = pkgs.writeText "fleet-coordinator.json" (builtins.toJSON (coordinatorConfig settings));
 
-  # "0.0.0.0:4222", "[::]:4222", ":4222" -> 4222
-  portOf = addr: lib.toInt (lib.last (lib.splitString ":" addr));
   hostOf = addr:
     let h = lib.removeSuffix ":${toString (portOf addr)}" addr;
     in if h == "" || h == "0.0.0.0" || h == "[::]" then "127.0.0.1" else h;
@@ -44,11 +46,8 @@ in
   options.services.fleet-coordinator = {
     enable = mkEnableOption "the fleet coordinator";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.fleet;
-      defaultText = literalExpression "pkgs.fleet";
-      description = "Package providing bin/fleet-coordinator.";
+    package = lib.mkPackageOption pkgs "nixos-fleet" {
+      extraDescription = "Must provide bin/fleet-coordinator. Only fleet's overlays.default (or nixosModules.coordinator) provides pkgs.nixos-fleet.";
     };
 
     dataDir = mkOption {
@@ -68,13 +67,13 @@ in
     };
 
     listen = mkOption {
-      type = types.str;
+      type = listenAddress;
       default = "0.0.0.0:4222";
       description = "Address for NATS clients: agents and admins (flag --listen).";
     };
 
     http = mkOption {
-      type = types.str;
+      type = types.either (types.enum [ "" ]) listenAddress;
       default = "127.0.0.1:9100";
       description = ''
         Address for /healthz, /readyz, /metrics and /api/v1 (flag --http);
@@ -84,7 +83,7 @@ in
     };
 
     leafnodeListen = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr listenAddress;
       default = null;
       example = "0.0.0.0:7422";
       description = "Address for remote sites' leaf nodes (flag --leafnode-listen); null disables it.";
@@ -105,7 +104,7 @@ in
     };
 
     clusterListen = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr listenAddress;
       default = null;
       example = "0.0.0.0:6222";
       description = ''
@@ -251,7 +250,7 @@ in
 
         serviceConfig = import ./hardening.nix // {
           Type = "simple";
-          ExecStart = lib.escapeShellArgs ([
+          ExecStart = utils.escapeSystemdExecArgs ([
             "${cfg.package}/bin/fleet-coordinator"
             "run"
             "--config"

@@ -14,12 +14,13 @@
 #   The preload is read at each start: after revoking a device or changing
 #   an account, refresh accountJwtDir and restart the unit (the config from
 #   `fleet-admin leaf config` is the way to get live account updates).
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 
 let
   inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
 
   cfg = config.services.fleet-leaf;
+  inherit (import ./types.nix { inherit lib; }) listenAddress portOf;
   generated = cfg.configFile == null;
 
   runtimeConf = "/run/fleet-leaf/nats.conf";
@@ -59,7 +60,7 @@ let
     done
     echo '}' >> "$out"
     if [ "$found" = 0 ]; then
-      echo "fleet-leaf: no account JWTs (*.jwt) in ${cfg.accountJwtDir}" >&2
+      echo "fleet-leaf: no account JWTs (*.jwt) in ${toString cfg.accountJwtDir}" >&2
       exit 1
     fi
     mv "$out" ${runtimeConf}
@@ -69,12 +70,7 @@ in
   options.services.fleet-leaf = {
     enable = mkEnableOption "a NATS leaf node of the fleet's hub for this site";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.nats-server;
-      defaultText = literalExpression "pkgs.nats-server";
-      description = "The nats-server package.";
-    };
+    package = lib.mkPackageOption pkgs "nats-server" { };
 
     configFile = mkOption {
       type = types.nullOr types.str;
@@ -137,13 +133,13 @@ in
     };
 
     listen = mkOption {
-      type = types.str;
+      type = listenAddress;
       default = "0.0.0.0:4222";
       description = "Address local agents connect to.";
     };
 
     monitorListen = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr listenAddress;
       default = null;
       example = "127.0.0.1:8222";
       description = "nats-server monitoring address; null disables it.";
@@ -179,7 +175,7 @@ in
     users.groups.fleet-leaf = { };
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
-      [ (lib.toInt (lib.last (lib.splitString ":" cfg.listen))) ];
+      [ (portOf cfg.listen) ];
 
     systemd.services.fleet-leaf = {
       description = "fleet leaf node (nats-server)";
@@ -191,7 +187,7 @@ in
       serviceConfig = import ./hardening.nix // {
         Type = "simple";
         ExecStartPre = lib.optional generated prepare;
-        ExecStart = "${cfg.package}/bin/nats-server -c ${if generated then runtimeConf else lib.escapeShellArg cfg.configFile}";
+        ExecStart = utils.escapeSystemdExecArgs [ "${cfg.package}/bin/nats-server" "-c" (if generated then runtimeConf else cfg.configFile) ];
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         Restart = "on-failure";
         RestartSec = "5s";
