@@ -450,6 +450,12 @@ func TestNixOSLeafModule(t *testing.T) {
 	if !slices.Equal(r.Ports, []int{4222}) {
 		t.Errorf("ports %v, want [4222]", r.Ports)
 	}
+	// No systemCredentialsFile: the memory resolver alone, and a warning
+	// that revocations reach the site only at a restart (the live mode is
+	// TestNixOSLeafModuleLiveRevocation).
+	if len(r.Warnings) != 1 || !strings.Contains(r.Warnings[0], "reach the site only when accountJwtDir is refreshed and fleet-leaf restarted") {
+		t.Errorf("warnings %q, want the one about revocations without systemCredentialsFile", r.Warnings)
+	}
 	u := parseUnit(t, r.Units["fleet-leaf.service"])
 	if u.get("Service", "User") != "fleet-leaf" || u.get("Service", "ProtectSystem") != "strict" || u.get("Service", "RuntimeDirectory") != "fleet-leaf" {
 		t.Errorf("leaf unit:\n%s", r.Units["fleet-leaf.service"])
@@ -482,6 +488,9 @@ func TestNixOSLeafModule(t *testing.T) {
 		t.Fatalf("nats.conf does not read the creds from the unit's credentials:\n%s", b)
 	}
 	text := strings.ReplaceAll(string(b), "/run/credentials/fleet-leaf.service/leaf.creds", credsFile)
+	if !strings.Contains(text, "resolver: MEMORY") || strings.Contains(text, "leaf-system.creds") {
+		t.Errorf("without systemCredentialsFile: want the memory resolver and one remote:\n%s", text)
+	}
 	for _, pub := range []string{sysPub, fleetPub} {
 		if !strings.Contains(text, pub+": \"ey") {
 			t.Errorf("nats.conf does not preload account %s:\n%s", pub, text)
@@ -519,7 +528,8 @@ func TestNixOSLeafModule(t *testing.T) {
 func TestNixOSModuleChecks(t *testing.T) {
 	const agentBase = `enable = true; package = ` + fakeFleetPackage + `; servers = [ "nats://hub:4222" ]; releaseSigners = [ "UA" ];`
 	const coordBase = `enable = true; package = ` + fakeFleetPackage + `;`
-	const leafBase = `enable = true; hubUrls = [ "nats-leaf://hub:7422" ]; credsFile = "/etc/fleet/leaf.creds"; account = "AC"; operatorJwtFile = "/etc/fleet/op.jwt"; accountJwtDir = "/etc/fleet/jwt";`
+	const leafBase = `enable = true; hubUrls = [ "nats-leaf://hub:7422" ]; credsFile = "/etc/fleet/leaf.creds"; account = "AC"; operatorJwtFile = "/etc/fleet/op.jwt"; accountJwtDir = "/etc/fleet/jwt";` +
+		` systemCredentialsFile = "/etc/fleet/leaf-system.creds"; systemAccount = "AS";`
 	cases := []struct {
 		name, module, config string
 		override             string // a second module, on top of config
@@ -573,6 +583,16 @@ func TestNixOSModuleChecks(t *testing.T) {
 			config:    `{ services.fleet-leaf = { ` + leafBase + ` }; }`,
 			override:  `{ services.fleet-leaf = { accountJwtDir = lib.mkForce null; }; }`,
 			assertion: "services.fleet-leaf: set accountJwtDir"},
+		{name: "leaf without systemCredentialsFile", module: "leaf.nix",
+			config:   `{ services.fleet-leaf = { ` + leafBase + ` }; }`,
+			override: `{ services.fleet-leaf = { systemCredentialsFile = lib.mkForce null; }; }`,
+			warning:  "services.fleet-leaf: systemCredentialsFile is not set"},
+		{name: "leaf systemCredentialsFile without systemAccount", module: "leaf.nix",
+			config:    `{ services.fleet-leaf = { ` + leafBase + ` }; }`,
+			override:  `{ services.fleet-leaf = { systemAccount = lib.mkForce null; }; }`,
+			assertion: "services.fleet-leaf: systemCredentialsFile needs systemAccount"},
+		{name: "leaf configFile without systemCredentialsFile", module: "leaf.nix",
+			config: `{ services.fleet-leaf = { enable = true; configFile = "/etc/fleet/leaf.conf"; }; }`},
 
 		// Option type errors: the evaluation fails, naming the option.
 		{name: "leaf listen without port", module: "leaf.nix",

@@ -5,15 +5,22 @@
 #
 # Two ways to configure it:
 # - configFile: the nats-server config written by
-#   `fleet-admin leaf config --site <site>` (with its creds file placed
+#   `fleet-admin leaf config --site <site>` (with its creds files placed
 #   where that config says), used as it is; or
-# - generated here from hubUrls, credsFile, account, operatorJwtFile and
-#   accountJwtDir: operator mode, a memory resolver preloaded at start with
-#   every <account public key>.jwt of accountJwtDir, and one leaf node remote
-#   to the hub bound to the FLEET account.
-#   The preload is read at each start: after revoking a device or changing
-#   an account, refresh accountJwtDir and restart the unit (the config from
-#   `fleet-admin leaf config` is the way to get live account updates).
+# - generated here from hubUrls, credsFile, account, operatorJwtFile,
+#   accountJwtDir and, for live account updates, systemCredentialsFile and
+#   systemAccount: operator mode with the account JWTs of accountJwtDir
+#   (every <account public key>.jwt) preloaded at start, and a leaf node
+#   remote to the hub bound to the FLEET account.
+#   With systemCredentialsFile (the site's leaf-system.creds) it is what
+#   `fleet-admin leaf config` writes: a cache resolver in the state
+#   directory and a second remote bound to the system account, over which
+#   the leaf hears the account updates the coordinator pushes
+#   ($SYS.REQ.ACCOUNT.<account>.CLAIMS.UPDATE): a device revoked at the hub
+#   is cut off at the site at once.
+#   Without it the resolver is MEMORY, the preload alone (a warning says
+#   so): a revocation reaches the site only when accountJwtDir is refreshed
+#   and the unit restarted.
 { config, lib, pkgs, utils, ... }:
 
 let
@@ -24,6 +31,10 @@ let
   generated = cfg.configFile == null;
 
   runtimeConf = "/run/fleet-leaf/nats.conf";
+  credsDir = "/run/credentials/fleet-leaf.service";
+  liveUpdates = cfg.systemCredentialsFile != null;
+  # The cache resolver's store, in the unit's StateDirectory.
+  jwtCacheDir = "/var/lib/fleet-leaf/jwt";
 
   # The static part; start.sh appends resolver_preload.
   staticConf = pkgs.writeText "fleet-leaf-static.conf" ''
@@ -32,14 +43,23 @@ let
     ${lib.optionalString (cfg.monitorListen != null) "http: ${builtins.toJSON cfg.monitorListen}"}
     operator: ${builtins.toJSON cfg.operatorJwtFile}
     ${lib.optionalString (cfg.systemAccount != null) "system_account: ${builtins.toJSON cfg.systemAccount}"}
-    resolver: MEMORY
+    ${if liveUpdates
+      then "resolver: { type: cache, dir: ${builtins.toJSON jwtCacheDir}, ttl: \"1h\", limit: 1000 }"
+      else "resolver: MEMORY"}
     leafnodes {
       remotes: [
         {
           urls: ${builtins.toJSON cfg.hubUrls}
-          credentials: "/run/credentials/fleet-leaf.service/leaf.creds"
+          credentials: ${builtins.toJSON "${credsDir}/leaf.creds"}
           account: ${builtins.toJSON cfg.account}
         }
+        ${lib.optionalString liveUpdates ''
+        {
+          urls: ${builtins.toJSON cfg.hubUrls}
+          credentials: ${builtins.toJSON "${credsDir}/leaf-system.creds"}
+          account: ${builtins.toJSON cfg.systemAccount}
+        }
+        ''}
       ]
     }
     ${cfg.extraConfig}
@@ -98,6 +118,21 @@ in
       description = "The leaf's creds (a FLEET user with the leaf role); passed to the unit with systemd LoadCredential, so it may stay root-only.";
     };
 
+    systemCredentialsFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/fleet/leaf-berlin-system.creds";
+      description = ''
+        The site's system-account creds (leaf-system.creds of `fleet-admin
+        leaf config`); passed with systemd LoadCredential like credsFile.
+        When set (with systemAccount), the leaf has a second remote to the
+        hub bound to the system account and a cache resolver, and hears
+        account updates at once: a device revoked at the hub is cut off at
+        the site. When null, the account JWTs are only preloaded at start:
+        a revocation reaches the site at the next restart.
+      '';
+    };
+
     account = mkOption {
       type = types.nullOr types.str;
       default = null;
@@ -122,7 +157,7 @@ in
     systemAccount = mkOption {
       type = types.nullOr types.str;
       default = null;
-      description = "System account public key; null takes it from the operator JWT.";
+      description = "System account public key; null takes it from the operator JWT (required with systemCredentialsFile, for its remote).";
     };
 
     serverName = mkOption {
@@ -165,7 +200,11 @@ in
       { assertion = cfg.account != null; message = "services.fleet-leaf: set account, the FLEET account's public key (or configFile)."; }
       { assertion = cfg.operatorJwtFile != null; message = "services.fleet-leaf: set operatorJwtFile (or configFile)."; }
       { assertion = cfg.accountJwtDir != null; message = "services.fleet-leaf: set accountJwtDir (or configFile)."; }
+      { assertion = liveUpdates -> cfg.systemAccount != null; message = "services.fleet-leaf: systemCredentialsFile needs systemAccount, the system account's public key its remote binds to."; }
     ];
+
+    warnings = lib.optional (generated && !liveUpdates)
+      "services.fleet-leaf: systemCredentialsFile is not set, so the leaf has no system-account link to the hub: account updates (a device revoked at the hub) reach the site only when accountJwtDir is refreshed and fleet-leaf restarted.";
 
     users.users.fleet-leaf = {
       isSystemUser = true;
@@ -201,7 +240,8 @@ in
         StateDirectory = "fleet-leaf";
         StateDirectoryMode = "0700";
         WorkingDirectory = "/var/lib/fleet-leaf";
-        LoadCredential = lib.optional (generated && cfg.credsFile != null) "leaf.creds:${cfg.credsFile}";
+        LoadCredential = lib.optional (generated && cfg.credsFile != null) "leaf.creds:${cfg.credsFile}"
+          ++ lib.optional (generated && liveUpdates) "leaf-system.creds:${cfg.systemCredentialsFile}";
         UMask = "0077";
       };
     };

@@ -1,0 +1,269 @@
+package integration
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"fleet/internal/poll"
+)
+
+// The unit's paths, as leaf.nix writes them.
+const (
+	leafUnitRuntimeConf = "/run/fleet-leaf/nats.conf"
+	leafUnitCredsDir    = "/run/credentials/fleet-leaf.service"
+	leafUnitStateDir    = "/var/lib/fleet-leaf"
+)
+
+// leafUnitConf does what systemd does before nats-server starts: each
+// LoadCredential entry is copied into a credentials directory, and the
+// unit's ExecStartPre writes nats.conf. The unit's directories
+// (/run/fleet-leaf, /run/credentials/fleet-leaf.service, /var/lib/fleet-leaf)
+// are moved into dir; the config, with those paths rewritten, is returned
+// with the state directory (nats-server's working directory).
+func leafUnitConf(t *testing.T, u unit, dir string) (conf, stateDir string) {
+	t.Helper()
+	credsDir := filepath.Join(dir, "credentials")
+	stateDir = filepath.Join(dir, "state")
+	for _, d := range []string{credsDir, stateDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, lc := range u["Service"]["LoadCredential"] {
+		name, src, ok := strings.Cut(lc, ":")
+		if !ok {
+			t.Fatalf("LoadCredential=%q", lc)
+		}
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatalf("LoadCredential=%q: %v", lc, err)
+		}
+		if err := os.WriteFile(filepath.Join(credsDir, name), b, 0o400); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pre := u.get("Service", "ExecStartPre")
+	script, err := os.ReadFile(strings.Trim(pre, `"`))
+	if err != nil {
+		t.Fatalf("ExecStartPre=%s: %v", pre, err)
+	}
+	conf = filepath.Join(dir, "nats.conf")
+	prepare := filepath.Join(dir, "prepare.sh")
+	if err := os.WriteFile(prepare, []byte(strings.ReplaceAll(string(script), leafUnitRuntimeConf, conf)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("bash", prepare).CombinedOutput(); err != nil {
+		t.Fatalf("ExecStartPre: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.NewReplacer(leafUnitCredsDir, credsDir, leafUnitStateDir, stateDir).Replace(string(b))
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return conf, stateDir
+}
+
+// Issue 14: the leaf module's generated mode gets live account updates like
+// its configFile mode. A coordinator, the site's files from `fleet-admin
+// leaf config`, the leaf module evaluated in generated mode on them, and
+// its nats.conf run by the real nats-server: a device enrols and runs
+// through the leaf, is revoked at the hub, and is cut off at the leaf and
+// refused there after, within seconds and without restarting the leaf.
+func TestNixOSLeafModuleLiveRevocation(t *testing.T) {
+	w := newFleetWorldLeaf(t)
+	site := filepath.Join(t.TempDir(), "berlin")
+	var lc struct {
+		FleetAccount  string `json:"fleet_account"`
+		SystemAccount string `json:"system_account"`
+	}
+	if err := json.Unmarshal([]byte(w.mustAdmin("--json", "leaf", "config", "--site", "berlin", "--out", site)), &lc); err != nil {
+		t.Fatal(err)
+	}
+	hub := w.hubLeafURL(t, site)
+	leafListen, monitor := freeAddr(t), freeAddr(t)
+
+	r := mustEvalNixOS(t, "leaf.nix", fmt.Sprintf(`{
+    services.fleet-leaf = {
+      enable = true;
+      hubUrls = [ %q ];
+      credsFile = %q;
+      systemCredentialsFile = %q;
+      account = %q;
+      systemAccount = %q;
+      operatorJwtFile = %q;
+      accountJwtDir = %q;
+      serverName = "leaf-berlin";
+      listen = %q;
+      monitorListen = %q;
+    };
+  }`, hub, filepath.Join(site, "leaf.creds"), filepath.Join(site, "leaf-system.creds"), lc.FleetAccount, lc.SystemAccount,
+		filepath.Join(site, "operator.jwt"), filepath.Join(site, "jwt"), leafListen, monitor))
+	if len(r.Warnings) != 0 {
+		t.Errorf("warnings %q with systemCredentialsFile set", r.Warnings)
+	}
+	u := parseUnit(t, r.Units["fleet-leaf.service"])
+	if got := u["Service"]["LoadCredential"]; !slices.Equal(got, []string{
+		"leaf.creds:" + filepath.Join(site, "leaf.creds"), "leaf-system.creds:" + filepath.Join(site, "leaf-system.creds")}) {
+		t.Errorf("LoadCredential=%q", got)
+	}
+	if u.get("Service", "StateDirectory") != "fleet-leaf" {
+		t.Errorf("StateDirectory=%q", u.get("Service", "StateDirectory"))
+	}
+	args := execArgs(t, u.get("Service", "ExecStart"))
+	if argAfter(t, args, "-c") != leafUnitRuntimeConf {
+		t.Fatalf("ExecStart=%q", args)
+	}
+	conf, stateDir := leafUnitConf(t, u, t.TempDir())
+	text, _ := os.ReadFile(conf)
+	for _, want := range []string{
+		`type: cache, dir: "` + filepath.Join(stateDir, "jwt") + `"`,
+		`credentials: "` + filepath.Join(filepath.Dir(conf), "credentials", "leaf-system.creds") + `"`,
+		`account: "` + lc.SystemAccount + `"`,
+		lc.SystemAccount + `: "ey`, lc.FleetAccount + `: "ey`,
+	} {
+		if !strings.Contains(string(text), want) {
+			t.Errorf("nats.conf lacks %q:\n%s", want, text)
+		}
+	}
+
+	leaf := exec.Command(natsServerBin, "-c", conf)
+	leaf.Dir = stateDir
+	var leafLog bytes.Buffer
+	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
+	if err := leaf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = leaf.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = leaf.Process.Signal(syscall.SIGTERM)
+		<-exited
+		if t.Failed() {
+			t.Logf("leaf log:\n%s\n--- nats.conf:\n%s", tail(leafLog.String(), 3000), text)
+		}
+	})
+	// Both remotes up: the FLEET one and the system one.
+	poll.Until(w.t, 20*time.Second, "leaf node up with its two remotes", func() bool {
+		var lz struct {
+			Leafs []struct {
+				Account string `json:"account"`
+			} `json:"leafs"`
+		}
+		if !getJSON("http://"+monitor+"/leafz", &lz) {
+			return false
+		}
+		var accs []string
+		for _, l := range lz.Leafs {
+			accs = append(accs, l.Account)
+		}
+		slices.Sort(accs)
+		want := []string{lc.FleetAccount, lc.SystemAccount}
+		slices.Sort(want)
+		return slices.Equal(accs, want)
+	})
+
+	// A device at the site, enrolled and running through the leaf.
+	token := strings.TrimSpace(w.mustAdmin("token", "create", "--group", "berlin", "--site", "berlin", "--uses", "1", "--ttl", "1h"))
+	leafURL := "nats://" + leafListen
+	dev, cr := w.startDevice("berlin-1", token, leafURL, fakePath("gen1"))
+	connected := func() bool {
+		var cz struct {
+			Conns []struct {
+				User string `json:"authorized_user"`
+			} `json:"connections"`
+		}
+		if !getJSON("http://"+monitor+"/connz?auth=true&acc="+lc.FleetAccount, &cz) {
+			t.Fatal("leaf monitor: /connz failed")
+		}
+		return slices.ContainsFunc(cz.Conns, func(c struct {
+			User string `json:"authorized_user"`
+		}) bool {
+			return c.User == dev.id
+		})
+	}
+	poll.Until(w.t, 10*time.Second, "device's agent connected at the leaf", connected)
+	seed, _ := cr.Key.Seed()
+	closed := make(chan struct{})
+	asyncErrs := make(chan error, 8)
+	probe, err := nats.Connect(leafURL, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.NoReconnect(),
+		nats.CustomInboxPrefix(cr.InboxPrefix()), nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			select {
+			case asyncErrs <- err:
+			default:
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+
+	// Revoked at the hub: cut off at the leaf at once, and refused there.
+	w.mustAdmin("devices", "revoke", "berlin-1")
+	revoked := time.Now()
+	poll.Until(w.t, 5*time.Second, "revoked device's connections closed at the leaf", func() bool {
+		select {
+		case <-closed:
+			return !connected()
+		default:
+			return false
+		}
+	})
+	poll.Until(w.t, 5*time.Second, "revoked device refused at the leaf", func() bool {
+		c, err := nats.Connect(leafURL, nats.UserJWTAndSeed(cr.JWT, string(seed)), nats.NoReconnect(), nats.Timeout(2*time.Second))
+		if err == nil {
+			c.Close()
+			return false
+		}
+		return strings.Contains(strings.ToLower(err.Error()), "authorization")
+	})
+	select {
+	case err := <-asyncErrs:
+		if !strings.Contains(err.Error(), "revoked") {
+			t.Errorf("the leaf closed the device's connection with %v, not a revocation", err)
+		}
+	default:
+		t.Errorf("the leaf closed the device's connection without an error")
+	}
+	// The agent's own reconnects are refused too: it stays off the leaf.
+	if connected() {
+		t.Fatal("the revoked device's agent is connected at the leaf again")
+	}
+	// And this was the running leaf, never restarted.
+	select {
+	case <-exited:
+		t.Fatal("the leaf exited")
+	default:
+	}
+	if n := strings.Count(leafLog.String(), "Server is ready"); n != 1 {
+		t.Fatalf("leaf started %d times", n)
+	}
+	t.Logf("revocation effective at the leaf %v after fleet-admin devices revoke returned", time.Since(revoked).Round(time.Millisecond))
+}
+
+func getJSON(url string, v any) bool {
+	resp, err := http.Get(url)
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return false
+	}
+	return json.NewDecoder(resp.Body).Decode(v) == nil
+}
