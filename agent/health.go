@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
 	"strings"
 	"time"
 
@@ -112,11 +113,28 @@ func (c SystemdCheck) Name() string { return c.CheckName }
 func (c SystemdCheck) Check(ctx context.Context) error {
 	for _, u := range c.Units {
 		out, err := runCmdOpts(ctx, c.Log, checkRun, "systemctl", "is-active", "--", u)
-		if err != nil {
-			return fmt.Errorf("unit %s is %s", u, strings.TrimSpace(lastLines(out, 1)))
+		if err == nil {
+			continue
 		}
+		// is-active exits non-zero with the state as its last line; any
+		// other failure (no systemctl, no systemd) is said as such.
+		state := strings.TrimSpace(lastLines(out, 1))
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || !knownUnitState(state) {
+			return fmt.Errorf("unit %s: systemctl is-active: %w", u, err)
+		}
+		return fmt.Errorf("unit %s is %s", u, state)
 	}
 	return nil
+}
+
+// knownUnitState reports whether s is a state systemctl is-active prints.
+func knownUnitState(s string) bool {
+	switch s {
+	case "active", "reloading", "inactive", "failed", "activating", "deactivating", "maintenance", "refreshing", "unknown":
+		return true
+	}
+	return false
 }
 
 // HTTPCheck passes when URL answers with ExpectStatus (default 200).

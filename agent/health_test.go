@@ -6,6 +6,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -95,11 +98,81 @@ func TestCommandCheck(t *testing.T) {
 	}
 }
 
-func TestSystemdCheckFailsForUnknownUnit(t *testing.T) {
-	c := Retrying{HealthChecker: SystemdCheck{CheckName: "s", Units: []string{"fleet-no-such-unit-xyz.service"}, Log: zerolog.Nop()},
-		Timeout: 5 * time.Second}
-	if err := c.Run(context.Background()); err == nil {
-		t.Fatal("an unknown unit counted as active")
+// fakeSystemctl puts a systemctl first on PATH (the check runs "systemctl"
+// from PATH) that answers "is-active -- UNIT" as systemd does: "active" and
+// exit 0 for the units in active, "failed" and exit 3 for those in failed,
+// "inactive" and exit 3 for any other. Each call is appended to the
+// returned log file.
+func fakeSystemctl(t *testing.T, active, failed []string) (calls string) {
+	t.Helper()
+	dir := t.TempDir()
+	calls = filepath.Join(dir, "calls")
+	script := `#!/bin/sh
+echo "$*" >>` + shellQuote(calls) + `
+if [ "$#" -ne 3 ] || [ "$1" != is-active ] || [ "$2" != -- ]; then
+	echo "unexpected arguments: $*" >&2
+	exit 2
+fi
+case " ` + strings.Join(active, " ") + ` " in *" $3 "*) echo active; exit 0;; esac
+case " ` + strings.Join(failed, " ") + ` " in *" $3 "*) echo failed; exit 3;; esac
+echo inactive
+exit 3
+`
+	if err := os.WriteFile(filepath.Join(dir, "systemctl"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	return calls
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// readCalls returns the argument lists the fake systemctl was called with.
+func readCalls(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+}
+
+// The systemd check passes when every unit is active and otherwise names
+// the first unit that is not, with the state systemctl reported.
+func TestSystemdCheck(t *testing.T) {
+	calls := fakeSystemctl(t, []string{"web.service", "db.service"}, []string{"crashed.service"})
+	run := func(units ...string) error {
+		return Retrying{HealthChecker: SystemdCheck{CheckName: "units", Units: units, Log: zerolog.Nop()},
+			Timeout: 5 * time.Second}.Run(context.Background())
+	}
+
+	if err := run("web.service", "db.service"); err != nil {
+		t.Fatalf("all units active: %v", err)
+	}
+	if got, want := readCalls(t, calls), []string{"is-active -- web.service", "is-active -- db.service"}; !slices.Equal(got, want) {
+		t.Fatalf("systemctl called with %q, want %q", got, want)
+	}
+
+	for _, tc := range []struct {
+		units []string
+		want  string
+	}{
+		{[]string{"web.service", "fleet-no-such-unit-xyz.service", "db.service"}, "unit fleet-no-such-unit-xyz.service is inactive"},
+		{[]string{"crashed.service", "web.service"}, "unit crashed.service is failed"},
+	} {
+		err := run(tc.units...)
+		if err == nil {
+			t.Errorf("%q: passed, want %q", tc.units, tc.want)
+		} else if err.Error() != tc.want {
+			t.Errorf("%q: err %q, want %q", tc.units, err, tc.want)
+		}
+	}
+	// The check stops at the first unit that is not active.
+	if got := readCalls(t, calls); len(got) != 5 || got[4] != "is-active -- crashed.service" {
+		t.Errorf("systemctl calls %q: want the check to stop at the first inactive unit", got)
 	}
 }
 

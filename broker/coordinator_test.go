@@ -2,11 +2,16 @@ package broker
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"fleet/accounts"
+	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -67,9 +73,12 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 			t.Errorf("run on an empty dir did not create %s: %v", f, err)
 		}
 	}
-	if err := c.Ready(); err != nil {
-		t.Errorf("Ready: %v", err)
-	}
+	// Ready once the device index has caught up (a moment on an empty
+	// fleet).
+	poll.Telling(t, 10*time.Second, "ready", func() (bool, string) {
+		err := c.Ready()
+		return err == nil, fmt.Sprint(err)
+	})
 	if c.ClientURL() == "nats://127.0.0.1:0" || c.ClientURL() == "nats://127.0.0.1:4222" {
 		t.Errorf("--listen 127.0.0.1:0 should pick a free port, got %s", c.ClientURL())
 	}
@@ -141,7 +150,7 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 	history := map[string]int64{
 		subjects.BucketDevices: 5, subjects.BucketDesired: 5, subjects.BucketReleases: 1,
 		subjects.BucketRollouts: 5, subjects.BucketTokens: 1, subjects.BucketAdmins: 5,
-		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1, subjects.BucketNonces: 1, subjects.BucketRevocations: 1,
+		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1, subjects.BucketNonces: 1, subjects.BucketRevocations: 1, subjects.BucketClaims: 1,
 	}
 	if len(history) != len(subjects.Buckets) {
 		t.Fatalf("test knows %d buckets, subjects lists %d", len(history), len(subjects.Buckets))
@@ -285,14 +294,55 @@ func TestStartStopsWithContext(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
+
+	// The server runs in operator mode: an anonymous connect is refused
+	// while it runs, so only valid creds tell a running server from a
+	// stopped one.
+	cr, err := accounts.ReadCreds(filepath.Join(c.Config().DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, err := cr.Key.Seed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	connect := func() (*nats.Conn, error) {
+		return nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(cr.JWT, string(seed)),
+			nats.CustomInboxPrefix(cr.InboxPrefix()), nats.NoReconnect(), nats.Timeout(time.Second))
+	}
+	nc, err := connect()
+	if err != nil {
+		t.Fatalf("the owner's creds do not connect while the coordinator runs: %v", err)
+	}
+	nc.Close()
+
 	cancel()
 	select {
 	case <-c.Done():
 	case <-time.After(10 * time.Second):
 		t.Fatal("coordinator still running 10s after its context ended")
 	}
-	if _, err := nats.Connect(c.ClientURL(), nats.Timeout(time.Second)); err == nil {
-		t.Error("server still accepts connections after stop")
+	nc, err = connect()
+	if err == nil {
+		nc.Close()
+		t.Fatal("the owner's creds still connect after the coordinator stopped")
+	}
+	if isAuthError(err) {
+		t.Fatalf("after stop: the server refused the creds (%v), so it is still running", err)
+	}
+	// nats.go reports a refused dial of its only server as ErrNoServers.
+	if !errors.Is(err, nats.ErrNoServers) {
+		t.Errorf("after stop: want %v (nothing listening), got %v", nats.ErrNoServers, err)
+	}
+	u, err := url.Parse(c.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conn, err := net.DialTimeout("tcp", u.Host, time.Second); err == nil {
+		conn.Close()
+		t.Errorf("%s still accepts TCP connections after stop", u.Host)
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("dial %s after stop: want connection refused, got %v", u.Host, err)
 	}
 }
 

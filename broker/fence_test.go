@@ -61,7 +61,19 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 	ctx := ctxT(t, 60*time.Second)
 	f.release("rel-a", storePath("a"))
 	f.release("rel-b", storePath("b"))
-	for round := range 5 {
+	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, "the engine leading", func() bool { return f.c.rollouts.leading.Load() })
+	for round := range 3 {
+		// Hold the engine (another coordinator has the lock): no rollout
+		// can finish between the two deploys and free the devices, so
+		// exactly one may win.
+		if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
+			t.Fatal(err)
+		}
+		poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
 		type result struct {
 			ro  *model.Rollout
 			err error
@@ -84,6 +96,9 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 		}
 		if len(won) != 1 {
 			t.Fatalf("round %d: %d deploys of the same devices were accepted", round, len(won))
+		}
+		if err := locks.Delete(ctx, engineLockKey); err != nil {
+			t.Fatal(err)
 		}
 		f.waitState(won[0].ID, model.RolloutSucceeded)
 	}

@@ -339,8 +339,14 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 		if !ok {
 			ro, _, err := r.Get(ctx, owner)
 			var ae *apiError
-			free = err == nil && ro.State.Finished() || errors.As(err, &ae) && ae.code == model.CodeNotFound
+			free = err == nil && ro.State.Finished()
 			finished[owner] = free
+			// A claim without its rollout is one being created right
+			// now (its summary comes last), or left by a deploy that
+			// died midway: free only once it is clearly the latter.
+			if errors.As(err, &ae) && ae.code == model.CodeNotFound && time.Since(e.Created()) > orphanClaimAge {
+				free = true
+			}
 		}
 		if !free && !superseded[owner+"/"+d.Device] {
 			undo()
@@ -358,6 +364,11 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 	}
 	return undo, nil
 }
+
+// orphanClaimAge is how old a claim whose rollout does not exist must be
+// before another rollout may take it: far longer than a deploy takes to
+// record its rollout.
+const orphanClaimAge = 2 * time.Minute
 
 // claimsOf reads every device's claim: device ID → rollout ID.
 func (r *rollouts) claimsOf(ctx context.Context) (map[string]string, error) {

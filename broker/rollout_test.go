@@ -324,7 +324,11 @@ func TestRolloutBadRequests(t *testing.T) {
 			t.Errorf("%+v: error %v, want %q", tc.req, err, tc.want)
 		}
 	}
-	if list, _ := f.c.rollouts.List(ctx); len(list) != 0 {
+	list, err := f.c.rollouts.List(ctx)
+	if err != nil {
+		t.Fatalf("list rollouts after the bad requests: %v", err)
+	}
+	if len(list) != 0 {
 		t.Fatalf("bad requests left %d rollouts behind", len(list))
 	}
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -187,9 +188,12 @@ func TestRevokeConnectedDevice(t *testing.T) {
 		t.Error("revoking one device disconnected another")
 	}
 	seed, _ := a.Key.Seed()
-	if nc2, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(a.JWT, string(seed))); err == nil {
+	if nc2, err := nats.Connect(c.ClientURL(), nats.UserJWTAndSeed(a.JWT, string(seed)),
+		nats.CustomInboxPrefix(a.InboxPrefix()), nats.NoReconnect()); err == nil {
 		nc2.Close()
 		t.Fatal("revoked device reconnected")
+	} else if !authRefused(err) {
+		t.Fatalf("reconnect of the revoked device: want an authorization error, got %v", err)
 	}
 	poll.Until(t, 2*time.Second, "victim offline", func() bool { return !c.Presence().Online(a.PublicKey()) })
 
@@ -211,16 +215,77 @@ func TestRevokeConnectedDevice(t *testing.T) {
 	}
 }
 
+// authRefused reports whether err is the server refusing the credentials
+// (not, say, a server that is down).
+func authRefused(err error) bool {
+	return errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAuthExpired)
+}
+
+// dialTokenBearer connects with the bearer credential an enrollment token
+// carries, as a brand-new device does to enrol.
+func dialTokenBearer(url string, pt *model.ParsedToken, opts ...nats.Option) (*nats.Conn, error) {
+	return nats.Connect(url, append([]nats.Option{
+		nats.UserJWT(func() (string, error) { return pt.JWT, nil }, func([]byte) ([]byte, error) { return nil, nil }),
+		nats.CustomInboxPrefix(pt.InboxPrefix()),
+		nats.NoReconnect(),
+		nats.Timeout(5 * time.Second),
+	}, opts...)...)
+}
+
 func TestTokenRevokeClosesBearer(t *testing.T) {
 	c := startCoordinator(t)
 	owner := ownerClient(t, c)
 	tok := createToken(t, owner, 5, false, "lab")
-	pt, _ := model.ParseToken(tok.Token)
+	pt, err := model.ParseToken(tok.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Before the revocation the token's bearer credential connects.
+	closed := make(chan struct{})
+	asyncErrs := make(chan error, 16)
+	bearer, err := dialTokenBearer(c.ClientURL(), pt, nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			select {
+			case asyncErrs <- err:
+			default:
+			}
+		}))
+	if err != nil {
+		t.Fatalf("the token's bearer credential does not connect before the revocation: %v", err)
+	}
+	t.Cleanup(bearer.Close)
+
 	if _, err := owner.RevokeToken(context.Background(), pt.ID); err != nil {
 		t.Fatal(err)
 	}
-	_, err := enrollWith(c, t.TempDir(), tok.Token, "late")
-	if err == nil || !strings.Contains(err.Error(), "token") {
+	// Its connection is closed, and it is refused from now on.
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the bearer connection of a revoked token still open 5s after the revocation")
+	}
+	// The server said why: the errors are reported before the close.
+	var why []error
+drain:
+	for {
+		select {
+		case err := <-asyncErrs:
+			why = append(why, err)
+		default:
+			break drain
+		}
+	}
+	if !slices.ContainsFunc(why, authRefused) {
+		t.Errorf("bearer connection closed with errors %v, want its authentication revoked", why)
+	}
+	if nc, err := dialTokenBearer(c.ClientURL(), pt); err == nil {
+		nc.Close()
+		t.Fatal("the bearer credential of a revoked token connected")
+	} else if !authRefused(err) {
+		t.Fatalf("bearer of a revoked token: want an authorization error, got %v", err)
+	}
+	_, err = enrollWith(c, t.TempDir(), tok.Token, "late")
+	if !errors.Is(err, agent.ErrEnrollRefused) || !strings.Contains(err.Error(), "revoked") {
 		t.Fatalf("enrol with a revoked token: %v", err)
 	}
 	ts, err := owner.Tokens(context.Background())

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
@@ -20,6 +21,7 @@ import (
 	"fleet/agent"
 	"fleet/broker"
 	"fleet/internal/poll"
+	"fleet/internal/promvalue"
 	"fleet/model"
 	"fleet/nixtest"
 	"fleet/subjects"
@@ -216,8 +218,8 @@ func (w *world) putDesired(d model.Desired) {
 }
 
 // repeatDesired writes the device's current desired value again, byte for
-// byte, as a new revision.
-func (w *world) repeatDesired() {
+// byte, as a new revision, and returns that revision.
+func (w *world) repeatDesired() uint64 {
 	w.t.Helper()
 	kv, err := w.coord.JetStream().KeyValue(w.ctx, subjects.BucketDesired)
 	if err != nil {
@@ -227,9 +229,54 @@ func (w *world) repeatDesired() {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	if _, err := kv.Put(w.ctx, w.device, e.Value()); err != nil {
+	rev, err := kv.Put(w.ctx, w.device, e.Value())
+	if err != nil {
 		w.t.Fatal(err)
 	}
+	return rev
+}
+
+// desiredReplies listens, with the device's own creds, on the device's
+// inbox and reports the revision of every desired state the coordinator
+// hands the agent there.
+func (w *world) desiredReplies() <-chan uint64 {
+	w.t.Helper()
+	path := filepath.Join(w.stateDir, agent.CredsFile)
+	cr, err := accounts.ReadCreds(path)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	nc, err := nats.Connect(w.coord.ClientURL(), nats.UserCredentials(path),
+		nats.CustomInboxPrefix(cr.InboxPrefix()), nats.NoReconnect())
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(nc.Close)
+	revs := make(chan uint64, 100)
+	_, err = nc.Subscribe(cr.InboxPrefix()+".>", func(m *nats.Msg) {
+		// Facts and event acks land here too; only desired-state
+		// replies carry a desired state.
+		var r model.DesiredReply
+		if json.Unmarshal(m.Data, &r) == nil && len(r.Desired) > 0 {
+			select {
+			case revs <- r.Seq:
+			default:
+			}
+		}
+	})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		w.t.Fatal(err)
+	}
+	return revs
+}
+
+// agentLogCount counts the lines of the agent's log holding s.
+func (w *world) agentLogCount(s string) int {
+	b, _ := os.ReadFile(filepath.Join(w.stateDir, "agent.log"))
+	return strings.Count(string(b), s)
 }
 
 // deploy writes a desired state for a fresh release of path.
@@ -373,6 +420,7 @@ func TestApplyThenRollBack(t *testing.T) {
 		t.Fatalf("gen2 final event: %+v", ev)
 	}
 	w.wantCurrent(gen2)
+	gen2Attempt := ev.Attempt
 	var states []model.State
 	for _, e := range w.seen {
 		if e.Attempt == ev.Attempt {
@@ -391,8 +439,26 @@ func TestApplyThenRollBack(t *testing.T) {
 	}
 
 	// The same desired state again (the identical value as a new KV
-	// revision, as a reconnect or a rewrite delivers it) is a no-op.
-	w.repeatDesired()
+	// revision, as a reconnect or a rewrite delivers it) is a no-op. First
+	// the agent must really get it: triggered, it reads the repeated
+	// revision, before anything newer is written.
+	const trigger = `"message":"desired state trigger"`
+	replies := w.desiredReplies()
+	triggers := w.agentLogCount(trigger)
+	switchesBefore := w.nix.Switches()
+	rev := w.repeatDesired()
+	poll.Until(t, 30*time.Second, "the agent triggered by the repeated desired state", func() bool {
+		return w.agentLogCount(trigger) > triggers
+	})
+	readRepeat := time.After(30 * time.Second)
+	for got := uint64(0); got != rev; {
+		select {
+		case got = <-replies:
+		case <-readRepeat:
+			t.Fatalf("the agent did not read the repeated desired state (revision %d) within 30s", rev)
+		}
+	}
+
 	w.deploy("gen3", gen3.Path)
 	ev = w.waitEvent("final gen3", final("gen3"))
 	if ev.Result != model.ResultRolledBack || ev.Check != "no-unhealthy-marker" {
@@ -402,7 +468,21 @@ func TestApplyThenRollBack(t *testing.T) {
 	if !w.switchedTo(gen3) {
 		t.Fatal("gen3 was never switched to")
 	}
+	// The agent handles one desired state at a time: whatever the repeat
+	// did happened before gen3's turn. Nothing was switched for it...
+	switches := w.nix.Switches()
+	firstGen3 := slices.IndexFunc(switches, func(l string) bool { return strings.HasSuffix(l, " "+gen3.Path) })
+	if !slices.Equal(switches[:firstGen3], switchesBefore) {
+		t.Fatalf("switches before gen3's %q, want only those before the repeat %q", switches[:firstGen3], switchesBefore)
+	}
+	// ...and no apply was started or reported for it: gen2's one attempt
+	// is all there is.
 	w.drain()
+	for _, e := range w.seen {
+		if e.ReleaseID == "gen2" && e.Attempt != gen2Attempt {
+			t.Fatalf("the repeated desired state started apply %s: %+v", e.Attempt, e)
+		}
+	}
 	if n := len(w.finals("gen2")); n != 1 {
 		t.Fatalf("%d final events for gen2, want 1", n)
 	}
@@ -946,25 +1026,13 @@ func TestLostNotificationRecovered(t *testing.T) {
 	}
 }
 
-// metricValue is the value of the first series of name whose label has
-// value, from the coordinator's registry (0 when none).
+// metricValue is the value of the series of name with label=value in the
+// coordinator's registry (0 when none).
 func metricValue(t *testing.T, c *broker.Coordinator, name, label, value string) float64 {
 	t.Helper()
-	fams, err := c.Metrics().Gather()
+	v, _, err := promvalue.Get(c.Metrics(), name, map[string]string{label: value})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return v
 }

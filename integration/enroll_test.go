@@ -19,25 +19,34 @@ import (
 	"fleet/subjects"
 )
 
+// procOutput collects a process's output, to read while it runs.
+type procOutput struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (o *procOutput) Write(b []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.b.Write(b)
+}
+
+func (o *procOutput) String() string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.b.String()
+}
+
 // agentProc is a running fleet-agent binary.
 type agentProc struct {
 	cmd  *exec.Cmd
-	mu   sync.Mutex
-	out  bytes.Buffer
+	out  procOutput
 	done chan error
 }
 
-func (p *agentProc) Write(b []byte) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.Write(b)
-}
+func (p *agentProc) Write(b []byte) (int, error) { return p.out.Write(b) }
 
-func (p *agentProc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.String()
-}
+func (p *agentProc) output() string { return p.out.String() }
 
 // startAgentBin runs `fleet-agent run` with the world's server and args.
 func (w *fleetWorld) startAgentBin(t *testing.T, stateDir string, args ...string) *agentProc {

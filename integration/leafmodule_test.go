@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -143,7 +142,7 @@ func TestNixOSLeafModuleLiveRevocation(t *testing.T) {
 
 	leaf := exec.Command(natsServerBin, "-c", conf)
 	leaf.Dir = stateDir
-	var leafLog bytes.Buffer
+	var leafLog procOutput
 	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
 	if err := leaf.Start(); err != nil {
 		t.Fatal(err)
