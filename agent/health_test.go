@@ -222,3 +222,12 @@ func TestConfigRefusesBadChecks(t *testing.T) {
 		}
 	}
 }
+
+// Without systemctl (or systemd) the check says so, not "unit X is ".
+func TestSystemdCheckWithoutSystemctl(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	err := SystemdCheck{CheckName: "units", Units: []string{"web.service"}, Log: zerolog.Nop()}.Check(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "unit web.service: systemctl is-active") {
+		t.Fatalf("no systemctl: %v", err)
+	}
+}
