@@ -321,6 +321,22 @@ leafnodes { remotes: [
 	}
 	mu.Unlock()
 
+	// Answering the coordinator's account pushes first, with an error of
+	// its own: the link may not answer them, and a revocation goes through.
+	forge, err := sysConn.Subscribe("$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE", func(m *nats.Msg) {
+		_ = m.Respond([]byte(`{"error":{"code":500,"description":"the rogue site says no"}}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer forge.Unsubscribe()
+	if err := sysConn.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if out, errs, err := w.admin("devices", "revoke", hubB.name); err != nil {
+		t.Fatalf("revoke with a rogue site answering the account push: %v %s %s", err, out, errs)
+	}
+
 	// The owner's view: the same admins, only the real devices (none
 	// invented, the ghost not online), and an audit that verifies.
 	after := w.ownerView(t)

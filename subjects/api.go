@@ -48,15 +48,17 @@ func AccountClaimsUpdate(acc string) string { return "$SYS.REQ.ACCOUNT." + acc +
 
 // SiteSystemTemplate is what a site's leaf node may do in the system
 // account: look account JWTs up, hear their updates (revocations) and
-// answer them. It cannot report connects or disconnects: a site's word on
+// nothing more. It cannot report connects or disconnects: a site's word on
 // presence would let a rogue site show any device online, so the hub
 // counts a device behind a leaf as seen only by its own signed reports.
 // "Pub" is what the site sends to the hub, "Sub" what the hub sends to it.
 func SiteSystemTemplate() Template {
 	return Template{
 		Pub: []string{
+			// Its own lookups only. It may not answer the coordinator's
+			// update requests: the hub's servers do, and a site that could
+			// would answer first with an error of its choosing.
 			"$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP",
-			"_INBOX.>", // answers to the coordinator's update requests
 		},
 		Sub: []string{
 			"$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE", "$SYS.ACCOUNT.*.CLAIMS.UPDATE",

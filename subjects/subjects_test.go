@@ -764,10 +764,11 @@ func TestLeafTemplate(t *testing.T) {
 	}
 }
 
-// A site's system link learns account updates and answers them; it can
-// neither push account JWTs, nor reach server requests, nor report
-// presence (a rogue site could show any device online), nor read anyone's
-// replies but the leaf's own lookups.
+// A site's system link learns account updates; it can neither answer
+// them (a rogue site would answer the coordinator's push first, with an
+// error of its choosing), nor push account JWTs, nor reach server
+// requests, nor report presence (a rogue site could show any device
+// online), nor read anyone's replies but the leaf's own lookups.
 func TestSiteSystemTemplate(t *testing.T) {
 	tpl := SiteSystemTemplate()
 	if !slices.Equal(tpl.ConnTypes, []string{"LEAFNODE"}) {
@@ -777,8 +778,8 @@ func TestSiteSystemTemplate(t *testing.T) {
 		ClaimsUpdate, AccountClaimsUpdate("ACC"), "$SYS.ACCOUNT.ACC.CLAIMS.UPDATE",
 		AccountConnect("ACC"), AccountDisconnect("ACC"), "$SYS.ACCOUNT.ACC.LEAFNODE.CONNECT",
 		"$SYS.SERVER.ACCOUNT.ACC.CONNS", "$SYS.REQ.SERVER.PING", "$SYS.REQ.SERVER.X.KICK",
-		"$SYS.REQ.ACCOUNT.ACC.CONNZ", Enroll, APIWriteVerb(VerbDeploy), DeviceFacts(newDevice(t)))
-	may(t, "a site", "send", tpl.Pub, "$SYS.REQ.ACCOUNT.ACC.CLAIMS.LOOKUP", "_INBOX.r")
+		"$SYS.REQ.ACCOUNT.ACC.CONNZ", Enroll, APIWriteVerb(VerbDeploy), DeviceFacts(newDevice(t)), "_INBOX.r")
+	may(t, "a site", "send", tpl.Pub, "$SYS.REQ.ACCOUNT.ACC.CLAIMS.LOOKUP")
 	mayNot(t, "a site", "receive", tpl.Sub,
 		"_INBOX.x", InboxPrefix(newDevice(t))+".x", "$SYS.REQ.SERVER.PING", Enroll,
 		AccountConnect("ACC"), AccountDisconnect("ACC"), "$SYS.REQ.ACCOUNT.ACC.CLAIMS.LOOKUP")
