@@ -234,6 +234,10 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
+	// The index exists before the handlers that consult it start; it is
+	// fed from startEngine on (until then it knows no device, and the
+	// handlers read the bucket).
+	c.index = newDeviceIndex(c.log.With().Str("component", "index").Logger())
 	if err := c.startServices(ctx); err != nil {
 		c.Close()
 		return nil, err
@@ -266,7 +270,6 @@ func (c *Coordinator) startEngine() error {
 		defer close(c.engineDone)
 		c.rollouts.Run(runCtx)
 	}()
-	c.index = newDeviceIndex(c.log.With().Str("component", "index").Logger())
 	if err := c.index.run(runCtx, c.js); err != nil {
 		return fmt.Errorf("device index: %w", err)
 	}
@@ -648,7 +651,7 @@ func (c *Coordinator) Ready() error {
 	if !c.ready.Load() {
 		return errors.New("starting")
 	}
-	if !c.index.CaughtUp() {
+	if c.index == nil || !c.index.CaughtUp() {
 		// Ready means the index holds every device: a status read now is
 		// the fleet's, not part of it.
 		return errors.New("indexing the devices' records, facts and events")
