@@ -159,10 +159,14 @@ func TestClusterProcessesSurviveLeaderKill(t *testing.T) {
 	}
 	close(gate) // the canary finishes its apply while the leader is gone
 	w.listen = alive[0].listen
-	out, errs, err := w.admin("--json", "rollout", "watch", id)
-	if err != nil {
-		t.Fatalf("watch after killing %s: %v %s", leader.name, err, errs)
-	}
+	// While the streams the killed node led elect new leaders, a request
+	// may fail ("no response from stream"); an admin would try again.
+	var out string
+	poll.Telling(t, time.Minute, "rollout watch through a surviving node", func() (bool, string) {
+		o, errs, err := w.admin("--json", "rollout", "watch", id)
+		out = o
+		return err == nil, fmt.Sprintf("%v %s", err, errs)
+	})
 	if last := lastRollout(t, out); last.State != model.RolloutSucceeded || last.Counts[model.DeviceSucceeded] != 6 {
 		t.Fatalf("after killing %s: %+v", leader.name, last.Rollout)
 	}
