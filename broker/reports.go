@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -286,20 +287,60 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var r model.DesiredReply
-	e, err := s.desired.Get(ctx, id)
+	seq, value, err := s.desiredFromLeader(ctx, id)
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 	case err != nil:
 		r.Error = "read desired state: " + err.Error()
-	case !json.Valid(e.Value()):
+	case !json.Valid(value):
 		// Only the coordinator writes the bucket; say so rather than send
 		// a reply the device cannot read.
-		r.Seq, r.Damaged = e.Revision(), "the stored desired state is not valid JSON"
+		r.Seq, r.Damaged = seq, "the stored desired state is not valid JSON"
 	default:
-		r.Seq, r.Desired = e.Revision(), e.Value()
+		r.Seq, r.Desired = seq, value
 	}
 	b, _ := json.Marshal(r)
 	_ = s.c.fc.Publish(m.Reply, b)
+}
+
+// desiredFromLeader reads device id's desired state from the stream
+// leader. A direct get (what KV.Get uses) may be answered by a replica that
+// has not applied the write the device was just told about, and the device
+// would take the old value and wait for its re-check; the leader has it.
+func (s *services) desiredFromLeader(ctx context.Context, id string) (uint64, []byte, error) {
+	req, _ := json.Marshal(map[string]string{"last_by_subj": subjects.KVKey(subjects.BucketDesired, id)})
+	m, err := s.c.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".STREAM.MSG.GET."+subjects.KVStream(subjects.BucketDesired), req)
+	if err != nil {
+		return 0, nil, err
+	}
+	var resp struct {
+		Message *struct {
+			Seq  uint64 `json:"seq"`
+			Data []byte `json:"data"`
+			Hdrs []byte `json:"hdrs"`
+		} `json:"message"`
+		Error *struct {
+			Code        int    `json:"code"`
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return 0, nil, fmt.Errorf("stream message: %w", err)
+	}
+	if resp.Error != nil {
+		if resp.Error.Code == 404 {
+			return 0, nil, jetstream.ErrKeyNotFound
+		}
+		return 0, nil, fmt.Errorf("stream message: %s", resp.Error.Description)
+	}
+	if resp.Message == nil {
+		return 0, nil, jetstream.ErrKeyNotFound
+	}
+	// A delete or purge marker: no desired state.
+	if bytes.Contains(resp.Message.Hdrs, []byte("KV-Operation: DEL")) || bytes.Contains(resp.Message.Hdrs, []byte("KV-Operation: PURGE")) {
+		return 0, nil, jetstream.ErrKeyNotFound
+	}
+	return resp.Message.Seq, resp.Message.Data, nil
 }
 
 func desiredGetDevice(subj string) (string, bool) {

@@ -26,7 +26,6 @@ type services struct {
 	devices jetstream.KeyValue
 	tokens  jetstream.KeyValue
 	admins  jetstream.KeyValue
-	desired jetstream.KeyValue
 	// js stores verified device reports, many in flight at once.
 	js jetstream.JetStream
 
@@ -78,7 +77,7 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 	}
 	for name, kv := range map[string]*jetstream.KeyValue{
 		subjects.BucketDevices: &s.devices, subjects.BucketTokens: &s.tokens, subjects.BucketAdmins: &s.admins,
-		subjects.BucketNonces: &s.nonces, subjects.BucketDesired: &s.desired,
+		subjects.BucketNonces: &s.nonces,
 	} {
 		if *kv, err = c.js.KeyValue(ctx, name); err != nil {
 			return fmt.Errorf("bucket %s: %w", name, err)
