@@ -181,45 +181,49 @@ func siteOf(d *model.Device) string {
 }
 
 func (s *services) onFacts(m *nats.Msg) {
-	id, ok := subjects.DeviceFromSubject(m.Subject)
-	d := s.deviceFor("facts", m, id, ok)
-	if d == nil {
-		return
-	}
-	f, err := model.ParseFacts(m.Data, id)
-	if err != nil {
-		s.refuseReport("facts", m, err)
-		return
-	}
-	if !s.allowReport(id, len(m.Data)) {
-		s.drop("facts", dropRate, m)
-		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
-		return
-	}
-	b, _ := json.Marshal(f)
-	s.store(m, id, subjects.DeviceFacts(id), b, "")
+	s.onReport("facts", m, func(id string) ([]byte, string, error) {
+		f, err := model.ParseFacts(m.Data, id)
+		if err != nil {
+			return nil, "", err
+		}
+		b, _ := json.Marshal(f)
+		return b, "", nil
+	})
 }
 
 func (s *services) onEvent(m *nats.Msg) {
+	s.onReport("events", m, func(id string) ([]byte, string, error) {
+		ev, err := model.ParseEvent(m.Data, id)
+		if err != nil {
+			return nil, "", err
+		}
+		b, _ := json.Marshal(ev)
+		// Deduplication is per stream: the device ID keeps one device's
+		// IDs from colliding with (or suppressing) another's.
+		return b, id + "/" + model.EventMsgID(ev), nil
+	})
+}
+
+// onReport takes one signed report of a device: the sender must be a
+// recorded, active device answering into its own inbox; verify checks the
+// signature and returns what to store (and its deduplication ID); the
+// device's rate decides; then it is stored on the subject it came on.
+func (s *services) onReport(handler string, m *nats.Msg, verify func(id string) ([]byte, string, error)) {
 	id, ok := subjects.DeviceFromSubject(m.Subject)
-	d := s.deviceFor("events", m, id, ok)
-	if d == nil {
+	if s.deviceFor(handler, m, id, ok) == nil {
 		return
 	}
-	ev, err := model.ParseEvent(m.Data, id)
+	data, msgID, err := verify(id)
 	if err != nil {
-		s.refuseReport("events", m, err)
+		s.refuseReport(handler, m, err)
 		return
 	}
 	if !s.allowReport(id, len(m.Data)) {
-		s.drop("events", dropRate, m)
+		s.drop(handler, dropRate, m)
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return
 	}
-	b, _ := json.Marshal(ev)
-	// Deduplication is per stream: the device ID keeps one device's IDs
-	// from colliding with (or suppressing) another's.
-	s.store(m, id, subjects.DeviceEvents(id), b, id+"/"+model.EventMsgID(ev))
+	s.store(m, id, m.Subject, data, msgID)
 }
 
 // refuseReport answers a report that will never be stored as it is.
