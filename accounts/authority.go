@@ -623,31 +623,6 @@ func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds,
 	return &Creds{JWT: tok, Key: kp}, nil
 }
 
-// Revoke adds user keys to the FLEET account's revocation list and returns
-// the account JWT, also stored in the resolver directory. The caller
-// pushes it to the running servers (see broker), which disconnect the users.
-func (a *Authority) Revoke(pubs ...string) (string, error) {
-	// A revocation covers JWTs issued up to now; one second of slack so a JWT
-	// issued in this very second is covered too.
-	at := time.Now().Add(time.Second).Unix()
-	revs := map[string]int64{}
-	for _, p := range pubs {
-		// The canonical form only: the server matches revocations by
-		// the exact key string.
-		if !subjects.ValidDeviceID(p) {
-			return "", fmt.Errorf("%q is not a user public key", p)
-		}
-		revs[p] = at
-	}
-	tok, err := a.MergeRevocations(revs)
-	if err != nil || tok != "" {
-		return tok, err
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.fleetClaim.Encode(a.opSigner)
-}
-
 // MergeRevocations adds revocations (user key → unix time) to the FLEET
 // account's list, never removing one, and returns the re-signed account
 // JWT (also stored in the resolver directory) when anything was added, or
