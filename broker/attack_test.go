@@ -211,6 +211,10 @@ func TestReplyInjectionRefused(t *testing.T) {
 	observer := adminCreds(t, c, subjects.RoleObserver, "dashboard")
 	viewer := adminCreds(t, c, subjects.RoleViewer, "viewer")
 	ctx := ctxFor(t, 30*time.Second)
+	siteTok, err := owner.CreateToken(ctx, model.TokenCreate{Groups: []string{"lab"}, Uses: 1, TTL: time.Hour, Site: "berlin"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	before := ownerView(t, c)
 	targets := []string{
 		subjects.KVKey(subjects.BucketAdmins, ownerKey),
@@ -230,6 +234,11 @@ func TestReplyInjectionRefused(t *testing.T) {
 	}
 	// Another device's inbox is refused too, after the token was read.
 	publishWithReply(t, bearer, subjects.Enroll, subjects.DeviceInboxPrefix(subjects.DefaultSite, other.PublicKey())+".x", req)
+	// A site's token answers only into that site's inboxes: its own key
+	// under the hub's site (what the hub's link would carry) is refused.
+	spt, _ := model.ParseToken(siteTok.Token)
+	siteReq := signEnroll(t, kp, model.EnrollRequest{TokenID: spt.ID, Secret: spt.Secret, XKey: newXKey(t), Hostname: "mallory"})
+	publishWithReply(t, bearer, subjects.Enroll, subjects.DeviceInboxPrefix(subjects.DefaultSite, spt.BearerKey)+".x", siteReq)
 
 	// The admin API, by an observer and a viewer (signed requests whose
 	// reply is not the signer's inbox, or is another admin's).
@@ -260,7 +269,7 @@ func TestReplyInjectionRefused(t *testing.T) {
 
 	n := float64(len(targets))
 	poll.Until(t, 5*time.Second, "every injected request dropped", func() bool {
-		return dropped(t, c, "enroll", "reply_not_own_inbox") >= n+1 &&
+		return dropped(t, c, "enroll", "reply_not_own_inbox") >= n+2 &&
 			dropped(t, c, "api", "reply_not_own_inbox") >= 2*(n+1) &&
 			dropped(t, c, "facts", "reply_not_own_inbox") >= n &&
 			dropped(t, c, "events", "reply_not_own_inbox") >= n &&
