@@ -53,7 +53,7 @@ type InitCmd struct {
 type RunCmd struct {
 	StoreFlags
 	Listen          string        `help:"Address for NATS clients (agents, admins)." default:"0.0.0.0:4222" env:"FLEET_LISTEN"`
-	HTTP            string        `name:"http" help:"Address for /healthz, /readyz, /metrics (no auth: keep it on loopback) and /api/v1 (bearer token); empty disables." default:"127.0.0.1:9100" env:"FLEET_HTTP"`
+	HTTP            string        `name:"http" help:"Address for /healthz, /readyz, /metrics (no auth: keep it on loopback) and /api/v1 (bearer token); empty disables." default:"127.0.0.1:9465" env:"FLEET_HTTP"`
 	LeafnodeListen  string        `help:"Address for remote sites' leaf nodes; empty disables." env:"FLEET_LEAFNODE_LISTEN"`
 	ServerName      string        `help:"Server name (unique in a cluster, required with --cluster-listen); default: generated." env:"FLEET_SERVER_NAME"`
 	ClusterName     string        `help:"Cluster name, the same on every coordinator of the cluster." default:"fleet" env:"FLEET_CLUSTER_NAME"`

@@ -49,7 +49,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:         "fleet-data",
 		Listen:          "0.0.0.0:4222",
-		HTTP:            "127.0.0.1:9100",
+		HTTP:            "127.0.0.1:9465",
 		Domain:          subjects.Domain,
 		ClusterName:     "fleet",
 		Replicas:        1,

@@ -74,11 +74,11 @@ in
 
     http = mkOption {
       type = types.either (types.enum [ "" ]) listenAddress;
-      default = "127.0.0.1:9100";
+      default = "127.0.0.1:9465";
       description = ''
         Address for /healthz, /readyz, /metrics and /api/v1 (flag --http);
-        "" disables it. Note that 9100 is also the default port of the
-        Prometheus node exporter: pick another port when both run here.
+        "" disables it. The default port, 9465, stays clear of the
+        Prometheus node exporter's 9100.
       '';
     };
 

@@ -82,7 +82,7 @@ pkgs.testers.runNixOSTest {
     start_all()
     coordinator.wait_for_unit("fleet-coordinator.service")
     coordinator.wait_for_open_port(4222)
-    coordinator.wait_until_succeeds("curl -sf http://127.0.0.1:9100/readyz")
+    coordinator.wait_until_succeeds("curl -sf http://127.0.0.1:9465/readyz")
 
     with subtest("enrol both agents with a token file"):
         token = coordinator.succeed(f"{admin} token create --group test --uses 2 --ttl 1h").strip()
