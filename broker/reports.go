@@ -101,6 +101,15 @@ func newDroppedCounter() *prometheus.CounterVec {
 	}, []string{"handler", "reason"})
 }
 
+// newTrafficCounter counts the device handlers' work by kind: facts and
+// events stored, desired-state triggers sent and gets answered.
+func newTrafficCounter() *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "fleet_device_messages_total",
+		Help: "Device messages the coordinator handled: facts and events stored (kind facts, events), desired-state triggers sent (trigger) and desired-state reads answered (desired).",
+	}, []string{"kind"})
+}
+
 func (s *services) drop(handler, reason string, m *nats.Msg) {
 	s.dropped.WithLabelValues(handler, reason).Inc()
 	s.log.Debug().Str("handler", handler).Str("reason", reason).Str("subject", m.Subject).Str("reply", m.Reply).Msg("dropped")
@@ -223,7 +232,7 @@ func (s *services) onReport(handler string, m *nats.Msg, verify func(id string) 
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return
 	}
-	s.store(m, id, m.Subject, data, msgID)
+	s.store(m, handler, id, m.Subject, data, msgID)
 }
 
 // refuseReport answers a report that will never be stored as it is.
@@ -235,7 +244,7 @@ func (s *services) refuseReport(handler string, m *nats.Msg, err error) {
 // store appends a verified report to its CORE stream and acknowledges it
 // to the device once JetStream has. The wait runs apart from the
 // subscription, bounded, so one slow write does not hold up the rest.
-func (s *services) store(m *nats.Msg, id, subj string, data []byte, msgID string) {
+func (s *services) store(m *nats.Msg, kind, id, subj string, data []byte, msgID string) {
 	if s.presence != nil {
 		s.presence.reported(id)
 	}
@@ -255,6 +264,7 @@ func (s *services) store(m *nats.Msg, id, subj string, data []byte, msgID string
 		defer s.wg.Done()
 		select {
 		case pa := <-f.Ok():
+			s.traffic.WithLabelValues(kind).Inc()
 			s.ack(m, model.ReportAck{Seq: pa.Sequence, Duplicate: pa.Duplicate})
 		case err := <-f.Err():
 			ack := model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()}
@@ -304,6 +314,7 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 		r.Seq, r.Desired = seq, value
 	}
 	b, _ := json.Marshal(r)
+	s.traffic.WithLabelValues("desired").Inc()
 	_ = s.c.fc.Publish(m.Reply, b)
 }
 
@@ -372,5 +383,6 @@ func (s *services) onDesiredChanged(m *nats.Msg) {
 		s.drop("notify", dropInactive, m)
 		return
 	}
+	s.traffic.WithLabelValues("trigger").Inc()
 	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), nil)
 }

@@ -33,6 +33,9 @@ type services struct {
 	// bounds each device's reports.
 	dropped              *prometheus.CounterVec
 	limiter, byteLimiter *rateLimiter
+	// traffic counts what the device handlers did: reports stored,
+	// triggers sent, desired states answered.
+	traffic *prometheus.CounterVec
 	// auditLimiter bounds the refusals each admin (and all non-admins
 	// together) may add to the audit; auditSuppressed counts the rest.
 	auditLimiter    *rateLimiter
@@ -63,6 +66,7 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		now:       time.Now,
 		enrollSem: make(chan struct{}, 16),
 		dropped:   newDroppedCounter(),
+		traffic:   newTrafficCounter(),
 	}
 	s.limiter = newRateLimiter(reportRate, reportBurst, s.now)
 	s.byteLimiter = newRateLimiter(reportByteRate, reportByteBurst, s.now)

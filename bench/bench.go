@@ -1,0 +1,579 @@
+// Package bench measures a coordinator under a simulated fleet: a
+// coordinator process with a fresh data dir, simulator processes running
+// real agent loops (only Nix activation is instant), and in the same run a
+// bare NATS server with as many connections, for the ratios.
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"fleet/accounts"
+	"fleet/admin"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// Options are one bench run's settings.
+type Options struct {
+	Devices    int
+	PerProcess int
+	// Idle is how long the idle fleet is watched for CPU.
+	Idle time.Duration
+	// FactsInterval is the agents' facts interval (60s by default, as
+	// fleet-agent's).
+	FactsInterval time.Duration
+	Dir           string
+	// Self is the fleet-bench executable, run again as coordinator and
+	// simulators.
+	Self string
+	// NoRaw skips the raw NATS baseline.
+	NoRaw bool
+	// Progress receives a line per phase.
+	Progress io.Writer
+}
+
+// Latency is a distribution in seconds.
+type Latency struct {
+	N   int     `json:"n"`
+	P50 float64 `json:"p50_s"`
+	P99 float64 `json:"p99_s"`
+	Max float64 `json:"max_s"`
+}
+
+func latency(ds []time.Duration) Latency {
+	if len(ds) == 0 {
+		return Latency{}
+	}
+	slices.Sort(ds)
+	at := func(q float64) float64 { return ds[min(len(ds)-1, int(q*float64(len(ds))))].Seconds() }
+	return Latency{N: len(ds), P50: at(0.50), P99: at(0.99), Max: ds[len(ds)-1].Seconds()}
+}
+
+// Rollout is one deploy's figures.
+type Rollout struct {
+	Strategy string  `json:"strategy"`
+	Batches  []int   `json:"batches"`
+	Notify   Latency `json:"notify"`
+	// Succeeded is deploy → the rollout's state succeeded, in seconds.
+	Succeeded float64 `json:"succeeded_s"`
+	State     string  `json:"state"`
+	// Notified counts devices that acted on the desired state; Switches is
+	// applies per device (1: the desired state arrived once).
+	Notified          int     `json:"notified"`
+	SwitchesPerDevice float64 `json:"switches_per_device"`
+	TriggersPerDevice float64 `json:"triggers_per_device"`
+	GetsPerDevice     float64 `json:"gets_per_device"`
+	CPU               float64 `json:"coordinator_cpu_cores"`
+}
+
+// Result is a run's figures.
+type Result struct {
+	Devices   int       `json:"devices"`
+	Processes int       `json:"sim_processes"`
+	LoadStart float64   `json:"load_avg_start"`
+	LoadEnd   float64   `json:"load_avg_end"`
+	Started   time.Time `json:"started"`
+
+	EnrollSeconds float64 `json:"enroll_s"`
+	EnrollRetries int64   `json:"enroll_retries"`
+	ConnectSecs   float64 `json:"connect_s"`
+
+	IdleRSS  int64   `json:"idle_rss_bytes"`
+	PeakRSS  int64   `json:"peak_rss_bytes"`
+	IdleCPU  float64 `json:"idle_cpu_cores"`
+	StatusS  float64 `json:"status_s"`
+	StatusN  int     `json:"status_devices"`
+	All      Rollout `json:"deploy_all"`
+	Staged   Rollout `json:"deploy_staged"`
+	FactsPS  float64 `json:"facts_burst_per_s"`
+	Warnings int64   `json:"agent_warnings"`
+	LastWarn string  `json:"last_agent_warning,omitempty"`
+
+	Raw *RawResult `json:"raw,omitempty"`
+}
+
+// RawResult is the baseline's figures.
+type RawResult struct {
+	Notify  Latency `json:"notify"`
+	Get     Latency `json:"notify_and_request"`
+	IdleRSS int64   `json:"idle_rss_bytes"`
+	IdleCPU float64 `json:"idle_cpu_cores"`
+}
+
+func (o *Options) progress(format string, args ...any) {
+	if o.Progress != nil {
+		fmt.Fprintf(o.Progress, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// sim is a simulator process and its command pipe.
+type sim struct {
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *json.Decoder
+}
+
+func startSim(ctx context.Context, self, mode, logFile string, cfg simConfig) (*sim, error) {
+	cmd := exec.CommandContext(ctx, self, mode)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	lf, err := os.Create(logFile)
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = lf
+	cmd.WaitDelay = 10 * time.Second
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start simulator: %w", err)
+	}
+	go func() { _ = cmd.Wait(); lf.Close() }()
+	s := &sim{cmd: cmd, in: in, out: json.NewDecoder(out)}
+	if err := json.NewEncoder(in).Encode(cfg); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *sim) do(c simCmd) (simReply, error) {
+	var r simReply
+	if err := json.NewEncoder(s.in).Encode(c); err != nil {
+		return r, fmt.Errorf("simulator %d: %w", s.cmd.Process.Pid, err)
+	}
+	if err := s.out.Decode(&r); err != nil {
+		return r, fmt.Errorf("simulator %d: %w (see its log)", s.cmd.Process.Pid, err)
+	}
+	if r.Error != "" {
+		return r, fmt.Errorf("simulator %d: %s: %s", s.cmd.Process.Pid, c.Op, r.Error)
+	}
+	return r, nil
+}
+
+// all sends c to every simulator at once and returns their answers in
+// order.
+func all(sims []*sim, c simCmd) ([]simReply, error) {
+	out := make([]simReply, len(sims))
+	errs := make([]error, len(sims))
+	var wg sync.WaitGroup
+	for i, s := range sims {
+		wg.Go(func() { out[i], errs[i] = s.do(c) })
+	}
+	wg.Wait()
+	return out, errors.Join(errs...)
+}
+
+func stopSims(sims []*sim) {
+	_, _ = all(sims, simCmd{Op: "stop"})
+	for _, s := range sims {
+		_ = s.in.Close()
+	}
+}
+
+// split cuts n devices into processes of at most per.
+func split(n, per int) [][2]int {
+	var out [][2]int
+	for first := 0; first < n; first += per {
+		out = append(out, [2]int{first, min(per, n-first)})
+	}
+	return out
+}
+
+// waitFor polls cond every interval until it holds or the deadline.
+func waitFor(ctx context.Context, within, every time.Duration, what string, cond func() (bool, error)) error {
+	ctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
+	for {
+		ok, err := cond()
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: not within %s", what, within)
+		case <-time.After(every):
+		}
+	}
+}
+
+// Run runs the bench.
+func Run(ctx context.Context, o Options) (*Result, error) {
+	if o.Devices <= 0 || o.PerProcess <= 0 {
+		return nil, errors.New("--devices and --per-process must be positive")
+	}
+	if o.FactsInterval <= 0 {
+		o.FactsInterval = time.Minute
+	}
+	res := &Result{Devices: o.Devices, LoadStart: loadAvg(), Started: time.Now().UTC()}
+	if !o.NoRaw {
+		raw, err := runRaw(ctx, o)
+		if err != nil {
+			return nil, fmt.Errorf("raw baseline: %w", err)
+		}
+		res.Raw = raw
+	}
+	if err := runFleet(ctx, o, res); err != nil {
+		return res, err
+	}
+	res.LoadEnd = loadAvg()
+	return res, nil
+}
+
+func runFleet(ctx context.Context, o Options, res *Result) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	httpPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	dataDir := filepath.Join(o.Dir, "coordinator")
+	server := "nats://127.0.0.1:" + strconv.Itoa(port)
+	metricsURL := "http://127.0.0.1:" + strconv.Itoa(httpPort) + "/metrics"
+	o.progress("coordinator: starting on %s (data %s)", server, dataDir)
+	coord, err := startProc(ctx, filepath.Join(o.Dir, "coordinator.log"), o.Self, "coordinator", "run",
+		"--data-dir", dataDir, "--listen", "127.0.0.1:"+strconv.Itoa(port), "--http", "127.0.0.1:"+strconv.Itoa(httpPort),
+		"--log-level", "warn", "--log-format", "json")
+	if err != nil {
+		return err
+	}
+	pid := coord.Process.Pid
+	defer func() {
+		_ = coord.Process.Signal(os.Interrupt)
+	}()
+	if err := waitFor(ctx, 2*time.Minute, 100*time.Millisecond, "coordinator ready", func() (bool, error) {
+		resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(httpPort) + "/readyz")
+		if err != nil {
+			return false, nil
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK, nil
+	}); err != nil {
+		return err
+	}
+	credsPath := filepath.Join(dataDir, "admin.creds")
+	cr, err := accounts.ReadCreds(credsPath)
+	if err != nil {
+		return err
+	}
+	c, err := admin.DialCreds(ctx, server, cr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	tok, err := c.CreateToken(ctx, model.TokenCreate{Groups: []string{"bench"}, Uses: o.Devices, TTL: 2 * time.Hour})
+	if err != nil {
+		return err
+	}
+	gen0 := storePath("bench-gen0")
+	var sims []*sim
+	for i, part := range split(o.Devices, o.PerProcess) {
+		s, err := startSim(ctx, o.Self, "sim", filepath.Join(o.Dir, fmt.Sprintf("sim-%d.log", i)), simConfig{
+			Servers: []string{server}, Dir: filepath.Join(o.Dir, "devices"), First: part[0], Count: part[1],
+			Token: tok.Token, Signer: cr.PublicKey(), FactsInterval: o.FactsInterval, Gen0: gen0,
+		})
+		if err != nil {
+			return err
+		}
+		sims = append(sims, s)
+	}
+	res.Processes = len(sims)
+	defer stopSims(sims)
+
+	// Enrolment: one token, every device at once (16 at a time per
+	// simulator).
+	o.progress("enrol: %d devices over %d simulator processes", o.Devices, len(sims))
+	start := time.Now()
+	replies, err := all(sims, simCmd{Op: "enroll"})
+	if err != nil {
+		return err
+	}
+	res.EnrollSeconds = time.Since(start).Seconds()
+	for _, r := range replies {
+		res.EnrollRetries += r.Retries
+	}
+	o.progress("enrol: %.1f s, %d retries", res.EnrollSeconds, res.EnrollRetries)
+
+	start = time.Now()
+	if _, err := all(sims, simCmd{Op: "start"}); err != nil {
+		return err
+	}
+	if err := waitFor(ctx, 5*time.Minute, 200*time.Millisecond, "every device online", func() (bool, error) {
+		v, err := metric(ctx, metricsURL, "fleet_devices_online", nil)
+		return int(v) >= o.Devices, err
+	}); err != nil {
+		return err
+	}
+	// Each agent reports facts on connect: wait for them, then the fleet
+	// is idle.
+	if err := waitFor(ctx, 5*time.Minute, 200*time.Millisecond, "first facts of every device", func() (bool, error) {
+		v, err := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
+		return int(v) >= o.Devices, err
+	}); err != nil {
+		return err
+	}
+	res.ConnectSecs = time.Since(start).Seconds()
+	o.progress("agents: %d connected and reported in %.1f s; idle for %s", o.Devices, res.ConnectSecs, o.Idle)
+
+	a, err := readProc(pid)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(o.Idle):
+	}
+	b, err := readProc(pid)
+	if err != nil {
+		return err
+	}
+	res.IdleCPU, res.IdleRSS = cpuShare(a, b), b.RSS
+	o.progress("idle: %.1f%% of a core, RSS %d MiB", 100*res.IdleCPU, res.IdleRSS>>20)
+
+	// Status, the way fleet-admin reads it (every page).
+	var took []time.Duration
+	for range 3 {
+		t := time.Now()
+		rep, err := c.Status(ctx, "")
+		if err != nil {
+			return err
+		}
+		took = append(took, time.Since(t))
+		res.StatusN = len(rep.Devices)
+	}
+	slices.Sort(took)
+	res.StatusS = took[1].Seconds()
+	o.progress("status: %.2f s for %d devices", res.StatusS, res.StatusN)
+
+	deploy := func(name string, req model.DeployRequest) (Rollout, error) {
+		r := Rollout{Strategy: req.Strategy}
+		path := storePath("bench-" + name)
+		rel := model.Release{ID: "bench-" + name, Default: path, Action: model.ActionSwitch, CreatedAt: time.Now().UTC(), Author: cr.PublicKey()}
+		rel.Name = rel.ID
+		signed, err := model.Sign(cr.Key, model.PurposeRelease, rel)
+		if err != nil {
+			return r, err
+		}
+		if err := c.Call(ctx, subjects.VerbReleaseCreate, true, signed, nil); err != nil {
+			return r, err
+		}
+		trig0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
+		get0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})
+		p0, err := readProc(pid)
+		if err != nil {
+			return r, err
+		}
+		req.ReleaseID = rel.ID
+		t0 := time.Now()
+		var ro model.Rollout
+		if err := c.Call(ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
+			return r, err
+		}
+		r.Batches = ro.BatchSizes
+		if err := waitFor(ctx, 10*time.Minute, 50*time.Millisecond, "rollout "+ro.ID+" to finish", func() (bool, error) {
+			s, err := c.RolloutSummary(ctx, ro.ID)
+			if err != nil {
+				return false, err
+			}
+			r.State = string(s.State)
+			return s.State.Finished() || s.State == model.RolloutPaused, nil
+		}); err != nil {
+			return r, err
+		}
+		r.Succeeded = time.Since(t0).Seconds()
+		p1, err := readProc(pid)
+		if err != nil {
+			return r, err
+		}
+		r.CPU = cpuShare(p0, p1)
+		// Let late duplicates arrive before counting them.
+		time.Sleep(2 * time.Second)
+		replies, err := all(sims, simCmd{Op: "collect", Path: path})
+		if err != nil {
+			return r, err
+		}
+		var ds []time.Duration
+		switches := 0
+		for _, rep := range replies {
+			for i, at := range rep.Fetched {
+				if at != 0 {
+					ds = append(ds, time.Unix(0, at).Sub(t0))
+				}
+				switches += rep.Switches[i]
+			}
+		}
+		r.Notify = latency(ds)
+		r.Notified = len(ds)
+		r.SwitchesPerDevice = float64(switches) / float64(o.Devices)
+		trig1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
+		get1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})
+		r.TriggersPerDevice = (trig1 - trig0) / float64(o.Devices)
+		r.GetsPerDevice = (get1 - get0) / float64(o.Devices)
+		return r, nil
+	}
+	o.progress("deploy --strategy all")
+	if res.All, err = deploy("all", model.DeployRequest{Group: "bench", Strategy: "all", HealthTimeout: "10m"}); err != nil {
+		return err
+	}
+	o.progress("deploy all: notify p50 %.2f s p99 %.2f s, %s after %.1f s", res.All.Notify.P50, res.All.Notify.P99, res.All.State, res.All.Succeeded)
+	o.progress("deploy --strategy staged --batches 25%%,50%%,75%%,100%%")
+	if res.Staged, err = deploy("staged", model.DeployRequest{Group: "bench", Strategy: "staged", Batches: "25%,50%,75%,100%", HealthTimeout: "10m"}); err != nil {
+		return err
+	}
+	o.progress("deploy staged: %s after %.1f s", res.Staged.State, res.Staged.Succeeded)
+
+	// A facts burst: every agent reports at once.
+	f0, err := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
+	if err != nil {
+		return err
+	}
+	start = time.Now()
+	if _, err := all(sims, simCmd{Op: "facts"}); err != nil {
+		return err
+	}
+	if err := waitFor(ctx, 5*time.Minute, 50*time.Millisecond, "the facts burst stored", func() (bool, error) {
+		v, err := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
+		return v-f0 >= float64(o.Devices), err
+	}); err != nil {
+		return err
+	}
+	res.FactsPS = float64(o.Devices) / time.Since(start).Seconds()
+	o.progress("facts burst: %.0f facts/s stored", res.FactsPS)
+
+	if p, err := readProc(pid); err == nil {
+		res.PeakRSS = p.HWM
+	}
+	replies, _ = all(sims, simCmd{Op: "collect"})
+	for _, r := range replies {
+		res.Warnings += r.Warnings
+		if r.LastWarn != "" {
+			res.LastWarn = r.LastWarn
+		}
+	}
+	return nil
+}
+
+// runRaw measures the baseline: a bare server, N connections.
+func runRaw(ctx context.Context, o Options) (*RawResult, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	url := "nats://127.0.0.1:" + strconv.Itoa(port)
+	o.progress("raw: bare nats-server on %s, %d connections", url, o.Devices)
+	srv, err := startProc(ctx, filepath.Join(o.Dir, "raw-server.log"), o.Self, "raw-server", "--port", strconv.Itoa(port))
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = srv.Process.Signal(os.Interrupt) }()
+	if err := waitFor(ctx, time.Minute, 50*time.Millisecond, "raw server", func() (bool, error) {
+		conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err != nil {
+			return false, nil
+		}
+		conn.Close()
+		return true, nil
+	}); err != nil {
+		return nil, err
+	}
+	resp, err := natsResponder(url)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Close()
+	var sims []*sim
+	for i, part := range split(o.Devices, o.PerProcess) {
+		s, err := startSim(ctx, o.Self, "raw-sim", filepath.Join(o.Dir, fmt.Sprintf("raw-sim-%d.log", i)),
+			simConfig{Servers: []string{url}, First: part[0], Count: part[1]})
+		if err != nil {
+			return nil, err
+		}
+		sims = append(sims, s)
+	}
+	defer stopSims(sims)
+	if _, err := all(sims, simCmd{Op: "start"}); err != nil {
+		return nil, err
+	}
+	res := &RawResult{}
+	a, err := readProc(srv.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(o.Idle):
+	}
+	b, err := readProc(srv.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	res.IdleCPU, res.IdleRSS = cpuShare(a, b), b.RSS
+
+	t0 := time.Now()
+	if err := resp.notifyAll(o.Devices); err != nil {
+		return nil, err
+	}
+	var replies []simReply
+	if err := waitFor(ctx, 5*time.Minute, 100*time.Millisecond, "every raw connection answered", func() (bool, error) {
+		var err error
+		if replies, err = all(sims, simCmd{Op: "collect"}); err != nil {
+			return false, err
+		}
+		for _, r := range replies {
+			if slices.Contains(r.Answered, 0) {
+				return false, nil
+			}
+		}
+		return true, nil
+	}); err != nil {
+		return nil, err
+	}
+	var notify, get []time.Duration
+	for _, r := range replies {
+		for i := range r.Fetched {
+			notify = append(notify, time.Unix(0, r.Fetched[i]).Sub(t0))
+			get = append(get, time.Unix(0, r.Answered[i]).Sub(t0))
+		}
+	}
+	res.Notify, res.Get = latency(notify), latency(get)
+	o.progress("raw: notify p50 %.3f s p99 %.3f s; with a request p99 %.3f s; idle %.1f%% of a core, RSS %d MiB",
+		res.Notify.P50, res.Notify.P99, res.Get.P99, 100*res.IdleCPU, res.IdleRSS>>20)
+	return res, nil
+}

@@ -1,0 +1,132 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/alecthomas/kong"
+
+	"fleet/broker"
+)
+
+// CLI is the fleet-bench command line.
+type CLI struct {
+	Run RunCmd `cmd:"" default:"withargs" help:"Run the bench: a coordinator, N simulated agents, and the raw NATS baseline."`
+
+	Coordinator CoordinatorCmd `cmd:"" hidden:"" help:"Run fleet-coordinator (the bench's own child)."`
+	Sim         SimCmd         `cmd:"" hidden:"" help:"Run simulated agents, driven on stdin."`
+	RawServer   RawServerCmd   `cmd:"" hidden:"" help:"Run a bare NATS server."`
+	RawSim      RawSimCmd      `cmd:"" hidden:"" help:"Run raw NATS connections, driven on stdin."`
+}
+
+// RunCmd is `fleet-bench run`.
+type RunCmd struct {
+	Devices       int           `help:"Simulated devices (real agent loops, each with its own connection)." default:"1000" env:"FLEET_BENCH_DEVICES"`
+	PerProcess    int           `help:"Devices per simulator process (keep each under the open-file limit)." default:"2500" env:"FLEET_BENCH_PER_PROCESS"`
+	Idle          time.Duration `help:"How long to watch the idle fleet's CPU." default:"60s" env:"FLEET_BENCH_IDLE"`
+	FactsInterval time.Duration `help:"The agents' facts interval." default:"60s" env:"FLEET_BENCH_FACTS_INTERVAL"`
+	Dir           string        `help:"Work dir (coordinator data, device state, logs); default: a new temporary dir, removed afterwards." env:"FLEET_BENCH_DIR" type:"path"`
+	NoRaw         bool          `help:"Skip the raw NATS baseline." env:"FLEET_BENCH_NO_RAW"`
+	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
+}
+
+// Run runs the bench and prints its figures.
+func (cmd *RunCmd) Run(k *kong.Context) error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	dir := cmd.Dir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "fleet-bench-"); err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	res, err := Run(ctx, Options{
+		Devices: cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
+		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Progress: k.Stderr,
+	})
+	if err != nil {
+		return fmt.Errorf("%w (logs of every process in %s)", err, dir)
+	}
+	if cmd.JSON {
+		enc := json.NewEncoder(k.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	return Print(k.Stdout, res)
+}
+
+// CoordinatorCmd runs the coordinator's own command line.
+type CoordinatorCmd struct {
+	Args []string `arg:"" optional:"" passthrough:""`
+}
+
+func (cmd *CoordinatorCmd) Run() error {
+	if code := broker.Main(cmd.Args); code != 0 {
+		return fmt.Errorf("coordinator exited with %d", code)
+	}
+	return nil
+}
+
+// SimCmd runs a simulator.
+type SimCmd struct{}
+
+func (SimCmd) Run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	return RunSim(ctx, os.Stdin, os.Stdout)
+}
+
+// RawServerCmd runs the baseline's server.
+type RawServerCmd struct {
+	Port int `required:""`
+}
+
+func (cmd *RawServerCmd) Run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return RunRawServer(ctx, "127.0.0.1", cmd.Port)
+}
+
+// RawSimCmd runs the baseline's connections.
+type RawSimCmd struct{}
+
+func (RawSimCmd) Run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	return RunRawSim(ctx, os.Stdin, os.Stdout)
+}
+
+// Main runs fleet-bench with args and returns the exit code.
+func Main(args []string, stdout, stderr io.Writer) int {
+	var cli CLI
+	parser, err := kong.New(&cli, kong.Name("fleet-bench"),
+		kong.Description("Measure a coordinator under a simulated fleet of real agent loops, against raw NATS on the same machine."),
+		kong.Writers(stdout, stderr), kong.UsageOnError())
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	k, err := parser.Parse(args)
+	if err != nil {
+		fmt.Fprintln(stderr, "fleet-bench:", err)
+		return 2
+	}
+	if err := k.Run(); err != nil {
+		fmt.Fprintln(stderr, "fleet-bench:", err)
+		return 1
+	}
+	return 0
+}

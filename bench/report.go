@@ -1,0 +1,63 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"text/tabwriter"
+)
+
+// Print writes the figures as a table, fleet beside raw NATS where the
+// baseline has the same figure.
+func Print(w io.Writer, r *Result) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "fleet-bench: %d devices in %d simulator processes (real agent loops, instant activator), load average %.1f → %.1f\n\n",
+		r.Devices, r.Processes, r.LoadStart, r.LoadEnd)
+	fmt.Fprintln(tw, "FIGURE\tFLEET\tRAW NATS\tFLEET/RAW")
+	ratio := func(a, b float64) string {
+		if b <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.1f×", a/b)
+	}
+	var raw RawResult
+	if r.Raw != nil {
+		raw = *r.Raw
+	}
+	lat := func(l Latency) string { return fmt.Sprintf("%.3f / %.3f / %.3f s", l.P50, l.P99, l.Max) }
+	rawLat := func(l Latency) string {
+		if r.Raw == nil {
+			return "-"
+		}
+		return lat(l)
+	}
+	fmt.Fprintf(tw, "deploy all → agent has its desired state, p50 / p99 / max\t%s\t%s\t%s (p99, vs notify + request)\n",
+		lat(r.All.Notify), rawLat(raw.Get), ratio(r.All.Notify.P99, raw.Get.P99))
+	fmt.Fprintf(tw, "raw notify alone (one publish per subject), p50 / p99 / max\t-\t%s\t%s (p99)\n", rawLat(raw.Notify), ratio(r.All.Notify.P99, raw.Notify.P99))
+	fmt.Fprintf(tw, "deploy all → rollout %s\t%.2f s\t-\t\n", r.All.State, r.All.Succeeded)
+	fmt.Fprintf(tw, "devices that acted / applies per device\t%d / %.2f\t-\t\n", r.All.Notified, r.All.SwitchesPerDevice)
+	fmt.Fprintf(tw, "triggers / desired reads per device\t%.2f / %.2f\t-\t\n", r.All.TriggersPerDevice, r.All.GetsPerDevice)
+	fmt.Fprintf(tw, "coordinator CPU during deploy all\t%.0f%% of a core\t-\t\n", 100*r.All.CPU)
+	fmt.Fprintf(tw, "staged deploy (batches %v) → rollout %s\t%.2f s\t-\t\n", r.Staged.Batches, r.Staged.State, r.Staged.Succeeded)
+	fmt.Fprintf(tw, "staged: desired state received (all batches) p50 / p99 / max, applies per device\t%s, %.2f\t-\t\n", lat(r.Staged.Notify), r.Staged.SwitchesPerDevice)
+	rawMiB := func(b int64) string {
+		if r.Raw == nil {
+			return "-"
+		}
+		return fmt.Sprintf("%d MiB", b>>20)
+	}
+	fmt.Fprintf(tw, "coordinator RSS idle / peak\t%d / %d MiB\t%s\t%s (idle)\n", r.IdleRSS>>20, r.PeakRSS>>20, rawMiB(raw.IdleRSS), ratio(float64(r.IdleRSS), float64(raw.IdleRSS)))
+	rawCPU := "-"
+	if r.Raw != nil {
+		rawCPU = fmt.Sprintf("%.1f%% of a core", 100*raw.IdleCPU)
+	}
+	fmt.Fprintf(tw, "coordinator CPU idle\t%.1f%% of a core\t%s\t%s\n", 100*r.IdleCPU, rawCPU, ratio(r.IdleCPU, raw.IdleCPU))
+	fmt.Fprintf(tw, "fleet-admin status (%d devices, every page)\t%.2f s\t-\t\n", r.StatusN, r.StatusS)
+	fmt.Fprintf(tw, "enrol %d devices with one token\t%.1f s, %d retries\t-\t\n", r.Devices, r.EnrollSeconds, r.EnrollRetries)
+	fmt.Fprintf(tw, "connect every agent until its first facts are stored\t%.1f s\t-\t\n", r.ConnectSecs)
+	fmt.Fprintf(tw, "facts burst (every agent at once), stored\t%.0f facts/s\t-\t\n", r.FactsPS)
+	fmt.Fprintf(tw, "agent warnings logged\t%d\t-\t\n", r.Warnings)
+	if r.LastWarn != "" {
+		fmt.Fprintf(tw, "last agent warning\t%s\t\t\n", r.LastWarn)
+	}
+	return tw.Flush()
+}
