@@ -41,6 +41,9 @@ type Options struct {
 	Self string
 	// NoRaw skips the raw NATS baseline.
 	NoRaw bool
+	// Profiles writes the coordinator's CPU profiles (idle, deploy all)
+	// and heap profile (idle) into Dir.
+	Profiles bool
 	// Progress receives a line per phase.
 	Progress io.Writer
 }
@@ -264,9 +267,10 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	server := "nats://127.0.0.1:" + strconv.Itoa(port)
 	metricsURL := "http://127.0.0.1:" + strconv.Itoa(httpPort) + "/metrics"
 	o.progress("coordinator: starting on %s (data %s)", server, dataDir)
-	coord, err := startProc(ctx, filepath.Join(o.Dir, "coordinator.log"), o.Self, "coordinator", "run",
-		"--data-dir", dataDir, "--listen", "127.0.0.1:"+strconv.Itoa(port), "--http", "127.0.0.1:"+strconv.Itoa(httpPort),
-		"--log-level", "warn", "--log-format", "json")
+	args := append([]string{"coordinator", "--log-level", "warn", "--log-format", "json", "run",
+		"--data-dir", dataDir, "--listen", "127.0.0.1:" + strconv.Itoa(port), "--http", "127.0.0.1:" + strconv.Itoa(httpPort)},
+		pprofFlag(o.Profiles)...)
+	coord, err := startProc(ctx, filepath.Join(o.Dir, "coordinator.log"), o.Self, args...)
 	if err != nil {
 		return err
 	}
@@ -352,11 +356,14 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	if err != nil {
 		return err
 	}
+	profiled := o.profile(ctx, httpPort, "idle-cpu.pb.gz", "profile?seconds="+strconv.Itoa(max(1, int(o.Idle.Seconds()))))
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-time.After(o.Idle):
 	}
+	<-profiled
+	<-o.profile(ctx, httpPort, "idle-heap.pb.gz", "heap")
 	b, err := readProc(pid)
 	if err != nil {
 		return err
@@ -398,6 +405,8 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		req.ReleaseID = rel.ID
+		profiled := o.profile(ctx, httpPort, "deploy-"+name+"-cpu.pb.gz", "profile?seconds=15")
+		defer func() { <-profiled }()
 		t0 := time.Now()
 		var ro model.Rollout
 		if err := c.Call(ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
@@ -485,6 +494,43 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		}
 	}
 	return nil
+}
+
+func pprofFlag(on bool) []string {
+	if on {
+		return []string{"--pprof"}
+	}
+	return nil
+}
+
+// profile fetches one of the coordinator's profiles into Dir in the
+// background (when Profiles is set); the channel closes when it is done.
+func (o *Options) profile(ctx context.Context, httpPort int, file, what string) <-chan struct{} {
+	done := make(chan struct{})
+	if !o.Profiles {
+		close(done)
+		return done
+	}
+	go func() {
+		defer close(done)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:"+strconv.Itoa(httpPort)+"/debug/pprof/"+what, nil)
+		if err != nil {
+			return
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			o.progress("profile %s: %v", file, err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(filepath.Join(o.Dir, file))
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		_, _ = io.Copy(f, resp.Body)
+	}()
+	return done
 }
 
 // runRaw measures the baseline: a bare server, N connections.

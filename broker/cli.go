@@ -64,6 +64,7 @@ type RunCmd struct {
 	FactsHistory    int64         `help:"Fact reports kept per device." default:"1440" env:"FLEET_FACTS_HISTORY"`
 	EventsRetention time.Duration `help:"How long device events are kept." default:"2160h" env:"FLEET_EVENTS_RETENTION"`
 	StorageGiB      int64         `name:"storage-gib" help:"JetStream disk the fleet's state may use, in GiB: facts and events get 35% each, the audit 15% (the oldest go first when full; fleet_jetstream_stream_bytes warns before)." default:"20" env:"FLEET_STORAGE_GIB"`
+	Pprof           bool          `help:"Serve Go's runtime profiles under /debug/pprof/ on --http (for performance work; keep --http on loopback)." env:"FLEET_PPROF"`
 	APITokenFile    string        `help:"File holding the bearer token for /api/v1/devices and /api/v1/rollouts; unset, they answer 403." env:"FLEET_API_TOKEN_FILE" type:"path" placeholder:"FILE"`
 }
 
@@ -140,6 +141,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	cfg.EventsRetention = cmd.EventsRetention
 	cfg.Limits.JetStreamDisk = cmd.StorageGiB << 30
 	cfg.APITokenFile = cmd.APITokenFile
+	cfg.Pprof = cmd.Pprof
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -17,6 +17,9 @@ type Config struct {
 	DataDir        string
 	Listen         string // host:port for NATS clients
 	HTTP           string // host:port for /metrics, /healthz, /readyz; "" disables
+	// Pprof serves Go's profiles under /debug/pprof/ on HTTP (loopback
+	// only: they reveal the process's internals).
+	Pprof bool
 	LeafnodeListen string // host:port for leaf nodes; "" disables
 	ServerName     string
 	Domain         string // JetStream domain

@@ -3,6 +3,7 @@ package broker
 import (
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"time"
 )
 
@@ -21,6 +22,13 @@ func (c *Coordinator) startHTTP() {
 		fmt.Fprintln(w, "ready")
 	})
 	c.mountVisibility(mux)
+	if c.cfg.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	// Every phase is bounded, so a local client cannot hold the process's
 	// file descriptors (which the NATS server shares) by going slow.
 	c.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
