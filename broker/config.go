@@ -17,9 +17,6 @@ type Config struct {
 	DataDir        string
 	Listen         string // host:port for NATS clients
 	HTTP           string // host:port for /metrics, /healthz, /readyz; "" disables
-	// Pprof serves Go's profiles under /debug/pprof/ on HTTP (loopback
-	// only: they reveal the process's internals).
-	Pprof bool
 	LeafnodeListen string // host:port for leaf nodes; "" disables
 	ServerName     string
 	Domain         string // JetStream domain
@@ -30,6 +27,10 @@ type Config struct {
 	ClusterName   string
 	ClusterListen string
 	Routes        []string
+
+	// Pprof serves Go's profiles under /debug/pprof/ on HTTP (loopback
+	// only: they reveal the process's internals).
+	Pprof bool
 
 	// Replicas is the replica count of every stream and bucket (1 alone,
 	// 3 in a cluster).
