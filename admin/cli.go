@@ -116,6 +116,7 @@ type CLI struct {
 	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config."`
 	Status  StatusCmd  `cmd:"" help:"The fleet at a glance: one line a device and a summary."`
 	Facts   FactsCmd   `cmd:"" help:"A device's fact reports over time."`
+	Cmd     CmdCmd     `cmd:"" help:"Send an admin-signed command to devices: reboot, rollback, refresh-facts, apply-now."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }
 

@@ -47,6 +47,8 @@ type Options struct {
 	Recheck time.Duration
 	Facts   []FactSource
 	Log     zerolog.Logger
+	// MDM configures remote commands, sealed payloads and escrow.
+	MDM MDMOptions
 }
 
 // Agent keeps one device on its desired generation. One goroutine applies,
@@ -137,6 +139,11 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 		return fmt.Errorf("subscribe to desired state triggers: %w", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
+	stopMDM, err := a.startMDM(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopMDM()
 
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rep.run(ctx) })

@@ -93,6 +93,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		Recheck:         cmd.Recheck,
 		Facts:           host0.Sources(),
 		Log:             log,
+		MDM:             MDMOptions{Actions: &HostActions{Activator: act, Systemctl: act.Systemctl}},
 	})
 	if err != nil {
 		return err

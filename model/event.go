@@ -57,6 +57,8 @@ type Event struct {
 	// Attempt identifies one apply, so a reader can tell a resumed apply
 	// (after a restart) from a new one.
 	Attempt string `json:"attempt,omitempty"`
+	// Command is the ID of the remote command a StateCommand event is about.
+	Command string `json:"command,omitempty"`
 }
 
 // LastApply summarises an agent's most recent apply, for facts.
