@@ -1,9 +1,11 @@
 package admin
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -59,10 +61,13 @@ type AdminLsCmd struct{}
 
 // Run lists admins.
 func (AdminLsCmd) Run(g *Globals) error {
-	return printList(g, func(c *Client) ([]model.Admin, error) { return c.Admins(g.ctx) },
-		"NAME\tROLE\tGROUPS\tKEY\tCREATED", func(a model.Admin) string {
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s", a.Name, a.Role, orDash(strings.Join(a.Groups, ",")), a.Key, a.CreatedAt.Local().Format(time.DateTime))
-		})
+	return printList(g, func(c *Client) ([]model.Admin, error) {
+		as, err := c.Admins(g.ctx)
+		slices.SortStableFunc(as, func(a, b model.Admin) int { return strings.Compare(a.Name, b.Name) })
+		return as, err
+	}, "NAME\tROLE\tGROUPS\tKEY\tCREATED", func(a model.Admin) string {
+		return fmt.Sprintf("%s\t%s\t%s\t%s\t%s", a.Name, a.Role, orDash(strings.Join(a.Groups, ",")), a.Key, localTime(a.CreatedAt))
+	})
 }
 
 // AdminRemoveCmd is `fleet-admin admin remove`.
@@ -70,8 +75,11 @@ type AdminRemoveCmd struct {
 	Ref string `arg:"" help:"Admin name or key."`
 }
 
-// Run removes an admin.
+// Run removes an admin, once confirmed.
 func (cmd *AdminRemoveCmd) Run(g *Globals) error {
+	if err := g.confirm(fmt.Sprintf("remove admin %s? Its credentials stop working at once", cmd.Ref)); err != nil {
+		return err
+	}
 	var out model.Admin
 	if err := g.call(subjects.VerbAdminRemove, true, model.AdminRef{Ref: cmd.Ref}, &out); err != nil {
 		return err
@@ -91,12 +99,12 @@ type AuditCmd struct {
 
 // AuditLsCmd is `fleet-admin audit ls`.
 type AuditLsCmd struct {
-	Since time.Duration `help:"Only entries this recent (e.g. 24h); 0 for all." default:"24h"`
+	Since Since `help:"Only entries this recent: 90m, 24h, 1d, 2w; 0 for all." default:"24h"`
 }
 
 // Run lists audit entries.
 func (cmd *AuditLsCmd) Run(g *Globals) error {
-	recs, err := auditRecords(g, cmd.Since)
+	recs, err := auditRecords(g, cmd.Since.D())
 	if err != nil {
 		return err
 	}
@@ -106,7 +114,7 @@ func (cmd *AuditLsCmd) Run(g *Globals) error {
 	tw := newTable(g.stdout)
 	fmt.Fprintln(tw, "TIME\tADMIN\tROLE\tVERB\tRESULT\tARGUMENTS\tERROR")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Local().Format(time.DateTime), orDash(r.Admin), orDash(r.Role),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", localTime(r.Time), orDash(r.Admin), orDash(r.Role),
 			r.Verb, r.Result, auditArgs(r), r.Error)
 	}
 	return tw.Flush()
@@ -114,7 +122,7 @@ func (cmd *AuditLsCmd) Run(g *Globals) error {
 
 func auditRecords(g *Globals, since time.Duration) ([]model.AuditRecord, error) {
 	if since < 0 {
-		return nil, errors.New("--since must not be negative")
+		return nil, usageError(errors.New("--since must not be negative"))
 	}
 	var recs []model.AuditRecord
 	err := g.withClient(func(c *Client) (err error) {
@@ -124,18 +132,38 @@ func auditRecords(g *Globals, since time.Duration) ([]model.AuditRecord, error) 
 	return recs, err
 }
 
-// auditArgs is the request's arguments, shortened for a table.
+// auditArgs is the request's arguments, shortened for a table; durations
+// (sent as nanoseconds) read as 24h.
 func auditArgs(r model.AuditRecord) string {
 	_, req, err := model.ParseEnvelope(r.Request)
 	if err != nil || req == nil {
 		return "-"
 	}
 	s := string(req.Args)
+	var args map[string]any
+	dec := json.NewDecoder(strings.NewReader(s))
+	dec.UseNumber()
+	if dec.Decode(&args) == nil {
+		for k, v := range args {
+			if n, ok := v.(json.Number); ok && durationArgs[k] {
+				if ns, err := n.Int64(); err == nil {
+					args[k] = durationText(time.Duration(ns))
+				}
+			}
+		}
+		if b, err := json.Marshal(args); err == nil {
+			s = string(b)
+		}
+	}
 	if len(s) > 60 {
 		s = s[:57] + "..."
 	}
 	return s
 }
+
+// durationArgs are the request arguments that are time.Durations (JSON
+// nanoseconds): token create's ttl, audit's and facts' since.
+var durationArgs = map[string]bool{"ttl": true, "since": true}
 
 // AuditVerifyCmd is `fleet-admin audit verify`.
 type AuditVerifyCmd struct{}

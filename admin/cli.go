@@ -12,6 +12,8 @@ import (
 	"text/tabwriter"
 
 	"github.com/alecthomas/kong"
+	kongcompletion "github.com/jotaen/kong-completion"
+	"github.com/mattn/go-isatty"
 
 	"fleet/cliconfig"
 	"fleet/model"
@@ -21,16 +23,25 @@ import (
 var Version = "dev"
 
 // Globals are the flags every command shares. They can also be set from
-// FLEET_* environment variables or the JSON file named by --config.
+// FLEET_* environment variables, the JSON file named by --config, or a
+// NATS context (--server and --creds only): a flag wins over the
+// environment, which wins over the file, which wins over the context.
 type Globals struct {
-	Config kong.ConfigFlag `help:"JSON config file; keys are flag names, e.g. {\"server\": \"nats://fleet:4222\"}." env:"FLEET_ADMIN_CONFIG" placeholder:"FILE"`
-	Server string          `help:"Coordinator URL." default:"nats://127.0.0.1:4222" env:"FLEET_SERVER"`
-	Creds  string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
-	JSON   bool            `name:"json" help:"Print JSON instead of tables."`
-	Limit  int             `help:"Page size of listings: items one reply carries (0: the coordinator's cap). Commands fetch every page." default:"0"`
+	Config  kong.ConfigFlag `help:"JSON config file; keys are flag names, e.g. {\"server\": \"nats://fleet:4222\"}." env:"FLEET_ADMIN_CONFIG" placeholder:"FILE"`
+	Context string          `help:"NATS context (natscli's, e.g. from fleet-admin context save) to take --server and --creds from; default: the one nats context select chose." env:"NATS_CONTEXT" placeholder:"NAME"`
+	Server  string          `help:"Coordinator URL (default: the NATS context's, else nats://127.0.0.1:4222)." env:"FLEET_SERVER" placeholder:"URL"`
+	Creds   string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
+	JSON    bool            `name:"json" help:"Print JSON instead of tables."`
+	Yes     bool            `help:"Do not ask before destructive commands (devices revoke, admin remove, rollout abort); needed when stdin is not a terminal." env:"FLEET_YES"`
+	Limit   int             `help:"Page size of listings: items one reply carries (0: the coordinator's cap). Commands fetch every page." default:"0"`
+	// ShowVersion is --version.
+	ShowVersion kong.VersionFlag `name:"version" help:"Print the version and exit."`
 
 	ctx            context.Context
 	stdout, stderr io.Writer
+	stdin          io.Reader
+	stdinTTY       bool
+	natsCtx        *natsContext
 }
 
 // dial connects with the global flags.
@@ -117,7 +128,11 @@ type CLI struct {
 	Status  StatusCmd  `cmd:"" help:"The fleet at a glance: one line a device and a summary."`
 	Facts   FactsCmd   `cmd:"" help:"A device's fact reports over time."`
 	Cmd     CmdCmd     `cmd:"" help:"Send an admin-signed command to devices: reboot, rollback, refresh-facts, apply-now."`
+	Payload PayloadCmd `cmd:"" help:"Sealed per-device files (certificates, secrets): push, rm, ls."`
+	Context ContextCmd `cmd:"" help:"NATS contexts: save one for fleet-admin and the nats command, show the one in use."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
+
+	Completion kongcompletion.Completion `cmd:"" help:"Print shell completion for bash, zsh or fish, e.g. source <(fleet-admin completion -c bash)."`
 }
 
 // VersionCmd is `fleet-admin version`.
@@ -125,45 +140,106 @@ type VersionCmd struct{}
 
 // Run prints the version.
 func (VersionCmd) Run(g *Globals) error {
+	if g.JSON {
+		return g.printJSON(map[string]string{"version": Version})
+	}
 	_, err := fmt.Fprintln(g.stdout, Version)
 	return err
 }
 
 // Main parses args and runs the chosen command; it returns the exit code.
+// SIGINT and SIGTERM cancel the command's context: a command that waits
+// (deploy --wait, rollout watch) says what goes on without it and exits
+// with 130.
 func Main(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return Run(ctx, args, os.Stdout, os.Stderr)
+	return RunIO(ctx, args, IO{Stdin: os.Stdin, StdinTTY: isatty.IsTerminal(os.Stdin.Fd()), Stdout: os.Stdout, Stderr: os.Stderr})
 }
 
-// Run is Main with its context and output streams given, for tests.
+// IO are a run's standard streams.
+type IO struct {
+	Stdin          io.Reader
+	StdinTTY       bool // stdin is a terminal: destructive verbs may ask there
+	Stdout, Stderr io.Writer
+}
+
+// Run is Main with its context and output streams given, for tests; stdin
+// is not a terminal.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var cli CLI
-	// kong exits after --help; record it instead, so Run returns.
-	exited := false
-	parser, err := kong.New(&cli, kong.Name("fleet-admin"),
-		kong.Description("Manage the fleet: devices, tokens, releases, rollouts."),
+	return RunIO(ctx, args, IO{Stdout: stdout, Stderr: stderr})
+}
+
+// newParser builds fleet-admin's kong parser around cli; exit is what kong
+// calls instead of os.Exit (after --help, --version, completion).
+func newParser(cli *CLI, stdout, stderr io.Writer, exit func(int)) (*kong.Kong, error) {
+	return kong.New(cli, kong.Name("fleet-admin"),
+		kong.Description("Manage the fleet: devices, tokens, releases, rollouts.\n\n"+
+			"Exit codes: 0 succeeded, 1 error, 2 usage, 3 rollout paused, 4 rollout failed or aborted, "+
+			"5 coordinator unreachable, 6 not authorised, 130 interrupted."),
 		kong.Configuration(cliconfig.Loader()),
 		kong.UsageOnError(),
 		kong.Writers(stdout, stderr),
-		kong.Exit(func(int) { exited = true }),
+		kong.Exit(exit),
+		kong.Vars{"version": Version},
 	)
+}
+
+// RunIO runs fleet-admin with args and the given streams; it returns the
+// exit code.
+func RunIO(ctx context.Context, args []string, std IO) int {
+	var cli CLI
+	// kong exits after --help and --version; record it instead, so Run
+	// returns.
+	exited, code := false, 0
+	parser, err := newParser(&cli, std.Stdout, std.Stderr, func(c int) {
+		if !exited {
+			exited, code = true, c
+		}
+	})
 	if err != nil {
-		fmt.Fprintln(stderr, "fleet-admin:", err)
-		return 2
+		fmt.Fprintln(std.Stderr, "fleet-admin:", err)
+		return ExitUsage
+	}
+	// The shell asks for completions by running fleet-admin with COMP_LINE
+	// set (see fleet-admin completion).
+	kongcompletion.Register(parser)
+	if exited {
+		return code
+	}
+	// Bare fleet-admin: the help, not an error.
+	if len(args) == 0 {
+		args = []string{"--help"}
 	}
 	kctx, err := parser.Parse(args)
 	if exited {
+		if code != 0 {
+			return ExitUsage
+		}
 		return 0
 	}
 	if err != nil {
-		fmt.Fprintln(stderr, "fleet-admin:", err)
-		return 2
+		fmt.Fprintln(std.Stderr, "fleet-admin:", err)
+		return ExitUsage
 	}
-	cli.ctx, cli.stdout, cli.stderr = ctx, stdout, stderr
-	if err := kctx.Run(&cli.Globals); err != nil {
-		fmt.Fprintln(stderr, "fleet-admin:", err)
-		return 1
+	cli.ctx, cli.stdout, cli.stderr, cli.stdin, cli.stdinTTY = ctx, std.Stdout, std.Stderr, std.Stdin, std.StdinTTY
+	if kctx.Command() != "completion" && kctx.Command() != "completion <shell>" && kctx.Command() != "version" {
+		if err := cli.settle(); err != nil {
+			fmt.Fprintln(std.Stderr, "fleet-admin:", err)
+			return exitCode(ctx, err)
+		}
+	}
+	err = kctx.Run(&cli.Globals, kctx)
+	if exited {
+		return code
+	}
+	if err != nil {
+		if code := exitCode(ctx, err); code == ExitInterrupted {
+			fmt.Fprintln(std.Stderr, "\nfleet-admin: interrupted")
+		} else {
+			fmt.Fprintln(std.Stderr, "fleet-admin:", err)
+		}
+		return exitCode(ctx, err)
 	}
 	return 0
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"fleet/accounts"
+	"fleet/internal/natsdial"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -19,24 +20,36 @@ import (
 // Client calls the coordinator's admin API with an admin's creds; the same
 // key that authenticates the connection signs each request.
 type Client struct {
-	nc    *nats.Conn
-	creds *accounts.Creds
+	nc     *nats.Conn
+	creds  *accounts.Creds
+	server string
 	// denied cancels requests whose publish the server refused: nats.go
 	// reports that asynchronously, and the request would otherwise wait for
 	// its timeout.
 	mu     sync.Mutex
 	denied map[string]context.CancelCauseFunc
+	// lost is closed once the connection has been down for LostAfter;
+	// a reconnect replaces it. lostTimer counts down while it is down.
+	lost      chan struct{}
+	lostErr   error
+	lostTimer *time.Timer
 	// Timeout bounds one request when ctx has no deadline.
 	Timeout time.Duration
+	// LostAfter is how long the connection may be down (reconnecting)
+	// before requests and waits give up on the coordinator.
+	LostAfter time.Duration
 	// PageSize is the page size listings ask for (0: the coordinator's
 	// cap, which also bounds larger values).
 	PageSize int
 }
 
+// errLost marks errors of a connection to the coordinator that was lost.
+var errLost = errors.New("lost the connection to the coordinator")
+
 // Dial connects to server with the creds file at credsPath.
 func Dial(ctx context.Context, server, credsPath string) (*Client, error) {
 	if credsPath == "" {
-		return nil, errors.New("no admin credentials: pass --creds or set FLEET_CREDS (the first owner's are DATA_DIR/admin.creds)")
+		return nil, errors.New("no admin credentials: pass --creds, set FLEET_CREDS or use a NATS context (--context; the first owner's creds are DATA_DIR/admin.creds)")
 	}
 	cr, err := accounts.ReadCreds(credsPath)
 	if err != nil {
@@ -45,7 +58,9 @@ func Dial(ctx context.Context, server, credsPath string) (*Client, error) {
 	return DialCreds(ctx, server, cr)
 }
 
-// DialCreds connects to server with cr.
+// DialCreds connects to server with cr. A failure says whether nothing
+// listens there, something other than NATS does, or the creds were refused
+// (a *natsdial.Error).
 func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -54,17 +69,26 @@ func DialCreds(ctx context.Context, server string, cr *accounts.Creds) (*Client,
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{creds: cr, Timeout: 30 * time.Second, denied: map[string]context.CancelCauseFunc{}}
+	c := &Client{creds: cr, server: server, Timeout: 30 * time.Second, LostAfter: 3 * time.Second,
+		denied: map[string]context.CancelCauseFunc{}, lost: make(chan struct{})}
+	d := &natsdial.Dialer{}
 	nc, err := nats.Connect(server,
 		nats.UserJWTAndSeed(cr.JWT, string(seed)),
 		nats.ErrorHandler(c.onError),
 		// Templates let an admin read replies only under its own prefix.
 		nats.CustomInboxPrefix(cr.InboxPrefix()),
 		nats.Name("fleet-admin"),
+		d.Option(),
 		nats.Timeout(10*time.Second),
+		// A silent network is noticed within seconds, not minutes.
+		nats.PingInterval(5*time.Second),
+		nats.MaxPingsOutstanding(2),
+		nats.ReconnectWait(time.Second),
+		nats.DisconnectErrHandler(c.onDisconnect),
+		nats.ReconnectHandler(c.onReconnect),
 	)
 	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w (check --server / FLEET_SERVER and that fleet-coordinator runs; an authorization error means the --creds are not valid for this fleet)", server, err)
+		return nil, d.Explain(err, server, "check --server / FLEET_SERVER (the coordinator's NATS address) and --creds / FLEET_CREDS")
 	}
 	c.nc = nc
 	return c, nil
@@ -83,8 +107,69 @@ func (c *Client) onError(_ *nats.Conn, _ *nats.Subscription, err error) {
 	}
 }
 
+func (c *Client) onDisconnect(nc *nats.Conn, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		err = errors.New("connection closed")
+	}
+	c.lostErr = err
+	if c.lostTimer != nil || nc.IsClosed() {
+		return
+	}
+	lost := c.lost
+	c.lostTimer = time.AfterFunc(c.LostAfter, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.lost == lost && c.lostTimer != nil {
+			select {
+			case <-lost:
+			default:
+				close(lost)
+			}
+		}
+	})
+}
+
+func (c *Client) onReconnect(*nats.Conn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.lostTimer != nil {
+		c.lostTimer.Stop()
+		c.lostTimer = nil
+	}
+	select {
+	case <-c.lost:
+		c.lost = make(chan struct{})
+	default:
+	}
+}
+
+// Lost returns a channel that is closed once the connection to the
+// coordinator has been down for LostAfter.
+func (c *Client) Lost() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lost
+}
+
+// LostError says that, and why, the coordinator was lost.
+func (c *Client) LostError() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return fmt.Errorf("%w at %s (%v): it stopped or the network is down", errLost, c.server, c.lostErr)
+}
+
 // Close closes the connection.
-func (c *Client) Close() { c.nc.Close() }
+func (c *Client) Close() {
+	c.mu.Lock()
+	if c.lostTimer != nil {
+		c.lostTimer.Stop()
+		c.lostTimer = nil
+	}
+	c.mu.Unlock()
+	c.nc.Close()
+}
 
 // Key is the admin's public key.
 func (c *Client) Key() string { return c.creds.PublicKey() }
@@ -131,21 +216,32 @@ func (c *Client) Send(ctx context.Context, verb string, write bool, env []byte, 
 	defer cancel(nil)
 	c.mu.Lock()
 	c.denied[subj] = cancel
+	lost := c.lost
 	c.mu.Unlock()
+	// A connection down for LostAfter ends the request at once.
+	go func() {
+		select {
+		case <-lost:
+			cancel(c.LostError())
+		case <-ctx.Done():
+		}
+	}()
 	defer func() {
 		c.mu.Lock()
 		delete(c.denied, subj)
 		c.mu.Unlock()
 	}()
 	msg, err := c.nc.RequestWithContext(ctx, subj, env)
-	if cause := context.Cause(ctx); err != nil && errors.Is(cause, nats.ErrPermissionViolation) {
+	if cause := context.Cause(ctx); err != nil && (errors.Is(cause, nats.ErrPermissionViolation) || errors.Is(cause, errLost)) {
 		err = cause
 	}
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("%s: no coordinator answers (is fleet-coordinator running and --server right?)", verb)
+		return fmt.Errorf("%s: no coordinator answers (is fleet-coordinator running and --server right?): %w", verb, err)
 	case errors.Is(err, nats.ErrPermissionViolation):
-		return fmt.Errorf("%s: these credentials may not call %s (ask an owner for a role that may)", verb, subj)
+		return fmt.Errorf("%s: these credentials may not call %s (ask an owner for a role that may): %w", verb, subj, err)
+	case errors.Is(err, errLost):
+		return fmt.Errorf("%s: %w", verb, err)
 	case err != nil:
 		return fmt.Errorf("%s: %w", verb, err)
 	}

@@ -1,7 +1,9 @@
 package admin
 
 import (
+	"cmp"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -22,12 +24,22 @@ type DevicesLsCmd struct {
 	Group string `help:"Only devices of this group."`
 }
 
-// Run lists devices.
+// Run lists devices by name (a short ID in the table; the full one with
+// --json or devices show). A group that no device is in is named as an
+// error, with the groups whose names are near it.
 func (cmd *DevicesLsCmd) Run(g *Globals) error {
-	return printList(g, func(c *Client) ([]model.DeviceView, error) { return c.Devices(g.ctx, cmd.Group) },
-		"ID\tNAME\tGROUPS\tSTATUS\tONLINE\tLAST SEEN", func(d model.DeviceView) string {
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", d.ID, d.Name, strings.Join(d.Groups, ","), d.Status, yesNo(d.Online), seen(d.LastSeen))
+	return printList(g, func(c *Client) ([]model.DeviceView, error) {
+		ds, err := c.Devices(g.ctx, cmd.Group)
+		if err == nil && len(ds) == 0 && cmd.Group != "" {
+			err = checkGroup(g, c, cmd.Group)
+		}
+		slices.SortStableFunc(ds, func(a, b model.DeviceView) int {
+			return cmp.Or(strings.Compare(a.Name, b.Name), strings.Compare(a.ID, b.ID))
 		})
+		return ds, err
+	}, "NAME\tID\tGROUPS\tSTATUS\tONLINE\tLAST SEEN", func(d model.DeviceView) string {
+		return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", d.Name, shortID(d.ID), orDash(strings.Join(d.Groups, ",")), d.Status, yesNo(d.Online), ago(d.LastSeen))
+	})
 }
 
 func yesNo(b bool) string {
@@ -41,7 +53,7 @@ func seen(t time.Time) string {
 	if t.IsZero() {
 		return "-"
 	}
-	return time.Since(t).Round(time.Second).String() + " ago"
+	return ago(t) + " (" + localTime(t) + ")"
 }
 
 // printDevice prints one device as JSON or as aligned fields.
@@ -57,9 +69,9 @@ func printDevice(g *Globals, d *model.DeviceView) error {
 	fmt.Fprintf(tw, "online:\t%s\n", yesNo(d.Online))
 	fmt.Fprintf(tw, "last seen:\t%s\n", seen(d.LastSeen))
 	fmt.Fprintf(tw, "xkey:\t%s\n", d.XKey)
-	fmt.Fprintf(tw, "enrolled:\t%s (token %s)\n", d.EnrolledAt.Local().Format(time.DateTime), d.TokenID)
+	fmt.Fprintf(tw, "enrolled:\t%s (token %s)\n", localTime(d.EnrolledAt), d.TokenID)
 	if !d.RevokedAt.IsZero() {
-		fmt.Fprintf(tw, "revoked:\t%s\n", d.RevokedAt.Local().Format(time.DateTime))
+		fmt.Fprintf(tw, "revoked:\t%s\n", localTime(d.RevokedAt))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -113,14 +125,22 @@ type DevicesRevokeCmd struct {
 	Device string `arg:"" help:"Device ID, unique ID prefix or host name."`
 }
 
-// Run revokes the device.
+// Run revokes the device, once confirmed.
 func (cmd *DevicesRevokeCmd) Run(g *Globals) error {
 	c, err := g.dial()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	d, err := c.RevokeDevice(g.ctx, cmd.Device)
+	// Name the device the reference resolves to before asking.
+	d, err := c.Device(g.ctx, cmd.Device)
+	if err != nil {
+		return err
+	}
+	if err := g.confirm(fmt.Sprintf("revoke device %s (%s)? It is disconnected at once and can never connect again", d.Name, d.ID)); err != nil {
+		return err
+	}
+	d, err = c.RevokeDevice(g.ctx, d.ID)
 	if err != nil {
 		return err
 	}

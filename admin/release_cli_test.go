@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"fleet/admin"
 	"fleet/model"
 )
 
@@ -165,17 +166,18 @@ func TestRolesAndAudit(t *testing.T) {
 	if out, errs, code := as(obs, "--json", "status"); code != 0 || !strings.Contains(out, `"summary"`) {
 		t.Fatalf("observer status: %s %s", out, errs)
 	}
-	if _, errs, code := as(obs, "release", "ls"); code == 0 || !strings.Contains(errs, "may not call") {
+	if _, errs, code := as(obs, "release", "ls"); code != admin.ExitDenied || !strings.Contains(errs, "may not call") {
 		t.Fatalf("observer release ls: %d %s", code, errs)
 	}
 	// Removing an admin revokes its creds at once.
-	if _, errs, code := run(t, c, "admin", "remove", "vera"); code != 0 {
+	if _, errs, code := run(t, c, "--yes", "admin", "remove", "vera"); code != 0 {
 		t.Fatal(errs)
 	}
-	if _, errs, code := as(viewer, "release", "ls"); code == 0 || errs == "" {
-		t.Fatal("removed admin still reads")
+	// Its creds are refused at connect: not authorised, said so.
+	if _, errs, code := as(viewer, "release", "ls"); code != admin.ExitDenied || !strings.Contains(errs, "refused the credentials") {
+		t.Fatalf("removed admin: exit %d, %s", code, errs)
 	}
-	if _, errs, code := run(t, c, "admin", "remove", "owner"); code == 0 || !strings.Contains(errs, "last owner") {
+	if _, errs, code := run(t, c, "--yes", "admin", "remove", "owner"); code == 0 || !strings.Contains(errs, "last owner") {
 		t.Fatalf("removing the last owner: %s", errs)
 	}
 }

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
@@ -137,14 +138,19 @@ type ReleaseLsCmd struct{}
 
 // Run lists releases.
 func (ReleaseLsCmd) Run(g *Globals) error {
-	return printList(g, func(c *Client) ([]model.Release, error) { return c.Releases(g.ctx) },
-		"ID\tCREATED\tHOSTS\tDEFAULT\tACTION\tDESCRIPTION", func(r model.Release) string {
-			def := "-"
-			if r.Default != "" {
-				def = shortPath(r.Default)
-			}
-			return fmt.Sprintf("%s\t%s\t%d\t%s\t%s\t%s", r.ID, r.CreatedAt.Local().Format(time.DateTime), len(r.Closures), def, r.Action, r.Description)
+	return printList(g, func(c *Client) ([]model.Release, error) {
+		rs, err := c.Releases(g.ctx)
+		slices.SortStableFunc(rs, func(a, b model.Release) int {
+			return cmp.Or(a.CreatedAt.Compare(b.CreatedAt), strings.Compare(a.ID, b.ID))
 		})
+		return rs, err
+	}, "ID\tCREATED\tHOSTS\tDEFAULT\tACTION\tDESCRIPTION", func(r model.Release) string {
+		def := "-"
+		if r.Default != "" {
+			def = shortPath(r.Default)
+		}
+		return fmt.Sprintf("%s\t%s\t%d\t%s\t%s\t%s", r.ID, localTime(r.CreatedAt), len(r.Closures), def, r.Action, orDash(r.Description))
+	})
 }
 
 // ReleaseShowCmd is `fleet-admin release show`.
@@ -163,7 +169,7 @@ func (cmd *ReleaseShowCmd) Run(g *Globals) error {
 	}
 	tw := newTable(g.stdout)
 	fmt.Fprintf(tw, "id:\t%s\n", v.ID)
-	fmt.Fprintf(tw, "created:\t%s\n", v.CreatedAt.Local().Format(time.DateTime))
+	fmt.Fprintf(tw, "created:\t%s\n", localTime(v.CreatedAt))
 	fmt.Fprintf(tw, "author:\t%s\n", v.Author)
 	fmt.Fprintf(tw, "action:\t%s\n", v.Action)
 	if v.Substituter != "" {

@@ -1,11 +1,13 @@
 package admin
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -43,6 +45,9 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 	}
 	var ro model.Rollout
 	if err := c.Call(g.ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
+		if g.ctx.Err() != nil {
+			fmt.Fprintln(g.stderr, "\ninterrupted before the coordinator answered: the rollout may have started; look with `fleet-admin rollout ls`")
+		}
 		return err
 	}
 	// Hosts the release has no closure for are named either way (stderr,
@@ -58,7 +63,8 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 		return err
 	}
 	if !g.JSON {
-		fmt.Fprintf(g.stderr, "rollout %s of %s to %d device(s) in batches %v\n", ro.ID, ro.ReleaseID, ro.Total, ro.BatchSizes)
+		fmt.Fprintf(g.stderr, "rollout %s of %s to %s in %s %s\n", ro.ID, ro.ReleaseID, plural(ro.Total, "device", "devices"),
+			noun(len(ro.BatchSizes), "batch", "batches"), intList(ro.BatchSizes))
 	}
 	return watch(g, c, ro.ID)
 }
@@ -76,20 +82,25 @@ type RolloutCmd struct {
 // RolloutLsCmd is `fleet-admin rollout ls`.
 type RolloutLsCmd struct{}
 
-// Run lists rollouts.
+// Run lists rollouts, oldest first.
 func (RolloutLsCmd) Run(g *Globals) error {
-	return printList(g, func(c *Client) ([]model.Rollout, error) { return c.Rollouts(g.ctx) },
-		"ID\tRELEASE\tTARGET\tSTATE\tBATCH\tDONE\tFAILED\tCREATED", func(r model.Rollout) string {
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%s", r.ID, r.ReleaseID, target(&r), r.State,
-				min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), r.Total, failed(&r), r.CreatedAt.Local().Format(time.DateTime))
+	return printList(g, func(c *Client) ([]model.Rollout, error) {
+		rs, err := c.Rollouts(g.ctx)
+		slices.SortStableFunc(rs, func(a, b model.Rollout) int {
+			return cmp.Or(a.CreatedAt.Compare(b.CreatedAt), strings.Compare(a.ID, b.ID))
 		})
+		return rs, err
+	}, "ID\tRELEASE\tTARGET\tSTATE\tBATCH\tDONE\tFAILED\tCREATED", func(r model.Rollout) string {
+		return fmt.Sprintf("%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%s", r.ID, r.ReleaseID, target(&r), r.State,
+			min(r.Batch+1, len(r.BatchSizes)), len(r.BatchSizes), done(&r), r.Total, failed(&r), localTime(r.CreatedAt))
+	})
 }
 
 func target(r *model.Rollout) string {
 	if r.Group != "" {
 		return "group " + r.Group
 	}
-	return fmt.Sprintf("%d device(s)", r.Total)
+	return plural(r.Total, "device", "devices")
 }
 
 func done(r *model.Rollout) int { return r.Counts[model.DeviceSucceeded] }
@@ -120,12 +131,19 @@ func (cmd *RolloutShowCmd) Run(g *Globals) error {
 	if v.Reason != "" {
 		fmt.Fprintf(g.stdout, " — %s", v.Reason)
 	}
-	fmt.Fprintf(g.stdout, "\nbatch %d of %d %v, max failures %s, health timeout %s, on failure %s\n\n",
-		min(v.Batch+1, len(v.BatchSizes)), len(v.BatchSizes), v.BatchSizes, v.MaxFailures, time.Duration(v.HealthTimeout), v.OnFailure)
+	fmt.Fprintf(g.stdout, "\nbatch %d of %d (%s: %s), max failures %s, health timeout %s, on failure %s\n",
+		min(v.Batch+1, len(v.BatchSizes)), len(v.BatchSizes), noun(len(v.BatchSizes), "size", "sizes"), intList(v.BatchSizes),
+		v.MaxFailures, durationText(time.Duration(v.HealthTimeout)), v.OnFailure)
+	fmt.Fprintf(g.stdout, "created %s, updated %s\n", localTime(v.CreatedAt), localTime(v.UpdatedAt))
+	fmt.Fprintf(g.stdout, "%s\n\n", progressCounts(v))
+	rows := slices.Clone(v.Progress)
+	slices.SortStableFunc(rows, func(a, b model.RolloutProgress) int {
+		return cmp.Or(cmp.Compare(a.Batch, b.Batch), strings.Compare(a.Name, b.Name), strings.Compare(a.Device, b.Device))
+	})
 	tw := newTable(g.stdout)
-	fmt.Fprintln(tw, "DEVICE\tBATCH\tSTATE\tSTORE PATH\tERROR")
-	for _, d := range v.Progress {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", d.Name, d.Batch+1, d.State, shortPath(d.StorePath), d.Error)
+	fmt.Fprintln(tw, "DEVICE\tID\tBATCH\tSTATE\tSTORE PATH\tERROR")
+	for _, d := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", d.Name, shortID(d.Device), d.Batch+1, stateText(d.State), orDash(shortPath(d.StorePath)), d.Error)
 	}
 	return tw.Flush()
 }
@@ -166,8 +184,13 @@ type RolloutAbortCmd struct {
 	ID string `arg:"" help:"Rollout id."`
 }
 
-// Run aborts the rollout.
-func (cmd *RolloutAbortCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, "abort") }
+// Run aborts the rollout, once confirmed.
+func (cmd *RolloutAbortCmd) Run(g *Globals) error {
+	if err := g.confirm(fmt.Sprintf("abort rollout %s? No further batches start, and it cannot be resumed", cmd.ID)); err != nil {
+		return err
+	}
+	return rolloutAction(g, cmd.ID, "abort")
+}
 
 func rolloutAction(g *Globals, id, action string) error {
 	var ro model.Rollout
@@ -181,15 +204,15 @@ func rolloutAction(g *Globals, id, action string) error {
 	return err
 }
 
-// errRolloutStopped is returned by watch for a rollout that did not
-// succeed, so the command exits non-zero.
-var errRolloutStopped = errors.New("rollout did not succeed")
-
 // watch polls a rollout's summary each second until it ends or pauses: a
 // progress bar on a terminal, JSON lines with --json (the summary, with no
 // progress rows), a line per change otherwise. At the end it reads every
 // device's progress, page by page: the last JSON line carries it, and the
-// devices that failed, timed out or were skipped are listed.
+// devices that failed, timed out or were skipped are listed. A paused
+// rollout exits with ExitPaused, a failed, aborted or reverted one with
+// ExitFailed. Interrupted (Ctrl-C), it says the rollout goes on and how to
+// follow or abort it; a coordinator lost for Client.LostAfter ends it with
+// ExitUnreachable.
 func watch(g *Globals, c *Client, id string) error {
 	tty := false
 	if f, ok := g.stdout.(*os.File); ok {
@@ -203,13 +226,13 @@ func watch(g *Globals, c *Client, id string) error {
 		ro, err := c.RolloutSummary(ctx, id)
 		cancel()
 		if err != nil {
-			return err
+			return watchError(g, c, id, tty, err)
 		}
 		end := ro.State.Finished() || ro.State == model.RolloutPaused
 		v := &model.RolloutView{Rollout: *ro}
 		if end && (g.JSON || ro.State != model.RolloutSucceeded) {
 			if v, err = c.Rollout(g.ctx, id); err != nil {
-				return err
+				return watchError(g, c, id, tty, err)
 			}
 		}
 		line := progressLine(v)
@@ -233,33 +256,83 @@ func watch(g *Globals, c *Client, id string) error {
 				return nil
 			}
 			if !g.JSON {
-				fmt.Fprintf(g.stderr, "rollout %s %s: %s\n", v.ID, v.State, v.Reason)
+				reason := ""
+				if v.Reason != "" {
+					reason = ": " + v.Reason
+				}
+				fmt.Fprintf(g.stderr, "rollout %s %s%s\n", v.ID, v.State, reason)
 				for _, d := range v.Progress {
 					if d.State.Failed() || d.State == model.DeviceSkipped || d.Error != "" {
-						fmt.Fprintf(g.stderr, "  %s (%s): %s %s\n", d.Name, d.Device, d.State, d.Error)
+						fmt.Fprintf(g.stderr, "  %s (%s): %s %s\n", d.Name, shortID(d.Device), stateText(d.State), d.Error)
 					}
 				}
+				if v.State == model.RolloutPaused {
+					fmt.Fprintf(g.stderr, "resume it with `fleet-admin rollout resume %s` (retries the failed devices) or abort it with `fleet-admin rollout abort %s`\n", v.ID, v.ID)
+				}
 			}
-			return fmt.Errorf("%w: %s", errRolloutStopped, v.State)
+			code := ExitFailed
+			if v.State == model.RolloutPaused {
+				code = ExitPaused
+			}
+			return withCode(code, fmt.Errorf("%w: %s", errRolloutStopped, v.State))
 		}
 		select {
 		case <-g.ctx.Done():
-			return g.ctx.Err()
+			return watchError(g, c, id, tty, g.ctx.Err())
+		case <-c.Lost():
+			return watchError(g, c, id, tty, c.LostError())
 		case <-tick.C:
 		}
 	}
 }
 
-// progressLine renders [#####.....] n/total succeeded, f failed, batch b/B.
+// errRolloutStopped is returned by watch for a rollout that did not
+// succeed, so the command exits non-zero.
+var errRolloutStopped = errors.New("rollout did not succeed")
+
+// watchError ends a watch that did not see the rollout end: interrupted, it
+// says that the rollout goes on; the coordinator lost, the same.
+func watchError(g *Globals, c *Client, id string, tty bool, err error) error {
+	interrupted := g.ctx.Err() != nil
+	if !interrupted && !errors.Is(err, errLost) {
+		return err
+	}
+	if tty || interrupted {
+		fmt.Fprintln(g.stderr) // off the progress line (and the ^C)
+	}
+	follow := fmt.Sprintf("follow it with `fleet-admin rollout watch %s`, or stop it with `fleet-admin rollout abort %s`", id, id)
+	if interrupted {
+		fmt.Fprintf(g.stderr, "stopped watching: rollout %s goes on on the coordinator; %s\n", id, follow)
+		return withCode(ExitInterrupted, fmt.Errorf("interrupted: %w", err))
+	}
+	fmt.Fprintf(g.stderr, "rollout %s goes on on the coordinator without this watch; once the coordinator is back, %s\n", id, follow)
+	return withCode(ExitUnreachable, err)
+}
+
+// progressLine renders [#####.....] n/total succeeded, f failed, w
+// waiting, q queued · batch b/B · state.
 func progressLine(v *model.RolloutView) string {
 	total := v.Total
-	ok := done(&v.Rollout)
 	const width = 30
 	fill := 0
 	if total > 0 {
-		fill = ok * width / total
+		fill = done(&v.Rollout) * width / total
 	}
-	return fmt.Sprintf("[%s%s] %d/%d succeeded, %d failed, %d waiting · batch %d/%d · %s",
-		strings.Repeat("#", fill), strings.Repeat(".", width-fill), ok, total, failed(&v.Rollout),
-		v.Counts[model.DeviceWaiting], min(v.Batch+1, len(v.BatchSizes)), len(v.BatchSizes), v.State)
+	return fmt.Sprintf("[%s%s] %s · batch %d/%d · %s",
+		strings.Repeat("#", fill), strings.Repeat(".", width-fill), progressCounts(v),
+		min(v.Batch+1, len(v.BatchSizes)), len(v.BatchSizes), v.State)
+}
+
+// progressCounts is "n/total succeeded, f failed, w waiting, q queued"
+// (and any skipped, reverted or superseded): the counts add up to the
+// total.
+func progressCounts(v *model.RolloutView) string {
+	parts := []string{fmt.Sprintf("%d/%d succeeded", done(&v.Rollout), v.Total), fmt.Sprintf("%d failed", failed(&v.Rollout)),
+		fmt.Sprintf("%d waiting", v.Counts[model.DeviceWaiting]), fmt.Sprintf("%d queued", v.Counts[model.DeviceQueued])}
+	for _, s := range []model.DeviceRolloutState{model.DeviceSkipped, model.DeviceReverted, model.DeviceSuperseded} {
+		if n := v.Counts[s]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, stateText(s)))
+		}
+	}
+	return strings.Join(parts, ", ")
 }

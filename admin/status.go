@@ -1,9 +1,11 @@
 package admin
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -33,11 +35,19 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 	if f, ok := g.stdout.(*os.File); ok {
 		tty = isatty.IsTerminal(f.Fd())
 	}
-	for {
+	for first := true; ; first = false {
 		rep, err := c.Status(g.ctx, cmd.Group)
 		if err != nil {
 			return err
 		}
+		if first && len(rep.Devices) == 0 && cmd.Group != "" {
+			if err := checkGroup(g, c, cmd.Group); err != nil {
+				return err
+			}
+		}
+		slices.SortStableFunc(rep.Devices, func(a, b model.DeviceStatusRow) int {
+			return cmp.Or(strings.Compare(a.Name, b.Name), strings.Compare(a.ID, b.ID))
+		})
 		if cmd.Watch && tty && !g.JSON {
 			fmt.Fprint(g.stdout, "\033[H\033[2J") // redraw in place
 		}
@@ -61,15 +71,9 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 
 func printStatus(w io.Writer, rep *model.StatusReport) error {
 	tw := newTable(w)
-	fmt.Fprintln(tw, "NAME\tONLINE\tLAST SEEN\tCURRENT\tDESIRED\tHEALTH\tDISK\tREBOOT\tROLLOUT")
+	fmt.Fprintln(tw, "NAME\tID\tONLINE\tLAST SEEN\tCURRENT\tDESIRED\tLAST RESULT\tDISK\tREBOOT\tROLLOUT")
 	for _, r := range rep.Devices {
-		health := "-"
-		switch {
-		case r.Failing():
-			health = string(r.LastResult)
-		case r.LastResult != "":
-			health = "ok"
-		}
+		health := orDash(string(r.LastResult))
 		desired := "-"
 		if r.DesiredSystem != "" {
 			desired = shortPath(r.DesiredSystem)
@@ -81,7 +85,7 @@ func printStatus(w io.Writer, rep *model.StatusReport) error {
 		if r.RebootNeeded {
 			reboot = "needed"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%.0f%%\t%s\t%s\n", r.Name, yesNo(r.Online), seen(r.LastSeen),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f%%\t%s\t%s\n", r.Name, shortID(r.ID), yesNo(r.Online), ago(r.LastSeen),
 			orDash(shortPath(r.CurrentSystem)), desired, health, r.DiskMaxUsedRatio*100, reboot, orDash(r.Rollout))
 	}
 	if err := tw.Flush(); err != nil {
@@ -92,25 +96,27 @@ func printStatus(w io.Writer, rep *model.StatusReport) error {
 	if rep.Group != "" {
 		scope = "group " + rep.Group
 	}
-	_, err := fmt.Fprintf(w, "\n%s: %d devices, %d online, %d up to date, %d failing, %d updating, %d awaiting approval\n",
-		scope, s.Total, s.Online, s.UpToDate, s.Failing, s.Pending, s.AwaitingApproval)
+	// The names are the JSON summary's: up_to_date, failing, pending
+	// (a desired system on its way), awaiting_approval.
+	_, err := fmt.Fprintf(w, "\n%s: %s, %d online, %d up to date, %d failing, %d pending, %d awaiting approval (at %s)\n",
+		scope, plural(s.Total, "device", "devices"), s.Online, s.UpToDate, s.Failing, s.Pending, s.AwaitingApproval, localTime(rep.Time))
 	return err
 }
 
 // FactsCmd is `fleet-admin facts`.
 type FactsCmd struct {
-	Device string        `arg:"" help:"Device ID, ID prefix or host name."`
-	Since  time.Duration `help:"How far back (e.g. 24h)." default:"24h"`
+	Device string `arg:"" help:"Device ID, ID prefix or host name."`
+	Since  Since  `help:"How far back: 90m, 24h, 1d, 2w." default:"24h"`
 }
 
 // Run prints a device's fact reports, oldest first.
 func (cmd *FactsCmd) Run(g *Globals) error {
 	if cmd.Since <= 0 {
-		return fmt.Errorf("--since must be a positive duration, e.g. 24h")
+		return usageError(fmt.Errorf("--since must be a positive duration, e.g. 24h or 1d"))
 	}
 	var facts []model.Facts
 	err := g.withClient(func(c *Client) (err error) {
-		facts, err = c.Facts(g.ctx, cmd.Device, cmd.Since)
+		facts, err = c.Facts(g.ctx, cmd.Device, cmd.Since.D())
 		return err
 	})
 	if err != nil {
@@ -126,8 +132,8 @@ func (cmd *FactsCmd) Run(g *Globals) error {
 		if f.LastApply != nil {
 			last = string(f.LastApply.Result)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.2f\t%s\t%s\t%s\n", f.Time.Local().Format(time.DateTime), orDash(shortPath(f.CurrentSystem)),
-			orDash(f.Kernel), (time.Duration(f.UptimeSeconds) * time.Second).String(), f.Load[0], bytesHuman(f.MemoryAvail), encrypted(f.Encryption), last)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.2f\t%s\t%s\t%s\n", localTime(f.Time), orDash(shortPath(f.CurrentSystem)),
+			orDash(f.Kernel), durationText(time.Duration(f.UptimeSeconds)*time.Second), f.Load[0], bytesHuman(f.MemoryAvail), encrypted(f.Encryption), last)
 	}
 	return tw.Flush()
 }
@@ -154,7 +160,7 @@ func bytesHuman(n uint64) string {
 
 // printFacts prints the latest facts of a device under devices show.
 func printFacts(w io.Writer, f *model.Facts) {
-	fmt.Fprintf(w, "facts (%s):\n", f.Time.Local().Format(time.DateTime))
+	fmt.Fprintf(w, "facts (%s):\n", localTime(f.Time))
 	tw := newTable(w)
 	fmt.Fprintf(tw, "  hostname:\t%s\n", f.Hostname)
 	fmt.Fprintf(tw, "  nixos:\t%s\n", orDash(f.NixOSVersion))
@@ -162,7 +168,7 @@ func printFacts(w io.Writer, f *model.Facts) {
 	fmt.Fprintf(tw, "  booted system:\t%s\n", orDash(f.BootedSystem))
 	fmt.Fprintf(tw, "  reboot needed:\t%s\n", yesNo(f.RebootNeeded))
 	fmt.Fprintf(tw, "  kernel:\t%s\n", orDash(f.Kernel))
-	fmt.Fprintf(tw, "  uptime:\t%s\n", (time.Duration(f.UptimeSeconds) * time.Second).String())
+	fmt.Fprintf(tw, "  uptime:\t%s\n", durationText(time.Duration(f.UptimeSeconds)*time.Second))
 	fmt.Fprintf(tw, "  load:\t%.2f %.2f %.2f\n", f.Load[0], f.Load[1], f.Load[2])
 	fmt.Fprintf(tw, "  memory:\t%s available of %s\n", bytesHuman(f.MemoryAvail), bytesHuman(f.MemoryTotal))
 	for _, m := range f.Mounts {

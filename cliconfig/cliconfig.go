@@ -1,7 +1,8 @@
 // Package cliconfig reads fleet's JSON config files for kong. Keys are the
 // flag names exactly as typed on the command line ("state-dir"), and a key
 // that names no flag is an error, so a typo in a config file never passes
-// silently.
+// silently. A value comes from the command line, else the flag's FLEET_*
+// environment variable, else the file, else the flag's default.
 package cliconfig
 
 import (
@@ -67,11 +68,18 @@ func (r *resolver) Validate(app *kong.Application) error {
 	return nil
 }
 
-// Resolve returns the value of flag's key, if the file sets it.
+// Resolve returns the value of flag's key, if the file sets it and the
+// flag's environment variable is not set: a flag on the command line wins
+// over the environment, which wins over the file.
 func (r *resolver) Resolve(_ *kong.Context, _ *kong.Path, flag *kong.Flag) (any, error) {
 	v, ok := r.values[flag.Name]
 	if !ok {
 		return nil, nil
+	}
+	for _, env := range flag.Envs {
+		if _, set := os.LookupEnv(env); set {
+			return nil, nil
+		}
 	}
 	// kong maps JSON numbers given as json.Number through their text.
 	if n, ok := v.(json.Number); ok {

@@ -13,7 +13,7 @@ import (
 type testCLI struct {
 	Config kong.ConfigFlag `help:"config"`
 	Run    struct {
-		StateDir string        `default:"/var/lib/x"`
+		StateDir string        `default:"/var/lib/x" env:"CLICONFIG_TEST_STATE_DIR"`
 		Server   []string      `sep:","`
 		Interval time.Duration `default:"60s"`
 		Count    int
@@ -61,5 +61,24 @@ func TestUnknownKeysRefused(t *testing.T) {
 		if _, err := parse(t, body); err == nil {
 			t.Errorf("%s accepted", body)
 		}
+	}
+}
+
+// A flag beats the environment, which beats the file, which beats the
+// default.
+func TestPrecedence(t *testing.T) {
+	t.Setenv("CLICONFIG_TEST_STATE_DIR", "/from/env")
+	cli, err := parse(t, `{"state-dir": "/from/file"}`)
+	if err != nil || cli.Run.StateDir != "/from/env" {
+		t.Fatalf("env over file: %v %+v", err, cli.Run)
+	}
+	cli, err = parse(t, `{"state-dir": "/from/file"}`, "--state-dir", "/from/flag")
+	if err != nil || cli.Run.StateDir != "/from/flag" {
+		t.Fatalf("flag over env and file: %v %+v", err, cli.Run)
+	}
+	os.Unsetenv("CLICONFIG_TEST_STATE_DIR")
+	cli, err = parse(t, `{"state-dir": "/from/file"}`)
+	if err != nil || cli.Run.StateDir != "/from/file" {
+		t.Fatalf("file over default: %v %+v", err, cli.Run)
 	}
 }
