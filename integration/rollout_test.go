@@ -245,6 +245,8 @@ func tail(s string, n int) string {
 // admin runs the fleet-admin binary as the owner.
 func (w *fleetWorld) admin(args ...string) (string, string, error) {
 	cmd := exec.CommandContext(w.ctx, adminBin, append([]string{"--server", "nats://" + w.listen, "--creds", w.creds}, args...)...)
+	// No terminal to confirm on: the tests mean their revokes and aborts.
+	cmd.Env = append(os.Environ(), "FLEET_YES=1")
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
