@@ -68,10 +68,16 @@ func ParseDesired(data []byte) (DesiredMsg, error) {
 
 // getDesired asks the coordinator for the device's own desired state; the
 // answer comes only into this device's inbox.
-func getDesired(ctx context.Context, nc *nats.Conn, id string) (DesiredMsg, error) {
+// minSeq, from the coordinator's trigger (0: none), lets it answer from
+// memory.
+func getDesired(ctx context.Context, nc *nats.Conn, id string, minSeq uint64) (DesiredMsg, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	msg, err := nc.RequestWithContext(ctx, subjects.DesiredGetFor(id), nil)
+	var body []byte
+	if minSeq > 0 {
+		body, _ = json.Marshal(model.DesiredGet{MinSeq: minSeq})
+	}
+	msg, err := nc.RequestWithContext(ctx, subjects.DesiredGetFor(id), body)
 	if err != nil {
 		return DesiredMsg{}, fmt.Errorf("read desired state: %w", err)
 	}

@@ -68,6 +68,9 @@ type Agent struct {
 	// needGet asks the loop to read the desired state: on (re)connect, on
 	// a trigger from the coordinator, and on the safety-net timer.
 	needGet bool
+	// hintSeq is the newest write a trigger named (0: none): the next
+	// read passes it on, so the coordinator can answer from memory.
+	hintSeq uint64
 	wake    chan struct{}
 	factsCh chan struct{}
 	// refusedKey is the last desired state refused on verification (bad
@@ -194,10 +197,15 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 // onNotify receives the coordinator's trigger: the desired state changed.
 // Whatever the message carries is ignored (anyone's reply could land in
 // this inbox): the loop reads the state itself, from the coordinator.
-func (a *Agent) onNotify(*nats.Msg) {
+func (a *Agent) onNotify(m *nats.Msg) {
 	a.log.Debug().Msg("desired state trigger")
+	// The sequence is only a hint for the coordinator's read: a forged
+	// one costs the coordinator a stream read, nothing else.
+	var t model.DesiredTrigger
+	_ = json.Unmarshal(m.Data, &t)
 	a.mu.Lock()
 	a.needGet = true
+	a.hintSeq = max(a.hintSeq, t.Seq)
 	a.mu.Unlock()
 	a.kick()
 }
@@ -205,7 +213,7 @@ func (a *Agent) onNotify(*nats.Msg) {
 // next reads the desired state when asked to, or returns nil.
 func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
 	a.mu.Lock()
-	get := a.needGet
+	get, hint := a.needGet, a.hintSeq
 	a.needGet = false
 	a.mu.Unlock()
 	if !get {
@@ -214,13 +222,18 @@ func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
 	if !a.nc.IsConnected() {
 		return nil, nil // OnConnect asks again
 	}
-	m, err := getDesired(ctx, a.nc, a.o.DeviceID)
+	m, err := getDesired(ctx, a.nc, a.o.DeviceID, hint)
 	if err != nil {
 		a.mu.Lock()
 		a.needGet = true
 		a.mu.Unlock()
 		return nil, err
 	}
+	a.mu.Lock()
+	if a.hintSeq <= m.Seq || m.Absent {
+		a.hintSeq = 0
+	}
+	a.mu.Unlock()
 	return &m, nil
 }
 

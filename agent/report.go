@@ -31,6 +31,7 @@ type outboxItem struct {
 	Subject string          `json:"subject"`
 	Data    json.RawMessage `json:"data"`
 	Final   bool            `json:"final,omitempty"`
+	Attempt string          `json:"attempt,omitempty"`
 }
 
 // reporter sends events in order, each signed with the device key, and
@@ -70,7 +71,19 @@ func (r *reporter) enqueue(subject, msgID string, ev model.Event) error {
 		return fmt.Errorf("encode event: %w", err)
 	}
 	r.mu.Lock()
-	r.queue = append(r.queue, outboxItem{MsgID: msgID, Subject: subject, Data: data, Final: ev.Result.Final()})
+	// A progress event of an apply still queued when that apply's next
+	// event comes is superseded: the coordinator needs where the apply is,
+	// not every step it took while the device could not report (or while
+	// a whole fleet's events were queued ahead). The head may be on its
+	// way and stays; results are never dropped.
+	q := r.queue[:0]
+	for i, it := range r.queue {
+		if i > 0 && !it.Final && it.Attempt != "" && it.Attempt == ev.Attempt {
+			continue
+		}
+		q = append(q, it)
+	}
+	r.queue = append(q, outboxItem{MsgID: msgID, Subject: subject, Data: data, Final: ev.Result.Final(), Attempt: ev.Attempt})
 	for len(r.queue) > maxOutbox {
 		drop := 0
 		for i, it := range r.queue {

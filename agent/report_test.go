@@ -149,6 +149,44 @@ func queueIDs(r *reporter) []string {
 	return ids
 }
 
+// An apply's progress events queued behind the head are superseded by the
+// same apply's next event; results and other applies' events stay, in
+// order, on disk as in memory.
+func TestReporterCoalescesProgress(t *testing.T) {
+	nc, _ := natsPair(t)
+	kp, id := deviceKey(t)
+	dir := t.TempDir()
+	r, err := newReporter(dir, nc, kp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(attempt string, st model.State, res model.Result) string {
+		t.Helper()
+		ev := model.Event{Device: id, Time: time.Now().UTC(), State: st, Result: res, Attempt: attempt}
+		msgID := model.EventMsgID(&ev)
+		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev); err != nil {
+			t.Fatal(err)
+		}
+		return msgID
+	}
+	head := add("a1", model.StateChecking, "")
+	add("a1", model.StateFetching, "")
+	add("a1", model.StateApplying, "")
+	done1 := add("a1", model.StateIdle, model.ResultSucceeded)
+	add("a2", model.StateChecking, "")
+	add("a2", model.StateFetching, "")
+	applying := add("a2", model.StateApplying, "")
+	// a1's fetching and applying gave way to its result; a2's checking
+	// and fetching to its applying.
+	want := []string{head, done1, applying}
+	if got := queueIDs(r); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("queue %v, want %v", got, want)
+	}
+	if got := outboxIDs(t, dir); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("outbox file %v, want %v", got, want)
+	}
+}
+
 // The outbox keeps an event the coordinator could not store (or did not
 // answer), drops one it refuses for good and removes one it acknowledged;
 // each reaches the coordinator signed by the device.
@@ -162,7 +200,8 @@ func TestReporterOutboxFollowsAcks(t *testing.T) {
 	}
 	var ids []string
 	for i, st := range []model.State{model.StateChecking, model.StateFetching, model.StateApplying} {
-		ev := model.Event{Device: id, Time: time.Now().UTC(), State: st, Attempt: "a1", ReleaseID: "r" + string(rune('0'+i))}
+		// Three applies: progress of one apply would be coalesced.
+		ev := model.Event{Device: id, Time: time.Now().UTC(), State: st, Attempt: "a" + string(rune('1'+i)), ReleaseID: "r" + string(rune('0'+i))}
 		msgID := model.EventMsgID(&ev)
 		ids = append(ids, msgID)
 		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev); err != nil {
@@ -209,7 +248,7 @@ func TestReporterOutboxFollowsAcks(t *testing.T) {
 		t.Fatalf("coordinator got %d events, want %d: %+v", len(got), len(want), got)
 	}
 	for i, ev := range got {
-		if ev.State != want[i] || ev.Device != id || ev.Attempt != "a1" {
+		if ev.State != want[i] || ev.Device != id || ev.Attempt == "" {
 			t.Fatalf("event %d: %+v, want state %s", i, ev, want[i])
 		}
 	}
@@ -315,7 +354,7 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 	nc, coord := natsPair(t)
 	_, id := deviceKey(t)
 	ctx := context.Background()
-	if _, err := getDesired(ctx, nc, id); !errors.Is(err, nats.ErrNoResponders) {
+	if _, err := getDesired(ctx, nc, id, 0); !errors.Is(err, nats.ErrNoResponders) {
 		t.Fatalf("no coordinator: %v", err)
 	}
 	var (
@@ -340,16 +379,16 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 		mu.Unlock()
 	}
 	set(model.DesiredReply{Seq: 4, Desired: json.RawMessage(`{"release_id":"r1","store_path":"/nix/store/x"}`)})
-	m, err := getDesired(ctx, nc, id)
+	m, err := getDesired(ctx, nc, id, 0)
 	if err != nil || m.Seq != 4 || m.Desired == nil || m.Desired.ReleaseID != "r1" {
 		t.Fatalf("desired: %+v %v", m, err)
 	}
 	set(model.DesiredReply{})
-	if m, err := getDesired(ctx, nc, id); err != nil || !m.Absent {
+	if m, err := getDesired(ctx, nc, id, 0); err != nil || !m.Absent {
 		t.Fatalf("none: %+v %v", m, err)
 	}
 	set(model.DesiredReply{Error: "read desired state: timeout"})
-	if _, err := getDesired(ctx, nc, id); err == nil || !strings.Contains(err.Error(), "timeout") {
+	if _, err := getDesired(ctx, nc, id, 0); err == nil || !strings.Contains(err.Error(), "timeout") {
 		t.Fatalf("coordinator error: %v", err)
 	}
 }

@@ -56,8 +56,12 @@ func Print(w io.Writer, r *Result) error {
 	fmt.Fprintf(tw, "connect every agent until its first facts are stored\t%.1f s\t-\t\n", r.ConnectSecs)
 	fmt.Fprintf(tw, "facts burst (every agent at once), stored\t%.0f facts/s\t-\t\n", r.FactsPS)
 	fmt.Fprintf(tw, "agent warnings logged\t%d\t-\t\n", r.Warnings)
-	if r.LastWarn != "" {
-		fmt.Fprintf(tw, "last agent warning\t%s\t\t\n", r.LastWarn)
+	if err := tw.Flush(); err != nil {
+		return err
 	}
-	return tw.Flush()
+	if r.LastWarn != "" {
+		_, err := fmt.Fprintf(w, "\nlast agent warning: %s\n", r.LastWarn)
+		return err
+	}
+	return nil
 }

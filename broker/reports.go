@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -115,6 +116,12 @@ func (s *services) drop(handler, reason string, m *nats.Msg) {
 	s.log.Debug().Str("handler", handler).Str("reason", reason).Str("subject", m.Subject).Str("reply", m.Reply).Msg("dropped")
 }
 
+// deviceWorkers bounds the device messages handled at once. A handler
+// verifies a signature (CPU) or waits on JetStream (a read from the stream
+// leader): one goroutine per subscription would put a fleet's burst in a
+// single line behind each wait.
+const deviceWorkers = 64
+
 // startDeviceHandlers subscribes the device-facing handlers, each in the
 // coordinators' queue group so one coordinator of a cluster takes each
 // message.
@@ -124,9 +131,9 @@ func (s *services) startDeviceHandlers() error {
 		subj string
 		f    nats.MsgHandler
 	}{
-		{s.c.fc, subjects.AllFacts, s.onFacts},
-		{s.c.fc, subjects.AllEvents, s.onEvent},
-		{s.c.fc, subjects.AllDesiredGet, s.onDesiredGet},
+		{s.c.fc, subjects.AllFacts, s.pooled(s.onFacts)},
+		{s.c.fc, subjects.AllEvents, s.pooled(s.onEvent)},
+		{s.c.fc, subjects.AllDesiredGet, s.pooled(s.onDesiredGet)},
 		// The KV's change notifications, inside CORE.
 		{s.c.nc, subjects.AllDesired, s.onDesiredChanged},
 	} {
@@ -142,6 +149,26 @@ func (s *services) startDeviceHandlers() error {
 		s.subs = append(s.subs, sub)
 	}
 	return nil
+}
+
+// pooled runs f for each message on a goroutine of its own, at most
+// deviceWorkers at once; beyond that the subscription waits (its pending
+// buffer holds the rest).
+func (s *services) pooled(f nats.MsgHandler) nats.MsgHandler {
+	return func(m *nats.Msg) {
+		s.workers <- struct{}{}
+		if !s.begin() {
+			<-s.workers
+			return
+		}
+		go func() {
+			defer func() {
+				<-s.workers
+				s.wg.Done()
+			}()
+			f(m)
+		}()
+	}
 }
 
 // knownDevice returns device id's record, from the index when it has it
@@ -298,10 +325,31 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 	if s.deviceFor("desired", m, id, ok) == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
 	var r model.DesiredReply
-	seq, value, err := s.desiredFromLeader(ctx, id)
+	var q model.DesiredGet
+	// An empty body (an older agent) asks without a hint.
+	if len(m.Data) > 0 && json.Unmarshal(m.Data, &q) != nil {
+		s.drop("desired", dropInvalid, m)
+		return
+	}
+	var seq uint64
+	var value []byte
+	var err error
+	if x := s.c.index; x != nil && q.MinSeq > 0 {
+		// The device was told of the write at MinSeq: once the index has
+		// it (or a newer one), memory is as good as the leader.
+		if d, ok := x.desiredSince(id, q.MinSeq); ok {
+			seq, value = d.seq, d.value
+			if value == nil {
+				err = jetstream.ErrKeyNotFound
+			}
+		}
+	}
+	if seq == 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		seq, value, err = s.desiredFromLeader(ctx, id)
+	}
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 	case err != nil:
@@ -366,6 +414,10 @@ func desiredGetDevice(subj string) (string, bool) {
 	return id, subjects.ValidDeviceID(id)
 }
 
+// kvOperationHeader marks a KV delete or purge (nats.go does not export
+// its name).
+const kvOperationHeader = "KV-Operation"
+
 // onDesiredChanged turns fleet_desired's change notification (inside
 // CORE) into a trigger in the device's own inbox. The trigger carries
 // nothing: the device reads its desired state itself.
@@ -383,6 +435,18 @@ func (s *services) onDesiredChanged(m *nats.Msg) {
 		s.drop("notify", dropInactive, m)
 		return
 	}
+	// The write's sequence, for the device to pass back (RePublish sets
+	// it), and the value, kept before the device hears of it.
+	var t model.DesiredTrigger
+	t.Seq, _ = strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	if x := s.c.index; x != nil && t.Seq > 0 {
+		if m.Header.Get(kvOperationHeader) == "" {
+			x.keepDesired(id, t.Seq, m.Data)
+		} else {
+			x.keepDesired(id, t.Seq, nil) // deleted or purged
+		}
+	}
+	b, _ := json.Marshal(t)
 	s.traffic.WithLabelValues("trigger").Inc()
-	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), nil)
+	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), b)
 }

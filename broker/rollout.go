@@ -318,8 +318,30 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 			superseded[owner+"/"+d.Device] = true
 		}
 	}
+	// Most devices have no claim yet: create those in bulk (a windowed
+	// publish that expects no earlier message on the key), and take the
+	// one-by-one path below only for the devices that had one.
+	msgs := make([]bulkMsg, len(devs))
+	for i, d := range devs {
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
+			opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(0)}}
+	}
+	acks, errs := publishBulk(ctx, r.js, msgs)
+	var rest []*model.RolloutDevice
+	for i, d := range devs {
+		var apiErr *jetstream.APIError
+		switch {
+		case errs[i] == nil:
+			got = append(got, held{d.Device, acks[i].Sequence})
+		case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+			rest = append(rest, d)
+		default:
+			undo()
+			return nil, fmt.Errorf("claim %s: %w", d.Name, errs[i])
+		}
+	}
 	finished := map[string]bool{}
-	for _, d := range devs {
+	for _, d := range rest {
 		rev, err := r.claims.Create(ctx, d.Device, []byte(id))
 		if err == nil {
 			got = append(got, held{d.Device, rev})
@@ -544,35 +566,18 @@ func (r *rollouts) getDevice(ctx context.Context, rollout, dev string) (*model.R
 	return &d, nil
 }
 
-// putDevices records many devices' progress with async publishes: one
-// round trip for the lot instead of one per device.
+// putDevices records many devices' progress with windowed async
+// publishes: a round trip per window instead of one per device.
 func (r *rollouts) putDevices(ctx context.Context, rollout string, devs []*model.RolloutDevice) error {
 	ctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
 	defer cancel()
-	futures := make([]jetstream.PubAckFuture, 0, len(devs))
-	for _, d := range devs {
+	msgs := make([]bulkMsg, len(devs))
+	for i, d := range devs {
 		b, _ := json.Marshal(d)
-		f, err := r.js.PublishAsync(subjects.KVKey(subjects.BucketRollouts, deviceKey(rollout, d.Device)), b)
-		if err != nil {
-			return fmt.Errorf("record rollout %s device %s: %w", rollout, d.Device, err)
-		}
-		futures = append(futures, f)
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketRollouts, deviceKey(rollout, d.Device)), data: b}
 	}
-	return awaitAcks(ctx, futures, func(i int) string { return "record rollout " + rollout + " device " + devs[i].Device })
-}
-
-// awaitAcks waits for every async publish; what names the i-th for errors.
-func awaitAcks(ctx context.Context, futures []jetstream.PubAckFuture, what func(i int) string) error {
-	for i, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return fmt.Errorf("%s: %w", what(i), err)
-		case <-ctx.Done():
-			return fmt.Errorf("%s: %w", what(i), ctx.Err())
-		}
-	}
-	return nil
+	_, errs := publishBulk(ctx, r.js, msgs)
+	return firstError(errs, func(i int) string { return "record rollout " + rollout + " device " + devs[i].Device })
 }
 
 func (r *rollouts) putDevice(ctx context.Context, rollout string, d *model.RolloutDevice) error {
@@ -1060,33 +1065,38 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	if err := r.putDevices(ctx, ro.ID, gone); err != nil {
 		return err
 	}
-	pubs := make([]jetstream.PubAckFuture, 0, len(batch))
 	wctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
 	defer cancel()
-	for _, d := range batch {
+	msgs := make([]bulkMsg, len(batch))
+	for i, d := range batch {
 		des := model.Desired{
 			Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
 			Action: rel.Action, Release: *signed, IssuedAt: now, Deploy: ro.Request,
 		}
 		b, _ := json.Marshal(des)
-		// Async publish straight to the bucket's subject: one round trip for
-		// the whole batch instead of one per device.
-		f, err := r.js.PublishAsync(subjects.KVKey(subjects.BucketDesired, d.Device), b)
-		if err != nil {
-			return fmt.Errorf("write desired state of %s: %w", d.Name, err)
+		// Straight to the bucket's subject, a window at a time.
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b}
+	}
+	_, errs := publishBulk(wctx, r.js, msgs)
+	// The devices whose desired state is written are waiting, whatever
+	// became of the others: a retry writes only those that are still
+	// queued, so no device gets its desired state twice (each write is a
+	// new request to the agent).
+	var written []*model.RolloutDevice
+	for i, d := range batch {
+		if errs[i] != nil {
+			continue
 		}
-		pubs = append(pubs, f)
-	}
-	if err := awaitAcks(wctx, pubs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
-		return err
-	}
-	for _, d := range batch {
 		d.State = model.DeviceWaiting
 		d.Error = ""
 		d.Started = now
 		d.Finished = time.Time{}
+		written = append(written, d)
 	}
-	if err := r.putDevices(ctx, ro.ID, batch); err != nil {
+	if err := r.putDevices(ctx, ro.ID, written); err != nil {
+		return err
+	}
+	if err := firstError(errs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
 		return err
 	}
 	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Msg("rollout batch started")

@@ -49,9 +49,13 @@ type services struct {
 
 	presence *Presence
 	nonces   jetstream.KeyValue
+	// tokenLocks orders this coordinator's writes of each token.
+	tokenLocks sync.Map
 
 	api  micro.Service
 	subs []*nats.Subscription
+	// workers bounds the device handlers running at once.
+	workers chan struct{}
 	// enrollSem bounds concurrent enrollment handlers.
 	enrollSem chan struct{}
 	wg        sync.WaitGroup
@@ -65,6 +69,7 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		log:       c.log.With().Str("component", "services").Logger(),
 		now:       time.Now,
 		enrollSem: make(chan struct{}, 16),
+		workers:   make(chan struct{}, deviceWorkers),
 		dropped:   newDroppedCounter(),
 		traffic:   newTrafficCounter(),
 	}

@@ -31,8 +31,10 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	desired.RePublish = &jetstream.RePublish{
 		Source:      subjects.DesiredRepublishSource,
 		Destination: subjects.DesiredRepublishDest,
-		// A trigger only: the device reads its state itself.
-		HeadersOnly: true,
+		// With the value: the coordinator that sends the device its
+		// trigger keeps it in memory first, and answers the device's
+		// read from there (the device itself takes only a trigger).
+		HeadersOnly: false,
 	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
 	locks.TTL = engineLockTTL
