@@ -128,6 +128,7 @@ type CLI struct {
 	Status  StatusCmd  `cmd:"" help:"The fleet at a glance: one line a device and a summary."`
 	Facts   FactsCmd   `cmd:"" help:"A device's fact reports over time."`
 	Cmd     CmdCmd     `cmd:"" help:"Send an admin-signed command to devices: reboot, rollback, refresh-facts, apply-now."`
+	Payload PayloadCmd `cmd:"" help:"Sealed per-device files (certificates, secrets): push, rm, ls."`
 	Context ContextCmd `cmd:"" help:"NATS contexts: save one for fleet-admin and the nats command, show the one in use."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 

@@ -45,6 +45,7 @@ type RunCmd struct {
 	ApplyTimeout    time.Duration `help:"Bound on fetching and switching one generation." default:"30m" env:"FLEET_APPLY_TIMEOUT"`
 	Recheck         time.Duration `help:"How often to re-read the desired state (with jitter), in case a change notification was lost." default:"15m" env:"FLEET_RECHECK"`
 	ApprovalPoll    time.Duration `help:"While the device waits for approval, how often to ask (with jitter)." default:"30s" env:"FLEET_APPROVAL_POLL"`
+	PayloadDir      string        `help:"Where sealed payloads from fleet-admin payload push land." default:"/run/fleet/payloads" env:"FLEET_PAYLOAD_DIR" type:"path"`
 }
 
 // FactsCmd is `fleet-agent facts`.

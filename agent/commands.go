@@ -36,6 +36,9 @@ type DeviceActions interface {
 	Reboot(ctx context.Context) error
 	// Rollback returns the system to the profile's previous generation.
 	Rollback(ctx context.Context) error
+	// ReloadUnit reloads (or restarts) a systemd unit, after a payload it
+	// reads landed.
+	ReloadUnit(ctx context.Context, unit string) error
 }
 
 // HostActions reboot with systemctl (or reboot) and roll back with the
@@ -64,6 +67,17 @@ func (h *HostActions) Rollback(ctx context.Context) error {
 		return errors.New("no activator")
 	}
 	return h.Activator.Rollback(ctx, Generation{}, model.ActionSwitch)
+}
+
+// ReloadUnit runs `systemctl reload-or-restart unit`.
+func (h *HostActions) ReloadUnit(ctx context.Context, unit string) error {
+	if h.Systemctl == "" {
+		return errors.New("no systemctl on this host")
+	}
+	if out, err := exec.CommandContext(ctx, h.Systemctl, "reload-or-restart", "--", unit).CombinedOutput(); err != nil {
+		return fmt.Errorf("systemctl reload-or-restart %s: %w: %s", unit, err, lastLines(string(out), 5))
+	}
+	return nil
 }
 
 // CommandsFile remembers the IDs of the commands this device took.

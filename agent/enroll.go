@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/internal/natsdial"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -119,7 +120,8 @@ func Enroll(ctx context.Context, o EnrollOptions) (*accounts.Creds, error) {
 // signed request. Errors wrapping ErrEnrollRefused are final.
 func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken, kp nkeys.KeyPair, req model.EnrollRequest, timeout time.Duration) (string, error) {
 	url := serversURL(servers)
-	nc, err := nats.Connect(url,
+	dialer := &natsdial.Dialer{}
+	nc, err := nats.Connect(url, dialer.Option(),
 		// A bearer JWT needs no signature of the server's nonce.
 		nats.UserJWT(func() (string, error) { return tok.JWT, nil }, func([]byte) ([]byte, error) { return nil, nil }),
 		nats.CustomInboxPrefix(tok.InboxPrefix()),
@@ -131,7 +133,7 @@ func requestEnroll(ctx context.Context, servers []string, tok *model.ParsedToken
 		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
 			return "", fmt.Errorf("%w: the server refused the token's credential (%v): the token expired or was revoked; create a new one with fleet-admin token create", ErrEnrollRefused, err)
 		}
-		return "", fmt.Errorf("connect to %s: %w", url, err)
+		return "", dialer.Explain(err, url, "check --server")
 	}
 	defer nc.Close()
 	return sendEnroll(ctx, nc, kp, req, timeout)

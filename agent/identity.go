@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/internal/natsdial"
 )
 
 // Files in the agent's state directory.
@@ -67,6 +68,7 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 		return nil, err
 	}
 	log := o.Log
+	dialer := &natsdial.Dialer{}
 	opts := []nats.Option{
 		nats.UserJWTAndSeed(creds.JWT, string(seed)),
 		// Templates let a device read replies only under its own prefix.
@@ -89,9 +91,12 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 			}
 		}),
 		// Says why the agent waits when no server answers (also for the
-		// first connect, retried in the background).
+		// first connect, retried in the background): nothing listens, the
+		// address is not a NATS port, the creds were refused, or no answer.
+		dialer.Option(),
 		nats.ReconnectErrHandler(func(nc *nats.Conn, err error) {
-			log.Warn().Err(err).Strs("servers", redactURLs(o.Servers)).Msg("cannot reach the coordinator; retrying")
+			e := dialer.Explain(err, strings.Join(redactURLs(o.Servers), ","), "check --server")
+			log.Warn().Err(e).Str("reason", connReason(e.Kind)).Strs("servers", redactURLs(o.Servers)).Msg(connMessage(e.Kind))
 		}),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			if err != nil {
@@ -124,6 +129,25 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 		return nil, fmt.Errorf("connect to %s: %w", strings.Join(redactURLs(o.Servers), ","), err)
 	}
 	return nc, nil
+}
+
+// connMessage is the log message of a failed (re)connect of kind k.
+func connMessage(k natsdial.Kind) string {
+	switch k {
+	case natsdial.Auth:
+		return "the coordinator refused this device's credentials; retrying"
+	case natsdial.NotNATS:
+		return "the server address is not a NATS port; retrying"
+	case natsdial.Refused:
+		return "nothing listens at the coordinator's address; retrying"
+	}
+	return "cannot reach the coordinator; retrying"
+}
+
+// connReason is a failed connect's kind as a log field.
+func connReason(k natsdial.Kind) string {
+	return map[natsdial.Kind]string{natsdial.Other: "other", natsdial.Auth: "credentials_refused", natsdial.NotNATS: "not_nats",
+		natsdial.Refused: "connection_refused", natsdial.Unreachable: "no_answer", natsdial.NoHost: "unknown_host"}[k]
 }
 
 // redactURLs hides the password of URLs with userinfo (user:xxxxx@).

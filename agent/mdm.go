@@ -2,30 +2,65 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"io/fs"
+	"path/filepath"
 	"sync"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 )
 
 // MDMOptions configure the agent's MDM duties: remote commands, sealed
 // payloads and recovery-key escrow.
 type MDMOptions struct {
-	// Actions carry out reboot and rollback commands (nil: refused as
-	// unsupported).
+	// Actions carry out reboot and rollback commands and reload units
+	// after payloads (nil: refused as unsupported).
 	Actions DeviceActions
+	// XKey opens sealed payloads (nil: STATE_DIR/agent.xk).
+	XKey nkeys.KeyPair
+	// PayloadDir is where payloads land (default DefaultPayloadDir).
+	PayloadDir string
 }
 
 // startMDM starts the MDM duties; the returned function stops them and
 // waits.
 func (a *Agent) startMDM(ctx context.Context) (func(), error) {
+	if a.o.MDM.XKey == nil {
+		xk, err := loadOrCreateKey(filepath.Join(a.o.StateDir, XKeyFile), nkeys.PrefixByteCurve, func() (nkeys.KeyPair, error) {
+			return nil, fs.ErrNotExist
+		})
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		a.o.MDM.XKey = xk
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	sub, err := a.startCommands(ctx, &wg)
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	return func() {
-		_ = sub.Unsubscribe()
+	var subs []*nats.Subscription
+	stop := func() {
+		for _, s := range subs {
+			_ = s.Unsubscribe()
+		}
 		cancel()
 		wg.Wait()
-	}, nil
+	}
+	sub, err := a.startCommands(ctx, &wg)
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	subs = append(subs, sub)
+	pl, err := a.newPayloads()
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	if sub, err = pl.subscribe(); err != nil {
+		stop()
+		return nil, err
+	}
+	subs = append(subs, sub)
+	wg.Go(func() { pl.run(ctx) })
+	return stop, nil
 }

@@ -32,6 +32,9 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	if err := cmd.validate(); err != nil {
 		return err
 	}
+	if err := CheckHost(cmd.StateDir, cmd.CurrentSystem); err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 

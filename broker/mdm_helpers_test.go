@@ -24,6 +24,20 @@ import (
 type hostActions struct {
 	mu                 sync.Mutex
 	reboots, rollbacks int
+	reloads            []string
+}
+
+func (h *hostActions) ReloadUnit(_ context.Context, unit string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.reloads = append(h.reloads, unit)
+	return nil
+}
+
+func (h *hostActions) reloaded() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.reloads...)
 }
 
 func (h *hostActions) Reboot(context.Context) error {

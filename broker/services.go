@@ -49,6 +49,8 @@ type services struct {
 
 	presence *Presence
 	nonces   jetstream.KeyValue
+	// payloads and escrow are the MDM duties' buckets (broker/mdm.go).
+	payloads, escrow jetstream.KeyValue
 	// tokenLocks orders this coordinator's writes of each token.
 	tokenLocks sync.Map
 
@@ -108,6 +110,9 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 	// A flush makes every subscription known to the server before Start
 	// returns, so a client that connects next is answered.
 	if err := s.startDeviceHandlers(); err != nil {
+		return err
+	}
+	if err := s.startMDM(); err != nil {
 		return err
 	}
 	if err := c.fc.Flush(); err != nil {

@@ -862,9 +862,13 @@ func TestRunFlagsChecked(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	state := t.TempDir()
+	current := filepath.Join(t.TempDir(), "current-system")
+	if err := os.Symlink(t.TempDir(), current); err != nil {
+		t.Fatal(err)
+	}
 	run := func(args ...string) (string, error) {
 		cmd := exec.CommandContext(ctx, agentBin, append([]string{"--log-format", "json", "run", "--state-dir", state,
-			"--server", "nats://127.0.0.1:1"}, args...)...)
+			"--server", "nats://127.0.0.1:1", "--current-system", current}, args...)...)
 		out, err := cmd.CombinedOutput()
 		return string(out), err
 	}

@@ -51,6 +51,12 @@ func (p *agentProc) output() string { return p.out.String() }
 // startAgentBin runs `fleet-agent run` with the world's server and args.
 func (w *fleetWorld) startAgentBin(t *testing.T, stateDir string, args ...string) *agentProc {
 	t.Helper()
+	// The agent checks at start that the running system's link exists.
+	if _, err := os.Lstat(filepath.Join(stateDir, "current")); err != nil {
+		if err := os.Symlink(t.TempDir(), filepath.Join(stateDir, "current")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	base := []string{"--log-format", "json", "run", "--server", "nats://" + w.listen, "--state-dir", stateDir,
 		"--release-signer", w.signer, "--hostname", "laptop-1",
 		"--profile", filepath.Join(stateDir, "profile"), "--current-system", filepath.Join(stateDir, "current"),
@@ -91,15 +97,25 @@ func TestAgentBinaryEnrolment(t *testing.T) {
 	defer cancel()
 	state := t.TempDir()
 
-	// No creds, no token.
+	// The host is checked first: the running system's link must exist.
 	out, err := exec.CommandContext(ctx, agentBin, "run", "--server", "nats://"+w.listen, "--state-dir", state,
-		"--release-signer", w.signer).CombinedOutput()
+		"--release-signer", w.signer, "--current-system", filepath.Join(state, "no-such-link")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--current-system "+filepath.Join(state, "no-such-link")) {
+		t.Fatalf("no current system: %v\n%s", err, out)
+	}
+	current := filepath.Join(t.TempDir(), "current-system")
+	if err := os.Symlink(t.TempDir(), current); err != nil {
+		t.Fatal(err)
+	}
+	// No creds, no token.
+	out, err = exec.CommandContext(ctx, agentBin, "run", "--server", "nats://"+w.listen, "--state-dir", state,
+		"--release-signer", w.signer, "--current-system", current).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "no enrollment token was given") {
 		t.Fatalf("no token: %v\n%s", err, out)
 	}
 	// A token file that is not there is named.
 	out, err = exec.CommandContext(ctx, agentBin, "run", "--server", "nats://"+w.listen, "--state-dir", state,
-		"--release-signer", w.signer, "--enroll-token-file", "/nonexistent/token").CombinedOutput()
+		"--release-signer", w.signer, "--current-system", current, "--enroll-token-file", "/nonexistent/token").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "/nonexistent/token") {
 		t.Fatalf("missing token file: %v\n%s", err, out)
 	}
