@@ -96,7 +96,7 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		Recheck:         cmd.Recheck,
 		Facts:           host0.Sources(),
 		Log:             log,
-		MDM:             MDMOptions{Actions: &HostActions{Activator: act, Systemctl: act.Systemctl}},
+		MDM:             MDMOptions{Actions: &HostActions{Activator: act, Systemctl: act.Systemctl}, PayloadDir: cmd.PayloadDir},
 	})
 	if err != nil {
 		return err
