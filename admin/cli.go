@@ -4,6 +4,7 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -149,7 +150,7 @@ func (VersionCmd) Run(g *Globals) error {
 
 // Main parses args and runs the chosen command; it returns the exit code.
 // SIGINT and SIGTERM cancel the command's context: a command that waits
-// (deploy --wait, rollout watch) says what goes on without it and exits
+// (deploy --wait, rollout watch) says that the rollout continues without it and exits
 // with 130.
 func Main(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -234,8 +235,11 @@ func RunIO(ctx context.Context, args []string, std IO) int {
 		return code
 	}
 	if err != nil {
+		var ce *codedError
 		if code := exitCode(ctx, err); code == ExitInterrupted {
-			fmt.Fprintln(std.Stderr, "\nfleet-admin: interrupted")
+			if !errors.As(err, &ce) { // a wait says itself what goes on
+				fmt.Fprintln(std.Stderr, "\nfleet-admin: interrupted")
+			}
 		} else {
 			fmt.Fprintln(std.Stderr, "fleet-admin:", err)
 		}

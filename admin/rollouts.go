@@ -210,7 +210,7 @@ func rolloutAction(g *Globals, id, action string) error {
 // device's progress, page by page: the last JSON line carries it, and the
 // devices that failed, timed out or were skipped are listed. A paused
 // rollout exits with ExitPaused, a failed, aborted or reverted one with
-// ExitFailed. Interrupted (Ctrl-C), it says the rollout goes on and how to
+// ExitFailed. Interrupted (Ctrl-C), it says the rollout continues and how to
 // follow or abort it; a coordinator lost for Client.LostAfter ends it with
 // ExitUnreachable.
 func watch(g *Globals, c *Client, id string) error {
@@ -291,7 +291,7 @@ func watch(g *Globals, c *Client, id string) error {
 var errRolloutStopped = errors.New("rollout did not succeed")
 
 // watchError ends a watch that did not see the rollout end: interrupted, it
-// says that the rollout goes on; the coordinator lost, the same.
+// says that the rollout continues; the coordinator lost, the same.
 func watchError(g *Globals, c *Client, id string, tty bool, err error) error {
 	interrupted := g.ctx.Err() != nil
 	if !interrupted && !errors.Is(err, errLost) {
@@ -302,10 +302,10 @@ func watchError(g *Globals, c *Client, id string, tty bool, err error) error {
 	}
 	follow := fmt.Sprintf("follow it with `fleet-admin rollout watch %s`, or stop it with `fleet-admin rollout abort %s`", id, id)
 	if interrupted {
-		fmt.Fprintf(g.stderr, "stopped watching: rollout %s goes on on the coordinator; %s\n", id, follow)
+		fmt.Fprintf(g.stderr, "stopped watching: rollout %s continues on the coordinator; %s\n", id, follow)
 		return withCode(ExitInterrupted, fmt.Errorf("interrupted: %w", err))
 	}
-	fmt.Fprintf(g.stderr, "rollout %s goes on on the coordinator without this watch; once the coordinator is back, %s\n", id, follow)
+	fmt.Fprintf(g.stderr, "rollout %s continues on the coordinator without this watch; once the coordinator is back, %s\n", id, follow)
 	return withCode(ExitUnreachable, err)
 }
 

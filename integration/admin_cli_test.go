@@ -102,7 +102,7 @@ func TestNATSContextWithNatsCLI(t *testing.T) {
 }
 
 // The real binary: exit 2 for usage, 5 for an unreachable coordinator;
-// SIGINT during deploy --wait says the rollout goes on and exits 130; a
+// SIGINT during deploy --wait says the rollout continues and exits 130; a
 // coordinator killed during rollout watch ends it within seconds with 5.
 func TestAdminBinaryExitCodes(t *testing.T) {
 	w := newFleetWorld(t)
@@ -147,7 +147,7 @@ func TestAdminBinaryExitCodes(t *testing.T) {
 		t.Fatalf("rollout ls: %v %v", err, ros)
 	}
 	id := ros[0].ID
-	if exitCodeOf(err) != 130 || !strings.Contains(errb.String(), "rollout "+id+" goes on") ||
+	if exitCodeOf(err) != 130 || !strings.Contains(errb.String(), "rollout "+id+" continues on the coordinator") ||
 		!strings.Contains(errb.String(), "fleet-admin rollout watch "+id) || !strings.Contains(errb.String(), "fleet-admin rollout abort "+id) {
 		t.Fatalf("SIGINT: %v\n%s", err, errb.String())
 	}
