@@ -60,8 +60,9 @@ func TestDemo(t *testing.T) {
 			t.Fatalf("output lacks %q:\n%s", want, out)
 		}
 	}
-	// The last devices ls: three active devices, online.
-	online := regexp.MustCompile(`(?m)^U[A-Z0-9]{55}\s+demo-[123]\s+demo\s+active\s+yes\s`)
+	// The last devices ls: three active devices, online, by name with a
+	// short ID.
+	online := regexp.MustCompile(`(?m)^demo-[123]\s+U[A-Z0-9]{11}\s+demo\s+active\s+yes\s`)
 	ls := out[strings.LastIndex(out, "fleet-admin devices ls"):]
 	if n := len(online.FindAllString(ls, -1)); n != 3 {
 		t.Fatalf("%d online demo devices in the last devices ls, want 3:\n%s", n, out)
