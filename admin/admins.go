@@ -205,7 +205,8 @@ func (AuditVerifyCmd) Run(g *Globals) error {
 			return err
 		}
 	} else {
-		fmt.Fprintf(g.stdout, "%d entries; %d accepted entries with a bad signature or a broken chain; %d refused requests were unsigned or forged\n", len(recs), len(bad), refusedBad)
+		fmt.Fprintf(g.stdout, "%s; %s with a bad signature or a broken chain; %s unsigned or forged\n", plural(len(recs), "entry", "entries"),
+			plural(len(bad), "accepted entry", "accepted entries"), plural(refusedBad, "refused request was", "refused requests were"))
 		if truncated {
 			fmt.Fprintln(g.stdout, "the oldest entries were dropped by the audit's size limit (--storage-gib); the chain holds from the first one kept")
 		}
@@ -214,7 +215,7 @@ func (AuditVerifyCmd) Run(g *Globals) error {
 		}
 	}
 	if len(bad) > 0 {
-		return fmt.Errorf("audit verification failed: %d entries do not verify (signature or chain)", len(bad))
+		return fmt.Errorf("audit verification failed: %s (signature or chain)", plural(len(bad), "entry does not verify", "entries do not verify"))
 	}
 	return nil
 }

@@ -63,7 +63,7 @@ func PushClosures(ctx context.Context, url string, paths []string, log io.Writer
 	}
 	args := append(append([]string{}, nixFeatures...), "copy", "--to", url)
 	args = append(args, paths...)
-	fmt.Fprintf(log, "copying %d closure(s) to %s\n", len(paths), url)
+	fmt.Fprintf(log, "copying %s to %s\n", plural(len(paths), "closure", "closures"), url)
 	if _, err := runNix(ctx, log, args...); err != nil {
 		return fmt.Errorf("push to %s: %w", url, err)
 	}
