@@ -46,8 +46,11 @@ type RunCmd struct {
 	Recheck         time.Duration `help:"How often to re-read the desired state (with jitter), in case a change notification was lost." default:"15m" env:"FLEET_RECHECK"`
 	ApprovalPoll    time.Duration `help:"While the device waits for approval, how often to ask (with jitter)." default:"30s" env:"FLEET_APPROVAL_POLL"`
 	PayloadDir      string        `help:"Where sealed payloads from fleet-admin payload push land." default:"/run/fleet/payloads" env:"FLEET_PAYLOAD_DIR" type:"path"`
-}
 
+	// Recovery-key escrow.
+	RecoveryKey map[string]string `help:"LUKS device and its recovery key file to escrow, DISK=FILE (e.g. nvme0n1p2=/var/lib/fleet-agent/recovery-nvme0n1p2; repeatable)." env:"FLEET_RECOVERY_KEYS" mapsep:","`
+	EscrowKey   string            `help:"Pin the escrow public key (X...); default: the one an admin trusted by --release-signer recorded." env:"FLEET_ESCROW_KEY"`
+}
 // FactsCmd is `fleet-agent facts`.
 type FactsCmd struct {
 	StateDir      string `help:"Directory of the device's creds and apply state (for the device ID and last apply)." default:"/var/lib/fleet-agent" env:"FLEET_STATE_DIR" type:"path"`

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
@@ -21,6 +22,15 @@ type MDMOptions struct {
 	XKey nkeys.KeyPair
 	// PayloadDir is where payloads land (default DefaultPayloadDir).
 	PayloadDir string
+	// RecoveryKeys maps each LUKS device (as the facts name it) to its
+	// recovery key file, to escrow.
+	RecoveryKeys map[string]string
+	// EscrowKey pins the escrow public key (""): statements signed by a
+	// trusted admin decide).
+	EscrowKey string
+	// EscrowPoll is how often recovery key files are checked for a
+	// change (default EscrowFilePoll).
+	EscrowPoll time.Duration
 }
 
 // startMDM starts the MDM duties; the returned function stops them and
@@ -62,5 +72,16 @@ func (a *Agent) startMDM(ctx context.Context) (func(), error) {
 	}
 	subs = append(subs, sub)
 	wg.Go(func() { pl.run(ctx) })
+	es, err := a.newEscrower()
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	if sub, err = es.subscribe(); err != nil {
+		stop()
+		return nil, err
+	}
+	subs = append(subs, sub)
+	wg.Go(func() { es.run(ctx) })
 	return stop, nil
 }

@@ -96,7 +96,8 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 		Recheck:         cmd.Recheck,
 		Facts:           host0.Sources(),
 		Log:             log,
-		MDM:             MDMOptions{Actions: &HostActions{Activator: act, Systemctl: act.Systemctl}, PayloadDir: cmd.PayloadDir},
+		MDM: MDMOptions{Actions: &HostActions{Activator: act, Systemctl: act.Systemctl}, PayloadDir: cmd.PayloadDir,
+			RecoveryKeys: cmd.RecoveryKey, EscrowKey: cmd.EscrowKey},
 	})
 	if err != nil {
 		return err

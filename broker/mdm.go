@@ -13,7 +13,7 @@ import (
 // The MDM duties' verbs (remote commands, sealed payloads, recovery-key
 // escrow), added to the admin API by startAPI.
 func (s *services) mdmVerbs() []apiVerb {
-	return append([]apiVerb{s.commandVerb()}, s.payloadVerbs()...)
+	return append(append([]apiVerb{s.commandVerb()}, s.payloadVerbs()...), s.escrowVerbs()...)
 }
 
 // startMDM opens the MDM buckets and subscribes the device-facing MDM
@@ -25,8 +25,12 @@ func (s *services) startMDM() error {
 	if s.payloads, err = s.c.js.KeyValue(ctx, subjects.BucketPayloads); err != nil {
 		return fmt.Errorf("bucket %s: %w", subjects.BucketPayloads, err)
 	}
+	if s.escrow, err = s.c.js.KeyValue(ctx, subjects.BucketEscrow); err != nil {
+		return fmt.Errorf("bucket %s: %w", subjects.BucketEscrow, err)
+	}
 	for subj, h := range map[string]nats.MsgHandler{
 		subjects.AllPayloadSync: s.onPayloadSync,
+		subjects.AllEscrowPut:   s.onEscrowSync,
 	} {
 		sub, err := s.c.fc.QueueSubscribe(subj, subjects.CoordinatorQueue, h)
 		if err != nil {

@@ -130,6 +130,15 @@ func startAgent(t *testing.T, c *broker.Coordinator, d *mdmDevice, signer string
 	}
 	t.Cleanup(d.stop)
 	poll.Until(t, 10*time.Second, host+" online", func() bool { return c.Presence().Online(d.id) })
+	// Online is the connection; the agent subscribes to its commands a
+	// moment later.
+	acc, err := c.Server().LookupAccount(c.Authority().FleetAccount())
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, host+" listens for commands", func() bool {
+		return acc.SubscriptionInterest(subjects.DeviceCmd(cr.Site(), d.id))
+	})
 }
 
 // commandEvents collects the command events of device id as the
@@ -177,7 +186,9 @@ func (w *commandEvents) of(id string) []model.Event {
 func restartDevice(t *testing.T, c *broker.Coordinator, d *mdmDevice, signer string) *mdmDevice {
 	t.Helper()
 	d.stop()
-	n := &mdmDevice{id: d.id, dir: d.dir, creds: d.creds, actions: &hostActions{}}
+	// Gone first, so "online" below is the new connection's.
+	poll.Until(t, 10*time.Second, d.host+" offline", func() bool { return !c.Presence().Online(d.id) })
+	n := &mdmDevice{id: d.id, dir: d.dir, creds: d.creds, host: d.host, actions: &hostActions{}}
 	startAgent(t, c, n, signer, nil)
 	return n
 }

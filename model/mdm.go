@@ -367,3 +367,190 @@ type PayloadSyncReply struct {
 // sealOverhead is what sealing adds to a plaintext: nkeys' version tag,
 // the nonce and the box's authenticator.
 const sealOverhead = 4 + 24 + 16
+
+// Recovery-key escrow. The organisation's escrow key pair is a curve key;
+// only its public half reaches the coordinator and the agents, in a
+// statement an admin signed (so a coordinator cannot swap in its own key).
+// Each agent seals each LUKS device's recovery key to it and sends the
+// sealed bytes, signed with the device key; the coordinator stores only
+// those, in fleet_escrow under "<device>.<disk>".
+
+// Purposes of escrow documents.
+const (
+	PurposeEscrowKey  = "fleet.escrow-key.v1"  // an admin's escrow key statement
+	PurposeEscrow     = "fleet.escrow.v1"      // a device's sealed recovery key
+	PurposeEscrowSync = "fleet.escrow-sync.v1" // a device's escrow request
+)
+
+// MaxRecoveryKeyBytes bounds a recovery key file.
+const MaxRecoveryKeyBytes = 4 << 10
+
+// EscrowKey is the statement naming the current escrow public key.
+type EscrowKey struct {
+	Key  string    `json:"key"`
+	Time time.Time `json:"time"`
+}
+
+// VerifyEscrowKey checks an escrow key statement signed by one of trusted.
+func VerifyEscrowKey(s *Signed, trusted []string) (*EscrowKey, error) {
+	if err := s.Verify(PurposeEscrowKey, trusted); err != nil {
+		return nil, fmt.Errorf("escrow key statement: %w", err)
+	}
+	var k EscrowKey
+	if err := s.Decode(&k); err != nil {
+		return nil, err
+	}
+	if !nkeys.IsValidPublicCurveKey(k.Key) || k.Time.IsZero() {
+		return nil, fmt.Errorf("escrow key statement: %q is not a curve public key", k.Key)
+	}
+	return &k, nil
+}
+
+// EscrowPut is one sealed recovery key, signed by the device.
+type EscrowPut struct {
+	Device string `json:"device"`
+	// Disk names the LUKS device (as the facts list it, e.g. nvme0n1p2).
+	Disk string `json:"disk"`
+	// EscrowKey is the public key it is sealed to; Sender the one-time
+	// key it was sealed with.
+	EscrowKey string    `json:"escrow_key"`
+	Sender    string    `json:"sender"`
+	Sealed    []byte    `json:"sealed"`
+	Time      time.Time `json:"time"`
+}
+
+// CheckDisk: a LUKS device name usable in a KV key: letters, digits, '-',
+// '_', '.', '/' inside, at most 128.
+func CheckDisk(d string) error {
+	if d == "" || len(d) > 128 || d[0] == '.' || d[0] == '/' || d[len(d)-1] == '/' || d[len(d)-1] == '.' {
+		return fmt.Errorf("%q is not a disk name (e.g. nvme0n1p2)", d)
+	}
+	for _, r := range d {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.' || r == '/') {
+			return fmt.Errorf("%q is not a disk name (e.g. nvme0n1p2)", d)
+		}
+	}
+	return nil
+}
+
+// SealRecoveryKey seals a recovery key to the escrow key and signs it with
+// the device key.
+func SealRecoveryKey(dev nkeys.KeyPair, disk, escrowKey string, key []byte, at time.Time) (Signed, error) {
+	id, err := dev.PublicKey()
+	if err != nil {
+		return Signed{}, err
+	}
+	if err := CheckDisk(disk); err != nil {
+		return Signed{}, err
+	}
+	if len(key) == 0 || len(key) > MaxRecoveryKeyBytes {
+		return Signed{}, fmt.Errorf("recovery key of %s is %d bytes: want 1 to %d", disk, len(key), MaxRecoveryKeyBytes)
+	}
+	sender, err := nkeys.CreateCurveKeys()
+	if err != nil {
+		return Signed{}, err
+	}
+	p := EscrowPut{Device: id, Disk: disk, EscrowKey: escrowKey, Time: at.UTC()}
+	p.Sender, _ = sender.PublicKey()
+	if p.Sealed, err = sender.Seal(key, escrowKey); err != nil {
+		return Signed{}, fmt.Errorf("seal: %w", err)
+	}
+	return Sign(dev, PurposeEscrow, p)
+}
+
+// CheckEscrowPut verifies a sealed recovery key signed by device.
+func CheckEscrowPut(s *Signed, device string) (*EscrowPut, error) {
+	if err := s.Verify(PurposeEscrow, []string{device}); err != nil {
+		return nil, fmt.Errorf("escrow signature: %w", err)
+	}
+	var p EscrowPut
+	if err := s.Decode(&p); err != nil {
+		return nil, err
+	}
+	if p.Device != device {
+		return nil, fmt.Errorf("escrow names device %q, not its signer %s", p.Device, device)
+	}
+	if err := CheckDisk(p.Disk); err != nil {
+		return nil, err
+	}
+	if !nkeys.IsValidPublicCurveKey(p.EscrowKey) || !nkeys.IsValidPublicCurveKey(p.Sender) {
+		return nil, errors.New("escrow: escrow key or sender is not a curve key")
+	}
+	if len(p.Sealed) == 0 || len(p.Sealed) > MaxRecoveryKeyBytes+sealOverhead {
+		return nil, fmt.Errorf("escrow of %s: %d sealed bytes, at most %d", p.Disk, len(p.Sealed), MaxRecoveryKeyBytes+sealOverhead)
+	}
+	return &p, nil
+}
+
+// OpenRecoveryKey opens an escrowed key with the escrow key pair.
+func OpenRecoveryKey(p *EscrowPut, escrow nkeys.KeyPair) ([]byte, error) {
+	pub, _ := escrow.PublicKey()
+	if p.EscrowKey != pub {
+		return nil, fmt.Errorf("the recovery key of %s is sealed to escrow key %s, not to %s (an older key pair?)", p.Disk, p.EscrowKey, pub)
+	}
+	b, err := escrow.Open(p.Sealed, p.Sender)
+	if err != nil {
+		return nil, fmt.Errorf("the recovery key of %s does not open (altered, or sealed to another key): %w", p.Disk, err)
+	}
+	return b, nil
+}
+
+// EscrowFingerprint names a sealed escrow entry without saying anything of
+// the key inside.
+func EscrowFingerprint(p *EscrowPut) string {
+	sum := sha256.Sum256(p.Sealed)
+	return hex.EncodeToString(sum[:8])
+}
+
+// EscrowHave is what a device says it escrowed for one disk: confirmed
+// while the coordinator holds the same sealed entry.
+type EscrowHave struct {
+	Disk        string `json:"disk"`
+	Fingerprint string `json:"fingerprint"`
+}
+
+// EscrowSync is a device's escrow request, signed with its key: new sealed
+// keys (Puts) and what it escrowed before (Have).
+type EscrowSync struct {
+	Device string       `json:"device"`
+	Time   time.Time    `json:"time"`
+	Puts   []Signed     `json:"puts,omitempty"`
+	Have   []EscrowHave `json:"have,omitempty"`
+}
+
+// EscrowSyncReply answers it: the current escrow key statement (nil: none
+// yet) and the disks whose entry the coordinator does not hold as the
+// device says (send them again).
+type EscrowSyncReply struct {
+	Key     *Signed  `json:"key,omitempty"`
+	Missing []string `json:"missing,omitempty"`
+	Error   string   `json:"error,omitempty"`
+}
+
+// EscrowRecord is a fleet_escrow entry: the device's signed sealed key and
+// when it was escrowed and last confirmed.
+type EscrowRecord struct {
+	Signed      Signed    `json:"signed"`
+	EscrowedAt  time.Time `json:"escrowed_at"`
+	ConfirmedAt time.Time `json:"confirmed_at"`
+}
+
+// EscrowView is one device's disk as escrow ls shows it (State: escrowed,
+// stale_key: sealed to an older escrow key, missing: a LUKS device the
+// facts list with nothing escrowed).
+type EscrowView struct {
+	Device      string    `json:"device"`
+	Name        string    `json:"name"`
+	Disk        string    `json:"disk"`
+	State       string    `json:"state"`
+	EscrowKey   string    `json:"escrow_key,omitempty"`
+	EscrowedAt  time.Time `json:"escrowed_at,omitzero"`
+	ConfirmedAt time.Time `json:"confirmed_at,omitzero"`
+}
+
+// EscrowGet is the argument of escrow-get; the reply is the device's
+// records ([]EscrowRecord), to open with the escrow key pair.
+type EscrowGet struct {
+	Ref  string `json:"ref"`
+	Disk string `json:"disk,omitempty"`
+}

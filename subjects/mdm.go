@@ -60,3 +60,14 @@ func DevicePayloadsNotify(site, id string) string {
 	return DeviceInboxPrefix(site, id) + "." + tokPayloads
 }
 func DeviceEscrowNotify(site, id string) string { return DeviceInboxPrefix(site, id) + "." + tokEscrow }
+
+// Escrow verbs.
+const (
+	VerbEscrowKey = "escrow-key" // write (owner): set the escrow public key
+	VerbEscrowGet = "escrow-get" // write (owner, audited): sealed recovery keys of a device
+	VerbEscrow    = "escrow"     // read: escrow state per device and disk
+)
+
+// EscrowKeyEntry is the fleet_escrow key of the current escrow key
+// statement (device entries are "<device>.<disk>").
+const EscrowKeyEntry = "escrow-key"
