@@ -19,10 +19,17 @@ type StatusCmd struct {
 	Group    string        `help:"Only devices of this group."`
 	Watch    bool          `help:"Refresh until interrupted (in place on a terminal)."`
 	Interval time.Duration `help:"Refresh interval with --watch." default:"2s"`
+
+	// MDM views (admin/encryption.go).
+	Unencrypted bool   `help:"Only devices whose root file system is not encrypted (or not known to be)."`
+	Expiring    string `help:"Only payload certificates that expire within this time (e.g. 30d, 72h)."`
 }
 
 // Run prints one line a device and a summary.
 func (cmd *StatusCmd) Run(g *Globals) error {
+	if cmd.Unencrypted || cmd.Expiring != "" {
+		return cmd.runMDM(g)
+	}
 	if cmd.Interval <= 0 {
 		return fmt.Errorf("--interval must be positive")
 	}

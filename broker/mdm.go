@@ -2,18 +2,25 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"fleet/model"
 	"fleet/subjects"
 )
 
 // The MDM duties' verbs (remote commands, sealed payloads, recovery-key
-// escrow), added to the admin API by startAPI.
+// escrow, encryption status), added to the admin API by startAPI.
 func (s *services) mdmVerbs() []apiVerb {
-	return append(append([]apiVerb{s.commandVerb()}, s.payloadVerbs()...), s.escrowVerbs()...)
+	v := []apiVerb{s.commandVerb(), {subjects.VerbEncryption, false, subjects.RoleViewer, s.encryptionList}}
+	return append(append(v, s.payloadVerbs()...), s.escrowVerbs()...)
 }
 
 // startMDM opens the MDM buckets and subscribes the device-facing MDM
@@ -39,4 +46,154 @@ func (s *services) startMDM() error {
 		s.subs = append(s.subs, sub)
 	}
 	return nil
+}
+
+// encryptionViews is every recorded, not revoked device's encryption
+// state, from the index.
+func (s *services) encryptionViews(group string) []model.EncryptionView {
+	out := []model.EncryptionView{}
+	x := s.c.index
+	if x == nil {
+		return out
+	}
+	for _, d := range x.snapshot().devs {
+		if !d.exported() || (group != "" && !slices.Contains(d.rec.Groups, group)) {
+			continue
+		}
+		v := model.EncryptionView{Device: d.rec.ID, Name: d.rec.Name, Groups: d.rec.Groups}
+		if s.presence != nil {
+			v.Online = s.presence.Online(d.rec.ID)
+		}
+		if f := d.facts; f != nil {
+			v.RootEncrypted, v.LUKSDevices, v.FactsAt = f.Encryption.RootEncrypted, f.Encryption.LUKSDevices, f.Time
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+func (s *services) encryptionList(_ context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.DeviceList
+	if len(raw) > 0 {
+		if err := decodeArgs(raw, &a); err != nil {
+			return nil, err
+		}
+	}
+	return s.encryptionViews(a.Group), nil
+}
+
+// mdmCollector exports the MDM state: devices by encryption state, each
+// device's root encryption, certificate expiry of payloads and when each
+// escrowed recovery key was last confirmed. Bucket reads are cached for
+// mdmMetricsTTL, so scrapes stay cheap.
+type mdmCollector struct {
+	s *services
+
+	mu      sync.Mutex
+	at      time.Time
+	seqs    [2]uint64 // the buckets' last sequences when read
+	expiry  []prometheus.Metric
+	confirm []prometheus.Metric
+}
+
+const mdmMetricsTTL = 30 * time.Second
+
+var (
+	descEncryption = prometheus.NewDesc("fleet_devices_encryption",
+		"Devices by root file system encryption: encrypted, unencrypted, unknown (no facts yet).", []string{"state"}, nil)
+	descEncrypted = prometheus.NewDesc("fleet_device_root_encrypted",
+		"1 when the device's root file system is on an encrypted (LUKS) device, 0 when not (absent: unknown).", []string{"device", "name"}, nil)
+	descCertExpiry = prometheus.NewDesc("fleet_payload_cert_expiry_timestamp_seconds",
+		"Expiry of the certificate a sealed payload holds, per device and payload.", []string{"device", "name", "payload"}, nil)
+	descEscrow = prometheus.NewDesc("fleet_escrow_confirmed_timestamp_seconds",
+		"When the device last confirmed the escrowed recovery key of a disk.", []string{"device", "name", "disk"}, nil)
+)
+
+// newMDMCollector returns the coordinator's MDM metrics.
+func (c *Coordinator) newMDMCollector() prometheus.Collector { return &mdmCollector{s: c.svc} }
+
+func (m *mdmCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descEncryption
+	ch <- descEncrypted
+	ch <- descCertExpiry
+	ch <- descEscrow
+}
+
+func (m *mdmCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := map[string]float64{"encrypted": 0, "unencrypted": 0, "unknown": 0}
+	for _, v := range m.s.encryptionViews("") {
+		switch {
+		case v.RootEncrypted == nil:
+			counts["unknown"]++
+			continue
+		case *v.RootEncrypted:
+			counts["encrypted"]++
+			ch <- prometheus.MustNewConstMetric(descEncrypted, prometheus.GaugeValue, 1, v.Device, v.Name)
+		default:
+			counts["unencrypted"]++
+			ch <- prometheus.MustNewConstMetric(descEncrypted, prometheus.GaugeValue, 0, v.Device, v.Name)
+		}
+	}
+	for st, n := range counts {
+		ch <- prometheus.MustNewConstMetric(descEncryption, prometheus.GaugeValue, n, st)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if seqs := m.bucketSeqs(); seqs != m.seqs || time.Since(m.at) > mdmMetricsTTL {
+		m.refresh()
+		m.seqs = seqs
+	}
+	for _, x := range m.expiry {
+		ch <- x
+	}
+	for _, x := range m.confirm {
+		ch <- x
+	}
+}
+
+// bucketSeqs are the last sequences of the payload and escrow buckets: a
+// write since the last read refreshes the cache at once.
+func (m *mdmCollector) bucketSeqs() [2]uint64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var out [2]uint64
+	for i, kv := range []jetstream.KeyValue{m.s.payloads, m.s.escrow} {
+		if kv == nil {
+			continue
+		}
+		if st, err := kv.Status(ctx); err == nil {
+			if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+				out[i] = bs.StreamInfo().State.LastSeq
+			}
+		}
+	}
+	return out
+}
+
+func (m *mdmCollector) refresh() {
+	s := m.s
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	name := func(id string) string {
+		if d, _ := s.knownDevice(ctx, id); d != nil {
+			return d.Name
+		}
+		return ""
+	}
+	m.expiry, m.confirm = nil, nil
+	if es, err := s.payloadEntries(ctx, ">"); err == nil {
+		for _, e := range es {
+			if _, p, err := decodePayloadRecord(e); err == nil && !p.NotAfter.IsZero() {
+				m.expiry = append(m.expiry, prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue,
+					float64(p.NotAfter.Unix()), p.Device, name(p.Device), p.Name))
+			}
+		}
+	}
+	if recs, puts, err := s.escrowEntries(ctx, ">"); err == nil {
+		for i, p := range puts {
+			m.confirm = append(m.confirm, prometheus.MustNewConstMetric(descEscrow, prometheus.GaugeValue,
+				float64(recs[i].ConfirmedAt.Unix()), p.Device, name(p.Device), p.Disk))
+		}
+	}
+	m.at = time.Now()
 }

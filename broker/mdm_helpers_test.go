@@ -81,6 +81,8 @@ type mdmDevice struct {
 	creds   *accounts.Creds
 	host    string
 	actions *hostActions
+	// enc is the disk encryption its facts report (nil: none).
+	enc *model.Encryption
 	stop    func()
 }
 
@@ -89,8 +91,14 @@ type mdmDevice struct {
 // the coordinator counts the device online.
 func runDevice(t *testing.T, c *broker.Coordinator, token, host, signer string, mdm func(*agent.MDMOptions)) *mdmDevice {
 	t.Helper()
+	return runDeviceEnc(t, c, token, host, signer, nil, mdm)
+}
+
+// runDeviceEnc is runDevice for a device whose facts report enc.
+func runDeviceEnc(t *testing.T, c *broker.Coordinator, token, host, signer string, enc *model.Encryption, mdm func(*agent.MDMOptions)) *mdmDevice {
+	t.Helper()
 	cr, dir := enrollAgent(t, c, token, host)
-	d := &mdmDevice{id: cr.PublicKey(), dir: dir, creds: cr, actions: &hostActions{}, host: host}
+	d := &mdmDevice{id: cr.PublicKey(), dir: dir, creds: cr, actions: &hostActions{}, host: host, enc: enc}
 	startAgent(t, c, d, signer, mdm)
 	return d
 }
@@ -108,6 +116,12 @@ func startAgent(t *testing.T, c *broker.Coordinator, d *mdmDevice, signer string
 		ReleaseSigners: []string{signer}, Activator: idleActivator{},
 		HealthDeadline: time.Second, ReconnectWithin: time.Second, ApplyTimeout: time.Minute,
 		FactsInterval: time.Hour, Log: zerolog.Nop(), MDM: o,
+		Facts: []agent.FactSource{agent.FactSourceFunc{N: "encryption", F: func(_ context.Context, f *model.Facts) error {
+			if d.enc != nil {
+				f.Encryption = *d.enc
+			}
+			return nil
+		}}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -188,7 +202,7 @@ func restartDevice(t *testing.T, c *broker.Coordinator, d *mdmDevice, signer str
 	d.stop()
 	// Gone first, so "online" below is the new connection's.
 	poll.Until(t, 10*time.Second, d.host+" offline", func() bool { return !c.Presence().Online(d.id) })
-	n := &mdmDevice{id: d.id, dir: d.dir, creds: d.creds, host: d.host, actions: &hostActions{}}
+	n := &mdmDevice{id: d.id, dir: d.dir, creds: d.creds, host: d.host, actions: &hostActions{}, enc: d.enc}
 	startAgent(t, c, n, signer, nil)
 	return n
 }

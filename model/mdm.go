@@ -554,3 +554,18 @@ type EscrowGet struct {
 	Ref  string `json:"ref"`
 	Disk string `json:"disk,omitempty"`
 }
+
+// EncryptionView is one device's disk-encryption state from its latest
+// facts (RootEncrypted nil: not known yet).
+type EncryptionView struct {
+	Device        string    `json:"device"`
+	Name          string    `json:"name"`
+	Groups        []string  `json:"groups,omitempty"`
+	Online        bool      `json:"online"`
+	RootEncrypted *bool     `json:"root_encrypted,omitempty"`
+	LUKSDevices   []string  `json:"luks_devices,omitempty"`
+	FactsAt       time.Time `json:"facts_at,omitzero"`
+}
+
+// Encrypted reports whether the root file system is known to be encrypted.
+func (v EncryptionView) Encrypted() bool { return v.RootEncrypted != nil && *v.RootEncrypted }

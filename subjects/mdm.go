@@ -71,3 +71,6 @@ const (
 // EscrowKeyEntry is the fleet_escrow key of the current escrow key
 // statement (device entries are "<device>.<disk>").
 const EscrowKeyEntry = "escrow-key"
+
+// VerbEncryption reads each device's disk-encryption state.
+const VerbEncryption = "encryption"
