@@ -51,6 +51,7 @@ type RunCmd struct {
 	RecoveryKey map[string]string `help:"LUKS device and its recovery key file to escrow, DISK=FILE (e.g. nvme0n1p2=/var/lib/fleet-agent/recovery-nvme0n1p2; repeatable)." env:"FLEET_RECOVERY_KEYS" mapsep:","`
 	EscrowKey   string            `help:"Pin the escrow public key (X...); default: the one an admin trusted by --release-signer recorded." env:"FLEET_ESCROW_KEY"`
 }
+
 // FactsCmd is `fleet-agent facts`.
 type FactsCmd struct {
 	StateDir      string `help:"Directory of the device's creds and apply state (for the device ID and last apply)." default:"/var/lib/fleet-agent" env:"FLEET_STATE_DIR" type:"path"`

@@ -82,8 +82,8 @@ type mdmDevice struct {
 	host    string
 	actions *hostActions
 	// enc is the disk encryption its facts report (nil: none).
-	enc *model.Encryption
-	stop    func()
+	enc  *model.Encryption
+	stop func()
 }
 
 // runDevice enrols a device with token and runs the real agent for it,
