@@ -34,6 +34,7 @@ type RunCmd struct {
 	Dir           string        `help:"Work dir (coordinator data, device state, logs); default: a new temporary dir, removed afterwards." env:"FLEET_BENCH_DIR" type:"path"`
 	NoRaw         bool          `help:"Skip the raw NATS baseline." env:"FLEET_BENCH_NO_RAW"`
 	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
+	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
 	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy) and heap profile (idle) into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
 }
 
@@ -56,7 +57,7 @@ func (cmd *RunCmd) Run(k *kong.Context) error {
 	}
 	res, err := Run(ctx, Options{
 		Devices: cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
-		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, Progress: k.Stderr,
+		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, Progress: k.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("%w (logs of every process in %s)", err, dir)

@@ -208,11 +208,36 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 				r.Error = err.Error()
 			}
 		case "facts":
+			// Each agent's report is acknowledged by the coordinator once
+			// stored: the burst is in when every connection has received
+			// one more message than before (an idle agent gets nothing
+			// else).
+			before := make([]uint64, len(devs))
+			for i, d := range devs {
+				if d.nc != nil {
+					before[i] = d.nc.Stats().InMsgs
+				}
+			}
+			start := time.Now()
 			for _, d := range devs {
 				if d.ag != nil {
 					d.ag.RefreshFacts()
 				}
 			}
+			deadline := start.Add(5 * time.Minute)
+			for i := 0; i < len(devs); {
+				d := devs[i]
+				if d.nc == nil || d.nc.Stats().InMsgs > before[i] {
+					i++
+					continue
+				}
+				if time.Now().After(deadline) {
+					r.Error = d.host + ": no acknowledgement of its facts within 5 minutes"
+					break
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			r.Took = time.Since(start)
 		case "collect":
 			r.Fetched = make([]int64, len(devs))
 			r.Switches = make([]int, len(devs))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -175,13 +176,32 @@ func (s *services) status(_ context.Context, _ *model.Admin, raw json.RawMessage
 			return nil, err
 		}
 	}
-	rep := s.c.Status(q.Group)
-	rows, next, err := pageSorted(rep.Devices, func(r *model.DeviceStatusRow) string { return r.ID }, q.Page, capDevices)
+	rep := s.statusFor(q.Group, q.Page.After != "")
+	rows, next, err := pageSorted(rep.Devices, func(r *model.DeviceStatusRow) string { return r.ID }, q.Page, capStatus)
 	if err != nil {
 		return nil, err
 	}
 	rep.Devices, rep.Next = rows, next
 	return rep, nil
+}
+
+// statusReuse is how long a status report serves the pages after its
+// first: a client reading a big fleet's pages one after another gets them
+// from one pass over the index (the cursors keep pages consistent either
+// way), while a new listing always starts from the index as it is.
+const statusReuse = 2 * time.Second
+
+// statusFor returns group's status report: the one built for the first
+// page, for a later page of the same listing while it is fresh.
+func (s *services) statusFor(group string, later bool) model.StatusReport {
+	s.statusMu.Lock()
+	defer s.statusMu.Unlock()
+	if later && s.statusRep != nil && s.statusRep.Group == group && s.now().Sub(s.statusAt) < statusReuse {
+		return *s.statusRep
+	}
+	rep := s.c.Status(group)
+	s.statusRep, s.statusAt = &rep, s.now()
+	return rep
 }
 
 func (s *services) facts(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {

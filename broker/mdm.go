@@ -35,9 +35,12 @@ func (s *services) startMDM() error {
 	if s.escrow, err = s.c.js.KeyValue(ctx, subjects.BucketEscrow); err != nil {
 		return fmt.Errorf("bucket %s: %w", subjects.BucketEscrow, err)
 	}
+	if err := s.watchPayloadKeys(); err != nil {
+		return err
+	}
 	for subj, h := range map[string]nats.MsgHandler{
-		subjects.AllPayloadSync: s.onPayloadSync,
-		subjects.AllEscrowPut:   s.onEscrowSync,
+		subjects.AllPayloadSync: s.pooled(s.onPayloadSync),
+		subjects.AllEscrowPut:   s.pooled(s.onEscrowSync),
 	} {
 		sub, err := s.c.fc.QueueSubscribe(subj, subjects.CoordinatorQueue, h)
 		if err != nil {

@@ -24,7 +24,8 @@ const maxPageBytes = 512 << 10
 
 // Page size caps by verb: the most items one reply carries.
 const (
-	capDevices  = 200 // devices, status
+	capDevices  = 200 // devices
+	capStatus   = 1000
 	capProgress = 200 // rollout progress rows
 	capFacts    = 200
 	capAudit    = 200

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -130,6 +131,113 @@ func payloadView(d *model.Device, p *model.Payload, rec *model.PayloadRecord) mo
 		v.State = "delivered"
 	}
 	return v
+}
+
+// payloadKeys knows which payload keys each device has, from a watch of
+// the bucket's keys: most devices have none, and their syncs (every agent
+// asks at start and on its re-check) then cost no JetStream request.
+type payloadKeys struct {
+	mu     sync.RWMutex
+	ready  bool // the watch delivered the keys there were at start
+	keys   map[string]map[string]bool
+	cancel context.CancelFunc
+}
+
+// watchPayloadKeys starts the watch that keeps s.payloadKeys.
+func (s *services) watchPayloadKeys() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := s.payloads.WatchAll(ctx, jetstream.MetaOnly())
+	if err != nil {
+		cancel()
+		return fmt.Errorf("watch %s: %w", subjects.BucketPayloads, err)
+	}
+	pk := &payloadKeys{keys: map[string]map[string]bool{}, cancel: cancel}
+	s.payloadKeys = pk
+	go func() {
+		defer func() { _ = w.Stop() }()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				pk.apply(e)
+			}
+		}
+	}()
+	return nil
+}
+
+func (pk *payloadKeys) apply(e jetstream.KeyValueEntry) {
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	if e == nil {
+		pk.ready = true
+		return
+	}
+	dev, _, ok := strings.Cut(e.Key(), ".")
+	if !ok {
+		return
+	}
+	if e.Operation() != jetstream.KeyValuePut {
+		delete(pk.keys[dev], e.Key())
+		if len(pk.keys[dev]) == 0 {
+			delete(pk.keys, dev)
+		}
+		return
+	}
+	if pk.keys[dev] == nil {
+		pk.keys[dev] = map[string]bool{}
+	}
+	pk.keys[dev][e.Key()] = true
+}
+
+// of returns device dev's payload keys, or false before the watch has
+// caught up.
+func (pk *payloadKeys) of(dev string) ([]string, bool) {
+	if pk == nil {
+		return nil, false
+	}
+	pk.mu.RLock()
+	defer pk.mu.RUnlock()
+	if !pk.ready {
+		return nil, false
+	}
+	out := make([]string, 0, len(pk.keys[dev]))
+	for k := range pk.keys[dev] {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out, true
+}
+
+func (pk *payloadKeys) stop() {
+	if pk != nil {
+		pk.cancel()
+	}
+}
+
+// devicePayloadEntries reads device id's payload records: the keys from
+// memory once the watch has caught up, else listed from the bucket.
+func (s *services) devicePayloadEntries(ctx context.Context, id string) ([]jetstream.KeyValueEntry, error) {
+	keys, ok := s.payloadKeys.of(id)
+	if !ok {
+		return s.payloadEntries(ctx, id+".*")
+	}
+	var out []jetstream.KeyValueEntry
+	for _, k := range keys {
+		e, err := s.payloads.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read payload %s: %w", k, err)
+		}
+		out = append(out, e)
+	}
+	return out, nil
 }
 
 // payloadEntries reads the records whose keys match filter.
@@ -290,7 +398,7 @@ func (s *services) onPayloadSync(m *nats.Msg) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	es, err := s.payloadEntries(ctx, id+".*")
+	es, err := s.devicePayloadEntries(ctx, id)
 	if err != nil {
 		s.reply(m, model.PayloadSyncReply{Error: err.Error()})
 		return

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -56,6 +57,15 @@ type services struct {
 
 	api  micro.Service
 	subs []*nats.Subscription
+	// statusRep is the status report last built, for the later pages of
+	// its listing (statusFor).
+	statusMu  sync.Mutex
+	statusRep *model.StatusReport
+	statusAt  time.Time
+
+	// payloadKeys is which payload keys each device has.
+	payloadKeys *payloadKeys
+
 	// workers bounds the device handlers running at once.
 	workers chan struct{}
 	// enrollSem bounds concurrent enrollment handlers.
@@ -135,6 +145,7 @@ func (s *services) stop() {
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}
+	s.payloadKeys.stop()
 	// No handler starts work once stopping is set, so Wait cannot race
 	// with an Add from a callback still running.
 	s.workMu.Lock()
