@@ -68,16 +68,10 @@ func ParseDesired(data []byte) (DesiredMsg, error) {
 
 // getDesired asks the coordinator for the device's own desired state; the
 // answer comes only into this device's inbox.
-// minSeq, from the coordinator's trigger (0: none), lets it answer from
-// memory.
-func getDesired(ctx context.Context, nc *nats.Conn, id string, minSeq uint64) (DesiredMsg, error) {
+func getDesired(ctx context.Context, nc *nats.Conn, id string) (DesiredMsg, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	var body []byte
-	if minSeq > 0 {
-		body, _ = json.Marshal(model.DesiredGet{MinSeq: minSeq})
-	}
-	msg, err := nc.RequestWithContext(ctx, subjects.DesiredGetFor(id), body)
+	msg, err := nc.RequestWithContext(ctx, subjects.DesiredGetFor(id), nil)
 	if err != nil {
 		return DesiredMsg{}, fmt.Errorf("read desired state: %w", err)
 	}

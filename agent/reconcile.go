@@ -68,9 +68,11 @@ type Agent struct {
 	// needGet asks the loop to read the desired state: on (re)connect, on
 	// a trigger from the coordinator, and on the safety-net timer.
 	needGet bool
-	// hintSeq is the newest write a trigger named (0: none): the next
-	// read passes it on, so the coordinator can answer from memory.
-	hintSeq uint64
+	// pushed is the newest desired state a trigger carried, not handled
+	// yet; seenSeq the newest fleet_desired sequence taken, so an older
+	// one arriving late (a read answered before a push) is skipped.
+	pushed  *DesiredMsg
+	seenSeq uint64
 	wake    chan struct{}
 	factsCh chan struct{}
 	// refusedKey is the last desired state refused on verification (bad
@@ -195,46 +197,61 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 }
 
 // onNotify receives the coordinator's trigger: the desired state changed.
-// Whatever the message carries is ignored (anyone's reply could land in
-// this inbox): the loop reads the state itself, from the coordinator.
+// It carries the state, as a read's reply would: only the coordinator may
+// publish into this device's inbox (no role's template allows it, and the
+// coordinator answers only into the asker's own inbox), and what it
+// carries is checked as any desired state is, against the release's and
+// the deploy's signatures, before anything is applied. A trigger without
+// a state asks the loop to read it.
 func (a *Agent) onNotify(m *nats.Msg) {
 	a.log.Debug().Msg("desired state trigger")
-	// The sequence is only a hint for the coordinator's read: a forged
-	// one costs the coordinator a stream read, nothing else.
-	var t model.DesiredTrigger
-	_ = json.Unmarshal(m.Data, &t)
+	d, err := ParseDesired(m.Data)
 	a.mu.Lock()
-	a.needGet = true
-	a.hintSeq = max(a.hintSeq, t.Seq)
+	if err != nil || d.Seq == 0 {
+		a.needGet = true
+	} else if a.pushed == nil || d.Seq > a.pushed.Seq {
+		a.pushed = &d
+	}
 	a.mu.Unlock()
 	a.kick()
 }
 
-// next reads the desired state when asked to, or returns nil.
+// next returns the newest desired state: the one a trigger carried, or
+// one read when asked to; nil when there is none to take.
 func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
 	a.mu.Lock()
-	get, hint := a.needGet, a.hintSeq
-	a.needGet = false
+	get, pushed := a.needGet, a.pushed
+	a.needGet, a.pushed = false, nil
 	a.mu.Unlock()
-	if !get {
+	var m *DesiredMsg
+	// Not connected: OnConnect asks again.
+	if get && a.nc.IsConnected() {
+		got, err := getDesired(ctx, a.nc, a.o.DeviceID)
+		if err != nil {
+			a.mu.Lock()
+			a.needGet = true
+			if a.pushed == nil {
+				a.pushed = pushed
+			}
+			a.mu.Unlock()
+			return nil, err
+		}
+		m = &got
+	}
+	if pushed != nil && (m == nil || pushed.Seq > m.Seq) {
+		m = pushed
+	}
+	if m == nil {
 		return nil, nil
 	}
-	if !a.nc.IsConnected() {
-		return nil, nil // OnConnect asks again
-	}
-	m, err := getDesired(ctx, a.nc, a.o.DeviceID, hint)
-	if err != nil {
-		a.mu.Lock()
-		a.needGet = true
-		a.mu.Unlock()
-		return nil, err
-	}
 	a.mu.Lock()
-	if a.hintSeq <= m.Seq || m.Absent {
-		a.hintSeq = 0
-	}
+	stale := m.Seq != 0 && m.Seq < a.seenSeq
+	a.seenSeq = max(a.seenSeq, m.Seq)
 	a.mu.Unlock()
-	return &m, nil
+	if stale {
+		return nil, nil
+	}
+	return m, nil
 }
 
 func newAttempt() string {

@@ -139,7 +139,7 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 	mu.Lock()
 	answer = model.DesiredReply{Seq: 5, Desired: desiredJSON}
 	mu.Unlock()
-	if err := coord.Publish(subjects.DeviceNotify(site, id), []byte("anything: the agent reads for itself")); err != nil {
+	if err := coord.Publish(subjects.DeviceNotify(site, id), []byte("not a state: the agent reads it")); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, asks, "the desired-state read after the trigger")
@@ -165,8 +165,30 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 	for f := waitFor(t, facts, "facts"); f.LastApply == nil || f.LastApply.Result != model.ResultUnchanged; f = waitFor(t, facts, "facts after the apply") {
 	}
 
+	// A trigger that carries a newer state is taken as it is, without a
+	// read; one older than what the agent took is skipped.
+	desired2 := desired
+	desired2.IssuedAt = desired.IssuedAt.Add(time.Second)
+	desired2JSON, _ := json.Marshal(desired2)
+	for _, r := range []model.DesiredReply{{Seq: 9, Desired: desired2JSON}, {Seq: 7, Desired: desiredJSON}} {
+		b, _ := json.Marshal(r)
+		if err := coord.Publish(subjects.DeviceNotify(site, id), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, w := range want {
+		ev := waitFor(t, events.stored, "pushed state's event "+string(w.state))
+		if ev.State != w.state || ev.Result != w.result || ev.Attempt == attempt {
+			t.Fatalf("pushed state's event %d: %+v, want %s %s of a new attempt", i, ev, w.state, w.result)
+		}
+	}
+	if n := len(asks); n != 0 {
+		t.Fatalf("the agent read its state %d more time(s) after a trigger that carried it", n)
+	}
+
 	stop()
-	// Nothing else was reported: the absent state caused no event. An
+	// Nothing else was reported: the absent state and the stale push
+	// caused no event. An
 	// event whose ack was in flight at the stop is sent again by the
 	// final flush (at least once; the coordinator deduplicates by ID).
 	got, bad := events.received()
@@ -174,11 +196,11 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 	for _, ev := range got {
 		ids[model.EventMsgID(&ev)] = true
 	}
-	if len(ids) != len(want) || len(bad) != 0 {
+	if len(ids) != 2*len(want) || len(bad) != 0 {
 		t.Fatalf("coordinator got events %+v, refused %v", got, bad)
 	}
 	st, err := LoadState(dir)
-	if err != nil || st.Phase != PhaseNone || st.Last == nil || st.Last.Result != model.ResultUnchanged || st.LastKey != (&DesiredMsg{Desired: &desired}).Key() {
+	if err != nil || st.Phase != PhaseNone || st.Last == nil || st.Last.Result != model.ResultUnchanged || st.LastKey != (&DesiredMsg{Desired: &desired2}).Key() {
 		t.Fatalf("state after the apply: %+v %v", st, err)
 	}
 }

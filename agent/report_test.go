@@ -354,7 +354,7 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 	nc, coord := natsPair(t)
 	_, id := deviceKey(t)
 	ctx := context.Background()
-	if _, err := getDesired(ctx, nc, id, 0); !errors.Is(err, nats.ErrNoResponders) {
+	if _, err := getDesired(ctx, nc, id); !errors.Is(err, nats.ErrNoResponders) {
 		t.Fatalf("no coordinator: %v", err)
 	}
 	var (
@@ -379,16 +379,16 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 		mu.Unlock()
 	}
 	set(model.DesiredReply{Seq: 4, Desired: json.RawMessage(`{"release_id":"r1","store_path":"/nix/store/x"}`)})
-	m, err := getDesired(ctx, nc, id, 0)
+	m, err := getDesired(ctx, nc, id)
 	if err != nil || m.Seq != 4 || m.Desired == nil || m.Desired.ReleaseID != "r1" {
 		t.Fatalf("desired: %+v %v", m, err)
 	}
 	set(model.DesiredReply{})
-	if m, err := getDesired(ctx, nc, id, 0); err != nil || !m.Absent {
+	if m, err := getDesired(ctx, nc, id); err != nil || !m.Absent {
 		t.Fatalf("none: %+v %v", m, err)
 	}
 	set(model.DesiredReply{Error: "read desired state: timeout"})
-	if _, err := getDesired(ctx, nc, id, 0); err == nil || !strings.Contains(err.Error(), "timeout") {
+	if _, err := getDesired(ctx, nc, id); err == nil || !strings.Contains(err.Error(), "timeout") {
 		t.Fatalf("coordinator error: %v", err)
 	}
 }

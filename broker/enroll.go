@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -218,19 +219,72 @@ func (s *services) reenroll(d *model.Device, tok *tokenRecord) (*model.Device, e
 	return d, nil
 }
 
-// spend takes one use of token id, refusing when none is left.
-func (s *services) spend(ctx context.Context, id string) error {
-	return s.updateToken(ctx, id, func(t *tokenRecord) error {
-		if t.Revoked {
-			return refused("enrollment token %s was revoked", id)
+// spend takes one use of token id, refusing when none is left. The
+// enrolments waiting on one token at a moment are spent together, with one
+// compare-and-set: a fleet enrolling with one token costs a write per
+// handful of devices, not a write (and a retry storm) per device.
+func (s *services) spend(_ context.Context, id string) error {
+	v, _ := s.spenders.LoadOrStore(id, &spender{})
+	sp := v.(*spender)
+	ch := make(chan error, 1)
+	sp.mu.Lock()
+	sp.pending = append(sp.pending, ch)
+	if !sp.running {
+		sp.running = true
+		go s.spendBatches(id, sp)
+	}
+	sp.mu.Unlock()
+	// The batch is bounded by its own deadline; waiting for it (rather
+	// than the request's) keeps a spent use from going unaccounted.
+	return <-ch
+}
+
+// spender gathers one token's spends.
+type spender struct {
+	mu      sync.Mutex
+	pending []chan error
+	running bool
+}
+
+// spendBatches spends what is pending on sp, a batch at a time, until
+// nothing is.
+func (s *services) spendBatches(id string, sp *spender) {
+	for {
+		sp.mu.Lock()
+		batch := sp.pending
+		sp.pending = nil
+		if len(batch) == 0 {
+			sp.running = false
+			sp.mu.Unlock()
+			return
 		}
-		if t.Uses <= 0 {
-			return refused("enrollment token %s is used up: create a new one or one with more --uses", id)
+		sp.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		granted := 0
+		err := s.updateToken(ctx, id, func(t *tokenRecord) error {
+			if t.Revoked {
+				return refused("enrollment token %s was revoked", id)
+			}
+			granted = min(len(batch), t.Uses)
+			if granted == 0 {
+				return refused("enrollment token %s is used up: create a new one or one with more --uses", id)
+			}
+			t.Uses -= granted
+			t.Used += granted
+			return nil
+		})
+		cancel()
+		for i, ch := range batch {
+			switch {
+			case err != nil:
+				ch <- err
+			case i < granted:
+				ch <- nil
+			default:
+				ch <- refused("enrollment token %s is used up: create a new one or one with more --uses", id)
+			}
 		}
-		t.Uses--
-		t.Used++
-		return nil
-	})
+	}
 }
 
 // token reads token id; a missing token is nil without error.

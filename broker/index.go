@@ -97,12 +97,6 @@ type deviceIndex struct {
 
 	stats indexStats
 
-	// desiredMu guards desiredRaw: every device's fleet_desired entry as
-	// stored (value nil: deleted), with its sequence, so a device told of
-	// a write is answered from memory (services.onDesiredGet).
-	desiredMu  sync.RWMutex
-	desiredRaw map[string]rawDesired
-
 	// behind counts the sources (consumers and watchers) that have not yet
 	// delivered what was there when they started; caughtUp is closed when
 	// none is left, and only then does the coordinator say it is ready.
@@ -117,8 +111,6 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		devs:     map[string]*deviceState{},
 		rollouts: map[string]*model.Rollout{},
 		caughtUp: make(chan struct{}),
-
-		desiredRaw: map[string]rawDesired{},
 	}
 }
 
@@ -227,37 +219,6 @@ func (x *deviceIndex) applyRecord(id string, data []byte) {
 		s.rec = &d
 		return true
 	})
-}
-
-// rawDesired is one fleet_desired entry as stored.
-type rawDesired struct {
-	seq   uint64
-	value []byte
-}
-
-// keepDesired records device id's desired entry at sequence seq.
-func (x *deviceIndex) keepDesired(id string, seq uint64, data []byte) {
-	x.desiredMu.Lock()
-	defer x.desiredMu.Unlock()
-	if cur, ok := x.desiredRaw[id]; ok && cur.seq > seq {
-		return
-	}
-	if data == nil {
-		// Deleted: remember the sequence (a device told of the delete is
-		// answered "none"), not the key's last value.
-		x.desiredRaw[id] = rawDesired{seq: seq}
-		return
-	}
-	x.desiredRaw[id] = rawDesired{seq: seq, value: data}
-}
-
-// desiredSince returns device id's desired entry when the index has taken
-// in the write at sequence minSeq or a later one.
-func (x *deviceIndex) desiredSince(id string, minSeq uint64) (rawDesired, bool) {
-	x.desiredMu.RLock()
-	defer x.desiredMu.RUnlock()
-	d, ok := x.desiredRaw[id]
-	return d, ok && d.seq >= minSeq
 }
 
 func (x *deviceIndex) applyDesired(id string, data []byte) {
@@ -445,14 +406,11 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 	}
 	for _, w := range []struct {
 		bucket, keys string
-		apply        func(key string, rev uint64, data []byte)
+		apply        func(key string, data []byte)
 	}{
-		{subjects.BucketDevices, ">", ignoreRev(x.applyRecord)},
-		{subjects.BucketDesired, ">", func(key string, rev uint64, data []byte) {
-			x.keepDesired(key, rev, data)
-			x.applyDesired(key, data)
-		}},
-		{subjects.BucketRollouts, "*", ignoreRev(x.applyRollout)},
+		{subjects.BucketDevices, ">", x.applyRecord},
+		{subjects.BucketDesired, ">", x.applyDesired},
+		{subjects.BucketRollouts, "*", x.applyRollout},
 	} {
 		kv, err := js.KeyValue(ctx, w.bucket)
 		if err != nil {
@@ -467,11 +425,7 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 	return nil
 }
 
-func ignoreRev(apply func(key string, data []byte)) func(string, uint64, []byte) {
-	return func(key string, _ uint64, data []byte) { apply(key, data) }
-}
-
-func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, uint64, []byte)) {
+func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte)) {
 	defer kw.Stop()
 	var once sync.Once
 	for {
@@ -487,10 +441,10 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 				continue
 			}
 			if e.Operation() != jetstream.KeyValuePut {
-				apply(e.Key(), e.Revision(), nil)
+				apply(e.Key(), nil)
 				continue
 			}
-			apply(e.Key(), e.Revision(), e.Value())
+			apply(e.Key(), e.Value())
 		}
 	}
 }

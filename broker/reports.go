@@ -326,30 +326,9 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 		return
 	}
 	var r model.DesiredReply
-	var q model.DesiredGet
-	// An empty body (an older agent) asks without a hint.
-	if len(m.Data) > 0 && json.Unmarshal(m.Data, &q) != nil {
-		s.drop("desired", dropInvalid, m)
-		return
-	}
-	var seq uint64
-	var value []byte
-	var err error
-	if x := s.c.index; x != nil && q.MinSeq > 0 {
-		// The device was told of the write at MinSeq: once the index has
-		// it (or a newer one), memory is as good as the leader.
-		if d, ok := x.desiredSince(id, q.MinSeq); ok {
-			seq, value = d.seq, d.value
-			if value == nil {
-				err = jetstream.ErrKeyNotFound
-			}
-		}
-	}
-	if seq == 0 {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		seq, value, err = s.desiredFromLeader(ctx, id)
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	seq, value, err := s.desiredFromLeader(ctx, id)
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 	case err != nil:
@@ -419,8 +398,9 @@ func desiredGetDevice(subj string) (string, bool) {
 const kvOperationHeader = "KV-Operation"
 
 // onDesiredChanged turns fleet_desired's change notification (inside
-// CORE) into a trigger in the device's own inbox. The trigger carries
-// nothing: the device reads its desired state itself.
+// CORE, with the value) into a trigger in the device's own inbox that
+// carries the new state, as a read's reply would: the device is told and
+// given it in one message. The device checks it like any desired state.
 func (s *services) onDesiredChanged(m *nats.Msg) {
 	id, ok := subjects.DeviceFromSubject(m.Subject)
 	if !ok {
@@ -435,18 +415,17 @@ func (s *services) onDesiredChanged(m *nats.Msg) {
 		s.drop("notify", dropInactive, m)
 		return
 	}
-	// The write's sequence, for the device to pass back (RePublish sets
-	// it), and the value, kept before the device hears of it.
-	var t model.DesiredTrigger
-	t.Seq, _ = strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
-	if x := s.c.index; x != nil && t.Seq > 0 {
-		if m.Header.Get(kvOperationHeader) == "" {
-			x.keepDesired(id, t.Seq, m.Data)
-		} else {
-			x.keepDesired(id, t.Seq, nil) // deleted or purged
-		}
+	var r model.DesiredReply
+	r.Seq, _ = strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	switch {
+	case m.Header.Get(kvOperationHeader) != "":
+		// Deleted or purged: no desired state.
+	case !json.Valid(m.Data):
+		r.Damaged = "the stored desired state is not valid JSON"
+	default:
+		r.Desired = m.Data
 	}
-	b, _ := json.Marshal(t)
+	b, _ := json.Marshal(r)
 	s.traffic.WithLabelValues("trigger").Inc()
 	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), b)
 }

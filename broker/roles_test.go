@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"fleet/accounts"
+	"fleet/model"
 	"fleet/subjects"
 )
 
@@ -286,18 +287,22 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		if err != nil {
 			t.Fatalf("agent A got no trigger: %v", err)
 		}
-		// The trigger names the write's sequence and nothing else: never
-		// the desired state, which the device reads itself.
-		var trig map[string]any
-		if err := json.Unmarshal(m.Data, &trig); err != nil || len(trig) != 1 || trig["seq"] == nil || len(m.Header) != 0 {
-			t.Fatalf("the trigger carries data %q / headers %v; it must carry only the write's sequence", m.Data, m.Header)
+		// The trigger carries A's new state, as a read would, and nothing
+		// from the server's internals (no headers).
+		var trig model.DesiredReply
+		if err := json.Unmarshal(m.Data, &trig); err != nil || trig.Seq == 0 || !strings.Contains(string(trig.Desired), "secret-release-of-A") || len(m.Header) != 0 {
+			t.Fatalf("A's trigger carries data %q / headers %v; want A's desired state and its sequence", m.Data, m.Header)
 		}
 		if _, err := desired.Put(ctx, B, []byte(`{}`)); err != nil {
 			t.Fatal(err)
 		}
 		// B's first trigger is its own change; A's change never reached B.
-		if _, err := sb.NextMsg(5 * time.Second); err != nil {
+		mb, err := sb.NextMsg(5 * time.Second)
+		if err != nil {
 			t.Fatalf("agent B: %v", err)
+		}
+		if strings.Contains(string(mb.Data), "secret-release-of-A") {
+			t.Fatalf("B's trigger carries A's state: %s", mb.Data)
 		}
 		if n, _, _ := sb.Pending(); n != 0 {
 			t.Fatalf("agent B got %d more triggers", n)

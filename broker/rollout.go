@@ -138,11 +138,17 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		return nil, badRequest("name the target: --group G or --device ID (not both)")
 	}
 
+	began := time.Now()
+	phases := zerolog.Dict()
+	phase := func(name string) {
+		phases.Dur(name, time.Since(began))
+	}
 	rel, _, err := r.release(ctx, req.ReleaseID)
 	if err != nil {
 		return nil, err
 	}
 	targets, err := r.targets(ctx, req)
+	phase("targets")
 	if err != nil {
 		return nil, err
 	}
@@ -163,6 +169,7 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	}); err != nil {
 		return nil, err
 	}
+	phase("previous")
 	var devs []*model.RolloutDevice
 	for _, d := range targets {
 		p, ok := rel.PathFor(d.Name)
@@ -180,12 +187,14 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	if err != nil {
 		return nil, err
 	}
+	phase("busy")
 	// busy() looked; claiming decides: of two deploys racing for a device
 	// (on two coordinators), one gets it and the other is refused.
 	undo, err := r.claim(ctx, ro.ID, devs, taken)
 	if err != nil {
 		return nil, err
 	}
+	phase("claims")
 	created := false
 	defer func() {
 		if !created {
@@ -229,9 +238,11 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		return nil, fmt.Errorf("record rollout: %w", err)
 	}
 	created = true
+	phase("recorded")
 	if err := r.settle(ctx, taken, model.DeviceSuperseded, "superseded by rollout "+ro.ID); err != nil {
 		return nil, err
 	}
+	r.log.Info().Str("rollout", ro.ID).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
 	return ro, nil
 }
 
@@ -1009,6 +1020,9 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 // startBatch writes the desired state of every device of the current batch
 // that has not got it or failed before (a resume retries those).
 func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time) error {
+	began := time.Now()
+	phases := zerolog.Dict()
+	phase := func(name string) { phases.Dur(name, time.Since(began)) }
 	rel, signed, err := r.release(ctx, ro.ReleaseID)
 	if err != nil {
 		return err
@@ -1025,10 +1039,12 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	}
 	// Only devices this rollout holds the claim of are driven; another
 	// rollout took the others.
+	phase("devices")
 	claims, err := r.claimsOf(ctx)
 	if err != nil {
 		return err
 	}
+	phase("claims")
 	var batch, gone []*model.RolloutDevice
 	for _, d := range devs {
 		if d.Batch != ro.Batch || !(d.State == model.DeviceQueued || d.State.Failed()) {
@@ -1077,7 +1093,9 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		// Straight to the bucket's subject, a window at a time.
 		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b}
 	}
+	phase("prepared")
 	_, errs := publishBulk(wctx, r.js, msgs)
+	phase("desired")
 	// The devices whose desired state is written are waiting, whatever
 	// became of the others: a retry writes only those that are still
 	// queued, so no device gets its desired state twice (each write is a
@@ -1099,7 +1117,8 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	if err := firstError(errs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
 		return err
 	}
-	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Msg("rollout batch started")
+	phase("recorded")
+	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Dict("after", phases).Msg("rollout batch started")
 	return nil
 }
 

@@ -182,9 +182,9 @@ func (s *services) tokenRevoke(ctx context.Context, _ *model.Admin, raw json.Raw
 
 // updateToken applies fn to token id with a revision check, retrying when
 // another writer came first: two enrollments cannot both spend the last use.
-// Writers of one token on this coordinator take turns (tokenLock), so a
-// fleet enrolling with one token does not spin on its own compare-and-set;
-// only another coordinator's writes make it read again.
+// Writers of one token on this coordinator take turns (tokenLock), so they
+// do not spin on each other's compare-and-set; only another coordinator's
+// writes make one read again.
 func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRecord) error) error {
 	mu := s.tokenLock(id)
 	mu.Lock()

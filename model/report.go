@@ -93,24 +93,9 @@ func parseReport(b []byte, device, purpose string, limit int, v any) error {
 	return nil
 }
 
-// DesiredTrigger is what the coordinator puts in a device's inbox when its
-// desired state changed: the fleet_desired sequence of the write. The
-// device passes it back as DesiredGet.MinSeq and takes nothing else from
-// it (anyone's message could land in that inbox, so at worst a forged one
-// makes the coordinator read its stream).
-type DesiredTrigger struct {
-	Seq uint64 `json:"seq,omitempty"`
-}
-
-// DesiredGet is a device's request for its desired state. MinSeq, from a
-// trigger, lets the coordinator answer from memory when it has that write
-// or a newer one; without it the coordinator reads the stream leader.
-type DesiredGet struct {
-	MinSeq uint64 `json:"min_seq,omitempty"`
-}
-
 // DesiredReply answers a device's request for its desired state: the
 // fleet_desired entry's revision and value (Desired nil: none), or an error.
+// The trigger of a change carries the same, the entry just written.
 type DesiredReply struct {
 	Seq     uint64          `json:"seq,omitempty"`
 	Desired json.RawMessage `json:"desired,omitempty"`
