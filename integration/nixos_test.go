@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -214,6 +215,9 @@ func TestNixOSAgentModule(t *testing.T) {
       reconnectWithin = "90s";
       recheck = "10m";
       approvalPoll = "20s";
+      payloadDir = "/run/fleet-test/payloads";
+      recoveryKeys = { nvme0n1p2 = "/var/lib/fleet-agent/recovery-nvme0n1p2"; sda1 = "/run/agenix/luks recovery sda1"; };
+      escrowKey = "XDMN333ISMBVAKFHWQHHAUJ4G5ZOQZVG4SZLC2C25ENRXUOCPTCRIH7Q";
       substituter = "https://cache.example.org";
       trustedPublicKeys = [ "cache-1:AAAA" ];
       extraFlags = [ "--hostname=%H-100%" "$HOME" ];
@@ -266,6 +270,15 @@ func TestNixOSAgentModule(t *testing.T) {
 	if u.get("Service", "StateDirectory") != "fleet-agent" || u.get("Service", "StateDirectoryMode") != "0700" {
 		t.Errorf("StateDirectory=%q mode %q", u.get("Service", "StateDirectory"), u.get("Service", "StateDirectoryMode"))
 	}
+	// The payload dir is made at boot and kept across restarts of the
+	// agent: a tmpfiles "d" line, no RuntimeDirectory (removed when the
+	// unit stops).
+	if !slices.Contains(r.Tmpfiles, "d /run/fleet-test/payloads 0755 root root - -") {
+		t.Errorf("tmpfiles %q lack the payload dir", r.Tmpfiles)
+	}
+	if v, ok := u["Service"]["RuntimeDirectory"]; ok {
+		t.Errorf("agent unit sets RuntimeDirectory=%q: payloads would vanish whenever the agent restarts", v)
+	}
 
 	// ExecStart: systemd's own specifiers and variables are escaped, so the
 	// agent gets the arguments as written in extraFlags.
@@ -313,6 +326,12 @@ func TestNixOSAgentModule(t *testing.T) {
 		run.ReconnectWithin != 90*time.Second || run.Recheck != 10*time.Minute || run.ApprovalPoll != 20*time.Second ||
 		run.StateDir != "/var/lib/fleet-agent" || cli.LogFormat != "json" {
 		t.Errorf("parsed run = %+v (log format %q)", run, cli.LogFormat)
+	}
+	wantKeys := map[string]string{"nvme0n1p2": "/var/lib/fleet-agent/recovery-nvme0n1p2", "sda1": "/run/agenix/luks recovery sda1"}
+	if run.PayloadDir != "/run/fleet-test/payloads" || !maps.Equal(run.RecoveryKey, wantKeys) ||
+		run.EscrowKey != "XDMN333ISMBVAKFHWQHHAUJ4G5ZOQZVG4SZLC2C25ENRXUOCPTCRIH7Q" {
+		b, _ := os.ReadFile(configPath)
+		t.Errorf("parsed payload dir %q, recovery keys %q, escrow key %q from\n%s", run.PayloadDir, run.RecoveryKey, run.EscrowKey, b)
 	}
 }
 
@@ -536,6 +555,7 @@ func TestNixOSModuleChecks(t *testing.T) {
 		assertion            string // a failed assertion with this text
 		warning              string // a warning with this text
 		evalError            []string
+		check                func(t *testing.T, r *nixosReport) // more checks on a good evaluation
 	}{
 		// Baselines: these hold, so each case below fails because of its
 		// one changed option.
@@ -559,6 +579,17 @@ func TestNixOSModuleChecks(t *testing.T) {
 			config:   `{ services.fleet-agent = { ` + agentBase + ` }; }`,
 			override: `{ services.fleet-agent = { releaseSigners = lib.mkForce [ ]; }; }`,
 			warning:  "services.fleet-agent.releaseSigners is empty"},
+		{name: "recovery key disk as a /dev path", module: "agent.nix",
+			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
+			override:  `{ services.fleet-agent = { recoveryKeys."/dev/nvme0n1p2" = "/var/lib/fleet-agent/recovery"; }; }`,
+			assertion: `services.fleet-agent.recoveryKeys: "/dev/nvme0n1p2" is not a disk name`},
+		{name: "agent default payload dir", module: "agent.nix",
+			config: `{ services.fleet-agent = { ` + agentBase + ` recoveryKeys = { }; }; }`,
+			check: func(t *testing.T, r *nixosReport) {
+				if !slices.Contains(r.Tmpfiles, "d /run/fleet/payloads 0755 root root - -") {
+					t.Errorf("tmpfiles %q lack the default payload dir", r.Tmpfiles)
+				}
+			}},
 		{name: "prometheus without http", module: "coordinator.nix",
 			config:    `{ services.fleet-coordinator = { ` + coordBase + ` }; }`,
 			override:  `{ services.fleet-coordinator = { http = ""; prometheus.enable = true; }; }`,
@@ -615,6 +646,22 @@ func TestNixOSModuleChecks(t *testing.T) {
 			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
 			override:  `{ services.fleet-agent = { logLevel = "verbose"; }; }`,
 			evalError: []string{"services.fleet-agent.logLevel", "is not of type"}},
+		{name: "recovery key file in the store", module: "agent.nix",
+			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
+			override:  `{ services.fleet-agent = { recoveryKeys.sda2 = "${builtins.storeDir}/0000-recovery-key"; }; }`,
+			evalError: []string{"services.fleet-agent.recoveryKeys.sda2", "absolute path outside the Nix store"}},
+		{name: "recovery key file as a Nix path", module: "agent.nix",
+			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
+			override:  `{ services.fleet-agent = { recoveryKeys.sda2 = /etc/luks-recovery; }; }`,
+			evalError: []string{"services.fleet-agent.recoveryKeys.sda2", "absolute path outside the Nix store"}},
+		{name: "payload dir relative", module: "agent.nix",
+			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
+			override:  `{ services.fleet-agent = { payloadDir = "payloads"; }; }`,
+			evalError: []string{"services.fleet-agent.payloadDir", "absolute path outside the Nix store"}},
+		{name: "escrow key not a curve key", module: "agent.nix",
+			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
+			override:  `{ services.fleet-agent = { escrowKey = "UAOWNER"; }; }`,
+			evalError: []string{"services.fleet-agent.escrowKey", "escrow public key"}},
 		{name: "health check of unknown type", module: "agent.nix",
 			config:    `{ services.fleet-agent = { ` + agentBase + ` }; }`,
 			override:  `{ services.fleet-agent = { healthChecks.x = { type = "ping"; }; }; }`,
@@ -664,6 +711,9 @@ func TestNixOSModuleChecks(t *testing.T) {
 			}
 			if c.warning != "" && !slices.ContainsFunc(r.Warnings, func(w string) bool { return strings.Contains(w, c.warning) }) {
 				t.Errorf("warnings %q; want one containing %q", r.Warnings, c.warning)
+			}
+			if c.check != nil {
+				c.check(t, r)
 			}
 		})
 	}

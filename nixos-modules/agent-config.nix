@@ -10,7 +10,9 @@
 #     => { server = [ "nats://hub:4222" ]; ... }   # goes to builtins.toJSON
 #
 # Settings are named like the NixOS options (camelCase). A setting that is
-# null or absent is left out of the file, so the agent's own default applies.
+# null, absent or empty ([ ], { }) is left out of the file, so the agent's
+# own default applies. A map flag (recoveryKeys: --recovery-key DISK=FILE)
+# is written as a JSON object, which kong reads as the map.
 # An unknown setting name is an error, so a typo cannot be silently dropped.
 #
 # Key spelling. Every key is spelled as on the command line: flags of
@@ -34,6 +36,9 @@ let
     applyTimeout = "apply-timeout";
     recheck = "recheck";
     approvalPoll = "approval-poll";
+    payloadDir = "payload-dir";
+    recoveryKeys = "recovery-key";
+    escrowKey = "escrow-key";
     logLevel = "log-level";
     logFormat = "log-format";
   };
@@ -60,8 +65,8 @@ let
   # The config key of a flag: its name as on the command line.
   kongKey = flag: flag;
 
-  # Absent, null and empty lists mean "not set".
-  isSet = v: v != null && v != [ ];
+  # Absent, null, empty lists and empty attrsets mean "not set".
+  isSet = v: v != null && v != [ ] && v != { };
 
   # Keep the set entries of attrs, renamed by names (option -> key).
   rename = what: names: attrs:

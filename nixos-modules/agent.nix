@@ -24,7 +24,7 @@ let
   cfg = config.services.fleet-agent;
   agentConfig = import ./agent-config.nix;
 
-  inherit (import ./types.nix { inherit lib; }) duration;
+  inherit (import ./types.nix { inherit lib; }) duration hostPath isDiskName;
 
   healthCheckModule = { name, ... }: {
     options = {
@@ -91,6 +91,8 @@ let
   configFile = pkgs.writeText "fleet-agent.json" (builtins.toJSON (agentConfig settings));
 
   defaultStateDir = "/var/lib/fleet-agent";
+
+  badDisks = builtins.filter (d: !isDiskName d) (builtins.attrNames cfg.recoveryKeys);
 in
 {
   options.services.fleet-agent = {
@@ -210,6 +212,58 @@ in
       description = "While the device waits for approval, how often to ask (with jitter).";
     };
 
+    payloadDir = mkOption {
+      type = hostPath;
+      default = "/run/fleet/payloads";
+      description = ''
+        Where sealed payloads (`fleet-admin payload push`) are written, each
+        file with the owner and mode it was pushed with (flag
+        --payload-dir). The default is on tmpfs: opened payloads never reach
+        the disk, and the agent fetches them again after a reboot. The
+        module creates the directory at boot (systemd-tmpfiles, root, 0755),
+        so it survives restarts of the agent and services can point at
+        files in it.
+      '';
+    };
+
+    recoveryKeys = mkOption {
+      type = types.attrsOf hostPath;
+      default = { };
+      example = literalExpression ''
+        {
+          nvme0n1p2 = "/var/lib/fleet-agent/recovery-nvme0n1p2";
+          sda1 = config.age.secrets.luks-recovery-sda1.path;
+        }
+      '';
+      description = ''
+        LUKS devices and their recovery key files, to escrow (flag
+        --recovery-key DISK=FILE). The name is the device's kernel name as
+        `lsblk` and the agent's facts show it (`nvme0n1p2`, not
+        `/dev/nvme0n1p2`), so `fleet-admin escrow ls` matches it with the
+        device's LUKS devices. The file holds the key, e.g. the output of
+        `systemd-cryptenroll --recovery-key`; the agent (root) reads it,
+        seals it to the escrow key and sends it again whenever it changes.
+        Keep it root-only (0400) outside the Nix store: paths are strings,
+        and store paths are refused.
+      '';
+    };
+
+    escrowKey = mkOption {
+      type = types.nullOr ((types.strMatching "X[A-Z2-7]{55}") // {
+        description = "escrow public key (X..., 56 characters)";
+      });
+      default = null;
+      example = "XDMN333ISMBVAKFHWQHHAUJ4G5ZOQZVG4SZLC2C25ENRXUOCPTCRIH7Q";
+      description = ''
+        Pin the escrow public key (`fleet-admin escrow init` prints it; flag
+        --escrow-key). The agent learns the escrow key from the coordinator
+        in a statement that must be signed by an admin in releaseSigners;
+        with a pin, that statement must also name this key, so recovery
+        keys are sealed to no other (a rotated key is refused until the pin
+        is changed too). null: the signed statement decides.
+      '';
+    };
+
     logLevel = mkOption {
       type = types.enum [ "debug" "info" "warn" "error" ];
       default = "info";
@@ -256,7 +310,12 @@ in
   };
 
   config = mkIf cfg.enable {
-    assertions = lib.flatten (lib.mapAttrsToList
+    assertions = [
+      {
+        assertion = badDisks == [ ];
+        message = "services.fleet-agent.recoveryKeys: ${lib.concatMapStringsSep ", " builtins.toJSON badDisks} ${if builtins.length badDisks == 1 then "is not a disk name" else "are not disk names"}; use the kernel name lsblk shows, without /dev/ (e.g. nvme0n1p2).";
+      }
+    ] ++ lib.flatten (lib.mapAttrsToList
       (key: hc: [
         {
           assertion = hc.type != "systemd" || hc.units != [ ];
@@ -281,8 +340,14 @@ in
     nix.settings.extra-substituters = lib.optional (cfg.substituter != null) cfg.substituter;
     nix.settings.extra-trusted-public-keys = cfg.trustedPublicKeys;
 
+    # The payload dir: created at boot with "d" (never "D", which would
+    # empty it at every switch, when systemd-tmpfiles-resetup runs with
+    # --remove), not as a RuntimeDirectory, which systemd removes whenever
+    # the unit stops. The agent writes it as root, and the unit has no
+    # ProtectSystem, so it needs no ReadWritePaths (see below).
     systemd.tmpfiles.rules = lib.optional (cfg.stateDir != defaultStateDir)
-      "d ${cfg.stateDir} 0700 root root - -";
+      "d ${cfg.stateDir} 0700 root root - -"
+    ++ [ "d ${cfg.payloadDir} 0755 root root - -" ];
 
     systemd.services.fleet-agent = {
       description = "fleet agent";

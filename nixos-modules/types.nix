@@ -14,6 +14,21 @@ rec {
     description = "listen address with a port (host:port, [v6]:port or :port)";
   };
 
+  # An absolute path on the machine, outside the Nix store, given as a
+  # string: for files that hold secrets (a recovery key) or that the
+  # service writes. A Nix path literal (./key) or "${./key}" would copy the
+  # file into the world-readable, read-only store, so both are refused.
+  hostPath = (types.addCheck (types.strMatching "/.+")
+    (p: !lib.hasPrefix "${builtins.storeDir}/" p)) // {
+    description = "absolute path outside the Nix store (a string, not a Nix path)";
+  };
+
+  # A block device as the agent's facts name it: its kernel name, as
+  # `lsblk` prints it (nvme0n1p2, sda2), without /dev/
+  # (model.CheckDisk).
+  isDiskName = d: builtins.stringLength d <= 128
+    && builtins.match "[A-Za-z0-9_-]([A-Za-z0-9_./-]*[A-Za-z0-9_-])?" d != null;
+
   # The port of a listenAddress.
   portOf = addr: lib.toInt (lib.last (lib.splitString ":" addr));
 }

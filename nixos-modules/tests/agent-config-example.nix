@@ -22,6 +22,11 @@ agentConfig {
   applyTimeout = "30m";
   recheck = "15m";
   approvalPoll = "30s";
+  payloadDir = "/run/fleet/payloads";
+  # recoveryKeys (a map) is checked by integration/nixos_test.go: the
+  # fixture check here compares strings, lists, numbers and booleans.
+  recoveryKeys = { };
+  escrowKey = "XDMN333ISMBVAKFHWQHHAUJ4G5ZOQZVG4SZLC2C25ENRXUOCPTCRIH7Q";
   logLevel = "info";
   logFormat = "json";
   healthDeadline = "5m";
