@@ -36,6 +36,11 @@ type Options struct {
 	// fleet-agent's).
 	FactsInterval time.Duration
 	Dir           string
+	// DeviceDir holds the simulated devices' state dirs (default: under
+	// Dir). Each real device writes its state to its own disk; thousands
+	// sharing the bench machine's disk with the coordinator would measure
+	// that disk, so the CLI puts them in memory (/dev/shm) when it can.
+	DeviceDir string
 	// Self is the fleet-bench executable, run again as coordinator and
 	// simulators.
 	Self string
@@ -69,9 +74,12 @@ func latency(ds []time.Duration) Latency {
 
 // Rollout is one deploy's figures.
 type Rollout struct {
-	Strategy string  `json:"strategy"`
-	Batches  []int   `json:"batches"`
-	Notify   Latency `json:"notify"`
+	Strategy string `json:"strategy"`
+	Batches  []int  `json:"batches"`
+	// Notify is deploy → the trigger carrying the new state arrived at
+	// the agent; Acted, → the agent had checked it and began to fetch.
+	Notify Latency `json:"notify"`
+	Acted  Latency `json:"acted"`
 	// Succeeded is deploy → the rollout's state succeeded, in seconds.
 	Succeeded float64 `json:"succeeded_s"`
 	State     string  `json:"state"`
@@ -91,6 +99,7 @@ type Result struct {
 	LoadStart float64   `json:"load_avg_start"`
 	LoadEnd   float64   `json:"load_avg_end"`
 	Started   time.Time `json:"started"`
+	DeviceDir string    `json:"device_dir"`
 
 	EnrollSeconds float64 `json:"enroll_s"`
 	EnrollRetries int64   `json:"enroll_retries"`
@@ -239,7 +248,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.FactsInterval <= 0 {
 		o.FactsInterval = time.Minute
 	}
-	res := &Result{Devices: o.Devices, LoadStart: loadAvg(), Started: time.Now().UTC()}
+	if o.DeviceDir == "" {
+		o.DeviceDir = filepath.Join(o.Dir, "devices")
+	}
+	res := &Result{Devices: o.Devices, LoadStart: loadAvg(), Started: time.Now().UTC(), DeviceDir: o.DeviceDir}
 	if !o.NoRaw {
 		raw, err := runRaw(ctx, o)
 		if err != nil {
@@ -311,7 +323,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	var sims []*sim
 	for i, part := range split(o.Devices, o.PerProcess) {
 		s, err := startSim(ctx, o.Self, "sim", filepath.Join(o.Dir, fmt.Sprintf("sim-%d.log", i)), simConfig{
-			Servers: []string{server}, Dir: filepath.Join(o.Dir, "devices"), First: part[0], Count: part[1],
+			Servers: []string{server}, Dir: o.DeviceDir, First: part[0], Count: part[1],
 			Token: tok.Token, Signer: cr.PublicKey(), FactsInterval: o.FactsInterval, Gen0: gen0,
 		})
 		if err != nil {
@@ -326,7 +338,9 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	// simulator).
 	o.progress("enrol: %d devices over %d simulator processes", o.Devices, len(sims))
 	start := time.Now()
+	enrolProfiled := o.profile(ctx, httpPort, "enroll-cpu.pb.gz", "profile?seconds=10")
 	replies, err := all(sims, simCmd{Op: "enroll"})
+	<-enrolProfiled
 	if err != nil {
 		return err
 	}
@@ -444,18 +458,21 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		if err != nil {
 			return r, err
 		}
-		var ds []time.Duration
+		var acted, notified []time.Duration
 		switches := 0
 		for _, rep := range replies {
 			for i, at := range rep.Fetched {
 				if at != 0 {
-					ds = append(ds, time.Unix(0, at).Sub(t0))
+					acted = append(acted, time.Unix(0, at).Sub(t0))
+				}
+				if rec := rep.Received[i]; rec != 0 {
+					notified = append(notified, time.Unix(0, rec).Sub(t0))
 				}
 				switches += rep.Switches[i]
 			}
 		}
-		r.Notify = latency(ds)
-		r.Notified = len(ds)
+		r.Notify, r.Acted = latency(notified), latency(acted)
+		r.Notified = len(acted)
 		r.SwitchesPerDevice = float64(switches) / float64(o.Devices)
 		trig1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
 		get1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})

@@ -32,6 +32,7 @@ type RunCmd struct {
 	Idle          time.Duration `help:"How long to watch the idle fleet's CPU." default:"60s" env:"FLEET_BENCH_IDLE"`
 	FactsInterval time.Duration `help:"The agents' facts interval." default:"60s" env:"FLEET_BENCH_FACTS_INTERVAL"`
 	Dir           string        `help:"Work dir (coordinator data, device state, logs); default: a new temporary dir, removed afterwards." env:"FLEET_BENCH_DIR" type:"path"`
+	DeviceDir     string        `help:"Where the simulated devices keep their state; default: a new dir in /dev/shm when there is one (real devices each write to their own disk, not the bench machine's), else under --dir." env:"FLEET_BENCH_DEVICE_DIR" type:"path"`
 	NoRaw         bool          `help:"Skip the raw NATS baseline." env:"FLEET_BENCH_NO_RAW"`
 	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
@@ -55,8 +56,18 @@ func (cmd *RunCmd) Run(k *kong.Context) error {
 	} else if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
+	devDir := cmd.DeviceDir
+	if devDir == "" {
+		if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+			if devDir, err = os.MkdirTemp("/dev/shm", "fleet-bench-devices-"); err != nil {
+				return err
+			}
+			defer os.RemoveAll(devDir)
+		}
+	}
 	res, err := Run(ctx, Options{
-		Devices: cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
+		DeviceDir: devDir,
+		Devices:   cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
 		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, Progress: k.Stderr,
 	})
 	if err != nil {

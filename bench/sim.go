@@ -21,6 +21,7 @@ import (
 	"fleet/accounts"
 	"fleet/agent"
 	"fleet/model"
+	"fleet/subjects"
 )
 
 // A simulator process runs many real agent loops (the agent package, each
@@ -57,6 +58,7 @@ type simReply struct {
 	// never) and how many times it switched to it.
 	Fetched  []int64 `json:"fetched,omitempty"`
 	Switches []int   `json:"switches,omitempty"`
+	Received []int64 `json:"received,omitempty"`
 	// raw collect: when each connection's reply to its request arrived.
 	Answered []int64 `json:"answered,omitempty"`
 	Warnings int64   `json:"warnings,omitempty"`
@@ -71,10 +73,29 @@ type instant struct {
 	current  string
 	fetched  map[string]int64
 	switches map[string]int
+	// received is when a trigger carrying each path first arrived on the
+	// device's connection (before the agent's own checks).
+	received map[string]int64
 }
 
 func newInstant(gen0 string) *instant {
-	return &instant{current: gen0, fetched: map[string]int64{}, switches: map[string]int{}}
+	return &instant{current: gen0, fetched: map[string]int64{}, switches: map[string]int{}, received: map[string]int64{}}
+}
+
+// onTrigger notes when a trigger first brought each store path: a second
+// subscription on the agent's own connection to its own trigger subject.
+func (a *instant) onTrigger(m *nats.Msg) {
+	now := time.Now().UnixNano()
+	var r model.DesiredReply
+	var d model.Desired
+	if json.Unmarshal(m.Data, &r) != nil || json.Unmarshal(r.Desired, &d) != nil || d.StorePath == "" {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.received[d.StorePath]; !ok {
+		a.received[d.StorePath] = now
+	}
 }
 
 func (a *instant) Current(context.Context) (string, error) {
@@ -240,10 +261,12 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 			r.Took = time.Since(start)
 		case "collect":
 			r.Fetched = make([]int64, len(devs))
+			r.Received = make([]int64, len(devs))
 			r.Switches = make([]int, len(devs))
 			for i, d := range devs {
 				d.act.mu.Lock()
 				r.Fetched[i] = d.act.fetched[c.Path]
+				r.Received[i] = d.act.received[c.Path]
 				r.Switches[i] = d.act.switches[c.Path]
 				d.act.mu.Unlock()
 			}
@@ -331,6 +354,9 @@ func startAll(ctx, runCtx context.Context, running *sync.WaitGroup, cfg simConfi
 			return err
 		}
 		d.ag, d.nc = ag, nc
+		if _, err := nc.Subscribe(subjects.DeviceNotify(d.creds.Site(), d.creds.PublicKey()), d.act.onTrigger); err != nil {
+			return err
+		}
 		running.Go(func() { _ = ag.Run(runCtx, nc) })
 	}
 	deadline := time.Now().Add(5 * time.Minute)

@@ -43,10 +43,14 @@ type Coordinator struct {
 	// triggers); sys its system-account connection (account updates,
 	// connection events). No client can reach CORE: these handlers are the
 	// only bridge.
-	nc  *nats.Conn
-	fc  *nats.Conn
-	sys *nats.Conn
-	js  jetstream.JetStream
+	nc *nats.Conn
+	fc *nats.Conn
+	// engineNC and indexNC are the rollout engine's and the device
+	// index's own CORE connections.
+	engineNC, indexNC *nats.Conn
+	engineJS, indexJS jetstream.JetStream
+	sys               *nats.Conn
+	js                jetstream.JetStream
 	// svc are enrollment, the admin API and presence (services.go).
 	svc *services
 
@@ -230,7 +234,7 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	// The API serves rollouts, so their store exists before the API starts.
-	if c.rollouts, err = newRollouts(ctx, c.js, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
+	if c.rollouts, err = newRollouts(ctx, c.engineJS, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -242,6 +246,7 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		c.Close()
 		return nil, err
 	}
+	c.rollouts.notify = c.svc
 	if err := c.startEngine(); err != nil {
 		c.Close()
 		return nil, err
@@ -270,7 +275,7 @@ func (c *Coordinator) startEngine() error {
 		defer close(c.engineDone)
 		c.rollouts.Run(runCtx)
 	}()
-	if err := c.index.run(runCtx, c.js); err != nil {
+	if err := c.index.run(runCtx, c.indexJS); err != nil {
 		return fmt.Errorf("device index: %w", err)
 	}
 	// Online status comes from the server's connect events.
@@ -406,6 +411,26 @@ func (c *Coordinator) connect() error {
 	c.js, err = jetstream.New(c.nc)
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
+	}
+	// The rollout engine and the device index each get a CORE connection
+	// of their own: a connection is one lock and one reader in the client
+	// and the server, and the index's flood of deliveries during a rollout
+	// must not hold up the engine's writes of desired states.
+	for _, o := range []struct {
+		name string
+		nc   **nats.Conn
+		js   *jetstream.JetStream
+	}{{"fleet-coordinator-engine", &c.engineNC, &c.engineJS}, {"fleet-coordinator-index", &c.indexNC, &c.indexJS}} {
+		cr, err := c.auth.CoreUser(o.name)
+		if err != nil {
+			return err
+		}
+		if *o.nc, err = c.InProcessConn(cr, o.name); err != nil {
+			return err
+		}
+		if *o.js, err = jetstream.New(*o.nc); err != nil {
+			return fmt.Errorf("jetstream: %w", err)
+		}
 	}
 	return nil
 }
@@ -556,6 +581,11 @@ func (c *Coordinator) Close() {
 		}
 		if c.nc != nil {
 			_ = c.nc.Drain()
+		}
+		for _, nc := range []*nats.Conn{c.engineNC, c.indexNC} {
+			if nc != nil {
+				nc.Close()
+			}
 		}
 		if c.sys != nil {
 			c.sys.Close()

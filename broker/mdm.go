@@ -39,14 +39,12 @@ func (s *services) startMDM() error {
 		return err
 	}
 	for subj, h := range map[string]nats.MsgHandler{
-		subjects.AllPayloadSync: s.pooled(s.onPayloadSync),
-		subjects.AllEscrowPut:   s.pooled(s.onEscrowSync),
+		subjects.AllPayloadSync: s.onPayloadSync,
+		subjects.AllEscrowPut:   s.onEscrowSync,
 	} {
-		sub, err := s.c.fc.QueueSubscribe(subj, subjects.CoordinatorQueue, h)
-		if err != nil {
-			return fmt.Errorf("subscribe %s: %w", subj, err)
+		if err := s.subscribeLanes(subj, false, s.pooled(func(_ *lane, m *nats.Msg) { h(m) })); err != nil {
+			return err
 		}
-		s.subs = append(s.subs, sub)
 	}
 	return nil
 }

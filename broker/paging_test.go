@@ -174,7 +174,7 @@ func TestStatusPagesLargeFleet(t *testing.T) {
 	if err := cl.Call(context.Background(), subjects.VerbStatus, false, model.StatusQuery{Page: model.Page{Limit: 100000}}, &page); err != nil {
 		t.Fatal(err)
 	}
-	if len(page.Devices) != capDevices || page.Next == "" || page.Summary != want {
+	if len(page.Devices) != capStatus || page.Next == "" || page.Summary != want {
 		t.Fatalf("first page: %d rows, next %q, summary %+v", len(page.Devices), page.Next, page.Summary)
 	}
 

@@ -462,5 +462,5 @@ func (s *services) reply(m *nats.Msg, v any) {
 	if m.Reply == "" {
 		return
 	}
-	_ = s.c.fc.Publish(m.Reply, mustJSON(v))
+	_ = m.Respond(mustJSON(v))
 }

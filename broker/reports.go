@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
@@ -122,31 +121,31 @@ func (s *services) drop(handler, reason string, m *nats.Msg) {
 // single line behind each wait.
 const deviceWorkers = 64
 
-// startDeviceHandlers subscribes the device-facing handlers, each in the
-// coordinators' queue group so one coordinator of a cluster takes each
-// message.
+// startDeviceHandlers subscribes the device-facing handlers on every
+// lane, each in the coordinators' queue group so one coordinator of a
+// cluster (and one lane of it) takes each message.
 func (s *services) startDeviceHandlers() error {
 	for _, h := range []struct {
-		nc   *nats.Conn
 		subj string
-		f    nats.MsgHandler
+		core bool
+		f    func(*lane, *nats.Msg)
 	}{
-		{s.c.fc, subjects.AllFacts, s.pooled(s.onFacts)},
-		{s.c.fc, subjects.AllEvents, s.pooled(s.onEvent)},
-		{s.c.fc, subjects.AllDesiredGet, s.pooled(s.onDesiredGet)},
-		// The KV's change notifications, inside CORE.
-		{s.c.nc, subjects.AllDesired, s.onDesiredChanged},
+		{subjects.AllFacts, false, s.pooled(s.onFacts)},
+		{subjects.AllEvents, false, s.pooled(s.onEvent)},
+		{subjects.AllDesiredGet, false, s.pooled(func(_ *lane, m *nats.Msg) { s.onDesiredGet(m) })},
 	} {
-		sub, err := h.nc.QueueSubscribe(h.subj, subjects.CoordinatorQueue, h.f)
-		if err != nil {
-			return fmt.Errorf("subscribe %s: %w", h.subj, err)
+		if err := s.subscribeLanes(h.subj, h.core, h.f); err != nil {
+			return err
 		}
-		// A burst of a whole fleet's reports must wait, not be dropped by
-		// the client library.
-		if err := sub.SetPendingLimits(-1, 256<<20); err != nil {
-			return fmt.Errorf("subscribe %s: %w", h.subj, err)
+	}
+	// Known to the server before the coordinator says it is ready.
+	for _, l := range s.lanes {
+		if err := l.fc.Flush(); err != nil {
+			return fmt.Errorf("flush device handlers: %w", err)
 		}
-		s.subs = append(s.subs, sub)
+		if err := l.nc.Flush(); err != nil {
+			return fmt.Errorf("flush device handlers: %w", err)
+		}
 	}
 	return nil
 }
@@ -154,8 +153,8 @@ func (s *services) startDeviceHandlers() error {
 // pooled runs f for each message on a goroutine of its own, at most
 // deviceWorkers at once; beyond that the subscription waits (its pending
 // buffer holds the rest).
-func (s *services) pooled(f nats.MsgHandler) nats.MsgHandler {
-	return func(m *nats.Msg) {
+func (s *services) pooled(f func(*lane, *nats.Msg)) func(*lane, *nats.Msg) {
+	return func(l *lane, m *nats.Msg) {
 		s.workers <- struct{}{}
 		if !s.begin() {
 			<-s.workers
@@ -166,7 +165,7 @@ func (s *services) pooled(f nats.MsgHandler) nats.MsgHandler {
 				<-s.workers
 				s.wg.Done()
 			}()
-			f(m)
+			f(l, m)
 		}()
 	}
 }
@@ -216,8 +215,8 @@ func siteOf(d *model.Device) string {
 	return d.Site
 }
 
-func (s *services) onFacts(m *nats.Msg) {
-	s.onReport("facts", m, func(id string) ([]byte, string, error) {
+func (s *services) onFacts(l *lane, m *nats.Msg) {
+	s.onReport(l, "facts", m, func(id string) ([]byte, string, error) {
 		f, err := model.ParseFacts(m.Data, id)
 		if err != nil {
 			return nil, "", err
@@ -227,8 +226,8 @@ func (s *services) onFacts(m *nats.Msg) {
 	})
 }
 
-func (s *services) onEvent(m *nats.Msg) {
-	s.onReport("events", m, func(id string) ([]byte, string, error) {
+func (s *services) onEvent(l *lane, m *nats.Msg) {
+	s.onReport(l, "events", m, func(id string) ([]byte, string, error) {
 		ev, err := model.ParseEvent(m.Data, id)
 		if err != nil {
 			return nil, "", err
@@ -244,7 +243,8 @@ func (s *services) onEvent(m *nats.Msg) {
 // recorded, active device answering into its own inbox; verify checks the
 // signature and returns what to store (and its deduplication ID); the
 // device's rate decides; then it is stored on the subject it came on.
-func (s *services) onReport(handler string, m *nats.Msg, verify func(id string) ([]byte, string, error)) {
+func (s *services) onReport(l *lane, handler string, m *nats.Msg, verify func(id string) ([]byte, string, error)) {
+	s.yieldToAnnounce()
 	id, ok := subjects.DeviceFromSubject(m.Subject)
 	if s.deviceFor(handler, m, id, ok) == nil {
 		return
@@ -259,7 +259,7 @@ func (s *services) onReport(handler string, m *nats.Msg, verify func(id string) 
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return
 	}
-	s.store(m, handler, id, m.Subject, data, msgID)
+	s.store(l, m, handler, id, m.Subject, data, msgID)
 }
 
 // refuseReport answers a report that will never be stored as it is.
@@ -271,7 +271,7 @@ func (s *services) refuseReport(handler string, m *nats.Msg, err error) {
 // store appends a verified report to its CORE stream and acknowledges it
 // to the device once JetStream has. The wait runs apart from the
 // subscription, bounded, so one slow write does not hold up the rest.
-func (s *services) store(m *nats.Msg, kind, id, subj string, data []byte, msgID string) {
+func (s *services) store(l *lane, m *nats.Msg, kind, id, subj string, data []byte, msgID string) {
 	if s.presence != nil {
 		s.presence.reported(id)
 	}
@@ -279,7 +279,7 @@ func (s *services) store(m *nats.Msg, kind, id, subj string, data []byte, msgID 
 	if msgID != "" {
 		opts = append(opts, jetstream.WithMsgID(msgID))
 	}
-	f, err := s.js.PublishAsync(subj, data, opts...)
+	f, err := l.js.PublishAsync(subj, data, opts...)
 	if err != nil {
 		s.ack(m, model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()})
 		return
@@ -311,7 +311,7 @@ func (s *services) ack(m *nats.Msg, a model.ReportAck) {
 		return
 	}
 	b, _ := json.Marshal(a)
-	_ = s.c.fc.Publish(m.Reply, b)
+	_ = m.Respond(b)
 }
 
 // onDesiredGet answers a device's request for its own desired state, only
@@ -342,7 +342,7 @@ func (s *services) onDesiredGet(m *nats.Msg) {
 	}
 	b, _ := json.Marshal(r)
 	s.traffic.WithLabelValues("desired").Inc()
-	_ = s.c.fc.Publish(m.Reply, b)
+	_ = m.Respond(b)
 }
 
 // desiredFromLeader reads device id's desired state from the stream
@@ -393,39 +393,93 @@ func desiredGetDevice(subj string) (string, bool) {
 	return id, subjects.ValidDeviceID(id)
 }
 
-// kvOperationHeader marks a KV delete or purge (nats.go does not export
-// its name).
-const kvOperationHeader = "KV-Operation"
+// Announcement is one device's desired-state change to tell it about: the
+// entry written at Seq (Value nil: deleted); Seq 0 sends a bare trigger
+// and the device reads its state itself.
+type announcement struct {
+	id, site string
+	seq      uint64
+	value    []byte
+}
 
-// onDesiredChanged turns fleet_desired's change notification (inside
-// CORE, with the value) into a trigger in the device's own inbox that
-// carries the new state, as a read's reply would: the device is told and
-// given it in one message. The device checks it like any desired state.
-func (s *services) onDesiredChanged(m *nats.Msg) {
-	id, ok := subjects.DeviceFromSubject(m.Subject)
-	if !ok {
-		return
+// trigger is the message that tells a device: as a read's reply would be,
+// so a deploy reaches the device in one message.
+func (a announcement) trigger() []byte {
+	var r model.DesiredReply
+	switch {
+	case a.seq == 0:
+	case a.value == nil:
+		r.Seq = a.seq
+	case !json.Valid(a.value):
+		r.Seq, r.Damaged = a.seq, "the stored desired state is not valid JSON"
+	default:
+		r.Seq, r.Desired = a.seq, a.value
 	}
+	b, _ := json.Marshal(r)
+	return b
+}
+
+// announce tells each device of its change, on the notify connections:
+// a device's triggers always on the same one (in order), the connections
+// in parallel, so a batch of a whole fleet leaves as fast as the server
+// takes it, apart from the replies to what devices send.
+func (s *services) announce(as []announcement) {
+	// Reports wait while a batch is announced (see yieldToAnnounce).
+	done := make(chan struct{})
+	s.announcing.Store(&done)
+	defer func() {
+		s.announcing.Store(nil)
+		close(done)
+	}()
+	parts := make([][]announcement, len(s.notifiers))
+	for _, a := range as {
+		i := laneIndex(a.id, len(s.notifiers))
+		parts[i] = append(parts[i], a)
+	}
+	var wg sync.WaitGroup
+	for i, part := range parts {
+		if len(part) == 0 {
+			continue
+		}
+		nc := s.notifiers[i]
+		wg.Go(func() {
+			for _, a := range part {
+				_ = nc.Publish(subjects.DeviceNotify(a.site, a.id), a.trigger())
+			}
+			_ = nc.Flush()
+		})
+	}
+	wg.Wait()
+	s.traffic.WithLabelValues("trigger").Add(float64(len(as)))
+}
+
+// maxYield bounds how long a report waits for an announcement.
+const maxYield = 2 * time.Second
+
+// yieldToAnnounce waits (a little at most) while a batch of triggers goes
+// out: the devices told first apply at once and report, and verifying
+// their reports would otherwise take the CPU the rest of the batch needs.
+// A report waits a second; a device waiting for its desired state, the
+// whole rollout.
+func (s *services) yieldToAnnounce() {
+	if ch := s.announcing.Load(); ch != nil {
+		select {
+		case <-*ch:
+		case <-time.After(maxYield):
+		}
+	}
+}
+
+// announceDesired tells device id, when it is active, that its desired
+// state changed (see announcement).
+func (s *services) announceDesired(id string, seq uint64, value []byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	d, err := s.knownDevice(ctx, id)
 	if err != nil || d == nil || d.Status != model.DeviceActive {
-		// It reads its state when it becomes active and reconnects, or on
-		// its timer.
-		s.drop("notify", dropInactive, m)
+		// It reads its state when it becomes active.
+		s.dropped.WithLabelValues("notify", dropInactive).Inc()
 		return
 	}
-	var r model.DesiredReply
-	r.Seq, _ = strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
-	switch {
-	case m.Header.Get(kvOperationHeader) != "":
-		// Deleted or purged: no desired state.
-	case !json.Valid(m.Data):
-		r.Damaged = "the stored desired state is not valid JSON"
-	default:
-		r.Desired = m.Data
-	}
-	b, _ := json.Marshal(r)
-	s.traffic.WithLabelValues("trigger").Inc()
-	_ = s.c.fc.Publish(subjects.DeviceNotify(siteOf(d), id), b)
+	s.announce([]announcement{{id: id, site: siteOf(d), seq: seq, value: value}})
 }

@@ -255,7 +255,7 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		})
 	}
 
-	t.Run("agent gets a bare trigger, in its own inbox, when its desired state changes", func(t *testing.T) {
+	t.Run("agent gets its desired state, in its own inbox, when it changes", func(t *testing.T) {
 		desired, err := c.JetStream().KeyValue(ctx, subjects.BucketDesired)
 		if err != nil {
 			t.Fatal(err)
@@ -280,9 +280,13 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if _, err := desired.Put(ctx, A, []byte(`{"release_id":"secret-release-of-A"}`)); err != nil {
+		// As the rollout engine does: write, then announce.
+		valA := []byte(`{"release_id":"secret-release-of-A"}`)
+		seqA, err := desired.Put(ctx, A, valA)
+		if err != nil {
 			t.Fatal(err)
 		}
+		c.svc.announceDesired(A, seqA, valA)
 		m, err := sa.NextMsg(5 * time.Second)
 		if err != nil {
 			t.Fatalf("agent A got no trigger: %v", err)
@@ -293,9 +297,11 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		if err := json.Unmarshal(m.Data, &trig); err != nil || trig.Seq == 0 || !strings.Contains(string(trig.Desired), "secret-release-of-A") || len(m.Header) != 0 {
 			t.Fatalf("A's trigger carries data %q / headers %v; want A's desired state and its sequence", m.Data, m.Header)
 		}
-		if _, err := desired.Put(ctx, B, []byte(`{}`)); err != nil {
+		seqB, err := desired.Put(ctx, B, []byte(`{}`))
+		if err != nil {
 			t.Fatal(err)
 		}
+		c.svc.announceDesired(B, seqB, []byte(`{}`))
 		// B's first trigger is its own change; A's change never reached B.
 		mb, err := sb.NextMsg(5 * time.Second)
 		if err != nil {

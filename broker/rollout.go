@@ -40,9 +40,12 @@ const (
 
 // rollouts is the engine and the rollout operations of the API.
 type rollouts struct {
-	log  zerolog.Logger
-	js   jetstream.JetStream
-	name string // this coordinator, as lock owner
+	log zerolog.Logger
+	js  jetstream.JetStream
+	// notify tells devices their desired state changed (the services);
+	// set before Run.
+	notify desiredNotifier
+	name   string // this coordinator, as lock owner
 	// leading is whether this coordinator drives rollouts now.
 	leading  atomic.Bool
 	rollouts jetstream.KeyValue
@@ -243,6 +246,9 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		return nil, err
 	}
 	r.log.Info().Str("rollout", ro.ID).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
+	// When this coordinator leads the engine, start now rather than when
+	// the summary's watch delivers it.
+	r.follow(ro.ID, ro)
 	return ro, nil
 }
 
@@ -708,18 +714,30 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverNewPolicy,
 		AckWait:       30 * time.Second,
-		MaxAckPending: 1000,
+		MaxAckPending: 4 * resultBatch,
 	})
 	if err != nil {
 		r.log.Error().Err(err).Msg("rollout engine: events consumer")
 		return
 	}
-	cc, err := cons.Consume(func(m jetstream.Msg) { r.handleEvent(ctx, m) })
+	events := make(chan jetstream.Msg, 4*resultBatch)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		select {
+		case events <- m:
+		case <-ctx.Done():
+		}
+	})
 	if err != nil {
 		r.log.Error().Err(err).Msg("rollout engine: consume events")
 		return
 	}
 	defer cc.Stop()
+	recorded := make(chan struct{})
+	go func() {
+		defer close(recorded)
+		r.recordResults(ctx, events)
+	}()
+	defer func() { <-recorded }()
 
 	r.mu.Lock()
 	r.cache, r.active = map[string]*engineCache{}, map[string]bool{}
@@ -770,6 +788,13 @@ func (r *rollouts) renew(ctx context.Context, lost context.CancelFunc, held *ato
 		}
 		rctx, cancel := context.WithTimeout(ctx, engineLockRenew/2)
 		rev, err := r.locks.Update(rctx, engineLockKey, []byte(r.name), held.Load())
+		if isWrongRevision(err) {
+			// A renewal that timed out may have been written all the same:
+			// the lock still names this engine, at a newer revision.
+			if e, gerr := r.locks.Get(rctx, engineLockKey); gerr == nil && string(e.Value()) == r.name && e.Revision() > held.Load() {
+				rev, err = e.Revision(), nil
+			}
+		}
 		cancel()
 		if err == nil {
 			held.Store(rev)
@@ -802,24 +827,97 @@ func (r *rollouts) releaseLock(rev uint64) {
 	}
 }
 
-// handleEvent records a device's apply result in its rollout.
-func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
+// resultBatch is the most results recorded with one bulk write.
+const resultBatch = 1024
+
+// recordResults records devices' apply results in their rollouts, as many
+// as have arrived at a time with one bulk write (a fleet's results would
+// otherwise be a write and a round trip each, one after another), and
+// acknowledges each event once its result is recorded.
+func (r *rollouts) recordResults(ctx context.Context, events <-chan jetstream.Msg) {
+	for {
+		var batch []jetstream.Msg
+		select {
+		case <-ctx.Done():
+			return
+		case m := <-events:
+			batch = append(batch, m)
+		}
+	more:
+		for len(batch) < resultBatch {
+			select {
+			case m := <-events:
+				batch = append(batch, m)
+			default:
+				break more
+			}
+		}
+		r.recordBatch(ctx, batch)
+	}
+}
+
+// result is one event's change to its rollout device.
+type result struct {
+	m       jetstream.Msg
+	rollout string
+	dev     *model.RolloutDevice // the engine's entry
+	next    model.RolloutDevice  // what it becomes
+}
+
+func (r *rollouts) recordBatch(ctx context.Context, batch []jetstream.Msg) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var todo []result
+	for _, m := range batch {
+		res, ok := r.resultOf(ctx, m)
+		if ok {
+			todo = append(todo, res)
+		}
+	}
+	if len(todo) == 0 {
+		return
+	}
+	msgs := make([]bulkMsg, len(todo))
+	for i, t := range todo {
+		b, _ := json.Marshal(&t.next)
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketRollouts, deviceKey(t.rollout, t.next.Device)), data: b}
+	}
+	wctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
+	defer cancel()
+	_, errs := publishBulk(wctx, r.js, msgs)
+	for i, t := range todo {
+		if errs[i] != nil {
+			// Redelivered, and counted then: the entry takes the result
+			// only once it is recorded.
+			r.log.Warn().Err(errs[i]).Msg("rollout engine: record result")
+			_ = t.m.Nak()
+			continue
+		}
+		*t.dev = t.next
+		_ = t.m.Ack()
+		r.log.Debug().Str("rollout", t.rollout).Str("device", t.next.Name).Str("result", string(t.next.State)).Msg("rollout device done")
+	}
+	r.poke()
+}
+
+// resultOf reads one event: the change it makes to a device of a rollout
+// the engine drives, or false when it makes none (the event is settled
+// then: acknowledged, or left for redelivery when it could not be read).
+func (r *rollouts) resultOf(ctx context.Context, m jetstream.Msg) (result, bool) {
 	var ev model.Event
 	if err := json.Unmarshal(m.Data(), &ev); err != nil || !ev.Result.Final() || ev.RolloutID == "" {
 		_ = m.Ack()
-		return
+		return result{}, false
 	}
 	dev, ok := subjects.DeviceFromSubject(m.Subject())
 	if !ok {
 		_ = m.Ack()
-		return
+		return result{}, false
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	var d *model.RolloutDevice
 	if c := r.cache[ev.RolloutID]; c != nil {
 		d = c.byID[dev]
-	} else if ev.RolloutID != "" && model.CheckRolloutID(ev.RolloutID) == nil {
+	} else if model.CheckRolloutID(ev.RolloutID) == nil {
 		var err error
 		d, err = r.getDevice(ctx, ev.RolloutID, dev)
 		if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -827,19 +925,17 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 			// lose the device's result. Redelivered in a moment.
 			r.log.Warn().Err(err).Msg("rollout engine: read a result's device; will retry")
 			_ = m.NakWithDelay(time.Second)
-			return
+			return result{}, false
 		}
 	}
 	if d == nil {
 		_ = m.Ack() // not a device of that rollout (or no such rollout)
-		return
+		return result{}, false
 	}
 	if d.State != model.DeviceWaiting || ev.StorePath != "" && ev.StorePath != d.StorePath {
 		_ = m.Ack()
-		return
+		return result{}, false
 	}
-	// Change a copy: the cached entry takes the result only once it is
-	// recorded, so a redelivered event after a failed write still counts.
 	nd := *d
 	switch ev.Result {
 	case model.ResultSucceeded, model.ResultUnchanged:
@@ -856,15 +952,7 @@ func (r *rollouts) handleEvent(ctx context.Context, m jetstream.Msg) {
 		}
 	}
 	nd.Finished = time.Now().UTC()
-	if err := r.putDevice(ctx, ev.RolloutID, &nd); err != nil {
-		r.log.Warn().Err(err).Msg("rollout engine: record result")
-		_ = m.Nak()
-		return
-	}
-	*d = nd
-	_ = m.Ack()
-	r.log.Info().Str("rollout", ev.RolloutID).Str("device", d.Name).Str("result", string(d.State)).Msg("rollout device done")
-	r.poke()
+	return result{m: m, rollout: ev.RolloutID, dev: d, next: nd}, true
 }
 
 func (r *rollouts) poke() {
@@ -876,17 +964,25 @@ func (r *rollouts) poke() {
 
 // track follows a summary change: pending and running rollouts are driven.
 func (r *rollouts) track(e jetstream.KeyValueEntry) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	var ro model.Rollout
-	if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &ro) != nil ||
-		ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
-		delete(r.active, e.Key())
-		delete(r.cache, e.Key())
+	if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &ro) != nil {
+		r.follow(e.Key(), nil)
 		return
 	}
-	if !r.active[e.Key()] {
-		r.active[e.Key()] = true
+	r.follow(e.Key(), &ro)
+}
+
+// follow drives rollout id while it is pending or running (ro nil: gone).
+func (r *rollouts) follow(id string, ro *model.Rollout) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if ro == nil || ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+		delete(r.active, id)
+		delete(r.cache, id)
+		return
+	}
+	if !r.active[id] {
+		r.active[id] = true
 		r.poke()
 	}
 }
@@ -1094,13 +1190,15 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b}
 	}
 	phase("prepared")
-	_, errs := publishBulk(wctx, r.js, msgs)
+	acks, errs := publishBulk(wctx, r.js, msgs)
 	phase("desired")
 	// The devices whose desired state is written are waiting, whatever
-	// became of the others: a retry writes only those that are still
-	// queued, so no device gets its desired state twice (each write is a
-	// new request to the agent).
+	// became of the others, recorded before they are told: a retry (or a
+	// new engine after this one died) writes only those still queued, so
+	// no device gets its desired state twice (each write is a new request
+	// to the agent).
 	var written []*model.RolloutDevice
+	as := make([]announcement, 0, len(batch))
 	for i, d := range batch {
 		if errs[i] != nil {
 			continue
@@ -1110,16 +1208,47 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		d.Started = now
 		d.Finished = time.Time{}
 		written = append(written, d)
+		rec := current[d.Device]
+		as = append(as, announcement{id: d.Device, site: siteOf(&rec), seq: acks[i].Sequence, value: msgs[i].data})
 	}
-	if err := r.putDevices(ctx, ro.ID, written); err != nil {
+	err = r.putDevices(ctx, ro.ID, written)
+	phase("recorded")
+	// Told once all are written: devices told first would apply and
+	// report while the rest are still being written, and slow them down.
+	// A device whose progress could not be recorded is told all the same:
+	// its desired state is written, and its result is recorded when it
+	// comes.
+	r.tell(as)
+	phase("announced")
+	if err != nil {
 		return err
 	}
 	if err := firstError(errs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
 		return err
 	}
-	phase("recorded")
 	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Dict("after", phases).Msg("rollout batch started")
 	return nil
+}
+
+// desiredNotifier tells devices of the desired states the engine wrote
+// (services.announce, services.announceDesired).
+type desiredNotifier interface {
+	announce([]announcement)
+	announceDesired(id string, seq uint64, value []byte)
+}
+
+// tell announces desired states the engine wrote.
+func (r *rollouts) tell(as []announcement) {
+	if r.notify != nil && len(as) > 0 {
+		r.notify.announce(as)
+	}
+}
+
+// tellOne announces one device's desired state (seq 0: a bare trigger).
+func (r *rollouts) tellOne(id string, seq uint64, value []byte) {
+	if r.notify != nil {
+		r.notify.announceDesired(id, seq, value)
+	}
 }
 
 // revert sets every device this rollout touched back to its previous
@@ -1136,6 +1265,7 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 			if err := r.desired.Delete(ctx, d.Device); err != nil {
 				return fmt.Errorf("clear desired state of %s: %w", d.Name, err)
 			}
+			r.tellOne(d.Device, 0, nil)
 		} else {
 			prev := *d.Previous
 			prev.IssuedAt = now
@@ -1143,9 +1273,11 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 			// revert on failure (the agent checks it).
 			prev.Revert = ro.Request
 			b, _ := json.Marshal(prev)
-			if _, err := r.desired.Put(ctx, d.Device, b); err != nil {
+			seq, err := r.desired.Put(ctx, d.Device, b)
+			if err != nil {
 				return fmt.Errorf("revert desired state of %s: %w", d.Name, err)
 			}
+			r.tellOne(d.Device, seq, b)
 		}
 		d.State = model.DeviceReverted
 		d.Finished = now

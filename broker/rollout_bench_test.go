@@ -58,15 +58,16 @@ func startBenchFleet(b *testing.B, n int) *benchFleet {
 	return f
 }
 
-// simulate answers desired states on fleet.dev.*.desired with events.
+// simulate answers the devices' desired-state triggers with events.
 func (f *benchFleet) simulate(b *testing.B) {
 	js, err := jetstream.New(f.sim, jetstream.WithPublishAsyncMaxPending(4096))
 	if err != nil {
 		b.Fatal(err)
 	}
-	_, err = f.sim.Subscribe(subjects.AllDesired, func(m *nats.Msg) {
+	_, err = f.sim.Subscribe(subjects.DeviceNotify("*", "*"), func(m *nats.Msg) {
+		var r model.DesiredReply
 		var d model.Desired
-		if json.Unmarshal(m.Data, &d) != nil {
+		if json.Unmarshal(m.Data, &r) != nil || json.Unmarshal(r.Desired, &d) != nil {
 			return
 		}
 		ev, _ := json.Marshal(model.Event{Device: d.Device, Time: time.Now(), State: model.StateReporting,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -27,8 +28,12 @@ type services struct {
 	devices jetstream.KeyValue
 	tokens  jetstream.KeyValue
 	admins  jetstream.KeyValue
-	// js stores verified device reports, many in flight at once.
-	js jetstream.JetStream
+	// lanes carry device traffic (broker/lanes.go); notifiers the
+	// desired-state triggers.
+	lanes     []*lane
+	notifiers []*nats.Conn
+	// announcing is closed when the batch of triggers going out is sent.
+	announcing atomic.Pointer[chan struct{}]
 
 	// dropped counts requests and reports dropped unanswered; limiter
 	// bounds each device's reports.
@@ -94,8 +99,9 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 		Help: "Refused admin requests not written to the audit because their sender passed its rate.",
 	})
 	var err error
-	if s.js, err = jetstream.New(c.nc, jetstream.WithPublishAsyncMaxPending(16384)); err != nil {
-		return fmt.Errorf("jetstream: %w", err)
+	if err := s.openLanes(); err != nil {
+		s.closeLanes()
+		return err
 	}
 	for name, kv := range map[string]*jetstream.KeyValue{
 		subjects.BucketDevices: &s.devices, subjects.BucketTokens: &s.tokens, subjects.BucketAdmins: &s.admins,
@@ -153,6 +159,7 @@ func (s *services) stop() {
 	s.stopping = true
 	s.workMu.Unlock()
 	s.wg.Wait()
+	s.closeLanes()
 }
 
 // begin registers work that stop waits for; false once stopping.

@@ -28,14 +28,6 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	// A desired state carries its signed release, which grows with the
 	// release's hosts: allow up to the message size limit.
 	desired.MaxValueSize = int32(cfg.Limits.MaxPayload) - 4096
-	desired.RePublish = &jetstream.RePublish{
-		Source:      subjects.DesiredRepublishSource,
-		Destination: subjects.DesiredRepublishDest,
-		// With the value: the coordinator that sends the device its
-		// trigger keeps it in memory first, and answers the device's
-		// read from there (the device itself takes only a trigger).
-		HeadersOnly: false,
-	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
 	locks.TTL = engineLockTTL
 	// A nonce must outlive its request's freshness window (time ± MaxSkew).

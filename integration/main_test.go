@@ -13,7 +13,7 @@ import (
 )
 
 // The binaries under test, built once by TestMain.
-var agentBin, coordinatorBin, adminBin, natsServerBin string
+var agentBin, coordinatorBin, adminBin, natsServerBin, benchBin string
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -30,9 +30,10 @@ func run(m *testing.M) int {
 	coordinatorBin = filepath.Join(dir, "fleet-coordinator")
 	adminBin = filepath.Join(dir, "fleet-admin")
 	natsServerBin = filepath.Join(dir, "nats-server")
+	benchBin = filepath.Join(dir, "fleet-bench")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "fleet/cmd/fleet-agent", "fleet/cmd/fleet-coordinator", "fleet/cmd/fleet-admin",
+	out, err := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "fleet/cmd/fleet-agent", "fleet/cmd/fleet-coordinator", "fleet/cmd/fleet-admin", "fleet/cmd/fleet-bench",
 		// The standard nats-server, built from the module fleet embeds, runs
 		// the leaf nodes of remote sites.
 		"github.com/nats-io/nats-server/v2").CombinedOutput()

@@ -95,12 +95,10 @@ const (
 )
 
 // Subject filters. Facts and events are what devices send in FLEET and
-// what the CORE streams hold after the coordinator verified them;
-// AllDesired is the CORE-internal change notification of fleet_desired.
+// what the CORE streams hold after the coordinator verified them.
 const (
 	AllFacts      = devicePrefix + ".*.facts"
 	AllEvents     = devicePrefix + ".*.events"
-	AllDesired    = devicePrefix + ".*.desired"
 	AllDesiredGet = DesiredGet + ".*"
 	AllAudit      = Audit + ".>"
 )
@@ -111,15 +109,6 @@ const (
 	tokFacts   = "facts"
 	tokEvents  = "events"
 	tokCmd     = "cmd"
-)
-
-// DesiredRepublishSource and DesiredRepublishDest wire the fleet_desired KV
-// to a CORE-internal change notification (headers only) without a consumer
-// per device; a coordinator turns each into a trigger in the device's own
-// inbox (DeviceNotify).
-const (
-	DesiredRepublishSource = "$KV." + BucketDesired + ".*"
-	DesiredRepublishDest   = devicePrefix + ".{{wildcard(1)}}." + tokDesired
 )
 
 // ValidDeviceID reports whether id can be a device ID: a device is named by

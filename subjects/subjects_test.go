@@ -47,11 +47,8 @@ func TestBuilders(t *testing.T) {
 		{"KVKey", KVKey(BucketDesired, id), "$KV.fleet_desired." + id},
 		{"DirectGetLast", DirectGetLast("site", StreamFacts, DeviceFacts(id)),
 			"$JS.site.API.DIRECT.GET.FLEET_FACTS.fleet.dev." + id + ".facts"},
-		{"DesiredRepublishSource", DesiredRepublishSource, "$KV.fleet_desired.*"},
-		{"DesiredRepublishDest", DesiredRepublishDest, "fleet.dev.{{wildcard(1)}}.desired"},
 		{"AllFacts", AllFacts, "fleet.dev.*.facts"},
 		{"AllEvents", AllEvents, "fleet.dev.*.events"},
-		{"AllDesired", AllDesired, "fleet.dev.*.desired"},
 		{"AllDesiredGet", AllDesiredGet, "fleet.desired.*"},
 		{"AllAudit", AllAudit, "fleet.audit.>"},
 		{"AccountConnect", AccountConnect("ACC"), "$SYS.ACCOUNT.ACC.CONNECT"},
@@ -73,7 +70,7 @@ func TestBuilders(t *testing.T) {
 	// filter of another kind matches none of them.
 	other := newDevice(t)
 	filters := map[string]string{
-		DeviceFacts(id): AllFacts, DeviceEvents(id): AllEvents, DeviceDesired(id): AllDesired, DesiredGetFor(id): AllDesiredGet,
+		DeviceFacts(id): AllFacts, DeviceEvents(id): AllEvents, DesiredGetFor(id): AllDesiredGet,
 	}
 	for subj, filter := range filters {
 		for s2, f2 := range filters {
@@ -84,13 +81,6 @@ func TestBuilders(t *testing.T) {
 		if subj == DeviceFacts(other) || subj == DesiredGetFor(other) {
 			t.Errorf("%s is also another device's subject", subj)
 		}
-	}
-	// The RePublish destination maps a key's subject to the device subject.
-	if got := strings.Replace(DesiredRepublishDest, "{{wildcard(1)}}", id, 1); got != DeviceDesired(id) {
-		t.Errorf("republish of %s goes to %s, want %s", KVKey(BucketDesired, id), got, DeviceDesired(id))
-	}
-	if !server.SubjectMatchesFilter(KVKey(BucketDesired, id), DesiredRepublishSource) {
-		t.Errorf("%s is not republished", KVKey(BucketDesired, id))
 	}
 }
 

@@ -1,0 +1,53 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"os/exec"
+	"testing"
+	"time"
+
+	"fleet/bench"
+)
+
+// The bench at a small fleet, as a smoke test: its figures are not judged
+// here (BENCHMARKS.md has them), what it shows is. Every simulated agent
+// gets the deploy exactly once, both rollouts succeed, status lists every
+// device, and the raw NATS baseline ran beside it.
+func TestBenchSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts 400 connections and a coordinator")
+	}
+	const n = 200
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	cmd := exec.CommandContext(ctx, benchBin, "run", "--devices", "200", "--per-process", "100", "--idle", "1s", "--json", "--dir", dir)
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("fleet-bench: %v\n%s", err, stderr)
+	}
+	var r bench.Result
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("fleet-bench --json: %v\n%s", err, out)
+	}
+	for _, ro := range []bench.Rollout{r.All, r.Staged} {
+		if ro.State != "succeeded" || ro.Notified != n || ro.SwitchesPerDevice != 1 || ro.TriggersPerDevice != 1 {
+			t.Errorf("%s rollout: %s, %d of %d devices acted, %.2f applies and %.2f triggers per device; want succeeded, all, exactly 1 each",
+				ro.Strategy, ro.State, ro.Notified, n, ro.SwitchesPerDevice, ro.TriggersPerDevice)
+		}
+	}
+	if len(r.Staged.Batches) != 4 {
+		t.Errorf("staged rollout batches %v, want 4", r.Staged.Batches)
+	}
+	if r.StatusN != n || r.EnrollRetries != 0 || r.FactsPS <= 0 || r.PeakRSS <= 0 {
+		t.Errorf("status rows %d (want %d), enrol retries %d (want 0), facts/s %.0f, peak RSS %d", r.StatusN, n, r.EnrollRetries, r.FactsPS, r.PeakRSS)
+	}
+	if r.Raw == nil || r.Raw.Notify.N != n || r.Raw.Get.N != n {
+		t.Errorf("raw baseline: %+v, want %d notifies and requests", r.Raw, n)
+	}
+}
