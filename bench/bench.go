@@ -51,6 +51,8 @@ type Options struct {
 	Profiles bool
 	// LogLevel is the coordinator's (warn by default).
 	LogLevel string
+	// MemoryLimit is the coordinator's GOMEMLIMIT ("": none).
+	MemoryLimit string
 	// Progress receives a line per phase.
 	Progress io.Writer
 }
@@ -94,12 +96,13 @@ type Rollout struct {
 
 // Result is a run's figures.
 type Result struct {
-	Devices   int       `json:"devices"`
-	Processes int       `json:"sim_processes"`
-	LoadStart float64   `json:"load_avg_start"`
-	LoadEnd   float64   `json:"load_avg_end"`
-	Started   time.Time `json:"started"`
-	DeviceDir string    `json:"device_dir"`
+	Devices     int       `json:"devices"`
+	MemoryLimit string    `json:"coordinator_gomemlimit,omitempty"`
+	Processes   int       `json:"sim_processes"`
+	LoadStart   float64   `json:"load_avg_start"`
+	LoadEnd     float64   `json:"load_avg_end"`
+	Started     time.Time `json:"started"`
+	DeviceDir   string    `json:"device_dir"`
 
 	EnrollSeconds float64 `json:"enroll_s"`
 	EnrollRetries int64   `json:"enroll_retries"`
@@ -251,7 +254,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.DeviceDir == "" {
 		o.DeviceDir = filepath.Join(o.Dir, "devices")
 	}
-	res := &Result{Devices: o.Devices, LoadStart: loadAvg(), Started: time.Now().UTC(), DeviceDir: o.DeviceDir}
+	res := &Result{Devices: o.Devices, MemoryLimit: o.MemoryLimit, LoadStart: loadAvg(), Started: time.Now().UTC(), DeviceDir: o.DeviceDir}
 	if !o.NoRaw {
 		raw, err := runRaw(ctx, o)
 		if err != nil {
@@ -287,7 +290,11 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	args := append([]string{"coordinator", "--log-level", o.LogLevel, "--log-format", "json", "run",
 		"--data-dir", dataDir, "--listen", "127.0.0.1:" + strconv.Itoa(port), "--http", "127.0.0.1:" + strconv.Itoa(httpPort)},
 		pprofFlag(o.Profiles)...)
-	coord, err := startProc(ctx, filepath.Join(o.Dir, "coordinator.log"), o.Self, args...)
+	var env []string
+	if o.MemoryLimit != "" {
+		env = append(env, "GOMEMLIMIT="+o.MemoryLimit)
+	}
+	coord, err := startProc(ctx, filepath.Join(o.Dir, "coordinator.log"), env, o.Self, args...)
 	if err != nil {
 		return err
 	}
@@ -564,7 +571,7 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	}
 	url := "nats://127.0.0.1:" + strconv.Itoa(port)
 	o.progress("raw: bare nats-server on %s, %d connections", url, o.Devices)
-	srv, err := startProc(ctx, filepath.Join(o.Dir, "raw-server.log"), o.Self, "raw-server", "--port", strconv.Itoa(port))
+	srv, err := startProc(ctx, filepath.Join(o.Dir, "raw-server.log"), nil, o.Self, "raw-server", "--port", strconv.Itoa(port))
 	if err != nil {
 		return nil, err
 	}

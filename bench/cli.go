@@ -35,6 +35,7 @@ type RunCmd struct {
 	DeviceDir     string        `help:"Where the simulated devices keep their state; default: a new dir in /dev/shm when there is one (real devices each write to their own disk, not the bench machine's), else under --dir." env:"FLEET_BENCH_DEVICE_DIR" type:"path"`
 	NoRaw         bool          `help:"Skip the raw NATS baseline." env:"FLEET_BENCH_NO_RAW"`
 	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
+	MemoryLimit   string        `help:"The coordinator's GOMEMLIMIT (e.g. 900MiB): how its memory and CPU trade at this fleet size." env:"FLEET_BENCH_COORDINATOR_GOMEMLIMIT" placeholder:"SIZE"`
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
 	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy) and heap profile (idle) into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
 }
@@ -68,7 +69,7 @@ func (cmd *RunCmd) Run(k *kong.Context) error {
 	res, err := Run(ctx, Options{
 		DeviceDir: devDir,
 		Devices:   cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
-		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, Progress: k.Stderr,
+		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, MemoryLimit: cmd.MemoryLimit, Progress: k.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("%w (logs of every process in %s)", err, dir)

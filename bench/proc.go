@@ -141,12 +141,13 @@ func metric(ctx context.Context, url, name string, labels map[string]string) (fl
 
 // startProc starts a child that dies with the driver's context; its
 // stderr goes to logFile.
-func startProc(ctx context.Context, logFile string, name string, args ...string) (*exec.Cmd, error) {
+func startProc(ctx context.Context, logFile string, env []string, name string, args ...string) (*exec.Cmd, error) {
 	lf, err := os.Create(logFile)
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stderr = lf
 	cmd.Stdout = lf
 	cmd.WaitDelay = 5 * time.Second

@@ -46,7 +46,11 @@ func Print(w io.Writer, r *Result) error {
 		}
 		return fmt.Sprintf("%d MiB", b>>20)
 	}
-	fmt.Fprintf(tw, "coordinator RSS idle / peak\t%d / %d MiB\t%s\t%s (idle)\n", r.IdleRSS>>20, r.PeakRSS>>20, rawMiB(raw.IdleRSS), ratio(float64(r.IdleRSS), float64(raw.IdleRSS)))
+	limit := ""
+	if r.MemoryLimit != "" {
+		limit = " (GOMEMLIMIT " + r.MemoryLimit + ")"
+	}
+	fmt.Fprintf(tw, "coordinator RSS idle / peak%s\t%d / %d MiB\t%s\t%s (idle)\n", limit, r.IdleRSS>>20, r.PeakRSS>>20, rawMiB(raw.IdleRSS), ratio(float64(r.IdleRSS), float64(raw.IdleRSS)))
 	rawCPU := "-"
 	if r.Raw != nil {
 		rawCPU = fmt.Sprintf("%.1f%% of a core", 100*raw.IdleCPU)

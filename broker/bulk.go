@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -15,9 +16,10 @@ const bulkWindow = 512
 
 // bulkMsg is one message of a bulk write.
 type bulkMsg struct {
-	subj string
-	data []byte
-	opts []jetstream.PublishOpt
+	subj   string
+	data   []byte
+	header nats.Header
+	opts   []jetstream.PublishOpt
 }
 
 // publishBulk stores msgs with async publishes, a window of them in flight,
@@ -51,12 +53,13 @@ func publishBulk(ctx context.Context, js jetstream.JetStream, msgs []bulkMsg) ([
 			errs[i] = err
 			continue
 		}
-		f, err := js.PublishAsync(m.subj, m.data, m.opts...)
+		msg := &nats.Msg{Subject: m.subj, Data: m.data, Header: m.header}
+		f, err := js.PublishMsgAsync(msg, m.opts...)
 		for errors.Is(err, jetstream.ErrTooManyStalledMsgs) && len(window) > 0 {
 			// Someone else shares the client's window: wait for ours.
 			wait(window[0])
 			window = window[1:]
-			f, err = js.PublishAsync(m.subj, m.data, m.opts...)
+			f, err = js.PublishMsgAsync(msg, m.opts...)
 		}
 		if err != nil {
 			errs[i] = err

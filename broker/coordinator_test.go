@@ -173,10 +173,8 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 		switch b {
 		case subjects.BucketDesired:
 			rp := sc.RePublish
-			// Devices are told by the engine once a batch is written
-			// (rollouts.announce), not per write.
-			if rp != nil {
-				t.Errorf("fleet_desired RePublish = %+v, want none", rp)
+			if rp == nil || rp.Source != subjects.DesiredRepublishSource || rp.Destination != subjects.DesiredRepublishDest || !rp.HeadersOnly {
+				t.Errorf("fleet_desired RePublish = %+v", rp)
 			}
 		case subjects.BucketLocks:
 			if sc.MaxAge != 15*time.Second {

@@ -157,13 +157,9 @@ func TestAgentThroughLeafNode(t *testing.T) {
 	poll.Until(t, 10*time.Second, "the agent's interest reaching the hub", func() bool {
 		return fleetAcc.SubscriptionInterest(subjects.DeviceNotify("berlin", A))
 	})
-	// As the rollout engine does: write, then announce.
-	v2 := []byte(`{"release_id":"r2"}`)
-	seq, err := desired.Put(ctx, A, v2)
-	if err != nil {
+	if _, err := desired.Put(ctx, A, []byte(`{"release_id":"r2"}`)); err != nil {
 		t.Fatal(err)
 	}
-	c.svc.announceDesired(A, seq, v2)
 	if _, err := s.NextMsg(5 * time.Second); err != nil {
 		t.Fatalf("trigger through the leaf: %v", err)
 	}

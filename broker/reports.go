@@ -133,6 +133,8 @@ func (s *services) startDeviceHandlers() error {
 		{subjects.AllFacts, false, s.pooled(s.onFacts)},
 		{subjects.AllEvents, false, s.pooled(s.onEvent)},
 		{subjects.AllDesiredGet, false, s.pooled(func(_ *lane, m *nats.Msg) { s.onDesiredGet(m) })},
+		// The KV's change notifications, inside CORE.
+		{subjects.AllDesired, true, s.onDesiredChanged},
 	} {
 		if err := s.subscribeLanes(h.subj, h.core, h.f); err != nil {
 			return err
@@ -468,6 +470,21 @@ func (s *services) yieldToAnnounce() {
 		case <-time.After(maxYield):
 		}
 	}
+}
+
+// onDesiredChanged turns fleet_desired's change notification (inside
+// CORE) into a bare trigger in the device's own inbox: the device reads its
+// state itself. Writes the rollout engine announces itself (with the state,
+// once their batch is written) carry HeaderAnnounced and are skipped.
+func (s *services) onDesiredChanged(_ *lane, m *nats.Msg) {
+	if m.Header.Get(subjects.HeaderAnnounced) != "" {
+		return
+	}
+	id, ok := subjects.DeviceFromSubject(m.Subject)
+	if !ok {
+		return
+	}
+	s.announceDesired(id, 0, nil)
 }
 
 // announceDesired tells device id, when it is active, that its desired

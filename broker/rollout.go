@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
@@ -976,6 +977,9 @@ func (r *rollouts) track(e jetstream.KeyValueEntry) {
 func (r *rollouts) follow(id string, ro *model.Rollout) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.active == nil {
+		return // not leading: the leader's watch delivers it
+	}
 	if ro == nil || ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
 		delete(r.active, id)
 		delete(r.cache, id)
@@ -1187,7 +1191,8 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		}
 		b, _ := json.Marshal(des)
 		// Straight to the bucket's subject, a window at a time.
-		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b}
+		// Told by the engine once the batch is written, not per write.
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b, header: announcedHeader}
 	}
 	phase("prepared")
 	acks, errs := publishBulk(wctx, r.js, msgs)
@@ -1231,23 +1236,19 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 }
 
 // desiredNotifier tells devices of the desired states the engine wrote
-// (services.announce, services.announceDesired).
+// (services.announce).
 type desiredNotifier interface {
 	announce([]announcement)
-	announceDesired(id string, seq uint64, value []byte)
 }
+
+// announcedHeader marks the engine's bulk writes of desired states: the
+// engine tells those devices itself (see subjects.HeaderAnnounced).
+var announcedHeader = nats.Header{subjects.HeaderAnnounced: []string{"engine"}}
 
 // tell announces desired states the engine wrote.
 func (r *rollouts) tell(as []announcement) {
 	if r.notify != nil && len(as) > 0 {
 		r.notify.announce(as)
-	}
-}
-
-// tellOne announces one device's desired state (seq 0: a bare trigger).
-func (r *rollouts) tellOne(id string, seq uint64, value []byte) {
-	if r.notify != nil {
-		r.notify.announceDesired(id, seq, value)
 	}
 }
 
@@ -1265,7 +1266,6 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 			if err := r.desired.Delete(ctx, d.Device); err != nil {
 				return fmt.Errorf("clear desired state of %s: %w", d.Name, err)
 			}
-			r.tellOne(d.Device, 0, nil)
 		} else {
 			prev := *d.Previous
 			prev.IssuedAt = now
@@ -1273,11 +1273,9 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 			// revert on failure (the agent checks it).
 			prev.Revert = ro.Request
 			b, _ := json.Marshal(prev)
-			seq, err := r.desired.Put(ctx, d.Device, b)
-			if err != nil {
+			if _, err := r.desired.Put(ctx, d.Device, b); err != nil {
 				return fmt.Errorf("revert desired state of %s: %w", d.Name, err)
 			}
-			r.tellOne(d.Device, seq, b)
 		}
 		d.State = model.DeviceReverted
 		d.Finished = now

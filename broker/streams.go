@@ -28,6 +28,13 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	// A desired state carries its signed release, which grows with the
 	// release's hosts: allow up to the message size limit.
 	desired.MaxValueSize = int32(cfg.Limits.MaxPayload) - 4096
+	desired.RePublish = &jetstream.RePublish{
+		Source:      subjects.DesiredRepublishSource,
+		Destination: subjects.DesiredRepublishDest,
+		// A write's notification only: the coordinator sends a bare
+		// trigger, the device reads its state.
+		HeadersOnly: true,
+	}
 	locks := kv(subjects.BucketLocks, "leader locks (rollout engine)", 1)
 	locks.TTL = engineLockTTL
 	// A nonce must outlive its request's freshness window (time ± MaxSkew).

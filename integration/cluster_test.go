@@ -184,7 +184,7 @@ func TestClusterProcessesSurviveLeaderKill(t *testing.T) {
 	for i, name := range []string{"dev04", "dev05"} {
 		node := alive[i]
 		wg.Go(func() {
-			cmd := exec.CommandContext(ctx, adminBin, "--server", node.url(), "--creds", w.creds, "devices", "revoke", name)
+			cmd := exec.CommandContext(ctx, adminBin, "--server", node.url(), "--creds", w.creds, "devices", "revoke", "--yes", name)
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Errorf("revoke %s through %s: %v %s", name, node.name, err, out)
 			}

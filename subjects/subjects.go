@@ -103,6 +103,18 @@ const (
 	AllAudit      = Audit + ".>"
 )
 
+// DesiredRepublishSource and DesiredRepublishDest wire the fleet_desired KV
+// to a CORE-internal change notification (headers only) without a consumer
+// per device; a coordinator turns each into a trigger in the device's own
+// inbox (DeviceNotify), except for writes that carry HeaderAnnounced: the
+// rollout engine tells those devices itself, once a whole batch is written.
+const (
+	DesiredRepublishSource = "$KV." + BucketDesired + ".*"
+	DesiredRepublishDest   = devicePrefix + ".{{wildcard(1)}}." + tokDesired
+	AllDesired             = devicePrefix + ".*." + tokDesired
+	HeaderAnnounced        = "Fleet-Announced"
+)
+
 // Per-device leaf tokens.
 const (
 	tokDesired = "desired"
