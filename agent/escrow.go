@@ -83,51 +83,17 @@ func (e *escrower) kick() {
 // change.
 const EscrowFilePoll = 30 * time.Second
 
+// run syncs on start, on the coordinator's trigger, after a reconnect, when
+// a recovery key file changes and on the re-check timer, until ctx ends.
 func (e *escrower) run(ctx context.Context) {
 	if len(e.files) == 0 {
 		return
-	}
-	recheck := e.a.o.Recheck
-	if recheck <= 0 {
-		recheck = 15 * time.Minute
 	}
 	poll := e.a.o.MDM.EscrowPoll
 	if poll <= 0 {
 		poll = EscrowFilePoll
 	}
-	timer := time.NewTimer(0)
-	defer timer.Stop()
-	files := time.NewTicker(poll)
-	defer files.Stop()
-	last := e.a.nc.Stats().Reconnects
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-e.wake:
-		case <-timer.C:
-		case <-files.C:
-			if n := e.a.nc.Stats().Reconnects; n != last {
-				last = n
-				break
-			}
-			if !e.filesChanged() {
-				continue
-			}
-		}
-		delay := recheck
-		if err := e.sync(ctx); err != nil {
-			e.a.log.Warn().Err(err).Msg("recovery keys not escrowed; retrying")
-			delay = 10 * time.Second
-		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-		timer.Reset(delay)
-	}
+	e.a.syncLoop(ctx, e.wake, poll, e.filesChanged, e.sync, "recovery keys not escrowed; retrying")
 }
 
 // readKey reads a recovery key file and its hash.

@@ -85,3 +85,50 @@ func (a *Agent) startMDM(ctx context.Context) (func(), error) {
 	wg.Go(func() { es.run(ctx) })
 	return stop, nil
 }
+
+// syncLoop runs sync on start, on a kick through wake, after a reconnect
+// and on the re-check timer (Options.Recheck), until ctx ends; a failed
+// sync is logged with failed and retried after 10 s. Every poll it looks
+// for a reconnect (a coordinator may have lost what it was told while the
+// device was away) and, when there was none, asks changed (nil: nothing
+// else to watch) whether to sync anyway.
+func (a *Agent) syncLoop(ctx context.Context, wake <-chan struct{}, poll time.Duration, changed func() bool,
+	sync func(context.Context) error, failed string) {
+	recheck := a.o.Recheck
+	if recheck <= 0 {
+		recheck = 15 * time.Minute
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	tick := time.NewTicker(poll)
+	defer tick.Stop()
+	last := a.nc.Stats().Reconnects
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-wake:
+		case <-timer.C:
+		case <-tick.C:
+			if n := a.nc.Stats().Reconnects; n != last {
+				last = n
+				break
+			}
+			if changed == nil || !changed() {
+				continue
+			}
+		}
+		delay := recheck
+		if err := sync(ctx); err != nil {
+			a.log.Warn().Err(err).Msg(failed)
+			delay = 10 * time.Second
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(delay)
+	}
+}

@@ -75,41 +75,7 @@ func (p *payloads) kick() {
 // run syncs on start, on the coordinator's trigger, after a reconnect and
 // on the re-check timer, until ctx ends.
 func (p *payloads) run(ctx context.Context) {
-	recheck := p.a.o.Recheck
-	if recheck <= 0 {
-		recheck = 15 * time.Minute
-	}
-	timer := time.NewTimer(0)
-	defer timer.Stop()
-	reconn := time.NewTicker(2 * time.Second)
-	defer reconn.Stop()
-	last := p.a.nc.Stats().Reconnects
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-p.wake:
-		case <-timer.C:
-		case <-reconn.C:
-			if n := p.a.nc.Stats().Reconnects; n != last {
-				last = n
-				break
-			}
-			continue
-		}
-		delay := recheck
-		if err := p.sync(ctx); err != nil {
-			p.a.log.Warn().Err(err).Msg("payloads not synced; retrying")
-			delay = 10 * time.Second
-		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-		timer.Reset(delay)
-	}
+	p.a.syncLoop(ctx, p.wake, 2*time.Second, nil, p.sync, "payloads not synced; retrying")
 }
 
 // sync asks for the device's payloads, applies them, and reports what it

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sort"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -194,12 +193,7 @@ func (s *services) escrowList(ctx context.Context, _ *model.Admin, raw json.RawM
 			}
 		}
 	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].Name != out[j].Name {
-			return out[i].Name < out[j].Name
-		}
-		return out[i].Device+out[i].Disk < out[j].Device+out[j].Disk
-	})
+	sortByDevice(out, func(v *model.EscrowView) (string, string, string) { return v.Name, v.Device, v.Disk })
 	return out, nil
 }
 
@@ -208,17 +202,8 @@ func (s *services) escrowList(ctx context.Context, _ *model.Admin, raw json.RawM
 // before, and answers with the current escrow key statement, only into
 // its own inbox.
 func (s *services) onEscrowSync(m *nats.Msg) {
-	id, ok := subjects.DeviceFromRequest(subjects.EscrowPut, m.Subject)
-	if m.Reply == "" {
-		s.drop("escrow", dropInvalid, m)
-		return
-	}
-	if s.deviceFor("escrow", m, id, ok) == nil {
-		return
-	}
-	if !s.allowReport(id, len(m.Data)) {
-		s.drop("escrow", dropRate, m)
-		s.reply(m, model.EscrowSyncReply{Error: "too many requests: slow down"})
+	id, ok := s.acceptDeviceRequest(m, subjects.EscrowPut, "escrow", func(msg string) any { return model.EscrowSyncReply{Error: msg} })
+	if !ok {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -233,22 +218,10 @@ func (s *services) onEscrowSync(m *nats.Msg) {
 
 func (s *services) escrowSync(ctx context.Context, id string, data []byte) (model.EscrowSyncReply, error) {
 	var r model.EscrowSyncReply
-	if len(data) > 128<<10 {
-		return r, errors.New("escrow request too large")
-	}
-	var sg model.Signed
-	if err := json.Unmarshal(data, &sg); err != nil {
-		return r, fmt.Errorf("not a signed request: %w", err)
-	}
-	if err := sg.Verify(model.PurposeEscrowSync, []string{id}); err != nil {
-		return r, fmt.Errorf("escrow request signature: %w", err)
-	}
-	var req model.EscrowSync
-	if err := sg.Decode(&req); err != nil {
+	req, err := parseDeviceRequest(data, id, "escrow", model.PurposeEscrowSync, 128<<10,
+		func(q *model.EscrowSync) string { return q.Device })
+	if err != nil {
 		return r, err
-	}
-	if req.Device != id {
-		return r, fmt.Errorf("escrow request names device %q, not its signer %s", req.Device, id)
 	}
 	if len(req.Puts) > 32 || len(req.Have) > 32 {
 		return r, errors.New("escrow request: at most 32 disks")

@@ -3,8 +3,10 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
+	"sort"
 	"sync"
 	"time"
 
@@ -47,6 +49,69 @@ func (s *services) startMDM() error {
 		}
 	}
 	return nil
+}
+
+// acceptDeviceRequest takes the steps every signed MDM request of a
+// device (under subject prefix) goes through before its own work: it must
+// ask for an answer, come from a known, active device with a reply inbox
+// of that device's own, and keep within the device's rate limit, else it
+// is answered with refuse's reply (no work is done for a device that
+// floods). It returns the device's ID, or false when the request was
+// dropped; handler names it in the drop counter.
+func (s *services) acceptDeviceRequest(m *nats.Msg, prefix, handler string, refuse func(msg string) any) (string, bool) {
+	id, ok := subjects.DeviceFromRequest(prefix, m.Subject)
+	if m.Reply == "" {
+		s.drop(handler, dropInvalid, m)
+		return "", false
+	}
+	if s.deviceFor(handler, m, id, ok) == nil {
+		return "", false
+	}
+	if !s.allowReport(id, len(m.Data)) {
+		s.drop(handler, dropRate, m)
+		s.reply(m, refuse("too many requests: slow down"))
+		return "", false
+	}
+	return id, true
+}
+
+// parseDeviceRequest checks the body of device id's signed request: at
+// most limit bytes, signed by the device itself for purpose, and naming
+// that device (device returns the ID the request names), so a device
+// cannot pass another's request off as its own. what names the request in
+// errors ("payload", "escrow").
+func parseDeviceRequest[T any](b []byte, id, what, purpose string, limit int, device func(*T) string) (*T, error) {
+	if len(b) > limit {
+		return nil, errors.New(what + " request too large")
+	}
+	var sg model.Signed
+	if err := json.Unmarshal(b, &sg); err != nil {
+		return nil, fmt.Errorf("not a signed request: %w", err)
+	}
+	if err := sg.Verify(purpose, []string{id}); err != nil {
+		return nil, fmt.Errorf("%s request signature: %w", what, err)
+	}
+	var r T
+	if err := sg.Decode(&r); err != nil {
+		return nil, err
+	}
+	if dev := device(&r); dev != id {
+		return nil, fmt.Errorf("%s request names device %q, not its signer %s", what, dev, id)
+	}
+	return &r, nil
+}
+
+// sortByDevice orders a per-device listing by device name, then by device
+// ID and item (key gives the three of a view), as the admin reads it.
+func sortByDevice[T any](out []T, key func(*T) (name, id, item string)) {
+	sort.Slice(out, func(i, j int) bool {
+		ni, ii, ti := key(&out[i])
+		nj, ij, tj := key(&out[j])
+		if ni != nj {
+			return ni < nj
+		}
+		return ii+ti < ij+tj
+	})
 }
 
 // encryptionViews is every recorded, not revoked device's encryption

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -227,17 +226,26 @@ func (s *services) devicePayloadEntries(ctx context.Context, id string) ([]jetst
 		return s.payloadEntries(ctx, id+".*")
 	}
 	var out []jetstream.KeyValueEntry
+	var err error
 	for _, k := range keys {
-		e, err := s.payloads.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
+		if out, err = s.appendPayload(ctx, out, k); err != nil {
+			return nil, err
 		}
-		if err != nil {
-			return nil, fmt.Errorf("read payload %s: %w", k, err)
-		}
-		out = append(out, e)
 	}
 	return out, nil
+}
+
+// appendPayload appends the record under key k to out; a record removed
+// meanwhile is passed over.
+func (s *services) appendPayload(ctx context.Context, out []jetstream.KeyValueEntry, k string) ([]jetstream.KeyValueEntry, error) {
+	e, err := s.payloads.Get(ctx, k)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read payload %s: %w", k, err)
+	}
+	return append(out, e), nil
 }
 
 // payloadEntries reads the records whose keys match filter.
@@ -248,14 +256,9 @@ func (s *services) payloadEntries(ctx context.Context, filter string) ([]jetstre
 	}
 	var out []jetstream.KeyValueEntry
 	for k := range kl.Keys() {
-		e, err := s.payloads.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
+		if out, err = s.appendPayload(ctx, out, k); err != nil {
+			return nil, err
 		}
-		if err != nil {
-			return nil, fmt.Errorf("read payload %s: %w", k, err)
-		}
-		out = append(out, e)
 	}
 	return out, nil
 }
@@ -296,16 +299,16 @@ func (s *services) payloadRemove(ctx context.Context, who *model.Admin, raw json
 		}
 		keys = append(keys, payloadKey(id, a.Name))
 	}
+	var es []jetstream.KeyValueEntry
+	for _, k := range keys {
+		var err error
+		if es, err = s.appendPayload(ctx, es, k); err != nil {
+			return nil, err
+		}
+	}
 	var removed []model.PayloadView
 	var devs []*model.Device
-	for _, k := range keys {
-		e, err := s.payloads.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read payload %s: %w", k, err)
-		}
+	for _, e := range es {
 		rec, p, err := decodePayloadRecord(e)
 		if err != nil {
 			return nil, err
@@ -365,29 +368,15 @@ func (s *services) payloadsList(ctx context.Context, _ *model.Admin, raw json.Ra
 		}
 		out = append(out, payloadView(d, p, rec))
 	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].DeviceName != out[j].DeviceName {
-			return out[i].DeviceName < out[j].DeviceName
-		}
-		return out[i].Device+out[i].Name < out[j].Device+out[j].Name
-	})
+	sortByDevice(out, func(v *model.PayloadView) (string, string, string) { return v.DeviceName, v.Device, v.Name })
 	return out, nil
 }
 
 // onPayloadSync answers a device's signed request for its payloads, only
 // into its own inbox, and records what it says it holds.
 func (s *services) onPayloadSync(m *nats.Msg) {
-	id, ok := subjects.DeviceFromRequest(subjects.PayloadSync, m.Subject)
-	if m.Reply == "" {
-		s.drop("payloads", dropInvalid, m)
-		return
-	}
-	if s.deviceFor("payloads", m, id, ok) == nil {
-		return
-	}
-	if !s.allowReport(id, len(m.Data)) {
-		s.drop("payloads", dropRate, m)
-		s.reply(m, model.PayloadSyncReply{Error: "too many requests: slow down"})
+	id, ok := s.acceptDeviceRequest(m, subjects.PayloadSync, "payloads", func(msg string) any { return model.PayloadSyncReply{Error: msg} })
+	if !ok {
 		return
 	}
 	req, err := parsePayloadSync(m.Data, id)
@@ -432,29 +421,17 @@ func (s *services) onPayloadSync(m *nats.Msg) {
 }
 
 func parsePayloadSync(b []byte, id string) (*model.PayloadSync, error) {
-	if len(b) > 64<<10 {
-		return nil, errors.New("payload request too large")
-	}
-	var sg model.Signed
-	if err := json.Unmarshal(b, &sg); err != nil {
-		return nil, fmt.Errorf("not a signed request: %w", err)
-	}
-	if err := sg.Verify(model.PurposePayloadSync, []string{id}); err != nil {
-		return nil, fmt.Errorf("payload request signature: %w", err)
-	}
-	var r model.PayloadSync
-	if err := sg.Decode(&r); err != nil {
+	r, err := parseDeviceRequest(b, id, "payload", model.PurposePayloadSync, 64<<10,
+		func(q *model.PayloadSync) string { return q.Device })
+	if err != nil {
 		return nil, err
-	}
-	if r.Device != id {
-		return nil, fmt.Errorf("payload request names device %q, not its signer %s", r.Device, id)
 	}
 	for _, h := range r.Have {
 		if model.CheckPayloadName(h.Name) != nil || len(h.SHA256) > 64 || strings.ContainsAny(h.SHA256, " \n") {
 			return nil, fmt.Errorf("payload request: bad entry %q", h.Name)
 		}
 	}
-	return &r, nil
+	return r, nil
 }
 
 // reply answers a device request into its (checked) reply inbox.
