@@ -69,8 +69,10 @@ type Agent struct {
 	// a trigger from the coordinator, and on the safety-net timer.
 	needGet bool
 	// pushed is the newest desired state a trigger carried, not handled
-	// yet; seenSeq the newest fleet_desired sequence taken, so an older
-	// one arriving late (a read answered before a push) is skipped.
+	// yet; seenSeq the sequence of the newest one accepted (its
+	// signatures and statement checked: a forged sequence cannot make the
+	// agent skip real states), so an older one arriving late (a read
+	// answered before a push) is skipped.
 	pushed  *DesiredMsg
 	seenSeq uint64
 	wake    chan struct{}
@@ -246,7 +248,6 @@ func (a *Agent) next(ctx context.Context) (*DesiredMsg, error) {
 	}
 	a.mu.Lock()
 	stale := m.Seq != 0 && m.Seq < a.seenSeq
-	a.seenSeq = max(a.seenSeq, m.Seq)
 	a.mu.Unlock()
 	if stale {
 		return nil, nil
@@ -410,6 +411,9 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 		return
 	}
 	cur.Statement = stmt
+	a.mu.Lock()
+	a.seenSeq = max(a.seenSeq, m.Seq)
+	a.mu.Unlock()
 	if err := a.saveState(cur); err != nil {
 		a.finish(ap, key, model.ResultFailed, err.Error(), "", "")
 		return

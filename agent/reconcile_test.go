@@ -204,3 +204,27 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 		t.Fatalf("state after the apply: %+v %v", st, err)
 	}
 }
+
+// A trigger's sequence counts only once its state is accepted: a forged
+// push with a huge sequence (a rogue leaf can write into its site's
+// inboxes) is handed to the checks like any state, and does not make the
+// agent skip the real states that follow.
+func TestForgedTriggerSequenceSkipsNothing(t *testing.T) {
+	a := &Agent{wake: make(chan struct{}, 1), log: zerolog.Nop()}
+	push := func(seq uint64, rollout string) {
+		b, _ := json.Marshal(model.DesiredReply{Seq: seq, Desired: json.RawMessage(`{"rollout_id":"` + rollout + `"}`)})
+		a.onNotify(&nats.Msg{Data: b})
+	}
+	push(1<<60, "forged")
+	m, err := a.next(context.Background())
+	if err != nil || m == nil || m.Seq != 1<<60 {
+		t.Fatalf("forged push: %+v %v, want it handed to the checks", m, err)
+	}
+	// Not accepted (handle was not reached here, as a refused state is
+	// not): the next real state is taken.
+	push(7, "real")
+	m, err = a.next(context.Background())
+	if err != nil || m == nil || m.Seq != 7 || m.Desired.RolloutID != "real" {
+		t.Fatalf("real push after a forged one: %+v %v", m, err)
+	}
+}
