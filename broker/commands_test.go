@@ -28,11 +28,9 @@ func resultOf(t *testing.T, res []model.CommandResult, id string) model.CommandR
 // one is reported as not reached and nothing is queued for it: it does
 // not run the command when it comes back.
 func TestCommandOnlineAnswersOfflineNotReached(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 3, false, "lab")
-	a := runDevice(t, c, tok.Token, "cmd-a", owner.Key(), nil)
-	b := runDevice(t, c, tok.Token, "cmd-b", owner.Key(), nil)
+	c, owner, tok := mdmFleet(t, 3, "lab")
+	a := runDevice(t, c, tok, "cmd-a", owner.Key(), nil)
+	b := runDevice(t, c, tok, "cmd-b", owner.Key(), nil)
 	b.stop()
 	poll.Until(t, 10*time.Second, "cmd-b offline", func() bool { return !c.Presence().Online(b.id) })
 
@@ -64,9 +62,7 @@ func TestCommandOnlineAnswersOfflineNotReached(t *testing.T) {
 
 	// Back online, b runs nothing: nothing was queued.
 	_ = restartDevice(t, c, b, owner.Key())
-	if n, _ := b.actions.counts(); n != 0 {
-		t.Errorf("offline device rebooted %d times", n)
-	}
+	wantNoReboots(t, b, "offline device")
 }
 
 // A command with a forged signature (a refresh-facts signature over a
@@ -74,10 +70,8 @@ func TestCommandOnlineAnswersOfflineNotReached(t *testing.T) {
 // refusal is in the audit trail; so are commands signed by a key that is
 // not the requesting admin's, and a viewer's.
 func TestCommandForgedSignatureRefusedAndAudited(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 1, false, "lab")
-	d := runDevice(t, c, tok.Token, "forge-a", owner.Key(), nil)
+	c, owner, tok := mdmFleet(t, 1, "lab")
+	d := runDevice(t, c, tok, "forge-a", owner.Key(), nil)
 	ev := watchCommandEvents(t, c, d.id)
 	ctx := mdmCtx(t, 40*time.Second)
 
@@ -117,9 +111,7 @@ func TestCommandForgedSignatureRefusedAndAudited(t *testing.T) {
 	if err != nil || !resultOf(t, res, d.id).OK() {
 		t.Fatalf("good command: %+v, %v", res, err)
 	}
-	if n, _ := d.actions.counts(); n != 0 {
-		t.Errorf("device rebooted %d times on refused commands", n)
-	}
+	wantNoReboots(t, d, "device, on refused commands")
 	ev.mu.Lock()
 	for _, e := range ev.evs {
 		if e.Check == string(model.CommandReboot) {
@@ -140,11 +132,9 @@ func TestCommandForgedSignatureRefusedAndAudited(t *testing.T) {
 // replay one it took, are refused (with its own signed event) and nothing
 // runs.
 func TestAgentRefusesForgedStaleAndReplayedCommands(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "lab")
-	d := runDevice(t, c, tok.Token, "dev-a", owner.Key(), nil)
-	other := runDevice(t, c, tok.Token, "dev-b", owner.Key(), nil)
+	c, owner, tok := mdmFleet(t, 2, "lab")
+	d := runDevice(t, c, tok, "dev-a", owner.Key(), nil)
+	other := runDevice(t, c, tok, "dev-b", owner.Key(), nil)
 	ev := watchCommandEvents(t, c, d.id)
 	ownerKey := readOwnerKey(t, c)
 
@@ -182,8 +172,8 @@ func TestAgentRefusesForgedStaleAndReplayedCommands(t *testing.T) {
 	fc.Action = model.CommandReboot
 	forged.Payload, _ = json.Marshal(fc)
 	waitResult(inject(forged), model.CommandRefused, "signature does not match")
-	if n, _ := d.actions.counts(); n != 0 {
-		t.Fatalf("rebooted %d times on refused commands", n)
+	if !wantNoReboots(t, d, "on refused commands") {
+		t.FailNow()
 	}
 
 	good, _ := model.SignCommand(ownerKey, d.id, model.CommandReboot, time.Now())
@@ -213,21 +203,15 @@ func TestAgentRefusesForgedStaleAndReplayedCommands(t *testing.T) {
 		}
 		return replays >= 2
 	})
-	if n, _ := d2.actions.counts(); n != 0 {
-		t.Errorf("restarted device rebooted %d times on a replay", n)
-	}
-	if n, _ := other.actions.counts(); n != 0 {
-		t.Errorf("the other device rebooted %d times", n)
-	}
+	wantNoReboots(t, d2, "restarted device, on a replay")
+	wantNoReboots(t, other, "the other device")
 }
 
 // A revoked device gets nothing, with a clear result; an unknown one is an
 // error.
 func TestCommandRevokedDevice(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 1, false, "lab")
-	d := runDevice(t, c, tok.Token, "gone", owner.Key(), nil)
+	c, owner, tok := mdmFleet(t, 1, "lab")
+	d := runDevice(t, c, tok, "gone", owner.Key(), nil)
 	ctx := mdmCtx(t, 30*time.Second)
 	if _, err := owner.RevokeDevice(ctx, d.id); err != nil {
 		t.Fatal(err)
@@ -241,7 +225,5 @@ func TestCommandRevokedDevice(t *testing.T) {
 	}
 	_, err = owner.Command(ctx, []string{pubOfKey(newUserKey(t))}, model.CommandReboot, false)
 	mdmWantErr(t, err, "no device")
-	if n, _ := d.actions.counts(); n != 0 {
-		t.Errorf("revoked device rebooted %d times", n)
-	}
+	wantNoReboots(t, d, "revoked device")
 }

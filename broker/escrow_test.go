@@ -82,11 +82,9 @@ func escrowPub(t *testing.T, out string) string {
 // them with the key pair (audited), a regenerated key file is escrowed
 // again, and after escrow rotate devices re-seal to the new pair.
 func TestEscrowSealRegenerateRotate(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "laptops")
-	a, filesA := escrowDevice(t, c, tok.Token, "esc-a", owner.Key(), "nvme0n1p2", "sda1")
-	_, filesB := escrowDevice(t, c, tok.Token, "esc-b", owner.Key(), "nvme0n1p2")
+	c, owner, tok := mdmFleet(t, 2, "laptops")
+	a, filesA := escrowDevice(t, c, tok, "esc-a", owner.Key(), "nvme0n1p2", "sda1")
+	_, filesB := escrowDevice(t, c, tok, "esc-b", owner.Key(), "nvme0n1p2")
 
 	keyFile := filepath.Join(t.TempDir(), "escrow.xk")
 	out, errs, code := runAdmin(t, c, "escrow", "init", "--out", keyFile)
@@ -144,42 +142,18 @@ func TestEscrowSealRegenerateRotate(t *testing.T) {
 	_ = a
 }
 
-// rawBucket returns every message a bucket's stream holds, history
-// included.
-func rawBucket(t *testing.T, c *broker.Coordinator, bucket string) [][]byte {
-	t.Helper()
-	ctx := mdmCtx(t, 10*time.Second)
-	st, err := c.JetStream().Stream(ctx, subjects.KVStream(bucket))
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out [][]byte
-	for seq := info.State.FirstSeq; info.State.Msgs > 0 && seq <= info.State.LastSeq; seq++ {
-		if m, err := st.GetMsg(ctx, seq); err == nil {
-			out = append(out, m.Data)
-		}
-	}
-	return out
-}
-
 // Device A cannot send escrow for B (the server refuses the subject), nor
 // pass B's off under its own subject; a viewer cannot fetch escrowed keys.
 func TestEscrowIsolation(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "iso")
+	c, owner, tok := mdmFleet(t, 2, "iso")
 	keyFile := filepath.Join(t.TempDir(), "escrow.xk")
 	out, errs, code := runAdmin(t, c, "escrow", "init", "--out", keyFile)
 	if code != 0 {
 		t.Fatalf("escrow init: %s", errs)
 	}
 	key := escrowPub(t, out)
-	a, _ := escrowDevice(t, c, tok.Token, "iso-a", owner.Key(), "sda1")
-	b, _ := escrowDevice(t, c, tok.Token, "iso-b", owner.Key(), "sda1")
+	a, _ := escrowDevice(t, c, tok, "iso-a", owner.Key(), "sda1")
+	b, _ := escrowDevice(t, c, tok, "iso-b", owner.Key(), "sda1")
 	allEscrowed(t, owner, 2, key)
 	before := len(rawBucket(t, c, subjects.BucketEscrow))
 
@@ -198,13 +172,7 @@ func TestEscrowIsolation(t *testing.T) {
 	}
 	poll.Until(t, 5*time.Second, "permissions violation", func() bool { return perms.seen(subjects.EscrowPutFor(b.id)) })
 	for name, data := range map[string][]byte{"request naming b": body(b.id, put)} {
-		m, err := nc.Request(subjects.EscrowPutFor(a.id), data, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var r model.EscrowSyncReply
-		_ = json.Unmarshal(m.Data, &r)
-		if r.Error == "" {
+		if r := deviceAsk[model.EscrowSyncReply](t, nc, subjects.EscrowPutFor(a.id), data); r.Error == "" {
 			t.Errorf("%s: accepted", name)
 		}
 	}
@@ -213,12 +181,7 @@ func TestEscrowIsolation(t *testing.T) {
 	_ = put.Decode(&p)
 	p.Device = b.id
 	forB, _ := model.Sign(a.creds.Key, model.PurposeEscrow, p)
-	m, err := nc.Request(subjects.EscrowPutFor(a.id), body(a.id, forB), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var r model.EscrowSyncReply
-	_ = json.Unmarshal(m.Data, &r)
+	r := deviceAsk[model.EscrowSyncReply](t, nc, subjects.EscrowPutFor(a.id), body(a.id, forB))
 	if !strings.Contains(r.Error, "not its signer") {
 		t.Errorf("a's put for b: %+v", r)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/admin"
 	"fleet/agent"
 	"fleet/broker"
 	"fleet/internal/poll"
@@ -238,4 +239,59 @@ func mdmWantErr(t *testing.T, err error, parts ...string) {
 			t.Errorf("error %q does not mention %q", err, p)
 		}
 	}
+}
+
+// mdmFleet starts a coordinator; it returns it with its owner's client and
+// an enrolment token for uses devices in group.
+func mdmFleet(t *testing.T, uses int, group string) (*broker.Coordinator, *admin.Client, string) {
+	t.Helper()
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	return c, owner, createToken(t, owner, uses, false, group).Token
+}
+
+// wantNoReboots reports an error, naming what, when device d rebooted; it
+// returns whether it did not.
+func wantNoReboots(t *testing.T, d *mdmDevice, what string) bool {
+	t.Helper()
+	n, _ := d.actions.counts()
+	if n != 0 {
+		t.Errorf("%s: rebooted %d times", what, n)
+	}
+	return n == 0
+}
+
+// rawBucket returns every message a bucket's stream holds, history
+// included.
+func rawBucket(t *testing.T, c *broker.Coordinator, bucket string) [][]byte {
+	t.Helper()
+	ctx := mdmCtx(t, 10*time.Second)
+	st, err := c.JetStream().Stream(ctx, subjects.KVStream(bucket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out [][]byte
+	for seq := info.State.FirstSeq; info.State.Msgs > 0 && seq <= info.State.LastSeq; seq++ {
+		if m, err := st.GetMsg(ctx, seq); err == nil {
+			out = append(out, m.Data)
+		}
+	}
+	return out
+}
+
+// deviceAsk sends a device request over nc (the device's own connection)
+// and decodes the coordinator's answer.
+func deviceAsk[T any](t *testing.T, nc *nats.Conn, subj string, body []byte) T {
+	t.Helper()
+	m, err := nc.Request(subj, body, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r T
+	_ = json.Unmarshal(m.Data, &r)
+	return r
 }

@@ -74,40 +74,14 @@ func viewOf(vs []model.PayloadView, dev string) *model.PayloadView {
 	return nil
 }
 
-// rawPayloadBytes returns every message the fleet_payloads stream holds,
-// history included.
-func rawPayloadBytes(t *testing.T, c *broker.Coordinator) [][]byte {
-	t.Helper()
-	ctx := mdmCtx(t, 10*time.Second)
-	st, err := c.JetStream().Stream(ctx, subjects.KVStream(subjects.BucketPayloads))
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out [][]byte
-	for seq := info.State.FirstSeq; info.State.Msgs > 0 && seq <= info.State.LastSeq; seq++ {
-		m, err := st.GetMsg(ctx, seq)
-		if err != nil {
-			continue
-		}
-		out = append(out, m.Data)
-	}
-	return out
-}
-
 // An agent receives its payload: the file appears with the requested mode,
 // its unit is reloaded, payload ls shows it delivered with the
 // certificate's expiry; the coordinator's stored bytes never hold the
 // plaintext; a withdrawn payload disappears from the device only.
 func TestPayloadDeliveredAndWithdrawn(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "wifi")
-	a, dirA := payloadDevice(t, c, tok.Token, "pl-a", owner.Key())
-	b, dirB := payloadDevice(t, c, tok.Token, "pl-b", owner.Key())
+	c, owner, tok := mdmFleet(t, 2, "wifi")
+	a, dirA := payloadDevice(t, c, tok, "pl-a", owner.Key())
+	b, dirB := payloadDevice(t, c, tok, "pl-b", owner.Key())
 	ctx := mdmCtx(t, time.Minute)
 
 	expiry := time.Now().Add(20 * 24 * time.Hour).Truncate(time.Second)
@@ -146,7 +120,7 @@ func TestPayloadDeliveredAndWithdrawn(t *testing.T) {
 	})
 
 	// The stored bytes are sealed: neither the plaintext nor its base64.
-	for _, raw := range rawPayloadBytes(t, c) {
+	for _, raw := range rawBucket(t, c, subjects.BucketPayloads) {
 		if bytes.Contains(raw, cert) || bytes.Contains(raw, []byte(base64.StdEncoding.EncodeToString(cert)[:40])) || bytes.Contains(raw, []byte("BEGIN CERTIFICATE")) {
 			t.Fatalf("fleet_payloads holds the plaintext: %.200s", raw)
 		}
@@ -168,7 +142,7 @@ func TestPayloadDeliveredAndWithdrawn(t *testing.T) {
 		t.Errorf("payload ls after rm: %+v", vs)
 	}
 	// Purged: not even a sealed revision of a's stays.
-	for _, raw := range rawPayloadBytes(t, c) {
+	for _, raw := range rawBucket(t, c, subjects.BucketPayloads) {
 		if bytes.Contains(raw, []byte(`"device":"`+a.id+`"`)) {
 			t.Errorf("a's withdrawn payload is still stored")
 		}
@@ -184,11 +158,9 @@ func mustJSONString(v any) string {
 // cannot pass a request for B off as its own, and cannot open a payload
 // sealed to B.
 func TestPayloadIsolation(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "iso")
-	a, _ := payloadDevice(t, c, tok.Token, "iso-a", owner.Key())
-	b, dirB := payloadDevice(t, c, tok.Token, "iso-b", owner.Key())
+	c, owner, tok := mdmFleet(t, 2, "iso")
+	a, _ := payloadDevice(t, c, tok, "iso-a", owner.Key())
+	b, dirB := payloadDevice(t, c, tok, "iso-b", owner.Key())
 	ctx := mdmCtx(t, time.Minute)
 	secret := []byte("psk=correct horse battery staple")
 	devB, err := owner.Device(ctx, b.id)
@@ -212,22 +184,10 @@ func TestPayloadIsolation(t *testing.T) {
 	}
 	poll.Until(t, 5*time.Second, "permissions violation", func() bool { return perms.seen(subjects.PayloadSyncFor(b.id)) })
 	// A's subject with a body about B (signed by A, or claiming B).
-	m, err := nc.Request(subjects.PayloadSyncFor(a.id), body, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var r model.PayloadSyncReply
-	_ = json.Unmarshal(m.Data, &r)
-	if r.Error == "" || len(r.Payloads) != 0 {
+	if r := deviceAsk[model.PayloadSyncReply](t, nc, subjects.PayloadSyncFor(a.id), body); r.Error == "" || len(r.Payloads) != 0 {
 		t.Errorf("a's request naming b: %+v", r)
 	}
-	m, err = nc.Request(subjects.PayloadSyncFor(a.id), signedSync(t, a.creds.Key, a.id), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r = model.PayloadSyncReply{}
-	_ = json.Unmarshal(m.Data, &r)
-	if r.Error != "" || len(r.Payloads) != 0 {
+	if r := deviceAsk[model.PayloadSyncReply](t, nc, subjects.PayloadSyncFor(a.id), signedSync(t, a.creds.Key, a.id)); r.Error != "" || len(r.Payloads) != 0 {
 		t.Errorf("a's own request got %+v", r)
 	}
 
@@ -314,11 +274,9 @@ func rawDeviceConn(t *testing.T, c *broker.Coordinator, cr *accounts.Creds) (*na
 // key, or altered before it was signed) is reported failed and no file is
 // written.
 func TestPayloadBadInput(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	tok := createToken(t, owner, 2, false, "bad")
-	a, dirA := payloadDevice(t, c, tok.Token, "bad-a", owner.Key())
-	b, _ := payloadDevice(t, c, tok.Token, "bad-b", owner.Key())
+	c, owner, tok := mdmFleet(t, 2, "bad")
+	a, dirA := payloadDevice(t, c, tok, "bad-a", owner.Key())
+	b, _ := payloadDevice(t, c, tok, "bad-b", owner.Key())
 	ctx := mdmCtx(t, time.Minute)
 	ownerKey := readOwnerKey(t, c)
 	devA, _ := owner.Device(ctx, a.id)
@@ -351,7 +309,7 @@ func TestPayloadBadInput(t *testing.T) {
 	if !errors.As(err, &ae) || ae.Code != model.CodeRefused {
 		t.Errorf("payload signed by a stranger: %v", err)
 	}
-	if raw := rawPayloadBytes(t, c); len(raw) != 0 {
+	if raw := rawBucket(t, c, subjects.BucketPayloads); len(raw) != 0 {
 		t.Fatalf("refused pushes stored %d messages", len(raw))
 	}
 
