@@ -100,6 +100,8 @@ func (s *services) payloadPush(ctx context.Context, who *model.Admin, raw json.R
 		if _, err := s.payloads.Put(ctx, payloadKey(it.p.Device, it.p.Name), mustJSON(rec)); err != nil {
 			return nil, fmt.Errorf("store payload %s for %s: %w", it.p.Name, it.p.Device, err)
 		}
+		// Known here before the device is told, whatever the watch's lag.
+		s.payloadKeys.set(payloadKey(it.p.Device, it.p.Name), true)
 		out = append(out, payloadView(it.dev, it.p, &rec))
 	}
 	for _, it := range items {
@@ -170,18 +172,29 @@ func (s *services) watchPayloadKeys() error {
 }
 
 func (pk *payloadKeys) apply(e jetstream.KeyValueEntry) {
-	pk.mu.Lock()
-	defer pk.mu.Unlock()
 	if e == nil {
+		pk.mu.Lock()
 		pk.ready = true
+		pk.mu.Unlock()
 		return
 	}
-	dev, _, ok := strings.Cut(e.Key(), ".")
+	pk.set(e.Key(), e.Operation() == jetstream.KeyValuePut)
+}
+
+// set records that key exists (or not). The coordinator that writes a
+// payload sets it at once; the watch brings every coordinator's in line.
+func (pk *payloadKeys) set(key string, exists bool) {
+	if pk == nil {
+		return
+	}
+	dev, _, ok := strings.Cut(key, ".")
 	if !ok {
 		return
 	}
-	if e.Operation() != jetstream.KeyValuePut {
-		delete(pk.keys[dev], e.Key())
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	if !exists {
+		delete(pk.keys[dev], key)
 		if len(pk.keys[dev]) == 0 {
 			delete(pk.keys, dev)
 		}
@@ -190,7 +203,7 @@ func (pk *payloadKeys) apply(e jetstream.KeyValueEntry) {
 	if pk.keys[dev] == nil {
 		pk.keys[dev] = map[string]bool{}
 	}
-	pk.keys[dev][e.Key()] = true
+	pk.keys[dev][key] = true
 }
 
 // of returns device dev's payload keys, or false before the watch has
@@ -330,6 +343,7 @@ func (s *services) payloadRemove(ctx context.Context, who *model.Admin, raw json
 		if err := s.payloads.Purge(ctx, payloadKey(v.Device, v.Name)); err != nil {
 			return nil, fmt.Errorf("remove payload %s from %s: %w", v.Name, v.Device, err)
 		}
+		s.payloadKeys.set(payloadKey(v.Device, v.Name), false)
 	}
 	for _, d := range devs {
 		s.notifyPayloads(d)
