@@ -15,9 +15,6 @@ import (
 // gets the deploy exactly once, both rollouts succeed, status lists every
 // device, and the raw NATS baseline ran beside it.
 func TestBenchSmoke(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts 400 connections and a coordinator")
-	}
 	const n = 200
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
