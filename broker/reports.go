@@ -395,8 +395,8 @@ func desiredGetDevice(subj string) (string, bool) {
 	return id, subjects.ValidDeviceID(id)
 }
 
-// Announcement is one device's desired-state change to tell it about: the
-// entry written at Seq (Value nil: deleted); Seq 0 sends a bare trigger
+// announcement is one device's desired-state change to tell it about: the
+// entry written at seq (value nil: deleted); seq 0 sends a bare trigger
 // and the device reads its state itself.
 type announcement struct {
 	id, site string
@@ -461,8 +461,8 @@ const maxYield = 2 * time.Second
 // yieldToAnnounce waits (a little at most) while a batch of triggers goes
 // out: the devices told first apply at once and report, and verifying
 // their reports would otherwise take the CPU the rest of the batch needs.
-// A report waits a second; a device waiting for its desired state, the
-// whole rollout.
+// A report can wait a second or two; devices still waiting for their
+// trigger hold up the whole rollout.
 func (s *services) yieldToAnnounce() {
 	if ch := s.announcing.Load(); ch != nil {
 		select {
