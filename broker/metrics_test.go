@@ -24,6 +24,7 @@ import (
 	pmodel "github.com/prometheus/common/model"
 	"github.com/rs/zerolog"
 
+	"fleet/accounts"
 	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
@@ -598,10 +599,29 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	d.publish(t, subjects.DeviceEvents(d.id), model.Event{Device: d.id, Time: time.Now(), State: model.StateReporting, Result: model.ResultFailed})
 	putJSON(t, f.c, subjects.BucketDesired, d.id, model.Desired{Device: d.id, StorePath: gen})
 	putJSON(t, f.c, subjects.BucketRollouts, "r-1", model.Rollout{ID: "r-1", ReleaseID: "rel", State: model.RolloutRunning, UpdatedAt: time.Now()})
+	// A payload holding a certificate, as payload push stores it (signed by
+	// the owner), and a recovery key the device escrowed (signed by it).
+	owner, err := accounts.ReadCreds(filepath.Join(f.cfg.DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	pl, err := model.Sign(owner.Key, model.PurposePayload, model.Payload{Name: "wifi-cert", Device: d.id, Mode: 0o400,
+		SHA256: strings.Repeat("0", 64), Size: 1, NotAfter: now.Add(20 * 24 * time.Hour), Sealed: []byte{1}, Time: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	putJSON(t, f.c, subjects.BucketPayloads, payloadKey(d.id, "wifi-cert"), model.PayloadRecord{Signed: pl, PushedBy: owner.PublicKey(), PushedAt: now})
+	esc, err := model.Sign(d.key, model.PurposeEscrow, model.EscrowPut{Device: d.id, Disk: "nvme0n1p2", Sealed: []byte{1}, Time: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	putJSON(t, f.c, subjects.BucketEscrow, escrowKey(d.id, "nvme0n1p2"), model.EscrowRecord{Signed: esc, EscrowedAt: now, ConfirmedAt: now})
 	var fams map[string]*dto.MetricFamily
 	poll.Telling(t, 10*time.Second, "every device family", func() (bool, string) {
 		fams = scrape(t, f.c)
-		for _, n := range []string{"fleet_device_desired_info", "fleet_device_last_apply_success", "fleet_rollout_info", "fleet_device_disk_used_ratio"} {
+		for _, n := range []string{"fleet_device_desired_info", "fleet_device_last_apply_success", "fleet_rollout_info", "fleet_device_disk_used_ratio",
+			"fleet_payload_cert_expiry_timestamp_seconds", "fleet_escrow_confirmed_timestamp_seconds"} {
 			if fams[n] == nil {
 				return false, n + " missing"
 			}
