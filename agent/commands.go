@@ -222,7 +222,14 @@ func (c *commander) run(ctx context.Context, cmd *model.Command) error {
 		if actions == nil {
 			return errors.New("this agent cannot roll back on command")
 		}
-		if err := actions.Rollback(WithAttempt(ctx, "cmd-"+cmd.ID)); err != nil {
+		// Never in the middle of an apply: the two would switch the
+		// profile under each other. The admin tries again afterwards.
+		if !a.applyMu.TryLock() {
+			return errors.New("an apply is in progress: roll back once it has finished")
+		}
+		err := actions.Rollback(WithAttempt(ctx, "cmd-"+cmd.ID))
+		a.applyMu.Unlock()
+		if err != nil {
 			return err
 		}
 		a.kickFacts()

@@ -63,6 +63,10 @@ type Agent struct {
 	repReady atomic.Pointer[reporter]
 	log      zerolog.Logger
 
+	// applyMu is held for the whole of an apply (or a resumed one) and by
+	// a rollback command, so the two never switch the profile at once.
+	applyMu sync.Mutex
+
 	mu sync.Mutex
 	st *ApplyState
 	// needGet asks the loop to read the desired state: on (re)connect, on
@@ -372,6 +376,8 @@ func (a *Agent) state() ApplyState {
 // handle takes one desired state through Checking → Fetching → Applying →
 // Verifying → Reporting (or RollingBack).
 func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
 	if m.Absent {
 		a.log.Info().Msg("no desired state: staying on the current system")
 		return
@@ -607,6 +613,8 @@ func (a *Agent) rollback(ctx context.Context, ap *apply, key string, st ApplySta
 // resume finishes an apply a restart interrupted: verify when the switch
 // went through, else roll back.
 func (a *Agent) resume(ctx context.Context) {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
 	st := a.state()
 	if st.Phase == PhaseNone {
 		return

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -227,4 +228,26 @@ func TestForgedTriggerSequenceSkipsNothing(t *testing.T) {
 	if err != nil || m == nil || m.Seq != 7 || m.Desired.RolloutID != "real" {
 		t.Fatalf("real push after a forged one: %+v %v", m, err)
 	}
+}
+
+// countingActions counts what the commands made the host do.
+type countingActions struct{ rollbacks, reboots int }
+
+func (c *countingActions) Reboot(context.Context) error             { c.reboots++; return nil }
+func (c *countingActions) Rollback(context.Context) error           { c.rollbacks++; return nil }
+func (c *countingActions) ReloadUnit(context.Context, string) error { return nil }
+
+// A rollback command never runs in the middle of an apply: the two would
+// switch the profile under each other. It says why, and the admin tries
+// again once the apply has finished.
+func TestRollbackCommandWaitsForNoApply(t *testing.T) {
+	acts := &countingActions{}
+	a := &Agent{o: Options{MDM: MDMOptions{Actions: acts}}, wake: make(chan struct{}, 1), factsCh: make(chan struct{}, 1), log: zerolog.Nop()}
+	c := &commander{a: a}
+	a.applyMu.Lock() // an apply is running
+	err := c.run(context.Background(), &model.Command{ID: "c1", Action: model.CommandRollback})
+	if err == nil || !strings.Contains(err.Error(), "apply is in progress") || acts.rollbacks != 0 {
+		t.Fatalf("rollback during an apply: %v, %d rollbacks; want refused, none", err, acts.rollbacks)
+	}
+	a.applyMu.Unlock()
 }
