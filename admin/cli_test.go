@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,27 +19,10 @@ import (
 	"fleet/admin"
 	"fleet/agent"
 	"fleet/broker"
+	"fleet/internal/lockedbuf"
 	"fleet/internal/poll"
 	"fleet/model"
 )
-
-// syncBuffer is a bytes.Buffer safe to read while a command writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func adminCreds(c *broker.Coordinator) string {
 	return filepath.Join(c.Config().DataDir, accounts.AdminCredsFile)
@@ -177,7 +159,7 @@ func TestWaitInterruptedAndLost(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var out, errb syncBuffer
+	var out, errb lockedbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- admin.RunIO(ctx, []string{"--server", c.ClientURL(), "--creds", adminCreds(c), "deploy", "--release", "rel-y",
@@ -206,7 +188,7 @@ func TestWaitInterruptedAndLost(t *testing.T) {
 	}
 
 	// The coordinator goes away mid-watch.
-	out, errb = syncBuffer{}, syncBuffer{}
+	out, errb = lockedbuf.Buffer{}, lockedbuf.Buffer{}
 	go func() {
 		done <- admin.RunIO(context.Background(), []string{"--server", c.ClientURL(), "--creds", adminCreds(c), "rollout", "watch", id},
 			admin.IO{Stdout: &out, Stderr: &errb})

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,12 +11,12 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 
+	"fleet/internal/lockedbuf"
 	"fleet/model"
 )
 
@@ -414,7 +413,7 @@ func runCmdOpts(ctx context.Context, log zerolog.Logger, o runOpts, name string,
 	}
 	pw.Close()
 	pgid := cmd.Process.Pid
-	var buf syncBuffer
+	buf := lockedbuf.Buffer{Limit: 1 << 20} // a runaway build log keeps its last half megabyte
 	readDone := make(chan struct{})
 	go func() {
 		_, _ = io.Copy(&buf, pr)
@@ -488,29 +487,6 @@ func stopGroup(pgid int, grace time.Duration, exited <-chan error) error {
 	}
 	_ = syscall.Kill(-pgid, syscall.SIGKILL)
 	return <-exited
-}
-
-// syncBuffer is a bytes.Buffer safe for stdout and stderr together.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	// Bound memory: a runaway build log keeps only its last megabyte.
-	if s.b.Len() > 1<<20 {
-		rest := s.b.Bytes()[s.b.Len()-(512<<10):]
-		s.b = *bytes.NewBuffer(append([]byte(nil), rest...))
-	}
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func lastLines(s string, n int) string {

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"net/http"
@@ -10,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +16,7 @@ import (
 
 	"fleet/accounts"
 	"fleet/broker"
+	"fleet/internal/lockedbuf"
 	"fleet/internal/poll"
 )
 
@@ -69,23 +68,6 @@ func TestCheckHost(t *testing.T) {
 	}
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // The agent's connection log says which of a closed port, a port that is
 // not NATS (an HTTP one) and refused credentials it met, within 2s.
 func TestConnectErrorsNamed(t *testing.T) {
@@ -121,7 +103,7 @@ func TestConnectErrorsNamed(t *testing.T) {
 		{"refused creds", a.ClientURL(), "refused the credentials", "credentials_refused"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var logs lockedBuffer
+			var logs lockedbuf.Buffer
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			began := time.Now()

@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -18,27 +17,11 @@ import (
 	"fleet/accounts"
 	"fleet/admin"
 	"fleet/broker"
+	"fleet/internal/lockedbuf"
 	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 func freePort(t *testing.T) int {
 	t.Helper()
@@ -71,7 +54,7 @@ func startCluster(t *testing.T, n int) []*broker.Coordinator {
 		}
 	}
 	// The coordinators' logs, shown when the test fails.
-	logs := &lockedBuffer{}
+	logs := &lockedbuf.Buffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("coordinator logs:\n%s", logs.String())

@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,34 +14,17 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
+	"fleet/internal/lockedbuf"
 	"fleet/model"
 	"fleet/subjects"
 )
-
-// syncBuffer collects log output from the server's goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // testLogger logs into a buffer that is printed only when the test fails.
 // The server may still log while it shuts down, after the test is over, so
 // it cannot log through t directly.
 func testLogger(t *testing.T) zerolog.Logger {
 	t.Helper()
-	buf := &syncBuffer{}
+	buf := &lockedbuf.Buffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("coordinator log:\n%s", buf.String())

@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"fleet/accounts"
+	"fleet/internal/lockedbuf"
 )
 
 // TestMainRunUntilSignal runs `fleet-coordinator run` through the CLI on a
 // fresh dir and stops it with SIGTERM, as systemd does.
 func TestMainRunUntilSignal(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "data")
-	out, errOut := &syncBuffer{}, &syncBuffer{}
+	out, errOut := &lockedbuf.Buffer{}, &lockedbuf.Buffer{}
 	done := make(chan int, 1)
 	go func() {
 		done <- run([]string{"run", "--data-dir", dir, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
@@ -68,7 +69,7 @@ func TestMainRunUntilSignal(t *testing.T) {
 // and refuses a dir that holds any of it.
 func TestInitFrom(t *testing.T) {
 	a, b := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
-	var out, errOut syncBuffer
+	var out, errOut lockedbuf.Buffer
 	if code := run([]string{"init", "--data-dir", a}, &out, &errOut); code != 0 {
 		t.Fatalf("init: %d %s", code, errOut.String())
 	}
@@ -89,7 +90,7 @@ func TestInitFrom(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(b, accounts.OperatorSeedFile)); err == nil {
 		t.Error("the operator seed was copied")
 	}
-	errOut = syncBuffer{}
+	errOut = lockedbuf.Buffer{}
 	if code := run([]string{"init", "--data-dir", b, "--from", a}, &out, &errOut); code == 0 || !strings.Contains(errOut.String(), "already") {
 		t.Errorf("second init --from: %d %s", code, errOut.String())
 	}
