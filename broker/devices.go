@@ -51,6 +51,19 @@ func (s *services) devicesList(ctx context.Context, _ *model.Admin, raw json.Raw
 	return pageOf(out, func(d *model.DeviceView) string { return d.Name + "\x00" + d.ID }, a.Page, capDevices)
 }
 
+// resolveFor resolves ref as resolve does, for an admin who must be
+// allowed to touch the device (its groups within the admin's).
+func (s *services) resolveFor(ctx context.Context, who *model.Admin, ref string) (*model.Device, error) {
+	d, err := s.resolve(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if err := mayTouch(who, d.Groups); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
 // resolve finds a device by full ID, unique ID prefix or unique name.
 func (s *services) resolve(ctx context.Context, ref string) (*model.Device, error) {
 	ref = strings.TrimSpace(ref)
@@ -259,11 +272,8 @@ func (s *services) deviceRevoke(ctx context.Context, who *model.Admin, raw json.
 	if err := decodeArgs(raw, &a); err != nil {
 		return nil, err
 	}
-	d, err := s.resolve(ctx, a.Ref)
+	d, err := s.resolveFor(ctx, who, a.Ref)
 	if err != nil {
-		return nil, err
-	}
-	if err := mayTouch(who, d.Groups); err != nil {
 		return nil, err
 	}
 	// Revoke the key first: the record says revoked only once the server
