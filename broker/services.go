@@ -57,9 +57,8 @@ type services struct {
 	nonces   jetstream.KeyValue
 	// payloads and escrow are the MDM duties' buckets (broker/mdm.go).
 	payloads, escrow jetstream.KeyValue
-	// tokenLocks orders this coordinator's writes of each token;
 	// spenders gather each token's concurrent enrolments (spend).
-	tokenLocks, spenders sync.Map
+	spenders sync.Map
 
 	api  micro.Service
 	subs []*nats.Subscription

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -182,13 +181,9 @@ func (s *services) tokenRevoke(ctx context.Context, _ *model.Admin, raw json.Raw
 
 // updateToken applies fn to token id with a revision check, retrying when
 // another writer came first: two enrollments cannot both spend the last use.
-// Writers of one token on this coordinator take turns (tokenLock), so they
-// do not spin on each other's compare-and-set; only another coordinator's
-// writes make one read again.
+// Enrolments on this coordinator spend a token's uses in batches (spend),
+// so retries here are rare.
 func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRecord) error) error {
-	mu := s.tokenLock(id)
-	mu.Lock()
-	defer mu.Unlock()
 	for range 20 {
 		e, err := s.tokens.Get(ctx, id)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -212,14 +207,6 @@ func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRec
 		}
 	}
 	return &apiError{model.CodeInternal, "token " + id + " is busy; retry"}
-}
-
-// tokenLock is the lock of token id's writers on this coordinator, kept for
-// the coordinator's life: a few bytes per token id written (enrollments
-// reach here only with a matching token, revocations only from admins).
-func (s *services) tokenLock(id string) *sync.Mutex {
-	mu, _ := s.tokenLocks.LoadOrStore(id, &sync.Mutex{})
-	return mu.(*sync.Mutex)
 }
 
 // eachKey calls fn with every live entry of kv.
