@@ -459,8 +459,9 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		r.CPU = cpuShare(p0, p1)
-		// Let late duplicates arrive before counting them.
-		time.Sleep(2 * time.Second)
+		// Counted now: a rollout succeeds only after every device reported
+		// the apply that its trigger asked for, and the engine sends a
+		// batch's triggers before it takes any of the batch's results.
 		replies, err := all(sims, simCmd{Op: "collect", Path: path})
 		if err != nil {
 			return r, err
