@@ -642,8 +642,8 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	}
 	var notify, get []time.Duration
 	for _, r := range replies {
-		for i := range r.Fetched {
-			notify = append(notify, time.Unix(0, r.Fetched[i]).Sub(t0))
+		for i := range r.Received {
+			notify = append(notify, time.Unix(0, r.Received[i]).Sub(t0))
 			get = append(get, time.Unix(0, r.Answered[i]).Sub(t0))
 		}
 	}

@@ -100,7 +100,7 @@ func RunRawSim(ctx context.Context, in io.Reader, out io.Writer) error {
 			}
 		case "collect":
 			mu.Lock()
-			r.Fetched = append([]int64(nil), notified...)
+			r.Received = append([]int64(nil), notified...)
 			r.Answered = append([]int64(nil), answered...)
 			mu.Unlock()
 		case "stop":

@@ -58,6 +58,7 @@ type simReply struct {
 	// never) and how many times it switched to it.
 	Fetched  []int64 `json:"fetched,omitempty"`
 	Switches []int   `json:"switches,omitempty"`
+	// Received is when each trigger (raw: each notify) arrived.
 	Received []int64 `json:"received,omitempty"`
 	// raw collect: when each connection's reply to its request arrived.
 	Answered []int64 `json:"answered,omitempty"`
