@@ -131,6 +131,7 @@ type CLI struct {
 	Cmd     CmdCmd     `cmd:"" help:"Send an admin-signed command to devices: reboot, rollback, refresh-facts, apply-now."`
 	Payload PayloadCmd `cmd:"" help:"Sealed per-device files (certificates, secrets): push, rm, ls."`
 	Escrow  EscrowCmd  `cmd:"" help:"Disk-encryption recovery-key escrow: init, rotate, get, ls."`
+	Cache   CacheCmd   `cmd:"" help:"The fleet's binary cache, read by devices over NATS: push, ls, gc."`
 	Context ContextCmd `cmd:"" help:"NATS contexts: save one for fleet-admin and the nats command, show the one in use."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 

@@ -439,7 +439,7 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	actx, cancel := context.WithTimeout(ctx, a.o.ApplyTimeout)
 	defer cancel()
 	a.event(ap, model.StateFetching, "", "", "", "")
-	if err := a.fetch(actx, ap, path, rel.Substituter); err != nil {
+	if err := a.fetch(actx, ap, path, rel); err != nil {
 		if ctx.Err() != nil {
 			return // stopping: the desired state is handled after restart
 		}
@@ -475,12 +475,13 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 // fetch fetches path, retrying with backoff while the failure is one that
 // passes (a cache that is down or busy, the network, Nix's own database
 // busy with another fetch) until ctx (the apply timeout) ends. A closure
-// that is refused (a signature) fails at once.
-func (a *Agent) fetch(ctx context.Context, ap *apply, path, substituter string) error {
+// that is refused (a signature, a NAR file that does not match) fails at
+// once.
+func (a *Agent) fetch(ctx context.Context, ap *apply, path string, rel *model.Release) error {
 	delay := time.Second
 	for {
 		ap.fetches++
-		err := a.o.Activator.Fetch(ctx, path, substituter)
+		err := a.fetchOnce(ctx, path, rel)
 		if err == nil || !transientFetch(err) || ctx.Err() != nil {
 			return err
 		}
@@ -501,6 +502,9 @@ var transientMarks = []string{
 }
 
 func transientFetch(err error) bool {
+	if errors.Is(err, ErrCacheRefused) {
+		return false
+	}
 	text := err.Error() + "\n" + logTail(err)
 	if strings.Contains(text, "lacks a valid signature") {
 		return false

@@ -131,7 +131,7 @@ func (s *services) startAPI() error {
 		return fmt.Errorf("admin API service: %w", err)
 	}
 	s.api = svc
-	verbs := append(s.verbs(), s.mdmVerbs()...)
+	verbs := append(append(s.verbs(), s.mdmVerbs()...), s.cacheVerbs()...)
 	if testVerbs != nil {
 		verbs = append(verbs, testVerbs(s)...)
 	}

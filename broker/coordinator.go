@@ -281,7 +281,7 @@ func (c *Coordinator) startEngine() error {
 	// Online status comes from the server's connect events.
 	c.SetOnlineSource(c.svc.presence)
 	c.metrics = newMetricsRegistry(c.index, c.ns, c.auth.CoreAccount())
-	c.metrics.MustRegister(c.svc.dropped, c.svc.traffic, c.svc.auditSuppressed, c.newMDMCollector())
+	c.metrics.MustRegister(c.svc.dropped, c.svc.traffic, c.svc.auditSuppressed, c.newMDMCollector(), c.svc.cache.collector())
 	return nil
 }
 

@@ -70,6 +70,8 @@ type services struct {
 
 	// payloadKeys is which payload keys each device has.
 	payloadKeys *payloadKeys
+	// cache is the binary cache (broker/cache.go).
+	cache *cacheStore
 
 	// workers bounds the device handlers running at once.
 	workers chan struct{}
@@ -131,6 +133,9 @@ func (c *Coordinator) startServices(ctx context.Context) error {
 	if err := s.startMDM(); err != nil {
 		return err
 	}
+	if err := s.startCache(ctx); err != nil {
+		return err
+	}
 	if err := c.fc.Flush(); err != nil {
 		return fmt.Errorf("flush service subscriptions: %w", err)
 	}
@@ -152,6 +157,7 @@ func (s *services) stop() {
 		_ = sub.Unsubscribe()
 	}
 	s.payloadKeys.stop()
+	s.cache.stop()
 	// No handler starts work once stopping is set, so Wait cannot race
 	// with an Add from a callback still running.
 	s.workMu.Lock()

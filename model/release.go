@@ -47,7 +47,10 @@ type Release struct {
 	// Substituter is a binary cache to fetch from (nix copy --from). The
 	// host's nix.conf still decides which signatures it trusts.
 	Substituter string `json:"substituter,omitempty"`
-	Action      Action `json:"action,omitempty"`
+	// FleetCache: devices fetch the closures from the fleet's own binary
+	// cache, over their NATS connection (then from Substituter, if set).
+	FleetCache bool   `json:"fleet_cache,omitempty"`
+	Action     Action `json:"action,omitempty"`
 }
 
 // storePathRE matches /nix/store/<32 base32 chars>-<name>.

@@ -85,7 +85,7 @@ func RoleTemplate(r Role) Template {
 	switch r {
 	case RoleAgent:
 		return Template{
-			Pub:        []string{DeviceFacts(self), DeviceEvents(self), DesiredGet + "." + self, PayloadSyncFor(self), EscrowPutFor(self)},
+			Pub:        []string{DeviceFacts(self), DeviceEvents(self), DesiredGet + "." + self, PayloadSyncFor(self), EscrowPutFor(self), CacheGetFor(self)},
 			Sub:        []string{selfDeviceInbox},
 			MaxSubs:    deviceMaxSubs,
 			MaxPayload: deviceMaxPayload,
@@ -133,7 +133,7 @@ func RoleTemplate(r Role) Template {
 		// and back only its own site's device inboxes. Never the admin
 		// API, another site's replies, or anyone's desired state.
 		return Template{
-			Pub:       []string{AllFacts, AllEvents, AllDesiredGet, AllPayloadSync, AllEscrowPut, Enroll},
+			Pub:       []string{AllFacts, AllEvents, AllDesiredGet, AllPayloadSync, AllEscrowPut, AllCacheGet, Enroll},
 			Sub:       []string{SiteInboxes(selfSite)},
 			ConnTypes: []string{"LEAFNODE"},
 		}

@@ -622,14 +622,15 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 	for _, site := range []string{DefaultSite, "berlin"} {
 		u := fill(RoleAgent, a, site)
 		who := "agent@" + site
-		may(t, who, "publish", u.Pub, DeviceFacts(a), DeviceEvents(a), DesiredGetFor(a), PayloadSyncFor(a), EscrowPutFor(a))
+		may(t, who, "publish", u.Pub, DeviceFacts(a), DeviceEvents(a), DesiredGetFor(a), PayloadSyncFor(a), EscrowPutFor(a), CacheGetFor(a))
 		for _, p := range u.Pub {
-			if p != DeviceFacts(a) && p != DeviceEvents(a) && p != DesiredGetFor(a) && p != PayloadSyncFor(a) && p != EscrowPutFor(a) {
-				t.Errorf("%s may publish %q beyond its facts, events, desired get, payload sync and escrow", who, p)
+			if p != DeviceFacts(a) && p != DeviceEvents(a) && p != DesiredGetFor(a) && p != PayloadSyncFor(a) && p != EscrowPutFor(a) && p != CacheGetFor(a) {
+				t.Errorf("%s may publish %q beyond its facts, events, desired get, payload sync, escrow and cache reads", who, p)
 			}
 		}
 		mayNot(t, who, "publish", u.Pub,
-			DeviceFacts(b), DeviceEvents(b), DesiredGetFor(b), PayloadSyncFor(b), EscrowPutFor(b),
+			DeviceFacts(b), DeviceEvents(b), DesiredGetFor(b), PayloadSyncFor(b), EscrowPutFor(b), CacheGetFor(b),
+			APIWriteVerb(VerbCachePut), CacheChunk("c", "u"), KVKey(BucketNarInfo, "x"), "$O."+ObjectCache+".C.x",
 			DevicePayloadsNotify(site, a), DeviceEscrowNotify(site, b),
 			DeviceDesired(a), DeviceDesired(b), DeviceNotify(site, a), DeviceNotify(site, b),
 			DeviceCmd(site, a), DeviceCmd(site, b), DeviceInboxPrefix(site, b)+".r", InboxPrefix(b)+".r", "_INBOX.r",

@@ -1,0 +1,363 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// The fleet cache on the device: for the length of one fetch, the agent
+// serves a Nix HTTP binary cache on loopback (http://127.0.0.1:<port>)
+// whose narinfos and NAR files it reads from the coordinator over its own
+// NATS connection; `nix copy --from` then fetches from it as from any
+// cache, and Nix checks every signature against the host's
+// trusted-public-keys. The agent checks each NAR file against the hash
+// and size its narinfo names before Nix gets its last bytes: a file that
+// does not match is cut off, and the fetch fails as refused.
+
+// ErrCacheRefused is a fetch from the fleet cache that got a NAR file
+// that does not match its narinfo: retrying fetches the same bytes.
+var ErrCacheRefused = errors.New("the fleet cache served a NAR file that does not match its narinfo")
+
+// cacheNarStreams bounds the NAR files read at once (each holds a
+// subscription; a device has few).
+const cacheNarStreams = 4
+
+// cacheWait bounds the wait for one answer of the coordinator.
+const cacheWait = 30 * time.Second
+
+// CacheServer is a loopback binary cache backed by the fleet cache.
+type CacheServer struct {
+	nc   *nats.Conn
+	subj string
+	log  zerolog.Logger
+	ln   net.Listener
+	srv  *http.Server
+	sem  chan struct{}
+
+	mu       sync.Mutex
+	files    map[string]*model.NarInfo // NAR file → the narinfo that named it
+	refused  error
+	narBytes int64
+}
+
+// ServeFleetCache starts a loopback binary cache for device id, read over
+// nc. Close stops it.
+func ServeFleetCache(nc *nats.Conn, id string, log zerolog.Logger) (*CacheServer, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("fleet cache: listen on loopback: %w", err)
+	}
+	cs := &CacheServer{nc: nc, subj: subjects.CacheGetFor(id), log: log, ln: ln, sem: make(chan struct{}, cacheNarStreams),
+		files: map[string]*model.NarInfo{}}
+	cs.srv = &http.Server{Handler: cs, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = cs.srv.Serve(ln) }()
+	return cs, nil
+}
+
+// URL is the substituter to pass to nix copy --from.
+func (cs *CacheServer) URL() string { return "http://" + cs.ln.Addr().String() }
+
+// Close stops the server; requests in flight end.
+func (cs *CacheServer) Close() error { return cs.srv.Close() }
+
+// Refused is ErrCacheRefused (wrapped, naming the file) when a NAR file
+// did not match its narinfo.
+func (cs *CacheServer) Refused() error {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.refused
+}
+
+// NarBytes is how many NAR file bytes the server passed to Nix.
+func (cs *CacheServer) NarBytes() int64 {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.narBytes
+}
+
+func (cs *CacheServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		http.Error(w, "read only", http.StatusMethodNotAllowed)
+		return
+	}
+	p := strings.TrimPrefix(r.URL.Path, "/")
+	switch {
+	case p == "nix-cache-info":
+		w.Header().Set("Content-Type", "text/x-nix-cache-info")
+		_, _ = w.Write([]byte("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"))
+	case strings.HasSuffix(p, ".narinfo") && !strings.Contains(p, "/"):
+		cs.serveNarInfo(w, r, strings.TrimSuffix(p, ".narinfo"))
+	case strings.HasPrefix(p, "nar/"):
+		cs.serveNar(w, r, p)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+// cacheError is an answer of the coordinator that is not the thing asked.
+type cacheError struct {
+	status int
+	msg    string
+}
+
+func (e *cacheError) Error() string { return fmt.Sprintf("fleet cache: %s (%d)", e.msg, e.status) }
+
+func replyError(m *nats.Msg) error {
+	st := m.Header.Get(subjects.HeaderCacheStatus)
+	if st == "" {
+		return nil
+	}
+	code, _ := strconv.Atoi(st)
+	return &cacheError{status: code, msg: m.Header.Get(subjects.HeaderCacheError)}
+}
+
+// httpStatus maps a failed read to what Nix understands: 404 is "not in
+// this cache", everything else a server error it may retry.
+func httpStatus(err error) int {
+	var ce *cacheError
+	if errors.As(err, &ce) && ce.status == http.StatusNotFound {
+		return http.StatusNotFound
+	}
+	return http.StatusBadGateway
+}
+
+func (cs *CacheServer) serveNarInfo(w http.ResponseWriter, r *http.Request, key string) {
+	if model.CheckStoreHash(key) != nil {
+		http.NotFound(w, r)
+		return
+	}
+	q, _ := json.Marshal(model.CacheRead{NarInfo: key})
+	ctx, cancel := context.WithTimeout(r.Context(), cacheWait)
+	defer cancel()
+	m, err := cs.nc.RequestWithContext(ctx, cs.subj, q)
+	if err == nil {
+		err = replyError(m)
+	}
+	if err != nil {
+		cs.log.Debug().Err(err).Str("narinfo", key).Msg("fleet cache")
+		http.Error(w, err.Error(), httpStatus(err))
+		return
+	}
+	ni, err := model.ParseNarInfo(m.Data)
+	if err != nil || ni.HashPart() != key {
+		cs.log.Warn().Err(err).Str("narinfo", key).Msg("fleet cache: the coordinator sent a narinfo that does not parse or names another path")
+		http.Error(w, "bad narinfo", http.StatusBadGateway)
+		return
+	}
+	cs.mu.Lock()
+	cs.files[ni.URL] = ni
+	cs.mu.Unlock()
+	w.Header().Set("Content-Type", "text/x-nix-narinfo")
+	_, _ = w.Write([]byte(ni.String()))
+}
+
+// serveNar streams a NAR file window by window. The last chunk is held
+// back until the whole file's hash and size are checked against the
+// narinfo; a file that does not match is cut off (the connection closes
+// short of its length), so Nix never gets it whole.
+func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file string) {
+	if model.CheckNarURL(file) != nil {
+		http.NotFound(w, r)
+		return
+	}
+	cs.mu.Lock()
+	ni, refused := cs.files[file], cs.refused
+	cs.mu.Unlock()
+	if ni == nil {
+		// Nix reads a narinfo before its file: without one, the bytes
+		// could not be checked.
+		http.NotFound(w, r)
+		return
+	}
+	if refused != nil && strings.Contains(refused.Error(), file) {
+		http.Error(w, refused.Error(), http.StatusNotFound)
+		return
+	}
+	if r.Method == http.MethodHead {
+		w.Header().Set("Content-Length", strconv.FormatInt(ni.FileSize, 10))
+		return
+	}
+	select {
+	case cs.sem <- struct{}{}:
+		defer func() { <-cs.sem }()
+	case <-r.Context().Done():
+		return
+	}
+	rd := &narReader{cs: cs, file: file, h: sha256.New()}
+	sub, err := cs.nc.SubscribeSync(cs.nc.NewInbox())
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	rd.sub = sub
+	var held []byte
+	started := false
+	for !rd.done {
+		chunks, err := rd.window(r.Context())
+		if err != nil {
+			cs.log.Debug().Err(err).Str("nar", file).Msg("fleet cache")
+			if !started {
+				http.Error(w, err.Error(), httpStatus(err))
+				return
+			}
+			panic(http.ErrAbortHandler) // cut off: Nix sees a short file
+		}
+		if !started {
+			if rd.size != ni.FileSize {
+				cs.refuse(fmt.Errorf("%w: %s is %d bytes, its narinfo says %d", ErrCacheRefused, file, rd.size, ni.FileSize))
+				http.Error(w, "size does not match the narinfo", http.StatusNotFound)
+				return
+			}
+			w.Header().Set("Content-Type", "application/x-nix-nar")
+			w.Header().Set("Content-Length", strconv.FormatInt(rd.size, 10))
+			w.WriteHeader(http.StatusOK)
+			started = true
+		}
+		for _, c := range chunks {
+			if held != nil {
+				if _, err := w.Write(held); err != nil {
+					return
+				}
+				cs.addBytes(len(held))
+			}
+			held = c
+		}
+	}
+	want, _ := model.ParseSHA256(ni.FileHash)
+	if sum := rd.h.Sum(nil); rd.got != ni.FileSize || string(sum) != string(want) {
+		cs.refuse(fmt.Errorf("%w: %s has hash %s and %d bytes, its narinfo says %s and %d", ErrCacheRefused, file,
+			model.SHA256Nix(sum), rd.got, ni.FileHash, ni.FileSize))
+		panic(http.ErrAbortHandler)
+	}
+	if held != nil {
+		if _, err := w.Write(held); err == nil {
+			cs.addBytes(len(held))
+		}
+	}
+}
+
+func (cs *CacheServer) refuse(err error) {
+	cs.log.Error().Err(err).Msg("fleet cache: NAR file refused")
+	cs.mu.Lock()
+	if cs.refused == nil {
+		cs.refused = err
+	}
+	cs.mu.Unlock()
+}
+
+func (cs *CacheServer) addBytes(n int) {
+	cs.mu.Lock()
+	cs.narBytes += int64(n)
+	cs.mu.Unlock()
+}
+
+// narReader reads one NAR file from the coordinator, a window at a time.
+type narReader struct {
+	cs     *CacheServer
+	file   string
+	sub    *nats.Subscription
+	object string
+	after  uint64
+	size   int64
+	got    int64
+	h      hash.Hash
+	done   bool
+}
+
+// window asks for the next window and returns its chunks.
+func (rd *narReader) window(ctx context.Context) ([][]byte, error) {
+	q, _ := json.Marshal(model.CacheRead{Nar: rd.file, Object: rd.object, After: rd.after})
+	if err := rd.cs.nc.PublishRequest(rd.cs.subj, rd.sub.Subject, q); err != nil {
+		return nil, fmt.Errorf("fleet cache: ask for %s: %w", rd.file, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, cacheWait)
+	defer cancel()
+	var chunks [][]byte
+	for {
+		m, err := rd.sub.NextMsgWithContext(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("fleet cache: read %s: %w", rd.file, err)
+		}
+		if err := replyError(m); err != nil {
+			return nil, err
+		}
+		if obj := m.Header.Get(subjects.HeaderCacheObject); obj != "" {
+			size, err := strconv.ParseInt(m.Header.Get(subjects.HeaderCacheSize), 10, 64)
+			if err != nil || size < 0 || (rd.object != "" && obj != rd.object) {
+				return nil, fmt.Errorf("fleet cache: %s: a window of another file", rd.file)
+			}
+			rd.object, rd.size = obj, size
+		}
+		if rd.object == "" {
+			return nil, fmt.Errorf("fleet cache: %s: a window that does not say its file", rd.file)
+		}
+		if s := m.Header.Get(subjects.HeaderCacheSeq); s != "" {
+			seq, err := strconv.ParseUint(s, 10, 64)
+			if err != nil || seq <= rd.after {
+				return nil, fmt.Errorf("fleet cache: %s: chunk out of order", rd.file)
+			}
+			rd.after = seq
+		}
+		if rd.got+int64(len(m.Data)) > rd.size {
+			return nil, fmt.Errorf("%w: %s is longer than the %d bytes it said", ErrCacheRefused, rd.file, rd.size)
+		}
+		if len(m.Data) > 0 {
+			rd.h.Write(m.Data)
+			rd.got += int64(len(m.Data))
+			chunks = append(chunks, m.Data)
+		}
+		switch m.Header.Get(subjects.HeaderCacheLast) {
+		case "eof":
+			rd.done = true
+			return chunks, nil
+		case "window":
+			rd.done = rd.got == rd.size
+			return chunks, nil
+		}
+	}
+}
+
+// fetchOnce fetches path once: from the fleet cache when the release
+// names it (through a loopback substituter for this fetch alone), then
+// from the release's substituter, else from the host's.
+func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release) error {
+	if !rel.FleetCache {
+		return a.o.Activator.Fetch(ctx, path, rel.Substituter)
+	}
+	cs, err := ServeFleetCache(a.nc, a.o.DeviceID, a.log.With().Str("component", "fleet-cache").Logger())
+	if err != nil {
+		return err
+	}
+	err = a.o.Activator.Fetch(ctx, path, cs.URL())
+	_ = cs.Close()
+	if refused := cs.Refused(); refused != nil && err != nil {
+		// The fetch failed on the file the agent cut off.
+		return fmt.Errorf("%w (%v)", refused, err)
+	}
+	if err == nil {
+		a.log.Info().Str("path", path).Int64("nar_bytes", cs.NarBytes()).Msg("fetched from the fleet cache")
+		return nil
+	}
+	if rel.Substituter == "" || ctx.Err() != nil {
+		return err
+	}
+	a.log.Warn().Err(err).Str("substituter", RedactURL(rel.Substituter)).Msg("fleet cache fetch failed; trying the release's substituter")
+	return a.o.Activator.Fetch(ctx, path, rel.Substituter)
+}

@@ -1,0 +1,709 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// The fleet's binary cache: NAR files in the object store fleet_cache and
+// narinfos in the KV bucket fleet_narinfo (key: store path hash), both in
+// CORE like every other bucket.
+//
+// Writes come only through the admin API: cache-put takes a narinfo
+// (parsed, checked and stored re-serialised, never as given), then the NAR
+// file in chunks sent to this coordinator under a random upload ID that
+// only the admin's own inbox heard. The file's hash and size are checked
+// against the narinfo before the narinfo is written, and a push cut off
+// half way leaves no narinfo (the object store purges the partial file).
+//
+// Devices read through the coordinator, not through a CORE export of
+// JetStream direct gets. A device sends fleet.cache.<dev> (its template
+// allows only its own) asking for one narinfo or one window of a NAR file;
+// the coordinator checks it like every device request (a known, active
+// device; a reply in its own inbox; its own rate limit; a small request
+// naming a narinfo key or a nar/<hash> file) and answers with at most
+// cacheWindow chunk messages, each naming its stream sequence, which is
+// the cursor of the next window. Chosen over an export because an export
+// would give FLEET its first import (the split keeps it without JetStream
+// and imports), could not be rate-limited or counted per device or site,
+// and a direct-get request body can address any message of the stream;
+// through a coordinator the same subject crosses a site's leaf like every
+// other device request. The price is one more in-process hop for the
+// bytes, which the benchmark in BENCHMARKS.md measures.
+
+const (
+	// cacheObjChunk is the object store's chunk: one device reply message.
+	cacheObjChunk = 128 << 10
+	// cacheWindow is how many chunks one device read returns (1 MiB).
+	cacheWindow = 8
+	// cacheUploadChunk is the largest upload chunk an admin may send.
+	cacheUploadChunk = 512 << 10
+	// cacheUploadIdle ends an upload no chunk arrived for.
+	cacheUploadIdle = time.Minute
+	// cacheMaxUploads bounds the uploads one coordinator runs at once.
+	cacheMaxUploads = 32
+	// cacheReadMax bounds a device's read request.
+	cacheReadMax = 512
+	// A device fetching a system closure reads a narinfo and a few
+	// windows per store path: thousands, in a burst. Its own bucket, so
+	// the reports' tighter one is not spent.
+	cacheReadRate  = 400.0
+	cacheReadBurst = 4000
+	// cacheGrace keeps new entries from retention: a push comes before
+	// the release that names it.
+	cacheGrace = 24 * time.Hour
+	// cacheKeepNewest releases are always kept.
+	cacheKeepNewest = 3
+	// cacheGCEvery is the period of the retention pass.
+	cacheGCEvery = time.Hour
+)
+
+// cacheStore is the coordinator's side of the cache.
+type cacheStore struct {
+	s       *services
+	log     zerolog.Logger
+	narinfo jetstream.KeyValue
+	obs     jetstream.ObjectStore
+	// streams are the object store's stream through each lane's CORE
+	// connection (chunk reads).
+	streams map[*lane]jetstream.Stream
+	// inst names this coordinator in upload subjects.
+	inst  string
+	index *narIndex
+
+	mu      sync.Mutex
+	uploads map[string]*cacheUpload
+	busy    map[string]bool // NAR files being uploaded
+
+	// idle and grace are cacheUploadIdle and cacheGrace (tests shorten
+	// them; under mu).
+	idle, grace time.Duration
+
+	limiter  *rateLimiter
+	requests *prometheus.CounterVec
+	sent     *prometheus.CounterVec
+	gcMu     sync.Mutex
+	lastGC   *model.CacheGCResult
+	cancel   context.CancelFunc
+	done     chan struct{}
+}
+
+// narEntry is what the cache keeps in memory of one narinfo.
+type narEntry struct {
+	url     string
+	size    int64
+	refs    []string // store path hashes
+	sigs    []string
+	created time.Time
+}
+
+// narIndex follows fleet_narinfo: which store paths the cache has, their
+// files and references, without a bucket read per question.
+type narIndex struct {
+	mu    sync.RWMutex
+	ready chan struct{}
+	m     map[string]*narEntry
+}
+
+// startCache opens (creating when needed) the cache's bucket and object
+// store, follows the narinfos and subscribes the upload and device
+// handlers.
+func (s *services) startCache(ctx context.Context) error {
+	cs := &cacheStore{s: s, log: s.log.With().Str("component", "cache").Logger(), streams: map[*lane]jetstream.Stream{},
+		uploads: map[string]*cacheUpload{}, busy: map[string]bool{},
+		index:   &narIndex{ready: make(chan struct{}), m: map[string]*narEntry{}},
+		limiter: newRateLimiter(cacheReadRate, cacheReadBurst, s.now),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleet_cache_requests_total",
+			Help: "Device reads of the binary cache by site, kind (narinfo; nar: one window of a NAR file) and result (hit, miss, error).",
+		}, []string{"site", "kind", "result"}),
+		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleet_cache_sent_bytes_total",
+			Help: "NAR bytes the coordinator sent devices from the binary cache, by site.",
+		}, []string{"site"}),
+		done: make(chan struct{}), idle: cacheUploadIdle, grace: cacheGrace,
+	}
+	var id [8]byte
+	_, _ = rand.Read(id[:])
+	cs.inst = hex.EncodeToString(id[:])
+	cfg := s.c.cfg
+	var err error
+	if cs.narinfo, err = s.c.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket: subjects.BucketNarInfo, Description: "binary cache: narinfo per store path hash",
+		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxValueSize: model.MaxNarInfoBytes,
+	}); err != nil {
+		return fmt.Errorf("bucket %s: %w", subjects.BucketNarInfo, err)
+	}
+	// Its share of the state's disk, what the streams leave (they
+	// reserve 85%): a full cache refuses pushes and nothing else. Raise
+	// --storage-gib for a bigger cache.
+	maxBytes := int64(-1)
+	if disk := s.c.stateDisk(); disk > 0 {
+		maxBytes = disk / 100 * 15 / int64(max(cfg.Replicas, 1))
+	}
+	if cs.obs, err = s.c.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket: subjects.ObjectCache, Description: "binary cache: NAR files",
+		Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxBytes: maxBytes,
+	}); err != nil {
+		return fmt.Errorf("object store %s: %w", subjects.ObjectCache, err)
+	}
+	for _, l := range s.lanes {
+		st, err := l.js.Stream(ctx, objStream(subjects.ObjectCache))
+		if err != nil {
+			return fmt.Errorf("object store %s: %w", subjects.ObjectCache, err)
+		}
+		cs.streams[l] = st
+	}
+	wctx, cancel := context.WithCancel(context.Background())
+	cs.cancel = cancel
+	if err := cs.watch(wctx); err != nil {
+		cancel()
+		return err
+	}
+	sub, err := s.c.fc.Subscribe(subjects.CacheChunks(cs.inst), cs.onChunk)
+	if err == nil {
+		err = sub.SetPendingLimits(-1, 64<<20)
+	}
+	if err != nil {
+		cancel()
+		return fmt.Errorf("subscribe cache uploads: %w", err)
+	}
+	s.subs = append(s.subs, sub)
+	if err := s.subscribeLanes(subjects.AllCacheGet, false, s.pooled(cs.onRead)); err != nil {
+		cancel()
+		return err
+	}
+	s.cache = cs
+	go cs.gcLoop(wctx)
+	return nil
+}
+
+// objStream is the stream behind object store b.
+func objStream(b string) string { return "OBJ_" + b }
+
+// objChunks is the subject of an object's chunks.
+func objChunks(b, nuid string) string { return "$O." + b + ".C." + nuid }
+
+// stop ends the cache's watch, retention loop and uploads.
+func (cs *cacheStore) stop() {
+	if cs == nil {
+		return
+	}
+	cs.cancel()
+	<-cs.done
+	cs.mu.Lock()
+	for _, u := range cs.uploads {
+		u.abort(errors.New("coordinator stopping"))
+	}
+	cs.mu.Unlock()
+}
+
+func (s *services) cacheVerbs() []apiVerb {
+	return []apiVerb{
+		{subjects.VerbCacheQuery, false, subjects.RoleViewer, s.cacheQuery},
+		{subjects.VerbCacheList, false, subjects.RoleViewer, s.cacheList},
+		{subjects.VerbCachePut, true, subjects.RoleOperator, s.cachePut},
+		{subjects.VerbCacheGC, true, subjects.RoleOperator, s.cacheGC},
+	}
+}
+
+// watch follows the narinfo bucket into the index.
+func (cs *cacheStore) watch(ctx context.Context) error {
+	w, err := cs.narinfo.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", subjects.BucketNarInfo, err)
+	}
+	go func() {
+		defer func() { _ = w.Stop() }()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				cs.index.apply(e, cs.log)
+			}
+		}
+	}()
+	return nil
+}
+
+func (x *narIndex) apply(e jetstream.KeyValueEntry, log zerolog.Logger) {
+	if e == nil {
+		select {
+		case <-x.ready:
+		default:
+			close(x.ready)
+		}
+		return
+	}
+	if e.Operation() != jetstream.KeyValuePut {
+		x.mu.Lock()
+		delete(x.m, e.Key())
+		x.mu.Unlock()
+		return
+	}
+	ni, err := model.ParseNarInfo(e.Value())
+	if err != nil {
+		log.Warn().Err(err).Str("key", e.Key()).Msg("stored narinfo does not parse")
+		return
+	}
+	x.put(e.Key(), ni, e.Created())
+}
+
+// put records narinfo ni under key (the coordinator that writes one knows
+// it before its watch tells it).
+func (x *narIndex) put(key string, ni *model.NarInfo, created time.Time) {
+	refs := make([]string, 0, len(ni.References))
+	for _, r := range ni.References {
+		refs = append(refs, r[:32])
+	}
+	x.mu.Lock()
+	x.m[key] = &narEntry{url: ni.URL, size: ni.FileSize, refs: refs, sigs: ni.SigKeys(), created: created}
+	x.mu.Unlock()
+}
+
+// wait returns once the index holds what the bucket held at start.
+func (x *narIndex) wait(ctx context.Context) error {
+	select {
+	case <-x.ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("binary cache index: %w", ctx.Err())
+	}
+}
+
+func (x *narIndex) get(key string) *narEntry {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	return x.m[key]
+}
+
+func (x *narIndex) remove(key string) {
+	x.mu.Lock()
+	delete(x.m, key)
+	x.mu.Unlock()
+}
+
+// snapshot copies the index.
+func (x *narIndex) snapshot() map[string]*narEntry {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	out := make(map[string]*narEntry, len(x.m))
+	for k, v := range x.m {
+		out[k] = v
+	}
+	return out
+}
+
+// cacheQuery answers which of the asked store paths the cache lacks.
+func (s *services) cacheQuery(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.CacheQuery
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	if len(a.Hashes) > model.MaxCacheQuery {
+		return nil, badRequest("%d store paths in one query, at most %d", len(a.Hashes), model.MaxCacheQuery)
+	}
+	if err := s.cache.index.wait(ctx); err != nil {
+		return nil, err
+	}
+	r := model.CacheQueryReply{Missing: []string{}, Signed: map[string][]string{}}
+	for _, h := range a.Hashes {
+		if err := model.CheckStoreHash(h); err != nil {
+			return nil, badRequest("%v", err)
+		}
+		if e := s.cache.index.get(h); e != nil {
+			r.Signed[h] = e.sigs
+		} else {
+			r.Missing = append(r.Missing, h)
+		}
+	}
+	return r, nil
+}
+
+// cachePut takes a narinfo: stored at once when the cache has its NAR
+// file, otherwise an upload of the file begins.
+func (s *services) cachePut(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
+	cs := s.cache
+	var a model.CachePut
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	ni, err := model.ParseNarInfo([]byte(a.NarInfo))
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	if len(ni.Sigs) == 0 {
+		return nil, badRequest("narinfo of %s is not signed: sign the closure (nix store sign, or secret-key-files) before pushing; devices refuse unsigned paths", ni.StorePath)
+	}
+	r := model.CachePutReply{StorePath: ni.StorePath}
+	key := ni.HashPart()
+	if _, err := cs.narinfo.Get(ctx, key); err == nil {
+		r.Present = true
+		return r, nil
+	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, fmt.Errorf("read narinfo %s: %w", key, err)
+	}
+	info, err := cs.obs.GetInfo(ctx, ni.URL)
+	switch {
+	case err == nil && fileMatches(info, ni):
+		// Another store path's push brought the same file.
+		if err := cs.storeNarInfo(ctx, ni); err != nil {
+			return nil, err
+		}
+		r.Present = true
+		return r, nil
+	case err != nil && !errors.Is(err, jetstream.ErrObjectNotFound):
+		return nil, fmt.Errorf("read NAR file %s: %w", ni.URL, err)
+	}
+	u, err := cs.newUpload(who.Key, ni)
+	if err != nil {
+		return nil, err
+	}
+	r.Subject, r.Chunk = subjects.CacheChunk(cs.inst, u.id), cacheUploadChunk
+	return r, nil
+}
+
+// fileMatches reports whether the stored object is the narinfo's file.
+func fileMatches(info *jetstream.ObjectInfo, ni *model.NarInfo) bool {
+	sum, err := model.ParseSHA256(ni.FileHash)
+	return err == nil && !info.Deleted && int64(info.Size) == ni.FileSize &&
+		info.Digest == "SHA-256="+base64.URLEncoding.EncodeToString(sum)
+}
+
+// storeNarInfo writes ni (as the cache writes it, not as it was given).
+func (cs *cacheStore) storeNarInfo(ctx context.Context, ni *model.NarInfo) error {
+	_, err := cs.narinfo.Create(ctx, ni.HashPart(), []byte(ni.String()))
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		return nil // another push of the same path won
+	}
+	if err != nil {
+		return fmt.Errorf("store narinfo of %s: %w", ni.StorePath, err)
+	}
+	cs.index.put(ni.HashPart(), ni, time.Now())
+	return nil
+}
+
+// cacheUpload is one NAR file coming in.
+type cacheUpload struct {
+	cs    *cacheStore
+	id    string
+	admin string
+	ni    *model.NarInfo
+	ch    chan *nats.Msg
+	stop  chan error
+	once  sync.Once
+	idle  time.Duration
+}
+
+func (cs *cacheStore) newUpload(admin string, ni *model.NarInfo) (*cacheUpload, error) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.busy[ni.URL] {
+		return nil, conflict("%s of %s is being pushed by another upload: try again when it ends", ni.URL, ni.StorePath)
+	}
+	if len(cs.uploads) >= cacheMaxUploads {
+		return nil, conflict("the coordinator takes %d uploads at once: try again shortly", cacheMaxUploads)
+	}
+	var id [16]byte
+	_, _ = rand.Read(id[:])
+	u := &cacheUpload{cs: cs, id: hex.EncodeToString(id[:]), admin: admin, ni: ni, ch: make(chan *nats.Msg, 4), stop: make(chan error, 1), idle: cs.idle}
+	cs.uploads[u.id] = u
+	cs.busy[ni.URL] = true
+	go u.run()
+	return u, nil
+}
+
+func (u *cacheUpload) abort(err error) {
+	u.once.Do(func() { u.stop <- err })
+}
+
+// onChunk takes a chunk of an upload from the admin who began it (its
+// reply inbox) to the upload's goroutine.
+func (cs *cacheStore) onChunk(m *nats.Msg) {
+	id := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
+	cs.mu.Lock()
+	u := cs.uploads[id]
+	cs.mu.Unlock()
+	key, ok := subjects.AdminInboxKey(m.Reply)
+	if u == nil || !ok || key != u.admin {
+		cs.s.dropped.WithLabelValues("cache-upload", dropReply).Inc()
+		return
+	}
+	select {
+	case u.ch <- m:
+	default:
+		cs.s.reply(m, model.CacheChunkReply{Error: "chunk sent before the previous one was answered: send one chunk at a time"})
+	}
+}
+
+type putResult struct {
+	info *jetstream.ObjectInfo
+	err  error
+}
+
+// run receives the upload's chunks into the object store and, once the
+// last checked out against the narinfo, writes the narinfo. Any failure
+// (a chunk out of order or past the size, silence, a hash that does not
+// match) removes what was stored and writes no narinfo.
+func (u *cacheUpload) run() {
+	cs, ni := u.cs, u.ni
+	defer func() {
+		cs.mu.Lock()
+		delete(cs.uploads, u.id)
+		delete(cs.busy, ni.URL)
+		cs.mu.Unlock()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour)
+	defer cancel()
+	pr, pw := io.Pipe()
+	putDone := make(chan putResult, 1)
+	go func() {
+		info, err := cs.obs.Put(ctx, jetstream.ObjectMeta{Name: ni.URL, Opts: &jetstream.ObjectMetaOptions{ChunkSize: cacheObjChunk}}, pr)
+		// A writer waiting on a store that failed is let go.
+		_ = pr.CloseWithError(fmt.Errorf("object store: %v", err))
+		putDone <- putResult{info, err}
+	}()
+	h := sha256.New()
+	var got int64
+	idle := time.NewTimer(u.idle)
+	defer idle.Stop()
+	fail := func(m *nats.Msg, err error) {
+		_ = pw.CloseWithError(err) // the object store purges what it took
+		<-putDone
+		cs.log.Warn().Err(err).Str("store_path", ni.StorePath).Msg("cache upload failed; nothing stored")
+		if m != nil {
+			cs.s.reply(m, model.CacheChunkReply{Received: got, Error: err.Error()})
+		}
+	}
+	for {
+		select {
+		case err := <-u.stop:
+			fail(nil, err)
+			return
+		case <-idle.C:
+			fail(nil, fmt.Errorf("no chunk for %s", u.idle))
+			return
+		case r := <-putDone:
+			putDone <- r
+			fail(nil, fmt.Errorf("object store: %v", r.err))
+			return
+		case m := <-u.ch:
+			idle.Reset(u.idle)
+			off, err := strconv.ParseInt(m.Header.Get(subjects.HeaderCacheOffset), 10, 64)
+			switch {
+			case err != nil || off != got:
+				fail(m, fmt.Errorf("chunk at offset %q, expected %d", m.Header.Get(subjects.HeaderCacheOffset), got))
+				return
+			case len(m.Data) > cacheUploadChunk:
+				fail(m, fmt.Errorf("chunk of %d bytes, at most %d", len(m.Data), cacheUploadChunk))
+				return
+			case got+int64(len(m.Data)) > ni.FileSize:
+				fail(m, fmt.Errorf("%s is more than the narinfo's FileSize %d", ni.URL, ni.FileSize))
+				return
+			}
+			h.Write(m.Data)
+			if _, err := pw.Write(m.Data); err != nil {
+				fail(m, err)
+				return
+			}
+			got += int64(len(m.Data))
+			if m.Header.Get(subjects.HeaderCacheEnd) == "" {
+				cs.s.reply(m, model.CacheChunkReply{Received: got})
+				continue
+			}
+			if err := u.finish(ctx, pw, putDone, h, got); err != nil {
+				cs.log.Warn().Err(err).Str("store_path", ni.StorePath).Msg("cache upload refused; nothing stored")
+				cs.s.reply(m, model.CacheChunkReply{Received: got, Error: err.Error()})
+				return
+			}
+			cs.log.Info().Str("store_path", ni.StorePath).Int64("bytes", got).Msg("cache: stored")
+			cs.s.reply(m, model.CacheChunkReply{Received: got, Stored: true})
+			return
+		}
+	}
+}
+
+// finish ends the file and checks it against the narinfo before the
+// narinfo is written; a file that does not match is removed.
+func (u *cacheUpload) finish(ctx context.Context, pw *io.PipeWriter, putDone <-chan putResult, h hash.Hash, got int64) error {
+	cs, ni := u.cs, u.ni
+	_ = pw.Close()
+	r := <-putDone
+	if r.err != nil {
+		return fmt.Errorf("store %s: %w", ni.URL, r.err)
+	}
+	want, _ := model.ParseSHA256(ni.FileHash)
+	sum := h.Sum(nil)
+	if got != ni.FileSize || int64(r.info.Size) != ni.FileSize || string(sum) != string(want) {
+		if err := cs.obs.Delete(ctx, ni.URL); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+			cs.log.Error().Err(err).Str("url", ni.URL).Msg("cache: removing a file that does not match its narinfo failed (retention removes it)")
+		}
+		return fmt.Errorf("%s does not match its narinfo: %d bytes with hash %s, the narinfo says %d bytes with hash %s: refused",
+			ni.URL, got, model.SHA256Nix(sum), ni.FileSize, ni.FileHash)
+	}
+	return cs.storeNarInfo(ctx, ni)
+}
+
+// onRead answers a device's read of the cache, only into its own inbox:
+// a narinfo, or one window of a NAR file.
+func (cs *cacheStore) onRead(l *lane, m *nats.Msg) {
+	s := cs.s
+	id, ok := subjects.DeviceFromRequest(subjects.CacheGet, m.Subject)
+	if m.Reply == "" {
+		s.drop("cache", dropInvalid, m)
+		return
+	}
+	d := s.deviceFor("cache", m, id, ok)
+	if d == nil {
+		return
+	}
+	site := siteOf(d)
+	var q model.CacheRead
+	if len(m.Data) > cacheReadMax || json.Unmarshal(m.Data, &q) != nil || (q.NarInfo == "") == (q.Nar == "") {
+		s.drop("cache", dropInvalid, m)
+		cs.readError(l, m, 400, "a cache read names one narinfo (store path hash) or one NAR file, in at most 512 bytes of JSON")
+		return
+	}
+	if !cs.limiter.allow(id) {
+		s.drop("cache", dropRate, m)
+		cs.readError(l, m, 429, "too many cache reads: slow down")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if q.NarInfo != "" {
+		cs.readNarInfo(ctx, l, m, site, q.NarInfo)
+		return
+	}
+	cs.readNar(ctx, l, m, site, &q)
+}
+
+func (cs *cacheStore) readError(l *lane, m *nats.Msg, status int, msg string) {
+	r := nats.NewMsg(m.Reply)
+	r.Header.Set(subjects.HeaderCacheStatus, strconv.Itoa(status))
+	r.Header.Set(subjects.HeaderCacheError, msg)
+	_ = l.fc.PublishMsg(r)
+}
+
+func (cs *cacheStore) count(site, kind, result string) {
+	cs.requests.WithLabelValues(site, kind, result).Inc()
+}
+
+func (cs *cacheStore) readNarInfo(ctx context.Context, l *lane, m *nats.Msg, site, key string) {
+	if model.CheckStoreHash(key) != nil {
+		cs.s.drop("cache", dropInvalid, m)
+		cs.readError(l, m, 400, "not a store path hash")
+		return
+	}
+	e, err := cs.narinfo.Get(ctx, key)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		cs.count(site, "narinfo", "miss")
+		cs.readError(l, m, 404, "no narinfo for "+key)
+		return
+	case err != nil:
+		cs.count(site, "narinfo", "error")
+		cs.readError(l, m, 500, "read narinfo: "+err.Error())
+		return
+	}
+	cs.count(site, "narinfo", "hit")
+	_ = l.fc.Publish(m.Reply, e.Value())
+}
+
+// readNar sends one window of a NAR file: up to cacheWindow chunks after
+// the stream sequence q.After, each with its sequence; the first names the
+// object and its size, the last says whether the file ended.
+func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site string, q *model.CacheRead) {
+	if model.CheckNarURL(q.Nar) != nil || len(q.Object) > 64 || strings.ContainsAny(q.Object, ".*> \t\r\n") {
+		cs.s.drop("cache", dropInvalid, m)
+		cs.readError(l, m, 400, "not a NAR file name (nar/<hash>.nar[.xz|.zst|.bz2])")
+		return
+	}
+	info, err := cs.obs.GetInfo(ctx, q.Nar)
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound) || (err == nil && info.Deleted):
+		cs.count(site, "nar", "miss")
+		cs.readError(l, m, 404, "no NAR file "+q.Nar)
+		return
+	case err != nil:
+		cs.count(site, "nar", "error")
+		cs.readError(l, m, 500, "read NAR file: "+err.Error())
+		return
+	case q.Object != "" && q.Object != info.NUID:
+		// Replaced while the device read it: it starts again.
+		cs.count(site, "nar", "miss")
+		cs.readError(l, m, 409, "NAR file "+q.Nar+" changed while it was read")
+		return
+	}
+	// Only this object's chunks: whatever cursor a device sends, the
+	// subject filter keeps the read inside the file it named.
+	subj, st := objChunks(subjects.ObjectCache, info.NUID), cs.streams[l]
+	seq, eof := q.After+1, false
+	var msgs []*jetstream.RawStreamMsg
+	for len(msgs) < cacheWindow {
+		sm, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			eof = true
+			break
+		}
+		if err != nil {
+			cs.count(site, "nar", "error")
+			cs.readError(l, m, 500, "read NAR chunk: "+err.Error())
+			return
+		}
+		msgs = append(msgs, sm)
+		seq = sm.Sequence + 1
+	}
+	cs.count(site, "nar", "hit")
+	if len(msgs) == 0 {
+		msgs = append(msgs, &jetstream.RawStreamMsg{})
+	}
+	var n int
+	for i, sm := range msgs {
+		r := nats.NewMsg(m.Reply)
+		r.Data = sm.Data
+		if sm.Sequence > 0 {
+			r.Header.Set(subjects.HeaderCacheSeq, strconv.FormatUint(sm.Sequence, 10))
+		}
+		if i == 0 {
+			r.Header.Set(subjects.HeaderCacheObject, info.NUID)
+			r.Header.Set(subjects.HeaderCacheSize, strconv.FormatUint(info.Size, 10))
+		}
+		if i == len(msgs)-1 {
+			if eof {
+				r.Header.Set(subjects.HeaderCacheLast, "eof")
+			} else {
+				r.Header.Set(subjects.HeaderCacheLast, "window")
+			}
+		}
+		if err := l.fc.PublishMsg(r); err != nil {
+			return
+		}
+		n += len(sm.Data)
+	}
+	cs.sent.WithLabelValues(site).Add(float64(n))
+}
