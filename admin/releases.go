@@ -35,6 +35,13 @@ type ReleaseCreateCmd struct {
 	Substituter string   `help:"Binary cache devices fetch from (their nix.conf must trust its key)." placeholder:"URL"`
 	Action      string   `help:"How devices activate it: switch (default), boot or test; overrides --file."`
 	Description string   `help:"Free text shown in release ls."`
+	// The fleet's own cache (fleet-admin cache), read by devices over NATS.
+	Push       bool `help:"Push the closures into the fleet's binary cache (only what it lacks) and have devices fetch from it over NATS."`
+	FleetCache bool `help:"Have devices fetch from the fleet's binary cache over NATS (the closures are there already: fleet-admin cache push)."`
+	PushOpts   `prefix:"push-"`
+	// Checks before the release is recorded.
+	NoCheck  bool     `help:"Do not look the store paths up in the release's cache before recording it."`
+	SignedBy []string `help:"Binary cache key names (as in trusted-public-keys, e.g. cache.example.org-1) the paths should be signed by; others are warned about." sep:"," placeholder:"NAME"`
 }
 
 // Run builds (with --flake), signs and records a release.
@@ -95,6 +102,9 @@ func (cmd *ReleaseCreateCmd) Run(g *Globals) error {
 	if cmd.Action != "" {
 		rel.Action = model.Action(cmd.Action)
 	}
+	if cmd.Push || cmd.FleetCache {
+		rel.FleetCache = true
+	}
 	if rel.Action == "" {
 		rel.Action = model.ActionSwitch
 	}
@@ -117,6 +127,19 @@ func (cmd *ReleaseCreateCmd) Run(g *Globals) error {
 		return err
 	}
 	defer c.Close()
+	if cmd.Push {
+		res, err := PushToFleetCache(g.ctx, c, releasePaths(&rel), cmd.PushOpts, g.progress())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(g.stderr, "fleet cache: %s in the closures, %d pushed (%s), %d there already\n",
+			plural(res.Paths, "store path", "store paths"), res.Pushed, byteText(res.Bytes), res.Present)
+	}
+	if !cmd.NoCheck {
+		if err := checkRelease(g.ctx, c, &rel, cmd.SignedBy, g.stderr); err != nil {
+			return err
+		}
+	}
 	rel.Author = c.Key()
 	signed, err := model.Sign(c.creds.Key, model.PurposeRelease, rel)
 	if err != nil {
@@ -172,6 +195,9 @@ func (cmd *ReleaseShowCmd) Run(g *Globals) error {
 	fmt.Fprintf(tw, "created:\t%s\n", localTime(v.CreatedAt))
 	fmt.Fprintf(tw, "author:\t%s\n", v.Author)
 	fmt.Fprintf(tw, "action:\t%s\n", v.Action)
+	if v.FleetCache {
+		fmt.Fprintf(tw, "fleet cache:\tyes (over NATS)\n")
+	}
 	if v.Substituter != "" {
 		fmt.Fprintf(tw, "substituter:\t%s\n", v.Substituter)
 	}
