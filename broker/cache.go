@@ -54,8 +54,9 @@ import (
 const (
 	// cacheObjChunk is the object store's chunk: one device reply message.
 	cacheObjChunk = 128 << 10
-	// cacheWindow is how many chunks one device read returns (1 MiB).
-	cacheWindow = 8
+	// cacheWindow is how many chunks one device read returns (4 MiB): a
+	// window is one round trip, and what a slow device leaves unread.
+	cacheWindow = 32
 	// cacheUploadChunk is the largest upload chunk an admin may send.
 	cacheUploadChunk = 512 << 10
 	// cacheUploadIdle ends an upload no chunk arrived for.
@@ -84,9 +85,6 @@ type cacheStore struct {
 	log     zerolog.Logger
 	narinfo jetstream.KeyValue
 	obs     jetstream.ObjectStore
-	// streams are the object store's stream through each lane's CORE
-	// connection (chunk reads).
-	streams map[*lane]jetstream.Stream
 	// inst names this coordinator in upload subjects.
 	inst  string
 	index *narIndex
@@ -129,7 +127,7 @@ type narIndex struct {
 // store, follows the narinfos and subscribes the upload and device
 // handlers.
 func (s *services) startCache(ctx context.Context) error {
-	cs := &cacheStore{s: s, log: s.log.With().Str("component", "cache").Logger(), streams: map[*lane]jetstream.Stream{},
+	cs := &cacheStore{s: s, log: s.log.With().Str("component", "cache").Logger(),
 		uploads: map[string]*cacheUpload{}, busy: map[string]bool{},
 		index:   &narIndex{ready: make(chan struct{}), m: map[string]*narEntry{}},
 		limiter: newRateLimiter(cacheReadRate, cacheReadBurst, s.now),
@@ -166,13 +164,6 @@ func (s *services) startCache(ctx context.Context) error {
 		Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxBytes: maxBytes,
 	}); err != nil {
 		return fmt.Errorf("object store %s: %w", subjects.ObjectCache, err)
-	}
-	for _, l := range s.lanes {
-		st, err := l.js.Stream(ctx, objStream(subjects.ObjectCache))
-		if err != nil {
-			return fmt.Errorf("object store %s: %w", subjects.ObjectCache, err)
-		}
-		cs.streams[l] = st
 	}
 	wctx, cancel := context.WithCancel(context.Background())
 	cs.cancel = cancel
@@ -660,50 +651,65 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 		return
 	}
 	// Only this object's chunks: whatever cursor a device sends, the
-	// subject filter keeps the read inside the file it named.
-	subj, st := objChunks(subjects.ObjectCache, info.NUID), cs.streams[l]
-	seq, eof := q.After+1, false
-	var msgs []*jetstream.RawStreamMsg
-	for len(msgs) < cacheWindow {
-		sm, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			eof = true
-			break
-		}
-		if err != nil {
-			cs.count(site, "nar", "error")
-			cs.readError(l, m, 500, "read NAR chunk: "+err.Error())
-			return
-		}
-		msgs = append(msgs, sm)
-		seq = sm.Sequence + 1
+	// subject filter keeps the read inside the file it named. One batched
+	// direct get reads the window: the server streams its chunks, and
+	// each goes on to the device as soon as the next arrives (which says
+	// whether it was the last).
+	sub, err := l.nc.SubscribeSync(l.nc.NewRespInbox())
+	if err != nil {
+		cs.count(site, "nar", "error")
+		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
+		return
 	}
-	cs.count(site, "nar", "hit")
-	if len(msgs) == 0 {
-		msgs = append(msgs, &jetstream.RawStreamMsg{})
+	defer func() { _ = sub.Unsubscribe() }()
+	req, _ := json.Marshal(map[string]any{"seq": q.After + 1, "next_by_subj": objChunks(subjects.ObjectCache, info.NUID), "batch": cacheWindow})
+	if err := l.nc.PublishRequest(subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache), sub.Subject, req); err != nil {
+		cs.count(site, "nar", "error")
+		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
+		return
 	}
-	var n int
-	for i, sm := range msgs {
+	n, sent := 0, 0
+	defer func() { cs.sent.WithLabelValues(site).Add(float64(n)) }()
+	send := func(c *nats.Msg, last string) bool {
 		r := nats.NewMsg(m.Reply)
-		r.Data = sm.Data
-		if sm.Sequence > 0 {
-			r.Header.Set(subjects.HeaderCacheSeq, strconv.FormatUint(sm.Sequence, 10))
+		if c != nil {
+			r.Data = c.Data
+			r.Header.Set(subjects.HeaderCacheSeq, c.Header.Get(jetstream.SequenceHeader))
 		}
-		if i == 0 {
+		if sent == 0 {
 			r.Header.Set(subjects.HeaderCacheObject, info.NUID)
 			r.Header.Set(subjects.HeaderCacheSize, strconv.FormatUint(info.Size, 10))
 		}
-		if i == len(msgs)-1 {
-			if eof {
-				r.Header.Set(subjects.HeaderCacheLast, "eof")
-			} else {
-				r.Header.Set(subjects.HeaderCacheLast, "window")
-			}
+		if last != "" {
+			r.Header.Set(subjects.HeaderCacheLast, last)
 		}
-		if err := l.fc.PublishMsg(r); err != nil {
+		sent++
+		n += len(r.Data)
+		return l.fc.PublishMsg(r) == nil
+	}
+	var prev *nats.Msg
+	got := 0
+	for {
+		c, err := sub.NextMsgWithContext(ctx)
+		if err != nil {
+			cs.count(site, "nar", "error")
+			cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
 			return
 		}
-		n += len(sm.Data)
+		if st := c.Header.Get("Status"); st != "" || len(c.Data) == 0 && c.Header.Get(jetstream.SequenceHeader) == "" {
+			// 204: the batch ended; 404: nothing (more) in the file.
+			last := "eof"
+			if st == "204" && got == cacheWindow {
+				last = "window"
+			}
+			cs.count(site, "nar", "hit")
+			send(prev, last)
+			return
+		}
+		got++
+		if prev != nil && !send(prev, "") {
+			return
+		}
+		prev = c
 	}
-	cs.sent.WithLabelValues(site).Add(float64(n))
 }
