@@ -119,10 +119,11 @@ type CLI struct {
 	Globals
 
 	Token   TokenCmd   `cmd:"" help:"Enrollment tokens: create, ls, revoke."`
-	Devices DevicesCmd `cmd:"" help:"Devices: ls, show, approve, revoke, set-groups."`
+	Devices DevicesCmd `cmd:"" help:"Devices: ls, show, approve, revoke, set-groups, pin, unpin."`
+	Groups  GroupsCmd  `cmd:"" help:"Groups: each one's target release and how its devices stand (ls, show)."`
 	Release ReleaseCmd `cmd:"" help:"Signed releases: create (from store paths or a flake), ls, show, diff."`
 	Deploy  DeployCmd  `cmd:"" help:"Roll a release out to a group or devices, in health-gated batches."`
-	Rollout RolloutCmd `cmd:"" help:"Rollouts: ls, show, watch, pause, resume, abort."`
+	Rollout RolloutCmd `cmd:"" help:"Rollouts: ls, show, watch, pause, resume, abort, undo."`
 	Admin   AdminCmd   `cmd:"" help:"Admins and their roles: add, ls, remove."`
 	Audit   AuditCmd   `cmd:"" help:"The audit trail: ls, verify."`
 	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config."`

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"fleet/model"
+	"fleet/subjects"
 )
 
 // DevicesCmd is `fleet-admin devices`.
@@ -16,7 +17,9 @@ type DevicesCmd struct {
 	Show      DevicesShowCmd      `cmd:"" help:"Show one device."`
 	Approve   DevicesApproveCmd   `cmd:"" help:"Approve a pending device."`
 	Revoke    DevicesRevokeCmd    `cmd:"" help:"Revoke a device: disconnected at once and refused from then on."`
-	SetGroups DevicesSetGroupsCmd `cmd:"" name:"set-groups" help:"Replace a device's groups."`
+	SetGroups DevicesSetGroupsCmd `cmd:"" name:"set-groups" help:"Replace a device's groups; it converges to its new group's target release."`
+	Pin       DevicesPinCmd       `cmd:"" help:"Hold a device on a release, whatever its groups' targets."`
+	Unpin     DevicesUnpinCmd     `cmd:"" help:"Let a pinned device follow its groups' target again."`
 }
 
 // DevicesLsCmd is `fleet-admin devices ls`.
@@ -64,8 +67,14 @@ func printDevice(g *Globals, d *model.DeviceView) error {
 	tw := newTable(g.stdout)
 	fmt.Fprintf(tw, "id:\t%s\n", d.ID)
 	fmt.Fprintf(tw, "name:\t%s\n", d.Name)
+	if d.Hostname != "" && d.Hostname != d.Name {
+		fmt.Fprintf(tw, "host name:\t%s (another device enrolled with it first; releases map this host name)\n", d.Hostname)
+	}
 	fmt.Fprintf(tw, "groups:\t%s\n", strings.Join(d.Groups, ","))
 	fmt.Fprintf(tw, "status:\t%s\n", d.Status)
+	if d.Pin != nil {
+		fmt.Fprintf(tw, "pinned:\t%s (since %s, by %s)\n", d.Pin.ReleaseID, localTime(d.Pin.At), orDash(d.Pin.By))
+	}
 	fmt.Fprintf(tw, "online:\t%s\n", yesNo(d.Online))
 	fmt.Fprintf(tw, "last seen:\t%s\n", seen(d.LastSeen))
 	fmt.Fprintf(tw, "xkey:\t%s\n", d.XKey)
@@ -150,7 +159,7 @@ func (cmd *DevicesRevokeCmd) Run(g *Globals) error {
 // DevicesSetGroupsCmd is `fleet-admin devices set-groups`.
 type DevicesSetGroupsCmd struct {
 	Device string   `arg:"" help:"Device ID, unique ID prefix or host name."`
-	Groups []string `arg:"" help:"New groups, comma-separated." sep:","`
+	Groups []string `arg:"" help:"New groups, comma- or space-separated."`
 }
 
 // Run sets the groups.
@@ -160,9 +169,67 @@ func (cmd *DevicesSetGroupsCmd) Run(g *Globals) error {
 		return err
 	}
 	defer c.Close()
-	d, err := c.SetDeviceGroups(g.ctx, cmd.Device, cmd.Groups)
+	// The signed request names the device by its full ID: the device
+	// checks it when it takes its new group's target.
+	d, err := c.Device(g.ctx, cmd.Device)
 	if err != nil {
 		return err
 	}
+	// "a,b" and "a b" both name two groups (kong does not split
+	// positional lists).
+	var groups []string
+	for _, arg := range cmd.Groups {
+		for _, gr := range strings.Split(arg, ",") {
+			if gr = strings.TrimSpace(gr); gr != "" {
+				groups = append(groups, gr)
+			}
+		}
+	}
+	if d, err = c.SetDeviceGroups(g.ctx, d.ID, groups); err != nil {
+		return err
+	}
 	return printDevice(g, d)
+}
+
+// DevicesPinCmd is `fleet-admin devices pin`.
+type DevicesPinCmd struct {
+	Device  string `arg:"" help:"Device ID, unique ID prefix or host name."`
+	Release string `help:"Release to hold the device on (it is deployed to the device if it runs another)." required:""`
+}
+
+// Run pins the device.
+func (cmd *DevicesPinCmd) Run(g *Globals) error { return pinDevice(g, cmd.Device, cmd.Release) }
+
+// DevicesUnpinCmd is `fleet-admin devices unpin`.
+type DevicesUnpinCmd struct {
+	Device string `arg:"" help:"Device ID, unique ID prefix or host name."`
+}
+
+// Run unpins the device.
+func (cmd *DevicesUnpinCmd) Run(g *Globals) error { return pinDevice(g, cmd.Device, "") }
+
+// pinDevice pins ref on release ("" unpins). The signed request names the
+// device by its full ID, because the device takes it as its deploy.
+func pinDevice(g *Globals, ref, release string) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.Device(g.ctx, ref)
+	if err != nil {
+		return err
+	}
+	var out model.DeviceView
+	if err := c.Call(g.ctx, subjects.VerbDevicePin, true, model.DevicePin{Ref: d.ID, ReleaseID: release}, &out); err != nil {
+		return err
+	}
+	if !g.JSON {
+		if release != "" {
+			fmt.Fprintf(g.stderr, "%s is pinned to %s; it converges there within seconds (follow it with fleet-admin status)\n", out.Name, release)
+		} else {
+			fmt.Fprintf(g.stderr, "%s follows its groups again (%s)\n", out.Name, orDash(strings.Join(out.Groups, ",")))
+		}
+	}
+	return printDevice(g, &out)
 }

@@ -73,3 +73,9 @@ func exitCode(ctx context.Context, err error) int {
 	}
 	return ExitError
 }
+
+// isCode reports whether err is the coordinator's error reply with code.
+func isCode(err error, code string) bool {
+	var ae *APIError
+	return errors.As(err, &ae) && ae.Code == code
+}

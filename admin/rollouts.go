@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"strings"
@@ -20,40 +21,95 @@ import (
 // DeployCmd is `fleet-admin deploy`.
 type DeployCmd struct {
 	Release       string   `help:"Release id to roll out." required:""`
-	Group         string   `help:"Target every active device of this group."`
+	Group         string   `help:"Target every active device of this group (on success the release becomes the group's target: devices that join later get it)."`
 	Device        []string `help:"Target this device (ID, ID prefix or name; repeatable)."`
 	Strategy      string   `help:"all (one batch), canary (1, then all) or staged (--batches)." default:"staged" enum:"all,canary,staged"`
 	Batches       string   `help:"Cumulative batch sizes for staged, e.g. 1,10%,100%." placeholder:"SPEC"`
+	Sample        string   `help:"Deploy to a random cohort of the target only (a canary across a big group), e.g. 5% or 20; it does not set the group's target." placeholder:"N|P%"`
+	Seed          uint64   `help:"Seed of --sample's draw (default: random; recorded in the rollout)."`
 	MaxFailures   string   `help:"Failures allowed before the rollout stops: a count or a percentage." default:"0" placeholder:"N|P%"`
 	HealthTimeout string   `help:"How long a device has to report success." default:"5m"`
 	OnFailure     string   `help:"pause, or revert earlier batches to their previous release." default:"pause" enum:"pause,revert"`
 	Supersede     bool     `help:"Take devices out of other unfinished rollouts."`
+	DryRun        bool     `name:"dry-run" help:"Show what the deploy would do (per device its current and new system, who is skipped or offline, the batches) and change nothing."`
 	Wait          bool     `help:"Follow the rollout until it ends; exit non-zero unless it succeeds."`
 }
 
-// Run starts a rollout.
+// Run starts a rollout. On a terminal it first shows the preview and
+// asks (--yes skips that); --dry-run shows the preview alone.
 func (cmd *DeployCmd) Run(g *Globals) error {
 	c, err := g.dial()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	req := model.DeployRequest{
-		ReleaseID: cmd.Release, Group: cmd.Group, Devices: cmd.Device, Strategy: cmd.Strategy,
-		Batches: cmd.Batches, MaxFailures: cmd.MaxFailures, HealthTimeout: cmd.HealthTimeout,
-		OnFailure: cmd.OnFailure, Supersede: cmd.Supersede,
+	// The signed deploy names devices by their full IDs: each device
+	// checks that it is named, and a shown name may not be its host name.
+	ids := make([]string, len(cmd.Device))
+	for i, ref := range cmd.Device {
+		d, err := c.Device(g.ctx, ref)
+		if err != nil {
+			return err
+		}
+		ids[i] = d.ID
 	}
-	var ro model.Rollout
-	if err := c.Call(g.ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
+	req := model.DeployRequest{
+		ReleaseID: cmd.Release, Group: cmd.Group, Devices: ids, Strategy: cmd.Strategy,
+		Batches: cmd.Batches, MaxFailures: cmd.MaxFailures, HealthTimeout: cmd.HealthTimeout,
+		OnFailure: cmd.OnFailure, Supersede: cmd.Supersede, Sample: cmd.Sample, Seed: cmd.Seed,
+	}
+	if cmd.DryRun || (g.stdinTTY && !g.Yes && !g.JSON) {
+		var pv model.DeployPreview
+		if err := c.Call(g.ctx, subjects.VerbDeployPreview, false, req, &pv); err != nil {
+			return err
+		}
+		if cmd.DryRun && g.JSON {
+			return g.printJSON(pv)
+		}
+		if cmd.DryRun {
+			printPreview(g.stdout, &pv)
+		} else {
+			printPreview(g.stderr, &pv)
+		}
+		if cmd.DryRun {
+			return nil
+		}
+		if len(pv.Devices) == 0 {
+			fmt.Fprintf(g.stderr, "nothing to do: every target already runs %s\n", pv.ReleaseID)
+			return nil
+		}
+		if err := g.confirm(fmt.Sprintf("deploy %s to %s?", pv.ReleaseID, plural(len(pv.Devices), "device", "devices"))); err != nil {
+			return err
+		}
+		// The confirmed cohort is the one deployed.
+		req.Seed = pv.Seed
+	}
+	var res model.DeployResult
+	if err := c.Call(g.ctx, subjects.VerbDeploy, true, req, &res); err != nil {
 		if g.ctx.Err() != nil {
 			fmt.Fprintln(g.stderr, "\ninterrupted before the coordinator answered: the rollout may have started; look with `fleet-admin rollout ls`")
 		}
 		return err
 	}
+	if res.Rollout == nil {
+		// Every target already runs the release: no rollout was made.
+		if g.JSON {
+			return g.printJSON(res)
+		}
+		fmt.Fprintf(g.stderr, "nothing to do: %s already %s %s; no rollout was created\n",
+			plural(res.Unchanged, "device", "devices"), noun(res.Unchanged, "runs", "run"), cmd.Release)
+		return nil
+	}
+	ro := res.Rollout
 	// Hosts the release has no closure for are named either way (stderr,
 	// so stdout stays the rollout id alone).
-	if len(ro.Skipped) > 0 && !g.JSON {
-		fmt.Fprintf(g.stderr, "skipped (no closure in release %s): %s\n", ro.ReleaseID, strings.Join(ro.Skipped, ", "))
+	if !g.JSON {
+		if len(ro.Skipped) > 0 {
+			fmt.Fprintf(g.stderr, "skipped (no closure in release %s): %s\n", ro.ReleaseID, strings.Join(ro.Skipped, ", "))
+		}
+		if res.Unchanged > 0 {
+			fmt.Fprintf(g.stderr, "skipped: %s already %s %s\n", plural(res.Unchanged, "device", "devices"), noun(res.Unchanged, "runs", "run"), ro.ReleaseID)
+		}
 	}
 	if !cmd.Wait {
 		if g.JSON {
@@ -69,6 +125,58 @@ func (cmd *DeployCmd) Run(g *Globals) error {
 	return watch(g, c, ro.ID)
 }
 
+// printPreview shows a deploy's preview: the batches resolved to counts,
+// then each device, and who is left out and why.
+func printPreview(w io.Writer, pv *model.DeployPreview) {
+	target := "devices"
+	if pv.Group != "" {
+		target = "group " + pv.Group
+	}
+	fmt.Fprintf(w, "deploy %s to %s: %s", pv.ReleaseID, target, plural(len(pv.Devices), "device changes", "devices change"))
+	if pv.Sample != "" {
+		fmt.Fprintf(w, " (a sample of %s, seed %d)", pv.Sample, pv.Seed)
+	}
+	if len(pv.BatchSizes) > 0 {
+		specs := make([]string, len(pv.BatchSizes))
+		for i := range pv.BatchSizes {
+			specs[i] = pv.Batches[min(i, len(pv.Batches)-1)].String()
+		}
+		fmt.Fprintf(w, " in %s %s (%s)", noun(len(pv.BatchSizes), "batch", "batches"), intList(pv.BatchSizes), strings.Join(specs, ", "))
+	}
+	fmt.Fprintln(w)
+	tw := newTable(w)
+	if len(pv.Devices) > 0 {
+		fmt.Fprintln(tw, "BATCH\tDEVICE\tID\tONLINE\tCURRENT\tNEW")
+		for _, d := range pv.Devices {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", d.Batch+1, d.Name, shortID(d.ID), onlineText(d), orDash(shortPath(d.Current)), shortPath(d.New))
+		}
+	}
+	_ = tw.Flush()
+	for _, l := range []struct {
+		what string
+		ds   []model.PreviewDevice
+	}{{"unchanged", pv.Unchanged}, {"skipped", pv.Skipped}} {
+		if len(l.ds) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "%s (%d):\n", l.what, len(l.ds))
+		for _, d := range l.ds {
+			fmt.Fprintf(w, "  %s (%s): %s\n", d.Name, shortID(d.ID), d.Reason)
+		}
+	}
+	if len(pv.Busy) > 0 {
+		fmt.Fprintf(w, "in unfinished rollouts (deploy refuses them unless --supersede): %s\n", strings.Join(pv.Busy, ", "))
+	}
+}
+
+// onlineText is "yes", or "no (last seen 3h ago)".
+func onlineText(d model.PreviewDevice) string {
+	if d.Online {
+		return "yes"
+	}
+	return "no (last seen " + ago(d.LastSeen) + ")"
+}
+
 // RolloutCmd is `fleet-admin rollout`.
 type RolloutCmd struct {
 	Ls     RolloutLsCmd     `cmd:"" help:"List rollouts."`
@@ -76,7 +184,8 @@ type RolloutCmd struct {
 	Watch  RolloutWatchCmd  `cmd:"" help:"Follow a rollout until it ends (progress bar on a terminal, JSON lines with --json)."`
 	Pause  RolloutPauseCmd  `cmd:"" help:"Pause a running rollout."`
 	Resume RolloutResumeCmd `cmd:"" help:"Resume a paused rollout (retries its failed devices)."`
-	Abort  RolloutAbortCmd  `cmd:"" help:"Abort a rollout: no further batches."`
+	Abort  RolloutAbortCmd  `cmd:"" help:"Abort a rollout: no further batches (--revert also sets its devices back)."`
+	Undo   RolloutUndoCmd   `cmd:"" help:"Set every device a rollout touched back to its previous desired state."`
 }
 
 // RolloutLsCmd is `fleet-admin rollout ls`.
@@ -181,15 +290,106 @@ func (cmd *RolloutResumeCmd) Run(g *Globals) error { return rolloutAction(g, cmd
 
 // RolloutAbortCmd is `fleet-admin rollout abort`.
 type RolloutAbortCmd struct {
-	ID string `arg:"" help:"Rollout id."`
+	ID     string `arg:"" help:"Rollout id."`
+	Revert bool   `help:"Also set every device the rollout touched back to its previous desired state."`
 }
 
-// Run aborts the rollout, once confirmed.
+// Run aborts the rollout, once confirmed, and says where its devices are
+// left.
 func (cmd *RolloutAbortCmd) Run(g *Globals) error {
+	if cmd.Revert {
+		return undoRollout(g, cmd.ID, model.RolloutAbort, "abort rollout %s and set the %s it touched back to their previous release?")
+	}
 	if err := g.confirm(fmt.Sprintf("abort rollout %s? No further batches start, and it cannot be resumed", cmd.ID)); err != nil {
 		return err
 	}
-	return rolloutAction(g, cmd.ID, "abort")
+	return g.withClient(func(c *Client) error {
+		var ro model.Rollout
+		if err := c.Call(g.ctx, subjects.VerbRolloutAction, true, model.RolloutRef{ID: cmd.ID, Action: model.RolloutAbort}, &ro); err != nil {
+			return err
+		}
+		if g.JSON {
+			return g.printJSON(ro)
+		}
+		got := ro.Counts[model.DeviceSucceeded] + ro.Counts[model.DeviceFailed] + ro.Counts[model.DeviceTimedOut] + ro.Counts[model.DeviceWaiting]
+		fmt.Fprintf(g.stdout, "rollout %s: %s\n", ro.ID, ro.State)
+		fmt.Fprintf(g.stdout, "%s got %s (%d succeeded, %d failed, %d still applying); %s never started and keep their previous release\n",
+			plural(got, "device", "devices"), ro.ReleaseID, ro.Counts[model.DeviceSucceeded], failed(&ro), ro.Counts[model.DeviceWaiting],
+			plural(ro.Counts[model.DeviceQueued], "device", "devices"))
+		if got > 0 {
+			fmt.Fprintf(g.stdout, "to set them back: fleet-admin rollout undo %s\n", ro.ID)
+		}
+		return nil
+	})
+}
+
+// RolloutUndoCmd is `fleet-admin rollout undo`.
+type RolloutUndoCmd struct {
+	ID string `arg:"" help:"Rollout id."`
+}
+
+// Run undoes the rollout, once confirmed.
+func (cmd *RolloutUndoCmd) Run(g *Globals) error {
+	return undoRollout(g, cmd.ID, model.RolloutUndo, "undo rollout %s: set the %s it touched back to their previous release?")
+}
+
+// undoRollout asks the coordinator to set a rollout's devices back (undo,
+// or abort with revert), then waits until it has and says what became of
+// each device. The signed request names the rollout's release: each
+// device checks that it undoes the release it runs.
+func undoRollout(g *Globals, id, action, question string) error {
+	c, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ro, err := c.RolloutSummary(g.ctx, id)
+	if err != nil {
+		return err
+	}
+	touched := ro.Total - ro.Counts[model.DeviceQueued] - ro.Counts[model.DeviceSkipped] - ro.Counts[model.DeviceSuperseded]
+	if err := g.confirm(fmt.Sprintf(question, id, plural(touched, "device", "devices"))); err != nil {
+		return err
+	}
+	var out model.Rollout
+	ref := model.RolloutRef{ID: id, Action: action, Revert: action == model.RolloutAbort, ReleaseID: ro.ReleaseID}
+	if err := c.Call(g.ctx, subjects.VerbRolloutAction, true, ref, &out); err != nil {
+		return err
+	}
+	if !g.JSON {
+		fmt.Fprintf(g.stderr, "rollout %s: %s; waiting for the coordinator to set its devices back\n", id, out.State)
+	}
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for out.State == model.RolloutReverting {
+		select {
+		case <-g.ctx.Done():
+			fmt.Fprintf(g.stderr, "\nstopped waiting: the coordinator goes on setting rollout %s's devices back; see fleet-admin rollout show %s\n", id, id)
+			return withCode(ExitInterrupted, g.ctx.Err())
+		case <-c.Lost():
+			return withCode(ExitUnreachable, c.LostError())
+		case <-tick.C:
+		}
+		s, err := c.RolloutSummary(g.ctx, id)
+		if err != nil {
+			return err
+		}
+		out = *s
+	}
+	v, err := c.Rollout(g.ctx, id)
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(v)
+	}
+	fmt.Fprintf(g.stdout, "rollout %s: %s — %s\n", v.ID, v.State, v.Reason)
+	tw := newTable(g.stdout)
+	fmt.Fprintln(tw, "DEVICE\tID\tSTATE\tBACK TO\tNOTE")
+	for _, d := range v.Progress {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.Name, shortID(d.Device), stateText(d.State), orDash(d.PreviousRelease), d.Error)
+	}
+	return tw.Flush()
 }
 
 func rolloutAction(g *Globals, id, action string) error {

@@ -78,7 +78,7 @@ func (cmd *StatusCmd) Run(g *Globals) error {
 
 func printStatus(w io.Writer, rep *model.StatusReport) error {
 	tw := newTable(w)
-	fmt.Fprintln(tw, "NAME\tID\tONLINE\tLAST SEEN\tCURRENT\tDESIRED\tLAST RESULT\tDISK\tREBOOT\tROLLOUT")
+	fmt.Fprintln(tw, "NAME\tID\tONLINE\tLAST SEEN\tCURRENT\tDESIRED\tLAST RESULT\tDISK\tREBOOT\tROLLOUT\tNOTE")
 	for _, r := range rep.Devices {
 		health := orDash(string(r.LastResult))
 		desired := "-"
@@ -92,8 +92,16 @@ func printStatus(w io.Writer, rep *model.StatusReport) error {
 		if r.RebootNeeded {
 			reboot = "needed"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f%%\t%s\t%s\n", r.Name, shortID(r.ID), yesNo(r.Online), ago(r.LastSeen),
-			orDash(shortPath(r.CurrentSystem)), desired, health, r.DiskMaxUsedRatio*100, reboot, orDash(r.Rollout))
+		note := "-"
+		switch {
+		case r.Conflict != "":
+			// Named so an admin sees why nothing is applied.
+			note = "conflict: " + r.Conflict + " (pin it or fix its groups)"
+		case r.Pinned != "":
+			note = "pinned to " + r.Pinned
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f%%\t%s\t%s\t%s\n", r.Name, shortID(r.ID), yesNo(r.Online), ago(r.LastSeen),
+			orDash(shortPath(r.CurrentSystem)), desired, health, r.DiskMaxUsedRatio*100, reboot, orDash(r.Rollout), note)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

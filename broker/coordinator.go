@@ -247,6 +247,7 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 		return nil, err
 	}
 	c.rollouts.notify = c.svc
+	c.rollouts.index = c.index
 	if err := c.startEngine(); err != nil {
 		c.Close()
 		return nil, err

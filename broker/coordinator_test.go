@@ -150,7 +150,7 @@ func TestInitRunCreatesStreamsAndBuckets(t *testing.T) {
 	history := map[string]int64{
 		subjects.BucketDevices: 5, subjects.BucketDesired: 5, subjects.BucketReleases: 1,
 		subjects.BucketRollouts: 5, subjects.BucketTokens: 1, subjects.BucketAdmins: 5,
-		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1, subjects.BucketNonces: 1, subjects.BucketRevocations: 1, subjects.BucketClaims: 1,
+		subjects.BucketEscrow: 10, subjects.BucketPayloads: 5, subjects.BucketLocks: 1, subjects.BucketNonces: 1, subjects.BucketRevocations: 1, subjects.BucketClaims: 1, subjects.BucketGroups: 5,
 	}
 	if len(history) != len(subjects.Buckets) {
 		t.Fatalf("test knows %d buckets, subjects lists %d", len(history), len(subjects.Buckets))

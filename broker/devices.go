@@ -16,6 +16,14 @@ import (
 )
 
 func (s *services) view(d model.Device) model.DeviceView {
+	// The signed statements are for the device (kilobytes each): a view
+	// names the pin, not its signature.
+	d.Statement = nil
+	if d.Pin != nil {
+		p := *d.Pin
+		p.Statement = nil
+		d.Pin = &p
+	}
 	return model.DeviceView{Device: d, Online: s.presence.Online(d.ID), LastSeen: s.presence.LastSeen(d.ID)}
 }
 
@@ -312,6 +320,12 @@ func (s *services) deviceGroups(ctx context.Context, who *model.Admin, raw json.
 	groups := slices.Clone(a.Groups)
 	slices.Sort(groups)
 	groups = slices.Compact(groups)
+	// The signed request is kept: it is what lets the device take its new
+	// group's target, signed by an older deploy (Desired.Join).
+	signed, err := signedFrom(ctx)
+	if err != nil {
+		return nil, err
+	}
 	d, err := s.updateDevice(ctx, a.Ref, func(d *model.Device) error {
 		if err := mayTouch(who, d.Groups); err != nil {
 			return err
@@ -323,10 +337,12 @@ func (s *services) deviceGroups(ctx context.Context, who *model.Admin, raw json.
 			return conflict("device %s (%s) is revoked", d.ID, d.Name)
 		}
 		d.Groups = groups
+		d.Statement = signed.s
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
+	s.c.rollouts.pokeConverge()
 	return s.view(*d), nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -15,7 +16,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"fleet/agent"
+	"fleet/internal/poll"
 	"fleet/model"
+	"fleet/subjects"
 )
 
 func TestEnrollBadInputChangesNothing(t *testing.T) {
@@ -257,8 +260,33 @@ func TestDeviceAddressing(t *testing.T) {
 		if r := rawEnroll(t, c, signEnroll(t, kp, model.EnrollRequest{TokenID: pt.ID, Secret: pt.Secret, XKey: newXKey(t), Hostname: h})); r.Error != "" {
 			t.Fatal(r.Error)
 		}
+		// The next enrolment must find this one in the index.
+		poll.Until(t, 10*time.Second, "device in the index", func() bool {
+			return slices.ContainsFunc(c.Status("").Devices, func(r model.DeviceStatusRow) bool { return r.ID == pub })
+		})
 	}
-	_, err := owner.Device(ctx, "twin")
+	// Two devices with one host name are shown apart.
+	if d, err := owner.Device(ctx, "twin-2"); err != nil || d.ID != ids[1] || d.Host() != "twin" {
+		t.Fatalf("the second twin: %+v %v", d, err)
+	}
+	// Records that share a name (written before names were made distinct)
+	// make the name ambiguous: the error lists both.
+	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, ids[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec model.Device
+	_ = json.Unmarshal(e.Value(), &rec)
+	rec.Name, rec.Hostname = "twin", ""
+	b, _ := json.Marshal(rec)
+	if _, err := kv.Put(ctx, ids[1], b); err != nil {
+		t.Fatal(err)
+	}
+	_, err = owner.Device(ctx, "twin")
 	if err == nil || !strings.Contains(err.Error(), ids[0]) || !strings.Contains(err.Error(), ids[1]) {
 		t.Fatalf("ambiguous name: %v, want an error listing both candidates", err)
 	}
@@ -289,3 +317,32 @@ func TestDeviceAddressing(t *testing.T) {
 
 // keep nkeys imported for helpers used only here in some builds.
 var _ = nkeys.CreateUser
+
+// TestDuplicateHostnamesShownApart: a second device enrolling with a host
+// name another device has is shown under a distinct name, keeps its host
+// name for releases, and a third gets the next free name.
+func TestDuplicateHostnamesShownApart(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	ctx := context.Background()
+	tok := createToken(t, owner, 3, false, "lab")
+	var ids []string
+	for i := range 3 {
+		cr, _ := enrollAgent(t, c, tok.Token, "laptop")
+		ids = append(ids, cr.PublicKey())
+		// The next enrolment must find this one in the index.
+		poll.Until(t, 10*time.Second, "device in the index", func() bool {
+			return slices.ContainsFunc(c.Status("").Devices, func(r model.DeviceStatusRow) bool { return r.ID == ids[i] })
+		})
+	}
+	want := map[string][2]string{ids[0]: {"laptop", ""}, ids[1]: {"laptop-2", "laptop"}, ids[2]: {"laptop-3", "laptop"}}
+	for id, w := range want {
+		d, err := owner.Device(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Name != w[0] || d.Hostname != w[1] || d.Host() != "laptop" {
+			t.Fatalf("device %s: name %q host name %q, want %q %q", id, d.Name, d.Hostname, w[0], w[1])
+		}
+	}
+}

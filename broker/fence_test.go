@@ -82,7 +82,11 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 		for _, rel := range []string{"rel-a", "rel-b"} {
 			go func() {
 				ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: rel, Group: "developers", Strategy: "all"}, "test", nil)
-				res <- result{ro, err}
+				if err != nil {
+					res <- result{nil, err}
+					return
+				}
+				res <- result{ro.Rollout, nil}
 			}()
 		}
 		var won []*model.Rollout

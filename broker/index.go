@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,7 +26,8 @@ import (
 //     DeliverLastPerSubject, so a restarted coordinator rebuilds the latest
 //     state of each device without replaying history, then follow new
 //     messages;
-//   - fleet_devices and fleet_desired: one watcher over the whole bucket;
+//   - fleet_devices, fleet_desired and fleet_groups: one watcher over the
+//     whole bucket;
 //   - fleet_rollouts: one watcher on single-token keys (the summaries, not
 //     the per-device <id>.<device> progress).
 //
@@ -58,9 +60,10 @@ type deviceState struct {
 	// event is the latest event; result the latest one that ended an apply.
 	event  *model.Event
 	result *model.Event
-	// desired is the desired store path, rollout the rollout that wrote it.
-	desired, rollout string
-	lastSeen         time.Time
+	// desired is the desired store path, rollout the rollout that wrote it,
+	// release its release.
+	desired, rollout, release string
+	lastSeen                  time.Time
 }
 
 // lastResult is the device's latest apply result: from its events, or from
@@ -93,7 +96,12 @@ type deviceIndex struct {
 	mu       sync.RWMutex
 	devs     map[string]*deviceState
 	rollouts map[string]*model.Rollout
+	targets  map[string]*model.GroupTarget
 	online   onlineSource
+	// changes counts what may change a device's convergence: records,
+	// desired states, rollout summaries and group targets (the engine's
+	// sweep looks again when it moved).
+	changes atomic.Uint64
 
 	stats indexStats
 
@@ -110,6 +118,7 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		now:      time.Now,
 		devs:     map[string]*deviceState{},
 		rollouts: map[string]*model.Rollout{},
+		targets:  map[string]*model.GroupTarget{},
 		caughtUp: make(chan struct{}),
 	}
 }
@@ -219,6 +228,7 @@ func (x *deviceIndex) applyRecord(id string, data []byte) {
 		s.rec = &d
 		return true
 	})
+	x.changes.Add(1)
 }
 
 func (x *deviceIndex) applyDesired(id string, data []byte) {
@@ -231,8 +241,9 @@ func (x *deviceIndex) applyDesired(id string, data []byte) {
 			return
 		}
 	}
+	x.changes.Add(1)
 	x.update(id, func(s *deviceState) bool {
-		s.desired, s.rollout = d.StorePath, d.RolloutID
+		s.desired, s.rollout, s.release = d.StorePath, d.RolloutID, d.ReleaseID
 		// A device with nothing but a desired state (no record, never
 		// seen) is not worth an entry.
 		return s.rec != nil || s.facts != nil || s.event != nil || s.desired != ""
@@ -256,6 +267,28 @@ func (x *deviceIndex) applyRollout(id string, data []byte) {
 	x.mu.Lock()
 	x.rollouts[id] = &r
 	x.mu.Unlock()
+	x.changes.Add(1)
+}
+
+// applyTarget stores a group's target release (nil: it has none).
+func (x *deviceIndex) applyTarget(group string, data []byte) {
+	var t *model.GroupTarget
+	if data != nil {
+		t = new(model.GroupTarget)
+		if err := json.Unmarshal(data, t); err != nil {
+			x.stats.decodeErrors.Add(1)
+			x.log.Warn().Err(err).Str("group", group).Msg("undecodable group target")
+			return
+		}
+	}
+	x.mu.Lock()
+	if t == nil {
+		delete(x.targets, group)
+	} else {
+		x.targets[group] = t
+	}
+	x.mu.Unlock()
+	x.changes.Add(1)
 }
 
 // snapshot is a consistent, read-only view of the index.
@@ -263,6 +296,7 @@ type snapshot struct {
 	at       time.Time
 	devs     []*deviceState // sorted by ID
 	rollouts []*model.Rollout
+	targets  map[string]*model.GroupTarget
 	online   onlineSource
 }
 
@@ -274,6 +308,10 @@ func (x *deviceIndex) snapshot() *snapshot {
 	}
 	for _, r := range x.rollouts {
 		s.rollouts = append(s.rollouts, r)
+	}
+	s.targets = make(map[string]*model.GroupTarget, len(x.targets))
+	for g, t := range x.targets {
+		s.targets[g] = t
 	}
 	x.mu.RUnlock()
 	sort.Slice(s.devs, func(i, j int) bool { return s.devs[i].id() < s.devs[j].id() })
@@ -314,7 +352,12 @@ func (sn *snapshot) row(s *deviceState) model.DeviceStatusRow {
 	r := model.DeviceStatusRow{
 		ID: s.rec.ID, Name: s.rec.Name, Groups: s.rec.Groups, Status: s.rec.Status,
 		Online: sn.isOnline(s), LastSeen: s.lastSeen,
-		DesiredSystem: s.desired, Rollout: s.rollout,
+		DesiredSystem: s.desired, Rollout: s.rollout, DesiredRelease: s.release,
+	}
+	if p := s.rec.Pin; p != nil {
+		r.Pinned = p.ReleaseID
+	} else if c := sn.conflict(s.rec); c != "" {
+		r.Conflict = c
 	}
 	if f := s.facts; f != nil {
 		r.CurrentSystem = f.CurrentSystem
@@ -356,8 +399,8 @@ func (sn *snapshot) shownRollouts() []*model.Rollout {
 // watcher is created; errors after that are logged and retried by the
 // library (ordered consumers recreate themselves, watchers resubscribe).
 func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
-	// Two streams and three buckets.
-	x.behind.Store(5)
+	// Two streams and four buckets.
+	x.behind.Store(6)
 	for _, src := range []struct {
 		stream, filter string
 		apply          func(id string, data []byte, at time.Time)
@@ -411,6 +454,7 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 		{subjects.BucketDevices, ">", x.applyRecord},
 		{subjects.BucketDesired, ">", x.applyDesired},
 		{subjects.BucketRollouts, "*", x.applyRollout},
+		{subjects.BucketGroups, ">", x.applyTarget},
 	} {
 		kv, err := js.KeyValue(ctx, w.bucket)
 		if err != nil {
@@ -447,6 +491,38 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 			apply(e.Key(), e.Value())
 		}
 	}
+}
+
+// named returns the names of the devices (not revoked) whose host name or
+// name is host, and every name that starts with host: nil when none has
+// it.
+func (x *deviceIndex) named(host string) map[string]bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	var out map[string]bool
+	clash := false
+	for _, s := range x.devs {
+		if s.rec == nil || s.rec.Status == model.DeviceRevoked || !strings.HasPrefix(s.rec.Name, host) {
+			continue
+		}
+		if out == nil {
+			out = map[string]bool{}
+		}
+		out[s.rec.Name] = true
+		clash = clash || s.rec.Host() == host
+	}
+	if !clash {
+		return nil
+	}
+	return out
+}
+
+// rolloutOf returns rollout id's summary as the index has it.
+func (x *deviceIndex) rolloutOf(id string) (*model.Rollout, bool) {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	r, ok := x.rollouts[id]
+	return r, ok
 }
 
 // record returns device id's record (nil when the index has none). The

@@ -80,30 +80,45 @@ func (s *services) release(ctx context.Context, id string) (*model.ReleaseView, 
 // Rollout verbs.
 
 func (s *services) deploy(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
-	var req model.DeployRequest
-	if err := decodeArgs(raw, &req); err != nil {
+	req, err := s.deployRequest(ctx, who, raw)
+	if err != nil {
 		return nil, err
 	}
-	// An operator limited to groups deploys only inside them.
+	return s.c.rollouts.Create(ctx, req, who.Key, signedRequest(ctx))
+}
+
+// deployPreview is deploy --dry-run: the same checks, nothing written.
+func (s *services) deployPreview(ctx context.Context, who *model.Admin, raw json.RawMessage) (any, error) {
+	req, err := s.deployRequest(ctx, who, raw)
+	if err != nil {
+		return nil, err
+	}
+	return s.c.rollouts.Preview(ctx, req)
+}
+
+// deployRequest decodes a deploy and checks the admin may make it: an
+// operator limited to groups deploys only inside them. Devices named by
+// prefix or host name are resolved to their IDs.
+func (s *services) deployRequest(ctx context.Context, who *model.Admin, raw json.RawMessage) (model.DeployRequest, error) {
+	var req model.DeployRequest
+	if err := decodeArgs(raw, &req); err != nil {
+		return req, err
+	}
 	if req.Group != "" {
 		if err := mayAssign(who, []string{req.Group}); err != nil {
-			return nil, err
+			return req, err
 		}
 	}
 	ids := make([]string, 0, len(req.Devices))
 	for _, ref := range req.Devices {
 		d, err := s.resolveFor(ctx, who, ref)
 		if err != nil {
-			return nil, err
+			return req, err
 		}
 		ids = append(ids, d.ID)
 	}
 	req.Devices = ids
-	ro, err := s.c.rollouts.Create(ctx, req, who.Key, signedRequest(ctx))
-	if err != nil {
-		return nil, err
-	}
-	return ro, nil
+	return req, nil
 }
 
 func (s *services) rolloutsList(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
@@ -169,5 +184,5 @@ func (s *services) rolloutAction(ctx context.Context, who *model.Admin, raw json
 	if err := mayAssign(who, groups); err != nil {
 		return nil, err
 	}
-	return s.c.rollouts.Transition(ctx, a.ID, a.Action)
+	return s.c.rollouts.Transition(ctx, a, signedRequest(ctx))
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base32"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -69,6 +71,16 @@ type rollouts struct {
 	// kick asks the engine to step now rather than at its next tick: a
 	// result arrived, a batch ended, a rollout appeared.
 	kick chan struct{}
+	// index is this coordinator's picture of the fleet: what devices run
+	// (a deploy skips those already on its release) and what the
+	// convergence sweep reads. Set before Run; nil in some tests.
+	index  *deviceIndex
+	groups jetstream.KeyValue
+	// convergeKick asks the convergence sweep to run now.
+	convergeKick chan struct{}
+	// notDue remembers devices the sweep found not due (convergeLoop's
+	// own).
+	notDue map[string]notDue
 }
 
 type engineCache struct {
@@ -78,7 +90,7 @@ type engineCache struct {
 }
 
 func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log zerolog.Logger) (*rollouts, error) {
-	r := &rollouts{log: log, js: js, name: name, kick: make(chan struct{}, 1)}
+	r := &rollouts{log: log, js: js, name: name, kick: make(chan struct{}, 1), convergeKick: make(chan struct{}, 1)}
 	var err error
 	for _, b := range []struct {
 		kv   *jetstream.KeyValue
@@ -90,6 +102,7 @@ func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log z
 		{&r.releases, subjects.BucketReleases},
 		{&r.claims, subjects.BucketClaims},
 		{&r.locks, subjects.BucketLocks},
+		{&r.groups, subjects.BucketGroups},
 	} {
 		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
 			return nil, fmt.Errorf("bucket %s: %w", b.name, err)
@@ -105,9 +118,21 @@ func newRolloutID(now time.Time) string {
 	return "r" + now.UTC().Format("20060102-150405") + "-" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
 }
 
-// Create validates req, snapshots the target devices and records a pending
-// rollout for the engine to start.
-func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by string, signed *model.Signed) (*model.Rollout, error) {
+// deployPlan is what a deploy request resolves to before anything is
+// written: the rollout to record and its devices, or the preview of it.
+type deployPlan struct {
+	ro      *model.Rollout
+	devs    []*model.RolloutDevice
+	taken   map[string][]*model.RolloutDevice
+	preview model.DeployPreview
+	phases  *zerolog.Event
+}
+
+// plan validates req and snapshots its target devices: the rollout a
+// deploy would record. It writes nothing (deploy --dry-run shows it).
+// Devices that already run the release and want it are left out; a plan
+// with no devices left changes nothing.
+func (r *rollouts) plan(ctx context.Context, req model.DeployRequest, by string, signed *model.Signed, preview bool) (*deployPlan, error) {
 	strategy, err := model.ParseStrategy(req.Strategy)
 	if err != nil {
 		return nil, badRequest("%v", err)
@@ -141,6 +166,12 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	if (req.Group == "") == (len(req.Devices) == 0) {
 		return nil, badRequest("name the target: --group G or --device ID (not both)")
 	}
+	var sample model.Quantity
+	if req.Sample != "" {
+		if sample, err = model.ParseQuantity(req.Sample); err != nil || sample.N == 0 && sample.Percent == 0 {
+			return nil, badRequest("--sample %q: want a device count or a share like 5%%", req.Sample)
+		}
+	}
 
 	began := time.Now()
 	phases := zerolog.Dict()
@@ -162,7 +193,13 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		Group: req.Group, Strategy: strategy, Batches: batches, MaxFailures: maxFail,
 		HealthTimeout: model.Duration(timeout), OnFailure: onFail, State: model.RolloutPending,
 		Counts: map[model.DeviceRolloutState]int{},
+		// A rollout over the whole group sets its target when it succeeds;
+		// a sampled cohort is a canary and sets nothing.
+		SetsTarget: req.Group != "" && req.Sample == "",
 	}
+	p := &deployPlan{ro: ro, phases: phases}
+	pv := &p.preview
+	pv.ReleaseID, pv.Group, pv.Batches = rel.ID, req.Group, batches
 	// Each device's current desired state is what a revert returns to.
 	previous := map[string]*model.Desired{}
 	if err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
@@ -174,45 +211,81 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		return nil, err
 	}
 	phase("previous")
+	var sn *snapshot
+	if r.index != nil {
+		sn = r.index.snapshot()
+	}
 	var devs []*model.RolloutDevice
 	for _, d := range targets {
-		p, ok := rel.PathFor(d.Name)
-		if !ok {
+		st := sn.state(d.ID)
+		pd := st.preview(sn, d)
+		path, ok := rel.PathFor(d.Host())
+		switch {
+		case !ok:
 			ro.Skipped = append(ro.Skipped, d.Name)
+			pd.Reason = "the release has no closure for host " + d.Name
+			pv.Skipped = append(pv.Skipped, pd)
+			continue
+		case d.Pin != nil && req.Group != "":
+			pd.Reason = "pinned to " + d.Pin.ReleaseID + " (fleet-admin devices unpin)"
+			pv.Skipped = append(pv.Skipped, pd)
 			continue
 		}
-		rd := &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: p, Previous: previous[d.ID]}
-		devs = append(devs, rd)
-	}
-	if len(devs) == 0 {
-		return nil, badRequest("release %s names no closure for any target device (skipped: %s)", rel.ID, strings.Join(ro.Skipped, ", "))
-	}
-	taken, err := r.busy(ctx, devs, req.Supersede)
-	if err != nil {
-		return nil, err
-	}
-	phase("busy")
-	// busy() looked; claiming decides: of two deploys racing for a device
-	// (on two coordinators), one gets it and the other is refused.
-	undo, err := r.claim(ctx, ro.ID, devs, taken)
-	if err != nil {
-		return nil, err
-	}
-	phase("claims")
-	created := false
-	defer func() {
-		if !created {
-			undo()
+		pd.New = path
+		if prev := previous[d.ID]; prev != nil && prev.ReleaseID == rel.ID && prev.StorePath == path && pd.Current == path {
+			pd.Reason = "already runs " + rel.ID
+			pv.Unchanged = append(pv.Unchanged, pd)
+			continue
 		}
-	}()
+		devs = append(devs, &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: path, Previous: previous[d.ID]})
+		pv.Devices = append(pv.Devices, pd)
+	}
+	if len(devs) == 0 && len(pv.Unchanged) == 0 {
+		why := "release " + rel.ID + " names no closure for any target device"
+		if len(ro.Skipped) < len(pv.Skipped) {
+			why = "no target device can take release " + rel.ID
+		}
+		reasons := make([]string, len(pv.Skipped))
+		for i, d := range pv.Skipped {
+			reasons[i] = d.Name + ": " + d.Reason
+		}
+		return nil, badRequest("%s (%s)", why, strings.Join(reasons, "; "))
+	}
+	if req.Sample != "" {
+		ro.Sample, ro.Seed = req.Sample, req.Seed
+		if ro.Seed == 0 {
+			ro.Seed = randomSeed()
+		}
+		devs, pv.Devices = drawSample(devs, pv.Devices, sample, ro.Seed)
+		pv.Sample, pv.Seed = ro.Sample, ro.Seed
+	}
+	if err := checkBatchesGrow(spec, batches, len(devs)); err != nil {
+		return nil, err
+	}
 	ro.BatchSizes = model.BatchSizes(batches, len(devs))
+	pv.BatchSizes = ro.BatchSizes
 	i := 0
 	for b, n := range ro.BatchSizes {
 		for range n {
-			devs[i].Batch = b
+			devs[i].Batch, pv.Devices[i].Batch = b, b
 			i++
 		}
 	}
+	p.devs = devs
+	if len(devs) == 0 {
+		return p, nil
+	}
+	p.taken, err = r.busy(ctx, devs, req.Supersede || preview)
+	if err != nil {
+		return nil, err
+	}
+	for _, ds := range p.taken {
+		for _, d := range ds {
+			pv.Busy = append(pv.Busy, d.Name)
+		}
+	}
+	slices.Sort(pv.Busy)
+	phase("busy")
 	ro.Total = len(devs)
 	groups := map[string]bool{}
 	for _, d := range targets {
@@ -225,13 +298,58 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 	}
 	slices.Sort(ro.Groups)
 	ro.Counts[model.DeviceQueued] = len(devs)
-	// Device records first, summary last: the engine only sees a rollout
-	// once all of it is there.
+	return p, nil
+}
+
+// Preview is what Create would do with req, written nowhere.
+func (r *rollouts) Preview(ctx context.Context, req model.DeployRequest) (*model.DeployPreview, error) {
+	p, err := r.plan(ctx, req, "", nil, true)
+	if err != nil {
+		return nil, err
+	}
+	return &p.preview, nil
+}
+
+// Create validates req, snapshots the target devices and records a pending
+// rollout for the engine to start. When every target already runs the
+// release, it records nothing and says so (Rollout nil).
+func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by string, signed *model.Signed) (*model.DeployResult, error) {
+	p, err := r.plan(ctx, req, by, signed, false)
+	if err != nil {
+		return nil, err
+	}
+	if len(p.devs) == 0 {
+		return &model.DeployResult{Unchanged: len(p.preview.Unchanged)}, nil
+	}
+	if err := r.record(ctx, p.ro, p.devs, p.taken, p.phases); err != nil {
+		return nil, err
+	}
+	return &model.DeployResult{Rollout: p.ro, Unchanged: len(p.preview.Unchanged)}, nil
+}
+
+// record claims a planned rollout's devices and writes it: device records
+// first, the summary last, so the engine only sees a rollout once all of
+// it is there.
+func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice, phases *zerolog.Event) error {
+	began := time.Now()
+	// busy() looked; claiming decides: of two deploys racing for a device
+	// (on two coordinators), one gets it and the other is refused.
+	undo, err := r.claim(ctx, ro.ID, devs, taken)
+	if err != nil {
+		return err
+	}
+	phases.Dur("claims", time.Since(began))
+	created := false
+	defer func() {
+		if !created {
+			undo()
+		}
+	}()
 	if err := r.putDevices(ctx, ro.ID, devs); err != nil {
 		for _, d := range devs {
 			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
 		}
-		return nil, err
+		return err
 	}
 	b, _ := json.Marshal(ro)
 	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
@@ -239,18 +357,58 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 		for _, d := range devs {
 			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
 		}
-		return nil, fmt.Errorf("record rollout: %w", err)
+		return fmt.Errorf("record rollout: %w", err)
 	}
 	created = true
-	phase("recorded")
+	phases.Dur("recorded", time.Since(began))
 	if err := r.settle(ctx, taken, model.DeviceSuperseded, "superseded by rollout "+ro.ID); err != nil {
-		return nil, err
+		return err
 	}
-	r.log.Info().Str("rollout", ro.ID).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
+	r.log.Info().Str("rollout", ro.ID).Str("kind", ro.Kind).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
 	// When this coordinator leads the engine, start now rather than when
 	// the summary's watch delivers it.
 	r.follow(ro.ID, ro)
-	return ro, nil
+	return nil
+}
+
+func randomSeed() uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return binary.LittleEndian.Uint64(b[:]) | 1
+}
+
+// checkBatchesGrow refuses batches that, resolved against n devices,
+// shrink ("10%,1" of 50 devices is 5 then 1): entries are cumulative.
+func checkBatchesGrow(spec string, batches []model.Quantity, n int) error {
+	for i := 1; i < len(batches); i++ {
+		prev, cur := batches[i-1].Of(n), batches[i].Of(n)
+		if cur < prev {
+			return badRequest("--batches %q: batch %d reaches %d device(s) (%s), fewer than batch %d before it (%s = %d); entries are cumulative and must grow",
+				spec, i+1, cur, batches[i], i, batches[i-1], prev)
+		}
+	}
+	return nil
+}
+
+// drawSample keeps a random cohort of q devices (at least one), drawn
+// with seed: the same seed over the same devices draws the same cohort.
+// The order (by name) is kept.
+func drawSample(devs []*model.RolloutDevice, pd []model.PreviewDevice, q model.Quantity, seed uint64) ([]*model.RolloutDevice, []model.PreviewDevice) {
+	n := max(q.Of(len(devs)), 1)
+	idx := make([]int, len(devs))
+	for i := range idx {
+		idx[i] = i
+	}
+	rng := mrand.New(mrand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	rng.Shuffle(len(idx), func(i, j int) { idx[i], idx[j] = idx[j], idx[i] })
+	idx = idx[:n]
+	slices.Sort(idx)
+	outD := make([]*model.RolloutDevice, n)
+	outP := make([]model.PreviewDevice, n)
+	for i, k := range idx {
+		outD[i], outP[i] = devs[k], pd[k]
+	}
+	return outD, outP
 }
 
 // release loads and verifies a recorded release.
@@ -305,6 +463,9 @@ func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]mode
 			}
 			if d.Status != model.DeviceActive {
 				return nil, conflict("device %s (%s) is %s, not active", d.Name, id, d.Status)
+			}
+			if d.Pin != nil && d.Pin.ReleaseID != req.ReleaseID {
+				return nil, conflict("device %s (%s) is pinned to %s: unpin it first (fleet-admin devices unpin %s)", d.Name, id, d.Pin.ReleaseID, d.Name)
 			}
 			out = append(out, d)
 		}
@@ -606,33 +767,56 @@ func (r *rollouts) putDevice(ctx context.Context, rollout string, d *model.Rollo
 	return nil
 }
 
-// Transition is an operator's change to a rollout: pause, resume, abort.
-func (r *rollouts) Transition(ctx context.Context, id, verb string) (*model.Rollout, error) {
+// Transition is an operator's change to a rollout: pause, resume, abort,
+// or undo (and abort with revert), whose signed request each reverted
+// device's desired state carries; the engine sets the devices back.
+func (r *rollouts) Transition(ctx context.Context, a model.RolloutRef, signed *model.Signed) (*model.Rollout, error) {
+	id, verb := a.ID, a.Action
 	for {
 		ro, rev, err := r.Get(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		switch verb {
-		case "pause":
+		switch {
+		case verb == model.RolloutPause:
 			if ro.State != model.RolloutRunning && ro.State != model.RolloutPending {
 				return nil, conflict("rollout %s is %s: only a running rollout can be paused", id, ro.State)
 			}
 			ro.State, ro.Reason = model.RolloutPaused, "paused by an operator"
-		case "resume":
+		case verb == model.RolloutResume:
 			if ro.State != model.RolloutPaused {
 				return nil, conflict("rollout %s is %s: only a paused rollout can be resumed", id, ro.State)
 			}
 			// The engine retries the current batch's failed devices.
 			ro.State, ro.Reason = model.RolloutRunning, "resumed"
 			ro.BatchStarted = time.Time{}
-		case "abort":
+		case a.Reverts():
+			if ro.State == model.RolloutReverted || ro.State == model.RolloutReverting {
+				return nil, conflict("rollout %s is already %s", id, ro.State)
+			}
+			if verb == model.RolloutAbort && ro.State.Finished() {
+				return nil, conflict("rollout %s is already %s: undo it with fleet-admin rollout undo %s", id, ro.State, id)
+			}
+			if a.ReleaseID != ro.ReleaseID {
+				return nil, badRequest("the request undoes release %q, but rollout %s rolled out %q", a.ReleaseID, id, ro.ReleaseID)
+			}
+			if signed == nil {
+				return nil, badRequest("an undo must be a signed request")
+			}
+			ro.State, ro.Undo = model.RolloutReverting, signed
+			ro.Reason = "undone by an operator: setting its devices back"
+			if verb == model.RolloutAbort {
+				ro.Reason = "aborted and reverted by an operator: setting its devices back"
+			}
+		case verb == model.RolloutAbort:
 			if ro.State.Finished() {
 				return nil, conflict("rollout %s is already %s", id, ro.State)
 			}
 			ro.State, ro.Reason = model.RolloutAborted, "aborted by an operator"
+		case verb == model.RolloutUndo:
+			return nil, badRequest("undo needs the rollout's release (fleet-admin rollout undo signs it)")
 		default:
-			return nil, badRequest("unknown rollout action %q (pause, resume or abort)", verb)
+			return nil, badRequest("unknown rollout action %q (pause, resume, abort or undo)", verb)
 		}
 		ro.UpdatedAt = time.Now().UTC()
 		b, _ := json.Marshal(ro)
@@ -641,6 +825,9 @@ func (r *rollouts) Transition(ctx context.Context, id, verb string) (*model.Roll
 				continue // the engine moved it meanwhile: decide again
 			}
 			return nil, fmt.Errorf("update rollout %s: %w", id, err)
+		}
+		if ro.State == model.RolloutReverting {
+			r.follow(id, ro)
 		}
 		return ro, nil
 	}
@@ -739,6 +926,12 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 		r.recordResults(ctx, events)
 	}()
 	defer func() { <-recorded }()
+	converged := make(chan struct{})
+	go func() {
+		defer close(converged)
+		r.convergeLoop(ctx)
+	}()
+	defer func() { <-converged }()
 
 	r.mu.Lock()
 	r.cache, r.active = map[string]*engineCache{}, map[string]bool{}
@@ -980,7 +1173,7 @@ func (r *rollouts) follow(id string, ro *model.Rollout) {
 	if r.active == nil {
 		return // not leading: the leader's watch delivers it
 	}
-	if ro == nil || ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+	if ro == nil || ro.State != model.RolloutPending && ro.State != model.RolloutRunning && ro.State != model.RolloutReverting {
 		delete(r.active, id)
 		delete(r.cache, id)
 		return
@@ -1034,7 +1227,7 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if ro.State != model.RolloutPending && ro.State != model.RolloutRunning {
+	if ro.State != model.RolloutPending && ro.State != model.RolloutRunning && ro.State != model.RolloutReverting {
 		return nil
 	}
 	devs, err := r.engineDevices(ctx, ro, rev)
@@ -1043,6 +1236,9 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 	}
 	orig := *ro
 	now := time.Now().UTC()
+	if ro.State == model.RolloutReverting {
+		return r.undo(ctx, &orig, ro, devs, rev, now)
+	}
 	ro.State = model.RolloutRunning
 
 	if ro.BatchStarted.IsZero() {
@@ -1089,7 +1285,7 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 	}
 	if failed > ro.MaxFailures.Of(len(devs)) {
 		if ro.OnFailure == model.OnFailureRevert {
-			if err := r.revert(ctx, ro, devs, now); err != nil {
+			if _, _, err := r.revert(ctx, ro, devs, now, ro.Request, false); err != nil {
 				return err
 			}
 			ro.State = model.RolloutReverted
@@ -1189,6 +1385,11 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 			Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
 			Action: rel.Action, Release: *signed, IssuedAt: now, Deploy: ro.Request,
 		}
+		if rec := current[d.Device]; ro.Kind == model.KindConverge && rec.Pin == nil {
+			// The newer statement that moved (or unpinned) the device
+			// lets it take the group's older deploy.
+			des.Join = rec.Statement
+		}
 		b, _ := json.Marshal(des)
 		// Straight to the bucket's subject, a window at a time.
 		// Told by the engine once the batch is written, not per write.
@@ -1253,37 +1454,104 @@ func (r *rollouts) tell(as []announcement) {
 }
 
 // revert sets every device this rollout touched back to its previous
-// desired state.
-func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time) error {
+// desired state, signed by way the back: the deploy that asked to revert
+// on failure, or an operator's undo. With own, only devices whose desired
+// state is still this rollout's are set back (a finished rollout's
+// devices may have moved on since); the others are left and say so.
+func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time, way *model.Signed, own bool) (back, left int, err error) {
 	for _, d := range devs {
-		if d.State == model.DeviceQueued || d.State == model.DeviceSkipped || d.State == model.DeviceSuperseded {
+		if d.State == model.DeviceQueued || d.State == model.DeviceSkipped || d.State == model.DeviceSuperseded || d.State == model.DeviceReverted {
 			continue
+		}
+		if own {
+			e, err := r.desired.Get(ctx, d.Device)
+			var cur model.Desired
+			switch {
+			case errors.Is(err, jetstream.ErrKeyNotFound):
+				cur.RolloutID = ""
+			case err != nil:
+				return back, left, fmt.Errorf("read desired state of %s: %w", d.Name, err)
+			default:
+				_ = json.Unmarshal(e.Value(), &cur)
+			}
+			if cur.RolloutID != ro.ID {
+				d.Error = strings.TrimPrefix(d.Error+"; left alone: its desired state is now "+orDash(cur.RolloutID)+"'s", "; ")
+				left++
+				if err := r.putDevice(ctx, ro.ID, d); err != nil {
+					return back, left, err
+				}
+				continue
+			}
 		}
 		if d.Previous == nil {
 			// Nothing signed to go back to: leave the device where it is
 			// (an agent whose health checks failed has rolled back itself).
 			d.Error = strings.TrimPrefix(d.Error+"; no previous release to revert to", "; ")
 			if err := r.desired.Delete(ctx, d.Device); err != nil {
-				return fmt.Errorf("clear desired state of %s: %w", d.Name, err)
+				return back, left, fmt.Errorf("clear desired state of %s: %w", d.Name, err)
 			}
 		} else {
 			prev := *d.Previous
 			prev.IssuedAt = now
-			// The way back is signed too: the deploy that asked to
-			// revert on failure (the agent checks it).
-			prev.Revert = ro.Request
+			// The way back is signed too (the agent checks it).
+			prev.Revert = way
 			b, _ := json.Marshal(prev)
 			if _, err := r.desired.Put(ctx, d.Device, b); err != nil {
-				return fmt.Errorf("revert desired state of %s: %w", d.Name, err)
+				return back, left, fmt.Errorf("revert desired state of %s: %w", d.Name, err)
 			}
 		}
 		d.State = model.DeviceReverted
 		d.Finished = now
+		back++
 		if err := r.putDevice(ctx, ro.ID, d); err != nil {
-			return err
+			return back, left, err
 		}
 	}
-	return nil
+	return back, left, nil
+}
+
+// undo carries out an operator's undo (or abort with revert): devices not
+// started yet are skipped, the others set back, and the rollout is
+// reverted.
+func (r *rollouts) undo(ctx context.Context, orig, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64, now time.Time) error {
+	var queued []*model.RolloutDevice
+	for _, d := range devs {
+		if d.State == model.DeviceQueued {
+			d.State, d.Error, d.Finished = model.DeviceSkipped, "rollout undone before its batch", now
+			queued = append(queued, d)
+		}
+	}
+	if err := r.putDevices(ctx, ro.ID, queued); err != nil {
+		return err
+	}
+	back, left, err := r.revert(ctx, ro, devs, now, ro.Undo, true)
+	if err != nil {
+		return err
+	}
+	ro.State = model.RolloutReverted
+	ro.Reason = fmt.Sprintf("undone by an operator: %s set back to their previous desired state", plural(back, "device"))
+	if left > 0 {
+		ro.Reason += fmt.Sprintf(", %s left alone (a later rollout changed them)", plural(left, "device"))
+	}
+	if len(queued) > 0 {
+		ro.Reason += fmt.Sprintf(", %s never started", plural(len(queued), "device"))
+	}
+	return r.save(ctx, orig, ro, devs, rev)
+}
+
+// plural is "1 device" or "n devices".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 // save writes the summary with fresh counts when it changed from orig. If an operator changed the

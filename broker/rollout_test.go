@@ -259,14 +259,14 @@ func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
 	}
 	// Resuming a paused rollout retries the failed device; fixed, it passes.
 	bad.fail.Store(nil)
-	if _, err := f.c.rollouts.Transition(context.Background(), ro.ID, "resume"); err != nil {
+	if _, err := f.c.rollouts.Transition(context.Background(), model.RolloutRef{ID: ro.ID, Action: "resume"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	f.waitState(ro.ID, model.RolloutSucceeded)
 	if n := bad.appliedCount(gen2); n != 2 {
 		t.Fatalf("failed device applied %d times, want 2 (first try, retry)", n)
 	}
-	if _, err := f.c.rollouts.Transition(context.Background(), ro.ID, "resume"); err == nil {
+	if _, err := f.c.rollouts.Transition(context.Background(), model.RolloutRef{ID: ro.ID, Action: "resume"}, nil); err == nil {
 		t.Fatal("resume of a finished rollout succeeded")
 	}
 }
@@ -404,7 +404,7 @@ func TestRolloutSkipsGoneDevicesAndHoldsFailedOnes(t *testing.T) {
 		t.Fatal(err)
 	}
 	bad.fail.Store(nil)
-	if _, err := f.c.rollouts.Transition(ctx, ro.ID, "resume"); err != nil {
+	if _, err := f.c.rollouts.Transition(ctx, model.RolloutRef{ID: ro.ID, Action: "resume"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	done := f.waitState(ro.ID, model.RolloutSucceeded)

@@ -56,6 +56,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		nonces,
 		kv(subjects.BucketRevocations, "revoked user keys (create only, never deleted)", 1),
 		kv(subjects.BucketClaims, "the rollout that may drive each device", 1),
+		kv(subjects.BucketGroups, "each group's target release", 5),
 	}
 }
 

@@ -27,6 +27,52 @@ type DeployRequest struct {
 	OnFailure     string   `json:"on_failure,omitempty"`
 	// Supersede takes devices out of other unfinished rollouts.
 	Supersede bool `json:"supersede,omitempty"`
+	// Sample draws a random cohort of the target ("5%" or "20"), seeded
+	// with Seed (0: the coordinator picks one and records it).
+	Sample string `json:"sample,omitempty"`
+	Seed   uint64 `json:"seed,omitempty"`
+}
+
+// DeployPreview is what a deploy would do (the deploy-preview verb,
+// fleet-admin deploy --dry-run): nothing is written.
+type DeployPreview struct {
+	ReleaseID string `json:"release_id"`
+	Group     string `json:"group,omitempty"`
+	Sample    string `json:"sample,omitempty"`
+	Seed      uint64 `json:"seed,omitempty"`
+	// Devices are the devices the rollout would change, in batch order;
+	// Unchanged already run the release and want it (skipped), Skipped
+	// are left out for another reason (no closure for the host, pinned).
+	Devices   []PreviewDevice `json:"devices"`
+	Unchanged []PreviewDevice `json:"unchanged,omitempty"`
+	Skipped   []PreviewDevice `json:"skipped,omitempty"`
+	// BatchSizes are the new devices of each batch; Batches the spec they
+	// come from.
+	Batches    []Quantity `json:"batches"`
+	BatchSizes []int      `json:"batch_sizes"`
+	// Busy names devices held by unfinished rollouts (the deploy is
+	// refused unless --supersede).
+	Busy []string `json:"busy,omitempty"`
+}
+
+// PreviewDevice is one device of a deploy preview.
+type PreviewDevice struct {
+	ID      string `json:"id"`
+	Name    string `json:"name"`
+	Batch   int    `json:"batch"`
+	Current string `json:"current_system,omitempty"`
+	New     string `json:"new_system,omitempty"`
+	Online  bool   `json:"online"`
+	// LastSeen is when the coordinator last heard from it (zero: never).
+	LastSeen time.Time `json:"last_seen,omitzero"`
+	Reason   string    `json:"reason,omitempty"`
+}
+
+// DeployResult is the deploy verb's reply: the rollout created, or, when
+// every target already runs the release, none (Unchanged counts them).
+type DeployResult struct {
+	*Rollout
+	Unchanged int `json:"unchanged,omitempty"`
 }
 
 // RolloutRef names a rollout; Action is pause, resume or abort for the
@@ -34,8 +80,14 @@ type DeployRequest struct {
 // progress rows and SummaryOnly asks for the rollout alone (no rows), a
 // small reply for polling.
 type RolloutRef struct {
-	ID          string `json:"id"`
-	Action      string `json:"action,omitempty"`
+	ID     string `json:"id"`
+	Action string `json:"action,omitempty"`
+	// Revert, with abort, sets every device the rollout touched back to
+	// its previous desired state (the undo action does so for a finished
+	// rollout). ReleaseID is the rollout's release: the signed request
+	// names what it undoes, so each device can check it.
+	Revert      bool   `json:"revert,omitempty"`
+	ReleaseID   string `json:"release_id,omitempty"`
 	Page        Page   `json:"page,omitzero"`
 	SummaryOnly bool   `json:"summary_only,omitempty"`
 }

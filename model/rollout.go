@@ -161,6 +161,9 @@ const (
 	RolloutFailed    RolloutState = "failed"
 	RolloutAborted   RolloutState = "aborted"
 	RolloutReverted  RolloutState = "reverted"
+	// RolloutReverting: an operator asked to undo it (rollout undo, abort
+	// --revert); the engine sets its devices back, then marks it reverted.
+	RolloutReverting RolloutState = "reverting"
 )
 
 // Finished reports whether s is final.
@@ -214,6 +217,23 @@ type Rollout struct {
 	Group     string  `json:"group,omitempty"`
 	// Groups are the target devices' groups: who may act on the rollout.
 	Groups []string `json:"groups,omitempty"`
+	// Kind is "" for an admin's deploy, KindConverge for the coordinator
+	// bringing devices to their group's target or pin.
+	Kind string `json:"kind,omitempty"`
+	// Sample is the random cohort drawn from the target (deploy --sample),
+	// with its seed: the same seed over the same devices draws the same
+	// cohort.
+	Sample string `json:"sample,omitempty"`
+	Seed   uint64 `json:"seed,omitempty"`
+	// Replaced is the group's target before this rollout set it (nil: it
+	// had none, or the rollout sets none): what an undo restores.
+	Replaced *GroupTarget `json:"replaced,omitempty"`
+	// SetsTarget: the rollout covers its whole group, so on success the
+	// group's target becomes its release.
+	SetsTarget bool `json:"sets_target,omitempty"`
+	// Undo is the operator's signed undo (rollout undo, abort --revert):
+	// each reverted device's desired state carries it.
+	Undo *Signed `json:"undo,omitempty"`
 
 	Strategy      Strategy   `json:"strategy"`
 	Batches       []Quantity `json:"batches"`
@@ -237,6 +257,10 @@ type Rollout struct {
 	// Counts per device state, kept with every transition for cheap listing.
 	Counts map[DeviceRolloutState]int `json:"counts"`
 }
+
+// KindConverge marks a rollout the coordinator made to bring devices to
+// their group's target or their pin.
+const KindConverge = "converge"
 
 // RolloutDevice is one device's progress in a rollout.
 type RolloutDevice struct {

@@ -29,6 +29,12 @@ type DeviceStatusRow struct {
 	DiskMaxUsedRatio float64 `json:"disk_max_used_ratio"`
 	// Rollout is the rollout that wrote the device's desired state.
 	Rollout string `json:"rollout,omitempty"`
+	// DesiredRelease is the release of the desired state.
+	DesiredRelease string `json:"desired_release,omitempty"`
+	// Pinned is the release an admin pinned the device on; Conflict says
+	// which of its groups want different releases (nothing is applied).
+	Pinned   string `json:"pinned,omitempty"`
+	Conflict string `json:"conflict,omitempty"`
 }
 
 // Failing reports whether the device's latest apply failed or was rolled

@@ -15,6 +15,11 @@ const (
 	VerbAudit    = "audit"
 	VerbStatus   = "status"
 	VerbFacts    = "facts"
+	VerbGroups   = "groups" // list groups, their targets and standing
+	VerbGroup    = "group"  // one group and its members
+	// VerbDeployPreview is deploy --dry-run: what a deploy would do, read
+	// only (it writes nothing, not even the audit).
+	VerbDeployPreview = "deploy-preview"
 
 	// Write verbs: fleet.api.write.<verb>.
 	VerbTokenCreate   = "token-create"
@@ -22,6 +27,7 @@ const (
 	VerbDeviceApprove = "device-approve"
 	VerbDeviceRevoke  = "device-revoke"
 	VerbDeviceGroups  = "device-groups"
+	VerbDevicePin     = "device-pin" // pin a device on a release, or unpin it
 	VerbReleaseCreate = "release-create"
 	VerbDeploy        = "deploy"
 	VerbRolloutAction = "rollout-action" // pause, resume, abort

@@ -60,12 +60,14 @@ const (
 	// revision check), so two rollouts, or two engine leaders, never
 	// both drive one device.
 	BucketClaims = "fleet_claims"
+	// BucketGroups holds each group's target release (key: the group).
+	BucketGroups = "fleet_groups"
 )
 
 // Buckets lists every KV bucket the coordinator owns.
 var Buckets = []string{
 	BucketDevices, BucketDesired, BucketReleases, BucketRollouts,
-	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces, BucketRevocations, BucketClaims,
+	BucketTokens, BucketAdmins, BucketEscrow, BucketPayloads, BucketLocks, BucketNonces, BucketRevocations, BucketClaims, BucketGroups,
 }
 
 // Streams.
