@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"fleet/model"
+	"fleet/subjects"
 )
 
 // Retention of the binary cache. A store path is kept while a kept
@@ -71,16 +72,11 @@ func (s *services) keptReleases(ctx context.Context, rels []*model.Release) (map
 }
 
 // groupTargets lists the releases that are a group's target: a device
-// that joins the group later still fetches them. It reads the groups
-// bucket when the coordinator has one (DESIGN §3 fleet_groups: key the
-// group, value JSON with the target's release_id).
+// that joins the group later still fetches them.
 func (s *services) groupTargets(ctx context.Context) ([]string, error) {
-	kv, err := s.c.js.KeyValue(ctx, groupsBucket)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		return nil, nil
-	}
+	kv, err := s.c.js.KeyValue(ctx, subjects.BucketGroups)
 	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", groupsBucket, err)
+		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketGroups, err)
 	}
 	lister, err := kv.ListKeys(ctx)
 	if err != nil {
@@ -92,9 +88,7 @@ func (s *services) groupTargets(ctx context.Context) ([]string, error) {
 		if err != nil {
 			continue
 		}
-		var g struct {
-			ReleaseID string `json:"release_id"`
-		}
+		var g model.GroupTarget
 		if json.Unmarshal(e.Value(), &g) == nil && g.ReleaseID != "" {
 			out = append(out, g.ReleaseID)
 		}
@@ -365,7 +359,3 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	c.cs.requests.Collect(ch)
 	c.cs.sent.Collect(ch)
 }
-
-// groupsBucket is where groups keep their target release
-// (subjects.BucketGroups, spelled here until that lands with groups).
-const groupsBucket = "fleet_groups"

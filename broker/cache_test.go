@@ -555,3 +555,22 @@ func TestCacheGC(t *testing.T) {
 		t.Fatalf("cache ls: %+v", rep)
 	}
 }
+
+// Retention keeps each group's target: read from fleet_groups as the
+// groups code writes it.
+func TestCacheGroupTargets(t *testing.T) {
+	w := newCacheWorld(t)
+	ctx := ctxT(t, 10*time.Second)
+	kv, err := w.c.JetStream().KeyValue(ctx, subjects.BucketGroups)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(model.GroupTarget{Group: "developers", ReleaseID: "r-old", SetAt: time.Now()})
+	if _, err := kv.Put(ctx, "developers", b); err != nil {
+		t.Fatal(err)
+	}
+	got, err := w.c.svc.groupTargets(ctx)
+	if err != nil || len(got) != 1 || got[0] != "r-old" {
+		t.Fatalf("group targets %v, %v", got, err)
+	}
+}
