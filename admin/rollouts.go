@@ -206,10 +206,20 @@ func (RolloutLsCmd) Run(g *Globals) error {
 }
 
 func target(r *model.Rollout) string {
+	t := plural(r.Total, "device", "devices")
 	if r.Group != "" {
-		return "group " + r.Group
+		t = "group " + r.Group
 	}
-	return plural(r.Total, "device", "devices")
+	switch {
+	case r.Kind == model.KindConverge && r.Group != "":
+		// The coordinator brings devices that joined the group to its target.
+		return plural(r.Total, "device", "devices") + " joining " + t
+	case r.Kind == model.KindConverge:
+		return plural(r.Total, "device", "devices") + " to its pin"
+	case r.Sample != "":
+		return t + " (sample " + r.Sample + ")"
+	}
+	return t
 }
 
 func done(r *model.Rollout) int { return r.Counts[model.DeviceSucceeded] }
