@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -199,18 +200,29 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 	case <-r.Context().Done():
 		return
 	}
-	rd := &narReader{cs: cs, file: file, h: sha256.New()}
-	sub, err := cs.nc.SubscribeSync(cs.nc.NewInbox())
+	inbox := cs.nc.NewInbox()
+	sub, err := cs.nc.SubscribeSync(inbox + ".*")
+	if err == nil {
+		// Bounded by the windows in flight.
+		err = sub.SetPendingLimits(-1, -1)
+	}
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	rd.sub = sub
+	rd := &narReader{cs: cs, file: file, h: sha256.New(), sub: sub, inbox: inbox, pending: map[int][]*nats.Msg{}}
+	if err := rd.ask(0, 0); err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
 	var held []byte
 	started := false
-	for !rd.done {
-		chunks, err := rd.window(r.Context())
+	for {
+		c, err := rd.next(r.Context())
+		if errors.Is(err, io.EOF) {
+			break
+		}
 		if err != nil {
 			cs.log.Debug().Err(err).Str("nar", file).Msg("fleet cache")
 			if !started {
@@ -230,15 +242,17 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 			w.WriteHeader(http.StatusOK)
 			started = true
 		}
-		for _, c := range chunks {
-			if held != nil {
-				if _, err := w.Write(held); err != nil {
-					return
-				}
-				cs.addBytes(len(held))
+		if held != nil {
+			if _, err := w.Write(held); err != nil {
+				return
 			}
-			held = c
+			cs.addBytes(len(held))
 		}
+		held = c
+	}
+	if !started {
+		// An empty file: its one message says so.
+		w.Header().Set("Content-Length", "0")
 	}
 	want, _ := model.ParseSHA256(ni.FileHash)
 	if sum := rd.h.Sum(nil); rd.got != ni.FileSize || string(sum) != string(want) {
@@ -268,70 +282,168 @@ func (cs *CacheServer) addBytes(n int) {
 	cs.mu.Unlock()
 }
 
-// narReader reads one NAR file from the coordinator, a window at a time.
+// cacheDepth is how many windows of one NAR file the agent keeps in
+// flight when the file's layout lets it name their cursors: enough to
+// hide a round trip and the coordinator's read of the next window behind
+// the one being passed to Nix.
+const cacheDepth = 4
+
+// narReader reads one NAR file from the coordinator, a window at a time
+// or, when the first window names the file's layout, with cacheDepth
+// windows in flight. Window k is answered into inbox.k; every chunk's
+// sequence is checked against where it must be.
 type narReader struct {
-	cs     *CacheServer
-	file   string
-	sub    *nats.Subscription
-	object string
-	after  uint64
-	size   int64
-	got    int64
-	h      hash.Hash
-	done   bool
+	cs      *CacheServer
+	file    string
+	sub     *nats.Subscription
+	inbox   string
+	object  string
+	size    int64
+	got     int64
+	h       hash.Hash
+	pending map[int][]*nats.Msg // messages of windows ahead of cur
+
+	// The layout (pipelined): the first chunk's sequence, the chunks and
+	// the chunks a window holds; without it, after is the cursor.
+	pipelined   bool
+	first       uint64
+	chunks, per int
+	after       uint64
+	cur, idx    int // the window being read and its next chunk
+	asked       int // windows asked for
+	done        bool
 }
 
-// window asks for the next window and returns its chunks.
-func (rd *narReader) window(ctx context.Context) ([][]byte, error) {
-	q, _ := json.Marshal(model.CacheRead{Nar: rd.file, Object: rd.object, After: rd.after})
-	if err := rd.cs.nc.PublishRequest(rd.cs.subj, rd.sub.Subject, q); err != nil {
-		return nil, fmt.Errorf("fleet cache: ask for %s: %w", rd.file, err)
+// ask sends the read of window k, the chunks after sequence after.
+func (rd *narReader) ask(k int, after uint64) error {
+	q, _ := json.Marshal(model.CacheRead{Nar: rd.file, Object: rd.object, After: after})
+	if err := rd.cs.nc.PublishRequest(rd.cs.subj, rd.inbox+"."+strconv.Itoa(k), q); err != nil {
+		return fmt.Errorf("fleet cache: ask for %s: %w", rd.file, err)
+	}
+	rd.asked = k + 1
+	return nil
+}
+
+// take returns the next message of the current window, keeping those of
+// later windows for their turn.
+func (rd *narReader) take(ctx context.Context) (*nats.Msg, error) {
+	if q := rd.pending[rd.cur]; len(q) > 0 {
+		rd.pending[rd.cur] = q[1:]
+		return q[0], nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, cacheWait)
 	defer cancel()
-	var chunks [][]byte
 	for {
 		m, err := rd.sub.NextMsgWithContext(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("fleet cache: read %s: %w", rd.file, err)
+		}
+		k, err := strconv.Atoi(m.Subject[strings.LastIndexByte(m.Subject, '.')+1:])
+		switch {
+		case err != nil || k < rd.cur || k >= rd.asked:
+			continue // not a window in flight
+		case k == rd.cur:
+			return m, nil
+		}
+		if len(rd.pending[k]) >= 2*cacheDepth*rd.per+2 {
+			return nil, fmt.Errorf("fleet cache: %s: window %d is longer than it may be", rd.file, k)
+		}
+		rd.pending[k] = append(rd.pending[k], m)
+	}
+}
+
+// next returns the file's next bytes, io.EOF after the last.
+func (rd *narReader) next(ctx context.Context) ([]byte, error) {
+	for !rd.done {
+		m, err := rd.take(ctx)
+		if err != nil {
+			return nil, err
 		}
 		if err := replyError(m); err != nil {
 			return nil, err
 		}
 		if obj := m.Header.Get(subjects.HeaderCacheObject); obj != "" {
 			size, err := strconv.ParseInt(m.Header.Get(subjects.HeaderCacheSize), 10, 64)
-			if err != nil || size < 0 || (rd.object != "" && obj != rd.object) {
+			if err != nil || size < 0 || (rd.object != "" && (obj != rd.object || size != rd.size)) {
 				return nil, fmt.Errorf("fleet cache: %s: a window of another file", rd.file)
 			}
 			rd.object, rd.size = obj, size
+			if rd.cur == 0 {
+				if err := rd.layout(m); err != nil {
+					return nil, err
+				}
+			}
 		}
 		if rd.object == "" {
 			return nil, fmt.Errorf("fleet cache: %s: a window that does not say its file", rd.file)
 		}
 		if s := m.Header.Get(subjects.HeaderCacheSeq); s != "" {
 			seq, err := strconv.ParseUint(s, 10, 64)
-			if err != nil || seq <= rd.after {
+			want := rd.first + uint64(rd.cur*rd.per+rd.idx)
+			if err != nil || (rd.pipelined && (seq != want || rd.idx >= rd.per)) || (!rd.pipelined && seq <= rd.after) {
 				return nil, fmt.Errorf("fleet cache: %s: chunk out of order", rd.file)
 			}
 			rd.after = seq
+			rd.idx++
 		}
 		if rd.got+int64(len(m.Data)) > rd.size {
 			return nil, fmt.Errorf("%w: %s is longer than the %d bytes it said", ErrCacheRefused, rd.file, rd.size)
 		}
-		if len(m.Data) > 0 {
-			rd.h.Write(m.Data)
-			rd.got += int64(len(m.Data))
-			chunks = append(chunks, m.Data)
-		}
+		rd.h.Write(m.Data)
+		rd.got += int64(len(m.Data))
 		switch m.Header.Get(subjects.HeaderCacheLast) {
 		case "eof":
 			rd.done = true
-			return chunks, nil
 		case "window":
-			rd.done = rd.got == rd.size
-			return chunks, nil
+			if err := rd.nextWindow(); err != nil {
+				return nil, err
+			}
+		}
+		if len(m.Data) > 0 {
+			return m.Data, nil
 		}
 	}
+	return nil, io.EOF
+}
+
+// layout reads the file's layout from the first window's first message
+// and asks for the windows after it.
+func (rd *narReader) layout(m *nats.Msg) error {
+	first, err1 := strconv.ParseUint(m.Header.Get(subjects.HeaderCacheFirst), 10, 64)
+	chunks, err2 := strconv.Atoi(m.Header.Get(subjects.HeaderCacheChunks))
+	per, err3 := strconv.Atoi(m.Header.Get(subjects.HeaderCacheWindow))
+	if err1 != nil || err2 != nil || err3 != nil || first == 0 || chunks <= 0 || per <= 0 || int64(chunks) > rd.size {
+		return nil // sequential reads
+	}
+	rd.pipelined, rd.first, rd.chunks, rd.per = true, first, chunks, per
+	for k := 1; k < cacheDepth && k*per < chunks; k++ {
+		if err := rd.ask(k, first+uint64(k*per)-1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// nextWindow moves on after a full window: the file ended, or the next
+// window is read (pipelined: one more is asked for to keep the depth).
+func (rd *narReader) nextWindow() error {
+	if rd.got == rd.size {
+		rd.done = true
+		return nil
+	}
+	if !rd.pipelined {
+		rd.cur, rd.idx = rd.cur+1, 0
+		return rd.ask(rd.cur, rd.after)
+	}
+	if rd.idx != rd.per {
+		return fmt.Errorf("fleet cache: %s: window %d ended after %d of %d chunks", rd.file, rd.cur, rd.idx, rd.per)
+	}
+	delete(rd.pending, rd.cur)
+	rd.cur, rd.idx = rd.cur+1, 0
+	if k := rd.asked; k*rd.per < rd.chunks {
+		return rd.ask(k, rd.first+uint64(k*rd.per)-1)
+	}
+	return nil
 }
 
 // fetchOnce fetches path once: from the fleet cache when the release

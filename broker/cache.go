@@ -52,11 +52,19 @@ import (
 // bytes, which the benchmark in BENCHMARKS.md measures.
 
 const (
-	// cacheObjChunk is the object store's chunk: one device reply message.
+	// cacheObjChunk is the object store's chunk of files pushed when the
+	// server's max payload is small, and of files pushed before chunks
+	// were sized to it (objChunk); one chunk is one device reply message.
 	cacheObjChunk = 128 << 10
-	// cacheWindow is how many chunks one device read returns (4 MiB): a
-	// window is one round trip, and what a slow device leaves unread.
-	cacheWindow = 32
+	// cacheChunkRoom is what a chunk leaves of the max payload for the
+	// headers of a device reply.
+	cacheChunkRoom = 4 << 10
+	// cacheWindowBytes is what one device read returns (in whole chunks):
+	// a device keeps a few windows in flight, and that is what a slow
+	// device leaves unread.
+	cacheWindowBytes = 4 << 20
+	// cacheWindow is a window's chunks at cacheObjChunk.
+	cacheWindow = cacheWindowBytes / cacheObjChunk
 	// cacheUploadChunk is the largest upload chunk an admin may send.
 	cacheUploadChunk = 512 << 10
 	// cacheUploadIdle ends an upload no chunk arrived for.
@@ -187,6 +195,22 @@ func (s *services) startCache(ctx context.Context) error {
 	s.cache = cs
 	go cs.gcLoop(wctx)
 	return nil
+}
+
+// objChunk is the chunk files are stored in: as large as a device reply
+// may be (fewer, larger messages are what makes a read fast), never
+// smaller than cacheObjChunk.
+func (cs *cacheStore) objChunk() uint32 {
+	return uint32(max(cacheObjChunk, min(cs.s.c.fc.MaxPayload(), 8<<20)-cacheChunkRoom))
+}
+
+// windowChunks is how many chunks of a file one read returns.
+func windowChunks(info *jetstream.ObjectInfo) int {
+	chunk := cacheObjChunk
+	if info.Opts != nil && info.Opts.ChunkSize > 0 {
+		chunk = int(info.Opts.ChunkSize)
+	}
+	return max(1, cacheWindowBytes/chunk)
 }
 
 // objStream is the stream behind object store b.
@@ -473,7 +497,7 @@ func (u *cacheUpload) run() {
 	pr, pw := io.Pipe()
 	putDone := make(chan putResult, 1)
 	go func() {
-		info, err := cs.obs.Put(ctx, jetstream.ObjectMeta{Name: ni.URL, Opts: &jetstream.ObjectMetaOptions{ChunkSize: cacheObjChunk}}, pr)
+		info, err := cs.obs.Put(ctx, jetstream.ObjectMeta{Name: ni.URL, Opts: &jetstream.ObjectMetaOptions{ChunkSize: cs.objChunk()}}, fullReader{pr})
 		// A writer waiting on a store that failed is let go.
 		_ = pr.CloseWithError(fmt.Errorf("object store: %v", err))
 		putDone <- putResult{info, err}
@@ -536,6 +560,19 @@ func (u *cacheUpload) run() {
 			return
 		}
 	}
+}
+
+// fullReader fills every read: the object store cuts a chunk at each
+// read, and a pipe's read returns one upload chunk, smaller than a stored
+// chunk.
+type fullReader struct{ r io.Reader }
+
+func (f fullReader) Read(p []byte) (int, error) {
+	n, err := io.ReadFull(f.r, p)
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		err = nil // the last, short chunk; io.EOF comes next
+	}
+	return n, err
 }
 
 // finish ends the file and checks it against the narinfo before the
@@ -625,9 +662,13 @@ func (cs *cacheStore) readNarInfo(ctx context.Context, l *lane, m *nats.Msg, sit
 	_ = l.fc.Publish(m.Reply, e.Value())
 }
 
-// readNar sends one window of a NAR file: up to cacheWindow chunks after
+// readNar sends one window of a NAR file: up to windowChunks chunks after
 // the stream sequence q.After, each with its sequence; the first names the
-// object and its size, the last says whether the file ended.
+// object and its size, the last says whether the file ended. The first
+// window also names the file's layout when its chunks are consecutive in
+// the stream: then the device knows every window's cursor and asks for
+// several at once (each read stays one request, checked and rate-limited
+// like any other, answered by any coordinator).
 func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site string, q *model.CacheRead) {
 	if model.CheckNarURL(q.Nar) != nil || len(q.Object) > 64 || strings.ContainsAny(q.Object, ".*> \t\r\n") {
 		cs.s.drop("cache", dropInvalid, m)
@@ -650,19 +691,30 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 		cs.readError(l, m, 409, "NAR file "+q.Nar+" changed while it was read")
 		return
 	}
+	chunks := objChunks(subjects.ObjectCache, info.NUID)
+	win := windowChunks(info)
 	// Only this object's chunks: whatever cursor a device sends, the
 	// subject filter keeps the read inside the file it named. One batched
 	// direct get reads the window: the server streams its chunks, and
 	// each goes on to the device as soon as the next arrives (which says
 	// whether it was the last).
 	sub, err := l.nc.SubscribeSync(l.nc.NewRespInbox())
+	if err == nil {
+		err = sub.SetPendingLimits(-1, -1) // bounded by the batch
+	}
 	if err != nil {
 		cs.count(site, "nar", "error")
 		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
 		return
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	req, _ := json.Marshal(map[string]any{"seq": q.After + 1, "next_by_subj": objChunks(subjects.ObjectCache, info.NUID), "batch": cacheWindow})
+	var lastSeq uint64
+	if q.After == 0 && info.Chunks > 1 {
+		// The last chunk's sequence, for the layout (the first comes
+		// with the window).
+		lastSeq = cs.lastChunkSeq(ctx, l, chunks)
+	}
+	req, _ := json.Marshal(map[string]any{"seq": q.After + 1, "next_by_subj": chunks, "batch": win})
 	if err := l.nc.PublishRequest(subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache), sub.Subject, req); err != nil {
 		cs.count(site, "nar", "error")
 		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
@@ -672,13 +724,20 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 	defer func() { cs.sent.WithLabelValues(site).Add(float64(n)) }()
 	send := func(c *nats.Msg, last string) bool {
 		r := nats.NewMsg(m.Reply)
+		var seq string
 		if c != nil {
 			r.Data = c.Data
-			r.Header.Set(subjects.HeaderCacheSeq, c.Header.Get(jetstream.SequenceHeader))
+			seq = c.Header.Get(jetstream.SequenceHeader)
+			r.Header.Set(subjects.HeaderCacheSeq, seq)
 		}
 		if sent == 0 {
 			r.Header.Set(subjects.HeaderCacheObject, info.NUID)
 			r.Header.Set(subjects.HeaderCacheSize, strconv.FormatUint(info.Size, 10))
+			if first, err := strconv.ParseUint(seq, 10, 64); err == nil && lastSeq != 0 && lastSeq-first+1 == uint64(info.Chunks) {
+				r.Header.Set(subjects.HeaderCacheFirst, seq)
+				r.Header.Set(subjects.HeaderCacheChunks, strconv.FormatUint(uint64(info.Chunks), 10))
+				r.Header.Set(subjects.HeaderCacheWindow, strconv.Itoa(win))
+			}
 		}
 		if last != "" {
 			r.Header.Set(subjects.HeaderCacheLast, last)
@@ -699,7 +758,7 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 		if st := c.Header.Get("Status"); st != "" || len(c.Data) == 0 && c.Header.Get(jetstream.SequenceHeader) == "" {
 			// 204: the batch ended; 404: nothing (more) in the file.
 			last := "eof"
-			if st == "204" && got == cacheWindow {
+			if st == "204" && got == win {
 				last = "window"
 			}
 			cs.count(site, "nar", "hit")
@@ -712,4 +771,15 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 		}
 		prev = c
 	}
+}
+
+// lastChunkSeq is the stream sequence of the last message on subject
+// chunks, 0 when it cannot be read.
+func (cs *cacheStore) lastChunkSeq(ctx context.Context, l *lane, chunks string) uint64 {
+	r, err := l.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache)+"."+chunks, nil)
+	if err != nil || r.Header.Get("Status") != "" {
+		return 0
+	}
+	seq, _ := strconv.ParseUint(r.Header.Get(jetstream.SequenceHeader), 10, 64)
+	return seq
 }

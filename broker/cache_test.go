@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -31,7 +32,7 @@ import (
 
 // cacheWorld is a coordinator, its owner and one active device.
 type cacheWorld struct {
-	t     *testing.T
+	t     testing.TB
 	c     *Coordinator
 	owner *admin.Client
 	dev   *accounts.Creds
@@ -39,7 +40,7 @@ type cacheWorld struct {
 	stage string
 }
 
-func newCacheWorld(t *testing.T) *cacheWorld {
+func newCacheWorld(t testing.TB) *cacheWorld {
 	t.Helper()
 	dir := t.TempDir()
 	c := startCoordinator(t, testConfig(dir))
@@ -131,7 +132,7 @@ func (w *cacheWorld) serve() *agent.CacheServer {
 	return cs
 }
 
-func cacheGet(t *testing.T, url string) (int, []byte) {
+func cacheGet(t testing.TB, url string) (int, []byte) {
 	t.Helper()
 	resp, err := http.Get(url)
 	if err != nil {
@@ -150,7 +151,8 @@ func cacheGet(t *testing.T, url string) (int, []byte) {
 func TestCachePushAndDeviceRead(t *testing.T) {
 	w := newCacheWorld(t)
 	dep, depRaw, _ := w.fakeNar("dep", 1000)
-	ni, raw, data := w.fakeNar("system", 2*cacheWindow*cacheObjChunk+12345, strings.TrimPrefix(dep.StorePath, "/nix/store/"))
+	// Two full windows and a bit: three reads.
+	ni, raw, data := w.fakeNar("system", 2*cacheWindowBytes/int(w.c.svc.cache.objChunk())*int(w.c.svc.cache.objChunk())+12345, strings.TrimPrefix(dep.StorePath, "/nix/store/"))
 	if n := w.mustPush(depRaw); n != 1000 {
 		t.Fatalf("pushed %d bytes of dep", n)
 	}
@@ -412,8 +414,9 @@ func (w *cacheWorld) readStatus(body string) string {
 // bounds; what it cannot do is a permissions violation or a refusal.
 func TestCacheDeviceAttacks(t *testing.T) {
 	w := newCacheWorld(t)
-	a, rawA, dataA := w.fakeNar("a", 3*cacheObjChunk)
-	b, rawB, _ := w.fakeNar("b", 3*cacheObjChunk)
+	chunk := int(w.c.svc.cache.objChunk())
+	a, rawA, dataA := w.fakeNar("a", 3*chunk)
+	b, rawB, _ := w.fakeNar("b", 3*chunk)
 	w.mustPush(rawA)
 	w.mustPush(rawB)
 
@@ -572,5 +575,77 @@ func TestCacheGroupTargets(t *testing.T) {
 	got, err := w.c.svc.groupTargets(ctx)
 	if err != nil || len(got) != 1 || got[0] != "r-old" {
 		t.Fatalf("group targets %v, %v", got, err)
+	}
+}
+
+// A file whose chunks are not consecutive in the stream (another file was
+// stored while it was) is read window after window; one stored in the
+// small chunks of older pushes, with windows in flight; both whole.
+func TestCacheReadLayouts(t *testing.T) {
+	w := newCacheWorld(t)
+	cs := w.c.svc.cache
+	ctx := ctxT(t, 30*time.Second)
+	put := func(ni *model.NarInfo, r io.Reader, chunk uint32) {
+		t.Helper()
+		if _, err := cs.obs.Put(ctx, jetstream.ObjectMeta{Name: ni.URL, Opts: &jetstream.ObjectMetaOptions{ChunkSize: chunk}}, fullReader{r}); err != nil {
+			t.Fatal(err)
+		}
+		if err := cs.storeNarInfo(ctx, ni); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// a: half stored, then all of b, then the rest of a.
+	a, _, dataA := w.fakeNar("a", 6*cacheObjChunk+1)
+	b, _, dataB := w.fakeNar("b", 2*cacheObjChunk)
+	pr, pw := io.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		put(a, pr, cacheObjChunk)
+	}()
+	if _, err := pw.Write(dataA[:3*cacheObjChunk]); err != nil {
+		t.Fatal(err)
+	}
+	// The object store holds a chunk once the next read starts: wait
+	// until the first three are in the stream.
+	poll.Until(t, 10*time.Second, "a's first chunks stored", func() bool {
+		si, err := w.c.JetStream().Stream(ctx, objStream(subjects.ObjectCache))
+		return err == nil && si.CachedInfo().State.Msgs >= 3
+	})
+	put(b, bytes.NewReader(dataB), cacheObjChunk)
+	_, _ = pw.Write(dataA[3*cacheObjChunk:])
+	_ = pw.Close()
+	<-done
+	// c: small chunks, many windows.
+	c, _, dataC := w.fakeNar("c", 3*cacheWindowBytes+5)
+	put(c, bytes.NewReader(dataC), cacheObjChunk)
+
+	srv := w.serve()
+	for _, f := range []struct {
+		ni   *model.NarInfo
+		data []byte
+	}{{a, dataA}, {b, dataB}, {c, dataC}} {
+		if code, _ := cacheGet(t, srv.URL()+"/"+f.ni.HashPart()+".narinfo"); code != 200 {
+			t.Fatalf("narinfo of %s: %d", f.ni.StorePath, code)
+		}
+		if code, got := cacheGet(t, srv.URL()+"/"+f.ni.URL); code != 200 || !bytes.Equal(got, f.data) {
+			t.Fatalf("%s: %d, %d bytes (want %d)", f.ni.StorePath, code, len(got), len(f.data))
+		}
+	}
+	if srv.Refused() != nil {
+		t.Fatal(srv.Refused())
+	}
+	// a's first window names no layout; c's does.
+	for _, x := range []struct {
+		ni     *model.NarInfo
+		layout bool
+	}{{a, false}, {c, true}} {
+		msgs, err := w.deviceRead([]byte(`{"nar":"` + x.ni.URL + `"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := msgs[0].Header.Get(subjects.HeaderCacheFirst) != ""; got != x.layout {
+			t.Fatalf("%s: layout named %v, want %v", x.ni.StorePath, got, x.layout)
+		}
 	}
 }

@@ -22,7 +22,7 @@ import (
 // testLogger logs into a buffer that is printed only when the test fails.
 // The server may still log while it shuts down, after the test is over, so
 // it cannot log through t directly.
-func testLogger(t *testing.T) zerolog.Logger {
+func testLogger(t testing.TB) zerolog.Logger {
 	t.Helper()
 	buf := &lockedbuf.Buffer{}
 	t.Cleanup(func() {
@@ -44,7 +44,7 @@ func testConfig(dir string) Config {
 }
 
 // startCoordinator starts a coordinator and stops it when the test ends.
-func startCoordinator(t *testing.T, cfg Config) *Coordinator {
+func startCoordinator(t testing.TB, cfg Config) *Coordinator {
 	t.Helper()
 	c, err := Start(context.Background(), cfg, testLogger(t))
 	if err != nil {
@@ -166,7 +166,7 @@ func dialWith(url, pub, inbox string, opts ...nats.Option) (*client, error) {
 	return c, nil
 }
 
-func mustDial(t *testing.T, url string, cr *accounts.Creds) *client {
+func mustDial(t testing.TB, url string, cr *accounts.Creds) *client {
 	t.Helper()
 	c, err := dial(url, cr)
 	if err != nil {
@@ -194,7 +194,7 @@ func wantErr(t *testing.T, err error, parts ...string) {
 	}
 }
 
-func ctxT(t *testing.T, d time.Duration) context.Context {
+func ctxT(t testing.TB, d time.Duration) context.Context {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
@@ -217,7 +217,7 @@ func pubOf(kp nkeys.KeyPair) string {
 
 // recordDevice writes an active device record for id at site straight into
 // fleet_devices, as enrollment would.
-func recordDevice(t *testing.T, c *Coordinator, id, site string) {
+func recordDevice(t testing.TB, c *Coordinator, id, site string) {
 	t.Helper()
 	ctx := ctxT(t, 10*time.Second)
 	kv, err := c.JetStream().KeyValue(ctx, subjects.BucketDevices)

@@ -45,12 +45,19 @@ func CacheGetFor(id string) string { return deviceRequest(CacheGet, id) }
 // Headers of cache replies to devices. A NAR read is answered with a
 // window of chunk messages: each names its stream sequence (the cursor
 // of the next read), the first the object and its size, the last says
-// whether the window or the file ended.
+// whether the window or the file ended. The first window's first message
+// also names the file's layout when its chunks are consecutive in the
+// stream (the first chunk's sequence, the number of chunks and the chunks
+// a window holds), so the device can name every window's cursor at once
+// and keep several in flight.
 const (
 	HeaderCacheSeq    = "Fleet-Cache-Seq"
 	HeaderCacheObject = "Fleet-Cache-Object"
 	HeaderCacheSize   = "Fleet-Cache-Size"
 	HeaderCacheLast   = "Fleet-Cache-Last" // "window" or "eof"
+	HeaderCacheFirst  = "Fleet-Cache-First"
+	HeaderCacheChunks = "Fleet-Cache-Chunks"
+	HeaderCacheWindow = "Fleet-Cache-Window"
 	HeaderCacheError  = "Fleet-Cache-Error"
 	HeaderCacheStatus = "Fleet-Cache-Status" // 404 for a miss, 400, 409, 429 or 500
 	// HeaderCacheOffset is the offset of an upload chunk; HeaderCacheEnd
