@@ -33,7 +33,7 @@ type Globals struct {
 	Server  string          `help:"Coordinator URL (default: the NATS context's, else nats://127.0.0.1:4222)." env:"FLEET_SERVER" placeholder:"URL"`
 	Creds   string          `help:"Admin credentials file (the first owner's is DATA_DIR/admin.creds)." env:"FLEET_CREDS" type:"path"`
 	JSON    bool            `name:"json" help:"Print JSON instead of tables."`
-	Yes     bool            `help:"Do not ask before destructive commands (devices revoke, admin remove, rollout abort); needed when stdin is not a terminal." env:"FLEET_YES"`
+	Yes     bool            `help:"Do not ask for confirmation (deploy's preview, devices revoke, admin remove, rollout abort and undo); destructive commands need it when stdin is not a terminal." env:"FLEET_YES"`
 	Limit   int             `help:"Page size of listings: items one reply carries (0: the coordinator's cap). Commands fetch every page." default:"0"`
 	// ShowVersion is --version.
 	ShowVersion kong.VersionFlag `name:"version" help:"Print the version and exit."`

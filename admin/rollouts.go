@@ -26,7 +26,7 @@ type DeployCmd struct {
 	Strategy      string   `help:"all (one batch), canary (1, then all) or staged (--batches)." default:"staged" enum:"all,canary,staged"`
 	Batches       string   `help:"Cumulative batch sizes for staged, e.g. 1,10%,100%." placeholder:"SPEC"`
 	Sample        string   `help:"Deploy to a random cohort of the target only (a canary across a big group), e.g. 5% or 20; it does not set the group's target." placeholder:"N|P%"`
-	Seed          uint64   `help:"Seed of --sample's draw (default: random; recorded in the rollout)."`
+	Seed          uint64   `help:"Seed of --sample's draw (default: random; recorded in the rollout)." placeholder:"N"`
 	MaxFailures   string   `help:"Failures allowed before the rollout stops: a count or a percentage." default:"0" placeholder:"N|P%"`
 	HealthTimeout string   `help:"How long a device has to report success." default:"5m"`
 	OnFailure     string   `help:"pause, or revert earlier batches to their previous release." default:"pause" enum:"pause,revert"`
