@@ -90,7 +90,7 @@ func TestCreateLoad(t *testing.T) {
 	if fc.Limits.JetStreamLimits != (jwt.JetStreamLimits{}) || fc.Limits.IsJSEnabled() || len(fc.Limits.JetStreamTieredLimits) != 0 {
 		t.Errorf("FLEET has JetStream: %+v", fc.Limits.JetStreamLimits)
 	}
-	noSharing(t, "FLEET", fc)
+	siteCacheSharing(t, a, fc, false)
 	checkScopes(t, a, fc)
 	fleetSvc, err := ReadSeed(filepath.Join(dir, KeysDir, fleetServiceFile), nkeys.PrefixByteAccount)
 	if err != nil {
@@ -103,8 +103,9 @@ func TestCreateLoad(t *testing.T) {
 		t.Errorf("FLEET has %d signing keys, want one per role and the service key", len(fc.SigningKeys))
 	}
 
-	// CORE holds the state: JetStream within the limits, no leaf links,
-	// one unscoped signing key that only the coordinator holds.
+	// CORE holds the state: JetStream within the limits, leaf links only
+	// of sites' cache mirrors, one unscoped signing key that only the
+	// coordinator holds.
 	coreJWT, err := a.CoreJWT()
 	if err != nil {
 		t.Fatal(err)
@@ -126,10 +127,10 @@ func TestCreateLoad(t *testing.T) {
 	if js.DiskStorage != DefaultLimits.JetStreamDisk || js.MemoryStorage != DefaultLimits.JetStreamMemory || !cc.Limits.IsJSEnabled() {
 		t.Errorf("CORE JetStream limits %+v, want disk %d memory %d", js, DefaultLimits.JetStreamDisk, DefaultLimits.JetStreamMemory)
 	}
-	if cc.Limits.LeafNodeConn != 0 || cc.Limits.Payload != DefaultLimits.MaxPayload || cc.Limits.Conn <= 0 {
-		t.Errorf("CORE limits %+v: want no leaf connections, bounded connections", cc.Limits.NatsLimits)
+	if cc.Limits.LeafNodeConn != -1 || cc.Limits.Payload != DefaultLimits.MaxPayload || cc.Limits.Conn <= 0 {
+		t.Errorf("CORE limits %+v: want sites' cache links, bounded connections", cc.Limits.NatsLimits)
 	}
-	noSharing(t, "CORE", cc)
+	siteCacheSharing(t, a, cc, true)
 	coreSvc, err := ReadSeed(filepath.Join(dir, KeysDir, coreServiceFile), nkeys.PrefixByteAccount)
 	if err != nil {
 		t.Fatal(err)
@@ -234,12 +235,33 @@ func TestCreateLoad(t *testing.T) {
 	}
 }
 
-// noSharing checks that account c imports and exports nothing, and may
-// not.
-func noSharing(t *testing.T, name string, c *jwt.AccountClaims) {
+// siteCacheSharing checks that CORE (core) exports and FLEET imports
+// exactly the direct gets of a site's cache mirrors, as services, and
+// nothing else.
+func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core bool) {
 	t.Helper()
-	if len(c.Imports) != 0 || len(c.Exports) != 0 || c.Limits.Imports != 0 || c.Limits.Exports != 0 || c.Limits.WildcardExports {
-		t.Errorf("%s shares: imports %v exports %v limits %+v", name, c.Imports, c.Exports, c.Limits.AccountLimits)
+	want := map[string]string{
+		"$JS.API.DIRECT.GET." + subjects.StreamSiteCache:                                             subjects.SiteNar,
+		"$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV." + subjects.BucketNarInfo + ".*": subjects.SiteNarInfo + ".*",
+	}
+	if core {
+		if len(c.Imports) != 0 || c.Limits.Imports != 0 || len(c.Exports) != len(want) || c.Limits.Exports != int64(len(want)) {
+			t.Fatalf("CORE shares: imports %v exports %d limits %+v", c.Imports, len(c.Exports), c.Limits.AccountLimits)
+		}
+		for _, e := range c.Exports {
+			if _, ok := want[string(e.Subject)]; !ok || e.Type != jwt.Service || e.TokenReq {
+				t.Errorf("CORE exports %+v", e)
+			}
+		}
+		return
+	}
+	if len(c.Exports) != 0 || c.Limits.Exports != 0 || c.Limits.WildcardExports || len(c.Imports) != len(want) || c.Limits.Imports != int64(len(want)) {
+		t.Fatalf("FLEET shares: imports %d exports %v limits %+v", len(c.Imports), c.Exports, c.Limits.AccountLimits)
+	}
+	for _, im := range c.Imports {
+		if local, ok := want[string(im.Subject)]; !ok || string(im.LocalSubject) != local || im.Type != jwt.Service || im.Account != a.CoreAccount() {
+			t.Errorf("FLEET imports %+v", im)
+		}
 	}
 }
 
@@ -877,5 +899,47 @@ func TestReadSeed(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Errorf("dir holds %d entries, want 1", len(entries))
+	}
+}
+
+// TestFastKey: the derived-once key signs, verifies and names itself as
+// the nkeys key pair it wraps; curve keys are left alone.
+func TestFastKey(t *testing.T) {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fk := FastKey(kp)
+	if fk == kp {
+		t.Fatal("a user key was not wrapped")
+	}
+	want, _ := kp.PublicKey()
+	if got, _ := fk.PublicKey(); got != want {
+		t.Fatalf("public key %s, want %s", got, want)
+	}
+	msg := []byte("fleet")
+	sig, err := fk.Sign(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := kp.Sign(msg)
+	if string(sig) != string(ref) { // ed25519 signatures are deterministic
+		t.Fatal("signature differs from nkeys'")
+	}
+	if err := kp.Verify(msg, sig); err != nil {
+		t.Fatal(err)
+	}
+	if err := fk.Verify(msg, sig); err != nil {
+		t.Fatal(err)
+	}
+	if err := fk.Verify([]byte("other"), sig); err == nil {
+		t.Fatal("a signature over other bytes verified")
+	}
+	if FastKey(fk) != fk {
+		t.Fatal("wrapped twice")
+	}
+	ck, _ := nkeys.CreateCurveKeys()
+	if FastKey(ck) != ck {
+		t.Fatal("a curve key was wrapped")
 	}
 }

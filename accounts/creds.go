@@ -122,7 +122,7 @@ func ParseCreds(b []byte, name string) (*Creds, error) {
 	if pub != uc.Subject {
 		return nil, fmt.Errorf("creds %s: the seed does not belong to the JWT (key %s, JWT for %s)", name, pub, uc.Subject)
 	}
-	return &Creds{JWT: tok, Key: kp}, nil
+	return &Creds{JWT: tok, Key: FastKey(kp)}, nil
 }
 
 // WriteSecretFile writes b to path atomically, readable by its owner only
@@ -193,5 +193,6 @@ func ReadSeed(path string, prefix nkeys.PrefixByte) (nkeys.KeyPair, error) {
 	if p := nkeys.Prefix(pub); p != prefix {
 		return nil, fmt.Errorf("key file %s holds a %s key, want %s", path, p, prefix)
 	}
-	return kp, nil
+	// The coordinator signs a JWT or two with these per enrolment.
+	return FastKey(kp), nil
 }

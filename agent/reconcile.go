@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
+	"fleet/accounts"
 	"fleet/model"
 	"fleet/subjects"
 )
@@ -96,6 +97,8 @@ func New(o Options) (*Agent, error) {
 	if o.Key == nil {
 		return nil, errors.New("agent: no device key to sign reports with")
 	}
+	// Every report is signed: derive the signing key once, not per report.
+	o.Key = accounts.FastKey(o.Key)
 	if o.Site == "" {
 		o.Site = subjects.DefaultSite
 	}

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -19,8 +20,11 @@ import (
 	"fleet/model"
 )
 
-// OutboxFile holds events not yet acknowledged by JetStream, so what the
-// agent did while offline (or just before a crash) is reported later.
+// OutboxFile holds the apply results not yet acknowledged by JetStream, so
+// what the agent did while offline (or just before a crash) is reported
+// later. Progress events wait in memory only: after a crash they describe
+// an apply that is over (the resumed apply reports afresh), and writing
+// the file for each of them cost a device a synced write per step.
 const OutboxFile = "outbox.json"
 
 // maxOutbox bounds the outbox; the oldest non-final events go first.
@@ -45,7 +49,9 @@ type reporter struct {
 
 	mu    sync.Mutex
 	queue []outboxItem
-	wake  chan struct{}
+	// onDisk are the IDs of the results the outbox file holds.
+	onDisk []string
+	wake   chan struct{}
 }
 
 func newReporter(dir string, nc *nats.Conn, key nkeys.KeyPair, log zerolog.Logger) (*reporter, error) {
@@ -60,6 +66,9 @@ func newReporter(dir string, nc *nats.Conn, key nkeys.KeyPair, log zerolog.Logge
 			log.Warn().Err(err).Msg("outbox is damaged; dropping it")
 			r.queue = nil
 		}
+	}
+	for _, it := range r.queue {
+		r.onDisk = append(r.onDisk, it.MsgID)
 	}
 	return r, nil
 }
@@ -100,12 +109,29 @@ func (r *reporter) enqueue(subject, msgID string, ev model.Event) error {
 	return err
 }
 
+// persistLocked writes the queued results to the outbox file when they
+// are not what it holds already.
 func (r *reporter) persistLocked() error {
-	b, err := json.Marshal(r.queue)
+	var finals []outboxItem
+	var ids []string
+	for _, it := range r.queue {
+		if it.Final {
+			finals = append(finals, it)
+			ids = append(ids, it.MsgID)
+		}
+	}
+	if slices.Equal(ids, r.onDisk) {
+		return nil
+	}
+	b, err := json.Marshal(finals)
 	if err != nil {
 		return fmt.Errorf("encode outbox: %w", err)
 	}
-	return accounts.WriteSecretFile(filepath.Join(r.dir, OutboxFile), b)
+	if err := accounts.WriteSecretFile(filepath.Join(r.dir, OutboxFile), b); err != nil {
+		return err
+	}
+	r.onDisk = ids
+	return nil
 }
 
 func (r *reporter) kick() {
