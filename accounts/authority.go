@@ -3,10 +3,13 @@
 // JWTs, .creds files and revocation.
 //
 // CORE holds the fleet's state (every stream and bucket) and has no users
-// but the coordinators' own; FLEET holds every client and has no JetStream.
-// The accounts share nothing: no export, no import. The coordinator is the
+// but the coordinators' own and the CORE leaf links of sites with a cache;
+// FLEET holds every client and has no JetStream. The coordinator is the
 // only bridge, so nothing a client sends, and no reply subject it picks,
 // reaches the state except through the coordinator's validated handlers.
+// The one exception is read-only and lives at the sites: FLEET imports
+// direct gets on a site's mirrors of the binary cache (siteCacheImports),
+// which exist only in a site's own JetStream domain.
 //
 // The data directory keeps the operator's identity seed in a file of its own
 // (operator.nk) so it can be moved offline: the running coordinator signs
@@ -392,10 +395,11 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	c.Limits.Payload = a.limits.MaxPayload
 	c.Limits.Subs = -1
 	c.Limits.Data = -1
-	c.Limits.LeafNodeConn = 0
+	// Sites with a cache link their mirrors to the hub in CORE, each
+	// link held to subjects.SiteCacheTemplate.
+	c.Limits.LeafNodeConn = -1
 	c.Limits.Imports = 0
-	c.Limits.Exports = 0
-	c.Limits.WildcardExports = false
+	c.Limits.WildcardExports = true
 	c.Limits.JetStreamLimits = jwt.JetStreamLimits{
 		MemoryStorage: a.limits.JetStreamMemory,
 		DiskStorage:   a.limits.JetStreamDisk,
@@ -404,10 +408,30 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	}
 	c.Imports = nil
 	c.Exports = nil
+	for _, im := range siteCacheImports() {
+		c.Exports.Add(&jwt.Export{Name: im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Service, ResponseType: im.resp})
+	}
+	c.Limits.Exports = int64(len(c.Exports))
 	if c.SigningKeys == nil {
 		c.SigningKeys = jwt.SigningKeys{}
 	}
 	c.SigningKeys.Add(mustPub(a.coreSvc))
+}
+
+type siteCacheImport struct {
+	Name, Subject, Local string
+	resp                 jwt.ResponseType
+}
+
+// siteCacheImports are CORE's exports to FLEET: direct gets on a site's
+// mirrors of the cache (subjects.StreamSiteCache, StreamSiteNarInfo), and
+// nothing else. A NAR read is a batch, several replies to one request;
+// a narinfo one message of one key.
+func siteCacheImports() []siteCacheImport {
+	return []siteCacheImport{
+		{"site-cache-nar", "$JS.API.DIRECT.GET." + subjects.StreamSiteCache, subjects.SiteNar, jwt.ResponseTypeStream},
+		{"site-cache-narinfo", "$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV." + subjects.BucketNarInfo + ".*", subjects.SiteNarInfo + ".*", jwt.ResponseTypeSingleton},
+	}
 }
 
 // applyFleetPolicy sets limits and the scoped signing keys of the FLEET
@@ -418,12 +442,15 @@ func (a *Authority) applyFleetPolicy(c *jwt.AccountClaims) {
 	c.Limits.Subs = -1
 	c.Limits.Data = -1
 	c.Limits.LeafNodeConn = -1
-	c.Limits.Imports = 0
 	c.Limits.Exports = 0
 	c.Limits.WildcardExports = false
 	c.Limits.JetStreamLimits = jwt.JetStreamLimits{}
 	c.Imports = nil
 	c.Exports = nil
+	for _, im := range siteCacheImports() {
+		c.Imports.Add(&jwt.Import{Name: im.Name, Subject: jwt.Subject(im.Subject), LocalSubject: jwt.RenamingSubject(im.Local), Account: mustPub(a.core), Type: jwt.Service})
+	}
+	c.Limits.Imports = int64(len(c.Imports))
 	if c.SigningKeys == nil {
 		c.SigningKeys = jwt.SigningKeys{}
 	}
@@ -604,6 +631,31 @@ func (a *Authority) IssueSiteSystemUser(pub, name string) (string, error) {
 	tok, err := uc.Encode(a.systemSvc)
 	if err != nil {
 		return "", fmt.Errorf("sign %s: %w", name, err)
+	}
+	return tok, nil
+}
+
+// IssueSiteCacheUser signs a CORE user JWT for site's leaf link that
+// feeds its mirrors of the cache (public key pub), held to
+// subjects.SiteCacheTemplate.
+func (a *Authority) IssueSiteCacheUser(pub, site string) (string, error) {
+	if !subjects.ValidDeviceID(pub) {
+		return "", fmt.Errorf("%q is not a user public key", pub)
+	}
+	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
+		return "", fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin), not the hub's", site)
+	}
+	t := subjects.SiteCacheTemplate(site, a.domain)
+	uc := jwt.NewUserClaims(pub)
+	uc.Name = "leaf-" + site + "-cache"
+	uc.IssuerAccount = mustPub(a.core)
+	uc.Pub.Allow = t.Pub
+	uc.Sub.Allow = t.Sub
+	uc.AllowedConnectionTypes = t.ConnTypes
+	uc.Tags.Add(subjects.SiteTag(site))
+	tok, err := uc.Encode(a.coreSvc)
+	if err != nil {
+		return "", fmt.Errorf("sign %s: %w", uc.Name, err)
 	}
 	return tok, nil
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nkeys"
 
@@ -30,6 +31,10 @@ type LeafConfigCmd struct {
 	// leaf.conf names its files by absolute path (nats-server resolves
 	// relative ones against its working directory, not the config file).
 	InstallDir string `help:"Where the files will live at the site, for the paths in leaf.conf (default: --out)." placeholder:"DIR"`
+	// A copy of the binary cache at the site.
+	Cache         bool          `help:"Keep a copy of the fleet's binary cache at the site: the leaf runs JetStream in its own domain (the site's name) with mirrors of the hub's cache, fed once across the WAN; the site's agents read there first."`
+	CacheMaxBytes string        `help:"Bound of the site's copy; the oldest files go first (e.g. 50GiB)." default:"20GiB"`
+	CacheMaxAge   time.Duration `help:"How long the site's copy keeps a file." default:"720h"`
 }
 
 // Run writes the leaf node's files. The leaf's key is made here and its
@@ -52,13 +57,26 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		return err
 	}
 	sysPub, _ := sysKP.PublicKey()
+	req := model.LeafConfigRequest{Site: cmd.Site, Key: pub, SystemKey: sysPub}
+	var cacheKP nkeys.KeyPair
+	var cacheBytes int64
+	if cmd.Cache {
+		if cacheBytes, err = ParseSize(cmd.CacheMaxBytes); err != nil {
+			return fmt.Errorf("--cache-max-bytes: %w", err)
+		}
+		if cacheKP, err = nkeys.CreateUser(); err != nil {
+			return err
+		}
+		cachePub, _ := cacheKP.PublicKey()
+		req.Cache = &model.SiteCache{Key: cachePub, MaxBytes: cacheBytes, MaxAge: model.Duration(cmd.CacheMaxAge)}
+	}
 	c, err := g.dial()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	var lc model.LeafConfig
-	if err := c.Call(g.ctx, subjects.VerbLeafConfig, true, model.LeafConfigRequest{Site: cmd.Site, Key: pub, SystemKey: sysPub}, &lc); err != nil {
+	if err := c.Call(g.ctx, subjects.VerbLeafConfig, true, req, &lc); err != nil {
 		return err
 	}
 	hub := cmd.Hub
@@ -92,7 +110,16 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		"operator.jwt": lc.OperatorJWT,
 		filepath.Join("jwt", lc.SystemAccount+".jwt"): lc.SystemJWT,
 		filepath.Join("jwt", lc.FleetAccount+".jwt"):  lc.FleetJWT,
-		"leaf.conf": LeafServerConfig(&lc, install, hub, cmd.Listen),
+		"leaf.conf": LeafServerConfig(&lc, install, hub, cmd.Listen, cacheBytes),
+	}
+	if cmd.Cache {
+		if lc.CacheUserJWT == "" {
+			return errors.New("the coordinator did not set up the site's cache (an older coordinator?): nothing written")
+		}
+		if err := accounts.WriteCreds(filepath.Join(out, "leaf-cache.creds"), &accounts.Creds{JWT: lc.CacheUserJWT, Key: cacheKP}); err != nil {
+			return err
+		}
+		files[filepath.Join("jwt", lc.CoreAccount+".jwt")] = lc.CoreJWT
 	}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(out, name), []byte(body), 0o600); err != nil {
@@ -109,6 +136,25 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 	return err
 }
 
+// ParseSize reads a size in bytes with an optional binary unit: 512MiB,
+// 20GiB, 1TiB (K, M, G, T and KB, MB, GB, TB mean the same).
+func ParseSize(s string) (int64, error) {
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	unit := int64(1)
+	if t != "" {
+		if i := strings.IndexByte("KMGT", t[len(t)-1]); i >= 0 {
+			unit = 1 << (10 * (i + 1))
+			t = strings.TrimSpace(t[:len(t)-1])
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)/unit {
+		return 0, fmt.Errorf("%q: want a size such as 20GiB", s)
+	}
+	return n * unit, nil
+}
+
 func portOf(hp string) string {
 	_, p, _ := net.SplitHostPort(hp)
 	return p
@@ -120,8 +166,11 @@ func portOf(hp string) string {
 // for the site's devices, one to the system account, over which the leaf
 // hears account updates at once (a revoked device at the site is cut off
 // like one at the hub) and reports its clients' presence. dir holds the
-// files it names.
-func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string) string {
+// files it names. With a copy of the cache (lc.CacheUserJWT, cacheBytes
+// its bound), the leaf also runs JetStream in the site's own domain, knows
+// the CORE account the mirrors live in, and links CORE to the hub with
+// leaf-cache.creds, which may only feed the mirrors.
+func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string, cacheBytes int64) string {
 	q := strconv.Quote
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Leaf node of site %s, written by fleet-admin leaf config.\n", lc.Site)
@@ -133,10 +182,23 @@ func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string) string {
 	b.WriteString("resolver_preload: {\n")
 	fmt.Fprintf(&b, "  %s: %s\n", lc.SystemAccount, q(lc.SystemJWT))
 	fmt.Fprintf(&b, "  %s: %s\n", lc.FleetAccount, q(lc.FleetJWT))
-	b.WriteString("}\nleafnodes {\n  remotes: [\n")
+	if lc.CacheUserJWT != "" {
+		fmt.Fprintf(&b, "  %s: %s\n", lc.CoreAccount, q(lc.CoreJWT))
+	}
+	b.WriteString("}\n")
+	if lc.CacheUserJWT != "" {
+		// Room for both mirrors (the narinfos are small) and their
+		// indexes.
+		fmt.Fprintf(&b, "jetstream {\n  domain: %s\n  store_dir: %s\n  max_file_store: %d\n  max_memory_store: %d\n}\n",
+			q(lc.Site), q(filepath.Join(dir, "jetstream")), cacheBytes+cacheBytes/8+(256<<20), 64<<20)
+	}
+	b.WriteString("leafnodes {\n  remotes: [\n")
 	fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf.creds")), q(lc.FleetAccount))
 	if lc.SystemUserJWT != "" {
 		fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf-system.creds")), q(lc.SystemAccount))
+	}
+	if lc.CacheUserJWT != "" {
+		fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf-cache.creds")), q(lc.CoreAccount))
 	}
 	b.WriteString("  ]\n}\n")
 	return b.String()

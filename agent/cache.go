@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net"
 	"net/http"
@@ -55,6 +54,11 @@ type CacheServer struct {
 	files    map[string]*model.NarInfo // NAR file → the narinfo that named it
 	refused  error
 	narBytes int64
+	// noSite: the site's copy did not answer; the rest of the fetch reads
+	// the hub's.
+	noSite bool
+	// siteNarInfos and hubNarInfos count where narinfos came from.
+	siteNarInfos, hubNarInfos int
 }
 
 // ServeFleetCache starts a loopback binary cache for device id, read over
@@ -83,6 +87,14 @@ func (cs *CacheServer) Refused() error {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	return cs.refused
+}
+
+// NarInfos is how many narinfos came from the site's copy and how many
+// from the hub's cache.
+func (cs *CacheServer) NarInfos() (site, hub int) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.siteNarInfos, cs.hubNarInfos
 }
 
 // NarBytes is how many NAR file bytes the server passed to Nix.
@@ -143,6 +155,15 @@ func (cs *CacheServer) serveNarInfo(w http.ResponseWriter, r *http.Request, key 
 		http.NotFound(w, r)
 		return
 	}
+	if ni, err := cs.siteNarInfo(r.Context(), key); err == nil {
+		cs.mu.Lock()
+		cs.files[ni.URL] = ni
+		cs.siteNarInfos++
+		cs.mu.Unlock()
+		w.Header().Set("Content-Type", "text/x-nix-narinfo")
+		_, _ = w.Write([]byte(ni.String()))
+		return
+	}
 	q, _ := json.Marshal(model.CacheRead{NarInfo: key})
 	ctx, cancel := context.WithTimeout(r.Context(), cacheWait)
 	defer cancel()
@@ -163,6 +184,7 @@ func (cs *CacheServer) serveNarInfo(w http.ResponseWriter, r *http.Request, key 
 	}
 	cs.mu.Lock()
 	cs.files[ni.URL] = ni
+	cs.hubNarInfos++
 	cs.mu.Unlock()
 	w.Header().Set("Content-Type", "text/x-nix-narinfo")
 	_, _ = w.Write([]byte(ni.String()))
@@ -200,26 +222,30 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 	case <-r.Context().Done():
 		return
 	}
-	inbox := cs.nc.NewInbox()
-	sub, err := cs.nc.SubscribeSync(inbox + ".*")
-	if err == nil {
-		// Bounded by the windows in flight.
-		err = sub.SetPendingLimits(-1, -1)
+	// The site's copy first, when there is one and it has the file; the
+	// hub's otherwise.
+	var src narSource
+	if sr, err := cs.openSiteNar(r.Context(), file, ni); err == nil {
+		defer sr.close()
+		src = sr
+	} else {
+		if !errors.Is(err, errNoSite) {
+			cs.log.Debug().Err(err).Str("nar", file).Msg("fleet cache: not at the site; reading the hub's")
+		}
+		rd, err := cs.openHubNar(file)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		defer rd.close()
+		src = rd
 	}
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusServiceUnavailable)
-		return
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	rd := &narReader{cs: cs, file: file, h: sha256.New(), sub: sub, inbox: inbox, pending: map[int][]*nats.Msg{}}
-	if err := rd.ask(0, 0); err != nil {
-		http.Error(w, err.Error(), http.StatusServiceUnavailable)
-		return
-	}
+	h := sha256.New()
+	var got int64
 	var held []byte
 	started := false
 	for {
-		c, err := rd.next(r.Context())
+		c, err := src.next(r.Context())
 		if errors.Is(err, io.EOF) {
 			break
 		}
@@ -232,16 +258,21 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 			panic(http.ErrAbortHandler) // cut off: Nix sees a short file
 		}
 		if !started {
-			if rd.size != ni.FileSize {
-				cs.refuse(fmt.Errorf("%w: %s is %d bytes, its narinfo says %d", ErrCacheRefused, file, rd.size, ni.FileSize))
+			if src.fileSize() != ni.FileSize {
+				cs.refuse(fmt.Errorf("%w: %s is %d bytes, its narinfo says %d", ErrCacheRefused, file, src.fileSize(), ni.FileSize))
 				http.Error(w, "size does not match the narinfo", http.StatusNotFound)
 				return
 			}
 			w.Header().Set("Content-Type", "application/x-nix-nar")
-			w.Header().Set("Content-Length", strconv.FormatInt(rd.size, 10))
+			w.Header().Set("Content-Length", strconv.FormatInt(ni.FileSize, 10))
 			w.WriteHeader(http.StatusOK)
 			started = true
 		}
+		if got += int64(len(c)); got > ni.FileSize {
+			cs.refuse(fmt.Errorf("%w: %s is longer than its narinfo's %d bytes", ErrCacheRefused, file, ni.FileSize))
+			panic(http.ErrAbortHandler)
+		}
+		h.Write(c)
 		if held != nil {
 			if _, err := w.Write(held); err != nil {
 				return
@@ -255,9 +286,9 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 		w.Header().Set("Content-Length", "0")
 	}
 	want, _ := model.ParseSHA256(ni.FileHash)
-	if sum := rd.h.Sum(nil); rd.got != ni.FileSize || string(sum) != string(want) {
+	if sum := h.Sum(nil); got != ni.FileSize || string(sum) != string(want) {
 		cs.refuse(fmt.Errorf("%w: %s has hash %s and %d bytes, its narinfo says %s and %d", ErrCacheRefused, file,
-			model.SHA256Nix(sum), rd.got, ni.FileHash, ni.FileSize))
+			model.SHA256Nix(sum), got, ni.FileHash, ni.FileSize))
 		panic(http.ErrAbortHandler)
 	}
 	if held != nil {
@@ -266,6 +297,39 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 		}
 	}
 }
+
+// narSource is where the bytes of one NAR file come from: the hub's
+// cache through the coordinator, or the site's copy.
+type narSource interface {
+	// next returns the file's next bytes, io.EOF after the last.
+	next(ctx context.Context) ([]byte, error)
+	// fileSize is the size the source says the file has (known once
+	// next returned bytes).
+	fileSize() int64
+	close()
+}
+
+// openHubNar starts reading file from the hub's cache.
+func (cs *CacheServer) openHubNar(file string) (*narReader, error) {
+	inbox := cs.nc.NewInbox()
+	sub, err := cs.nc.SubscribeSync(inbox + ".*")
+	if err == nil {
+		// Bounded by the windows in flight.
+		err = sub.SetPendingLimits(-1, -1)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("fleet cache: %w", err)
+	}
+	rd := &narReader{cs: cs, file: file, sub: sub, inbox: inbox, pending: map[int][]*nats.Msg{}}
+	if err := rd.ask(0, 0); err != nil {
+		_ = sub.Unsubscribe()
+		return nil, err
+	}
+	return rd, nil
+}
+
+func (rd *narReader) fileSize() int64 { return rd.size }
+func (rd *narReader) close()          { _ = rd.sub.Unsubscribe() }
 
 func (cs *CacheServer) refuse(err error) {
 	cs.log.Error().Err(err).Msg("fleet cache: NAR file refused")
@@ -300,7 +364,6 @@ type narReader struct {
 	object  string
 	size    int64
 	got     int64
-	h       hash.Hash
 	pending map[int][]*nats.Msg // messages of windows ahead of cur
 
 	// The layout (pipelined): the first chunk's sequence, the chunks and
@@ -389,7 +452,6 @@ func (rd *narReader) next(ctx context.Context) ([]byte, error) {
 		if rd.got+int64(len(m.Data)) > rd.size {
 			return nil, fmt.Errorf("%w: %s is longer than the %d bytes it said", ErrCacheRefused, rd.file, rd.size)
 		}
-		rd.h.Write(m.Data)
 		rd.got += int64(len(m.Data))
 		switch m.Header.Get(subjects.HeaderCacheLast) {
 		case "eof":

@@ -108,6 +108,9 @@ type cacheStore struct {
 	limiter  *rateLimiter
 	requests *prometheus.CounterVec
 	sent     *prometheus.CounterVec
+	// siteKick asks siteLoop to check the sites' mirrors now.
+	siteKick chan struct{}
+	siteDone chan struct{}
 	gcMu     sync.Mutex
 	lastGC   *model.CacheGCResult
 	cancel   context.CancelFunc
@@ -147,7 +150,7 @@ func (s *services) startCache(ctx context.Context) error {
 			Name: "fleet_cache_sent_bytes_total",
 			Help: "NAR bytes the coordinator sent devices from the binary cache, by site.",
 		}, []string{"site"}),
-		done: make(chan struct{}), idle: cacheUploadIdle, grace: cacheGrace,
+		done: make(chan struct{}), idle: cacheUploadIdle, grace: cacheGrace, siteKick: make(chan struct{}, 1), siteDone: make(chan struct{}),
 	}
 	var id [8]byte
 	_, _ = rand.Read(id[:])
@@ -194,6 +197,7 @@ func (s *services) startCache(ctx context.Context) error {
 	}
 	s.cache = cs
 	go cs.gcLoop(wctx)
+	go cs.siteLoop(wctx, siteMirrorEvery)
 	return nil
 }
 
@@ -226,6 +230,7 @@ func (cs *cacheStore) stop() {
 	}
 	cs.cancel()
 	<-cs.done
+	<-cs.siteDone
 	cs.mu.Lock()
 	for _, u := range cs.uploads {
 		u.abort(errors.New("coordinator stopping"))

@@ -201,7 +201,7 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 	return ctx
 }
 
-func newKey(t *testing.T) nkeys.KeyPair {
+func newKey(t testing.TB) nkeys.KeyPair {
 	t.Helper()
 	kp, err := nkeys.CreateUser()
 	if err != nil {

@@ -15,7 +15,7 @@ var siteRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
 // leafConfig issues a site's leaf credential and hands out what a standard
 // nats-server needs to trust this fleet's operator and accounts.
-func (s *services) leafConfig(_ context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
 	var a model.LeafConfigRequest
 	if err := decodeArgs(raw, &a); err != nil {
 		return nil, err
@@ -42,10 +42,48 @@ func (s *services) leafConfig(_ context.Context, _ *model.Admin, raw json.RawMes
 	if err != nil {
 		return nil, err
 	}
-	return model.LeafConfig{
+	lc := model.LeafConfig{
 		Site: a.Site, JWT: tok, SystemUserJWT: sysTok, OperatorJWT: auth.OperatorJWT,
 		SystemAccount: auth.SystemAccount(), SystemJWT: sysJWT,
 		FleetAccount: auth.FleetAccount(), FleetJWT: fleetJWT,
 		HubURL: s.c.LeafURL(), Domain: s.c.cfg.Domain,
-	}, nil
+	}
+	if a.Cache != nil {
+		if err := s.siteCacheConfig(ctx, a.Site, a.Cache, &lc); err != nil {
+			return nil, err
+		}
+	}
+	return lc, nil
+}
+
+// siteCacheConfig sets up site's copy of the binary cache: its consumers
+// on the hub's cache streams, the JWT of its CORE link, the CORE account
+// its leaf must know.
+func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.SiteCache, lc *model.LeafConfig) error {
+	if !nkeys.IsValidPublicUserKey(sc.Key) {
+		return badRequest("%q is not an nkey user public key", sc.Key)
+	}
+	if site == s.c.cfg.Domain {
+		return badRequest("site %q: the site's JetStream domain is its name, and %q is the hub's", site, site)
+	}
+	if err := checkSiteCache(sc); err != nil {
+		return err
+	}
+	auth := s.c.auth
+	tok, err := auth.IssueSiteCacheUser(sc.Key, site)
+	if err != nil {
+		return badRequest("%v", err)
+	}
+	if err := s.setupSiteConsumers(ctx, site, sc); err != nil {
+		return err
+	}
+	coreJWT, err := auth.CoreJWT()
+	if err != nil {
+		return err
+	}
+	lc.CoreAccount, lc.CoreJWT, lc.CacheUserJWT = auth.CoreAccount(), coreJWT, tok
+	if s.cache != nil {
+		s.cache.kickSites()
+	}
+	return nil
 }

@@ -168,6 +168,16 @@ type LeafConfigRequest struct {
 	// SystemKey is the public key of the leaf's system-account link, over
 	// which it learns account updates (revocations) and reports presence.
 	SystemKey string `json:"system_key,omitempty"`
+	// Cache asks for a copy of the binary cache at the site.
+	Cache *SiteCache `json:"cache,omitempty"`
+}
+
+// SiteCache is a site's copy of the binary cache: the public key of the
+// leaf's CORE link that feeds it, and its bounds (the oldest go first).
+type SiteCache struct {
+	Key      string   `json:"key"`
+	MaxBytes int64    `json:"max_bytes"`
+	MaxAge   Duration `json:"max_age"`
 }
 
 // LeafConfig is what a site's standard nats-server needs to run as a leaf
@@ -186,6 +196,11 @@ type LeafConfig struct {
 	// it does not listen for leaf nodes).
 	HubURL string `json:"hub_url,omitempty"`
 	Domain string `json:"domain"`
+	// With a cache: the CORE account (the mirrors live in it, in the
+	// site's own JetStream domain) and the JWT of the link that feeds them.
+	CoreAccount  string `json:"core_account,omitempty"`
+	CoreJWT      string `json:"core_jwt,omitempty"`
+	CacheUserJWT string `json:"cache_user_jwt,omitempty"`
 }
 
 // StatusQuery is the argument of the status verb.

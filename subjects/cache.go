@@ -65,3 +65,81 @@ const (
 	HeaderCacheOffset = "Fleet-Cache-Offset"
 	HeaderCacheEnd    = "Fleet-Cache-End"
 )
+
+// A site's copy of the cache (fleet-admin leaf config --cache): the site's
+// leaf node runs JetStream in its own domain and holds, in CORE, mirrors
+// of the hub's cache streams, each fed by a durable consumer the
+// coordinator made for that site (its deliver subject is the only thing
+// the site's CORE link receives besides the coordinator's requests to set
+// the mirrors up). Devices at the site read the mirrors through two
+// service imports of FLEET: direct gets on the mirrors, nothing else. At
+// the hub no stream of those names exists, so the imports answer nothing
+// there.
+const (
+	// StreamSiteCache and StreamSiteNarInfo are the mirrors at a site of
+	// the object store's stream and the narinfo bucket's.
+	StreamSiteCache   = "FLEET_SITE_CACHE"
+	StreamSiteNarInfo = "FLEET_SITE_NARINFO"
+	// SiteNar is where a device sends a direct get (JSON body) of the
+	// site's NAR mirror; SiteNarInfo.<hash> gets the narinfo of a store
+	// path from the site's narinfo mirror. Both FLEET, both imported.
+	SiteNar     = "fleet.site.nar"
+	SiteNarInfo = "fleet.site.narinfo"
+	// SiteCacheObj and SiteCacheNarInfo name a site's two consumers.
+	SiteCacheObj     = "obj"
+	SiteCacheNarInfo = "narinfo"
+)
+
+// SiteNarInfoFor is where a device gets the narinfo of hash at its site.
+func SiteNarInfoFor(hash string) string { return SiteNarInfo + "." + hash }
+
+// SiteCacheConsumer is the durable consumer on the hub's cache stream of
+// kind (SiteCacheObj, SiteCacheNarInfo) that feeds site's mirror.
+func SiteCacheConsumer(site, kind string) string { return "site_" + site + "_" + kind }
+
+// SiteCacheDeliver is that consumer's deliver subject (CORE).
+func SiteCacheDeliver(site, kind string) string { return "fleet.sitecache." + site + "." + kind }
+
+// SiteCacheReplies is where site's leaf answers the coordinator's requests
+// to set up its mirrors (SiteCacheReply names one).
+func SiteCacheReplies(site string) string { return "fleet.sitecache." + site + ".reply.*" }
+
+// SiteCacheReply is the reply subject of one such request.
+func SiteCacheReply(site, id string) string { return "fleet.sitecache." + site + ".reply." + id }
+
+// SiteCacheTemplate is the permission of site's CORE leaf link, the one
+// that feeds its mirrors, for a hub in JetStream domain domain. "pub" is
+// what the site may send into the hub's CORE: a reset of its own two
+// consumers (the mirror restarting from where it is), their flow-control
+// responses (which ack the mirror's progress) and the answers to the
+// coordinator's requests; "sub" what the hub sends the site: its
+// consumers' deliveries, the replies to its resets, and the coordinator's
+// requests to set up its mirrors in its own domain.
+// Never a consumer of its own making (its deliver subject could name any
+// subject of CORE), nor any other JetStream call.
+func SiteCacheTemplate(site, domain string) Template {
+	var pub, sub []string
+	for _, kind := range []string{SiteCacheObj, SiteCacheNarInfo} {
+		stream := ObjectStream(ObjectCache)
+		if kind == SiteCacheNarInfo {
+			stream = "KV_" + BucketNarInfo
+		}
+		cons := SiteCacheConsumer(site, kind)
+		for _, d := range []string{"", domain} {
+			pub = append(pub, JSAPIPrefix(d)+".CONSUMER.RESET."+stream+"."+cons)
+		}
+		// Flow control replies, in the server's old and new forms.
+		pub = append(pub, "$JS.FC."+stream+"."+cons+".*", "$JS.FC.*.*."+stream+"."+cons+".*")
+		sub = append(sub, SiteCacheDeliver(site, kind))
+	}
+	pub = append(pub, SiteCacheReplies(site))
+	// The whole stream API of the site's own domain: a leaf advertises its
+	// domain's API as one wildcard, and only the coordinator (the hub's
+	// only CORE client) sends requests there; the site answers them.
+	sub = append(sub, JSAPIPrefix(site)+".STREAM.>")
+	sub = append(sub, "$JSC.R.>")
+	return Template{Pub: pub, Sub: sub, ConnTypes: []string{"LEAFNODE"}}
+}
+
+// ObjectStream is the stream behind object store b.
+func ObjectStream(b string) string { return "OBJ_" + b }

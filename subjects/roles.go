@@ -85,7 +85,9 @@ func RoleTemplate(r Role) Template {
 	switch r {
 	case RoleAgent:
 		return Template{
-			Pub:        []string{DeviceFacts(self), DeviceEvents(self), DesiredGet + "." + self, PayloadSyncFor(self), EscrowPutFor(self), CacheGetFor(self)},
+			// SiteNar and SiteNarInfo reach only a site's mirrors of the
+			// cache (read-only direct gets; nothing answers at the hub).
+			Pub:        []string{DeviceFacts(self), DeviceEvents(self), DesiredGet + "." + self, PayloadSyncFor(self), EscrowPutFor(self), CacheGetFor(self), SiteNar, SiteNarInfo + ".*"},
 			Sub:        []string{selfDeviceInbox},
 			MaxSubs:    deviceMaxSubs,
 			MaxPayload: deviceMaxPayload,

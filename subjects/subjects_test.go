@@ -622,9 +622,11 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 	for _, site := range []string{DefaultSite, "berlin"} {
 		u := fill(RoleAgent, a, site)
 		who := "agent@" + site
-		may(t, who, "publish", u.Pub, DeviceFacts(a), DeviceEvents(a), DesiredGetFor(a), PayloadSyncFor(a), EscrowPutFor(a), CacheGetFor(a))
+		may(t, who, "publish", u.Pub, DeviceFacts(a), DeviceEvents(a), DesiredGetFor(a), PayloadSyncFor(a), EscrowPutFor(a), CacheGetFor(a), SiteNar, SiteNarInfoFor("x"))
 		for _, p := range u.Pub {
-			if p != DeviceFacts(a) && p != DeviceEvents(a) && p != DesiredGetFor(a) && p != PayloadSyncFor(a) && p != EscrowPutFor(a) && p != CacheGetFor(a) {
+			// SiteNar and SiteNarInfo: read-only direct gets of a site's
+			// cache mirrors, shared by every device (FLEET's imports).
+			if p != DeviceFacts(a) && p != DeviceEvents(a) && p != DesiredGetFor(a) && p != PayloadSyncFor(a) && p != EscrowPutFor(a) && p != CacheGetFor(a) && p != SiteNar && p != SiteNarInfo+".*" {
 				t.Errorf("%s may publish %q beyond its facts, events, desired get, payload sync, escrow and cache reads", who, p)
 			}
 		}

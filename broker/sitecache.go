@@ -1,0 +1,251 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// A site's copy of the binary cache (fleet-admin leaf config --cache).
+//
+// The site's leaf node runs JetStream in its own domain (the site's name)
+// and holds, in CORE, two mirrors: subjects.StreamSiteCache of the object
+// store's stream and subjects.StreamSiteNarInfo of the narinfo bucket's,
+// each bounded in bytes and age. Each mirror is fed by a durable consumer
+// the coordinator makes on the hub's stream for that site (flow-control
+// acks, a fixed deliver subject), so the site's CORE link needs no right
+// to make consumers: one of its own making could deliver the cache into
+// any subject of CORE, a KV bucket's among them. The link may only reset
+// its two consumers and answer what it is sent (subjects.SiteCacheTemplate).
+//
+// The coordinator creates the mirrors in the site's domain over that link
+// once it is up (siteLoop), with the bounds it keeps in the consumers'
+// metadata; devices at the site then read them through FLEET's two
+// service imports (read-only direct gets), one transfer across the WAN
+// per file per site. At the hub nothing answers those imports, and the
+// agent reads through the coordinator as before.
+
+const (
+	// siteMetaSite, siteMetaBytes and siteMetaAge are the consumer
+	// metadata that name the site and the bounds of its mirrors.
+	siteMetaSite  = "fleet_site"
+	siteMetaBytes = "fleet_site_max_bytes"
+	siteMetaAge   = "fleet_site_max_age"
+	// siteMirrorEvery is how often the coordinator checks that every
+	// site's mirrors exist (also when a site's link comes up).
+	siteMirrorEvery = time.Minute
+	siteRetry       = 2 * time.Second
+	// siteMaxAckPending bounds the chunks in flight to a site.
+	siteMaxAckPending = 64
+	// siteMinBytes and siteMinAge are the smallest bounds a site's copy
+	// may have.
+	siteMinBytes = 64 << 20
+	siteMinAge   = time.Hour
+)
+
+// siteSources are the hub streams a site mirrors, by consumer kind.
+func siteSources() []struct{ kind, stream, mirror string } {
+	return []struct{ kind, stream, mirror string }{
+		{subjects.SiteCacheObj, subjects.ObjectStream(subjects.ObjectCache), subjects.StreamSiteCache},
+		{subjects.SiteCacheNarInfo, "KV_" + subjects.BucketNarInfo, subjects.StreamSiteNarInfo},
+	}
+}
+
+// checkSiteCache checks the bounds a site's copy asks for.
+func checkSiteCache(sc *model.SiteCache) error {
+	switch {
+	case sc.MaxBytes < siteMinBytes:
+		return badRequest("a site's cache of %d bytes: at least %d", sc.MaxBytes, siteMinBytes)
+	case time.Duration(sc.MaxAge) < siteMinAge:
+		return badRequest("a site's cache kept for %s: at least %s", time.Duration(sc.MaxAge), siteMinAge)
+	}
+	return nil
+}
+
+// setupSiteConsumers makes (or updates) site's two consumers on the hub's
+// cache streams, with the mirrors' bounds in their metadata.
+func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache) error {
+	for _, src := range siteSources() {
+		_, err := s.c.js.CreateOrUpdatePushConsumer(ctx, src.stream, jetstream.ConsumerConfig{
+			Durable:        subjects.SiteCacheConsumer(site, src.kind),
+			Description:    "feeds the cache mirror at site " + site,
+			DeliverSubject: subjects.SiteCacheDeliver(site, src.kind),
+			DeliverPolicy:  jetstream.DeliverAllPolicy,
+			AckPolicy:      jetstream.AckFlowControlPolicy,
+			FlowControl:    true,
+			IdleHeartbeat:  time.Second,
+			MaxAckPending:  siteMaxAckPending,
+			Metadata: map[string]string{
+				siteMetaSite:  site,
+				siteMetaBytes: strconv.FormatInt(sc.MaxBytes, 10),
+				siteMetaAge:   time.Duration(sc.MaxAge).String(),
+			},
+		})
+		if err != nil {
+			return fmt.Errorf("site %s: consumer on %s: %w", site, src.stream, err)
+		}
+	}
+	return nil
+}
+
+// siteLoop keeps every site's mirrors in place: at start, after a leaf
+// config, every siteRetry while a site's are not (its link may not be up
+// yet: a request into a domain nobody serves fails at once), else every
+// siteMirrorEvery (a leaf whose JetStream data was lost gets them back).
+func (cs *cacheStore) siteLoop(ctx context.Context, every time.Duration) {
+	defer close(cs.siteDone)
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-cs.siteKick:
+		}
+		next := every
+		if cs.ensureSiteMirrors(ctx) {
+			next = siteRetry
+		}
+		t.Reset(next)
+	}
+}
+
+// kickSites has siteLoop check the sites' mirrors now.
+func (cs *cacheStore) kickSites() {
+	select {
+	case cs.siteKick <- struct{}{}:
+	default:
+	}
+}
+
+// siteBounds reads a site's name and bounds from a consumer's metadata.
+func siteBounds(ci *jetstream.ConsumerInfo) (string, *model.SiteCache, bool) {
+	md := ci.Config.Metadata
+	site := md[siteMetaSite]
+	n, err1 := strconv.ParseInt(md[siteMetaBytes], 10, 64)
+	age, err2 := time.ParseDuration(md[siteMetaAge])
+	if site == "" || !subjects.ValidSite(site) || err1 != nil || err2 != nil || ci.Name != subjects.SiteCacheConsumer(site, subjects.SiteCacheObj) {
+		return "", nil, false
+	}
+	return site, &model.SiteCache{MaxBytes: n, MaxAge: model.Duration(age)}, true
+}
+
+// ensureSiteMirrors creates the mirrors of every site that has consumers
+// and lacks them; it reports whether a site's are not in place yet.
+func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
+	stream, err := cs.s.c.js.Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
+	if err != nil {
+		return false
+	}
+	lister := stream.ListConsumers(ctx)
+	for ci := range lister.Info() {
+		site, sc, ok := siteBounds(ci)
+		if !ok {
+			continue
+		}
+		if err := cs.ensureSiteMirror(ctx, site, sc); err != nil {
+			cs.log.Debug().Err(err).Str("site", site).Msg("site cache: mirrors not set up (yet)")
+			pending = true
+		}
+	}
+	return pending
+}
+
+// jsAPIReply is the part of a JetStream API reply the coordinator reads.
+type jsAPIReply struct {
+	Error *struct {
+		Code        int    `json:"code"`
+		ErrCode     int    `json:"err_code"`
+		Description string `json:"description"`
+	} `json:"error"`
+	Config *jetstream.StreamConfig `json:"config"`
+}
+
+const jsErrStreamNotFound = 10059
+
+// siteRequest sends a JetStream API request into site's domain.
+func (cs *cacheStore) siteRequest(ctx context.Context, site, api string, body []byte) (*jsAPIReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	// The site may answer only into its own reply subjects.
+	sub, err := cs.s.c.nc.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
+	if err != nil {
+		return nil, fmt.Errorf("site %s: %w", site, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := cs.s.c.nc.PublishRequest(subjects.JSAPIPrefix(site)+"."+api, sub.Subject, body); err != nil {
+		return nil, fmt.Errorf("site %s: %s: %w", site, api, err)
+	}
+	m, err := sub.NextMsgWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("site %s: %s: %w", site, api, err)
+	}
+	var r jsAPIReply
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		return nil, fmt.Errorf("site %s: %s: %w", site, api, err)
+	}
+	return &r, nil
+}
+
+// siteMirrorConfig is the config of site's mirror of src.
+func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *model.SiteCache) jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:        mirror,
+		Description: "fleet binary cache at site " + site + ": a mirror of the hub's " + stream,
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
+		Discard:     jetstream.DiscardOld,
+		MaxBytes:    sc.MaxBytes,
+		MaxAge:      time.Duration(sc.MaxAge),
+		AllowDirect: true,
+		Mirror: &jetstream.StreamSource{
+			Name:     stream,
+			External: &jetstream.ExternalStream{APIPrefix: subjects.JSAPIPrefix(cs.s.c.cfg.Domain)},
+			Consumer: &jetstream.StreamConsumerSource{Name: subjects.SiteCacheConsumer(site, kind), DeliverSubject: subjects.SiteCacheDeliver(site, kind)},
+		},
+	}
+}
+
+// ensureSiteMirror creates site's two mirrors when they do not exist and
+// updates their bounds when they changed.
+func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *model.SiteCache) error {
+	for _, src := range siteSources() {
+		want := cs.siteMirrorConfig(site, src.kind, src.stream, src.mirror, sc)
+		info, err := cs.siteRequest(ctx, site, "STREAM.INFO."+src.mirror, nil)
+		if err != nil {
+			return err
+		}
+		verb := ""
+		switch {
+		case info.Error != nil && info.Error.ErrCode == jsErrStreamNotFound:
+			verb = "CREATE"
+		case info.Error != nil:
+			return fmt.Errorf("site %s: %s: %s", site, src.mirror, info.Error.Description)
+		case info.Config != nil && (info.Config.MaxBytes != want.MaxBytes || info.Config.MaxAge != want.MaxAge):
+			verb = "UPDATE"
+		}
+		if verb == "" {
+			continue
+		}
+		body, _ := json.Marshal(want)
+		r, err := cs.siteRequest(ctx, site, "STREAM."+verb+"."+src.mirror, body)
+		if err != nil {
+			return err
+		}
+		if r.Error != nil {
+			return fmt.Errorf("site %s: %s %s: %s", site, strings.ToLower(verb), src.mirror, r.Error.Description)
+		}
+		cs.log.Info().Str("site", site).Str("stream", src.mirror).Int64("max_bytes", sc.MaxBytes).Dur("max_age", time.Duration(sc.MaxAge)).Msg("site cache: mirror " + strings.ToLower(verb) + "d")
+	}
+	return nil
+}

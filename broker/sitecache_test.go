@@ -1,0 +1,422 @@
+package broker
+
+import (
+	"bytes"
+	"errors"
+	"net/url"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"fleet/accounts"
+	"fleet/admin"
+	"fleet/agent"
+	"fleet/internal/poll"
+	"fleet/model"
+	"fleet/subjects"
+)
+
+// siteWorld is a cache world whose coordinator listens for leaf nodes, and
+// a site "berlin" set up with a copy of the cache.
+type siteWorld struct {
+	*cacheWorld
+	lc        model.LeafConfig
+	leafCreds string
+	coreCreds string
+}
+
+func newSiteWorld(t *testing.T) *siteWorld {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := testConfig(dir)
+	cfg.LeafnodeListen = "127.0.0.1:0"
+	c := startCoordinator(t, cfg)
+	w := &cacheWorld{t: t, c: c, stage: t.TempDir()}
+	owner, err := admin.Dial(ctxT(t, 10*time.Second), c.ClientURL(), filepath.Join(dir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(owner.Close)
+	w.owner = owner
+	lk, ck := newKey(t), newKey(t)
+	sw := &siteWorld{cacheWorld: w}
+	if err := owner.Call(ctxT(t, 10*time.Second), subjects.VerbLeafConfig, true, model.LeafConfigRequest{
+		Site: "berlin", Key: pubOf(lk),
+		Cache: &model.SiteCache{Key: pubOf(ck), MaxBytes: 1 << 30, MaxAge: model.Duration(24 * time.Hour)},
+	}, &sw.lc); err != nil {
+		t.Fatal(err)
+	}
+	if sw.lc.CacheUserJWT == "" || sw.lc.CoreJWT == "" {
+		t.Fatalf("leaf config without the cache link: %+v", sw.lc)
+	}
+	sw.leafCreds = filepath.Join(t.TempDir(), "leaf.creds")
+	sw.coreCreds = filepath.Join(t.TempDir(), "leaf-cache.creds")
+	if err := accounts.WriteCreds(sw.leafCreds, &accounts.Creds{JWT: sw.lc.JWT, Key: lk}); err != nil {
+		t.Fatal(err)
+	}
+	if err := accounts.WriteCreds(sw.coreCreds, &accounts.Creds{JWT: sw.lc.CacheUserJWT, Key: ck}); err != nil {
+		t.Fatal(err)
+	}
+	return sw
+}
+
+// startSite runs berlin's leaf node as leaf config --cache describes it:
+// operator mode, JetStream in domain berlin, a FLEET link and a CORE link
+// that feeds the mirrors (with cache false, without the CORE link and
+// JetStream: a site with no copy).
+func (sw *siteWorld) startSite(cache bool) *server.Server {
+	t := sw.t
+	auth := sw.c.Authority()
+	oc, err := jwt.DecodeOperatorClaims(auth.OperatorJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := &server.MemAccResolver{}
+	for acc, tok := range map[string]string{sw.lc.SystemAccount: sw.lc.SystemJWT, sw.lc.FleetAccount: sw.lc.FleetJWT, sw.lc.CoreAccount: sw.lc.CoreJWT} {
+		if err := res.Store(acc, tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hub, err := url.Parse(sw.c.LeafURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := &server.Options{
+		ServerName: "leaf-berlin", Host: "127.0.0.1", Port: server.RANDOM_PORT, NoSigs: true, NoLog: !testing.Verbose(), Debug: testing.Verbose(),
+		TrustedOperators: []*jwt.OperatorClaims{oc}, SystemAccount: auth.SystemAccount(), AccountResolver: res,
+		LeafNode: server.LeafNodeOpts{Remotes: []*server.RemoteLeafOpts{{URLs: []*url.URL{hub}, Credentials: sw.leafCreds, LocalAccount: auth.FleetAccount()}}},
+	}
+	if cache {
+		opts.JetStream, opts.JetStreamDomain, opts.StoreDir = true, "berlin", t.TempDir()
+		opts.LeafNode.Remotes = append(opts.LeafNode.Remotes, &server.RemoteLeafOpts{URLs: []*url.URL{hub}, Credentials: sw.coreCreds, LocalAccount: auth.CoreAccount()})
+	}
+	ls, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if testing.Verbose() {
+		ls.ConfigureLogger()
+	}
+	ls.Start()
+	t.Cleanup(func() {
+		ls.Shutdown()
+		ls.WaitForShutdown()
+	})
+	if !ls.ReadyForConnections(10 * time.Second) {
+		t.Fatal("leaf server not ready")
+	}
+	want := 1
+	if cache {
+		want = 2
+	}
+	poll.Until(t, 10*time.Second, "leaf links to the coordinator", func() bool {
+		return ls.NumLeafNodes() == want && sw.c.Server().NumLeafNodes() == want
+	})
+	return ls
+}
+
+// siteDevice is an active device at site, connected to url.
+func (sw *siteWorld) siteDevice(url, site string) (*client, string) {
+	t := sw.t
+	kp := newKey(t)
+	tok, err := sw.c.Authority().IssueSiteUser(subjects.RoleAgent, pubOf(kp), "dev", site, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recordDevice(t, sw.c, pubOf(kp), site)
+	return mustDial(t, url, &accounts.Creds{JWT: tok, Key: kp}), pubOf(kp)
+}
+
+// mirrored waits until berlin's mirrors hold n narinfos and the chunks
+// of the cache.
+func mirrored(t *testing.T, ls *server.Server, core string, narinfos, objMsgs uint64) {
+	t.Helper()
+	poll.Until(t, 20*time.Second, "the site's mirrors filled", func() bool {
+		jsz, err := ls.Jsz(&server.JSzOptions{Accounts: true, Streams: true})
+		if err != nil {
+			return false
+		}
+		var ni, obj uint64
+		for _, ad := range jsz.AccountDetails {
+			if ad.Id != core {
+				continue
+			}
+			for _, st := range ad.Streams {
+				switch st.Name {
+				case subjects.StreamSiteNarInfo:
+					ni = st.State.Msgs
+				case subjects.StreamSiteCache:
+					obj = st.State.Msgs
+				}
+			}
+		}
+		return ni >= narinfos && obj >= objMsgs
+	})
+}
+
+// Two devices at a site read one NAR file: from the site's copy, which
+// crossed the WAN once, not through the coordinator.
+func TestSiteCacheOneCopy(t *testing.T) {
+	sw := newSiteWorld(t)
+	chunk := int(sw.c.svc.cache.objChunk())
+	ni, raw, data := sw.fakeNar("system", 3*chunk+100)
+	sw.mustPush(raw)
+	ls := sw.startSite(true)
+	// Three chunks and the meta; one narinfo.
+	mirrored(t, ls, sw.lc.CoreAccount, 1, 5)
+
+	out0 := leafOutBytes(t, sw.c)
+	if out0 < int64(len(data)) || out0 > int64(len(data))*3/2 {
+		t.Fatalf("the mirrors took %d bytes across the leaf links for a %d-byte file", out0, len(data))
+	}
+	for i := range 2 {
+		cl, id := sw.siteDevice(ls.ClientURL(), "berlin")
+		srv, err := agent.ServeFleetCache(cl.Conn, id, zerolog.Nop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code, _ := cacheGet(t, srv.URL()+"/"+ni.HashPart()+".narinfo"); code != 200 {
+			t.Fatalf("device %d: narinfo %d", i, code)
+		}
+		if code, got := cacheGet(t, srv.URL()+"/"+ni.URL); code != 200 || !bytes.Equal(got, data) {
+			t.Fatalf("device %d: NAR %d, %d bytes", i, code, len(got))
+		}
+		if site, hub := srv.NarInfos(); site != 1 || hub != 0 {
+			t.Fatalf("device %d: narinfos from the site %d, from the hub %d", i, site, hub)
+		}
+		_ = srv.Close()
+	}
+	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != 0 {
+		t.Fatalf("the coordinator sent berlin %v NAR bytes", v)
+	}
+	// Two reads crossed the WAN as no bytes of the file.
+	if d := leafOutBytes(t, sw.c) - out0; d > int64(len(data))/4 {
+		t.Fatalf("two reads at the site took %d more bytes across the leaf links (file: %d)", d, len(data))
+	}
+}
+
+// leafOutBytes is what the hub sent over all its leaf links.
+func leafOutBytes(t *testing.T, c *Coordinator) int64 {
+	t.Helper()
+	lz, err := c.Server().Leafz(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, l := range lz.Leafs {
+		n += l.OutBytes
+	}
+	return n
+}
+
+// readAt reads ni's narinfo and file as a device at site connected to url
+// and returns where its narinfo came from.
+func (sw *siteWorld) readAt(url, site string, ni *model.NarInfo, data []byte) (fromSite bool) {
+	t := sw.t
+	t.Helper()
+	cl, id := sw.siteDevice(url, site)
+	srv, err := agent.ServeFleetCache(cl.Conn, id, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if code, _ := cacheGet(t, srv.URL()+"/"+ni.HashPart()+".narinfo"); code != 200 {
+		t.Fatalf("narinfo: %d", code)
+	}
+	if code, got := cacheGet(t, srv.URL()+"/"+ni.URL); code != 200 || !bytes.Equal(got, data) {
+		t.Fatalf("NAR: %d, %d bytes", code, len(got))
+	}
+	s, _ := srv.NarInfos()
+	return s == 1
+}
+
+// A site without a copy, and a site whose copy is cold, read the hub's
+// cache through the coordinator.
+func TestSiteCacheFallback(t *testing.T) {
+	sw := newSiteWorld(t)
+	ni, raw, data := sw.fakeNar("system", 200_000)
+	sw.mustPush(raw)
+	plain := sw.startSite(false)
+	if sw.readAt(plain.ClientURL(), "berlin", ni, data) {
+		t.Fatal("a site with no copy served the narinfo")
+	}
+	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != float64(len(data)) {
+		t.Fatalf("the coordinator sent berlin %v bytes, want %d", v, len(data))
+	}
+	plain.Shutdown()
+	plain.WaitForShutdown()
+
+	ls := sw.startSite(true)
+	mirrored(t, ls, sw.lc.CoreAccount, 1, 2)
+	// Cold: the copy lost what it held.
+	core, err := sw.c.Authority().CoreUser("test-site-admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := mustDial(t, ls.ClientURL(), core)
+	js, err := jetstream.New(cl.Conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 10*time.Second)
+	for _, name := range []string{subjects.StreamSiteCache, subjects.StreamSiteNarInfo} {
+		st, err := js.Stream(ctx, name)
+		if err == nil {
+			err = st.Purge(ctx)
+		}
+		if err != nil {
+			t.Fatalf("purge %s at the site: %v", name, err)
+		}
+	}
+	if sw.readAt(ls.ClientURL(), "berlin", ni, data) {
+		t.Fatal("a cold copy served the narinfo")
+	}
+	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != 2*float64(len(data)) {
+		t.Fatalf("the coordinator sent berlin %v bytes, want %d", v, 2*len(data))
+	}
+	// A device at the hub reads the hub's, and asking the sites' imports
+	// there gets no answer.
+	if sw.readAt(sw.c.ClientURL(), subjects.DefaultSite, ni, data) {
+		t.Fatal("a device at the hub read a site's copy")
+	}
+}
+
+// A site's CORE link in the wrong hands: it cannot be used as a client at
+// the hub, and a leaf under the attacker's control that links with it can
+// neither make a consumer (whose deliver subject could write into any
+// bucket), nor make streams, nor write or read anything but its own
+// deliveries; the admins bucket and the cache's consumers are what they
+// were. A device cannot name the JetStream API behind the imports.
+func TestSiteCacheRogueLink(t *testing.T) {
+	sw := newSiteWorld(t)
+	ctx := ctxT(t, 30*time.Second)
+	ck, err := accounts.ReadCreds(sw.coreCreds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dial(sw.c.ClientURL(), ck); err == nil || !isAuthError(err) {
+		t.Fatalf("the site's CORE link as a client at the hub: %v", err)
+	}
+
+	hub, err := url.Parse(sw.c.LeafURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rogue, err := server.NewServer(&server.Options{
+		ServerName: "rogue", Host: "127.0.0.1", Port: server.RANDOM_PORT, NoSigs: true, NoLog: true,
+		LeafNode: server.LeafNodeOpts{Remotes: []*server.RemoteLeafOpts{{URLs: []*url.URL{hub}, Credentials: sw.coreCreds}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rogue.Start()
+	t.Cleanup(func() { rogue.Shutdown(); rogue.WaitForShutdown() })
+	if !rogue.ReadyForConnections(10 * time.Second) {
+		t.Fatal("rogue leaf not ready")
+	}
+	poll.Until(t, 10*time.Second, "rogue link up", func() bool { return sw.c.Server().NumLeafNodes() == 1 })
+	rc, err := nats.Connect(rogue.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	seen, err := rc.SubscribeSync(">")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := map[string]bool{}
+	evil := `{"stream_name":"` + subjects.ObjectStream(subjects.ObjectCache) + `","config":{"durable_name":"evil","deliver_subject":"$KV.` + subjects.BucketAdmins + `.pwn","ack_policy":"none"}}`
+	for subj, body := range map[string]string{
+		"$JS.fleet.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache):                    evil,
+		"$JS.fleet.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache) + ".evil":          evil,
+		"$JS.fleet.API.CONSUMER.DURABLE.CREATE." + subjects.ObjectStream(subjects.ObjectCache) + ".evil":  evil,
+		"$JS.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache):                          evil,
+		"$JS.fleet.API.STREAM.CREATE.EVIL":                                                                `{"name":"EVIL","subjects":["evil.>"]}`,
+		"$KV." + subjects.BucketAdmins + ".pwn":                                                           `{}`,
+		"$JS.fleet.API.CONSUMER.RESET." + subjects.ObjectStream(subjects.ObjectCache) + ".site_paris_obj": ``,
+		"$JS.fleet.API.DIRECT.GET.KV_" + subjects.BucketAdmins:                                            `{"seq":1}`,
+		subjects.APIWriteVerb(subjects.VerbCachePut):                                                      `{}`,
+	} {
+		sent[subj] = true
+		if err := rc.PublishRequest(subj, "rogue.reply", []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The link is one connection: once an allowed message from it reached
+	// the hub, every one sent before it was dealt with.
+	core, err := sw.c.Authority().CoreUser("test-core")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := mustDial(t, sw.c.ClientURL(), core)
+	barrier, err := hc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
+		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
+		return err == nil && acc.SubscriptionInterest(barrier.Subject)
+	})
+	if err := rc.Publish(barrier.Subject, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := barrier.NextMsg(10 * time.Second); err != nil {
+		t.Fatalf("barrier: %v", err)
+	}
+	js := sw.c.JetStream()
+	admins, err := js.KeyValue(ctx, subjects.BucketAdmins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admins.Get(ctx, "pwn"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("the rogue link wrote the admins bucket: %v", err)
+	}
+	if _, err := js.Stream(ctx, "EVIL"); !errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Fatalf("the rogue link made a stream: %v", err)
+	}
+	st, err := js.Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := st.ConsumerNames(ctx)
+	for n := range names.Name() {
+		if n != subjects.SiteCacheConsumer("berlin", subjects.SiteCacheObj) {
+			t.Fatalf("consumer %s on the cache", n)
+		}
+	}
+	// Nothing came back to the rogue leaf: what it holds is its own
+	// publishes, echoed locally.
+	for {
+		m, err := seen.NextMsg(0)
+		if err != nil {
+			break
+		}
+		if _, mine := sent[m.Subject]; !mine && m.Subject != barrier.Subject {
+			t.Errorf("the rogue leaf received %q", m.Subject)
+		}
+	}
+
+	// A device names only the imports, never the API behind them.
+	dev, err := sw.c.Authority().NewUser(subjects.RoleAgent, "dev", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recordDevice(t, sw.c, dev.PublicKey(), subjects.DefaultSite)
+	dc := mustDial(t, sw.c.ClientURL(), dev)
+	for _, subj := range []string{"$JS.API.DIRECT.GET." + subjects.StreamSiteCache, "$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV.fleet_narinfo.x", subjects.SiteCacheDeliver("berlin", subjects.SiteCacheObj)} {
+		_ = dc.Publish(subj, []byte(`{}`))
+		dc.errs.waitViolation(t, 5*time.Second, "Publish", subj)
+	}
+	if _, err := dc.RequestWithContext(ctxT(t, 5*time.Second), subjects.SiteNar, []byte(`{"seq":1,"batch":100}`)); !errors.Is(err, nats.ErrNoResponders) {
+		t.Fatalf("a site import at the hub: %v", err)
+	}
+}
