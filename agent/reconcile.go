@@ -359,7 +359,9 @@ func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, e
 	if err := SaveState(a.o.StateDir, &st); err != nil {
 		a.log.Error().Err(err).Msg("save apply state")
 	}
-	a.event(ap, model.StateIdle, "", "", "", "")
+	// No idle event follows: a final result ends the apply, and the
+	// coordinator counts the device idle from it (one report fewer per
+	// apply, for every device of a rollout).
 	a.kickFacts()
 }
 

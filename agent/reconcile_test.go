@@ -145,12 +145,12 @@ func TestAgentReadsDesiredOnTrigger(t *testing.T) {
 	}
 	waitFor(t, asks, "the desired-state read after the trigger")
 
-	// The device already runs the release: checking, reporting unchanged,
-	// idle, each signed and stored.
+	// The device already runs the release: checking, then reporting
+	// unchanged (which ends the apply), each signed and stored.
 	want := []struct {
 		state  model.State
 		result model.Result
-	}{{model.StateChecking, ""}, {model.StateReporting, model.ResultUnchanged}, {model.StateIdle, ""}}
+	}{{model.StateChecking, ""}, {model.StateReporting, model.ResultUnchanged}}
 	var attempt string
 	for i, w := range want {
 		ev := waitFor(t, events.stored, "event "+string(w.state))

@@ -34,7 +34,7 @@ var (
 	descRebootNeeded    = desc("fleet_device_reboot_needed", "1 when the booted kernel, initrd or modules differ from the current system's.", "device", "name")
 	descApplySuccess    = desc("fleet_device_last_apply_success", "1 when the device's latest apply succeeded (or changed nothing), 0 when it failed or was rolled back; absent before any apply.", "device", "name")
 	descOnline          = desc("fleet_device_online", "1 when the device is online (see fleet_devices_online).", "device", "name")
-	descAgentStates     = desc("fleet_devices_agent_state", "Devices by their agent's latest reconcile state (idle, checking, fetching, applying, verifying, reporting, rolling_back), from their events.", "state")
+	descAgentStates     = desc("fleet_devices_agent_state", "Devices by their agent's latest reconcile state (idle, checking, fetching, applying, verifying, reporting, rolling_back), from their events; an apply's result counts as idle.", "state")
 	descRolloutDevices  = desc("fleet_rollout_devices", "Devices of a rollout by their state in it (unfinished rollouts and those finished within 24h).", "rollout", "state")
 	descRolloutInfo     = desc("fleet_rollout_info", "A rollout, its release and its state (unfinished rollouts and those finished within 24h).", "rollout", "release", "state")
 	descIndexMessages   = desc("fleet_index_messages_total", "Messages and KV entries the device index has taken in, by source.", "source")
@@ -107,8 +107,12 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		if s.event != nil {
-			if _, known := byState[s.event.State]; known {
-				byState[s.event.State]++
+			st := s.event.State
+			if s.event.Result.Final() {
+				st = model.StateIdle // a result ends the apply
+			}
+			if _, known := byState[st]; known {
+				byState[st]++
 			}
 		}
 		r := sn.row(s)

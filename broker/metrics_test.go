@@ -260,7 +260,9 @@ func TestVisibilityMetricsAPIAndStatus(t *testing.T) {
 	check("fleet_device_reboot_needed", map[string]string{"device": cc.id}, 1)
 	check("fleet_device_reboot_needed", map[string]string{"device": a.id}, 0)
 	check("fleet_device_last_apply_success", map[string]string{"device": b.id, "name": "bravo"}, 0)
-	check("fleet_devices_agent_state", map[string]string{"state": "reporting"}, 1)
+	// bravo's latest event is a result: the apply is over, it is idle.
+	check("fleet_devices_agent_state", map[string]string{"state": "idle"}, 1)
+	check("fleet_devices_agent_state", map[string]string{"state": "reporting"}, 0)
 	check("fleet_devices_agent_state", map[string]string{"state": "applying"}, 0)
 	check("fleet_rollout_devices", map[string]string{"rollout": "r-1", "state": "waiting"}, 1)
 	check("fleet_rollout_devices", map[string]string{"rollout": "r-1", "state": "failed"}, 0)
