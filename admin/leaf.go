@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
 	"fleet/accounts"
@@ -187,10 +188,16 @@ func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string, cacheBytes 
 	}
 	b.WriteString("}\n")
 	if lc.CacheUserJWT != "" {
-		// Room for both mirrors (the narinfos are small) and their
-		// indexes.
+		// The server must hold what the CORE account's JWT reserves (the
+		// hub's limits, or JetStream refuses the account); the mirrors'
+		// own bounds keep the disk they use to the cache's.
+		disk, mem := cacheBytes+cacheBytes/8+(256<<20), int64(64<<20)
+		if ac, err := jwt.DecodeAccountClaims(lc.CoreJWT); err == nil {
+			disk = max(disk, ac.Limits.JetStreamLimits.DiskStorage)
+			mem = max(mem, ac.Limits.JetStreamLimits.MemoryStorage)
+		}
 		fmt.Fprintf(&b, "jetstream {\n  domain: %s\n  store_dir: %s\n  max_file_store: %d\n  max_memory_store: %d\n}\n",
-			q(lc.Site), q(filepath.Join(dir, "jetstream")), cacheBytes+cacheBytes/8+(256<<20), 64<<20)
+			q(lc.Site), q(filepath.Join(dir, "jetstream")), disk, mem)
 	}
 	b.WriteString("leafnodes {\n  remotes: [\n")
 	fmt.Fprintf(&b, "    { urls: [%s], credentials: %s, account: %s }\n", q(hub), q(filepath.Join(dir, "leaf.creds")), q(lc.FleetAccount))

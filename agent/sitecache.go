@@ -109,6 +109,7 @@ type siteReader struct {
 	after  uint64
 	got    int64
 	n      int // chunks read
+	total  int // chunks the site holds of the file (from the first batch)
 	queue  [][]byte
 	done   bool
 }
@@ -132,6 +133,19 @@ func (cs *CacheServer) openSiteNar(ctx context.Context, file string, ni *model.N
 	if err := sr.sub.SetPendingLimits(-1, -1); err != nil { // bounded by the batch
 		sr.close()
 		return nil, fmt.Errorf("fleet cache: %w", err)
+	}
+	// The first batch now, so that a copy that lost the file's first
+	// chunks (the oldest go first when it is full) sends Nix to the hub
+	// rather than a file cut short.
+	if sr.obj.Chunks > 0 {
+		if err := sr.batch(ctx); err != nil {
+			sr.close()
+			return nil, fmt.Errorf("%w: %v", errNoSite, err)
+		}
+		if sr.total != sr.obj.Chunks {
+			sr.close()
+			return nil, fmt.Errorf("%w: the site holds %d of %s's %d chunks", errNoSite, sr.total, file, sr.obj.Chunks)
+		}
 	}
 	return sr, nil
 }
@@ -185,6 +199,14 @@ func (sr *siteReader) batch(ctx context.Context) error {
 		}
 		if sr.got+int64(len(m.Data)) > sr.obj.Size {
 			return fmt.Errorf("%w: the site's %s is longer than the %d bytes it said", ErrCacheRefused, sr.file, sr.obj.Size)
+		}
+		if sr.n == 0 {
+			// The server counts what is left on the subject after this one.
+			left, err := strconv.Atoi(m.Header.Get("Nats-Num-Pending"))
+			if err != nil {
+				return fmt.Errorf("fleet cache: the site's %s: no count of its chunks", sr.file)
+			}
+			sr.total = left + 1
 		}
 		sr.after = seq
 		sr.got += int64(len(m.Data))

@@ -240,7 +240,7 @@ func (sw *siteWorld) readAt(url, site string, ni *model.NarInfo, data []byte) (f
 // cache through the coordinator.
 func TestSiteCacheFallback(t *testing.T) {
 	sw := newSiteWorld(t)
-	ni, raw, data := sw.fakeNar("system", 200_000)
+	ni, raw, data := sw.fakeNar("system", 2*int(sw.c.svc.cache.objChunk())+1000)
 	sw.mustPush(raw)
 	plain := sw.startSite(false)
 	if sw.readAt(plain.ClientURL(), "berlin", ni, data) {
@@ -253,8 +253,7 @@ func TestSiteCacheFallback(t *testing.T) {
 	plain.WaitForShutdown()
 
 	ls := sw.startSite(true)
-	mirrored(t, ls, sw.lc.CoreAccount, 1, 2)
-	// Cold: the copy lost what it held.
+	mirrored(t, ls, sw.lc.CoreAccount, 1, 4)
 	core, err := sw.c.Authority().CoreUser("test-site-admin")
 	if err != nil {
 		t.Fatal(err)
@@ -265,6 +264,22 @@ func TestSiteCacheFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := ctxT(t, 10*time.Second)
+	// The copy lost the file's first chunk (the oldest go first when it
+	// is full): its narinfo is read there, the file from the hub.
+	st, err := js.Stream(ctx, subjects.StreamSiteCache)
+	if err == nil {
+		err = st.Purge(ctx, jetstream.WithPurgeSequence(2))
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sw.readAt(ls.ClientURL(), "berlin", ni, data) {
+		t.Fatal("the narinfo was not read at the site")
+	}
+	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != 2*float64(len(data)) {
+		t.Fatalf("the coordinator sent berlin %v bytes, want %d", v, 2*len(data))
+	}
+	// Cold: the copy lost what it held.
 	for _, name := range []string{subjects.StreamSiteCache, subjects.StreamSiteNarInfo} {
 		st, err := js.Stream(ctx, name)
 		if err == nil {
@@ -277,8 +292,8 @@ func TestSiteCacheFallback(t *testing.T) {
 	if sw.readAt(ls.ClientURL(), "berlin", ni, data) {
 		t.Fatal("a cold copy served the narinfo")
 	}
-	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != 2*float64(len(data)) {
-		t.Fatalf("the coordinator sent berlin %v bytes, want %d", v, 2*len(data))
+	if v := cacheMetric(t, sw.c, "fleet_cache_sent_bytes_total", map[string]string{"site": "berlin"}); v != 3*float64(len(data)) {
+		t.Fatalf("the coordinator sent berlin %v bytes, want %d", v, 3*len(data))
 	}
 	// A device at the hub reads the hub's, and asking the sites' imports
 	// there gets no answer.
