@@ -152,6 +152,7 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 		if a.roles[r], err = nkeys.CreateAccount(); err != nil {
 			return nil, err
 		}
+		a.roles[r] = FastKey(a.roles[r]) // as Load's: they sign every enrolment's JWT
 	}
 
 	// Operator JWT, self-signed by the identity key that then leaves the

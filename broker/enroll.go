@@ -159,9 +159,9 @@ func (s *services) enrollDevice(ctx context.Context, data []byte, reply string) 
 		}
 		// Two devices with one host name (a reinstall, a cloned image)
 		// are told apart: the newcomer is shown as name-2, name-3, ...
-		if same := s.c.index.named(req.Hostname); len(same) > 0 {
+		if name := s.c.index.nameFor(req.Hostname); name != req.Hostname {
 			d.Hostname = req.Hostname
-			d.Name = distinctName(req.Hostname, same)
+			d.Name = name
 			s.log.Warn().Str("device", key).Str("hostname", req.Hostname).Str("shown_as", d.Name).
 				Msg("a device enrolled with a host name another device already has; it is shown under another name")
 		}
@@ -309,14 +309,4 @@ func (s *services) token(ctx context.Context, id string) (*tokenRecord, error) {
 		return nil, fmt.Errorf("token record %s is damaged: %w", id, err)
 	}
 	return &t, nil
-}
-
-// distinctName is host with the first suffix -2, -3, ... that no name in
-// taken has.
-func distinctName(host string, taken map[string]bool) string {
-	for i := 2; ; i++ {
-		if n := fmt.Sprintf("%s-%d", host, i); !taken[n] {
-			return n
-		}
-	}
 }

@@ -3,9 +3,9 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -97,7 +97,10 @@ type deviceIndex struct {
 	devs     map[string]*deviceState
 	rollouts map[string]*model.Rollout
 	targets  map[string]*model.GroupTarget
-	online   onlineSource
+	// names counts the devices (not revoked) by name and by host name, for
+	// telling a newcomer with a taken host name apart (named).
+	names, hosts map[string]int
+	online       onlineSource
 	// changes counts what may change a device's convergence: records,
 	// desired states, rollout summaries and group targets (the engine's
 	// sweep looks again when it moved).
@@ -119,6 +122,8 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		devs:     map[string]*deviceState{},
 		rollouts: map[string]*model.Rollout{},
 		targets:  map[string]*model.GroupTarget{},
+		names:    map[string]int{},
+		hosts:    map[string]int{},
 		caughtUp: make(chan struct{}),
 	}
 }
@@ -155,14 +160,36 @@ func (x *deviceIndex) update(id string, f func(s *deviceState) bool) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	var s deviceState
+	var before *model.Device
 	if old := x.devs[id]; old != nil {
 		s = *old
+		before = old.rec
 	}
 	if !f(&s) {
 		delete(x.devs, id)
+		x.countName(before, -1)
 		return
 	}
 	x.devs[id] = &s
+	if s.rec != before {
+		x.countName(before, -1)
+		x.countName(s.rec, 1)
+	}
+}
+
+// countName adds n to rec's name and host name counts (x.mu held).
+func (x *deviceIndex) countName(rec *model.Device, n int) {
+	if rec == nil || rec.Status == model.DeviceRevoked {
+		return
+	}
+	x.names[rec.Name] += n
+	if x.names[rec.Name] <= 0 {
+		delete(x.names, rec.Name)
+	}
+	x.hosts[rec.Host()] += n
+	if x.hosts[rec.Host()] <= 0 {
+		delete(x.hosts, rec.Host())
+	}
 }
 
 func (x *deviceIndex) applyFacts(id string, data []byte, at time.Time) {
@@ -297,7 +324,10 @@ type snapshot struct {
 	devs     []*deviceState // sorted by ID
 	rollouts []*model.Rollout
 	targets  map[string]*model.GroupTarget
-	online   onlineSource
+	// names counts the devices (not revoked) by name and by host name, for
+	// telling a newcomer with a taken host name apart (named).
+	names, hosts map[string]int
+	online       onlineSource
 }
 
 func (x *deviceIndex) snapshot() *snapshot {
@@ -493,28 +523,20 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 	}
 }
 
-// named returns the names of the devices (not revoked) whose host name or
-// name is host, and every name that starts with host: nil when none has
-// it.
-func (x *deviceIndex) named(host string) map[string]bool {
+// nameFor returns the name a new device with host name host is shown
+// under: host itself, or, when a device (not revoked) already has that
+// host name, the first of host-2, host-3, ... that no device has.
+func (x *deviceIndex) nameFor(host string) string {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	var out map[string]bool
-	clash := false
-	for _, s := range x.devs {
-		if s.rec == nil || s.rec.Status == model.DeviceRevoked || !strings.HasPrefix(s.rec.Name, host) {
-			continue
-		}
-		if out == nil {
-			out = map[string]bool{}
-		}
-		out[s.rec.Name] = true
-		clash = clash || s.rec.Host() == host
+	if x.hosts[host] == 0 && x.names[host] == 0 {
+		return host
 	}
-	if !clash {
-		return nil
+	for i := 2; ; i++ {
+		if n := fmt.Sprintf("%s-%d", host, i); x.names[n] == 0 {
+			return n
+		}
 	}
-	return out
 }
 
 // rolloutOf returns rollout id's summary as the index has it.
