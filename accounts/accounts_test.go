@@ -236,11 +236,12 @@ func TestCreateLoad(t *testing.T) {
 }
 
 // siteCacheSharing checks that CORE (core) exports and FLEET imports
-// exactly the direct gets of a site's cache mirrors, as services, and
-// nothing else.
+// exactly the direct gets of the cache (the coordinator's of the hub's
+// NAR files, and a site's mirrors), as services, and nothing else.
 func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core bool) {
 	t.Helper()
 	want := map[string]string{
+		"$JS.API.DIRECT.GET." + subjects.ObjectStream(subjects.ObjectCache):                          subjects.CacheDirect,
 		"$JS.API.DIRECT.GET." + subjects.StreamSiteCache:                                             subjects.SiteNar,
 		"$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV." + subjects.BucketNarInfo + ".*": subjects.SiteNarInfo + ".*",
 	}

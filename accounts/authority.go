@@ -7,9 +7,11 @@
 // FLEET holds every client and has no JetStream. The coordinator is the
 // only bridge, so nothing a client sends, and no reply subject it picks,
 // reaches the state except through the coordinator's validated handlers.
-// The one exception is read-only and lives at the sites: FLEET imports
-// direct gets on a site's mirrors of the binary cache (siteCacheImports),
-// which exist only in a site's own JetStream domain.
+// The exceptions are read-only direct gets of the binary cache that FLEET
+// imports (cacheImports): one only the coordinator may send (a checked
+// device read, answered by the server straight into the device's inbox),
+// and two on a site's mirrors, which exist only in a site's own JetStream
+// domain.
 //
 // The data directory keeps the operator's identity seed in a file of its own
 // (operator.nk) so it can be moved offline: the running coordinator signs
@@ -27,6 +29,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -136,6 +139,7 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if a.fleet, err = nkeys.CreateAccount(); err != nil {
 		return nil, err
 	}
+	a.fleet = FastKey(a.fleet)
 	if a.fleetSvc, err = nkeys.CreateAccount(); err != nil {
 		return nil, err
 	}
@@ -409,7 +413,7 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	}
 	c.Imports = nil
 	c.Exports = nil
-	for _, im := range siteCacheImports() {
+	for _, im := range cacheImports() {
 		c.Exports.Add(&jwt.Export{Name: im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Service, ResponseType: im.resp})
 	}
 	c.Limits.Exports = int64(len(c.Exports))
@@ -419,20 +423,25 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	c.SigningKeys.Add(mustPub(a.coreSvc))
 }
 
-type siteCacheImport struct {
+type cacheImport struct {
 	Name, Subject, Local string
 	resp                 jwt.ResponseType
 }
 
-// siteCacheImports are CORE's exports to FLEET: direct gets on a site's
-// mirrors of the cache (subjects.StreamSiteCache, StreamSiteNarInfo), and
-// nothing else. A NAR read is a batch, several replies to one request;
-// a narinfo one message of one key.
-func siteCacheImports() []siteCacheImport {
-	return []siteCacheImport{
+// cacheImports are CORE's exports to FLEET, and nothing else: direct gets
+// on the hub's NAR files (subjects.CacheDirect, which no role's template
+// lets a client send) and on a site's mirrors of the cache
+// (subjects.StreamSiteCache, StreamSiteNarInfo). A NAR read is a batch,
+// several replies to one request; a narinfo one message of one key.
+func cacheImports() []cacheImport {
+	out := []cacheImport{
+		{"cache-nar", "$JS.API.DIRECT.GET." + subjects.ObjectStream(subjects.ObjectCache), subjects.CacheDirect, jwt.ResponseTypeStream},
 		{"site-cache-nar", "$JS.API.DIRECT.GET." + subjects.StreamSiteCache, subjects.SiteNar, jwt.ResponseTypeStream},
 		{"site-cache-narinfo", "$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV." + subjects.BucketNarInfo + ".*", subjects.SiteNarInfo + ".*", jwt.ResponseTypeSingleton},
 	}
+	// In the order the JWT keeps them, so that Refresh sees no change.
+	slices.SortFunc(out, func(a, b cacheImport) int { return strings.Compare(a.Subject, b.Subject) })
+	return out
 }
 
 // applyFleetPolicy sets limits and the scoped signing keys of the FLEET
@@ -448,7 +457,7 @@ func (a *Authority) applyFleetPolicy(c *jwt.AccountClaims) {
 	c.Limits.JetStreamLimits = jwt.JetStreamLimits{}
 	c.Imports = nil
 	c.Exports = nil
-	for _, im := range siteCacheImports() {
+	for _, im := range cacheImports() {
 		c.Imports.Add(&jwt.Import{Name: im.Name, Subject: jwt.Subject(im.Subject), LocalSubject: jwt.RenamingSubject(im.Local), Account: mustPub(a.core), Type: jwt.Service})
 	}
 	c.Limits.Imports = int64(len(c.Imports))
@@ -533,13 +542,11 @@ func (a *Authority) IssueUser(r subjects.Role, pub, name string, ttl time.Durati
 	return a.IssueSiteUser(r, pub, name, "", ttl)
 }
 
-// IssueSiteUser is IssueUser for a user at a site: devices, enrolling
-// bearers and leaf links carry their site as a tag, which their templates
-// expand ({{tag(site)}}) into the only inboxes they may receive. site ""
-// is the hub (subjects.DefaultSite) for device roles.
-func (a *Authority) IssueSiteUser(r subjects.Role, pub, name, site string, ttl time.Duration) (string, error) {
-	kp, ok := a.roles[r]
-	if !ok {
+// CheckSiteUser reports whether a user of role r with key pub at site can
+// be issued (IssueSiteUser checks the same), and returns the site its JWT
+// would name.
+func (a *Authority) CheckSiteUser(r subjects.Role, pub, site string) (string, error) {
+	if _, ok := a.roles[r]; !ok {
 		return "", fmt.Errorf("unknown role %q", r)
 	}
 	if !subjects.ValidDeviceID(pub) {
@@ -562,6 +569,19 @@ func (a *Authority) IssueSiteUser(r subjects.Role, pub, name, site string, ttl t
 	if site != "" && !subjects.ValidSite(site) {
 		return "", fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin)", site)
 	}
+	return site, nil
+}
+
+// IssueSiteUser is IssueUser for a user at a site: devices, enrolling
+// bearers and leaf links carry their site as a tag, which their templates
+// expand ({{tag(site)}}) into the only inboxes they may receive. site ""
+// is the hub (subjects.DefaultSite) for device roles.
+func (a *Authority) IssueSiteUser(r subjects.Role, pub, name, site string, ttl time.Duration) (string, error) {
+	site, err := a.CheckSiteUser(r, pub, site)
+	if err != nil {
+		return "", err
+	}
+	kp := a.roles[r]
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = name
 	uc.IssuerAccount = mustPub(a.fleet)

@@ -352,19 +352,20 @@ func (cs *CacheServer) addBytes(n int) {
 // the one being passed to Nix.
 const cacheDepth = 4
 
-// narReader reads one NAR file from the coordinator, a window at a time
-// or, when the first window names the file's layout, with cacheDepth
-// windows in flight. Window k is answered into inbox.k; every chunk's
-// sequence is checked against where it must be.
+// narReader reads one NAR file from the hub's cache, a window at a time
+// or, when the first window's header names the file's layout, with
+// cacheDepth windows in flight. Window k is answered into inbox.k.
 type narReader struct {
-	cs      *CacheServer
-	file    string
-	sub     *nats.Subscription
-	inbox   string
-	object  string
-	size    int64
-	got     int64
-	pending map[int][]*nats.Msg // messages of windows ahead of cur
+	cs     *CacheServer
+	file   string
+	sub    *nats.Subscription
+	inbox  string
+	object string
+	// chunkSubj is the subject of the object's chunks.
+	chunkSubj string
+	size      int64
+	got       int64
+	pending   map[int][]*nats.Msg // messages of windows ahead of cur
 
 	// The layout (pipelined): the first chunk's sequence, the chunks and
 	// the chunks a window holds; without it, after is the cursor.
@@ -408,14 +409,18 @@ func (rd *narReader) take(ctx context.Context) (*nats.Msg, error) {
 		case k == rd.cur:
 			return m, nil
 		}
-		if len(rd.pending[k]) >= 2*cacheDepth*rd.per+2 {
+		if len(rd.pending[k]) >= rd.per+3 { // a header, the chunks, the end
 			return nil, fmt.Errorf("fleet cache: %s: window %d is longer than it may be", rd.file, k)
 		}
 		rd.pending[k] = append(rd.pending[k], m)
 	}
 }
 
-// next returns the file's next bytes, io.EOF after the last.
+// next returns the file's next bytes, io.EOF after the last. A window is
+// the coordinator's header, then the chunks of the direct get it made
+// for the device, then that get's end (status 204, or 404 past the last
+// chunk); every chunk must be of the file the header named and where the
+// cursor says.
 func (rd *narReader) next(ctx context.Context) ([]byte, error) {
 	for !rd.done {
 		m, err := rd.take(ctx)
@@ -430,37 +435,41 @@ func (rd *narReader) next(ctx context.Context) ([]byte, error) {
 			if err != nil || size < 0 || (rd.object != "" && (obj != rd.object || size != rd.size)) {
 				return nil, fmt.Errorf("fleet cache: %s: a window of another file", rd.file)
 			}
-			rd.object, rd.size = obj, size
-			if rd.cur == 0 {
+			rd.object, rd.size, rd.chunkSubj = obj, size, "$O."+subjects.ObjectCache+".C."+obj
+			if rd.cur == 0 && rd.idx == 0 {
 				if err := rd.layout(m); err != nil {
 					return nil, err
 				}
 			}
+			continue
 		}
 		if rd.object == "" {
 			return nil, fmt.Errorf("fleet cache: %s: a window that does not say its file", rd.file)
 		}
-		if s := m.Header.Get(subjects.HeaderCacheSeq); s != "" {
-			seq, err := strconv.ParseUint(s, 10, 64)
-			want := rd.first + uint64(rd.cur*rd.per+rd.idx)
-			if err != nil || (rd.pipelined && (seq != want || rd.idx >= rd.per)) || (!rd.pipelined && seq <= rd.after) {
-				return nil, fmt.Errorf("fleet cache: %s: chunk out of order", rd.file)
+		switch st := m.Header.Get("Status"); st {
+		case "":
+		case "204", "404":
+			if err := rd.endWindow(st); err != nil {
+				return nil, err
 			}
-			rd.after = seq
-			rd.idx++
+			continue
+		default:
+			return nil, fmt.Errorf("fleet cache: %s: status %s %s", rd.file, st, m.Header.Get("Description"))
 		}
+		seq, err := strconv.ParseUint(m.Header.Get("Nats-Sequence"), 10, 64)
+		want := rd.first + uint64(rd.cur*rd.per+rd.idx)
+		if err != nil || m.Header.Get("Nats-Subject") != rd.chunkSubj ||
+			(rd.pipelined && (seq != want || rd.idx >= rd.per)) || (!rd.pipelined && seq <= rd.after) {
+			return nil, fmt.Errorf("fleet cache: %s: a chunk of another file or out of order", rd.file)
+		}
+		rd.after = seq
+		rd.idx++
 		if rd.got+int64(len(m.Data)) > rd.size {
 			return nil, fmt.Errorf("%w: %s is longer than the %d bytes it said", ErrCacheRefused, rd.file, rd.size)
 		}
 		rd.got += int64(len(m.Data))
-		switch m.Header.Get(subjects.HeaderCacheLast) {
-		case "eof":
-			rd.done = true
-		case "window":
-			if err := rd.nextWindow(); err != nil {
-				return nil, err
-			}
-		}
+		// The last byte: what else is in flight is not needed.
+		rd.done = rd.got == rd.size
 		if len(m.Data) > 0 {
 			return m.Data, nil
 		}
@@ -486,19 +495,23 @@ func (rd *narReader) layout(m *nats.Msg) error {
 	return nil
 }
 
-// nextWindow moves on after a full window: the file ended, or the next
-// window is read (pipelined: one more is asked for to keep the depth).
-func (rd *narReader) nextWindow() error {
+// endWindow moves on after a window's direct get ended (status st): the
+// file ended, or the next window is read (pipelined: one more is asked
+// for to keep the depth).
+func (rd *narReader) endWindow(st string) error {
 	if rd.got == rd.size {
 		rd.done = true
 		return nil
+	}
+	if st == "404" && (!rd.pipelined || rd.idx == 0) {
+		return fmt.Errorf("fleet cache: %s ended after %d of its %d bytes", rd.file, rd.got, rd.size)
 	}
 	if !rd.pipelined {
 		rd.cur, rd.idx = rd.cur+1, 0
 		return rd.ask(rd.cur, rd.after)
 	}
-	if rd.idx != rd.per {
-		return fmt.Errorf("fleet cache: %s: window %d ended after %d of %d chunks", rd.file, rd.cur, rd.idx, rd.per)
+	if want := min(rd.per, rd.chunks-rd.cur*rd.per); rd.idx != want {
+		return fmt.Errorf("fleet cache: %s: window %d ended after %d of %d chunks", rd.file, rd.cur, rd.idx, want)
 	}
 	delete(rd.pending, rd.cur)
 	rd.cur, rd.idx = rd.cur+1, 0

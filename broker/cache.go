@@ -100,6 +100,8 @@ type cacheStore struct {
 	mu      sync.Mutex
 	uploads map[string]*cacheUpload
 	busy    map[string]bool // NAR files being uploaded
+	// layouts remembers where files' chunks are (layoutOf).
+	layouts map[string]objLayout
 
 	// idle and grace are cacheUploadIdle and cacheGrace (tests shorten
 	// them; under mu).
@@ -139,7 +141,7 @@ type narIndex struct {
 // handlers.
 func (s *services) startCache(ctx context.Context) error {
 	cs := &cacheStore{s: s, log: s.log.With().Str("component", "cache").Logger(),
-		uploads: map[string]*cacheUpload{}, busy: map[string]bool{},
+		uploads: map[string]*cacheUpload{}, busy: map[string]bool{}, layouts: map[string]objLayout{},
 		index:   &narIndex{ready: make(chan struct{}), m: map[string]*narEntry{}},
 		limiter: newRateLimiter(cacheReadRate, cacheReadBurst, s.now),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -667,13 +669,16 @@ func (cs *cacheStore) readNarInfo(ctx context.Context, l *lane, m *nats.Msg, sit
 	_ = l.fc.Publish(m.Reply, e.Value())
 }
 
-// readNar sends one window of a NAR file: up to windowChunks chunks after
-// the stream sequence q.After, each with its sequence; the first names the
-// object and its size, the last says whether the file ended. The first
-// window also names the file's layout when its chunks are consecutive in
-// the stream: then the device knows every window's cursor and asks for
-// several at once (each read stays one request, checked and rate-limited
-// like any other, answered by any coordinator).
+// readNar has one window of a NAR file sent to the device: up to
+// windowChunks chunks after the stream sequence q.After. The coordinator
+// checks the read and sends a header (the object, its size and, when its
+// chunks are consecutive in the stream, its layout: then the device knows
+// every window's cursor and asks for several at once); the chunks
+// themselves the server sends straight into the device's inbox, as the
+// replies of one batched direct get the coordinator makes through FLEET's
+// import of it (subjects.CacheDirect, which no role may send): the bytes
+// do not pass through the coordinator. Each read stays one request,
+// checked and rate-limited like any other, answered by any coordinator.
 func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site string, q *model.CacheRead) {
 	if model.CheckNarURL(q.Nar) != nil || len(q.Object) > 64 || strings.ContainsAny(q.Object, ".*> \t\r\n") {
 		cs.s.drop("cache", dropInvalid, m)
@@ -698,90 +703,93 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 	}
 	chunks := objChunks(subjects.ObjectCache, info.NUID)
 	win := windowChunks(info)
+	lay := cs.layoutOf(ctx, l, info, chunks)
+	h := nats.NewMsg(m.Reply)
+	h.Header.Set(subjects.HeaderCacheObject, info.NUID)
+	h.Header.Set(subjects.HeaderCacheSize, strconv.FormatUint(info.Size, 10))
+	h.Header.Set(subjects.HeaderCacheWindow, strconv.Itoa(win))
+	if lay.first != 0 {
+		h.Header.Set(subjects.HeaderCacheFirst, strconv.FormatUint(lay.first, 10))
+		h.Header.Set(subjects.HeaderCacheChunks, strconv.FormatUint(uint64(info.Chunks), 10))
+	}
 	// Only this object's chunks: whatever cursor a device sends, the
-	// subject filter keeps the read inside the file it named. One batched
-	// direct get reads the window: the server streams its chunks, and
-	// each goes on to the device as soon as the next arrives (which says
-	// whether it was the last).
-	sub, err := l.nc.SubscribeSync(l.nc.NewRespInbox())
-	if err == nil {
-		err = sub.SetPendingLimits(-1, -1) // bounded by the batch
+	// subject filter keeps the read inside the file it named, and the
+	// replies go only to the inbox deviceFor checked.
+	req, _ := json.Marshal(map[string]any{"seq": q.After + 1, "next_by_subj": chunks, "batch": win})
+	if err := l.fc.PublishMsg(h); err == nil {
+		err = l.fc.PublishRequest(subjects.CacheDirect, m.Reply, req)
 	}
 	if err != nil {
 		cs.count(site, "nar", "error")
 		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
 		return
 	}
-	defer func() { _ = sub.Unsubscribe() }()
-	var lastSeq uint64
-	if q.After == 0 && info.Chunks > 1 {
-		// The last chunk's sequence, for the layout (the first comes
-		// with the window).
-		lastSeq = cs.lastChunkSeq(ctx, l, chunks)
-	}
-	req, _ := json.Marshal(map[string]any{"seq": q.After + 1, "next_by_subj": chunks, "batch": win})
-	if err := l.nc.PublishRequest(subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache), sub.Subject, req); err != nil {
-		cs.count(site, "nar", "error")
-		cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
-		return
-	}
-	n, sent := 0, 0
-	defer func() { cs.sent.WithLabelValues(site).Add(float64(n)) }()
-	send := func(c *nats.Msg, last string) bool {
-		r := nats.NewMsg(m.Reply)
-		var seq string
-		if c != nil {
-			r.Data = c.Data
-			seq = c.Header.Get(jetstream.SequenceHeader)
-			r.Header.Set(subjects.HeaderCacheSeq, seq)
-		}
-		if sent == 0 {
-			r.Header.Set(subjects.HeaderCacheObject, info.NUID)
-			r.Header.Set(subjects.HeaderCacheSize, strconv.FormatUint(info.Size, 10))
-			if first, err := strconv.ParseUint(seq, 10, 64); err == nil && lastSeq != 0 && lastSeq-first+1 == uint64(info.Chunks) {
-				r.Header.Set(subjects.HeaderCacheFirst, seq)
-				r.Header.Set(subjects.HeaderCacheChunks, strconv.FormatUint(uint64(info.Chunks), 10))
-				r.Header.Set(subjects.HeaderCacheWindow, strconv.Itoa(win))
-			}
-		}
-		if last != "" {
-			r.Header.Set(subjects.HeaderCacheLast, last)
-		}
-		sent++
-		n += len(r.Data)
-		return l.fc.PublishMsg(r) == nil
-	}
-	var prev *nats.Msg
-	got := 0
-	for {
-		c, err := sub.NextMsgWithContext(ctx)
-		if err != nil {
-			cs.count(site, "nar", "error")
-			cs.readError(l, m, 500, "read NAR chunks: "+err.Error())
-			return
-		}
-		if st := c.Header.Get("Status"); st != "" || len(c.Data) == 0 && c.Header.Get(jetstream.SequenceHeader) == "" {
-			// 204: the batch ended; 404: nothing (more) in the file.
-			last := "eof"
-			if st == "204" && got == win {
-				last = "window"
-			}
-			cs.count(site, "nar", "hit")
-			send(prev, last)
-			return
-		}
-		got++
-		if prev != nil && !send(prev, "") {
-			return
-		}
-		prev = c
-	}
+	cs.count(site, "nar", "hit")
+	cs.sent.WithLabelValues(site).Add(float64(windowBytes(info, lay, q.After, win)))
 }
 
-// lastChunkSeq is the stream sequence of the last message on subject
-// chunks, 0 when it cannot be read.
-func (cs *cacheStore) lastChunkSeq(ctx context.Context, l *lane, chunks string) uint64 {
-	r, err := l.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache)+"."+chunks, nil)
+// objLayout is where a file's chunks are in the stream: first is the
+// first chunk's sequence when they are consecutive, else 0.
+type objLayout struct{ first uint64 }
+
+// cacheLayouts bounds the layouts a coordinator remembers.
+const cacheLayouts = 4096
+
+// layoutOf finds (once per object) whether its chunks are consecutive in
+// the stream: its first and last chunks' sequences, read with two direct
+// gets.
+func (cs *cacheStore) layoutOf(ctx context.Context, l *lane, info *jetstream.ObjectInfo, chunks string) objLayout {
+	cs.mu.Lock()
+	lay, ok := cs.layouts[info.NUID]
+	cs.mu.Unlock()
+	if ok || info.Chunks == 0 {
+		return lay
+	}
+	first := cs.chunkSeq(ctx, l, `{"seq":1,"next_by_subj":"`+chunks+`"}`, "")
+	last := cs.chunkSeq(ctx, l, "", "."+chunks)
+	if first != 0 && last >= first && last-first+1 == uint64(info.Chunks) {
+		lay.first = first
+	}
+	cs.mu.Lock()
+	if len(cs.layouts) >= cacheLayouts {
+		clear(cs.layouts)
+	}
+	cs.layouts[info.NUID] = lay
+	cs.mu.Unlock()
+	return lay
+}
+
+// windowBytes is how many bytes of the file the window after sequence
+// after holds (exact for consecutive chunks, at most a window otherwise).
+func windowBytes(info *jetstream.ObjectInfo, lay objLayout, after uint64, win int) int64 {
+	chunk := int64(cacheObjChunk)
+	if info.Opts != nil && info.Opts.ChunkSize > 0 {
+		chunk = int64(info.Opts.ChunkSize)
+	}
+	size, n := int64(info.Size), int64(info.Chunks)
+	if lay.first == 0 {
+		return min(int64(win)*chunk, size)
+	}
+	idx := int64(0)
+	if after >= lay.first {
+		idx = int64(after-lay.first) + 1
+	}
+	if idx >= n {
+		return 0
+	}
+	end := min(idx+int64(win), n)
+	b := (end - idx) * chunk
+	if end == n {
+		b -= n*chunk - size // the last chunk is short
+	}
+	return max(b, 0)
+}
+
+// chunkSeq is the stream sequence of the message a direct get finds
+// (body, or subj appended to the API subject for the last of a subject),
+// 0 when none.
+func (cs *cacheStore) chunkSeq(ctx context.Context, l *lane, body, subj string) uint64 {
+	r, err := l.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache)+subj, []byte(body))
 	if err != nil || r.Header.Get("Status") != "" {
 		return 0
 	}

@@ -393,7 +393,8 @@ func (w *cacheWorld) deviceRead(body []byte) ([]*nats.Msg, error) {
 			return out, err
 		}
 		out = append(out, m)
-		if m.Header.Get(subjects.HeaderCacheStatus) != "" || m.Header.Get(subjects.HeaderCacheLast) != "" || m.Header.Get(subjects.HeaderCacheSeq) == "" {
+		// An error, or the end of the window's direct get.
+		if m.Header.Get(subjects.HeaderCacheStatus) != "" || m.Header.Get("Status") != "" {
 			return out, nil
 		}
 	}
@@ -428,7 +429,7 @@ func TestCacheDeviceAttacks(t *testing.T) {
 	recordDevice(t, w.c, other.PublicKey(), subjects.DefaultSite)
 	for _, subj := range []string{subjects.APIWriteVerb(subjects.VerbCachePut), subjects.CacheChunk("x", "y"),
 		subjects.CacheGetFor(other.PublicKey()), "$O." + subjects.ObjectCache + ".C.x", "$KV." + subjects.BucketNarInfo + "." + a.HashPart(),
-		"$JS.API.DIRECT.GET.OBJ_" + subjects.ObjectCache} {
+		"$JS.API.DIRECT.GET.OBJ_" + subjects.ObjectCache, subjects.CacheDirect} {
 		_ = w.nc.Publish(subj, []byte(`{}`))
 		w.nc.errs.waitViolation(t, 5*time.Second, "Publish", subj)
 	}
@@ -466,7 +467,7 @@ func TestCacheDeviceAttacks(t *testing.T) {
 
 	// Whatever cursor it sends, a read of a returns a's bytes only.
 	msgs, err := w.deviceRead([]byte(`{"nar":"` + a.URL + `"}`))
-	if err != nil || len(msgs) != 3 {
+	if err != nil || len(msgs) != 5 { // a header, three chunks, the end
 		t.Fatalf("read a: %d messages, %v", len(msgs), err)
 	}
 	var got []byte

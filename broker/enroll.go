@@ -128,9 +128,9 @@ func (s *services) enrollDevice(ctx context.Context, data []byte, reply string) 
 	if tok.Revoked {
 		return nil, refused("enrollment token %s was revoked: create a new one with fleet-admin token create", tok.ID)
 	}
-	// The JWT is issued before anything is recorded: a key it cannot be
-	// issued for never becomes a device or spends a use.
-	if _, err := s.c.auth.IssueSiteUser(subjects.RoleAgent, key, req.Hostname, site, 0); err != nil {
+	// A key no JWT can be issued for never becomes a device or spends a
+	// use: checked before anything is recorded.
+	if _, err := s.c.auth.CheckSiteUser(subjects.RoleAgent, key, site); err != nil {
 		return nil, badRequest("device key %s: %v", key, err)
 	}
 	if revoked, err := s.c.revokedKey(ctx, key); err != nil {

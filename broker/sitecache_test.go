@@ -341,6 +341,24 @@ func TestSiteCacheRogueLink(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rc.Close()
+	// The link is one connection: once an allowed message from it reached
+	// the hub, every one sent before it was dealt with.
+	core, err := sw.c.Authority().CoreUser("test-core")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := mustDial(t, sw.c.ClientURL(), core)
+	barrier, err := hc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
+		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
+		return err == nil && acc.SubscriptionInterest(barrier.Subject)
+	})
 	seen, err := rc.SubscribeSync(">")
 	if err != nil {
 		t.Fatal(err)
@@ -363,24 +381,6 @@ func TestSiteCacheRogueLink(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The link is one connection: once an allowed message from it reached
-	// the hub, every one sent before it was dealt with.
-	core, err := sw.c.Authority().CoreUser("test-core")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hc := mustDial(t, sw.c.ClientURL(), core)
-	barrier, err := hc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
-		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
-		return err == nil && acc.SubscriptionInterest(barrier.Subject)
-	})
 	if err := rc.Publish(barrier.Subject, nil); err != nil {
 		t.Fatal(err)
 	}

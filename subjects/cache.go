@@ -42,19 +42,24 @@ const (
 // CacheGetFor is where device id reads the cache.
 func CacheGetFor(id string) string { return deviceRequest(CacheGet, id) }
 
+// CacheDirect is FLEET's import of direct gets on the hub's object store
+// stream: the coordinator, having checked a device's read, sends one
+// batched direct get here with the device's inbox as the reply, and the
+// server answers the chunks straight into it. No role may send it (only
+// the coordinator's own users, which have every permission); at a site
+// nothing answers it (the site's copy has another name).
+const CacheDirect = "fleet.svc.cache.nar"
+
 // Headers of cache replies to devices. A NAR read is answered with a
-// window of chunk messages: each names its stream sequence (the cursor
-// of the next read), the first the object and its size, the last says
-// whether the window or the file ended. The first window's first message
-// also names the file's layout when its chunks are consecutive in the
-// stream (the first chunk's sequence, the number of chunks and the chunks
-// a window holds), so the device can name every window's cursor at once
-// and keep several in flight.
+// header message naming the object, its size and the chunks a window
+// holds and, when its chunks are consecutive in the stream, its layout
+// (the first chunk's sequence and the number of chunks), so the device
+// can name every window's cursor at once and keep several in flight;
+// then the window's chunks come as the replies of a batched direct get
+// (Nats-Subject, Nats-Sequence), ended by its 204 or 404 status.
 const (
-	HeaderCacheSeq    = "Fleet-Cache-Seq"
 	HeaderCacheObject = "Fleet-Cache-Object"
 	HeaderCacheSize   = "Fleet-Cache-Size"
-	HeaderCacheLast   = "Fleet-Cache-Last" // "window" or "eof"
 	HeaderCacheFirst  = "Fleet-Cache-First"
 	HeaderCacheChunks = "Fleet-Cache-Chunks"
 	HeaderCacheWindow = "Fleet-Cache-Window"

@@ -632,7 +632,7 @@ func TestAgentTemplateIsolatesDevices(t *testing.T) {
 		}
 		mayNot(t, who, "publish", u.Pub,
 			DeviceFacts(b), DeviceEvents(b), DesiredGetFor(b), PayloadSyncFor(b), EscrowPutFor(b), CacheGetFor(b),
-			APIWriteVerb(VerbCachePut), CacheChunk("c", "u"), KVKey(BucketNarInfo, "x"), "$O."+ObjectCache+".C.x",
+			APIWriteVerb(VerbCachePut), CacheChunk("c", "u"), KVKey(BucketNarInfo, "x"), "$O."+ObjectCache+".C.x", CacheDirect,
 			DevicePayloadsNotify(site, a), DeviceEscrowNotify(site, b),
 			DeviceDesired(a), DeviceDesired(b), DeviceNotify(site, a), DeviceNotify(site, b),
 			DeviceCmd(site, a), DeviceCmd(site, b), DeviceInboxPrefix(site, b)+".r", InboxPrefix(b)+".r", "_INBOX.r",
@@ -784,6 +784,18 @@ func TestSiteSystemTemplate(t *testing.T) {
 	for _, f := range slices.Concat(tpl.Pub, tpl.Sub) {
 		if !server.IsValidSubject(f) || strings.Contains(f, "{{") {
 			t.Errorf("site system template: %q is not a plain subject filter", f)
+		}
+	}
+}
+
+// The coordinator's import of direct gets on the hub's NAR files is its
+// own: no role may send it (a client could read any chunk into any inbox).
+func TestNoRoleSendsCacheDirect(t *testing.T) {
+	a := newDevice(t)
+	for _, r := range Roles {
+		for _, site := range []string{DefaultSite, "berlin"} {
+			u := fill(r, a, siteOf(r, site))
+			mayNot(t, string(r)+"@"+site, "publish", u.Pub, CacheDirect)
 		}
 	}
 }
