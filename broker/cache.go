@@ -36,20 +36,23 @@ import (
 // against the narinfo before the narinfo is written, and a push cut off
 // half way leaves no narinfo (the object store purges the partial file).
 //
-// Devices read through the coordinator, not through a CORE export of
-// JetStream direct gets. A device sends fleet.cache.<dev> (its template
-// allows only its own) asking for one narinfo or one window of a NAR file;
-// the coordinator checks it like every device request (a known, active
-// device; a reply in its own inbox; its own rate limit; a small request
-// naming a narinfo key or a nar/<hash> file) and answers with at most
-// cacheWindow chunk messages, each naming its stream sequence, which is
-// the cursor of the next window. Chosen over an export because an export
-// would give FLEET its first import (the split keeps it without JetStream
-// and imports), could not be rate-limited or counted per device or site,
-// and a direct-get request body can address any message of the stream;
-// through a coordinator the same subject crosses a site's leaf like every
-// other device request. The price is one more in-process hop for the
-// bytes, which the benchmark in BENCHMARKS.md measures.
+// Devices ask the coordinator, never JetStream. A device sends
+// fleet.cache.<dev> (its template allows only its own) asking for one
+// narinfo or one window of a NAR file; the coordinator checks it like
+// every device request (a known, active device; a reply in its own inbox;
+// its own rate limit; a small request naming a narinfo key or a
+// nar/<hash> file). A narinfo it answers itself. For a window it sends a
+// header (the object, its size, its layout) and then has the server send
+// the chunks straight into the checked inbox: one batched direct get,
+// filtered to the file's chunks, sent through FLEET's import of direct
+// gets on the object store's stream (subjects.CacheDirect), which only
+// the coordinator's own users may send. Devices get no export of their
+// own because a direct-get request body can address any message of the
+// stream and could not be rate-limited or counted per device or site;
+// the coordinator keeps that, and the bytes skip its connections.
+// Through a site's leaf the same subjects cross like every other device
+// request; a site with a copy of the cache is read there first
+// (sitecache.go).
 
 const (
 	// cacheObjChunk is the object store's chunk of files pushed when the
