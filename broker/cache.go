@@ -153,7 +153,7 @@ func (s *services) startCache(ctx context.Context) error {
 		}, []string{"site", "kind", "result"}),
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleet_cache_sent_bytes_total",
-			Help: "NAR bytes the coordinator sent devices from the binary cache, by site.",
+			Help: "NAR bytes the binary cache sent devices at the coordinator's request, by site (a site's own copy is not counted).",
 		}, []string{"site"}),
 		done: make(chan struct{}), idle: cacheUploadIdle, grace: cacheGrace, siteKick: make(chan struct{}, 1), siteDone: make(chan struct{}),
 	}

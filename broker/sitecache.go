@@ -98,23 +98,28 @@ func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *mode
 }
 
 // siteLoop keeps every site's mirrors in place: at start, after a leaf
-// config, every siteRetry while a site's are not (its link may not be up
-// yet: a request into a domain nobody serves fails at once), else every
-// siteMirrorEvery (a leaf whose JetStream data was lost gets them back).
+// config, soon again while a site's are not (its link may not be up yet: a
+// request into a domain nobody serves fails at once), from siteRetry
+// doubling up to every, else every every (a leaf whose JetStream data was
+// lost gets them back).
 func (cs *cacheStore) siteLoop(ctx context.Context, every time.Duration) {
 	defer close(cs.siteDone)
 	t := time.NewTimer(0)
 	defer t.Stop()
+	retry := siteRetry
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-cs.siteKick:
+			retry = siteRetry
 		}
 		next := every
 		if cs.ensureSiteMirrors(ctx) {
-			next = siteRetry
+			next, retry = retry, min(2*retry, every)
+		} else {
+			retry = siteRetry
 		}
 		t.Reset(next)
 	}
