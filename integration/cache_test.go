@@ -38,9 +38,20 @@ type cacheWorld struct {
 	envs  []*nixtest.Env
 	hosts []string
 	ids   []string
+	// site is where the devices are, server what their agents connect to.
+	site, server string
 }
 
 func newCacheWorld(t *testing.T, hosts ...string) *cacheWorld {
+	t.Helper()
+	w := newCacheCoordinator(t, nil)
+	w.addDevices(hosts...)
+	return w
+}
+
+// newCacheCoordinator starts the coordinator of a cache world (tweak
+// changes its config); addDevices adds the devices.
+func newCacheCoordinator(t *testing.T, tweak func(*broker.Config)) *cacheWorld {
 	t.Helper()
 	nixtest.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
@@ -49,12 +60,23 @@ func newCacheWorld(t *testing.T, hosts ...string) *cacheWorld {
 	cfg.DataDir = t.TempDir()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.HTTP = ""
+	if tweak != nil {
+		tweak(&cfg)
+	}
 	coord, err := broker.Start(ctx, cfg, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(coord.Close)
-	w := &cacheWorld{t: t, ctx: ctx, coord: coord, creds: filepath.Join(cfg.DataDir, accounts.AdminCredsFile), hosts: hosts}
+	return &cacheWorld{t: t, ctx: ctx, coord: coord, creds: filepath.Join(cfg.DataDir, accounts.AdminCredsFile),
+		site: subjects.DefaultSite, server: "nats://" + coord.ClientAddr()}
+}
+
+// addDevices records a device per host at w.site, each with its own Nix
+// sandbox and an agent connected to w.server.
+func (w *cacheWorld) addDevices(hosts ...string) {
+	t, ctx, coord := w.t, w.ctx, w.coord
+	t.Helper()
 	devKV, err := coord.JetStream().KeyValue(ctx, subjects.BucketDevices)
 	if err != nil {
 		t.Fatal(err)
@@ -69,11 +91,17 @@ func newCacheWorld(t *testing.T, hosts ...string) *cacheWorld {
 			t.Fatal(err)
 		}
 		w.envs = append(w.envs, env)
+		w.hosts = append(w.hosts, h)
 		cr, err := coord.Authority().NewUser(subjects.RoleAgent, h, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		rec, _ := json.Marshal(model.Device{ID: cr.PublicKey(), Name: h, Groups: []string{"cache"}, Site: subjects.DefaultSite,
+		if w.site != subjects.DefaultSite {
+			if cr.JWT, err = coord.Authority().IssueSiteUser(subjects.RoleAgent, cr.PublicKey(), h, w.site, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rec, _ := json.Marshal(model.Device{ID: cr.PublicKey(), Name: h, Groups: []string{"cache"}, Site: w.site,
 			Status: model.DeviceActive, EnrolledAt: time.Now().UTC()})
 		if _, err := devKV.Put(ctx, cr.PublicKey(), rec); err != nil {
 			t.Fatal(err)
@@ -88,7 +116,6 @@ func newCacheWorld(t *testing.T, hosts ...string) *cacheWorld {
 		}
 		w.startAgent(env, h, cr)
 	}
-	return w
 }
 
 // nixConfig trusts sandbox 0's key.
@@ -118,7 +145,7 @@ func (w *cacheWorld) startAgent(env *nixtest.Env, host string, cr *accounts.Cred
 		w.t.Fatal(err)
 	}
 	cmd := exec.Command(agentBin, "--log-format", "json", "run",
-		"--server", "nats://"+w.coord.ClientAddr(), "--state-dir", state, "--release-signer", owner.PublicKey(),
+		"--server", w.server, "--state-dir", state, "--release-signer", owner.PublicKey(),
 		"--hostname", host, "--profile", env.Profile, "--current-system", env.CurrentSystem,
 		"--booted-system", env.CurrentSystem, "--facts-interval", "1m", "--reconnect-within", "10s",
 		"--apply-timeout", "1m", "--recheck", "1m")

@@ -75,40 +75,7 @@ func TestSiteCacheLeaf(t *testing.T) {
 	}
 	fleetAdmin("cache", "push", path)
 
-	site := filepath.Join(t.TempDir(), "berlin")
-	leafListen := freeAddr(t)
-	fleetAdmin("leaf", "config", "--site", "berlin", "--out", site, "--listen", leafListen, "--cache", "--cache-max-bytes", "256MiB", "--cache-max-age", "24h")
-	conf, err := os.ReadFile(filepath.Join(site, "leaf.conf"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(conf), `domain: "berlin"`) || !strings.Contains(string(conf), "leaf-cache.creds") {
-		t.Fatalf("leaf.conf has no cache:\n%s", conf)
-	}
-	if fi, err := os.Stat(filepath.Join(site, "leaf-cache.creds")); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("leaf-cache.creds: %v %v", err, fi)
-	}
-	leaf := exec.Command(natsServerBin, "-c", filepath.Join(site, "leaf.conf"))
-	var leafLog bytes.Buffer
-	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
-	if err := leaf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = leaf.Process.Signal(syscall.SIGTERM)
-		_ = leaf.Wait()
-		if t.Failed() {
-			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
-		}
-	})
-	poll.Until(t, 20*time.Second, "leaf node up, its three links at the hub", func() bool {
-		c, err := net.Dial("tcp", leafListen)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil && coord.Server().NumLeafNodes() == 3
-	})
-	leafURL := "nats://" + leafListen
+	leafURL := startSiteLeaf(t, coord, fleetAdmin)
 
 	// The mirrors fill: the one crossing of the file.
 	narBytes := cacheFileBytes(t, coord, path)
@@ -259,5 +226,119 @@ func recordSiteDevice(t *testing.T, c *broker.Coordinator, dev *accounts.Creds, 
 	rec, _ := json.Marshal(model.Device{ID: dev.PublicKey(), Name: dev.PublicKey()[:8], Site: site, Status: model.DeviceActive, EnrolledAt: time.Now().UTC()})
 	if _, err := kv.Put(ctx, dev.PublicKey(), rec); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// startSiteLeaf writes site berlin's leaf config with a copy of the cache
+// (fleetAdmin runs fleet-admin against coord), runs the real nats-server
+// on it, waits for its three links at the hub and returns its URL.
+func startSiteLeaf(t *testing.T, coord *broker.Coordinator, fleetAdmin func(args ...string) string) string {
+	t.Helper()
+	site := filepath.Join(t.TempDir(), "berlin")
+	leafListen := freeAddr(t)
+	fleetAdmin("leaf", "config", "--site", "berlin", "--out", site, "--listen", leafListen, "--cache", "--cache-max-bytes", "256MiB", "--cache-max-age", "24h")
+	conf, err := os.ReadFile(filepath.Join(site, "leaf.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(conf), `domain: "berlin"`) || !strings.Contains(string(conf), "leaf-cache.creds") {
+		t.Fatalf("leaf.conf has no cache:\n%s", conf)
+	}
+	if fi, err := os.Stat(filepath.Join(site, "leaf-cache.creds")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("leaf-cache.creds: %v %v", err, fi)
+	}
+	leaf := exec.Command(natsServerBin, "-c", filepath.Join(site, "leaf.conf"))
+	var leafLog bytes.Buffer
+	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
+	if err := leaf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = leaf.Process.Signal(syscall.SIGTERM)
+		_ = leaf.Wait()
+		if t.Failed() {
+			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
+		}
+	})
+	poll.Until(t, 20*time.Second, "leaf node up, its three links at the hub", func() bool {
+		c, err := net.Dial("tcp", leafListen)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil && coord.Server().NumLeafNodes() == 3
+	})
+	return "nats://" + leafListen
+}
+
+// The real agents at a site with a copy of the cache: a release pushed
+// with --push is deployed to two devices connected to the site's leaf;
+// each closure crosses the leaf links once (into the copy), the agents
+// fetch from the copy (the coordinator sends the site no NAR bytes) and
+// switch.
+func TestSiteCacheAgents(t *testing.T) {
+	w := newCacheCoordinator(t, func(cfg *broker.Config) { cfg.LeafnodeListen = freeAddr(t) })
+	leafURL := startSiteLeaf(t, w.coord, func(args ...string) string {
+		t.Helper()
+		cmd := exec.CommandContext(w.ctx, adminBin, append([]string{"--server", "nats://" + w.coord.ClientAddr(), "--creds", w.creds}, args...)...)
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("fleet-admin %s: %v", strings.Join(args, " "), err)
+		}
+		return string(out)
+	})
+	w.site, w.server = "berlin", leafURL
+	w.addDevices("site-a", "site-b")
+	sysA, sysB := w.build(0, "site-sys-a"), w.build(1, "site-sys-b")
+	if _, errs, err := w.admin("release", "create", "--name", "rel-site", "--push", "--closure", "site-a="+sysA.Path, "--closure", "site-b="+sysB.Path); err != nil {
+		t.Fatalf("release create --push: %v\n%s", err, errs)
+	}
+	for i, s := range []nixtest.System{sysA, sysB} {
+		if err := w.envs[i].Delete(w.ctx, s.Path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The copy holds both before the deploy.
+	var pushed int64
+	obs, err := w.coord.JetStream().ObjectStore(w.ctx, subjects.ObjectCache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	infos, err := obs.List(w.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range infos {
+		pushed += int64(in.Size)
+	}
+	siteAdmin, err := w.coord.Authority().CoreUser("test-site-admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sjs, err := jetstream.New(connectCreds(t, leafURL, siteAdmin, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 30*time.Second, "the site's copy filled", func() bool {
+		ni, err1 := sjs.Stream(w.ctx, subjects.StreamSiteNarInfo)
+		obj, err2 := sjs.Stream(w.ctx, subjects.StreamSiteCache)
+		return err1 == nil && err2 == nil && ni.CachedInfo().State.Msgs >= 2 && obj.CachedInfo().State.Bytes >= uint64(pushed)
+	})
+	out0 := leafOut(t, w.coord)
+
+	if out, errs, err := w.admin("deploy", "--release", "rel-site", "--group", "cache", "--strategy", "all", "--wait"); err != nil {
+		t.Fatalf("deploy --wait: %v\n%s\n%s", err, out, errs)
+	}
+	for i, s := range []nixtest.System{sysA, sysB} {
+		if !w.switched(i, s) || nixtest.Readlink(w.envs[i].CurrentSystem) != s.Path {
+			t.Fatalf("%s did not switch to %s: %q", w.hosts[i], s.Path, w.envs[i].Switches())
+		}
+	}
+	if v := sentTo(t, w.coord, "berlin"); v != 0 {
+		t.Fatalf("the coordinator sent berlin %v NAR bytes: the agents did not read the site's copy", v)
+	}
+	// The deploy's own messages (desired states, events) only: these
+	// closures are small; TestSiteCacheLeaf measures a large one.
+	if d := leafOut(t, w.coord) - out0; d > 64<<10 {
+		t.Fatalf("the deploy took %d bytes across the leaf links (closures: %d)", d, pushed)
 	}
 }
