@@ -691,7 +691,11 @@ func (a *Agent) factsLoop(ctx context.Context) {
 		return interval*9/10 + rand.N(interval/5+1)
 	}
 	poll := min(interval, 15*time.Second)
-	timer := time.NewTimer(jitter())
+	// The first round comes anywhere in the first interval (the connect
+	// reports facts at once anyway): a fleet that (re)connects together,
+	// after a coordinator restart or an outage, does not report in step
+	// ever after.
+	timer := time.NewTimer(rand.N(interval) + 1)
 	defer timer.Stop()
 	pollT := time.NewTicker(poll)
 	defer pollT.Stop()
