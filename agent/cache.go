@@ -54,9 +54,10 @@ type CacheServer struct {
 	files    map[string]*model.NarInfo // NAR file → the narinfo that named it
 	refused  error
 	narBytes int64
-	// noSite: the site's copy did not answer; the rest of the fetch reads
-	// the hub's.
-	noSite bool
+	// noSite: the site's copy did not answer (or is not to be asked); the
+	// rest of the fetch reads the hub's. siteFailed: a file read from the
+	// site's copy was cut off (it did not match, or ended short).
+	noSite, siteFailed bool
 	// siteNarInfos and hubNarInfos count where narinfos came from.
 	siteNarInfos, hubNarInfos int
 }
@@ -73,6 +74,21 @@ func ServeFleetCache(nc *nats.Conn, id string, log zerolog.Logger) (*CacheServer
 	cs.srv = &http.Server{Handler: cs, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = cs.srv.Serve(ln) }()
 	return cs, nil
+}
+
+// SkipSite has the server read the hub's cache only, not the site's copy.
+func (cs *CacheServer) SkipSite() {
+	cs.mu.Lock()
+	cs.noSite = true
+	cs.mu.Unlock()
+}
+
+// SiteFailed reports whether a file read from the site's copy was cut off:
+// the hub's cache may still have it right.
+func (cs *CacheServer) SiteFailed() bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.siteFailed
 }
 
 // URL is the substituter to pass to nix copy --from.
@@ -225,9 +241,10 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 	// The site's copy first, when there is one and it has the file; the
 	// hub's otherwise.
 	var src narSource
+	fromSite := false
 	if sr, err := cs.openSiteNar(r.Context(), file, ni); err == nil {
 		defer sr.close()
-		src = sr
+		src, fromSite = sr, true
 	} else {
 		if !errors.Is(err, errNoSite) {
 			cs.log.Debug().Err(err).Str("nar", file).Msg("fleet cache: not at the site; reading the hub's")
@@ -243,7 +260,16 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 	h := sha256.New()
 	var got int64
 	var held []byte
-	started := false
+	started, whole := false, false
+	if fromSite {
+		defer func() {
+			if !whole {
+				cs.mu.Lock()
+				cs.siteFailed = true
+				cs.mu.Unlock()
+			}
+		}()
+	}
 	for {
 		c, err := src.next(r.Context())
 		if errors.Is(err, io.EOF) {
@@ -291,6 +317,7 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 			model.SHA256Nix(sum), got, ni.FileHash, ni.FileSize))
 		panic(http.ErrAbortHandler)
 	}
+	whole = true
 	if held != nil {
 		if _, err := w.Write(held); err == nil {
 			cs.addBytes(len(held))
@@ -534,6 +561,17 @@ func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release) 
 	}
 	err = a.o.Activator.Fetch(ctx, path, cs.URL())
 	_ = cs.Close()
+	if err != nil && cs.SiteFailed() && ctx.Err() == nil {
+		// The site's copy served a file that was cut off: the hub's
+		// cache may have it right.
+		a.log.Warn().Err(err).Msg("a file from the site's copy of the fleet cache was cut off; fetching from the hub's")
+		if cs, err = ServeFleetCache(a.nc, a.o.DeviceID, a.log.With().Str("component", "fleet-cache").Logger()); err != nil {
+			return err
+		}
+		cs.SkipSite()
+		err = a.o.Activator.Fetch(ctx, path, cs.URL())
+		_ = cs.Close()
+	}
 	if refused := cs.Refused(); refused != nil && err != nil {
 		// The fetch failed on the file the agent cut off.
 		return fmt.Errorf("%w (%v)", refused, err)

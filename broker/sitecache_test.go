@@ -2,6 +2,8 @@ package broker
 
 import (
 	"bytes"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"net/url"
 	"path/filepath"
@@ -433,5 +435,73 @@ func TestSiteCacheRogueLink(t *testing.T) {
 	}
 	if _, err := dc.RequestWithContext(ctxT(t, 5*time.Second), subjects.SiteNar, []byte(`{"seq":1,"batch":100}`)); !errors.Is(err, nats.ErrNoResponders) {
 		t.Fatalf("a site import at the hub: %v", err)
+	}
+}
+
+// A site copy that serves a file other than its narinfo says is cut off
+// like any other; the server says the site failed, and a server told to
+// skip the site reads the hub's right copy.
+func TestSiteCacheBadCopy(t *testing.T) {
+	sw := newSiteWorld(t)
+	ni, raw, data := sw.fakeNar("system", 300_000)
+	sw.mustPush(raw)
+	ls := sw.startSite(true)
+	mirrored(t, ls, sw.lc.CoreAccount, 1, 2)
+	// The site's copy of the files is replaced by a stream that lies:
+	// the file's meta, and as many bytes of junk.
+	core, err := sw.c.Authority().CoreUser("test-site-admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(mustDial(t, ls.ClientURL(), core).Conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 10*time.Second)
+	if err := js.DeleteStream(ctx, subjects.StreamSiteCache); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: subjects.StreamSiteCache, Subjects: []string{"$O." + subjects.ObjectCache + ".>"}, AllowDirect: true}); err != nil {
+		t.Fatal(err)
+	}
+	junk := bytes.Repeat([]byte{'x'}, len(data))
+	if _, err := js.Publish(ctx, "$O."+subjects.ObjectCache+".C.liar", junk); err != nil {
+		t.Fatal(err)
+	}
+	meta, _ := json.Marshal(map[string]any{"name": ni.URL, "nuid": "liar", "size": len(data), "chunks": 1})
+	if _, err := js.Publish(ctx, "$O."+subjects.ObjectCache+".M."+base64.URLEncoding.EncodeToString([]byte(ni.URL)), meta); err != nil {
+		t.Fatal(err)
+	}
+
+	cl, id := sw.siteDevice(ls.ClientURL(), "berlin")
+	srv, err := agent.ServeFleetCache(cl.Conn, id, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if code, _ := cacheGet(t, srv.URL()+"/"+ni.HashPart()+".narinfo"); code != 200 {
+		t.Fatalf("narinfo %d", code)
+	}
+	// Cut off (a client that retries then hears the file refused).
+	if code, got := cacheGet(t, srv.URL()+"/"+ni.URL); code == 200 || bytes.Equal(got, junk) {
+		t.Fatalf("a lying copy: %d, %d bytes", code, len(got))
+	}
+	if !srv.SiteFailed() || !errors.Is(srv.Refused(), agent.ErrCacheRefused) {
+		t.Fatalf("site failed %v, refused %v", srv.SiteFailed(), srv.Refused())
+	}
+	hub, err := agent.ServeFleetCache(cl.Conn, id, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hub.Close()
+	hub.SkipSite()
+	if code, _ := cacheGet(t, hub.URL()+"/"+ni.HashPart()+".narinfo"); code != 200 {
+		t.Fatalf("narinfo from the hub %d", code)
+	}
+	if code, got := cacheGet(t, hub.URL()+"/"+ni.URL); code != 200 || !bytes.Equal(got, data) {
+		t.Fatalf("from the hub: %d, %d bytes", code, len(got))
+	}
+	if s, h := hub.NarInfos(); s != 0 || h != 1 {
+		t.Fatalf("narinfos: site %d, hub %d", s, h)
 	}
 }
