@@ -120,6 +120,8 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		if err := accounts.WriteCreds(filepath.Join(out, "leaf-cache.creds"), &accounts.Creds{JWT: lc.CacheUserJWT, Key: cacheKP}); err != nil {
 			return err
 		}
+	}
+	if lc.CoreJWT != "" {
 		files[filepath.Join("jwt", lc.CoreAccount+".jwt")] = lc.CoreJWT
 	}
 	for name, body := range files {
@@ -183,7 +185,8 @@ func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string, cacheBytes 
 	b.WriteString("resolver_preload: {\n")
 	fmt.Fprintf(&b, "  %s: %s\n", lc.SystemAccount, q(lc.SystemJWT))
 	fmt.Fprintf(&b, "  %s: %s\n", lc.FleetAccount, q(lc.FleetJWT))
-	if lc.CacheUserJWT != "" {
+	if lc.CoreJWT != "" {
+		// FLEET's imports name CORE.
 		fmt.Fprintf(&b, "  %s: %s\n", lc.CoreAccount, q(lc.CoreJWT))
 	}
 	b.WriteString("}\n")

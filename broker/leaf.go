@@ -42,10 +42,17 @@ func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawM
 	if err != nil {
 		return nil, err
 	}
+	// FLEET imports from CORE (the cache's direct gets): a leaf that
+	// cannot resolve CORE says so at every start, so it always gets it.
+	coreJWT, err := auth.CoreJWT()
+	if err != nil {
+		return nil, err
+	}
 	lc := model.LeafConfig{
 		Site: a.Site, JWT: tok, SystemUserJWT: sysTok, OperatorJWT: auth.OperatorJWT,
 		SystemAccount: auth.SystemAccount(), SystemJWT: sysJWT,
 		FleetAccount: auth.FleetAccount(), FleetJWT: fleetJWT,
+		CoreAccount: auth.CoreAccount(), CoreJWT: coreJWT,
 		HubURL: s.c.LeafURL(), Domain: s.c.cfg.Domain,
 	}
 	if a.Cache != nil {
@@ -57,8 +64,7 @@ func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawM
 }
 
 // siteCacheConfig sets up site's copy of the binary cache: its consumers
-// on the hub's cache streams, the JWT of its CORE link, the CORE account
-// its leaf must know.
+// on the hub's cache streams and the JWT of its CORE link.
 func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.SiteCache, lc *model.LeafConfig) error {
 	if !nkeys.IsValidPublicUserKey(sc.Key) {
 		return badRequest("%q is not an nkey user public key", sc.Key)
@@ -77,11 +83,7 @@ func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.S
 	if err := s.setupSiteConsumers(ctx, site, sc); err != nil {
 		return err
 	}
-	coreJWT, err := auth.CoreJWT()
-	if err != nil {
-		return err
-	}
-	lc.CoreAccount, lc.CoreJWT, lc.CacheUserJWT = auth.CoreAccount(), coreJWT, tok
+	lc.CacheUserJWT = tok
 	if s.cache != nil {
 		s.cache.kickSites()
 	}

@@ -196,8 +196,9 @@ type LeafConfig struct {
 	// it does not listen for leaf nodes).
 	HubURL string `json:"hub_url,omitempty"`
 	Domain string `json:"domain"`
-	// With a cache: the CORE account (the mirrors live in it, in the
-	// site's own JetStream domain) and the JWT of the link that feeds them.
+	// The CORE account (FLEET imports the cache's direct gets from it; a
+	// site's copy of the cache lives in it, in the site's own JetStream
+	// domain) and, with a copy, the JWT of the link that feeds it.
 	CoreAccount  string `json:"core_account,omitempty"`
 	CoreJWT      string `json:"core_jwt,omitempty"`
 	CacheUserJWT string `json:"cache_user_jwt,omitempty"`
