@@ -160,25 +160,12 @@ func (s *services) startCache(ctx context.Context) error {
 	var id [8]byte
 	_, _ = rand.Read(id[:])
 	cs.inst = hex.EncodeToString(id[:])
-	cfg := s.c.cfg
 	var err error
-	if cs.narinfo, err = s.c.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: subjects.BucketNarInfo, Description: "binary cache: narinfo per store path hash",
-		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxValueSize: model.MaxNarInfoBytes,
-	}); err != nil {
+	// Both are made with the other streams and buckets (ensureAssets).
+	if cs.narinfo, err = s.c.js.KeyValue(ctx, subjects.BucketNarInfo); err != nil {
 		return fmt.Errorf("bucket %s: %w", subjects.BucketNarInfo, err)
 	}
-	// Its share of the state's disk, what the streams leave (they
-	// reserve 85%): a full cache refuses pushes and nothing else. Raise
-	// --storage-gib for a bigger cache.
-	maxBytes := int64(-1)
-	if disk := s.c.stateDisk(); disk > 0 {
-		maxBytes = disk / 100 * 15 / int64(max(cfg.Replicas, 1))
-	}
-	if cs.obs, err = s.c.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket: subjects.ObjectCache, Description: "binary cache: NAR files",
-		Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxBytes: maxBytes,
-	}); err != nil {
+	if cs.obs, err = s.c.js.ObjectStore(ctx, subjects.ObjectCache); err != nil {
 		return fmt.Errorf("object store %s: %w", subjects.ObjectCache, err)
 	}
 	wctx, cancel := context.WithCancel(context.Background())

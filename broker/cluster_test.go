@@ -311,20 +311,7 @@ func TestCluster(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	ownerCreds, err := accounts.ReadCreds(filepath.Join(rest[1].Config().DataDir, accounts.AdminCredsFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rel := model.Release{ID: "rel-cluster", Name: "rel-cluster", CreatedAt: time.Now().UTC(), Author: ownerCreds.PublicKey(),
-		Default: "/nix/store/" + strings.Repeat("a", 31) + "b-cluster"}
-	signed, err := model.Sign(ownerCreds.Key, model.PurposeRelease, rel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rv model.ReleaseView
-	if err := cl.Call(ctx, subjects.VerbReleaseCreate, true, signed, &rv); err != nil {
-		t.Fatal(err)
-	}
+	rel := recordRelease(t, rest[1], cl, "rel-cluster")
 	var ro model.Rollout
 	if err := cl.Call(ctx, subjects.VerbDeploy, true, model.DeployRequest{ReleaseID: rel.ID, Devices: []string{kept.PublicKey()}}, &ro); err != nil {
 		t.Fatal(err)

@@ -498,22 +498,13 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	for {
-		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
-		err := ensureStreams(sctx, c.js, c.cfg, c.stateDisk())
-		scancel()
-		if err == nil {
-			return nil
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("JetStream cluster: %w (are --replicas coordinators up and routed to each other?)", err)
-		}
+	err := ensureClusterStreams(ctx, c.js, c.cfg, c.stateDisk(), 10*time.Second, func(err error) {
 		c.log.Info().Err(err).Msg("waiting for the JetStream cluster")
-		select {
-		case <-ctx.Done():
-		case <-time.After(250 * time.Millisecond):
-		}
+	})
+	if err != nil {
+		return fmt.Errorf("JetStream cluster: %w (are --replicas coordinators up and routed to each other?)", err)
 	}
+	return nil
 }
 
 // stateDisk is the disk the fleet's state may use: --storage-gib, or less

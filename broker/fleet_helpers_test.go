@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -296,4 +297,24 @@ func setAdminRole(t *testing.T, c *broker.Coordinator, key string, r subjects.Ro
 	if _, err := kv.Put(ctx, key, b); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// recordRelease records release id, one default closure, signed by c's
+// first owner, through cl.
+func recordRelease(t *testing.T, c *broker.Coordinator, cl *admin.Client, id string) model.Release {
+	t.Helper()
+	oc, err := accounts.ReadCreds(ownerCredsPath(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel := model.Release{ID: id, Name: id, CreatedAt: time.Now().UTC(), Author: oc.PublicKey(),
+		Default: "/nix/store/" + strings.Repeat("a", 31) + "b-" + id}
+	signed, err := model.Sign(oc.Key, model.PurposeRelease, rel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Call(context.Background(), subjects.VerbReleaseCreate, true, signed, nil); err != nil {
+		t.Fatal(err)
+	}
+	return rel
 }

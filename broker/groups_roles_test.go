@@ -4,9 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
 
-	"fleet/accounts"
 	"fleet/admin"
 	"fleet/model"
 	"fleet/subjects"
@@ -21,19 +19,7 @@ func TestGroupVerbsHeldToRoles(t *testing.T) {
 	ctx := context.Background()
 	labCr, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, "lab-1")
 	opsCr, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "ops").Token, "ops-1")
-	oc, err := accounts.ReadCreds(ownerCredsPath(c))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rel := model.Release{ID: "rel-roles", Name: "rel-roles", CreatedAt: time.Now().UTC(), Author: oc.PublicKey(),
-		Default: "/nix/store/" + strings.Repeat("a", 31) + "b-roles"}
-	signed, err := model.Sign(oc.Key, model.PurposeRelease, rel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := owner.Call(ctx, subjects.VerbReleaseCreate, true, signed, nil); err != nil {
-		t.Fatal(err)
-	}
+	rel := recordRelease(t, c, owner, "rel-roles")
 	var ro model.DeployResult
 	if err := owner.Call(ctx, subjects.VerbDeploy, true, model.DeployRequest{ReleaseID: rel.ID, Group: "ops", Strategy: "all"}, &ro); err != nil {
 		t.Fatal(err)

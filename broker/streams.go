@@ -2,7 +2,9 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -41,6 +43,8 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 	nonces := kv(subjects.BucketNonces, "nonces of fresh admin requests", 1)
 	nonces.TTL = 2*model.MaxSkew + time.Minute
 	nonces.MaxValueSize = 64
+	narinfo := kv(subjects.BucketNarInfo, "binary cache: narinfo per store path hash", 1)
+	narinfo.MaxValueSize = model.MaxNarInfoBytes
 	releases := kv(subjects.BucketReleases, "immutable signed release manifests", 1)
 	releases.MaxValueSize = 4 << 20
 	return []jetstream.KeyValueConfig{
@@ -57,6 +61,7 @@ func bucketConfigs(cfg Config) []jetstream.KeyValueConfig {
 		kv(subjects.BucketRevocations, "revoked user keys (create only, never deleted)", 1),
 		kv(subjects.BucketClaims, "the rollout that may drive each device", 1),
 		kv(subjects.BucketGroups, "each group's target release", 5),
+		narinfo,
 	}
 }
 
@@ -122,15 +127,89 @@ func streamConfigs(cfg Config, disk int64) []jetstream.StreamConfig {
 // ensureStreams creates or updates every stream and bucket; running it
 // again with the same config changes nothing.
 func ensureStreams(ctx context.Context, js jetstream.JetStream, cfg Config, disk int64) error {
-	for _, sc := range streamConfigs(cfg, disk) {
-		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
-			return fmt.Errorf("stream %s: %w", sc.Name, err)
-		}
-	}
-	for _, kc := range bucketConfigs(cfg) {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, kc); err != nil {
-			return fmt.Errorf("bucket %s: %w", kc.Bucket, err)
+	for _, a := range assets(js, cfg, disk) {
+		if err := a.create(ctx); err != nil {
+			return fmt.Errorf("%s: %w", a.name, err)
 		}
 	}
 	return nil
+}
+
+// ensureClusterStreams creates or updates every stream, bucket and object
+// store of a cluster, all at once, each retried (within perAsset a try)
+// until it holds or ctx ends. Made one after another, each R3 asset of a
+// cluster that has just formed took seconds, and together they took
+// longer than any start should.
+func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Config, disk int64, perAsset time.Duration, wait func(error)) error {
+	all := assets(js, cfg, disk)
+	errs := make([]error, len(all))
+	var wg sync.WaitGroup
+	for i, a := range all {
+		wg.Go(func() {
+			for {
+				actx, cancel := context.WithTimeout(ctx, perAsset)
+				err := a.create(actx)
+				cancel()
+				if err == nil {
+					return
+				}
+				if ctx.Err() != nil {
+					errs[i] = fmt.Errorf("%s: %w", a.name, err)
+					return
+				}
+				wait(fmt.Errorf("%s: %w", a.name, err))
+				select {
+				case <-ctx.Done():
+				case <-time.After(250 * time.Millisecond):
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// asset is a stream, bucket or object store and how to make it.
+type asset struct {
+	name   string
+	create func(context.Context) error
+}
+
+// assets are the coordinator's streams, buckets and object stores.
+func assets(js jetstream.JetStream, cfg Config, disk int64) []asset {
+	var out []asset
+	for _, sc := range streamConfigs(cfg, disk) {
+		out = append(out, asset{"stream " + sc.Name, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateStream(ctx, sc)
+			return err
+		}})
+	}
+	for _, kc := range bucketConfigs(cfg) {
+		out = append(out, asset{"bucket " + kc.Bucket, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateKeyValue(ctx, kc)
+			return err
+		}})
+	}
+	for _, oc := range objectStoreConfigs(cfg, disk) {
+		out = append(out, asset{"object store " + oc.Bucket, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateObjectStore(ctx, oc)
+			return err
+		}})
+	}
+	return out
+}
+
+// objectStoreConfigs are the coordinator's object stores: the binary
+// cache's NAR files, given what the streams leave of the state's disk
+// (they reserve 85%): a full cache refuses pushes and nothing else. Raise
+// --storage-gib for a bigger cache.
+func objectStoreConfigs(cfg Config, disk int64) []jetstream.ObjectStoreConfig {
+	maxBytes := int64(-1)
+	if disk > 0 {
+		maxBytes = disk / 100 * 15 / int64(max(cfg.Replicas, 1))
+	}
+	return []jetstream.ObjectStoreConfig{{
+		Bucket: subjects.ObjectCache, Description: "binary cache: NAR files",
+		Storage: jetstream.FileStorage, Replicas: cfg.Replicas, MaxBytes: maxBytes,
+	}}
 }
