@@ -55,19 +55,7 @@ func TestSiteLeafNode(t *testing.T) {
 		t.Fatalf("bad site name: %v %s", err, errs)
 	}
 
-	leaf := exec.Command(natsServerBin, "-c", filepath.Join(site, "leaf.conf"))
-	var leafLog bytes.Buffer
-	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
-	if err := leaf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = leaf.Process.Signal(syscall.SIGTERM)
-		_ = leaf.Wait()
-		if t.Failed() {
-			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
-		}
-	})
+	runLeafServer(t, filepath.Join(site, "leaf.conf"))
 	poll.Until(w.t, 20*time.Second, "leaf node up", func() bool {
 		c, err := net.Dial("tcp", leafListen)
 		if err == nil {
@@ -393,4 +381,23 @@ func (w *fleetWorld) hubLeafURL(t *testing.T, site string) string {
 		t.Fatalf("no hub url in leaf.conf:\n%s", b)
 	}
 	return string(m[1])
+}
+
+// runLeafServer runs the real nats-server with conf until the test ends,
+// and shows its log when the test failed.
+func runLeafServer(t *testing.T, conf string) {
+	t.Helper()
+	leaf := exec.Command(natsServerBin, "-c", conf)
+	var leafLog bytes.Buffer
+	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
+	if err := leaf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = leaf.Process.Signal(syscall.SIGTERM)
+		_ = leaf.Wait()
+		if t.Failed() {
+			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
+		}
+	})
 }

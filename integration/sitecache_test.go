@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -247,19 +246,7 @@ func startSiteLeaf(t *testing.T, coord *broker.Coordinator, fleetAdmin func(args
 	if fi, err := os.Stat(filepath.Join(site, "leaf-cache.creds")); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("leaf-cache.creds: %v %v", err, fi)
 	}
-	leaf := exec.Command(natsServerBin, "-c", filepath.Join(site, "leaf.conf"))
-	var leafLog bytes.Buffer
-	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
-	if err := leaf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = leaf.Process.Signal(syscall.SIGTERM)
-		_ = leaf.Wait()
-		if t.Failed() {
-			t.Logf("leaf log:\n%s", tail(leafLog.String(), 3000))
-		}
-	})
+	runLeafServer(t, filepath.Join(site, "leaf.conf"))
 	poll.Until(t, 20*time.Second, "leaf node up, its three links at the hub", func() bool {
 		c, err := net.Dial("tcp", leafListen)
 		if err == nil {
