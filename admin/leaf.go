@@ -130,8 +130,12 @@ func (cmd *LeafConfigCmd) Run(g *Globals) error {
 		}
 	}
 	if g.JSON {
-		return g.printJSON(map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub,
-			"fleet_account": lc.FleetAccount, "system_account": lc.SystemAccount, "install_dir": install})
+		res := map[string]string{"site": cmd.Site, "config": conf, "leaf_key": pub, "hub": hub,
+			"fleet_account": lc.FleetAccount, "system_account": lc.SystemAccount, "install_dir": install}
+		if cmd.Cache {
+			res["core_account"] = lc.CoreAccount
+		}
+		return g.printJSON(res)
 	}
 	_, err = fmt.Fprintf(g.stdout, "wrote leaf.conf, leaf.creds, leaf-system.creds, operator.jwt and jwt/ to %s (leaf key %s, FLEET account %s)\n"+
 		"at the site, with the files in %s: nats-server -c %s\nagents at the site: fleet-agent run --server nats://<this-leaf>:%s ...\n",

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -16,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"fleet/internal/poll"
+	"fleet/subjects"
 )
 
 // The unit's paths, as leaf.nix writes them.
@@ -265,4 +267,122 @@ func getJSON(url string, v any) bool {
 		return false
 	}
 	return json.NewDecoder(resp.Body).Decode(v) == nil
+}
+
+// The leaf module with a copy of the binary cache: the site's files from
+// `fleet-admin leaf config --cache`, the module evaluated in generated
+// mode on them, its nats.conf run by the real nats-server. The leaf comes
+// up with JetStream in the site's domain and three remotes (FLEET,
+// system, CORE), and the hub creates the site's two mirrors over the CORE
+// link.
+func TestNixOSLeafModuleCache(t *testing.T) {
+	w := newFleetWorldLeaf(t)
+	site := filepath.Join(t.TempDir(), "berlin")
+	var lc struct {
+		FleetAccount  string `json:"fleet_account"`
+		SystemAccount string `json:"system_account"`
+		CoreAccount   string `json:"core_account"`
+	}
+	if err := json.Unmarshal([]byte(w.mustAdmin("--json", "leaf", "config", "--site", "berlin", "--out", site,
+		"--cache", "--cache-max-bytes", "256MiB")), &lc); err != nil {
+		t.Fatal(err)
+	}
+	if lc.CoreAccount == "" {
+		t.Fatal("leaf config --cache --json names no core_account")
+	}
+	// The figures leaf.conf names, as the option's description says.
+	written, err := os.ReadFile(filepath.Join(site, "leaf.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	figure := func(key string) string {
+		m := regexp.MustCompile(key + `: (\d+)`).FindSubmatch(written)
+		if m == nil {
+			t.Fatalf("leaf.conf has no %s:\n%s", key, written)
+		}
+		return string(m[1])
+	}
+	hub := w.hubLeafURL(t, site)
+	leafListen, monitor := freeAddr(t), freeAddr(t)
+	r := mustEvalNixOS(t, "leaf.nix", fmt.Sprintf(`{
+    services.fleet-leaf = {
+      enable = true;
+      hubUrls = [ %q ];
+      credsFile = %q;
+      systemCredentialsFile = %q;
+      account = %q;
+      systemAccount = %q;
+      operatorJwtFile = %q;
+      accountJwtDir = %q;
+      listen = %q;
+      monitorListen = %q;
+      cache = {
+        credentialsFile = %q;
+        site = "berlin";
+        coreAccount = %q;
+        maxFileStore = %s;
+        maxMemoryStore = %s;
+      };
+    };
+  }`, hub, filepath.Join(site, "leaf.creds"), filepath.Join(site, "leaf-system.creds"), lc.FleetAccount, lc.SystemAccount,
+		filepath.Join(site, "operator.jwt"), filepath.Join(site, "jwt"), leafListen, monitor,
+		filepath.Join(site, "leaf-cache.creds"), lc.CoreAccount, figure("max_file_store"), figure("max_memory_store")))
+	u := parseUnit(t, r.Units["fleet-leaf.service"])
+	if got := u["Service"]["LoadCredential"]; !slices.Contains(got, "leaf-cache.creds:"+filepath.Join(site, "leaf-cache.creds")) {
+		t.Errorf("LoadCredential=%q", got)
+	}
+	conf, stateDir := leafUnitConf(t, u, t.TempDir())
+	text, _ := os.ReadFile(conf)
+	for _, want := range []string{
+		`domain: "berlin"`, `store_dir: "` + filepath.Join(stateDir, "jetstream") + `"`,
+		`credentials: "` + filepath.Join(filepath.Dir(conf), "credentials", "leaf-cache.creds") + `"`,
+		`account: "` + lc.CoreAccount + `"`, lc.CoreAccount + `: "ey`,
+	} {
+		if !strings.Contains(string(text), want) {
+			t.Errorf("nats.conf lacks %q:\n%s", want, text)
+		}
+	}
+	leaf := exec.Command(natsServerBin, "-c", conf)
+	leaf.Dir = stateDir
+	var leafLog procOutput
+	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
+	if err := leaf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = leaf.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = leaf.Process.Signal(syscall.SIGTERM)
+		<-exited
+		if t.Failed() {
+			t.Logf("leaf log:\n%s\n--- nats.conf:\n%s", tail(leafLog.String(), 3000), text)
+		}
+	})
+	poll.Until(t, 30*time.Second, "three remotes up, and the site's two mirrors made over the CORE link", func() bool {
+		var lz struct {
+			Leafs []struct {
+				Account string `json:"account"`
+			} `json:"leafs"`
+		}
+		if !getJSON("http://"+monitor+"/leafz", &lz) || len(lz.Leafs) != 3 {
+			return false
+		}
+		var jz struct {
+			Accounts []struct {
+				Streams []struct {
+					Name string `json:"name"`
+				} `json:"stream_detail"`
+			} `json:"account_details"`
+		}
+		if !getJSON("http://"+monitor+"/jsz?accounts=true&streams=true", &jz) {
+			return false
+		}
+		var names []string
+		for _, a := range jz.Accounts {
+			for _, st := range a.Streams {
+				names = append(names, st.Name)
+			}
+		}
+		return slices.Contains(names, subjects.StreamSiteCache) && slices.Contains(names, subjects.StreamSiteNarInfo)
+	})
 }

@@ -21,6 +21,10 @@
 #   Without it the resolver is MEMORY, the preload alone (a warning says
 #   so): a revocation reaches the site only when accountJwtDir is refreshed
 #   and the unit restarted.
+#   With cache.credentialsFile (the site's leaf-cache.creds from `leaf
+#   config --cache`) the leaf also keeps a copy of the fleet's binary
+#   cache: JetStream in the site's domain and a third remote, bound to the
+#   CORE account, over which the hub feeds the mirrors.
 { config, lib, pkgs, utils, ... }:
 
 let
@@ -33,6 +37,7 @@ let
   runtimeConf = "/run/fleet-leaf/nats.conf";
   credsDir = "/run/credentials/fleet-leaf.service";
   liveUpdates = cfg.systemCredentialsFile != null;
+  siteCache = cfg.cache.credentialsFile != null;
   # The cache resolver's store, in the unit's StateDirectory.
   jwtCacheDir = "/var/lib/fleet-leaf/jwt";
 
@@ -46,6 +51,14 @@ let
     ${if liveUpdates
       then "resolver: { type: cache, dir: ${builtins.toJSON jwtCacheDir}, ttl: \"1h\", limit: 1000 }"
       else "resolver: MEMORY"}
+    ${lib.optionalString siteCache ''
+    jetstream {
+      domain: ${builtins.toJSON cfg.cache.site}
+      store_dir: ${builtins.toJSON "/var/lib/fleet-leaf/jetstream"}
+      max_file_store: ${builtins.toJSON cfg.cache.maxFileStore}
+      max_memory_store: ${builtins.toJSON cfg.cache.maxMemoryStore}
+    }
+    ''}
     leafnodes {
       remotes: [
         {
@@ -53,6 +66,13 @@ let
           credentials: ${builtins.toJSON "${credsDir}/leaf.creds"}
           account: ${builtins.toJSON cfg.account}
         }
+        ${lib.optionalString siteCache ''
+        {
+          urls: ${builtins.toJSON cfg.hubUrls}
+          credentials: ${builtins.toJSON "${credsDir}/leaf-cache.creds"}
+          account: ${builtins.toJSON cfg.cache.coreAccount}
+        }
+        ''}
         ${lib.optionalString liveUpdates ''
         {
           urls: ${builtins.toJSON cfg.hubUrls}
@@ -180,6 +200,49 @@ in
       description = "nats-server monitoring address; null disables it.";
     };
 
+    cache = {
+      credentialsFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = ''
+          The site's leaf-cache.creds, written by `fleet-admin leaf config
+          --site <site> --cache`: the leaf keeps a copy of the fleet's
+          binary cache (JetStream in the site's own domain, mirrors the hub
+          feeds once across the WAN), and the site's agents fetch closures
+          from it first. Needs site, coreAccount and maxFileStore; the leaf
+          then links the CORE account to the hub with these creds, which
+          may only feed the mirrors. accountJwtDir must hold the CORE
+          account's JWT (leaf config writes it).
+        '';
+      };
+      site = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "berlin";
+        description = "The site's name (leaf config --site): the JetStream domain of its copy of the cache.";
+      };
+      coreAccount = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "The CORE account's public key (leaf config --json prints it as core_account): the mirrors live in it.";
+      };
+      maxFileStore = mkOption {
+        type = types.nullOr (types.either types.ints.positive types.str);
+        default = null;
+        example = "24G";
+        description = ''
+          Disk JetStream may use at the site: what the CORE account's JWT
+          reserves plus the copy's bound. The leaf.conf that `fleet-admin
+          leaf config --cache` writes names the figure (max_file_store).
+        '';
+      };
+      maxMemoryStore = mkOption {
+        type = types.either types.ints.positive types.str;
+        default = "256M";
+        description = "Memory JetStream may use at the site: at least what the CORE account's JWT reserves (leaf.conf's max_memory_store).";
+      };
+    };
+
     extraConfig = mkOption {
       type = types.lines;
       default = "";
@@ -201,6 +264,8 @@ in
       { assertion = cfg.operatorJwtFile != null; message = "services.fleet-leaf: set operatorJwtFile (or configFile)."; }
       { assertion = cfg.accountJwtDir != null; message = "services.fleet-leaf: set accountJwtDir (or configFile)."; }
       { assertion = liveUpdates -> cfg.systemAccount != null; message = "services.fleet-leaf: systemCredentialsFile needs systemAccount, the system account's public key its remote binds to."; }
+      { assertion = siteCache -> (cfg.cache.site != null && cfg.cache.coreAccount != null && cfg.cache.maxFileStore != null);
+        message = "services.fleet-leaf: cache.credentialsFile needs cache.site, cache.coreAccount and cache.maxFileStore (all in what fleet-admin leaf config --cache writes)."; }
     ];
 
     warnings = lib.optional (generated && !liveUpdates)
@@ -241,7 +306,8 @@ in
         StateDirectoryMode = "0700";
         WorkingDirectory = "/var/lib/fleet-leaf";
         LoadCredential = lib.optional (generated && cfg.credsFile != null) "leaf.creds:${cfg.credsFile}"
-          ++ lib.optional (generated && liveUpdates) "leaf-system.creds:${cfg.systemCredentialsFile}";
+          ++ lib.optional (generated && liveUpdates) "leaf-system.creds:${cfg.systemCredentialsFile}"
+          ++ lib.optional (generated && siteCache) "leaf-cache.creds:${cfg.cache.credentialsFile}";
         UMask = "0077";
       };
     };
