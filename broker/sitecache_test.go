@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -38,6 +39,7 @@ func newSiteWorld(t *testing.T) *siteWorld {
 	dir := t.TempDir()
 	cfg := testConfig(dir)
 	cfg.LeafnodeListen = "127.0.0.1:0"
+	cfg.SiteCache = true
 	c := startCoordinator(t, cfg)
 	w := &cacheWorld{t: t, c: c, stage: t.TempDir()}
 	owner, err := admin.Dial(ctxT(t, 10*time.Second), c.ClientURL(), filepath.Join(dir, accounts.AdminCredsFile))
@@ -503,5 +505,33 @@ func TestSiteCacheBadCopy(t *testing.T) {
 	}
 	if s, h := hub.NarInfos(); s != 0 || h != 1 {
 		t.Fatalf("narinfos: site %d, hub %d", s, h)
+	}
+}
+
+// TestSiteCacheOffByDefault: a coordinator not started with --site-cache
+// issues no CORE link: leaf config --cache is refused, saying why, and a
+// leaf config without it still works.
+func TestSiteCacheOffByDefault(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(dir)
+	cfg.LeafnodeListen = "127.0.0.1:0"
+	c := startCoordinator(t, cfg)
+	owner, err := admin.Dial(ctxT(t, 10*time.Second), c.ClientURL(), filepath.Join(dir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(owner.Close)
+	var lc model.LeafConfig
+	err = owner.Call(ctxT(t, 10*time.Second), subjects.VerbLeafConfig, true, model.LeafConfigRequest{
+		Site: "berlin", Key: pubOf(newKey(t)),
+		Cache: &model.SiteCache{Key: pubOf(newKey(t)), MaxBytes: 1 << 30, MaxAge: model.Duration(24 * time.Hour)},
+	}, &lc)
+	if err == nil || !strings.Contains(err.Error(), "--site-cache") || lc.CacheUserJWT != "" {
+		t.Fatalf("leaf config --cache on a coordinator without --site-cache: %v, %+v", err, lc.CacheUserJWT != "")
+	}
+	if err := owner.Call(ctxT(t, 10*time.Second), subjects.VerbLeafConfig, true, model.LeafConfigRequest{
+		Site: "berlin", Key: pubOf(newKey(t)),
+	}, &lc); err != nil || lc.JWT == "" || lc.CacheUserJWT != "" {
+		t.Fatalf("leaf config without --cache: %v", err)
 	}
 }

@@ -276,7 +276,7 @@ func getJSON(url string, v any) bool {
 // system, CORE), and the hub creates the site's two mirrors over the CORE
 // link.
 func TestNixOSLeafModuleCache(t *testing.T) {
-	w := newFleetWorldLeaf(t)
+	w := newFleetWorldWith(t, "--leafnode-listen", freeAddr(t), "--site-cache")
 	site := filepath.Join(t.TempDir(), "berlin")
 	var lc struct {
 		FleetAccount  string `json:"fleet_account"`
