@@ -81,6 +81,13 @@ const (
 	// the reports' tighter one is not spent.
 	cacheReadRate  = 400.0
 	cacheReadBurst = 4000
+	// A NAR window is one request and 4 MiB of work for the hub, sent
+	// whether or not anyone reads the inbox it goes to: windows have
+	// budgets of their own, per device (512 MiB/s, above what one fetch
+	// takes) and per site (2 GiB/s for the hub's devices, or for one
+	// site's, however many the site's link speaks for).
+	cacheWindowRate, cacheWindowBurst         = 128.0, 128
+	cacheSiteWindowRate, cacheSiteWindowBurst = 512.0, 1024
 	// cacheGrace keeps new entries from retention: a push comes before
 	// the release that names it.
 	cacheGrace = 24 * time.Hour
@@ -110,9 +117,11 @@ type cacheStore struct {
 	// them; under mu).
 	idle, grace time.Duration
 
-	limiter  *rateLimiter
-	requests *prometheus.CounterVec
-	sent     *prometheus.CounterVec
+	limiter *rateLimiter
+	// windows and siteWindows budget NAR windows by device and by site.
+	windows, siteWindows *rateLimiter
+	requests             *prometheus.CounterVec
+	sent                 *prometheus.CounterVec
 	// siteKick asks siteLoop to check the sites' mirrors now.
 	siteKick chan struct{}
 	siteDone chan struct{}
@@ -145,8 +154,10 @@ type narIndex struct {
 func (s *services) startCache(ctx context.Context) error {
 	cs := &cacheStore{s: s, log: s.log.With().Str("component", "cache").Logger(),
 		uploads: map[string]*cacheUpload{}, busy: map[string]bool{}, layouts: map[string]objLayout{},
-		index:   &narIndex{ready: make(chan struct{}), m: map[string]*narEntry{}},
-		limiter: newRateLimiter(cacheReadRate, cacheReadBurst, s.now),
+		index:       &narIndex{ready: make(chan struct{}), m: map[string]*narEntry{}},
+		limiter:     newRateLimiter(cacheReadRate, cacheReadBurst, s.now),
+		windows:     newRateLimiter(cacheWindowRate, cacheWindowBurst, s.now),
+		siteWindows: newRateLimiter(cacheSiteWindowRate, cacheSiteWindowBurst, s.now),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleet_cache_requests_total",
 			Help: "Device reads of the binary cache by site, kind (narinfo; nar: one window of a NAR file) and result (hit, miss, error).",
@@ -673,6 +684,11 @@ func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site st
 	if model.CheckNarURL(q.Nar) != nil || len(q.Object) > 64 || strings.ContainsAny(q.Object, ".*> \t\r\n") {
 		cs.s.drop("cache", dropInvalid, m)
 		cs.readError(l, m, 400, "not a NAR file name (nar/<hash>.nar[.xz|.zst|.bz2])")
+		return
+	}
+	if id, _ := subjects.DeviceFromRequest(subjects.CacheGet, m.Subject); !cs.windows.allow(id) || !cs.siteWindows.allow(site) {
+		cs.s.drop("cache", dropRate, m)
+		cs.readError(l, m, 429, "too many NAR windows: slow down")
 		return
 	}
 	info, err := cs.obs.GetInfo(ctx, q.Nar)

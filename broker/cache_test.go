@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -649,4 +650,46 @@ func TestCacheReadLayouts(t *testing.T) {
 			t.Fatalf("%s: layout named %v, want %v", x.ni.StorePath, got, x.layout)
 		}
 	}
+}
+
+// TestCacheWindowBudget: a device asking for NAR windows far faster than
+// any fetch does, into an inbox it never reads (the hub sends a window
+// whether or not anyone listens), is held to its window budget: the rest
+// are refused with 429 before any work is done.
+func TestCacheWindowBudget(t *testing.T) {
+	w := newCacheWorld(t)
+	ni, raw, _ := w.fakeNar("budget", 64<<10)
+	w.mustPush(raw)
+	id := w.dev.PublicKey()
+	inbox := subjects.DeviceInboxPrefix(subjects.DefaultSite, id)
+	var refused atomic.Int64
+	sub, err := w.nc.Subscribe(inbox+".status.*", func(m *nats.Msg) {
+		if m.Header.Get(subjects.HeaderCacheStatus) == "429" {
+			refused.Add(1)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	const n = 1000
+	start := time.Now()
+	for i := range n {
+		// Each read's reply goes to an inbox of its own; only refusals
+		// are listened to (.status.*): the windows go unread.
+		reply := fmt.Sprintf("%s.status.%d", inbox, i)
+		if err := w.nc.PublishRequest(subjects.CacheGetFor(id), reply, []byte(`{"nar":"`+ni.URL+`"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	elapsed := time.Since(start)
+	// At most the burst, plus what the rate refilled while the requests
+	// were sent, plus slack for the time they took to be served.
+	served := cacheWindowBurst + int64(cacheWindowRate*(elapsed.Seconds()+2))
+	poll.Telling(t, 20*time.Second, "the reads past the budget refused", func() (bool, string) {
+		return n-refused.Load() <= served, fmt.Sprintf("%d of %d refused, at most %d may be served", refused.Load(), n, served)
+	})
 }
