@@ -142,22 +142,7 @@ func TestNixOSLeafModuleLiveRevocation(t *testing.T) {
 		}
 	}
 
-	leaf := exec.Command(natsServerBin, "-c", conf)
-	leaf.Dir = stateDir
-	var leafLog procOutput
-	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
-	if err := leaf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = leaf.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = leaf.Process.Signal(syscall.SIGTERM)
-		<-exited
-		if t.Failed() {
-			t.Logf("leaf log:\n%s\n--- nats.conf:\n%s", tail(leafLog.String(), 3000), text)
-		}
-	})
+	exited, leafLog := runLeafUnit(t, conf, stateDir)
 	// Both remotes up: the FLEET one and the system one.
 	poll.Until(w.t, 20*time.Second, "leaf node up with its two remotes", func() bool {
 		var lz struct {
@@ -342,22 +327,7 @@ func TestNixOSLeafModuleCache(t *testing.T) {
 			t.Errorf("nats.conf lacks %q:\n%s", want, text)
 		}
 	}
-	leaf := exec.Command(natsServerBin, "-c", conf)
-	leaf.Dir = stateDir
-	var leafLog procOutput
-	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
-	if err := leaf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = leaf.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = leaf.Process.Signal(syscall.SIGTERM)
-		<-exited
-		if t.Failed() {
-			t.Logf("leaf log:\n%s\n--- nats.conf:\n%s", tail(leafLog.String(), 3000), text)
-		}
-	})
+	runLeafUnit(t, conf, stateDir)
 	poll.Until(t, 30*time.Second, "three remotes up, and the site's two mirrors made over the CORE link", func() bool {
 		var lz struct {
 			Leafs []struct {
@@ -385,4 +355,30 @@ func TestNixOSLeafModuleCache(t *testing.T) {
 		}
 		return slices.Contains(names, subjects.StreamSiteCache) && slices.Contains(names, subjects.StreamSiteNarInfo)
 	})
+}
+
+// runLeafUnit runs the real nats-server on the unit's nats.conf (from
+// leafUnitConf) in its state directory until the test ends, and shows its
+// log and config when the test failed. It returns a channel closed when
+// the server exits, and its output.
+func runLeafUnit(t *testing.T, conf, stateDir string) (<-chan struct{}, *procOutput) {
+	t.Helper()
+	text, _ := os.ReadFile(conf)
+	leaf := exec.Command(natsServerBin, "-c", conf)
+	leaf.Dir = stateDir
+	var leafLog procOutput
+	leaf.Stdout, leaf.Stderr = &leafLog, &leafLog
+	if err := leaf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = leaf.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = leaf.Process.Signal(syscall.SIGTERM)
+		<-exited
+		if t.Failed() {
+			t.Logf("leaf log:\n%s\n--- nats.conf:\n%s", tail(leafLog.String(), 3000), text)
+		}
+	})
+	return exited, &leafLog
 }
