@@ -256,20 +256,7 @@ func (cs *cacheStore) watch(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("watch %s: %w", subjects.BucketNarInfo, err)
 	}
-	go func() {
-		defer func() { _ = w.Stop() }()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				cs.index.apply(e, cs.log)
-			}
-		}
-	}()
+	go followKV(ctx, w, func(e jetstream.KeyValueEntry) { cs.index.apply(e, cs.log) })
 	return nil
 }
 

@@ -500,27 +500,17 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 }
 
 func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte)) {
-	defer kw.Stop()
 	var once sync.Once
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case e, ok := <-kw.Updates():
-			if !ok {
-				return
-			}
-			if e == nil { // initial values delivered
-				once.Do(x.sourceCaughtUp)
-				continue
-			}
-			if e.Operation() != jetstream.KeyValuePut {
-				apply(e.Key(), nil)
-				continue
-			}
+	followKV(ctx, kw, func(e jetstream.KeyValueEntry) {
+		switch {
+		case e == nil: // initial values delivered
+			once.Do(x.sourceCaughtUp)
+		case e.Operation() != jetstream.KeyValuePut:
+			apply(e.Key(), nil)
+		default:
 			apply(e.Key(), e.Value())
 		}
-	}
+	})
 }
 
 // nameFor returns the name a new device with host name host is shown

@@ -154,20 +154,7 @@ func (s *services) watchPayloadKeys() error {
 	}
 	pk := &payloadKeys{keys: map[string]map[string]bool{}, cancel: cancel}
 	s.payloadKeys = pk
-	go func() {
-		defer func() { _ = w.Stop() }()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				pk.apply(e)
-			}
-		}
-	}()
+	go followKV(ctx, w, pk.apply)
 	return nil
 }
 

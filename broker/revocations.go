@@ -93,27 +93,16 @@ func (c *Coordinator) startRevocations(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("watch %s: %w", subjects.BucketRevocations, err)
 	}
-	go func() {
-		defer func() { _ = w.Stop() }()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				if e == nil || c.auth.IsRevoked(e.Key()) {
-					continue
-				}
-				sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				if err := c.syncRevocations(sctx); err != nil {
-					c.log.Error().Err(err).Str("key", e.Key()).Msg("revocation not applied yet; retrying on the next change or restart")
-				}
-				cancel()
-			}
+	go followKV(ctx, w, func(e jetstream.KeyValueEntry) {
+		if e == nil || c.auth.IsRevoked(e.Key()) {
+			return
 		}
-	}()
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if err := c.syncRevocations(sctx); err != nil {
+			c.log.Error().Err(err).Str("key", e.Key()).Msg("revocation not applied yet; retrying on the next change or restart")
+		}
+	})
 	return nil
 }
 

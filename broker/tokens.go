@@ -209,6 +209,25 @@ func (s *services) updateToken(ctx context.Context, id string, fn func(*tokenRec
 	return &apiError{model.CodeInternal, "token " + id + " is busy; retry"}
 }
 
+// followKV hands each update of watcher w to fn (nil once the values
+// there at the start are all delivered) until ctx ends or the watch does,
+// then stops the watch. One loop for every bucket the coordinator keeps
+// in memory.
+func followKV(ctx context.Context, w jetstream.KeyWatcher, fn func(jetstream.KeyValueEntry)) {
+	defer func() { _ = w.Stop() }()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e, ok := <-w.Updates():
+			if !ok {
+				return
+			}
+			fn(e)
+		}
+	}
+}
+
 // eachKey calls fn with every live entry of kv.
 func eachKey(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
 	// A watcher delivers every current value in one stream of messages,
