@@ -98,22 +98,7 @@ func TestNixOSLeafModuleLiveRevocation(t *testing.T) {
 	hub := w.hubLeafURL(t, site)
 	leafListen, monitor := freeAddr(t), freeAddr(t)
 
-	r := mustEvalNixOS(t, "leaf.nix", fmt.Sprintf(`{
-    services.fleet-leaf = {
-      enable = true;
-      hubUrls = [ %q ];
-      credsFile = %q;
-      systemCredentialsFile = %q;
-      account = %q;
-      systemAccount = %q;
-      operatorJwtFile = %q;
-      accountJwtDir = %q;
-      serverName = "leaf-berlin";
-      listen = %q;
-      monitorListen = %q;
-    };
-  }`, hub, filepath.Join(site, "leaf.creds"), filepath.Join(site, "leaf-system.creds"), lc.FleetAccount, lc.SystemAccount,
-		filepath.Join(site, "operator.jwt"), filepath.Join(site, "jwt"), leafListen, monitor))
+	r := mustEvalNixOS(t, "leaf.nix", siteLeafModule(site, hub, lc.FleetAccount, lc.SystemAccount, leafListen, monitor, `serverName = "leaf-berlin";`))
 	if len(r.Warnings) != 0 {
 		t.Errorf("warnings %q with systemCredentialsFile set", r.Warnings)
 	}
@@ -289,29 +274,13 @@ func TestNixOSLeafModuleCache(t *testing.T) {
 	}
 	hub := w.hubLeafURL(t, site)
 	leafListen, monitor := freeAddr(t), freeAddr(t)
-	r := mustEvalNixOS(t, "leaf.nix", fmt.Sprintf(`{
-    services.fleet-leaf = {
-      enable = true;
-      hubUrls = [ %q ];
-      credsFile = %q;
-      systemCredentialsFile = %q;
-      account = %q;
-      systemAccount = %q;
-      operatorJwtFile = %q;
-      accountJwtDir = %q;
-      listen = %q;
-      monitorListen = %q;
-      cache = {
+	r := mustEvalNixOS(t, "leaf.nix", siteLeafModule(site, hub, lc.FleetAccount, lc.SystemAccount, leafListen, monitor, fmt.Sprintf(`cache = {
         credentialsFile = %q;
         site = "berlin";
         coreAccount = %q;
         maxFileStore = %s;
         maxMemoryStore = %s;
-      };
-    };
-  }`, hub, filepath.Join(site, "leaf.creds"), filepath.Join(site, "leaf-system.creds"), lc.FleetAccount, lc.SystemAccount,
-		filepath.Join(site, "operator.jwt"), filepath.Join(site, "jwt"), leafListen, monitor,
-		filepath.Join(site, "leaf-cache.creds"), lc.CoreAccount, figure("max_file_store"), figure("max_memory_store")))
+      };`, filepath.Join(site, "leaf-cache.creds"), lc.CoreAccount, figure("max_file_store"), figure("max_memory_store"))))
 	u := parseUnit(t, r.Units["fleet-leaf.service"])
 	if got := u["Service"]["LoadCredential"]; !slices.Contains(got, "leaf-cache.creds:"+filepath.Join(site, "leaf-cache.creds")) {
 		t.Errorf("LoadCredential=%q", got)
@@ -381,4 +350,26 @@ func runLeafUnit(t *testing.T, conf, stateDir string) (<-chan struct{}, *procOut
 		}
 	})
 	return exited, &leafLog
+}
+
+// siteLeafModule is the leaf module's generated mode on the files
+// fleet-admin leaf config wrote to site, for a leaf listening on listen
+// (monitoring on monitor) and linked to hub, with more options in extra.
+func siteLeafModule(site, hub, fleetAccount, systemAccount, listen, monitor, extra string) string {
+	return fmt.Sprintf(`{
+    services.fleet-leaf = {
+      enable = true;
+      hubUrls = [ %q ];
+      credsFile = %q;
+      systemCredentialsFile = %q;
+      account = %q;
+      systemAccount = %q;
+      operatorJwtFile = %q;
+      accountJwtDir = %q;
+      listen = %q;
+      monitorListen = %q;
+      %s
+    };
+  }`, hub, filepath.Join(site, "leaf.creds"), filepath.Join(site, "leaf-system.creds"), fleetAccount, systemAccount,
+		filepath.Join(site, "operator.jwt"), filepath.Join(site, "jwt"), listen, monitor, extra)
 }
