@@ -105,6 +105,9 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"agentA", pub, jsAPI(".STREAM.DELETE." + subjects.StreamAudit), "", false},
 		{"agentA", pub, "$JS.API.INFO", "", false},
 		{"agentA", pub, subjects.KVKey(subjects.BucketAdmins, A), "", false},
+		{"agentA", pub, subjects.KVKey(subjects.BucketGroups, "developers"), "", false},
+		{"agentA", pub, subjects.APIWriteVerb(subjects.VerbDevicePin), "", false},
+		{"agentA", pub, subjects.APIReadVerb(subjects.VerbDeployPreview), "", false},
 		{"agentA", sub, subjects.DeviceFacts(A), "", false},
 		{"agentA", sub, subjects.DesiredGetFor(A), "", false},
 		{"agentA", sub, subjects.DeviceInboxPrefix(hub, B) + ".>", subjects.DeviceNotify(hub, B), false},
@@ -146,6 +149,9 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"observer", pub, subjects.APIReadVerb("facts"), "", true},
 		{"observer", pub, subjects.APIReadVerb("tokens"), "", false},
 		{"observer", pub, subjects.APIWriteVerb("deploy"), "", false},
+		{"observer", pub, subjects.APIReadVerb(subjects.VerbGroups), "", false},
+		{"observer", pub, subjects.APIReadVerb(subjects.VerbDeployPreview), "", false},
+		{"observer", pub, subjects.APIWriteVerb(subjects.VerbDevicePin), "", false},
 		{"observer", sub, "_INBOX.>", "_INBOX.probe", false},
 
 		// Enroll: a bearer credential for fleet.enroll only.
