@@ -288,7 +288,7 @@ type RolloutPauseCmd struct {
 }
 
 // Run pauses the rollout.
-func (cmd *RolloutPauseCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, "pause") }
+func (cmd *RolloutPauseCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, model.RolloutPause) }
 
 // RolloutResumeCmd is `fleet-admin rollout resume`.
 type RolloutResumeCmd struct {
@@ -296,7 +296,7 @@ type RolloutResumeCmd struct {
 }
 
 // Run resumes the rollout.
-func (cmd *RolloutResumeCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, "resume") }
+func (cmd *RolloutResumeCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, model.RolloutResume) }
 
 // RolloutAbortCmd is `fleet-admin rollout abort`.
 type RolloutAbortCmd struct {
