@@ -288,7 +288,9 @@ type RolloutPauseCmd struct {
 }
 
 // Run pauses the rollout.
-func (cmd *RolloutPauseCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, model.RolloutPause) }
+func (cmd *RolloutPauseCmd) Run(g *Globals) error {
+	return rolloutAction(g, cmd.ID, model.RolloutPause)
+}
 
 // RolloutResumeCmd is `fleet-admin rollout resume`.
 type RolloutResumeCmd struct {
@@ -296,7 +298,9 @@ type RolloutResumeCmd struct {
 }
 
 // Run resumes the rollout.
-func (cmd *RolloutResumeCmd) Run(g *Globals) error { return rolloutAction(g, cmd.ID, model.RolloutResume) }
+func (cmd *RolloutResumeCmd) Run(g *Globals) error {
+	return rolloutAction(g, cmd.ID, model.RolloutResume)
+}
 
 // RolloutAbortCmd is `fleet-admin rollout abort`.
 type RolloutAbortCmd struct {
