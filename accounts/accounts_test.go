@@ -127,10 +127,11 @@ func TestCreateLoad(t *testing.T) {
 	if js.DiskStorage != DefaultLimits.JetStreamDisk || js.MemoryStorage != DefaultLimits.JetStreamMemory || !cc.Limits.IsJSEnabled() {
 		t.Errorf("CORE JetStream limits %+v, want disk %d memory %d", js, DefaultLimits.JetStreamDisk, DefaultLimits.JetStreamMemory)
 	}
-	if cc.Limits.LeafNodeConn != -1 || cc.Limits.Payload != DefaultLimits.MaxPayload || cc.Limits.Conn <= 0 {
-		t.Errorf("CORE limits %+v: want sites' cache links, bounded connections", cc.Limits.NatsLimits)
+	if cc.Limits.Payload != DefaultLimits.MaxPayload || cc.Limits.Conn <= 0 {
+		t.Errorf("CORE limits %+v: want bounded connections", cc.Limits.NatsLimits)
 	}
 	siteCacheSharing(t, a, cc, true)
+	siteLinkAccount(t, a, oc)
 	coreSvc, err := ReadSeed(filepath.Join(dir, KeysDir, coreServiceFile), nkeys.PrefixByteAccount)
 	if err != nil {
 		t.Fatal(err)
@@ -237,7 +238,8 @@ func TestCreateLoad(t *testing.T) {
 
 // siteCacheSharing checks that CORE (core) exports and FLEET imports
 // exactly the direct gets of the cache (the coordinator's of the hub's
-// NAR files, and a site's mirrors), as services, and nothing else.
+// NAR files, and a site's mirrors), as services, and nothing else; CORE
+// exports besides only what SITELINK imports.
 func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core bool) {
 	t.Helper()
 	want := map[string]string{
@@ -246,12 +248,27 @@ func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core boo
 		"$JS.API.DIRECT.GET." + subjects.StreamSiteNarInfo + ".$KV." + subjects.BucketNarInfo + ".*": subjects.SiteNarInfo + ".*",
 	}
 	if core {
-		if len(c.Imports) != 0 || c.Limits.Imports != 0 || len(c.Exports) != len(want) || c.Limits.Exports != int64(len(want)) {
+		link := map[string]jwt.ExportType{}
+		for _, im := range subjects.SiteLinkImports() {
+			link[im.Subject] = map[bool]jwt.ExportType{true: jwt.Service, false: jwt.Stream}[im.Service]
+		}
+		n := len(want) + len(link)
+		if len(c.Imports) != 0 || c.Limits.Imports != 0 || len(c.Exports) != n || c.Limits.Exports != int64(n) {
 			t.Fatalf("CORE shares: imports %v exports %d limits %+v", c.Imports, len(c.Exports), c.Limits.AccountLimits)
 		}
 		for _, e := range c.Exports {
-			if _, ok := want[string(e.Subject)]; !ok || e.Type != jwt.Service || e.TokenReq {
+			_, cache := want[string(e.Subject)]
+			typ, linked := link[string(e.Subject)]
+			if !(cache && e.Type == jwt.Service || linked && e.Type == typ) || e.TokenReq {
 				t.Errorf("CORE exports %+v", e)
+			}
+			// No export reaches a bucket, a stream's own subjects or the
+			// JetStream API beyond the cache's direct gets and the sites'
+			// consumer resets.
+			sub := string(e.Subject)
+			if strings.HasPrefix(sub, "$KV.") || strings.HasPrefix(sub, "$O.") || strings.HasPrefix(sub, "$JS.API.") &&
+				!strings.HasPrefix(sub, "$JS.API.DIRECT.GET.") && !strings.HasPrefix(sub, "$JS.API.CONSUMER.RESET.") {
+				t.Errorf("CORE exports %s", sub)
 			}
 		}
 		return
@@ -262,6 +279,76 @@ func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core boo
 	for _, im := range c.Imports {
 		if local, ok := want[string(im.Subject)]; !ok || string(im.LocalSubject) != local || im.Type != jwt.Service || im.Account != a.CoreAccount() {
 			t.Errorf("FLEET imports %+v", im)
+		}
+	}
+}
+
+// siteLinkAccount checks SITELINK: its own account, signed by the
+// operator's signing key, no JetStream, no exports, imports of CORE only
+// subjects.SiteLinkImports, one unscoped signing key that issues the
+// sites' cache links (held to their template) and the coordinator's users.
+func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims) {
+	t.Helper()
+	tok, err := os.ReadFile(a.accountJWTPath(a.SiteLinkAccount()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc, err := jwt.DecodeAccountClaims(string(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lc.Subject != a.SiteLinkAccount() || lc.Name != subjects.AccountSiteLink || !oc.SigningKeys.Contains(lc.Issuer) {
+		t.Errorf("SITELINK account claims: sub %s name %s issuer %s", lc.Subject, lc.Name, lc.Issuer)
+	}
+	for _, other := range []string{a.CoreAccount(), a.FleetAccount(), a.SystemAccount()} {
+		if other == a.SiteLinkAccount() {
+			t.Fatal("SITELINK is not an account of its own")
+		}
+	}
+	if lc.Limits.IsJSEnabled() || len(lc.Exports) != 0 || lc.Limits.Exports != 0 || lc.Limits.LeafNodeConn != -1 {
+		t.Errorf("SITELINK limits %+v exports %v", lc.Limits, lc.Exports)
+	}
+	want := subjects.SiteLinkImports()
+	if len(lc.Imports) != len(want) || lc.Limits.Imports != int64(len(want)) {
+		t.Fatalf("SITELINK imports %d, want %d", len(lc.Imports), len(want))
+	}
+	for _, im := range lc.Imports {
+		i := slices.IndexFunc(want, func(w subjects.LinkImport) bool { return w.Subject == string(im.Subject) })
+		if i < 0 || im.Account != a.CoreAccount() || (im.Type == jwt.Service) != want[i].Service {
+			t.Errorf("SITELINK imports %+v", im)
+			continue
+		}
+		local := string(im.LocalSubject)
+		if local == "" {
+			local = string(im.Subject)
+		}
+		if local != want[i].Local {
+			t.Errorf("SITELINK imports %s as %s, want %s", im.Subject, local, want[i].Local)
+		}
+	}
+	if len(lc.SigningKeys) != 1 {
+		t.Errorf("SITELINK signing keys %v", lc.SigningKeys.Keys())
+	}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ut, err := a.IssueSiteCacheUser(mustPub(kp), "berlin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := jwt.DecodeUserClaims(ut)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := subjects.SiteCacheTemplate("berlin")
+	if uc.IssuerAccount != a.SiteLinkAccount() || !lc.SigningKeys.Contains(uc.Issuer) || !slices.Equal(uc.Pub.Allow, tmpl.Pub) ||
+		!slices.Equal(uc.Sub.Allow, tmpl.Sub) || !slices.Equal(uc.AllowedConnectionTypes, tmpl.ConnTypes) {
+		t.Errorf("berlin's cache link: %+v", uc)
+	}
+	for _, bad := range []string{"", subjects.DefaultSite, "Berlin"} {
+		if _, err := a.IssueSiteCacheUser(mustPub(kp), bad); err == nil {
+			t.Errorf("a cache link for site %q", bad)
 		}
 	}
 }
@@ -942,5 +1029,61 @@ func TestFastKey(t *testing.T) {
 	ck, _ := nkeys.CreateCurveKeys()
 	if FastKey(ck) != ck {
 		t.Fatal("a curve key was wrapped")
+	}
+}
+
+// SITELINK's keys derive from CORE's: a data dir made before SITELINK
+// existed gets the account at its next Refresh, and a copy of the identity
+// (another coordinator of the cluster) has the same account.
+func TestSiteLinkUpgrade(t *testing.T) {
+	dir, a := create(t)
+	p := a.accountJWTPath(a.SiteLinkAccount())
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	b, err := Load(dir, subjects.Domain, DefaultLimits)
+	if err != nil {
+		t.Fatalf("Load of a dir without SITELINK: %v", err)
+	}
+	if b.SiteLinkAccount() != a.SiteLinkAccount() {
+		t.Fatal("SITELINK derived anew differs")
+	}
+	if changed, err := b.Refresh(); err != nil || !changed {
+		t.Fatalf("Refresh of a dir without SITELINK = %v, %v; want true", changed, err)
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("SITELINK's JWT after Refresh: %v", err)
+	}
+	if changed, err := b.Refresh(); err != nil || changed {
+		t.Fatalf("second Refresh = %v, %v; want false", changed, err)
+	}
+	other := filepath.Join(t.TempDir(), "b")
+	if err := CopyIdentity(dir, other); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(other, subjects.Domain, DefaultLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.SiteLinkAccount() != a.SiteLinkAccount() {
+		t.Error("a copy of the identity has another SITELINK")
+	}
+	oc, err := jwt.DecodeOperatorClaims(a.OperatorJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	siteLinkAccount(t, c, oc)
+	// A link signed at one coordinator verifies against the account the
+	// other holds.
+	kp, _ := nkeys.CreateUser()
+	ut, err := a.IssueSiteCacheUser(mustPub(kp), "berlin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, _ := jwt.DecodeUserClaims(ut)
+	tok, _ := os.ReadFile(c.accountJWTPath(c.SiteLinkAccount()))
+	lc, err := jwt.DecodeAccountClaims(string(tok))
+	if err != nil || !lc.SigningKeys.Contains(uc.Issuer) {
+		t.Errorf("berlin's link, issued at one coordinator, is not the other's SITELINK's: %v", err)
 	}
 }

@@ -3,15 +3,18 @@
 // JWTs, .creds files and revocation.
 //
 // CORE holds the fleet's state (every stream and bucket) and has no users
-// but the coordinators' own and the CORE leaf links of sites with a cache;
-// FLEET holds every client and has no JetStream. The coordinator is the
-// only bridge, so nothing a client sends, and no reply subject it picks,
-// reaches the state except through the coordinator's validated handlers.
-// The exceptions are read-only direct gets of the binary cache that FLEET
-// imports (cacheImports): one only the coordinator may send (a checked
-// device read, answered by the server straight into the device's inbox),
-// and two on a site's mirrors, which exist only in a site's own JetStream
-// domain.
+// but the coordinators' own; FLEET holds every client and has no
+// JetStream. The coordinator is the only bridge, so nothing a client sends,
+// and no reply subject it picks, reaches the state except through the
+// coordinator's validated handlers. The exceptions are read-only direct
+// gets of the binary cache that FLEET imports (cacheImports): one only the
+// coordinator may send (a checked device read, answered by the server
+// straight into the device's inbox), and two on a site's mirrors, which
+// exist only in a site's own JetStream domain. Sites' cache links bind to
+// a fourth account, SITELINK, which reaches CORE only through service
+// imports of their consumers' resets and flow control, whose replies the
+// server makes, and a stream import of the deliveries
+// (subjects.SiteLinkImports).
 //
 // The data directory keeps the operator's identity seed in a file of its own
 // (operator.nk) so it can be moved offline: the running coordinator signs
@@ -21,6 +24,8 @@ package accounts
 
 import (
 	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -96,12 +101,18 @@ type Authority struct {
 	systemSvc   nkeys.KeyPair
 	core        nkeys.KeyPair
 	coreSvc     nkeys.KeyPair
+	siteLink    nkeys.KeyPair // derived from core (deriveAccount)
+	siteLinkSvc nkeys.KeyPair
 	roles       map[subjects.Role]nkeys.KeyPair
 
 	mu         sync.Mutex
 	fleetClaim *jwt.AccountClaims // current, including revocations
 	coreClaim  *jwt.AccountClaims
-	systemJWT  string
+	// siteLinkClaim is SITELINK's; siteLinkStored says the resolver
+	// directory holds it (a data dir made before SITELINK did not).
+	siteLinkClaim  *jwt.AccountClaims
+	siteLinkStored bool
+	systemJWT      string
 }
 
 // Initialized reports whether dir holds an initialised fleet.
@@ -150,6 +161,9 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 		return nil, err
 	}
 	if a.coreSvc, err = nkeys.CreateAccount(); err != nil {
+		return nil, err
+	}
+	if err := a.deriveSiteLink(); err != nil {
 		return nil, err
 	}
 	for _, r := range subjects.Roles {
@@ -225,6 +239,9 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if err := a.storeAccountJWT(mustPub(a.core), coreJWT); err != nil {
 		return nil, err
 	}
+	if _, err := a.refreshSiteLink(); err != nil {
+		return nil, err
+	}
 	owner, err := a.NewUser(subjects.RoleOwner, "owner", 0)
 	if err != nil {
 		return nil, err
@@ -285,6 +302,9 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 	if a.coreSvc, err = ReadSeed(filepath.Join(keys, coreServiceFile), nkeys.PrefixByteAccount); err != nil {
 		return nil, err
 	}
+	if err := a.deriveSiteLink(); err != nil {
+		return nil, err
+	}
 	for _, r := range subjects.Roles {
 		if a.roles[r], err = ReadSeed(filepath.Join(keys, roleSeedFile(r)), nkeys.PrefixByteAccount); err != nil {
 			return nil, err
@@ -302,6 +322,12 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 	}
 	if a.coreClaim, err = a.loadAccount(oc, a.core, a.coreSvc, coreServiceFile); err != nil {
 		return nil, err
+	}
+	if _, err := os.Stat(a.accountJWTPath(mustPub(a.siteLink))); err == nil {
+		if a.siteLinkClaim, err = a.loadAccount(oc, a.siteLink, a.siteLinkSvc, coreSeedFile); err != nil {
+			return nil, err
+		}
+		a.siteLinkStored = true
 	}
 	for _, r := range subjects.Roles {
 		if !a.fleetClaim.SigningKeys.Contains(mustPub(a.roles[r])) {
@@ -339,10 +365,11 @@ func (a *Authority) loadAccount(oc *jwt.OperatorClaims, acc, signer nkeys.KeyPai
 	return ac, nil
 }
 
-// Refresh re-signs the FLEET and CORE account JWTs with this version's role
-// templates and limits, keeping FLEET's revocations, and stores them in the
-// resolver directory. It is called before the server starts so upgrades and
-// changed settings take effect; it reports whether anything changed.
+// Refresh re-signs the FLEET, CORE and SITELINK account JWTs with this
+// version's role templates and limits, keeping FLEET's revocations, and
+// stores them in the resolver directory. It is called before the server
+// starts so upgrades and changed settings take effect; it reports whether
+// anything changed.
 func (a *Authority) Refresh() (bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -350,6 +377,11 @@ func (a *Authority) Refresh() (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	linkChanged, err := a.refreshSiteLink()
+	if err != nil {
+		return false, err
+	}
+	coreChanged = coreChanged || linkChanged
 	next := *a.fleetClaim
 	next.SigningKeys = jwt.SigningKeys{}
 	next.Revocations = maps.Clone(a.fleetClaim.Revocations)
@@ -392,16 +424,109 @@ func (a *Authority) refreshCore() (bool, error) {
 	return true, nil
 }
 
+// refreshSiteLink signs and stores the SITELINK account JWT when its
+// policy changed or it was never stored. a.mu is held (or a is new).
+func (a *Authority) refreshSiteLink() (bool, error) {
+	next := jwt.NewAccountClaims(mustPub(a.siteLink))
+	if a.siteLinkClaim != nil {
+		cp := *a.siteLinkClaim
+		next = &cp
+		next.SigningKeys = jwt.SigningKeys{}
+	}
+	next.Name = subjects.AccountSiteLink
+	a.applySiteLinkPolicy(next)
+	if a.siteLinkStored {
+		before, _ := json.Marshal(a.siteLinkClaim.Account)
+		after, _ := json.Marshal(next.Account)
+		if string(before) == string(after) {
+			return false, nil
+		}
+	}
+	tok, err := next.Encode(a.opSigner)
+	if err != nil {
+		return false, fmt.Errorf("sign SITELINK account: %w", err)
+	}
+	if err := a.storeAccountJWT(next.Subject, tok); err != nil {
+		return false, err
+	}
+	a.siteLinkClaim, a.siteLinkStored = next, true
+	return true, nil
+}
+
+// deriveSiteLink sets SITELINK's identity and signing keys, derived from
+// CORE's seed: they need no files of their own, so a data dir made before
+// SITELINK existed, and every coordinator of a cluster, has the same.
+func (a *Authority) deriveSiteLink() error {
+	var err error
+	if a.siteLink, err = deriveAccount(a.core, "SITELINK account"); err != nil {
+		return err
+	}
+	a.siteLinkSvc, err = deriveAccount(a.core, "SITELINK signing key")
+	return err
+}
+
+// deriveAccount derives an account key from parent's seed and label.
+func deriveAccount(parent nkeys.KeyPair, label string) (nkeys.KeyPair, error) {
+	seed, err := parent.Seed()
+	if err != nil {
+		return nil, fmt.Errorf("derive %s: %w", label, err)
+	}
+	_, raw, err := nkeys.DecodeSeed(seed)
+	if err != nil {
+		return nil, fmt.Errorf("derive %s: %w", label, err)
+	}
+	m := hmac.New(sha256.New, raw)
+	m.Write([]byte("fleet: " + label))
+	kp, err := nkeys.FromRawSeed(nkeys.PrefixByteAccount, m.Sum(nil))
+	if err != nil {
+		return nil, fmt.Errorf("derive %s: %w", label, err)
+	}
+	return kp, nil
+}
+
+// applySiteLinkPolicy sets the limits, imports and signing key of the
+// SITELINK account claim c: leaf links of sites (each user held to
+// subjects.SiteCacheTemplate) and the coordinators' own connections, no
+// JetStream, no exports, and of CORE only subjects.SiteLinkImports.
+func (a *Authority) applySiteLinkPolicy(c *jwt.AccountClaims) {
+	c.Limits.Conn = 64 // the coordinators' own connections
+	c.Limits.Payload = a.limits.MaxPayload
+	c.Limits.Subs = -1
+	c.Limits.Data = -1
+	c.Limits.LeafNodeConn = -1
+	c.Limits.Exports = 0
+	c.Limits.WildcardExports = false
+	c.Limits.JetStreamLimits = jwt.JetStreamLimits{}
+	c.Imports = nil
+	c.Exports = nil
+	for _, im := range subjects.SiteLinkImports() {
+		imp := &jwt.Import{Name: im.Name, Subject: jwt.Subject(im.Subject), Account: mustPub(a.core), Type: jwt.Stream}
+		if im.Service {
+			imp.Type = jwt.Service
+		}
+		if im.Local != im.Subject {
+			imp.LocalSubject = jwt.RenamingSubject(im.Local)
+		}
+		c.Imports.Add(imp)
+	}
+	slices.SortFunc(c.Imports, func(x, y *jwt.Import) int { return strings.Compare(string(x.Subject), string(y.Subject)) })
+	c.Limits.Imports = int64(len(c.Imports))
+	c.SigningKeys = jwt.SigningKeys{}
+	c.SigningKeys.Add(mustPub(a.siteLinkSvc))
+}
+
 // applyCorePolicy sets the limits and the one signing key of the CORE
-// account claim c: JetStream with bounded storage, no leaf links, no
-// imports or exports, and users only of the coordinator's own.
+// account claim c: JetStream with bounded storage, no imports, exports only
+// of cacheImports and subjects.SiteLinkImports, and users only of the
+// coordinator's own.
 func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	c.Limits.Conn = 64 // the coordinators' own connections
 	c.Limits.Payload = a.limits.MaxPayload
 	c.Limits.Subs = -1
 	c.Limits.Data = -1
-	// Sites with a cache link their mirrors to the hub in CORE, each
-	// link held to subjects.SiteCacheTemplate.
+	// At a site, the leaf's own CORE (the mirrors' account, with this
+	// JWT) solicits the site's cache link, which counts against this
+	// limit there; at the hub CORE has no leaf users to accept.
 	c.Limits.LeafNodeConn = -1
 	c.Limits.Imports = 0
 	c.Limits.WildcardExports = true
@@ -416,6 +541,14 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	for _, im := range cacheImports() {
 		c.Exports.Add(&jwt.Export{Name: im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Service, ResponseType: im.resp})
 	}
+	for _, im := range subjects.SiteLinkImports() {
+		ex := &jwt.Export{Name: "sitelink-" + im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Stream}
+		if im.Service {
+			ex.Type, ex.ResponseType = jwt.Service, jwt.ResponseTypeSingleton
+		}
+		c.Exports.Add(ex)
+	}
+	slices.SortFunc(c.Exports, func(x, y *jwt.Export) int { return strings.Compare(string(x.Subject), string(y.Subject)) })
 	c.Limits.Exports = int64(len(c.Exports))
 	if c.SigningKeys == nil {
 		c.SigningKeys = jwt.SigningKeys{}
@@ -494,6 +627,9 @@ func (a *Authority) FleetAccount() string { return mustPub(a.fleet) }
 
 // CoreAccount is the CORE account's public key.
 func (a *Authority) CoreAccount() string { return mustPub(a.core) }
+
+// SiteLinkAccount is the SITELINK account's public key.
+func (a *Authority) SiteLinkAccount() string { return mustPub(a.siteLink) }
 
 // SystemAccount is the system account's public key.
 func (a *Authority) SystemAccount() string { return mustPub(a.system) }
@@ -622,6 +758,13 @@ func (a *Authority) CoreUser(name string) (*Creds, error) {
 	return a.accountUser(a.coreSvc, a.core, name)
 }
 
+// SiteLinkUser creates a SITELINK user with every permission, for the
+// coordinator's own connection to sites' cache links: it sets up their
+// mirrors. It is never written to disk.
+func (a *Authority) SiteLinkUser(name string) (*Creds, error) {
+	return a.accountUser(a.siteLinkSvc, a.siteLink, name)
+}
+
 // ServiceUser creates an unscoped FLEET user with every permission, for the
 // coordinator's own in-process connection to the clients: it answers their
 // requests and sends devices their triggers. It is never written to disk.
@@ -656,7 +799,7 @@ func (a *Authority) IssueSiteSystemUser(pub, name string) (string, error) {
 	return tok, nil
 }
 
-// IssueSiteCacheUser signs a CORE user JWT for site's leaf link that
+// IssueSiteCacheUser signs a SITELINK user JWT for site's leaf link that
 // feeds its mirrors of the cache (public key pub), held to
 // subjects.SiteCacheTemplate.
 func (a *Authority) IssueSiteCacheUser(pub, site string) (string, error) {
@@ -666,15 +809,15 @@ func (a *Authority) IssueSiteCacheUser(pub, site string) (string, error) {
 	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
 		return "", fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin), not the hub's", site)
 	}
-	t := subjects.SiteCacheTemplate(site, a.domain)
+	t := subjects.SiteCacheTemplate(site)
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = "leaf-" + site + "-cache"
-	uc.IssuerAccount = mustPub(a.core)
+	uc.IssuerAccount = mustPub(a.siteLink)
 	uc.Pub.Allow = t.Pub
 	uc.Sub.Allow = t.Sub
 	uc.AllowedConnectionTypes = t.ConnTypes
 	uc.Tags.Add(subjects.SiteTag(site))
-	tok, err := uc.Encode(a.coreSvc)
+	tok, err := uc.Encode(a.siteLinkSvc)
 	if err != nil {
 		return "", fmt.Errorf("sign %s: %w", uc.Name, err)
 	}

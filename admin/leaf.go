@@ -175,8 +175,8 @@ func portOf(hp string) string {
 // like one at the hub) and reports its clients' presence. dir holds the
 // files it names. With a copy of the cache (lc.CacheUserJWT, cacheBytes
 // its bound), the leaf also runs JetStream in the site's own domain, knows
-// the CORE account the mirrors live in, and links CORE to the hub with
-// leaf-cache.creds, which may only feed the mirrors.
+// the CORE account the mirrors live in, and links its CORE to the hub's
+// SITELINK account with leaf-cache.creds, which may only feed the mirrors.
 func LeafServerConfig(lc *model.LeafConfig, dir, hub, listen string, cacheBytes int64) string {
 	q := strconv.Quote
 	var b strings.Builder

@@ -65,7 +65,6 @@ type RunCmd struct {
 	EventsRetention time.Duration `help:"How long device events are kept." default:"2160h" env:"FLEET_EVENTS_RETENTION"`
 	StorageGiB      int64         `name:"storage-gib" help:"JetStream disk the fleet's state may use, in GiB: facts and events get 35% each, the audit 15% (the oldest go first when full; fleet_jetstream_stream_bytes warns before)." default:"20" env:"FLEET_STORAGE_GIB"`
 	Pprof           bool          `help:"Serve Go's runtime profiles under /debug/pprof/ on --http (for performance work; keep --http on loopback)." env:"FLEET_PPROF"`
-	SiteCache       bool          `help:"Let sites keep a copy of the binary cache (fleet-admin leaf config --cache). Off by default: a site's cache link can make the hub write JetStream answers into buckets of its choosing, so enable it only for sites whose leaf you trust." env:"FLEET_SITE_CACHE"`
 	APITokenFile    string        `help:"File holding the bearer token for /api/v1/devices and /api/v1/rollouts; unset, they answer 403." env:"FLEET_API_TOKEN_FILE" type:"path" placeholder:"FILE"`
 }
 
@@ -126,7 +125,6 @@ func (cmd *RunCmd) Run(cli *CLI) error {
 	cfg.Listen = cmd.Listen
 	cfg.HTTP = cmd.HTTP
 	cfg.LeafnodeListen = cmd.LeafnodeListen
-	cfg.SiteCache = cmd.SiteCache
 	cfg.ServerName = cmd.ServerName
 	cfg.ClusterName = cmd.ClusterName
 	cfg.ClusterListen = cmd.ClusterListen

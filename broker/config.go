@@ -32,13 +32,6 @@ type Config struct {
 	// only: they reveal the process's internals).
 	Pprof bool
 
-	// SiteCache lets leaf config --cache give sites a copy of the binary
-	// cache. Off by default: the site's CORE link may send its mirrors'
-	// consumer resets, and the hub's JetStream answers a reset on the
-	// reply subject the sender names, inside CORE, so a rogue site could
-	// write that answer into any bucket (see siteCacheConfig).
-	SiteCache bool
-
 	// Replicas is the replica count of every stream and bucket (1 alone,
 	// 3 in a cluster).
 	Replicas int

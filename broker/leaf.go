@@ -64,17 +64,8 @@ func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawM
 }
 
 // siteCacheConfig sets up site's copy of the binary cache: its consumers
-// on the hub's cache streams and the JWT of its CORE link.
+// on the hub's cache streams and the JWT of its cache link (SITELINK).
 func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.SiteCache, lc *model.LeafConfig) error {
-	// The CORE link must send its consumers' resets to the hub's
-	// JetStream API, and the server answers on whatever reply subject
-	// the sender names, inside CORE: a rogue site could have the answer
-	// stored in any bucket (fleet_admins, fleet_desired, ...). Until that
-	// link goes through an account whose replies the server maps, it is
-	// issued only where the operator chose to trust the sites.
-	if !s.c.cfg.SiteCache {
-		return refused("sites' copies of the binary cache are off on this coordinator: their cache link can make the hub write into its buckets, so it is issued only with fleet-coordinator run --site-cache (FLEET_SITE_CACHE=1) for sites whose leaf you trust; without --cache the site's devices read the hub's cache")
-	}
 	if !nkeys.IsValidPublicUserKey(sc.Key) {
 		return badRequest("%q is not an nkey user public key", sc.Key)
 	}

@@ -18,21 +18,27 @@ import (
 // A site's copy of the binary cache (fleet-admin leaf config --cache).
 //
 // The site's leaf node runs JetStream in its own domain (the site's name)
-// and holds, in CORE, two mirrors: subjects.StreamSiteCache of the object
-// store's stream and subjects.StreamSiteNarInfo of the narinfo bucket's,
-// each bounded in bytes and age. Each mirror is fed by a durable consumer
-// the coordinator makes on the hub's stream for that site (flow-control
-// acks, a fixed deliver subject), so the site's CORE link needs no right
-// to make consumers: one of its own making could deliver the cache into
-// any subject of CORE, a KV bucket's among them. The link may only reset
-// its two consumers and answer what it is sent (subjects.SiteCacheTemplate).
+// and holds, in its CORE, two mirrors: subjects.StreamSiteCache of the
+// object store's stream and subjects.StreamSiteNarInfo of the narinfo
+// bucket's, each bounded in bytes and age. Each mirror is fed by a durable
+// consumer the coordinator makes on the hub's stream for that site
+// (flow-control acks, a fixed deliver subject), so the site's link needs
+// no right to make consumers: one of its own making could deliver the
+// cache into any subject, a KV bucket's among them.
+//
+// At the hub the link binds to SITELINK, not CORE (subjects.SiteLinkImports):
+// it may only reset its two consumers, answer their flow control and the
+// coordinator's requests (subjects.SiteCacheTemplate), and each of those
+// reaches CORE through a service import, whose reply the server makes: no
+// reply subject a rogue site names is ever published in CORE.
 //
 // The coordinator creates the mirrors in the site's domain over that link
-// once it is up (siteLoop), with the bounds it keeps in the consumers'
-// metadata; devices at the site then read them through FLEET's two
-// service imports (read-only direct gets), one transfer across the WAN
-// per file per site. At the hub nothing answers those imports, and the
-// agent reads through the coordinator as before.
+// once it is up (siteLoop), from its own SITELINK connection, with the
+// bounds it keeps in the consumers' metadata; devices at the site then
+// read them through FLEET's two service imports (read-only direct gets),
+// one transfer across the WAN per file per site. At the hub nothing
+// answers those imports, and the agent reads through the coordinator as
+// before.
 
 const (
 	// siteMetaSite, siteMetaBytes and siteMetaAge are the consumer
@@ -56,7 +62,7 @@ const (
 func siteSources() []struct{ kind, stream, mirror string } {
 	return []struct{ kind, stream, mirror string }{
 		{subjects.SiteCacheObj, subjects.ObjectStream(subjects.ObjectCache), subjects.StreamSiteCache},
-		{subjects.SiteCacheNarInfo, "KV_" + subjects.BucketNarInfo, subjects.StreamSiteNarInfo},
+		{subjects.SiteCacheNarInfo, subjects.KVStream(subjects.BucketNarInfo), subjects.StreamSiteNarInfo},
 	}
 }
 
@@ -183,12 +189,12 @@ func (cs *cacheStore) siteRequest(ctx context.Context, site, api string, body []
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	// The site may answer only into its own reply subjects.
-	sub, err := cs.s.c.nc.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
+	sub, err := cs.s.c.link.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	if err := cs.s.c.nc.PublishRequest(subjects.JSAPIPrefix(site)+"."+api, sub.Subject, body); err != nil {
+	if err := cs.s.c.link.PublishRequest(subjects.JSAPIPrefix(site)+"."+api, sub.Subject, body); err != nil {
 		return nil, fmt.Errorf("site %s: %s: %w", site, api, err)
 	}
 	m, err := sub.NextMsgWithContext(ctx)
@@ -215,7 +221,7 @@ func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *mo
 		AllowDirect: true,
 		Mirror: &jetstream.StreamSource{
 			Name:     stream,
-			External: &jetstream.ExternalStream{APIPrefix: subjects.JSAPIPrefix(cs.s.c.cfg.Domain)},
+			External: &jetstream.ExternalStream{APIPrefix: subjects.SiteHubAPI},
 			Consumer: &jetstream.StreamConsumerSource{Name: subjects.SiteCacheConsumer(site, kind), DeliverSubject: subjects.SiteCacheDeliver(site, kind)},
 		},
 	}

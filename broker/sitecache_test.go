@@ -39,7 +39,6 @@ func newSiteWorld(t *testing.T) *siteWorld {
 	dir := t.TempDir()
 	cfg := testConfig(dir)
 	cfg.LeafnodeListen = "127.0.0.1:0"
-	cfg.SiteCache = true
 	c := startCoordinator(t, cfg)
 	w := &cacheWorld{t: t, c: c, stage: t.TempDir()}
 	owner, err := admin.Dial(ctxT(t, 10*time.Second), c.ClientURL(), filepath.Join(dir, accounts.AdminCredsFile))
@@ -71,9 +70,9 @@ func newSiteWorld(t *testing.T) *siteWorld {
 }
 
 // startSite runs berlin's leaf node as leaf config --cache describes it:
-// operator mode, JetStream in domain berlin, a FLEET link and a CORE link
-// that feeds the mirrors (with cache false, without the CORE link and
-// JetStream: a site with no copy).
+// operator mode, JetStream in domain berlin, a FLEET link and a cache link
+// from its CORE (SITELINK at the hub) that feeds the mirrors (with cache
+// false, without the cache link and JetStream: a site with no copy).
 func (sw *siteWorld) startSite(cache bool) *server.Server {
 	t := sw.t
 	auth := sw.c.Authority()
@@ -306,21 +305,48 @@ func TestSiteCacheFallback(t *testing.T) {
 	}
 }
 
-// A site's CORE link in the wrong hands: it cannot be used as a client at
-// the hub, and a leaf under the attacker's control that links with it can
-// neither make a consumer (whose deliver subject could write into any
-// bucket), nor make streams, nor write or read anything but its own
-// deliveries; the admins bucket and the cache's consumers are what they
-// were. A device cannot name the JetStream API behind the imports.
+// TestSiteCacheRogueLink: a rogue leaf with a site's cache creds (the
+// whole of what a stolen site gives) tries the hub's state. Its link binds
+// to SITELINK: it may reset its own consumers, and the server answers
+// that reset through a reply of its own making, so no reply subject the
+// rogue names (a KV bucket's, the JetStream API's) is ever published in
+// CORE; everything else is refused at the link.
 func TestSiteCacheRogueLink(t *testing.T) {
 	sw := newSiteWorld(t)
 	ctx := ctxT(t, 30*time.Second)
+	auth := sw.c.Authority()
 	ck, err := accounts.ReadCreds(sw.coreCreds)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := dial(sw.c.ClientURL(), ck); err == nil || !isAuthError(err) {
-		t.Fatalf("the site's CORE link as a client at the hub: %v", err)
+		t.Fatalf("the site's cache link as a client at the hub: %v", err)
+	}
+	if uc, err := jwt.DecodeUserClaims(ck.JWT); err != nil || uc.IssuerAccount != auth.SiteLinkAccount() || uc.IssuerAccount == auth.CoreAccount() {
+		t.Fatalf("the site's cache link is not a SITELINK user: %v", err)
+	}
+
+	// Everything published in CORE, seen from a CORE user of the hub.
+	coreUser, err := auth.CoreUser("test-core")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := mustDial(t, sw.c.ClientURL(), coreUser)
+	inCore, err := hc.SubscribeSync(">")
+	if err != nil {
+		t.Fatal(err)
+	}
+	linkUser, err := auth.SiteLinkUser("test-sitelink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := mustDial(t, sw.c.ClientURL(), linkUser)
+	barrier, err := lc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Flush(); err != nil {
+		t.Fatal(err)
 	}
 
 	hub, err := url.Parse(sw.c.LeafURL())
@@ -339,58 +365,90 @@ func TestSiteCacheRogueLink(t *testing.T) {
 	if !rogue.ReadyForConnections(10 * time.Second) {
 		t.Fatal("rogue leaf not ready")
 	}
-	poll.Until(t, 10*time.Second, "rogue link up", func() bool { return sw.c.Server().NumLeafNodes() == 1 })
+	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
+		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
+		return err == nil && acc.SubscriptionInterest(barrier.Subject)
+	})
 	rc, err := nats.Connect(rogue.ClientURL())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer rc.Close()
-	// The link is one connection: once an allowed message from it reached
-	// the hub, every one sent before it was dealt with.
-	core, err := sw.c.Authority().CoreUser("test-core")
+	answers, err := rc.SubscribeSync("$JSC.R.rogue")
 	if err != nil {
 		t.Fatal(err)
 	}
-	hc := mustDial(t, sw.c.ClientURL(), core)
-	barrier, err := hc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
-		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
-		return err == nil && acc.SubscriptionInterest(barrier.Subject)
-	})
 	seen, err := rc.SubscribeSync(">")
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := rc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, "the rogue's interest at the hub", func() bool {
+		acc, err := sw.c.Server().LookupAccount(auth.SiteLinkAccount())
+		return err == nil && acc.SubscriptionInterest(answers.Subject)
+	})
+
+	obj := subjects.ObjectStream(subjects.ObjectCache)
+	own := subjects.SiteHubAPI + ".CONSUMER.RESET." + obj + "." + subjects.SiteCacheConsumer("berlin", subjects.SiteCacheObj)
+	evil := `{"stream_name":"` + obj + `","config":{"durable_name":"evil","deliver_subject":"$KV.` + subjects.BucketAdmins + `.pwn","ack_policy":"none"}}`
+	pwn := "$KV." + subjects.BucketAdmins + ".pwn"
+	type attempt struct{ subj, reply, body string }
+	attempts := []attempt{
+		// Its own consumer's reset, answered into the bucket, the API, CORE's inboxes.
+		{own, pwn, ``},
+		{own, "$JS.API.STREAM.CREATE.EVIL", `{"name":"EVIL","subjects":["evil.>"]}`},
+		{own, "$JS.fleet.API.STREAM.DELETE." + subjects.KVStream(subjects.BucketAdmins), ``},
+		{own, "_INBOX.core", ``},
+		// Its flow control, with a reply.
+		{"$JS.FC." + obj + "." + subjects.SiteCacheConsumer("berlin", subjects.SiteCacheObj) + ".x", pwn, `{}`},
+		// Another site's consumer, consumers of its own making, the API.
+		{subjects.SiteHubAPI + ".CONSUMER.RESET." + obj + "." + subjects.SiteCacheConsumer("paris", subjects.SiteCacheObj), "$JSC.R.rogue", ``},
+		{subjects.SiteHubAPI + ".CONSUMER.CREATE." + obj, "$JSC.R.rogue", evil},
+		{subjects.SiteHubAPI + ".CONSUMER.CREATE." + obj + ".evil", "$JSC.R.rogue", evil},
+		{"$JS.fleet.API.CONSUMER.CREATE." + obj, "$JSC.R.rogue", evil},
+		{"$JS.API.CONSUMER.CREATE." + obj, "$JSC.R.rogue", evil},
+		{"$JS.fleet.API.STREAM.CREATE.EVIL", "$JSC.R.rogue", `{"name":"EVIL","subjects":["evil.>"]}`},
+		{"$JS.fleet.API.DIRECT.GET." + subjects.KVStream(subjects.BucketAdmins), "$JSC.R.rogue", `{"seq":1}`},
+		{pwn, "", `{}`},
+		{subjects.APIWriteVerb(subjects.VerbCachePut), "$JSC.R.rogue", `{}`},
+		{subjects.SiteCacheDeliver("paris", subjects.SiteCacheObj), "", `{}`},
+	}
 	sent := map[string]bool{}
-	evil := `{"stream_name":"` + subjects.ObjectStream(subjects.ObjectCache) + `","config":{"durable_name":"evil","deliver_subject":"$KV.` + subjects.BucketAdmins + `.pwn","ack_policy":"none"}}`
-	for subj, body := range map[string]string{
-		"$JS.fleet.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache):                    evil,
-		"$JS.fleet.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache) + ".evil":          evil,
-		"$JS.fleet.API.CONSUMER.DURABLE.CREATE." + subjects.ObjectStream(subjects.ObjectCache) + ".evil":  evil,
-		"$JS.API.CONSUMER.CREATE." + subjects.ObjectStream(subjects.ObjectCache):                          evil,
-		"$JS.fleet.API.STREAM.CREATE.EVIL":                                                                `{"name":"EVIL","subjects":["evil.>"]}`,
-		"$KV." + subjects.BucketAdmins + ".pwn":                                                           `{}`,
-		"$JS.fleet.API.CONSUMER.RESET." + subjects.ObjectStream(subjects.ObjectCache) + ".site_paris_obj": ``,
-		"$JS.fleet.API.DIRECT.GET.KV_" + subjects.BucketAdmins:                                            `{"seq":1}`,
-		subjects.APIWriteVerb(subjects.VerbCachePut):                                                      `{}`,
-	} {
-		sent[subj] = true
-		if err := rc.PublishRequest(subj, "rogue.reply", []byte(body)); err != nil {
+	for _, a := range attempts {
+		sent[a.subj] = true
+		if err := rc.PublishMsg(&nats.Msg{Subject: a.subj, Reply: a.reply, Data: []byte(a.body)}); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// A reset it may send is answered, into the link only.
+	if err := rc.PublishRequest(own, answers.Subject, nil); err != nil {
+		t.Fatal(err)
+	}
+	m, err := answers.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatalf("its own consumer's reset, answered: %v", err)
+	}
+	var reset struct {
+		Type  string `json:"type"`
+		Error any    `json:"error"`
+	}
+	if err := json.Unmarshal(m.Data, &reset); err != nil || !strings.Contains(reset.Type, "consumer_reset_response") || reset.Error != nil {
+		t.Fatalf("the reset's answer: %s", m.Data)
+	}
+	// The link is one connection: once a message sent after them reached
+	// the hub, every one before it was dealt with.
 	if err := rc.Publish(barrier.Subject, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := barrier.NextMsg(10 * time.Second); err != nil {
 		t.Fatalf("barrier: %v", err)
 	}
+	if err := hc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
 	js := sw.c.JetStream()
 	admins, err := js.KeyValue(ctx, subjects.BucketAdmins)
 	if err != nil {
@@ -402,7 +460,10 @@ func TestSiteCacheRogueLink(t *testing.T) {
 	if _, err := js.Stream(ctx, "EVIL"); !errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Fatalf("the rogue link made a stream: %v", err)
 	}
-	st, err := js.Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
+	if _, err := js.Stream(ctx, subjects.KVStream(subjects.BucketAdmins)); err != nil {
+		t.Fatalf("the admins bucket: %v", err)
+	}
+	st, err := js.Stream(ctx, obj)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -412,16 +473,35 @@ func TestSiteCacheRogueLink(t *testing.T) {
 			t.Fatalf("consumer %s on the cache", n)
 		}
 	}
-	// Nothing came back to the rogue leaf: what it holds is its own
-	// publishes, echoed locally.
+	// No subject the rogue named, as subject or reply, was published in
+	// CORE.
+	named := map[string]bool{answers.Subject: true}
+	for _, a := range attempts {
+		named[a.subj], named[a.reply] = true, true
+	}
+	for {
+		m, err := inCore.NextMsg(0)
+		if err != nil {
+			break
+		}
+		if named[m.Subject] && !strings.HasPrefix(m.Subject, "$JS.FC.") && m.Subject != own {
+			t.Errorf("CORE saw %q", m.Subject)
+		}
+	}
+	// Nothing came back to the rogue leaf but the one answer: what it
+	// holds is its own publishes, echoed locally.
 	for {
 		m, err := seen.NextMsg(0)
 		if err != nil {
 			break
 		}
-		if _, mine := sent[m.Subject]; !mine && m.Subject != barrier.Subject {
+		if !sent[m.Subject] && m.Subject != barrier.Subject && m.Subject != answers.Subject {
 			t.Errorf("the rogue leaf received %q", m.Subject)
 		}
+	}
+
+	if err := inCore.Unsubscribe(); err != nil {
+		t.Fatal(err)
 	}
 
 	// A device names only the imports, never the API behind them.
@@ -505,33 +585,5 @@ func TestSiteCacheBadCopy(t *testing.T) {
 	}
 	if s, h := hub.NarInfos(); s != 0 || h != 1 {
 		t.Fatalf("narinfos: site %d, hub %d", s, h)
-	}
-}
-
-// TestSiteCacheOffByDefault: a coordinator not started with --site-cache
-// issues no CORE link: leaf config --cache is refused, saying why, and a
-// leaf config without it still works.
-func TestSiteCacheOffByDefault(t *testing.T) {
-	dir := t.TempDir()
-	cfg := testConfig(dir)
-	cfg.LeafnodeListen = "127.0.0.1:0"
-	c := startCoordinator(t, cfg)
-	owner, err := admin.Dial(ctxT(t, 10*time.Second), c.ClientURL(), filepath.Join(dir, accounts.AdminCredsFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(owner.Close)
-	var lc model.LeafConfig
-	err = owner.Call(ctxT(t, 10*time.Second), subjects.VerbLeafConfig, true, model.LeafConfigRequest{
-		Site: "berlin", Key: pubOf(newKey(t)),
-		Cache: &model.SiteCache{Key: pubOf(newKey(t)), MaxBytes: 1 << 30, MaxAge: model.Duration(24 * time.Hour)},
-	}, &lc)
-	if err == nil || !strings.Contains(err.Error(), "--site-cache") || lc.CacheUserJWT != "" {
-		t.Fatalf("leaf config --cache on a coordinator without --site-cache: %v, %+v", err, lc.CacheUserJWT != "")
-	}
-	if err := owner.Call(ctxT(t, 10*time.Second), subjects.VerbLeafConfig, true, model.LeafConfigRequest{
-		Site: "berlin", Key: pubOf(newKey(t)),
-	}, &lc); err != nil || lc.JWT == "" || lc.CacheUserJWT != "" {
-		t.Fatalf("leaf config without --cache: %v", err)
 	}
 }

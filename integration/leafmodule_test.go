@@ -246,7 +246,7 @@ func getJSON(url string, v any) bool {
 // system, CORE), and the hub creates the site's two mirrors over the CORE
 // link.
 func TestNixOSLeafModuleCache(t *testing.T) {
-	w := newFleetWorldWith(t, "--leafnode-listen", freeAddr(t), "--site-cache")
+	w := newFleetWorldWith(t, "--leafnode-listen", freeAddr(t))
 	site := filepath.Join(t.TempDir(), "berlin")
 	var lc struct {
 		FleetAccount  string `json:"fleet_account"`
@@ -297,7 +297,7 @@ func TestNixOSLeafModuleCache(t *testing.T) {
 		}
 	}
 	runLeafUnit(t, conf, stateDir)
-	poll.Until(t, 30*time.Second, "three remotes up, and the site's two mirrors made over the CORE link", func() bool {
+	poll.Until(t, 30*time.Second, "three remotes up, and the site's two mirrors made over the cache link", func() bool {
 		var lz struct {
 			Leafs []struct {
 				Account string `json:"account"`

@@ -55,7 +55,6 @@ func TestSiteCacheLeaf(t *testing.T) {
 	cfg.Listen = "127.0.0.1:0"
 	cfg.HTTP = ""
 	cfg.LeafnodeListen = freeAddr(t)
-	cfg.SiteCache = true
 	coord, err := broker.Start(ctx, cfg, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
@@ -264,7 +263,7 @@ func startSiteLeaf(t *testing.T, coord *broker.Coordinator, fleetAdmin func(args
 // fetch from the copy (the coordinator sends the site no NAR bytes) and
 // switch.
 func TestSiteCacheAgents(t *testing.T) {
-	w := newCacheCoordinator(t, func(cfg *broker.Config) { cfg.LeafnodeListen, cfg.SiteCache = freeAddr(t), true })
+	w := newCacheCoordinator(t, func(cfg *broker.Config) { cfg.LeafnodeListen = freeAddr(t) })
 	leafURL := startSiteLeaf(t, w.coord, func(args ...string) string {
 		t.Helper()
 		cmd := exec.CommandContext(w.ctx, adminBin, append([]string{"--server", "nats://" + w.coord.ClientAddr(), "--creds", w.creds}, args...)...)

@@ -173,7 +173,8 @@ type LeafConfigRequest struct {
 }
 
 // SiteCache is a site's copy of the binary cache: the public key of the
-// leaf's CORE link that feeds it, and its bounds (the oldest go first).
+// leaf's cache link that feeds it (a SITELINK user at the hub), and its
+// bounds (the oldest go first).
 type SiteCache struct {
 	Key      string   `json:"key"`
 	MaxBytes int64    `json:"max_bytes"`

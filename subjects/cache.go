@@ -1,5 +1,7 @@
 package subjects
 
+import "fmt"
+
 // The fleet's binary cache (DESIGN §3): NAR files in a JetStream object
 // store and narinfos in a KV bucket keyed by store path hash, both in
 // CORE. Devices read them only through the coordinator (CacheGet), admins
@@ -72,14 +74,16 @@ const (
 )
 
 // A site's copy of the cache (fleet-admin leaf config --cache): the site's
-// leaf node runs JetStream in its own domain and holds, in CORE, mirrors
-// of the hub's cache streams, each fed by a durable consumer the
-// coordinator made for that site (its deliver subject is the only thing
-// the site's CORE link receives besides the coordinator's requests to set
-// the mirrors up). Devices at the site read the mirrors through two
-// service imports of FLEET: direct gets on the mirrors, nothing else. At
-// the hub no stream of those names exists, so the imports answer nothing
-// there.
+// leaf node runs JetStream in its own domain and holds, in its CORE,
+// mirrors of the hub's cache streams, each fed by a durable consumer the
+// coordinator made for that site. The site's cache link binds at the hub
+// to an account of its own, SITELINK, never to CORE: SITELINK has no
+// JetStream and nothing but what it imports from CORE (SiteLinkImports),
+// so no reply subject a site picks can name CORE's buckets: the server
+// answers an imported request through a reply of its own making. Devices
+// at the site read the mirrors through two service imports of FLEET:
+// direct gets on the mirrors, nothing else. At the hub no stream of those
+// names exists, so the imports answer nothing there.
 const (
 	// StreamSiteCache and StreamSiteNarInfo are the mirrors at a site of
 	// the object store's stream and the narinfo bucket's.
@@ -93,6 +97,10 @@ const (
 	// SiteCacheObj and SiteCacheNarInfo name a site's two consumers.
 	SiteCacheObj     = "obj"
 	SiteCacheNarInfo = "narinfo"
+	// SiteHubAPI is the JetStream API prefix a site's mirrors name for
+	// the hub (their external source): in SITELINK, the prefix of its
+	// imports of the hub's consumer resets.
+	SiteHubAPI = "fleet.sitelink.API"
 )
 
 // SiteNarInfoFor is where a device gets the narinfo of hash at its site.
@@ -102,46 +110,78 @@ func SiteNarInfoFor(hash string) string { return SiteNarInfo + "." + hash }
 // kind (SiteCacheObj, SiteCacheNarInfo) that feeds site's mirror.
 func SiteCacheConsumer(site, kind string) string { return "site_" + site + "_" + kind }
 
-// SiteCacheDeliver is that consumer's deliver subject (CORE).
+// SiteCacheDeliver is that consumer's deliver subject (CORE, which
+// exports it to SITELINK).
 func SiteCacheDeliver(site, kind string) string { return "fleet.sitecache." + site + "." + kind }
 
 // SiteCacheReplies is where site's leaf answers the coordinator's requests
-// to set up its mirrors (SiteCacheReply names one).
+// to set up its mirrors (SiteCacheReply names one), in SITELINK.
 func SiteCacheReplies(site string) string { return "fleet.sitecache." + site + ".reply.*" }
 
 // SiteCacheReply is the reply subject of one such request.
 func SiteCacheReply(site, id string) string { return "fleet.sitecache." + site + ".reply." + id }
 
-// SiteCacheTemplate is the permission of site's CORE leaf link, the one
-// that feeds its mirrors, for a hub in JetStream domain domain. "pub" is
-// what the site may send into the hub's CORE: a reset of its own two
-// consumers (the mirror restarting from where it is), their flow-control
-// responses (which ack the mirror's progress) and the answers to the
+// siteSourceStreams are the hub's streams sites mirror, by consumer kind.
+func siteSourceStreams() [][2]string {
+	return [][2]string{{SiteCacheObj, ObjectStream(ObjectCache)}, {SiteCacheNarInfo, KVStream(BucketNarInfo)}}
+}
+
+// siteFlowControl are the flow-control reply subjects of consumer cons
+// on stream, in the server's old and new forms ($JS.FC.<stream>.<cons>.x
+// and $JS.FC.<domain>.<account>.<stream>.<cons>.x).
+func siteFlowControl(stream, cons string) []string {
+	return []string{"$JS.FC." + stream + "." + cons + ".*", "$JS.FC.*.*." + stream + "." + cons + ".*"}
+}
+
+// A LinkImport is one subject SITELINK imports from CORE: Subject in CORE,
+// Local in SITELINK. A Service is a request the server answers through a
+// reply of its own making; otherwise a stream of messages CORE publishes.
+type LinkImport struct {
+	Name, Subject, Local string
+	Service              bool
+}
+
+// SiteLinkImports are all SITELINK imports from CORE: the resets of the
+// sites' consumers on the hub's cache streams (a mirror restarting from
+// where it is), their flow-control responses (which ack its progress), and
+// the consumers' deliveries. Nothing else of CORE, and no JetStream API
+// beyond those resets, is reachable from a site's link.
+func SiteLinkImports() []LinkImport {
+	var out []LinkImport
+	for _, s := range siteSourceStreams() {
+		kind, stream := s[0], s[1]
+		out = append(out,
+			LinkImport{Name: "reset-" + kind, Subject: JSAPIPrefix("") + ".CONSUMER.RESET." + stream + ".*", Local: SiteHubAPI + ".CONSUMER.RESET." + stream + ".*", Service: true},
+		)
+		for i, fc := range siteFlowControl(stream, "*") {
+			out = append(out, LinkImport{Name: fmt.Sprintf("fc-%s-v%d", kind, i+1), Subject: fc, Local: fc, Service: true})
+		}
+		out = append(out, LinkImport{Name: "deliver-" + kind, Subject: SiteCacheDeliver("*", kind), Local: SiteCacheDeliver("*", kind)})
+	}
+	return out
+}
+
+// SiteCacheTemplate is the permission of site's cache link, a SITELINK
+// user. "pub" is what the site may send to the hub: a reset of its own two
+// consumers, their flow-control responses and the answers to the
 // coordinator's requests; "sub" what the hub sends the site: its
 // consumers' deliveries, the replies to its resets, and the coordinator's
 // requests to set up its mirrors in its own domain.
-// Never a consumer of its own making (its deliver subject could name any
-// subject of CORE), nor any other JetStream call.
-func SiteCacheTemplate(site, domain string) Template {
+func SiteCacheTemplate(site string) Template {
 	var pub, sub []string
-	for _, kind := range []string{SiteCacheObj, SiteCacheNarInfo} {
-		stream := ObjectStream(ObjectCache)
-		if kind == SiteCacheNarInfo {
-			stream = "KV_" + BucketNarInfo
-		}
+	for _, s := range siteSourceStreams() {
+		kind, stream := s[0], s[1]
 		cons := SiteCacheConsumer(site, kind)
-		for _, d := range []string{"", domain} {
-			pub = append(pub, JSAPIPrefix(d)+".CONSUMER.RESET."+stream+"."+cons)
-		}
-		// Flow control replies, in the server's old and new forms.
-		pub = append(pub, "$JS.FC."+stream+"."+cons+".*", "$JS.FC.*.*."+stream+"."+cons+".*")
+		pub = append(pub, SiteHubAPI+".CONSUMER.RESET."+stream+"."+cons)
+		pub = append(pub, siteFlowControl(stream, cons)...)
 		sub = append(sub, SiteCacheDeliver(site, kind))
 	}
 	pub = append(pub, SiteCacheReplies(site))
 	// The whole stream API of the site's own domain: a leaf advertises its
-	// domain's API as one wildcard, and only the coordinator (the hub's
-	// only CORE client) sends requests there; the site answers them.
+	// domain's API as one wildcard, and only the coordinator sends
+	// requests there; the site answers them.
 	sub = append(sub, JSAPIPrefix(site)+".STREAM.>")
+	// The replies to its mirrors' resets.
 	sub = append(sub, "$JSC.R.>")
 	return Template{Pub: pub, Sub: sub, ConnTypes: []string{"LEAFNODE"}}
 }

@@ -25,11 +25,13 @@ const Domain = "fleet"
 // client chooses can land in it. FLEET holds every client (devices, admins,
 // enrolling bearers, leaf links) and stores nothing: the coordinator
 // answers FLEET's requests with its FLEET connection after validating them,
-// and writes to CORE with its CORE connection.
+// and writes to CORE with its CORE connection. SITELINK holds sites'
+// cache links and reaches CORE only through its imports (SiteLinkImports).
 const (
-	AccountCore   = "CORE"
-	AccountFleet  = "FLEET"
-	AccountSystem = "SYS"
+	AccountCore     = "CORE"
+	AccountFleet    = "FLEET"
+	AccountSystem   = "SYS"
+	AccountSiteLink = "SITELINK"
 )
 
 // DefaultSite is the site of devices that connect to the hub directly

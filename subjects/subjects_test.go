@@ -799,3 +799,36 @@ func TestNoRoleSendsCacheDirect(t *testing.T) {
 		}
 	}
 }
+
+// A site's cache link may send only its own consumers' resets and flow
+// control and its answers, and receive only its own deliveries, its
+// domain's stream API and reset replies; SITELINK imports of CORE only
+// those consumers' subjects and the deliveries.
+func TestSiteCacheTemplate(t *testing.T) {
+	tm := SiteCacheTemplate("berlin")
+	for _, p := range tm.Pub {
+		if !strings.Contains(p, "berlin") || strings.HasPrefix(p, "$JS.API") || strings.HasPrefix(p, "$KV") || strings.Contains(p, ">") {
+			t.Errorf("a site's link may publish %q", p)
+		}
+	}
+	for _, s := range tm.Sub {
+		if s != "$JSC.R.>" && !strings.Contains(s, "berlin") {
+			t.Errorf("a site's link may receive %q", s)
+		}
+	}
+	if !slices.Equal(tm.ConnTypes, []string{"LEAFNODE"}) {
+		t.Errorf("conn types %v", tm.ConnTypes)
+	}
+	for _, im := range SiteLinkImports() {
+		switch {
+		case im.Service && strings.HasPrefix(im.Subject, "$JS.API.CONSUMER.RESET."),
+			im.Service && strings.HasPrefix(im.Subject, "$JS.FC."),
+			!im.Service && strings.HasPrefix(im.Subject, "fleet.sitecache.*."):
+		default:
+			t.Errorf("SITELINK imports %+v", im)
+		}
+		if strings.HasSuffix(im.Subject, ">") {
+			t.Errorf("SITELINK imports a full wildcard %+v", im)
+		}
+	}
+}
