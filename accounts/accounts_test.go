@@ -131,7 +131,18 @@ func TestCreateLoad(t *testing.T) {
 		t.Errorf("CORE limits %+v: want bounded connections", cc.Limits.NatsLimits)
 	}
 	siteCacheSharing(t, a, cc, true)
-	siteLinkAccount(t, a, oc)
+	berlin, paris := siteLinkAccount(t, a, oc, "berlin"), siteLinkAccount(t, a, oc, "paris")
+	if berlin.Subject == paris.Subject || berlin.SigningKeys.Keys()[0] == paris.SigningKeys.Keys()[0] {
+		t.Error("two sites share a link account or its signing key")
+	}
+	for _, bad := range []string{"", subjects.DefaultSite, "Berlin", "a.b", "*", ">"} {
+		if _, err := a.IssueSiteCacheUser(mustPub(newUserKey(t)), bad); err == nil {
+			t.Errorf("a cache link for site %q", bad)
+		}
+		if _, err := a.SiteLinkJWT(bad); err == nil {
+			t.Errorf("a link account for site %q", bad)
+		}
+	}
 	coreSvc, err := ReadSeed(filepath.Join(dir, KeysDir, coreServiceFile), nkeys.PrefixByteAccount)
 	if err != nil {
 		t.Fatal(err)
@@ -239,7 +250,7 @@ func TestCreateLoad(t *testing.T) {
 // siteCacheSharing checks that CORE (core) exports and FLEET imports
 // exactly the direct gets of the cache (the coordinator's of the hub's
 // NAR files, and a site's mirrors), as services, and nothing else; CORE
-// exports besides only what SITELINK imports.
+// exports besides only what sites' link accounts import.
 func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core bool) {
 	t.Helper()
 	want := map[string]string{
@@ -249,7 +260,7 @@ func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core boo
 	}
 	if core {
 		link := map[string]jwt.ExportType{}
-		for _, im := range subjects.SiteLinkImports() {
+		for _, im := range subjects.SiteLinkImports("*") {
 			link[im.Subject] = map[bool]jwt.ExportType{true: jwt.Service, false: jwt.Stream}[im.Service]
 		}
 		n := len(want) + len(link)
@@ -283,57 +294,65 @@ func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core boo
 	}
 }
 
-// siteLinkAccount checks SITELINK: its own account, signed by the
-// operator's signing key, no JetStream, no exports, imports of CORE only
-// subjects.SiteLinkImports, one unscoped signing key that issues the
-// sites' cache links (held to their template) and the coordinator's users.
-func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims) {
+// siteLinkAccount checks site's link account: its own account, signed by
+// the operator's signing key, no JetStream, no exports, imports of CORE
+// only subjects.SiteLinkImports(site), one unscoped signing key that
+// issues the site's cache link (held to its template) and the
+// coordinator's users.
+func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims, site string) *jwt.AccountClaims {
 	t.Helper()
-	tok, err := os.ReadFile(a.accountJWTPath(a.SiteLinkAccount()))
+	tok, err := a.SiteLinkJWT(site)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lc, err := jwt.DecodeAccountClaims(string(tok))
+	lc, err := jwt.DecodeAccountClaims(tok)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if lc.Subject != a.SiteLinkAccount() || lc.Name != subjects.AccountSiteLink || !oc.SigningKeys.Contains(lc.Issuer) {
-		t.Errorf("SITELINK account claims: sub %s name %s issuer %s", lc.Subject, lc.Name, lc.Issuer)
+	pub, err := a.SiteLinkAccount(site)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lc.Subject != pub || lc.Name != subjects.SiteLinkAccountName(site) || !oc.SigningKeys.Contains(lc.Issuer) {
+		t.Errorf("%s link account claims: sub %s name %s issuer %s", site, lc.Subject, lc.Name, lc.Issuer)
 	}
 	for _, other := range []string{a.CoreAccount(), a.FleetAccount(), a.SystemAccount()} {
-		if other == a.SiteLinkAccount() {
-			t.Fatal("SITELINK is not an account of its own")
+		if other == pub {
+			t.Fatalf("%s's link is not an account of its own", site)
 		}
 	}
-	if lc.Limits.IsJSEnabled() || len(lc.Exports) != 0 || lc.Limits.Exports != 0 || lc.Limits.LeafNodeConn != -1 {
-		t.Errorf("SITELINK limits %+v exports %v", lc.Limits, lc.Exports)
+	if lc.Limits.IsJSEnabled() || len(lc.Exports) != 0 || lc.Limits.Exports != 0 || lc.Limits.LeafNodeConn <= 0 {
+		t.Errorf("%s link limits %+v exports %v", site, lc.Limits, lc.Exports)
 	}
-	want := subjects.SiteLinkImports()
+	want := subjects.SiteLinkImports(site)
 	if len(lc.Imports) != len(want) || lc.Limits.Imports != int64(len(want)) {
-		t.Fatalf("SITELINK imports %d, want %d", len(lc.Imports), len(want))
+		t.Fatalf("%s link imports %d, want %d", site, len(lc.Imports), len(want))
 	}
 	for _, im := range lc.Imports {
 		i := slices.IndexFunc(want, func(w subjects.LinkImport) bool { return w.Subject == string(im.Subject) })
-		if i < 0 || im.Account != a.CoreAccount() || (im.Type == jwt.Service) != want[i].Service {
-			t.Errorf("SITELINK imports %+v", im)
+		if i < 0 || im.Account != a.CoreAccount() || (im.Type == jwt.Service) != want[i].Service || strings.Contains(string(im.Subject), "*."+subjects.SiteCacheObj) {
+			t.Errorf("%s link imports %+v", site, im)
 			continue
+		}
+		if !strings.Contains(string(im.Subject), site) {
+			t.Errorf("%s link imports %s, not its own", site, im.Subject)
 		}
 		local := string(im.LocalSubject)
 		if local == "" {
 			local = string(im.Subject)
 		}
 		if local != want[i].Local {
-			t.Errorf("SITELINK imports %s as %s, want %s", im.Subject, local, want[i].Local)
+			t.Errorf("%s link imports %s as %s, want %s", site, im.Subject, local, want[i].Local)
 		}
 	}
 	if len(lc.SigningKeys) != 1 {
-		t.Errorf("SITELINK signing keys %v", lc.SigningKeys.Keys())
+		t.Errorf("%s link signing keys %v", site, lc.SigningKeys.Keys())
 	}
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		t.Fatal(err)
 	}
-	ut, err := a.IssueSiteCacheUser(mustPub(kp), "berlin")
+	ut, err := a.IssueSiteCacheUser(mustPub(kp), site)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,16 +360,12 @@ func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := subjects.SiteCacheTemplate("berlin")
-	if uc.IssuerAccount != a.SiteLinkAccount() || !lc.SigningKeys.Contains(uc.Issuer) || !slices.Equal(uc.Pub.Allow, tmpl.Pub) ||
+	tmpl := subjects.SiteCacheTemplate(site)
+	if uc.IssuerAccount != pub || !lc.SigningKeys.Contains(uc.Issuer) || !slices.Equal(uc.Pub.Allow, tmpl.Pub) ||
 		!slices.Equal(uc.Sub.Allow, tmpl.Sub) || !slices.Equal(uc.AllowedConnectionTypes, tmpl.ConnTypes) {
-		t.Errorf("berlin's cache link: %+v", uc)
+		t.Errorf("%s's cache link: %+v", site, uc)
 	}
-	for _, bad := range []string{"", subjects.DefaultSite, "Berlin"} {
-		if _, err := a.IssueSiteCacheUser(mustPub(kp), bad); err == nil {
-			t.Errorf("a cache link for site %q", bad)
-		}
-	}
+	return lc
 }
 
 // checkScopes checks that every role's scoped key in the FLEET claims fc
@@ -1032,58 +1047,49 @@ func TestFastKey(t *testing.T) {
 	}
 }
 
-// SITELINK's keys derive from CORE's: a data dir made before SITELINK
-// existed gets the account at its next Refresh, and a copy of the identity
-// (another coordinator of the cluster) has the same account.
-func TestSiteLinkUpgrade(t *testing.T) {
+// Sites' link accounts derive from CORE's seed: a copy of the identity
+// (another coordinator of the cluster) has the same, and a link issued at
+// one coordinator verifies against the account the other signs.
+func TestSiteLinkAccountsDerived(t *testing.T) {
 	dir, a := create(t)
-	p := a.accountJWTPath(a.SiteLinkAccount())
-	if err := os.Remove(p); err != nil {
-		t.Fatal(err)
-	}
-	b, err := Load(dir, subjects.Domain, DefaultLimits)
-	if err != nil {
-		t.Fatalf("Load of a dir without SITELINK: %v", err)
-	}
-	if b.SiteLinkAccount() != a.SiteLinkAccount() {
-		t.Fatal("SITELINK derived anew differs")
-	}
-	if changed, err := b.Refresh(); err != nil || !changed {
-		t.Fatalf("Refresh of a dir without SITELINK = %v, %v; want true", changed, err)
-	}
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("SITELINK's JWT after Refresh: %v", err)
-	}
-	if changed, err := b.Refresh(); err != nil || changed {
-		t.Fatalf("second Refresh = %v, %v; want false", changed, err)
-	}
 	other := filepath.Join(t.TempDir(), "b")
 	if err := CopyIdentity(dir, other); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Load(other, subjects.Domain, DefaultLimits)
+	b, err := Load(other, subjects.Domain, DefaultLimits)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.SiteLinkAccount() != a.SiteLinkAccount() {
-		t.Error("a copy of the identity has another SITELINK")
+	pa, _ := a.SiteLinkAccount("berlin")
+	pb, _ := b.SiteLinkAccount("berlin")
+	if pa == "" || pa != pb {
+		t.Fatalf("berlin's link account: %q here, %q at the copy", pa, pb)
 	}
-	oc, err := jwt.DecodeOperatorClaims(a.OperatorJWT)
-	if err != nil {
-		t.Fatal(err)
-	}
-	siteLinkAccount(t, c, oc)
-	// A link signed at one coordinator verifies against the account the
-	// other holds.
-	kp, _ := nkeys.CreateUser()
-	ut, err := a.IssueSiteCacheUser(mustPub(kp), "berlin")
+	ut, err := a.IssueSiteCacheUser(mustPub(newUserKey(t)), "berlin")
 	if err != nil {
 		t.Fatal(err)
 	}
 	uc, _ := jwt.DecodeUserClaims(ut)
-	tok, _ := os.ReadFile(c.accountJWTPath(c.SiteLinkAccount()))
-	lc, err := jwt.DecodeAccountClaims(string(tok))
-	if err != nil || !lc.SigningKeys.Contains(uc.Issuer) {
-		t.Errorf("berlin's link, issued at one coordinator, is not the other's SITELINK's: %v", err)
+	tok, err := b.SiteLinkJWT("berlin")
+	if err != nil {
+		t.Fatal(err)
 	}
+	lc, err := jwt.DecodeAccountClaims(tok)
+	if err != nil || lc.Subject != uc.IssuerAccount || !lc.SigningKeys.Contains(uc.Issuer) {
+		t.Errorf("berlin's link, issued at one coordinator, is not the other's account's: %v", err)
+	}
+	// Another fleet's CORE gives other accounts.
+	_, c := create(t)
+	if pc, _ := c.SiteLinkAccount("berlin"); pc == pa {
+		t.Error("two fleets derived the same link account")
+	}
+}
+
+func newUserKey(t *testing.T) nkeys.KeyPair {
+	t.Helper()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp
 }

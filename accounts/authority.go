@@ -10,11 +10,12 @@
 // gets of the binary cache that FLEET imports (cacheImports): one only the
 // coordinator may send (a checked device read, answered by the server
 // straight into the device's inbox), and two on a site's mirrors, which
-// exist only in a site's own JetStream domain. Sites' cache links bind to
-// a fourth account, SITELINK, which reaches CORE only through service
-// imports of their consumers' resets and flow control, whose replies the
-// server makes, and a stream import of the deliveries
-// (subjects.SiteLinkImports).
+// exist only in a site's own JetStream domain. A site's cache link binds
+// to a link account of that site's own (SITELINK_<site>, keys derived from
+// CORE's), which reaches CORE only through service imports of its
+// consumers' resets and flow control, whose replies the server makes, and
+// a stream import of their deliveries (subjects.SiteLinkImports): a reply
+// subject the site names is published in its own account, nowhere else.
 //
 // The data directory keeps the operator's identity seed in a file of its own
 // (operator.nk) so it can be moved offline: the running coordinator signs
@@ -101,18 +102,15 @@ type Authority struct {
 	systemSvc   nkeys.KeyPair
 	core        nkeys.KeyPair
 	coreSvc     nkeys.KeyPair
-	siteLink    nkeys.KeyPair // derived from core (deriveAccount)
-	siteLinkSvc nkeys.KeyPair
 	roles       map[subjects.Role]nkeys.KeyPair
 
 	mu         sync.Mutex
 	fleetClaim *jwt.AccountClaims // current, including revocations
 	coreClaim  *jwt.AccountClaims
-	// siteLinkClaim is SITELINK's; siteLinkStored says the resolver
-	// directory holds it (a data dir made before SITELINK did not).
-	siteLinkClaim  *jwt.AccountClaims
-	siteLinkStored bool
-	systemJWT      string
+	systemJWT  string
+
+	linkMu sync.Mutex
+	links  map[string]siteLinkKeys // by site, derived from core
 }
 
 // Initialized reports whether dir holds an initialised fleet.
@@ -161,9 +159,6 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 		return nil, err
 	}
 	if a.coreSvc, err = nkeys.CreateAccount(); err != nil {
-		return nil, err
-	}
-	if err := a.deriveSiteLink(); err != nil {
 		return nil, err
 	}
 	for _, r := range subjects.Roles {
@@ -239,9 +234,6 @@ func Create(dir, domain string, limits Limits) (*Authority, error) {
 	if err := a.storeAccountJWT(mustPub(a.core), coreJWT); err != nil {
 		return nil, err
 	}
-	if _, err := a.refreshSiteLink(); err != nil {
-		return nil, err
-	}
 	owner, err := a.NewUser(subjects.RoleOwner, "owner", 0)
 	if err != nil {
 		return nil, err
@@ -302,9 +294,6 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 	if a.coreSvc, err = ReadSeed(filepath.Join(keys, coreServiceFile), nkeys.PrefixByteAccount); err != nil {
 		return nil, err
 	}
-	if err := a.deriveSiteLink(); err != nil {
-		return nil, err
-	}
 	for _, r := range subjects.Roles {
 		if a.roles[r], err = ReadSeed(filepath.Join(keys, roleSeedFile(r)), nkeys.PrefixByteAccount); err != nil {
 			return nil, err
@@ -322,12 +311,6 @@ func Load(dir, domain string, limits Limits) (*Authority, error) {
 	}
 	if a.coreClaim, err = a.loadAccount(oc, a.core, a.coreSvc, coreServiceFile); err != nil {
 		return nil, err
-	}
-	if _, err := os.Stat(a.accountJWTPath(mustPub(a.siteLink))); err == nil {
-		if a.siteLinkClaim, err = a.loadAccount(oc, a.siteLink, a.siteLinkSvc, coreSeedFile); err != nil {
-			return nil, err
-		}
-		a.siteLinkStored = true
 	}
 	for _, r := range subjects.Roles {
 		if !a.fleetClaim.SigningKeys.Contains(mustPub(a.roles[r])) {
@@ -365,11 +348,11 @@ func (a *Authority) loadAccount(oc *jwt.OperatorClaims, acc, signer nkeys.KeyPai
 	return ac, nil
 }
 
-// Refresh re-signs the FLEET, CORE and SITELINK account JWTs with this
-// version's role templates and limits, keeping FLEET's revocations, and
-// stores them in the resolver directory. It is called before the server
-// starts so upgrades and changed settings take effect; it reports whether
-// anything changed.
+// Refresh re-signs the FLEET and CORE account JWTs with this version's role
+// templates and limits, keeping FLEET's revocations, and stores them in the
+// resolver directory. It is called before the server starts so upgrades and
+// changed settings take effect; it reports whether anything changed. (The
+// coordinator pushes sites' link accounts, SiteLinkJWT, while it runs.)
 func (a *Authority) Refresh() (bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -377,11 +360,6 @@ func (a *Authority) Refresh() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	linkChanged, err := a.refreshSiteLink()
-	if err != nil {
-		return false, err
-	}
-	coreChanged = coreChanged || linkChanged
 	next := *a.fleetClaim
 	next.SigningKeys = jwt.SigningKeys{}
 	next.Revocations = maps.Clone(a.fleetClaim.Revocations)
@@ -424,45 +402,35 @@ func (a *Authority) refreshCore() (bool, error) {
 	return true, nil
 }
 
-// refreshSiteLink signs and stores the SITELINK account JWT when its
-// policy changed or it was never stored. a.mu is held (or a is new).
-func (a *Authority) refreshSiteLink() (bool, error) {
-	next := jwt.NewAccountClaims(mustPub(a.siteLink))
-	if a.siteLinkClaim != nil {
-		cp := *a.siteLinkClaim
-		next = &cp
-		next.SigningKeys = jwt.SigningKeys{}
-	}
-	next.Name = subjects.AccountSiteLink
-	a.applySiteLinkPolicy(next)
-	if a.siteLinkStored {
-		before, _ := json.Marshal(a.siteLinkClaim.Account)
-		after, _ := json.Marshal(next.Account)
-		if string(before) == string(after) {
-			return false, nil
-		}
-	}
-	tok, err := next.Encode(a.opSigner)
-	if err != nil {
-		return false, fmt.Errorf("sign SITELINK account: %w", err)
-	}
-	if err := a.storeAccountJWT(next.Subject, tok); err != nil {
-		return false, err
-	}
-	a.siteLinkClaim, a.siteLinkStored = next, true
-	return true, nil
-}
+// siteLinkKeys are a site's link account's identity and signing keys.
+type siteLinkKeys struct{ acc, signer nkeys.KeyPair }
 
-// deriveSiteLink sets SITELINK's identity and signing keys, derived from
-// CORE's seed: they need no files of their own, so a data dir made before
-// SITELINK existed, and every coordinator of a cluster, has the same.
-func (a *Authority) deriveSiteLink() error {
-	var err error
-	if a.siteLink, err = deriveAccount(a.core, "SITELINK account"); err != nil {
-		return err
+// siteLink returns site's link account keys, derived from CORE's seed:
+// they need no files of their own, so every coordinator of a cluster (and
+// a data dir made before sites had them) has the same.
+func (a *Authority) siteLink(site string) (siteLinkKeys, error) {
+	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
+		return siteLinkKeys{}, fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin), not the hub's", site)
 	}
-	a.siteLinkSvc, err = deriveAccount(a.core, "SITELINK signing key")
-	return err
+	a.linkMu.Lock()
+	defer a.linkMu.Unlock()
+	if k, ok := a.links[site]; ok {
+		return k, nil
+	}
+	acc, err := deriveAccount(a.core, "site link account "+site)
+	if err != nil {
+		return siteLinkKeys{}, err
+	}
+	signer, err := deriveAccount(a.core, "site link signing key "+site)
+	if err != nil {
+		return siteLinkKeys{}, err
+	}
+	if a.links == nil {
+		a.links = map[string]siteLinkKeys{}
+	}
+	k := siteLinkKeys{acc, signer}
+	a.links[site] = k
+	return k, nil
 }
 
 // deriveAccount derives an account key from parent's seed and label.
@@ -484,22 +452,35 @@ func deriveAccount(parent nkeys.KeyPair, label string) (nkeys.KeyPair, error) {
 	return kp, nil
 }
 
-// applySiteLinkPolicy sets the limits, imports and signing key of the
-// SITELINK account claim c: leaf links of sites (each user held to
+// SiteLinkAccount is the public key of site's link account.
+func (a *Authority) SiteLinkAccount(site string) (string, error) {
+	k, err := a.siteLink(site)
+	if err != nil {
+		return "", err
+	}
+	return mustPub(k.acc), nil
+}
+
+// SiteLinkJWT signs site's link account: the site's cache link (held to
 // subjects.SiteCacheTemplate) and the coordinators' own connections, no
-// JetStream, no exports, and of CORE only subjects.SiteLinkImports.
-func (a *Authority) applySiteLinkPolicy(c *jwt.AccountClaims) {
+// JetStream, no exports, and of CORE only subjects.SiteLinkImports(site).
+// Nothing is stored: the coordinator pushes it to the servers.
+func (a *Authority) SiteLinkJWT(site string) (string, error) {
+	k, err := a.siteLink(site)
+	if err != nil {
+		return "", err
+	}
+	c := jwt.NewAccountClaims(mustPub(k.acc))
+	c.Name = subjects.SiteLinkAccountName(site)
 	c.Limits.Conn = 64 // the coordinators' own connections
 	c.Limits.Payload = a.limits.MaxPayload
 	c.Limits.Subs = -1
 	c.Limits.Data = -1
-	c.Limits.LeafNodeConn = -1
+	c.Limits.LeafNodeConn = 4 // the site's link, and room to reconnect
 	c.Limits.Exports = 0
 	c.Limits.WildcardExports = false
 	c.Limits.JetStreamLimits = jwt.JetStreamLimits{}
-	c.Imports = nil
-	c.Exports = nil
-	for _, im := range subjects.SiteLinkImports() {
+	for _, im := range subjects.SiteLinkImports(site) {
 		imp := &jwt.Import{Name: im.Name, Subject: jwt.Subject(im.Subject), Account: mustPub(a.core), Type: jwt.Stream}
 		if im.Service {
 			imp.Type = jwt.Service
@@ -509,10 +490,15 @@ func (a *Authority) applySiteLinkPolicy(c *jwt.AccountClaims) {
 		}
 		c.Imports.Add(imp)
 	}
-	slices.SortFunc(c.Imports, func(x, y *jwt.Import) int { return strings.Compare(string(x.Subject), string(y.Subject)) })
 	c.Limits.Imports = int64(len(c.Imports))
-	c.SigningKeys = jwt.SigningKeys{}
-	c.SigningKeys.Add(mustPub(a.siteLinkSvc))
+	c.SigningKeys.Add(mustPub(k.signer))
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	tok, err := c.Encode(a.opSigner)
+	if err != nil {
+		return "", fmt.Errorf("sign %s account: %w", c.Name, err)
+	}
+	return tok, nil
 }
 
 // applyCorePolicy sets the limits and the one signing key of the CORE
@@ -541,7 +527,7 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	for _, im := range cacheImports() {
 		c.Exports.Add(&jwt.Export{Name: im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Service, ResponseType: im.resp})
 	}
-	for _, im := range subjects.SiteLinkImports() {
+	for _, im := range subjects.SiteLinkImports("*") {
 		ex := &jwt.Export{Name: "sitelink-" + im.Name, Subject: jwt.Subject(im.Subject), Type: jwt.Stream}
 		if im.Service {
 			ex.Type, ex.ResponseType = jwt.Service, jwt.ResponseTypeSingleton
@@ -627,9 +613,6 @@ func (a *Authority) FleetAccount() string { return mustPub(a.fleet) }
 
 // CoreAccount is the CORE account's public key.
 func (a *Authority) CoreAccount() string { return mustPub(a.core) }
-
-// SiteLinkAccount is the SITELINK account's public key.
-func (a *Authority) SiteLinkAccount() string { return mustPub(a.siteLink) }
 
 // SystemAccount is the system account's public key.
 func (a *Authority) SystemAccount() string { return mustPub(a.system) }
@@ -758,11 +741,15 @@ func (a *Authority) CoreUser(name string) (*Creds, error) {
 	return a.accountUser(a.coreSvc, a.core, name)
 }
 
-// SiteLinkUser creates a SITELINK user with every permission, for the
-// coordinator's own connection to sites' cache links: it sets up their
-// mirrors. It is never written to disk.
-func (a *Authority) SiteLinkUser(name string) (*Creds, error) {
-	return a.accountUser(a.siteLinkSvc, a.siteLink, name)
+// SiteLinkUser creates a user of site's link account with every
+// permission, for the coordinator's own connection to the site's cache
+// link: it sets up the site's mirrors. It is never written to disk.
+func (a *Authority) SiteLinkUser(site, name string) (*Creds, error) {
+	k, err := a.siteLink(site)
+	if err != nil {
+		return nil, err
+	}
+	return a.accountUser(k.signer, k.acc, name)
 }
 
 // ServiceUser creates an unscoped FLEET user with every permission, for the
@@ -799,25 +786,26 @@ func (a *Authority) IssueSiteSystemUser(pub, name string) (string, error) {
 	return tok, nil
 }
 
-// IssueSiteCacheUser signs a SITELINK user JWT for site's leaf link that
-// feeds its mirrors of the cache (public key pub), held to
-// subjects.SiteCacheTemplate.
+// IssueSiteCacheUser signs a user JWT of site's link account for the
+// site's leaf link that feeds its mirrors of the cache (public key pub),
+// held to subjects.SiteCacheTemplate.
 func (a *Authority) IssueSiteCacheUser(pub, site string) (string, error) {
 	if !subjects.ValidDeviceID(pub) {
 		return "", fmt.Errorf("%q is not a user public key", pub)
 	}
-	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
-		return "", fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin), not the hub's", site)
+	k, err := a.siteLink(site)
+	if err != nil {
+		return "", err
 	}
 	t := subjects.SiteCacheTemplate(site)
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = "leaf-" + site + "-cache"
-	uc.IssuerAccount = mustPub(a.siteLink)
+	uc.IssuerAccount = mustPub(k.acc)
 	uc.Pub.Allow = t.Pub
 	uc.Sub.Allow = t.Sub
 	uc.AllowedConnectionTypes = t.ConnTypes
 	uc.Tags.Add(subjects.SiteTag(site))
-	tok, err := uc.Encode(a.siteLinkSvc)
+	tok, err := uc.Encode(k.signer)
 	if err != nil {
 		return "", fmt.Errorf("sign %s: %w", uc.Name, err)
 	}

@@ -125,10 +125,14 @@ type cacheStore struct {
 	// siteKick asks siteLoop to check the sites' mirrors now.
 	siteKick chan struct{}
 	siteDone chan struct{}
-	gcMu     sync.Mutex
-	lastGC   *model.CacheGCResult
-	cancel   context.CancelFunc
-	done     chan struct{}
+	// links are the coordinator's connections to sites' link accounts
+	// (siteConn).
+	linkMu sync.Mutex
+	links  map[string]*nats.Conn
+	gcMu   sync.Mutex
+	lastGC *model.CacheGCResult
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
 // narEntry is what the cache keeps in memory of one narinfo.
@@ -234,6 +238,12 @@ func (cs *cacheStore) stop() {
 	cs.cancel()
 	<-cs.done
 	<-cs.siteDone
+	cs.linkMu.Lock()
+	for _, nc := range cs.links {
+		nc.Close()
+	}
+	cs.links = nil
+	cs.linkMu.Unlock()
 	cs.mu.Lock()
 	for _, u := range cs.uploads {
 		u.abort(errors.New("coordinator stopping"))

@@ -50,10 +50,7 @@ type Coordinator struct {
 	engineNC, indexNC *nats.Conn
 	engineJS, indexJS jetstream.JetStream
 	sys               *nats.Conn
-	// link is the coordinator's SITELINK connection: it sets up sites'
-	// mirrors of the cache over their cache links.
-	link *nats.Conn
-	js   jetstream.JetStream
+	js                jetstream.JetStream
 	// svc are enrollment, the admin API and presence (services.go).
 	svc *services
 
@@ -412,13 +409,7 @@ func (c *Coordinator) connect() error {
 	if err != nil {
 		return err
 	}
-	link, err := c.auth.SiteLinkUser("fleet-coordinator-sitelink")
-	if err != nil {
-		return err
-	}
-	if c.link, err = c.InProcessConn(link, "fleet-coordinator-sitelink"); err != nil {
-		return err
-	}
+
 	c.js, err = jetstream.New(c.nc)
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
@@ -584,7 +575,7 @@ func (c *Coordinator) Close() {
 		if c.nc != nil {
 			_ = c.nc.Drain()
 		}
-		for _, nc := range []*nats.Conn{c.engineNC, c.indexNC, c.link} {
+		for _, nc := range []*nats.Conn{c.engineNC, c.indexNC} {
 			if nc != nil {
 				nc.Close()
 			}

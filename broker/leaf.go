@@ -64,8 +64,12 @@ func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawM
 }
 
 // siteCacheConfig sets up site's copy of the binary cache: its consumers
-// on the hub's cache streams and the JWT of its cache link (SITELINK).
+// on the hub's cache streams, its link account and the JWT of its cache
+// link.
 func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.SiteCache, lc *model.LeafConfig) error {
+	if s.cache == nil {
+		return refused("this coordinator serves no binary cache")
+	}
 	if !nkeys.IsValidPublicUserKey(sc.Key) {
 		return badRequest("%q is not an nkey user public key", sc.Key)
 	}
@@ -83,9 +87,11 @@ func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.S
 	if err := s.setupSiteConsumers(ctx, site, sc); err != nil {
 		return err
 	}
-	lc.CacheUserJWT = tok
-	if s.cache != nil {
-		s.cache.kickSites()
+	// The link's account must exist before the site dials in with it.
+	if _, err := s.cache.siteConn(ctx, site); err != nil {
+		return err
 	}
+	lc.CacheUserJWT = tok
+	s.cache.kickSites()
 	return nil
 }

@@ -26,14 +26,17 @@ import (
 // no right to make consumers: one of its own making could deliver the
 // cache into any subject, a KV bucket's among them.
 //
-// At the hub the link binds to SITELINK, not CORE (subjects.SiteLinkImports):
-// it may only reset its two consumers, answer their flow control and the
-// coordinator's requests (subjects.SiteCacheTemplate), and each of those
-// reaches CORE through a service import, whose reply the server makes: no
-// reply subject a rogue site names is ever published in CORE.
+// At the hub the link binds to the site's own link account, never to CORE
+// (subjects.SiteLinkImports): it may only reset its two consumers, answer
+// their flow control and the coordinator's requests
+// (subjects.SiteCacheTemplate), and each of those reaches CORE through a
+// service import, whose reply the server makes. An answer goes to the
+// reply subject the site named, but in the site's own account: never into
+// CORE, nor to another site's link or the coordinator's requests to it.
 //
 // The coordinator creates the mirrors in the site's domain over that link
-// once it is up (siteLoop), from its own SITELINK connection, with the
+// once it is up (siteLoop), from its own connection to the site's account
+// (siteConn, which pushes the account's JWT first), with the
 // bounds it keeps in the consumers' metadata; devices at the site then
 // read them through FLEET's two service imports (read-only direct gets),
 // one transfer across the WAN per file per site. At the hub nothing
@@ -172,6 +175,43 @@ func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
 	return pending
 }
 
+// siteConn returns the coordinator's connection to site's link account.
+// A site's account exists once a coordinator pushed its JWT: the first
+// call of each coordinator's run pushes it (after leaf config --cache, and
+// at start for every site with consumers, so a new version's account
+// reaches the servers).
+func (cs *cacheStore) siteConn(ctx context.Context, site string) (*nats.Conn, error) {
+	cs.linkMu.Lock()
+	defer cs.linkMu.Unlock()
+	if nc := cs.links[site]; nc != nil {
+		return nc, nil
+	}
+	if ctx.Err() != nil || cs.s.c.ns == nil {
+		return nil, fmt.Errorf("site %s: coordinator stopping", site)
+	}
+	auth := cs.s.c.auth
+	tok, err := auth.SiteLinkJWT(site)
+	if err != nil {
+		return nil, fmt.Errorf("site %s: %w", site, err)
+	}
+	if err := cs.s.c.PushAccount(ctx, tok); err != nil {
+		return nil, fmt.Errorf("site %s: %w", site, err)
+	}
+	cr, err := auth.SiteLinkUser(site, "fleet-coordinator-site-"+site)
+	if err != nil {
+		return nil, fmt.Errorf("site %s: %w", site, err)
+	}
+	nc, err := cs.s.c.InProcessConn(cr, "fleet-coordinator-site-"+site)
+	if err != nil {
+		return nil, fmt.Errorf("site %s: %w", site, err)
+	}
+	if cs.links == nil {
+		cs.links = map[string]*nats.Conn{}
+	}
+	cs.links[site] = nc
+	return nc, nil
+}
+
 // jsAPIReply is the part of a JetStream API reply the coordinator reads.
 type jsAPIReply struct {
 	Error *struct {
@@ -189,12 +229,16 @@ func (cs *cacheStore) siteRequest(ctx context.Context, site, api string, body []
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	// The site may answer only into its own reply subjects.
-	sub, err := cs.s.c.link.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
+	nc, err := cs.siteConn(ctx, site)
+	if err != nil {
+		return nil, err
+	}
+	sub, err := nc.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	if err := cs.s.c.link.PublishRequest(subjects.JSAPIPrefix(site)+"."+api, sub.Subject, body); err != nil {
+	if err := nc.PublishRequest(subjects.JSAPIPrefix(site)+"."+api, sub.Subject, body); err != nil {
 		return nil, fmt.Errorf("site %s: %s: %w", site, api, err)
 	}
 	m, err := sub.NextMsgWithContext(ctx)

@@ -77,10 +77,12 @@ const (
 // leaf node runs JetStream in its own domain and holds, in its CORE,
 // mirrors of the hub's cache streams, each fed by a durable consumer the
 // coordinator made for that site. The site's cache link binds at the hub
-// to an account of its own, SITELINK, never to CORE: SITELINK has no
-// JetStream and nothing but what it imports from CORE (SiteLinkImports),
-// so no reply subject a site picks can name CORE's buckets: the server
-// answers an imported request through a reply of its own making. Devices
+// to an account of that site's own (SiteLinkAccountName), never to CORE:
+// it has no JetStream and nothing but what it imports from CORE
+// (SiteLinkImports), so no reply subject a site picks can name CORE's
+// buckets (the server answers an imported request through a reply of its
+// own making), nor another site's subjects (the answer is published in
+// the site's own account). Devices
 // at the site read the mirrors through two service imports of FLEET:
 // direct gets on the mirrors, nothing else. At the hub no stream of those
 // names exists, so the imports answer nothing there.
@@ -133,36 +135,44 @@ func siteFlowControl(stream, cons string) []string {
 	return []string{"$JS.FC." + stream + "." + cons + ".*", "$JS.FC.*.*." + stream + "." + cons + ".*"}
 }
 
-// A LinkImport is one subject SITELINK imports from CORE: Subject in CORE,
-// Local in SITELINK. A Service is a request the server answers through a
-// reply of its own making; otherwise a stream of messages CORE publishes.
+// SiteLinkAccountName is the name of site's link account.
+func SiteLinkAccountName(site string) string { return AccountSiteLink + "_" + site }
+
+// A LinkImport is one subject a site's link account imports from CORE:
+// Subject in CORE, Local in the link account. A Service is a request the
+// server answers through a reply of its own making; otherwise a stream of
+// messages CORE publishes.
 type LinkImport struct {
 	Name, Subject, Local string
 	Service              bool
 }
 
-// SiteLinkImports are all SITELINK imports from CORE: the resets of the
-// sites' consumers on the hub's cache streams (a mirror restarting from
-// where it is), their flow-control responses (which ack its progress), and
-// the consumers' deliveries. Nothing else of CORE, and no JetStream API
-// beyond those resets, is reachable from a site's link.
-func SiteLinkImports() []LinkImport {
+// SiteLinkImports are site's link account's imports from CORE: the resets
+// of its two consumers on the hub's cache streams (a mirror restarting
+// from where it is), their flow-control responses (which ack its
+// progress), and their deliveries. Nothing else of CORE, and no JetStream
+// API beyond those resets, is reachable from a site's link.
+// SiteLinkImports("*") are CORE's exports of them, to every site.
+func SiteLinkImports(site string) []LinkImport {
 	var out []LinkImport
 	for _, s := range siteSourceStreams() {
 		kind, stream := s[0], s[1]
-		out = append(out,
-			LinkImport{Name: "reset-" + kind, Subject: JSAPIPrefix("") + ".CONSUMER.RESET." + stream + ".*", Local: SiteHubAPI + ".CONSUMER.RESET." + stream + ".*", Service: true},
-		)
-		for i, fc := range siteFlowControl(stream, "*") {
+		cons := "*"
+		if site != "*" {
+			cons = SiteCacheConsumer(site, kind)
+		}
+		reset := ".CONSUMER.RESET." + stream + "." + cons
+		out = append(out, LinkImport{Name: "reset-" + kind, Subject: JSAPIPrefix("") + reset, Local: SiteHubAPI + reset, Service: true})
+		for i, fc := range siteFlowControl(stream, cons) {
 			out = append(out, LinkImport{Name: fmt.Sprintf("fc-%s-v%d", kind, i+1), Subject: fc, Local: fc, Service: true})
 		}
-		out = append(out, LinkImport{Name: "deliver-" + kind, Subject: SiteCacheDeliver("*", kind), Local: SiteCacheDeliver("*", kind)})
+		out = append(out, LinkImport{Name: "deliver-" + kind, Subject: SiteCacheDeliver(site, kind), Local: SiteCacheDeliver(site, kind)})
 	}
 	return out
 }
 
-// SiteCacheTemplate is the permission of site's cache link, a SITELINK
-// user. "pub" is what the site may send to the hub: a reset of its own two
+// SiteCacheTemplate is the permission of site's cache link, a user of
+// its link account. "pub" is what the site may send to the hub: a reset of its own two
 // consumers, their flow-control responses and the answers to the
 // coordinator's requests; "sub" what the hub sends the site: its
 // consumers' deliveries, the replies to its resets, and the coordinator's
@@ -181,7 +191,7 @@ func SiteCacheTemplate(site string) Template {
 	// domain's API as one wildcard, and only the coordinator sends
 	// requests there; the site answers them.
 	sub = append(sub, JSAPIPrefix(site)+".STREAM.>")
-	// The replies to its mirrors' resets.
+	// The replies to its mirrors' resets (only its own are in its account).
 	sub = append(sub, "$JSC.R.>")
 	return Template{Pub: pub, Sub: sub, ConnTypes: []string{"LEAFNODE"}}
 }

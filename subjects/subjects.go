@@ -25,13 +25,14 @@ const Domain = "fleet"
 // client chooses can land in it. FLEET holds every client (devices, admins,
 // enrolling bearers, leaf links) and stores nothing: the coordinator
 // answers FLEET's requests with its FLEET connection after validating them,
-// and writes to CORE with its CORE connection. SITELINK holds sites'
-// cache links and reaches CORE only through its imports (SiteLinkImports).
+// and writes to CORE with its CORE connection. A site with a copy of the
+// cache has a link account of its own (SITELINK_<site>), which reaches
+// CORE only through its imports (SiteLinkImports).
 const (
 	AccountCore     = "CORE"
 	AccountFleet    = "FLEET"
 	AccountSystem   = "SYS"
-	AccountSiteLink = "SITELINK"
+	AccountSiteLink = "SITELINK" // the prefix of sites' link accounts
 )
 
 // DefaultSite is the site of devices that connect to the hub directly

@@ -819,16 +819,24 @@ func TestSiteCacheTemplate(t *testing.T) {
 	if !slices.Equal(tm.ConnTypes, []string{"LEAFNODE"}) {
 		t.Errorf("conn types %v", tm.ConnTypes)
 	}
-	for _, im := range SiteLinkImports() {
-		switch {
-		case im.Service && strings.HasPrefix(im.Subject, "$JS.API.CONSUMER.RESET."),
-			im.Service && strings.HasPrefix(im.Subject, "$JS.FC."),
-			!im.Service && strings.HasPrefix(im.Subject, "fleet.sitecache.*."):
-		default:
-			t.Errorf("SITELINK imports %+v", im)
+	for _, site := range []string{"*", "berlin"} {
+		for _, im := range SiteLinkImports(site) {
+			switch {
+			case im.Service && strings.HasPrefix(im.Subject, "$JS.API.CONSUMER.RESET."),
+				im.Service && strings.HasPrefix(im.Subject, "$JS.FC."),
+				!im.Service && strings.HasPrefix(im.Subject, "fleet.sitecache."+site+"."):
+			default:
+				t.Errorf("a link account imports %+v", im)
+			}
+			if strings.HasSuffix(im.Subject, ">") {
+				t.Errorf("a link account imports a full wildcard %+v", im)
+			}
+			if site == "berlin" && !strings.Contains(im.Subject, "berlin") {
+				t.Errorf("berlin's link account imports %+v", im)
+			}
 		}
-		if strings.HasSuffix(im.Subject, ">") {
-			t.Errorf("SITELINK imports a full wildcard %+v", im)
-		}
+	}
+	if SiteLinkAccountName("berlin") == SiteLinkAccountName("paris") {
+		t.Error("two sites' link accounts share a name")
 	}
 }
