@@ -58,8 +58,10 @@ type CacheServer struct {
 	// rest of the fetch reads the hub's. siteFailed: a file read from the
 	// site's copy was cut off (it did not match, or ended short).
 	noSite, siteFailed bool
-	// siteNarInfos and hubNarInfos count where narinfos came from.
+	// siteNarInfos and hubNarInfos count where narinfos came from,
+	// siteBytes the NAR bytes of narBytes read from the site's copy.
 	siteNarInfos, hubNarInfos int
+	siteBytes                 int64
 }
 
 // ServeFleetCache starts a loopback binary cache for device id, read over
@@ -111,6 +113,13 @@ func (cs *CacheServer) NarInfos() (site, hub int) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	return cs.siteNarInfos, cs.hubNarInfos
+}
+
+// Fetched is what the server passed to Nix, by source.
+func (cs *CacheServer) Fetched() model.CacheFetch {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return model.CacheFetch{SiteNarInfos: cs.siteNarInfos, HubNarInfos: cs.hubNarInfos, SiteBytes: cs.siteBytes, HubBytes: cs.narBytes - cs.siteBytes}
 }
 
 // NarBytes is how many NAR file bytes the server passed to Nix.
@@ -303,7 +312,7 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 			if _, err := w.Write(held); err != nil {
 				return
 			}
-			cs.addBytes(len(held))
+			cs.addBytes(len(held), fromSite)
 		}
 		held = c
 	}
@@ -320,7 +329,7 @@ func (cs *CacheServer) serveNar(w http.ResponseWriter, r *http.Request, file str
 	whole = true
 	if held != nil {
 		if _, err := w.Write(held); err == nil {
-			cs.addBytes(len(held))
+			cs.addBytes(len(held), fromSite)
 		}
 	}
 }
@@ -367,9 +376,12 @@ func (cs *CacheServer) refuse(err error) {
 	cs.mu.Unlock()
 }
 
-func (cs *CacheServer) addBytes(n int) {
+func (cs *CacheServer) addBytes(n int, fromSite bool) {
 	cs.mu.Lock()
 	cs.narBytes += int64(n)
+	if fromSite {
+		cs.siteBytes += int64(n)
+	}
 	cs.mu.Unlock()
 }
 
@@ -550,8 +562,9 @@ func (rd *narReader) endWindow(st string) error {
 
 // fetchOnce fetches path once: from the fleet cache when the release
 // names it (through a loopback substituter for this fetch alone), then
-// from the release's substituter, else from the host's.
-func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release) error {
+// from the release's substituter, else from the host's. What came from
+// the fleet cache is added to got.
+func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release, got *model.CacheFetch) error {
 	if !rel.FleetCache {
 		return a.o.Activator.Fetch(ctx, path, rel.Substituter)
 	}
@@ -561,6 +574,7 @@ func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release) 
 	}
 	err = a.o.Activator.Fetch(ctx, path, cs.URL())
 	_ = cs.Close()
+	got.Add(cs.Fetched())
 	if err != nil && cs.SiteFailed() && ctx.Err() == nil {
 		// The site's copy served a file that was cut off: the hub's
 		// cache may have it right.
@@ -571,6 +585,7 @@ func (a *Agent) fetchOnce(ctx context.Context, path string, rel *model.Release) 
 		cs.SkipSite()
 		err = a.o.Activator.Fetch(ctx, path, cs.URL())
 		_ = cs.Close()
+		got.Add(cs.Fetched())
 	}
 	if refused := cs.Refused(); refused != nil && err != nil {
 		// The fetch failed on the file the agent cut off.

@@ -279,6 +279,9 @@ type apply struct {
 	// fetches counts the fetch attempts (more than one: a passing failure
 	// was retried); the final event says so.
 	fetches int
+	// cache is what the fetches read from the fleet cache; the final
+	// event says so.
+	cache model.CacheFetch
 }
 
 // MaxEventLog bounds Event.Log (the tail is kept): events travel in one
@@ -308,6 +311,9 @@ func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg,
 	}
 	if !ap.started.IsZero() {
 		ev.DurationMS = time.Since(ap.started).Milliseconds()
+	}
+	if state == model.StateReporting && ap.cache != (model.CacheFetch{}) {
+		ev.Cache = &ap.cache
 	}
 	msgID := model.EventMsgID(&ev)
 	lg := a.log.Info()
@@ -486,7 +492,7 @@ func (a *Agent) fetch(ctx context.Context, ap *apply, path string, rel *model.Re
 	delay := time.Second
 	for {
 		ap.fetches++
-		err := a.fetchOnce(ctx, path, rel)
+		err := a.fetchOnce(ctx, path, rel, &ap.cache)
 		if err == nil || !transientFetch(err) || ctx.Err() != nil {
 			return err
 		}

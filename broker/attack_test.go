@@ -484,3 +484,57 @@ func TestAuditChainShowsInsertions(t *testing.T) {
 		t.Fatalf("chain breaks at %v, want only at the inserted entry", broken)
 	}
 }
+
+// What a device says its apply read from the fleet cache feeds the
+// cache's fetched metrics once, under the device's own site: a resent
+// result (the same event ID) is not counted again, and counts no apply
+// could have are refused for good, nothing stored.
+func TestFetchedCountsFromResults(t *testing.T) {
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	dev, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, "fetcher")
+	id := dev.PublicKey()
+	nc, _ := deviceConn(t, c.ClientURL(), dev)
+	send := func(ev model.Event) model.ReportAck {
+		s, err := model.Sign(dev.Key, model.PurposeEvent, ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(s)
+		m, err := nc.Request(subjects.DeviceEvents(id), b, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ack model.ReportAck
+		if err := json.Unmarshal(m.Data, &ack); err != nil {
+			t.Fatal(err)
+		}
+		return ack
+	}
+	fetched := func(name, source string) float64 {
+		return metric(t, c, name, map[string]string{"site": subjects.DefaultSite, "source": source})
+	}
+	result := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateReporting, Result: model.ResultSucceeded, Attempt: "a1",
+		Cache: &model.CacheFetch{HubNarInfos: 3, HubBytes: 5000, SiteNarInfos: 1, SiteBytes: 700}}
+	for i := range 2 {
+		if ack := send(result); ack.Seq == 0 || ack.Duplicate != (i == 1) {
+			t.Fatalf("result %d: %+v", i, ack)
+		}
+	}
+	poll.Until(t, 5*time.Second, "the result's counts", func() bool {
+		return fetched("fleet_cache_fetched_bytes_total", "hub") == 5000
+	})
+	if p, sp, sb := fetched("fleet_cache_fetched_paths_total", "hub"), fetched("fleet_cache_fetched_paths_total", "site"), fetched("fleet_cache_fetched_bytes_total", "site"); p != 3 || sp != 1 || sb != 700 {
+		t.Fatalf("fetched: hub paths %v, site paths %v, site bytes %v", p, sp, sb)
+	}
+	for _, bad := range []model.CacheFetch{{HubBytes: -1}, {SiteNarInfos: -5}, {HubBytes: 1 << 50}, {SiteNarInfos: 1 << 30}} {
+		ev := result
+		ev.Attempt, ev.Cache = "bad", &bad
+		if ack := send(ev); ack.Seq != 0 || !ack.Permanent || !strings.Contains(ack.Error, "cache counts") {
+			t.Fatalf("counts %+v: %+v", bad, ack)
+		}
+	}
+	if v := fetched("fleet_cache_fetched_bytes_total", "hub"); v != 5000 {
+		t.Fatalf("after the refused results: %v hub bytes", v)
+	}
+}

@@ -122,6 +122,9 @@ type cacheStore struct {
 	windows, siteWindows *rateLimiter
 	requests             *prometheus.CounterVec
 	sent                 *prometheus.CounterVec
+	// fetchedBytes and fetchedPaths are what devices' applies say they
+	// read, by site and source (the site's copy or the hub's cache).
+	fetchedBytes, fetchedPaths *prometheus.CounterVec
 	// siteKick asks siteLoop to check the sites' mirrors now.
 	siteKick chan struct{}
 	siteDone chan struct{}
@@ -170,6 +173,14 @@ func (s *services) startCache(ctx context.Context) error {
 			Name: "fleet_cache_sent_bytes_total",
 			Help: "NAR bytes the binary cache sent devices at the coordinator's request, by site (a site's own copy is not counted).",
 		}, []string{"site"}),
+		fetchedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleet_cache_fetched_bytes_total",
+			Help: "NAR bytes devices' applies read from the fleet cache, by the device's site and source (site: the site's own copy; hub: the hub's cache), as the devices report them in their results.",
+		}, []string{"site", "source"}),
+		fetchedPaths: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleet_cache_fetched_paths_total",
+			Help: "Store paths (narinfos) devices' applies read from the fleet cache, by the device's site and source (site, hub), as the devices report them.",
+		}, []string{"site", "source"}),
 		done: make(chan struct{}), idle: cacheUploadIdle, grace: cacheGrace, siteKick: make(chan struct{}, 1), siteDone: make(chan struct{}),
 	}
 	var id [8]byte
@@ -644,6 +655,22 @@ func (cs *cacheStore) readError(l *lane, m *nats.Msg, status int, msg string) {
 
 func (cs *cacheStore) count(site, kind, result string) {
 	cs.requests.WithLabelValues(site, kind, result).Inc()
+}
+
+// countFetched counts what a device at site says its apply read: the
+// hub sees none of what a site's copy serves, so this is where the site's
+// hits show.
+func (cs *cacheStore) countFetched(site string, f *model.CacheFetch) {
+	for _, c := range []struct {
+		source string
+		paths  int
+		bytes  int64
+	}{{"site", f.SiteNarInfos, f.SiteBytes}, {"hub", f.HubNarInfos, f.HubBytes}} {
+		if c.paths > 0 || c.bytes > 0 {
+			cs.fetchedPaths.WithLabelValues(site, c.source).Add(float64(c.paths))
+			cs.fetchedBytes.WithLabelValues(site, c.source).Add(float64(c.bytes))
+		}
+	}
 }
 
 func (cs *cacheStore) readNarInfo(ctx context.Context, l *lane, m *nats.Msg, site, key string) {

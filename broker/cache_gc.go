@@ -342,6 +342,8 @@ func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descCacheBytes
 	c.cs.requests.Describe(ch)
 	c.cs.sent.Describe(ch)
+	c.cs.fetchedBytes.Describe(ch)
+	c.cs.fetchedPaths.Describe(ch)
 }
 
 func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
@@ -358,4 +360,6 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descCacheBytes, prometheus.GaugeValue, float64(u.Bytes))
 	c.cs.requests.Collect(ch)
 	c.cs.sent.Collect(ch)
+	c.cs.fetchedBytes.Collect(ch)
+	c.cs.fetchedPaths.Collect(ch)
 }

@@ -225,30 +225,38 @@ func (s *services) onFacts(l *lane, m *nats.Msg) {
 		}
 		b, _ := json.Marshal(f)
 		return b, "", nil
-	})
+	}, nil)
 }
 
 func (s *services) onEvent(l *lane, m *nats.Msg) {
+	var ev *model.Event
 	s.onReport(l, "events", m, func(id string) ([]byte, string, error) {
-		ev, err := model.ParseEvent(m.Data, id)
-		if err != nil {
+		var err error
+		if ev, err = model.ParseEvent(m.Data, id); err != nil {
 			return nil, "", err
 		}
 		b, _ := json.Marshal(ev)
 		// Deduplication is per stream: the device ID keeps one device's
 		// IDs from colliding with (or suppressing) another's.
 		return b, id + "/" + model.EventMsgID(ev), nil
+	}, func(site string) {
+		if ev.Cache != nil && s.cache != nil {
+			s.cache.countFetched(site, ev.Cache)
+		}
 	})
 }
 
 // onReport takes one signed report of a device: the sender must be a
 // recorded, active device answering into its own inbox; verify checks the
 // signature and returns what to store (and its deduplication ID); the
-// device's rate decides; then it is stored on the subject it came on.
-func (s *services) onReport(l *lane, handler string, m *nats.Msg, verify func(id string) ([]byte, string, error)) {
+// device's rate decides; then it is stored on the subject it came on, and
+// stored (if any) is called with the device's site once it is, the first
+// time only.
+func (s *services) onReport(l *lane, handler string, m *nats.Msg, verify func(id string) ([]byte, string, error), stored func(site string)) {
 	s.yieldToAnnounce()
 	id, ok := subjects.DeviceFromSubject(m.Subject)
-	if s.deviceFor(handler, m, id, ok) == nil {
+	d := s.deviceFor(handler, m, id, ok)
+	if d == nil {
 		return
 	}
 	data, msgID, err := verify(id)
@@ -261,7 +269,12 @@ func (s *services) onReport(l *lane, handler string, m *nats.Msg, verify func(id
 		s.ack(m, model.ReportAck{Error: "too many reports: slow down"})
 		return
 	}
-	s.store(l, m, handler, id, m.Subject, data, msgID)
+	var then func()
+	if stored != nil {
+		site := siteOf(d)
+		then = func() { stored(site) }
+	}
+	s.store(l, m, handler, id, m.Subject, data, msgID, then)
 }
 
 // refuseReport answers a report that will never be stored as it is.
@@ -271,9 +284,10 @@ func (s *services) refuseReport(handler string, m *nats.Msg, err error) {
 }
 
 // store appends a verified report to its CORE stream and acknowledges it
-// to the device once JetStream has. The wait runs apart from the
-// subscription, bounded, so one slow write does not hold up the rest.
-func (s *services) store(l *lane, m *nats.Msg, kind, id, subj string, data []byte, msgID string) {
+// to the device once JetStream has, then calls then (if any) unless the
+// report was a duplicate. The wait runs apart from the subscription,
+// bounded, so one slow write does not hold up the rest.
+func (s *services) store(l *lane, m *nats.Msg, kind, id, subj string, data []byte, msgID string, then func()) {
 	if s.presence != nil {
 		s.presence.reported(id)
 	}
@@ -295,6 +309,9 @@ func (s *services) store(l *lane, m *nats.Msg, kind, id, subj string, data []byt
 		case pa := <-f.Ok():
 			s.traffic.WithLabelValues(kind).Inc()
 			s.ack(m, model.ReportAck{Seq: pa.Sequence, Duplicate: pa.Duplicate})
+			if then != nil && !pa.Duplicate {
+				then()
+			}
 		case err := <-f.Err():
 			ack := model.ReportAck{Error: "the coordinator could not store the report: " + err.Error()}
 			var apiErr *jetstream.APIError

@@ -323,6 +323,20 @@ func TestSiteCacheAgents(t *testing.T) {
 	if v := sentTo(t, w.coord, "berlin"); v != 0 {
 		t.Fatalf("the coordinator sent berlin %v NAR bytes: the agents did not read the site's copy", v)
 	}
+	// The site's hits show at the hub, as the agents report them.
+	fetched := func(name, source string) float64 {
+		v, _, err := promvalue.Get(w.coord.Metrics(), name, map[string]string{"site": "berlin", "source": source})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	poll.Until(t, 10*time.Second, "berlin's hits in the metrics", func() bool {
+		return fetched("fleet_cache_fetched_paths_total", "site") >= 2 && fetched("fleet_cache_fetched_bytes_total", "site") >= float64(pushed)
+	})
+	if h, b := fetched("fleet_cache_fetched_paths_total", "hub"), fetched("fleet_cache_fetched_bytes_total", "hub"); h != 0 || b != 0 {
+		t.Fatalf("berlin's devices read %v paths, %v bytes from the hub", h, b)
+	}
 	// The deploy's own messages (desired states, events) only: these
 	// closures are small; TestSiteCacheLeaf measures a large one.
 	if d := leafOut(t, w.coord) - out0; d > 64<<10 {

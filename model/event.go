@@ -1,6 +1,9 @@
 package model
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 // State is an agent's reconcile state (DESIGN §4).
 type State string
@@ -59,6 +62,41 @@ type Event struct {
 	Attempt string `json:"attempt,omitempty"`
 	// Command is the ID of the remote command a StateCommand event is about.
 	Command string `json:"command,omitempty"`
+	// Cache says, in an apply's result, where what it fetched from the
+	// fleet cache came from: the site's copy or the hub's.
+	Cache *CacheFetch `json:"cache,omitempty"`
+}
+
+// CacheFetch counts what one apply read from the fleet cache, by source.
+type CacheFetch struct {
+	SiteNarInfos int   `json:"site_narinfos,omitempty"`
+	HubNarInfos  int   `json:"hub_narinfos,omitempty"`
+	SiteBytes    int64 `json:"site_bytes,omitempty"`
+	HubBytes     int64 `json:"hub_bytes,omitempty"`
+}
+
+// maxCacheFetch bounds what one apply may say it read (its counts feed
+// the coordinator's metrics): a million paths, a tebibyte.
+const (
+	maxCacheFetchPaths = 1 << 20
+	maxCacheFetchBytes = 1 << 40
+)
+
+// Check refuses counts no apply could have.
+func (c *CacheFetch) Check() error {
+	if c.SiteNarInfos < 0 || c.HubNarInfos < 0 || c.SiteBytes < 0 || c.HubBytes < 0 ||
+		c.SiteNarInfos > maxCacheFetchPaths || c.HubNarInfos > maxCacheFetchPaths || c.SiteBytes > maxCacheFetchBytes || c.HubBytes > maxCacheFetchBytes {
+		return fmt.Errorf("cache counts out of range: %+v", *c)
+	}
+	return nil
+}
+
+// Add adds o's counts to c.
+func (c *CacheFetch) Add(o CacheFetch) {
+	c.SiteNarInfos += o.SiteNarInfos
+	c.HubNarInfos += o.HubNarInfos
+	c.SiteBytes += o.SiteBytes
+	c.HubBytes += o.HubBytes
 }
 
 // LastApply summarises an agent's most recent apply, for facts.

@@ -51,6 +51,11 @@ func ParseEvent(b []byte, device string) (*Event, error) {
 	if ev.Time.IsZero() || ev.State == "" {
 		return nil, errors.New("event lacks time or state")
 	}
+	if ev.Cache != nil {
+		if err := ev.Cache.Check(); err != nil {
+			return nil, err
+		}
+	}
 	return &ev, nil
 }
 
