@@ -123,7 +123,6 @@ func (sw *siteWorld) startSiteOf(ts *testSite, cache, lax bool) *server.Server {
 		opts.NoJetStreamStrict = lax
 		opts.LeafNode.Remotes = append(opts.LeafNode.Remotes, &server.RemoteLeafOpts{URLs: []*url.URL{hub}, Credentials: ts.coreCreds, LocalAccount: auth.CoreAccount()})
 	}
-	before := sw.c.Server().NumLeafNodes()
 	ls, err := server.NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -144,7 +143,17 @@ func (sw *siteWorld) startSiteOf(ts *testSite, cache, lax bool) *server.Server {
 		want = 2
 	}
 	poll.Until(t, 10*time.Second, "leaf links to the coordinator", func() bool {
-		return ls.NumLeafNodes() == want && sw.c.Server().NumLeafNodes() == before+want
+		lz, err := sw.c.Server().Leafz(nil)
+		if err != nil || ls.NumLeafNodes() != want {
+			return false
+		}
+		n := 0
+		for _, l := range lz.Leafs {
+			if l.Name == opts.ServerName {
+				n++
+			}
+		}
+		return n == want
 	})
 	return ls
 }
