@@ -40,7 +40,7 @@ type RunCmd struct {
 	Profile         string        `help:"System profile to set on apply." default:"/nix/var/nix/profiles/system" env:"FLEET_PROFILE"`
 	CurrentSystem   string        `help:"Link to the running system." default:"/run/current-system" env:"FLEET_CURRENT_SYSTEM"`
 	BootedSystem    string        `help:"Link to the booted system." default:"/run/booted-system" env:"FLEET_BOOTED_SYSTEM"`
-	FactsInterval   time.Duration `help:"How often to report facts (with jitter); also on change." default:"60s" env:"FLEET_FACTS_INTERVAL"`
+	FactsInterval   time.Duration `help:"How often to report facts (with jitter); also at once on a change of system, reboot need, encryption, last apply or the set of mounts (checked every 15s)." default:"5m" env:"FLEET_FACTS_INTERVAL"`
 	ReconnectWithin time.Duration `help:"After a switch the agent must reach the coordinator again within this time, or it rolls back." default:"2m" env:"FLEET_RECONNECT_WITHIN"`
 	ApplyTimeout    time.Duration `help:"Bound on fetching and switching one generation." default:"30m" env:"FLEET_APPLY_TIMEOUT"`
 	Recheck         time.Duration `help:"How often to re-read the desired state (with jitter), in case a change notification was lost." default:"15m" env:"FLEET_RECHECK"`

@@ -32,7 +32,7 @@ type Options struct {
 	PerProcess int
 	// Idle is how long the idle fleet is watched for CPU.
 	Idle time.Duration
-	// FactsInterval is the agents' facts interval (60s by default, as
+	// FactsInterval is the agents' facts interval (5m by default, as
 	// fleet-agent's).
 	FactsInterval time.Duration
 	Dir           string
@@ -249,7 +249,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, errors.New("--devices and --per-process must be positive")
 	}
 	if o.FactsInterval <= 0 {
-		o.FactsInterval = time.Minute
+		o.FactsInterval = 5 * time.Minute
 	}
 	if o.DeviceDir == "" {
 		o.DeviceDir = filepath.Join(o.Dir, "devices")

@@ -30,7 +30,7 @@ type RunCmd struct {
 	Devices       int           `help:"Simulated devices (real agent loops, each with its own connection)." default:"1000" env:"FLEET_BENCH_DEVICES"`
 	PerProcess    int           `help:"Devices per simulator process (keep each under the open-file limit)." default:"2500" env:"FLEET_BENCH_PER_PROCESS"`
 	Idle          time.Duration `help:"How long to watch the idle fleet's CPU." default:"60s" env:"FLEET_BENCH_IDLE"`
-	FactsInterval time.Duration `help:"The agents' facts interval." default:"60s" env:"FLEET_BENCH_FACTS_INTERVAL"`
+	FactsInterval time.Duration `help:"The agents' facts interval (fleet-agent's default)." default:"5m" env:"FLEET_BENCH_FACTS_INTERVAL"`
 	Dir           string        `help:"Work dir (coordinator data, device state, logs); default: a new temporary dir, removed afterwards." env:"FLEET_BENCH_DIR" type:"path"`
 	DeviceDir     string        `help:"Where the simulated devices keep their state; default: a new dir in /dev/shm when there is one (real devices each write to their own disk, not the bench machine's), else under --dir." env:"FLEET_BENCH_DEVICE_DIR" type:"path"`
 	NoRaw         bool          `help:"Skip the raw NATS baseline." env:"FLEET_BENCH_NO_RAW"`

@@ -184,8 +184,8 @@ in
 
     factsInterval = mkOption {
       type = duration;
-      default = "60s";
-      description = "How often facts are reported (with jitter); also on change.";
+      default = "5m";
+      description = "How often facts are reported (with jitter); also at once on a change of system, reboot need, encryption, last apply or mounts.";
     };
 
     reconnectWithin = mkOption {
