@@ -139,7 +139,7 @@ func TestCreateLoad(t *testing.T) {
 		if _, err := a.IssueSiteCacheUser(mustPub(newUserKey(t)), bad); err == nil {
 			t.Errorf("a cache link for site %q", bad)
 		}
-		if _, err := a.SiteLinkJWT(bad); err == nil {
+		if _, err := a.SiteLinkJWT(bad, time.Time{}); err == nil {
 			t.Errorf("a link account for site %q", bad)
 		}
 	}
@@ -147,8 +147,20 @@ func TestCreateLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sk, ok := cc.SigningKeys.GetScope(mustPub(coreSvc)); !ok || sk != nil || len(cc.SigningKeys) != 1 {
-		t.Errorf("CORE signing keys %v, want only the unscoped key of %s", cc.SigningKeys.Keys(), coreServiceFile)
+	// One key, scoped to the coordinators' own client and in-process
+	// connections: no CORE user is a leaf link, whatever its JWT says.
+	sk, ok := cc.SigningKeys.GetScope(mustPub(coreSvc))
+	us, scoped := sk.(*jwt.UserScope)
+	if !ok || !scoped || len(cc.SigningKeys) != 1 || !us.Template.Permissions.Pub.Empty() || !us.Template.Permissions.Sub.Empty() ||
+		!slices.Equal(us.Template.AllowedConnectionTypes, jwt.StringList{jwt.ConnectionTypeStandard, jwt.ConnectionTypeInProcess}) {
+		t.Errorf("CORE signing keys %v (%+v), want only %s, scoped to the coordinators' connections", cc.SigningKeys.Keys(), sk, coreServiceFile)
+	}
+	cu, err := a.CoreUser("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uc, err := cu.Claims(); err != nil || !uc.HasEmptyPermissions() || us.ValidateScopedSigner(uc) != nil {
+		t.Errorf("a coordinator's CORE user: %v", err)
 	}
 	onDisk, err := os.ReadFile(filepath.Join(dir, ResolverDir, a.CoreAccount()+".jwt"))
 	if err != nil {
@@ -301,7 +313,7 @@ func siteCacheSharing(t *testing.T, a *Authority, c *jwt.AccountClaims, core boo
 // coordinator's users.
 func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims, site string) *jwt.AccountClaims {
 	t.Helper()
-	tok, err := a.SiteLinkJWT(site)
+	tok, err := a.SiteLinkJWT(site, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1070,13 +1082,23 @@ func TestSiteLinkAccountsDerived(t *testing.T) {
 		t.Fatal(err)
 	}
 	uc, _ := jwt.DecodeUserClaims(ut)
-	tok, err := b.SiteLinkJWT("berlin")
+	tok, err := b.SiteLinkJWT("berlin", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	lc, err := jwt.DecodeAccountClaims(tok)
 	if err != nil || lc.Subject != uc.IssuerAccount || !lc.SigningKeys.Contains(uc.Issuer) {
 		t.Errorf("berlin's link, issued at one coordinator, is not the other's account's: %v", err)
+	}
+	// A link issued again revokes those issued in earlier seconds.
+	from := time.Unix(uc.IssuedAt+5, 0)
+	tok, err = b.SiteLinkJWT("berlin", from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lc, err = jwt.DecodeAccountClaims(tok); err != nil || !lc.Revocations.IsRevoked(uc.Subject, time.Unix(uc.IssuedAt, 0)) ||
+		lc.Revocations.IsRevoked(mustPub(newUserKey(t)), from) {
+		t.Errorf("berlin's links from %v: revocations %v", from, lc.Revocations)
 	}
 	// Another fleet's CORE gives other accounts.
 	_, c := create(t)

@@ -464,8 +464,10 @@ func (a *Authority) SiteLinkAccount(site string) (string, error) {
 // SiteLinkJWT signs site's link account: the site's cache link (held to
 // subjects.SiteCacheTemplate) and the coordinators' own connections, no
 // JetStream, no exports, and of CORE only subjects.SiteLinkImports(site).
-// Nothing is stored: the coordinator pushes it to the servers.
-func (a *Authority) SiteLinkJWT(site string) (string, error) {
+// Every user issued before linksFrom (whole seconds; the zero time: none)
+// is revoked: a site has one cache link, the last issued. Nothing is
+// stored: the coordinator pushes it to the servers.
+func (a *Authority) SiteLinkJWT(site string, linksFrom time.Time) (string, error) {
 	k, err := a.siteLink(site)
 	if err != nil {
 		return "", err
@@ -492,6 +494,10 @@ func (a *Authority) SiteLinkJWT(site string) (string, error) {
 	}
 	c.Limits.Imports = int64(len(c.Imports))
 	c.SigningKeys.Add(mustPub(k.signer))
+	if !linksFrom.IsZero() {
+		c.Revocations = jwt.RevocationList{}
+		c.Revocations.Revoke(jwt.All, linksFrom.Add(-time.Second))
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	tok, err := c.Encode(a.opSigner)
@@ -539,7 +545,17 @@ func (a *Authority) applyCorePolicy(c *jwt.AccountClaims) {
 	if c.SigningKeys == nil {
 		c.SigningKeys = jwt.SigningKeys{}
 	}
-	c.SigningKeys.Add(mustPub(a.coreSvc))
+	// Scoped: a CORE user is a client or in-process connection of a
+	// coordinator, never a leaf link, whatever its own JWT says (sites'
+	// cache links were CORE users before they had accounts of their own;
+	// such creds are refused now).
+	s := jwt.NewUserScope()
+	s.Key = mustPub(a.coreSvc)
+	s.Role = "coordinator"
+	s.Description = "the coordinators' own connections to the fleet's state"
+	s.Template.Limits = jwt.Limits{NatsLimits: jwt.NatsLimits{Subs: -1, Data: -1, Payload: -1}}
+	s.Template.AllowedConnectionTypes = jwt.StringList{jwt.ConnectionTypeStandard, jwt.ConnectionTypeInProcess}
+	c.SigningKeys.AddScopedSigner(s)
 }
 
 type cacheImport struct {
@@ -736,9 +752,22 @@ func (a *Authority) NewUser(r subjects.Role, name string, ttl time.Duration) (*C
 
 // CoreUser creates a CORE user with every permission, for the
 // coordinator's own in-process connection to the fleet's state. It is never
-// written to disk.
+// written to disk. CORE's signing key is scoped (applyCorePolicy): the
+// user carries no permissions or limits of its own.
 func (a *Authority) CoreUser(name string) (*Creds, error) {
-	return a.accountUser(a.coreSvc, a.core, name)
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return nil, err
+	}
+	uc := jwt.NewUserClaims(mustPub(kp))
+	uc.Name = name
+	uc.IssuerAccount = mustPub(a.core)
+	uc.UserPermissionLimits = jwt.UserPermissionLimits{}
+	tok, err := uc.Encode(a.coreSvc)
+	if err != nil {
+		return nil, fmt.Errorf("sign %s user: %w", name, err)
+	}
+	return &Creds{JWT: tok, Key: kp}, nil
 }
 
 // SiteLinkUser creates a user of site's link account with every

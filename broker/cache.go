@@ -131,7 +131,7 @@ type cacheStore struct {
 	// links are the coordinator's connections to sites' link accounts
 	// (siteConn).
 	linkMu sync.Mutex
-	links  map[string]*nats.Conn
+	links  map[string]*siteLinkConn
 	gcMu   sync.Mutex
 	lastGC *model.CacheGCResult
 	cancel context.CancelFunc
@@ -250,8 +250,8 @@ func (cs *cacheStore) stop() {
 	<-cs.done
 	<-cs.siteDone
 	cs.linkMu.Lock()
-	for _, nc := range cs.links {
-		nc.Close()
+	for _, l := range cs.links {
+		l.nc.Close()
 	}
 	cs.links = nil
 	cs.linkMu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"regexp"
+	"time"
 
 	"github.com/nats-io/nkeys"
 
@@ -79,16 +80,20 @@ func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.S
 	if err := checkSiteCache(sc); err != nil {
 		return err
 	}
+	// A site has one cache link, the last issued: its account revokes
+	// every link issued before this second (a thief's copy of an earlier
+	// leaf-cache.creds is cut off, and its slots freed).
+	from := time.Now().Truncate(time.Second) // the JWTs' clock, not a test's
 	auth := s.c.auth
 	tok, err := auth.IssueSiteCacheUser(sc.Key, site)
 	if err != nil {
 		return badRequest("%v", err)
 	}
-	if err := s.setupSiteConsumers(ctx, site, sc); err != nil {
+	if err := s.setupSiteConsumers(ctx, site, sc, from); err != nil {
 		return err
 	}
 	// The link's account must exist before the site dials in with it.
-	if _, err := s.cache.siteConn(ctx, site); err != nil {
+	if _, err := s.cache.siteConn(ctx, site, from); err != nil {
 		return err
 	}
 	lc.CacheUserJWT = tok

@@ -49,6 +49,9 @@ const (
 	siteMetaSite  = "fleet_site"
 	siteMetaBytes = "fleet_site_max_bytes"
 	siteMetaAge   = "fleet_site_max_age"
+	// siteMetaLinks is when the site's cache link was last issued (unix
+	// seconds): its link account revokes every link issued before.
+	siteMetaLinks = "fleet_site_links_from"
 	// siteMirrorEvery is how often the coordinator checks that every
 	// site's mirrors exist (also when a site's link comes up).
 	siteMirrorEvery = time.Minute
@@ -81,8 +84,9 @@ func checkSiteCache(sc *model.SiteCache) error {
 }
 
 // setupSiteConsumers makes (or updates) site's two consumers on the hub's
-// cache streams, with the mirrors' bounds in their metadata.
-func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache) error {
+// cache streams, with the mirrors' bounds and the issue time of its link in
+// their metadata.
+func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache, linksFrom time.Time) error {
 	for _, src := range siteSources() {
 		_, err := s.c.js.CreateOrUpdatePushConsumer(ctx, src.stream, jetstream.ConsumerConfig{
 			Durable:        subjects.SiteCacheConsumer(site, src.kind),
@@ -97,6 +101,7 @@ func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *mode
 				siteMetaSite:  site,
 				siteMetaBytes: strconv.FormatInt(sc.MaxBytes, 10),
 				siteMetaAge:   time.Duration(sc.MaxAge).String(),
+				siteMetaLinks: strconv.FormatInt(linksFrom.Unix(), 10),
 			},
 		})
 		if err != nil {
@@ -142,16 +147,21 @@ func (cs *cacheStore) kickSites() {
 	}
 }
 
-// siteBounds reads a site's name and bounds from a consumer's metadata.
-func siteBounds(ci *jetstream.ConsumerInfo) (string, *model.SiteCache, bool) {
+// siteBounds reads a site's name, bounds and the issue time of its link
+// (zero when not recorded) from a consumer's metadata.
+func siteBounds(ci *jetstream.ConsumerInfo) (string, *model.SiteCache, time.Time, bool) {
 	md := ci.Config.Metadata
 	site := md[siteMetaSite]
 	n, err1 := strconv.ParseInt(md[siteMetaBytes], 10, 64)
 	age, err2 := time.ParseDuration(md[siteMetaAge])
 	if site == "" || !subjects.ValidSite(site) || err1 != nil || err2 != nil || ci.Name != subjects.SiteCacheConsumer(site, subjects.SiteCacheObj) {
-		return "", nil, false
+		return "", nil, time.Time{}, false
 	}
-	return site, &model.SiteCache{MaxBytes: n, MaxAge: model.Duration(age)}, true
+	var from time.Time
+	if sec, err := strconv.ParseInt(md[siteMetaLinks], 10, 64); err == nil && sec > 0 {
+		from = time.Unix(sec, 0)
+	}
+	return site, &model.SiteCache{MaxBytes: n, MaxAge: model.Duration(age)}, from, true
 }
 
 // ensureSiteMirrors creates the mirrors of every site that has consumers
@@ -163,11 +173,11 @@ func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
 	}
 	lister := stream.ListConsumers(ctx)
 	for ci := range lister.Info() {
-		site, sc, ok := siteBounds(ci)
+		site, sc, from, ok := siteBounds(ci)
 		if !ok {
 			continue
 		}
-		if err := cs.ensureSiteMirror(ctx, site, sc); err != nil {
+		if err := cs.ensureSiteMirror(ctx, site, sc, from); err != nil {
 			cs.log.Debug().Err(err).Str("site", site).Msg("site cache: mirrors not set up (yet)")
 			pending = true
 		}
@@ -175,22 +185,35 @@ func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
 	return pending
 }
 
-// siteConn returns the coordinator's connection to site's link account.
-// A site's account exists once a coordinator pushed its JWT: the first
-// call of each coordinator's run pushes it (after leaf config --cache, and
-// at start for every site with consumers, so a new version's account
-// reaches the servers).
-func (cs *cacheStore) siteConn(ctx context.Context, site string) (*nats.Conn, error) {
+// siteLinkConn is the coordinator's connection to a site's link account,
+// made after pushing the account with links issued before from revoked.
+type siteLinkConn struct {
+	nc   *nats.Conn
+	from time.Time
+}
+
+// siteConn returns the coordinator's connection to site's link account,
+// whose links issued before from are revoked. A site's account exists
+// once a coordinator pushed its JWT: the first call of each coordinator's
+// run pushes it (after leaf config --cache, and at start for every site
+// with consumers, so a new version's account reaches the servers), and so
+// does a call with another from (the link was issued again, here or at
+// another coordinator of the cluster), or after the connection was lost.
+func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time) (*nats.Conn, error) {
 	cs.linkMu.Lock()
 	defer cs.linkMu.Unlock()
-	if nc := cs.links[site]; nc != nil {
-		return nc, nil
+	if l := cs.links[site]; l != nil {
+		if l.from.Equal(from) && l.nc.IsConnected() {
+			return l.nc, nil
+		}
+		l.nc.Close()
+		delete(cs.links, site)
 	}
 	if ctx.Err() != nil || cs.s.c.ns == nil {
 		return nil, fmt.Errorf("site %s: coordinator stopping", site)
 	}
 	auth := cs.s.c.auth
-	tok, err := auth.SiteLinkJWT(site)
+	tok, err := auth.SiteLinkJWT(site, from)
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
@@ -206,9 +229,9 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string) (*nats.Conn, er
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
 	if cs.links == nil {
-		cs.links = map[string]*nats.Conn{}
+		cs.links = map[string]*siteLinkConn{}
 	}
-	cs.links[site] = nc
+	cs.links[site] = &siteLinkConn{nc: nc, from: from}
 	return nc, nil
 }
 
@@ -225,11 +248,11 @@ type jsAPIReply struct {
 const jsErrStreamNotFound = 10059
 
 // siteRequest sends a JetStream API request into site's domain.
-func (cs *cacheStore) siteRequest(ctx context.Context, site, api string, body []byte) (*jsAPIReply, error) {
+func (cs *cacheStore) siteRequest(ctx context.Context, site string, from time.Time, api string, body []byte) (*jsAPIReply, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	// The site may answer only into its own reply subjects.
-	nc, err := cs.siteConn(ctx, site)
+	nc, err := cs.siteConn(ctx, site, from)
 	if err != nil {
 		return nil, err
 	}
@@ -273,10 +296,10 @@ func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *mo
 
 // ensureSiteMirror creates site's two mirrors when they do not exist and
 // updates their bounds when they changed.
-func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *model.SiteCache) error {
+func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *model.SiteCache, from time.Time) error {
 	for _, src := range siteSources() {
 		want := cs.siteMirrorConfig(site, src.kind, src.stream, src.mirror, sc)
-		info, err := cs.siteRequest(ctx, site, "STREAM.INFO."+src.mirror, nil)
+		info, err := cs.siteRequest(ctx, site, from, "STREAM.INFO."+src.mirror, nil)
 		if err != nil {
 			return err
 		}
@@ -293,7 +316,7 @@ func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *mod
 			continue
 		}
 		body, _ := json.Marshal(want)
-		r, err := cs.siteRequest(ctx, site, "STREAM."+verb+"."+src.mirror, body)
+		r, err := cs.siteRequest(ctx, site, from, "STREAM."+verb+"."+src.mirror, body)
 		if err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/url"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 
 	"fleet/accounts"
@@ -685,5 +687,162 @@ func TestSiteCacheBadCopy(t *testing.T) {
 	}
 	if s, h := hub.NarInfos(); s != 0 || h != 1 {
 		t.Fatalf("narinfos: site %d, hub %d", s, h)
+	}
+}
+
+// rogueLeaf starts a plain leaf node named name with one remote to the
+// hub, authenticated with creds.
+func (sw *siteWorld) rogueLeaf(name, creds string) *server.Server {
+	t := sw.t
+	hub, err := url.Parse(sw.c.LeafURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := server.NewServer(&server.Options{
+		ServerName: name, Host: "127.0.0.1", Port: server.RANDOM_PORT, NoSigs: true, NoLog: true,
+		LeafNode: server.LeafNodeOpts{ReconnectInterval: 100 * time.Millisecond, Remotes: []*server.RemoteLeafOpts{{URLs: []*url.URL{hub}, Credentials: creds}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls.Start()
+	t.Cleanup(func() { ls.Shutdown(); ls.WaitForShutdown() })
+	if !ls.ReadyForConnections(10 * time.Second) {
+		t.Fatal("leaf not ready")
+	}
+	return ls
+}
+
+// linkedAs reports how many leaf links the hub has from servers named name.
+func (sw *siteWorld) linkedAs(name string) int {
+	lz, err := sw.c.Server().Leafz(nil)
+	if err != nil {
+		sw.t.Fatal(err)
+	}
+	n := 0
+	for _, l := range lz.Leafs {
+		if l.Name == name {
+			n++
+		}
+	}
+	return n
+}
+
+// A site has one cache link, the last issued: leaf config --cache again
+// cuts off every copy of the earlier leaf-cache.creds (a thief's link is
+// dropped and refused from then on, its slots freed), and the new one
+// links and fills the site's copy.
+func TestSiteCacheLinkReissued(t *testing.T) {
+	sw := newSiteWorld(t)
+	_, raw, _ := sw.fakeNar("system", int(sw.c.svc.cache.objChunk())+100)
+	sw.mustPush(raw)
+	old := sw.site
+	for i := range 4 {
+		name := fmt.Sprintf("thief-%d", i)
+		sw.rogueLeaf(name, old.coreCreds)
+		poll.Until(t, 10*time.Second, name+" linked with the first creds", func() bool { return sw.linkedAs(name) == 1 })
+	}
+	// The next leaf config comes in a later second than the first link's
+	// issue (JWT times are whole seconds).
+	ck, err := accounts.ReadCreds(old.coreCreds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := ck.Claims()
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 3*time.Second, "a second after the first link", func() bool { return time.Now().Unix() > uc.IssuedAt })
+	again := sw.addSite("berlin")
+	poll.Until(t, 10*time.Second, "the thieves cut off", func() bool {
+		for i := range 4 {
+			if sw.linkedAs(fmt.Sprintf("thief-%d", i)) != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	ls := sw.startSiteOf(again, true, false)
+	mirrored(t, ls, again.lc.CoreAccount, 1, 2)
+	for i := range 4 {
+		if n := sw.linkedAs(fmt.Sprintf("thief-%d", i)); n != 0 {
+			t.Fatalf("thief-%d linked again with the first creds", i)
+		}
+	}
+}
+
+// Sites' cache links were CORE users before they had accounts of their
+// own: such creds, and any CORE user, are refused as a leaf link (CORE's
+// signing key is scoped to the coordinators' client connections), so no
+// leaf reaches the state's account.
+func TestCoreUsersAreNoLeafLinks(t *testing.T) {
+	sw := newSiteWorld(t)
+	auth := sw.c.Authority()
+	svc, err := accounts.ReadSeed(filepath.Join(sw.c.cfg.DataDir, accounts.KeysDir, "core-service.nk"), nkeys.PrefixByteAccount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the earlier versions issued them: permissions of their own.
+	kp := newKey(t)
+	uc := jwt.NewUserClaims(pubOf(kp))
+	uc.Name = "leaf-berlin-cache"
+	uc.IssuerAccount = auth.CoreAccount()
+	uc.Pub.Allow.Add("$JS.API.CONSUMER.RESET.>", "$JS.fleet.API.CONSUMER.RESET.>", "$JS.FC.>")
+	uc.Sub.Allow.Add("fleet.sitecache.>", "$JSC.R.>")
+	uc.AllowedConnectionTypes.Add(jwt.ConnectionTypeLeafnode)
+	tok, err := uc.Encode(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy := filepath.Join(t.TempDir(), "legacy.creds")
+	if err := accounts.WriteCreds(legacy, &accounts.Creds{JWT: tok, Key: kp}); err != nil {
+		t.Fatal(err)
+	}
+	// And a coordinator's own CORE user.
+	own, err := auth.CoreUser("own")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ownFile := filepath.Join(t.TempDir(), "own.creds")
+	if err := accounts.WriteCreds(ownFile, own); err != nil {
+		t.Fatal(err)
+	}
+	// The hub's authentication errors, as the system account hears them.
+	sys, err := auth.SystemUser("test-sys")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := mustDial(t, sw.c.ClientURL(), sys)
+	authErrs, err := sc.SubscribeSync("$SYS.SERVER.*.CLIENT.AUTH.ERR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sw.rogueLeaf("legacy", legacy)
+	sw.rogueLeaf("own", ownFile)
+	refused := map[string]bool{}
+	for !refused["legacy"] || !refused["own"] {
+		m, err := authErrs.NextMsg(10 * time.Second)
+		if err != nil {
+			t.Fatalf("refusals heard: %v; %v", refused, err)
+		}
+		var ev struct {
+			Client struct {
+				Name string `json:"name"`
+				Kind string `json:"kind"`
+			} `json:"client"`
+		}
+		if json.Unmarshal(m.Data, &ev) == nil && ev.Client.Kind == "Leafnode" {
+			refused[ev.Client.Name] = true
+		}
+	}
+	if sw.linkedAs("legacy") != 0 || sw.linkedAs("own") != 0 {
+		t.Fatalf("a CORE user linked as a leaf: legacy %d, own %d", sw.linkedAs("legacy"), sw.linkedAs("own"))
+	}
+	// A coordinator's CORE user still connects as a client.
+	if _, err := dial(sw.c.ClientURL(), own); err != nil {
+		t.Fatalf("a coordinator's CORE user as a client: %v", err)
 	}
 }
