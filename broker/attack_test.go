@@ -375,22 +375,7 @@ func TestDeviceFloodBounded(t *testing.T) {
 	nc, errs := deviceConn(t, c.ClientURL(), dev)
 	ctx := ctxFor(t, 60*time.Second)
 
-	send := func(ev model.Event) model.ReportAck {
-		s, err := model.Sign(dev.Key, model.PurposeEvent, ev)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := json.Marshal(s)
-		m, err := nc.Request(subjects.DeviceEvents(id), b, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var ack model.ReportAck
-		if err := json.Unmarshal(m.Data, &ack); err != nil {
-			t.Fatal(err)
-		}
-		return ack
-	}
+	send := func(ev model.Event) model.ReportAck { return sendEvent(t, nc, dev, ev) }
 	stored, limited := 0, 0
 	start := time.Now()
 	for i := range 400 {
@@ -495,22 +480,7 @@ func TestFetchedCountsFromResults(t *testing.T) {
 	dev, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, "fetcher")
 	id := dev.PublicKey()
 	nc, _ := deviceConn(t, c.ClientURL(), dev)
-	send := func(ev model.Event) model.ReportAck {
-		s, err := model.Sign(dev.Key, model.PurposeEvent, ev)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := json.Marshal(s)
-		m, err := nc.Request(subjects.DeviceEvents(id), b, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var ack model.ReportAck
-		if err := json.Unmarshal(m.Data, &ack); err != nil {
-			t.Fatal(err)
-		}
-		return ack
-	}
+	send := func(ev model.Event) model.ReportAck { return sendEvent(t, nc, dev, ev) }
 	fetched := func(name, source string) float64 {
 		return metric(t, c, name, map[string]string{"site": subjects.DefaultSite, "source": source})
 	}
@@ -537,4 +507,24 @@ func TestFetchedCountsFromResults(t *testing.T) {
 	if v := fetched("fleet_cache_fetched_bytes_total", "hub"); v != 5000 {
 		t.Fatalf("after the refused results: %v hub bytes", v)
 	}
+}
+
+// sendEvent sends ev signed as dev over nc and returns the coordinator's
+// acknowledgement.
+func sendEvent(t *testing.T, nc *nats.Conn, dev *accounts.Creds, ev model.Event) model.ReportAck {
+	t.Helper()
+	s, err := model.Sign(dev.Key, model.PurposeEvent, ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(s)
+	m, err := nc.Request(subjects.DeviceEvents(dev.PublicKey()), b, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ack model.ReportAck
+	if err := json.Unmarshal(m.Data, &ack); err != nil {
+		t.Fatal(err)
+	}
+	return ack
 }
