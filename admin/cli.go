@@ -126,7 +126,7 @@ type CLI struct {
 	Rollout RolloutCmd `cmd:"" help:"Rollouts: ls, show, watch, pause, resume, abort, undo."`
 	Admin   AdminCmd   `cmd:"" help:"Admins and their roles: add, ls, remove."`
 	Audit   AuditCmd   `cmd:"" help:"The audit trail: ls, verify."`
-	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config."`
+	Leaf    LeafCmd    `cmd:"" help:"Remote sites: write a leaf node's config, revoke its links."`
 	Status  StatusCmd  `cmd:"" help:"The fleet at a glance: one line a device and a summary."`
 	Facts   FactsCmd   `cmd:"" help:"A device's fact reports over time."`
 	Cmd     CmdCmd     `cmd:"" help:"Send an admin-signed command to devices: reboot, rollback, refresh-facts, apply-now."`

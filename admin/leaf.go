@@ -21,6 +21,38 @@ import (
 // LeafCmd is `fleet-admin leaf`.
 type LeafCmd struct {
 	Config LeafConfigCmd `cmd:"" help:"Write the config and credentials of a site's leaf node (a standard nats-server)."`
+	Revoke LeafRevokeCmd `cmd:"" help:"Cut a site's leaf links off: its cache link (every one issued) and the leaf links named by --key."`
+}
+
+// LeafRevokeCmd is `fleet-admin leaf revoke`.
+type LeafRevokeCmd struct {
+	Site string   `help:"Site name, e.g. berlin." required:""`
+	Key  []string `help:"Public key of a leaf link (leaf.creds) to revoke, as leaf config printed it (\"leaf key U...\"); repeat or comma-separate." placeholder:"UKEY" sep:","`
+}
+
+// Run revokes the site's links, once confirmed.
+func (cmd *LeafRevokeCmd) Run(g *Globals) error {
+	what := "every cache link of site " + cmd.Site
+	if len(cmd.Key) > 0 {
+		what += fmt.Sprintf(" and its leaf link(s) %s", strings.Join(cmd.Key, ", "))
+	}
+	if err := g.confirm("revoke " + what + "? They are cut off at once; `leaf config` issues new ones"); err != nil {
+		return err
+	}
+	var out model.LeafRevoked
+	if err := g.call(subjects.VerbLeafRevoke, true, model.LeafRevoke{Site: cmd.Site, Keys: cmd.Key}, &out); err != nil {
+		return err
+	}
+	if g.JSON {
+		return g.printJSON(out)
+	}
+	if out.CacheLinks {
+		fmt.Fprintf(g.stdout, "revoked every cache link of %s: its copy of the cache is no longer fed (run leaf config --cache for a new link)\n", out.Site)
+	}
+	for _, k := range out.Keys {
+		fmt.Fprintf(g.stdout, "revoked leaf link %s of %s\n", k, out.Site)
+	}
+	return nil
 }
 
 // LeafConfigCmd is `fleet-admin leaf config`.

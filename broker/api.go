@@ -101,6 +101,7 @@ func (s *services) verbs() []apiVerb {
 		{subjects.VerbAdminRemove, true, subjects.RoleOwner, s.adminRemove},
 		{subjects.VerbAudit, false, subjects.RoleOperator, s.auditList},
 		{subjects.VerbLeafConfig, true, subjects.RoleOwner, s.leafConfig},
+		{subjects.VerbLeafRevoke, true, subjects.RoleOwner, s.leafRevoke},
 		{subjects.VerbStatus, false, subjects.RoleObserver, s.status},
 		{subjects.VerbFacts, false, subjects.RoleObserver, s.facts},
 	}

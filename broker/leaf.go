@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"regexp"
 	"time"
 
@@ -89,7 +90,7 @@ func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.S
 	if err != nil {
 		return badRequest("%v", err)
 	}
-	if err := s.setupSiteConsumers(ctx, site, sc, from); err != nil {
+	if err := s.setupSiteConsumers(ctx, site, sc, from, false); err != nil {
 		return err
 	}
 	// The link's account must exist before the site dials in with it.
@@ -99,4 +100,49 @@ func (s *services) siteCacheConfig(ctx context.Context, site string, sc *model.S
 	lc.CacheUserJWT = tok
 	s.cache.kickSites()
 	return nil
+}
+
+// leafRevoke cuts a site's leaf links off: every cache link it was issued
+// (its link account revokes them all; its copy is no longer fed) and the
+// FLEET leaf links whose keys are named. A key must be no device's and no
+// admin's: those have commands of their own.
+func (s *services) leafRevoke(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
+	var a model.LeafRevoke
+	if err := decodeArgs(raw, &a); err != nil {
+		return nil, err
+	}
+	if !siteRE.MatchString(a.Site) || a.Site == subjects.DefaultSite {
+		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", a.Site, subjects.DefaultSite)
+	}
+	if len(a.Keys) > 64 {
+		return nil, badRequest("%d keys: at most 64 at once", len(a.Keys))
+	}
+	for _, k := range a.Keys {
+		if !nkeys.IsValidPublicUserKey(k) {
+			return nil, badRequest("%q is not an nkey user public key (leaf config prints the leaf's key)", k)
+		}
+		if _, err := s.admins.Get(ctx, k); err == nil {
+			return nil, refused("%s is an admin's key: use fleet-admin admin remove", k)
+		}
+		if d, err := s.knownDevice(ctx, k); err == nil && d != nil {
+			return nil, refused("%s is device %s: use fleet-admin devices revoke", k, d.Name)
+		}
+	}
+	out := model.LeafRevoked{Site: a.Site, Keys: a.Keys, At: time.Now().UTC()}
+	if s.cache != nil {
+		had, err := s.cache.revokeSiteLinks(ctx, a.Site)
+		if err != nil {
+			return nil, err
+		}
+		out.CacheLinks = had
+	}
+	if !out.CacheLinks && len(a.Keys) == 0 {
+		return nil, badRequest("site %s has no copy of the cache: name its leaf's key (--key) to revoke its link", a.Site)
+	}
+	if len(a.Keys) > 0 {
+		if err := s.c.Revoke(ctx, a.Keys...); err != nil {
+			return nil, fmt.Errorf("revoke the leaf links of %s: %w", a.Site, err)
+		}
+	}
+	return out, nil
 }

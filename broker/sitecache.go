@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -52,6 +53,9 @@ const (
 	// siteMetaLinks is when the site's cache link was last issued (unix
 	// seconds): its link account revokes every link issued before.
 	siteMetaLinks = "fleet_site_links_from"
+	// siteMetaRevoked marks a site whose links were revoked (leaf
+	// revoke): its copy is no longer fed, until a leaf config --cache.
+	siteMetaRevoked = "fleet_site_revoked"
 	// siteMirrorEvery is how often the coordinator checks that every
 	// site's mirrors exist (also when a site's link comes up).
 	siteMirrorEvery = time.Minute
@@ -86,8 +90,17 @@ func checkSiteCache(sc *model.SiteCache) error {
 // setupSiteConsumers makes (or updates) site's two consumers on the hub's
 // cache streams, with the mirrors' bounds and the issue time of its link in
 // their metadata.
-func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache, linksFrom time.Time) error {
+func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache, linksFrom time.Time, revoked bool) error {
 	for _, src := range siteSources() {
+		md := map[string]string{
+			siteMetaSite:  site,
+			siteMetaBytes: strconv.FormatInt(sc.MaxBytes, 10),
+			siteMetaAge:   time.Duration(sc.MaxAge).String(),
+			siteMetaLinks: strconv.FormatInt(linksFrom.Unix(), 10),
+		}
+		if revoked {
+			md[siteMetaRevoked] = "1"
+		}
 		_, err := s.c.js.CreateOrUpdatePushConsumer(ctx, src.stream, jetstream.ConsumerConfig{
 			Durable:        subjects.SiteCacheConsumer(site, src.kind),
 			Description:    "feeds the cache mirror at site " + site,
@@ -97,12 +110,7 @@ func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *mode
 			FlowControl:    true,
 			IdleHeartbeat:  time.Second,
 			MaxAckPending:  siteMaxAckPending,
-			Metadata: map[string]string{
-				siteMetaSite:  site,
-				siteMetaBytes: strconv.FormatInt(sc.MaxBytes, 10),
-				siteMetaAge:   time.Duration(sc.MaxAge).String(),
-				siteMetaLinks: strconv.FormatInt(linksFrom.Unix(), 10),
-			},
+			Metadata:       md,
 		})
 		if err != nil {
 			return fmt.Errorf("site %s: consumer on %s: %w", site, src.stream, err)
@@ -147,21 +155,31 @@ func (cs *cacheStore) kickSites() {
 	}
 }
 
-// siteBounds reads a site's name, bounds and the issue time of its link
-// (zero when not recorded) from a consumer's metadata.
-func siteBounds(ci *jetstream.ConsumerInfo) (string, *model.SiteCache, time.Time, bool) {
+// siteMeta is what a site's consumer's metadata says of the site.
+type siteMeta struct {
+	site string
+	sc   *model.SiteCache
+	// from is the issue time of its link (zero when not recorded);
+	// revoked says every link was revoked.
+	from    time.Time
+	revoked bool
+}
+
+// siteBounds reads a site's name, bounds and links from a consumer's
+// metadata.
+func siteBounds(ci *jetstream.ConsumerInfo) (siteMeta, bool) {
 	md := ci.Config.Metadata
 	site := md[siteMetaSite]
 	n, err1 := strconv.ParseInt(md[siteMetaBytes], 10, 64)
 	age, err2 := time.ParseDuration(md[siteMetaAge])
 	if site == "" || !subjects.ValidSite(site) || err1 != nil || err2 != nil || ci.Name != subjects.SiteCacheConsumer(site, subjects.SiteCacheObj) {
-		return "", nil, time.Time{}, false
+		return siteMeta{}, false
 	}
-	var from time.Time
+	m := siteMeta{site: site, sc: &model.SiteCache{MaxBytes: n, MaxAge: model.Duration(age)}, revoked: md[siteMetaRevoked] != ""}
 	if sec, err := strconv.ParseInt(md[siteMetaLinks], 10, 64); err == nil && sec > 0 {
-		from = time.Unix(sec, 0)
+		m.from = time.Unix(sec, 0)
 	}
-	return site, &model.SiteCache{MaxBytes: n, MaxAge: model.Duration(age)}, from, true
+	return m, true
 }
 
 // ensureSiteMirrors creates the mirrors of every site that has consumers
@@ -173,12 +191,19 @@ func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
 	}
 	lister := stream.ListConsumers(ctx)
 	for ci := range lister.Info() {
-		site, sc, from, ok := siteBounds(ci)
+		m, ok := siteBounds(ci)
 		if !ok {
 			continue
 		}
-		if err := cs.ensureSiteMirror(ctx, site, sc, from); err != nil {
-			cs.log.Debug().Err(err).Str("site", site).Msg("site cache: mirrors not set up (yet)")
+		if m.revoked {
+			if err := cs.revokedSite(ctx, m.site, m.from); err != nil {
+				cs.log.Warn().Err(err).Str("site", m.site).Msg("site cache: the revocation of the site's links not pushed (yet)")
+				pending = true
+			}
+			continue
+		}
+		if err := cs.ensureSiteMirror(ctx, m.site, m.sc, m.from); err != nil {
+			cs.log.Debug().Err(err).Str("site", m.site).Msg("site cache: mirrors not set up (yet)")
 			pending = true
 		}
 	}
@@ -203,10 +228,15 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	cs.linkMu.Lock()
 	defer cs.linkMu.Unlock()
 	if l := cs.links[site]; l != nil {
-		if l.from.Equal(from) && l.nc.IsConnected() {
+		switch {
+		case l.nc == nil && from.Before(l.from):
+			// Revoked this very second (JWT times are whole seconds).
+			return nil, fmt.Errorf("site %s: its cache links were revoked a moment ago: retry in a second", site)
+		case l.nc != nil && l.from.Equal(from) && l.nc.IsConnected():
 			return l.nc, nil
+		case l.nc != nil:
+			l.nc.Close()
 		}
-		l.nc.Close()
 		delete(cs.links, site)
 	}
 	if ctx.Err() != nil || cs.s.c.ns == nil {
@@ -233,6 +263,68 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	}
 	cs.links[site] = &siteLinkConn{nc: nc, from: from}
 	return nc, nil
+}
+
+// revokedSite pushes site's link account with every link issued before
+// from revoked, once per run and from, and drops the coordinator's own
+// connection to it.
+func (cs *cacheStore) revokedSite(ctx context.Context, site string, from time.Time) error {
+	cs.linkMu.Lock()
+	defer cs.linkMu.Unlock()
+	if l := cs.links[site]; l != nil {
+		if l.nc == nil && l.from.Equal(from) {
+			return nil
+		}
+		if l.nc != nil {
+			l.nc.Close()
+		}
+		delete(cs.links, site)
+	}
+	tok, err := cs.s.c.auth.SiteLinkJWT(site, from)
+	if err != nil {
+		return fmt.Errorf("site %s: %w", site, err)
+	}
+	if err := cs.s.c.PushAccount(ctx, tok); err != nil {
+		return fmt.Errorf("site %s: %w", site, err)
+	}
+	if cs.links == nil {
+		cs.links = map[string]*siteLinkConn{}
+	}
+	cs.links[site] = &siteLinkConn{from: from}
+	return nil
+}
+
+// revokeSiteLinks revokes every cache link site was issued: its consumers
+// keep the revocation in their metadata (so every coordinator, and this
+// one after a restart, pushes the same account) and no longer feed a
+// mirror; a later leaf config --cache issues a new link. It reports
+// whether the site had a copy of the cache.
+func (cs *cacheStore) revokeSiteLinks(ctx context.Context, site string) (bool, error) {
+	stream, err := cs.s.c.js.Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
+	if err != nil {
+		return false, fmt.Errorf("cache stream: %w", err)
+	}
+	ci, err := stream.PushConsumer(ctx, subjects.SiteCacheConsumer(site, subjects.SiteCacheObj))
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("site %s: %w", site, err)
+	}
+	m, ok := siteBounds(ci.CachedInfo())
+	if !ok {
+		return false, fmt.Errorf("site %s: its consumer's metadata is damaged", site)
+	}
+	// Every link issued up to this second.
+	from := time.Now().Truncate(time.Second).Add(time.Second)
+	if err := cs.s.setupSiteConsumers(ctx, site, m.sc, from, true); err != nil {
+		return false, err
+	}
+	if err := cs.revokedSite(ctx, site, from); err != nil {
+		return false, err
+	}
+	cs.log.Info().Str("site", site).Msg("site cache: every cache link of the site revoked")
+	return true, nil
 }
 
 // jsAPIReply is the part of a JetStream API reply the coordinator reads.

@@ -846,3 +846,75 @@ func TestCoreUsersAreNoLeafLinks(t *testing.T) {
 		t.Fatalf("a coordinator's CORE user as a client: %v", err)
 	}
 }
+
+// leaf revoke cuts a site off: every cache link it was issued and the leaf
+// links named, at once and for good (the site's leaf keeps trying); it
+// refuses an admin's or a device's key; and a new leaf config brings the
+// site back with new links.
+func TestLeafRevoke(t *testing.T) {
+	sw := newSiteWorld(t)
+	ctx := ctxT(t, 60*time.Second)
+	_, raw, _ := sw.fakeNar("system", int(sw.c.svc.cache.objChunk())+100)
+	sw.mustPush(raw)
+	ls := sw.startSite(true)
+	mirrored(t, ls, sw.lc.CoreAccount, 1, 2)
+	lk, err := accounts.ReadCreds(sw.leafCreds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := newKey(t)
+	recordDevice(t, sw.c, pubOf(dev), "berlin")
+	ownerKey, err := accounts.ReadCreds(filepath.Join(sw.c.cfg.DataDir, accounts.AdminCredsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out model.LeafRevoked
+	for _, bad := range []struct {
+		req  model.LeafRevoke
+		want string
+	}{
+		{model.LeafRevoke{Site: "berlin", Keys: []string{ownerKey.PublicKey()}}, "admin"},
+		{model.LeafRevoke{Site: "berlin", Keys: []string{pubOf(dev)}}, "devices revoke"},
+		{model.LeafRevoke{Site: "berlin", Keys: []string{"UNOTAKEY"}}, "not an nkey"},
+		{model.LeafRevoke{Site: "paris"}, "no copy of the cache"},
+		{model.LeafRevoke{Site: subjects.DefaultSite, Keys: []string{lk.PublicKey()}}, "hub"},
+	} {
+		if err := sw.owner.Call(ctx, subjects.VerbLeafRevoke, true, bad.req, &out); err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Fatalf("leaf revoke %+v: %v", bad.req, err)
+		}
+	}
+	if sw.linkedAs("leaf-berlin") != 2 {
+		t.Fatalf("berlin's links after the refused revokes: %d", sw.linkedAs("leaf-berlin"))
+	}
+
+	if err := sw.owner.Call(ctx, subjects.VerbLeafRevoke, true, model.LeafRevoke{Site: "berlin", Keys: []string{lk.PublicKey()}}, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !out.CacheLinks || len(out.Keys) != 1 || out.Keys[0] != lk.PublicKey() {
+		t.Fatalf("leaf revoke: %+v", out)
+	}
+	poll.Until(t, 10*time.Second, "berlin's links cut off", func() bool { return sw.linkedAs("leaf-berlin") == 0 })
+	// The leaf retries every second or so; it stays out.
+	poll.Until(t, 5*time.Second, "berlin's retries refused", func() bool {
+		lz, _ := ls.Leafz(nil)
+		return lz != nil && len(lz.Leafs) == 0 && sw.linkedAs("leaf-berlin") == 0
+	})
+	// A coordinator restarted reads the revocation from the consumers.
+	st, err := sw.c.JetStream().Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := st.PushConsumer(ctx, subjects.SiteCacheConsumer("berlin", subjects.SiteCacheObj))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := siteBounds(cons.CachedInfo()); !ok || !m.revoked {
+		t.Fatalf("berlin's consumer after the revoke: %+v", m)
+	}
+
+	// A new leaf config: new links, the site back.
+	poll.Until(t, 3*time.Second, "a second after the revoke", func() bool { return time.Now().Unix() > out.At.Unix() })
+	again := sw.addSite("berlin")
+	ls2 := sw.startSiteOf(again, true, false)
+	mirrored(t, ls2, again.lc.CoreAccount, 1, 2)
+}

@@ -172,6 +172,24 @@ type LeafConfigRequest struct {
 	Cache *SiteCache `json:"cache,omitempty"`
 }
 
+// LeafRevoke cuts a site's leaf links off: every cache link the site was
+// issued (leaf config --cache), and the leaf links (leaf.creds) whose
+// public keys Keys names (leaf config prints them).
+type LeafRevoke struct {
+	Site string   `json:"site"`
+	Keys []string `json:"keys,omitempty"`
+}
+
+// LeafRevoked says what a LeafRevoke cut off.
+type LeafRevoked struct {
+	Site string `json:"site"`
+	// CacheLinks: the site had a copy of the cache; its links are
+	// revoked and its copy is no longer fed.
+	CacheLinks bool      `json:"cache_links"`
+	Keys       []string  `json:"keys,omitempty"`
+	At         time.Time `json:"at"`
+}
+
 // SiteCache is a site's copy of the binary cache: the public key of the
 // leaf's cache link that feeds it (a SITELINK user at the hub), and its
 // bounds (the oldest go first).

@@ -34,6 +34,7 @@ const (
 	VerbAdminAdd      = "admin-add"
 	VerbAdminRemove   = "admin-remove"
 	VerbLeafConfig    = "leaf-config"
+	VerbLeafRevoke    = "leaf-revoke"
 )
 
 // APIService is the name of the coordinator's admin API micro service.
