@@ -883,6 +883,15 @@ func TestLeafRevoke(t *testing.T) {
 			t.Fatalf("leaf revoke %+v: %v", bad.req, err)
 		}
 	}
+	// Only an owner may.
+	op, err := c2admin(t, sw.c, subjects.RoleOperator, "op")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer op.Close()
+	if err := op.Call(ctx, subjects.VerbLeafRevoke, true, model.LeafRevoke{Site: "berlin", Keys: []string{lk.PublicKey()}}, &out); err == nil || !strings.Contains(err.Error(), "owner") {
+		t.Fatalf("an operator's leaf revoke: %v", err)
+	}
 	if sw.linkedAs("leaf-berlin") != 2 {
 		t.Fatalf("berlin's links after the refused revokes: %d", sw.linkedAs("leaf-berlin"))
 	}
