@@ -40,13 +40,39 @@ func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
 		}
 	}
 	// One second of slack: a JWT issued in this very second is covered.
-	b, _ := json.Marshal(revocationRecord{At: time.Now().Add(time.Second).Unix()})
+	at := time.Now().Add(time.Second).Unix()
+	b, _ := json.Marshal(revocationRecord{At: at})
 	for _, p := range pubs {
-		if _, err := c.revocations.Create(ctx, p, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		_, err := c.revocations.Create(ctx, p, b)
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			// Revoked before: a JWT issued for the key since (a leaf
+			// config that reused it) is revoked now too.
+			err = c.laterRevocation(ctx, p, at, b)
+		}
+		if err != nil {
 			return fmt.Errorf("record the revocation of %s: %w", p, err)
 		}
 	}
 	return c.syncRevocations(ctx)
+}
+
+// laterRevocation moves key's recorded revocation forward to at (b), never
+// back.
+func (c *Coordinator) laterRevocation(ctx context.Context, key string, at int64, b []byte) error {
+	for range 5 {
+		e, err := c.revocations.Get(ctx, key)
+		if err != nil {
+			return err
+		}
+		var r revocationRecord
+		if json.Unmarshal(e.Value(), &r) == nil && r.At >= at {
+			return nil
+		}
+		if _, err = c.revocations.Update(ctx, key, b, e.Revision()); err == nil {
+			return nil
+		}
+	}
+	return errors.New("the revocation changed under us five times: retry")
 }
 
 // syncRevocations makes the FLEET account JWT hold every revocation of the

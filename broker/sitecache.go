@@ -242,6 +242,13 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	if ctx.Err() != nil || cs.s.c.ns == nil {
 		return nil, fmt.Errorf("site %s: coordinator stopping", site)
 	}
+	// Pushes only go forward: what the consumers say now wins over what
+	// the caller read a moment ago (another coordinator may have revoked
+	// the site or issued a new link since), or the server would keep an
+	// older account signed last.
+	if m, err := cs.siteMetaNow(ctx, site); err == nil && (m.revoked || m.from.After(from)) {
+		return nil, fmt.Errorf("site %s: its cache link changed meanwhile (revoked or issued again): next pass", site)
+	}
 	auth := cs.s.c.auth
 	tok, err := auth.SiteLinkJWT(site, from)
 	if err != nil {
@@ -266,15 +273,13 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 }
 
 // revokedSite pushes site's link account with every link issued before
-// from revoked, once per run and from, and drops the coordinator's own
-// connection to it.
+// from revoked (again on every pass: a peer's push of an older account,
+// raced with the revoke, is undone within a pass) and drops the
+// coordinator's own connection to it.
 func (cs *cacheStore) revokedSite(ctx context.Context, site string, from time.Time) error {
 	cs.linkMu.Lock()
 	defer cs.linkMu.Unlock()
 	if l := cs.links[site]; l != nil {
-		if l.nc == nil && l.from.Equal(from) {
-			return nil
-		}
 		if l.nc != nil {
 			l.nc.Close()
 		}
@@ -292,6 +297,19 @@ func (cs *cacheStore) revokedSite(ctx context.Context, site string, from time.Ti
 	}
 	cs.links[site] = &siteLinkConn{from: from}
 	return nil
+}
+
+// siteMetaNow reads site's consumer metadata from the server.
+func (cs *cacheStore) siteMetaNow(ctx context.Context, site string) (siteMeta, error) {
+	c, err := cs.s.c.js.PushConsumer(ctx, subjects.ObjectStream(subjects.ObjectCache), subjects.SiteCacheConsumer(site, subjects.SiteCacheObj))
+	if err != nil {
+		return siteMeta{}, err
+	}
+	m, ok := siteBounds(c.CachedInfo())
+	if !ok {
+		return siteMeta{}, fmt.Errorf("site %s: its consumer's metadata is damaged", site)
+	}
+	return m, nil
 }
 
 // revokeSiteLinks revokes every cache link site was issued: its consumers

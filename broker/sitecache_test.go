@@ -917,9 +917,48 @@ func TestLeafRevoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m, ok := siteBounds(cons.CachedInfo()); !ok || !m.revoked {
+	m, ok := siteBounds(cons.CachedInfo())
+	if !ok || !m.revoked {
 		t.Fatalf("berlin's consumer after the revoke: %+v", m)
 	}
+	// Another coordinator of the cluster, in a pass begun before the
+	// revoke, would push the account as it was: it reads the consumers
+	// again first, and pushes nothing older.
+	ck, err := accounts.ReadCreds(sw.coreCreds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := ck.Claims()
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := &cacheStore{s: sw.c.svc.cache.s, log: sw.c.svc.cache.log}
+	if _, err := peer.siteConn(ctx, "berlin", time.Unix(uc.IssuedAt, 0)); err == nil {
+		t.Fatal("a peer pushed berlin's account as it was before the revoke")
+	}
+	sw.rogueLeaf("thief", sw.coreCreds)
+	lz, _ := ls.Leafz(nil)
+	if sw.linkedAs("thief") != 0 || lz == nil || len(lz.Leafs) != 0 {
+		t.Fatal("berlin's revoked links are back")
+	}
+
+	// The leaf key used again (leaf config accepts it: its new JWT is
+	// issued after the revocation), then revoked again: cut off again.
+	reuse := &testSite{name: "berlin-reuse"}
+	// (The revocation covers the second after it too.)
+	poll.Until(t, 4*time.Second, "two seconds after the revoke", func() bool { return time.Now().Unix() > out.At.Unix()+1 })
+	if err := sw.owner.Call(ctx, subjects.VerbLeafConfig, true, model.LeafConfigRequest{Site: "berlin", Key: lk.PublicKey()}, &reuse.lc); err != nil {
+		t.Fatal(err)
+	}
+	reuse.leafCreds = filepath.Join(t.TempDir(), "leaf.creds")
+	if err := accounts.WriteCreds(reuse.leafCreds, &accounts.Creds{JWT: reuse.lc.JWT, Key: lk.Key}); err != nil {
+		t.Fatal(err)
+	}
+	sw.startSiteOf(reuse, false, false)
+	if err := sw.owner.Call(ctx, subjects.VerbLeafRevoke, true, model.LeafRevoke{Site: "berlin", Keys: []string{lk.PublicKey()}}, &out); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, "the reused key cut off again", func() bool { return sw.linkedAs("leaf-berlin-reuse") == 0 })
 
 	// A new leaf config: new links, the site back.
 	poll.Until(t, 3*time.Second, "a second after the revoke", func() bool { return time.Now().Unix() > out.At.Unix() })
