@@ -421,3 +421,9 @@ func (s *services) seen(ctx context.Context, signer, nonce string) error {
 	}
 	return nil
 }
+
+// isNotFound reports whether err is the API's "not found".
+func isNotFound(err error) bool {
+	var ae *apiError
+	return errors.As(err, &ae) && ae.code == model.CodeNotFound
+}

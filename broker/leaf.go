@@ -3,10 +3,12 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"fleet/model"
@@ -121,11 +123,17 @@ func (s *services) leafRevoke(ctx context.Context, _ *model.Admin, raw json.RawM
 		if !nkeys.IsValidPublicUserKey(k) {
 			return nil, badRequest("%q is not an nkey user public key (leaf config prints the leaf's key)", k)
 		}
-		if _, err := s.admins.Get(ctx, k); err == nil {
+		switch _, err := s.admins.Get(ctx, k); {
+		case err == nil:
 			return nil, refused("%s is an admin's key: use fleet-admin admin remove", k)
+		case !errors.Is(err, jetstream.ErrKeyNotFound):
+			return nil, fmt.Errorf("is %s an admin's key: %w", k, err)
 		}
-		if d, err := s.knownDevice(ctx, k); err == nil && d != nil {
+		switch d, err := s.knownDevice(ctx, k); {
+		case err == nil && d != nil:
 			return nil, refused("%s is device %s: use fleet-admin devices revoke", k, d.Name)
+		case err != nil && !isNotFound(err):
+			return nil, fmt.Errorf("is %s a device's key: %w", k, err)
 		}
 	}
 	out := model.LeafRevoked{Site: a.Site, Keys: a.Keys, At: time.Now().UTC()}
