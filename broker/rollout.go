@@ -497,71 +497,94 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 			superseded[owner+"/"+d.Device] = true
 		}
 	}
-	// Most devices have no claim yet: create those in bulk (a windowed
-	// publish that expects no earlier message on the key), and take the
-	// one-by-one path below only for the devices that had one.
-	msgs := make([]bulkMsg, len(devs))
-	for i, d := range devs {
-		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
-			opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(0)}}
-	}
-	acks, errs := publishBulk(ctx, r.js, msgs)
-	var rest []*model.RolloutDevice
-	for i, d := range devs {
-		var apiErr *jetstream.APIError
-		switch {
-		case errs[i] == nil:
-			got = append(got, held{d.Device, acks[i].Sequence})
-		case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
-			rest = append(rest, d)
-		default:
-			undo()
-			return nil, fmt.Errorf("claim %s: %w", d.Name, errs[i])
-		}
-	}
 	finished := map[string]bool{}
-	for _, d := range rest {
-		rev, err := r.claims.Create(ctx, d.Device, []byte(id))
-		if err == nil {
+	// claimAll claims ds, or gives back every claim taken so far.
+	claimAll := func(ds []*model.RolloutDevice) error {
+		// Most devices have no claim yet: create those in bulk (a windowed
+		// publish that expects no earlier message on the key), and take the
+		// one-by-one path below only for the devices that had one.
+		msgs := make([]bulkMsg, len(ds))
+		for i, d := range ds {
+			msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
+				opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(0)}}
+		}
+		acks, errs := publishBulk(ctx, r.js, msgs)
+		var rest []*model.RolloutDevice
+		for i, d := range ds {
+			var apiErr *jetstream.APIError
+			switch {
+			case errs[i] == nil:
+				got = append(got, held{d.Device, acks[i].Sequence})
+			case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+				rest = append(rest, d)
+			default:
+				undo()
+				return fmt.Errorf("claim %s: %w", d.Name, errs[i])
+			}
+		}
+		for _, d := range rest {
+			rev, err := r.claims.Create(ctx, d.Device, []byte(id))
+			if err == nil {
+				got = append(got, held{d.Device, rev})
+				continue
+			}
+			if !errors.Is(err, jetstream.ErrKeyExists) {
+				undo()
+				return fmt.Errorf("claim %s: %w", d.Name, err)
+			}
+			e, err := r.claims.Get(ctx, d.Device)
+			if err != nil {
+				undo()
+				return fmt.Errorf("claim %s: %w", d.Name, err)
+			}
+			owner := string(e.Value())
+			free, ok := finished[owner]
+			if !ok {
+				ro, _, err := r.Get(ctx, owner)
+				var ae *apiError
+				free = err == nil && ro.State.Finished()
+				finished[owner] = free
+				// A claim without its rollout is one being created right
+				// now (its summary comes last), or left by a deploy that
+				// died midway: free only once it is clearly the latter.
+				if errors.As(err, &ae) && ae.code == model.CodeNotFound && time.Since(e.Created()) > orphanClaimAge {
+					free = true
+				}
+			}
+			if !free && !superseded[owner+"/"+d.Device] {
+				undo()
+				return conflict("device %s is claimed by unfinished rollout %s: wait for it, abort it, or pass --supersede", d.Name, owner)
+			}
+			rev, err = r.claims.Update(ctx, d.Device, []byte(id), e.Revision())
+			if err != nil {
+				undo()
+				if isWrongRevision(err) {
+					return conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
+				}
+				return fmt.Errorf("claim %s: %w", d.Name, err)
+			}
 			got = append(got, held{d.Device, rev})
-			continue
 		}
-		if !errors.Is(err, jetstream.ErrKeyExists) {
-			undo()
-			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
-		}
-		e, err := r.claims.Get(ctx, d.Device)
-		if err != nil {
-			undo()
-			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
-		}
-		owner := string(e.Value())
-		free, ok := finished[owner]
-		if !ok {
-			ro, _, err := r.Get(ctx, owner)
-			var ae *apiError
-			free = err == nil && ro.State.Finished()
-			finished[owner] = free
-			// A claim without its rollout is one being created right
-			// now (its summary comes last), or left by a deploy that
-			// died midway: free only once it is clearly the latter.
-			if errors.As(err, &ae) && ae.code == model.CodeNotFound && time.Since(e.Created()) > orphanClaimAge {
-				free = true
+		return nil
+	}
+	// One device first, alone, the lowest ID: of two deploys racing for
+	// the same devices, the one that takes it takes the rest, and the
+	// other stops there holding nothing (claimed in bulk together, each
+	// could take some and both be refused).
+	if len(devs) > 0 {
+		first := slices.MinFunc(devs, func(a, b *model.RolloutDevice) int { return strings.Compare(a.Device, b.Device) })
+		rest := make([]*model.RolloutDevice, 0, len(devs)-1)
+		for _, d := range devs {
+			if d != first {
+				rest = append(rest, d)
 			}
 		}
-		if !free && !superseded[owner+"/"+d.Device] {
-			undo()
-			return nil, conflict("device %s is claimed by unfinished rollout %s: wait for it, abort it, or pass --supersede", d.Name, owner)
+		if err := claimAll([]*model.RolloutDevice{first}); err != nil {
+			return nil, err
 		}
-		rev, err = r.claims.Update(ctx, d.Device, []byte(id), e.Revision())
-		if err != nil {
-			undo()
-			if isWrongRevision(err) {
-				return nil, conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
-			}
-			return nil, fmt.Errorf("claim %s: %w", d.Name, err)
+		if err := claimAll(rest); err != nil {
+			return nil, err
 		}
-		got = append(got, held{d.Device, rev})
 	}
 	return undo, nil
 }
