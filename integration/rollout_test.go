@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -164,12 +165,20 @@ type fleetWorld struct {
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// Below Linux's ephemeral range (32768-60999): a port the kernel hands
+	// out for port 0 or for an outgoing connection (other packages' tests
+	// run at the same time, with thousands of them) could take this one
+	// between here and the process that listens on it.
+	for range 100 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 10000+mathrand.IntN(22000))
+		ln, err := net.Listen("tcp", addr)
+		if err == nil {
+			ln.Close()
+			return addr
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatal("no free port below the ephemeral range")
+	return ""
 }
 
 func newFleetWorld(t *testing.T) *fleetWorld {
