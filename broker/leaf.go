@@ -17,6 +17,14 @@ import (
 
 var siteRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
+// checkLeafSite refuses a name no leaf site may have.
+func checkLeafSite(site string) error {
+	if !siteRE.MatchString(site) || site == subjects.DefaultSite {
+		return badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", site, subjects.DefaultSite)
+	}
+	return nil
+}
+
 // leafConfig issues a site's leaf credential and hands out what a standard
 // nats-server needs to trust this fleet's operator and accounts.
 func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawMessage) (any, error) {
@@ -24,8 +32,8 @@ func (s *services) leafConfig(ctx context.Context, _ *model.Admin, raw json.RawM
 	if err := decodeArgs(raw, &a); err != nil {
 		return nil, err
 	}
-	if !siteRE.MatchString(a.Site) || a.Site == subjects.DefaultSite {
-		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", a.Site, subjects.DefaultSite)
+	if err := checkLeafSite(a.Site); err != nil {
+		return nil, err
 	}
 	if !nkeys.IsValidPublicUserKey(a.Key) {
 		return nil, badRequest("%q is not an nkey user public key", a.Key)
@@ -113,8 +121,8 @@ func (s *services) leafRevoke(ctx context.Context, _ *model.Admin, raw json.RawM
 	if err := decodeArgs(raw, &a); err != nil {
 		return nil, err
 	}
-	if !siteRE.MatchString(a.Site) || a.Site == subjects.DefaultSite {
-		return nil, badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", a.Site, subjects.DefaultSite)
+	if err := checkLeafSite(a.Site); err != nil {
+		return nil, err
 	}
 	if len(a.Keys) > 64 {
 		return nil, badRequest("%d keys: at most 64 at once", len(a.Keys))
