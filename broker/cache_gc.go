@@ -44,6 +44,24 @@ func (s *services) cacheReleases(ctx context.Context) ([]*model.Release, error) 
 	return out, nil
 }
 
+// retained waits for the narinfo index, then reads every release (newest
+// first) and names those retention keeps: what cache ls and a gc pass
+// both start from.
+func (cs *cacheStore) retained(ctx context.Context) ([]*model.Release, map[string]bool, error) {
+	if err := cs.index.wait(ctx); err != nil {
+		return nil, nil, err
+	}
+	rels, err := cs.s.cacheReleases(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	kept, err := cs.s.keptReleases(ctx, rels)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rels, kept, nil
+}
+
 // keptReleases names the releases whose closures retention keeps.
 func (s *services) keptReleases(ctx context.Context, rels []*model.Release) (map[string]bool, error) {
 	kept := map[string]bool{}
@@ -153,14 +171,7 @@ func usage(idx map[string]*narEntry, set map[string]bool) model.CacheUsage {
 
 func (s *services) cacheList(ctx context.Context, _ *model.Admin, _ json.RawMessage) (any, error) {
 	cs := s.cache
-	if err := cs.index.wait(ctx); err != nil {
-		return nil, err
-	}
-	rels, err := s.cacheReleases(ctx)
-	if err != nil {
-		return nil, err
-	}
-	kept, err := s.keptReleases(ctx, rels)
+	rels, kept, err := cs.retained(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -226,14 +237,7 @@ func (cs *cacheStore) gc(ctx context.Context, dryRun bool) (*model.CacheGCResult
 	cs.gcMu.Lock()
 	defer cs.gcMu.Unlock()
 	s := cs.s
-	if err := cs.index.wait(ctx); err != nil {
-		return nil, err
-	}
-	rels, err := s.cacheReleases(ctx)
-	if err != nil {
-		return nil, err
-	}
-	kept, err := s.keptReleases(ctx, rels)
+	rels, kept, err := cs.retained(ctx)
 	if err != nil {
 		return nil, err
 	}
