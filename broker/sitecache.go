@@ -303,7 +303,7 @@ func (cs *cacheStore) revokedSite(ctx context.Context, site string, from time.Ti
 func (cs *cacheStore) siteMetaNow(ctx context.Context, site string) (siteMeta, error) {
 	c, err := cs.s.c.js.PushConsumer(ctx, subjects.ObjectStream(subjects.ObjectCache), subjects.SiteCacheConsumer(site, subjects.SiteCacheObj))
 	if err != nil {
-		return siteMeta{}, err
+		return siteMeta{}, fmt.Errorf("site %s: %w", site, err)
 	}
 	m, ok := siteBounds(c.CachedInfo())
 	if !ok {
@@ -318,20 +318,12 @@ func (cs *cacheStore) siteMetaNow(ctx context.Context, site string) (siteMeta, e
 // mirror; a later leaf config --cache issues a new link. It reports
 // whether the site had a copy of the cache.
 func (cs *cacheStore) revokeSiteLinks(ctx context.Context, site string) (bool, error) {
-	stream, err := cs.s.c.js.Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
-	if err != nil {
-		return false, fmt.Errorf("cache stream: %w", err)
-	}
-	ci, err := stream.PushConsumer(ctx, subjects.SiteCacheConsumer(site, subjects.SiteCacheObj))
+	m, err := cs.siteMetaNow(ctx, site)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("site %s: %w", site, err)
-	}
-	m, ok := siteBounds(ci.CachedInfo())
-	if !ok {
-		return false, fmt.Errorf("site %s: its consumer's metadata is damaged", site)
+		return false, err
 	}
 	// Every link issued up to this second.
 	from := time.Now().Truncate(time.Second).Add(time.Second)
