@@ -31,7 +31,7 @@ import (
 // a site "berlin" set up with a copy of the cache.
 type siteWorld struct {
 	*cacheWorld
-	*site
+	*testSite
 }
 
 // testSite is a site set up with leaf config --cache: its answer and the
@@ -42,8 +42,6 @@ type testSite struct {
 	leafCreds string
 	coreCreds string
 }
-
-type site = testSite
 
 func newSiteWorld(t *testing.T) *siteWorld {
 	t.Helper()
@@ -59,7 +57,7 @@ func newSiteWorld(t *testing.T) *siteWorld {
 	t.Cleanup(owner.Close)
 	w.owner = owner
 	sw := &siteWorld{cacheWorld: w}
-	sw.site = sw.addSite("berlin")
+	sw.testSite = sw.addSite("berlin")
 	return sw
 }
 
@@ -93,7 +91,7 @@ func (sw *siteWorld) addSite(site string) *testSite {
 // from its CORE (SITELINK at the hub) that feeds the mirrors (with cache
 // false, without the cache link and JetStream: a site with no copy).
 func (sw *siteWorld) startSite(cache bool) *server.Server {
-	return sw.startSiteOf(sw.site, cache, false)
+	return sw.startSiteOf(sw.testSite, cache, false)
 }
 
 // startSiteOf runs ts's leaf node as startSite does; lax turns JetStream's
@@ -145,17 +143,7 @@ func (sw *siteWorld) startSiteOf(ts *testSite, cache, lax bool) *server.Server {
 		want = 2
 	}
 	poll.Until(t, 10*time.Second, "leaf links to the coordinator", func() bool {
-		lz, err := sw.c.Server().Leafz(nil)
-		if err != nil || ls.NumLeafNodes() != want {
-			return false
-		}
-		n := 0
-		for _, l := range lz.Leafs {
-			if l.Name == opts.ServerName {
-				n++
-			}
-		}
-		return n == want
+		return ls.NumLeafNodes() == want && sw.linkedAs(opts.ServerName) == want
 	})
 	return ls
 }
@@ -429,22 +417,7 @@ func TestSiteCacheRogueLink(t *testing.T) {
 		}
 	}
 
-	hub, err := url.Parse(sw.c.LeafURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	rogue, err := server.NewServer(&server.Options{
-		ServerName: "rogue", Host: "127.0.0.1", Port: server.RANDOM_PORT, NoSigs: true, NoLog: true,
-		LeafNode: server.LeafNodeOpts{Remotes: []*server.RemoteLeafOpts{{URLs: []*url.URL{hub}, Credentials: sw.coreCreds}}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rogue.Start()
-	t.Cleanup(func() { rogue.Shutdown(); rogue.WaitForShutdown() })
-	if !rogue.ReadyForConnections(10 * time.Second) {
-		t.Fatal("rogue leaf not ready")
-	}
+	rogue := sw.rogueLeaf("rogue", sw.coreCreds)
 	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
 		acc, err := rogue.LookupAccount(server.DEFAULT_GLOBAL_ACCOUNT)
 		return err == nil && acc.SubscriptionInterest(barrier.Subject)
@@ -713,6 +686,51 @@ func (sw *siteWorld) rogueLeaf(name, creds string) *server.Server {
 	return ls
 }
 
+// leafRefusals follows the hub's refusals of leaf links (its
+// authentication errors, as the system account hears them) from now on.
+// The function it returns waits until a leaf named each of names was
+// refused since its last call that named it.
+func (sw *siteWorld) leafRefusals() func(names ...string) {
+	t := sw.t
+	sys, err := sw.c.Authority().SystemUser("test-sys")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := mustDial(t, sw.c.ClientURL(), sys)
+	authErrs, err := sc.SubscribeSync("$SYS.SERVER.*.CLIENT.AUTH.ERR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	heard := map[string]bool{}
+	return func(names ...string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for _, n := range names {
+			for !heard[n] {
+				m, err := authErrs.NextMsg(time.Until(deadline))
+				if err != nil {
+					t.Fatalf("no refusal of leaf %s heard: %v", n, err)
+				}
+				var ev struct {
+					Client struct {
+						Name string `json:"name"`
+						Kind string `json:"kind"`
+					} `json:"client"`
+				}
+				if json.Unmarshal(m.Data, &ev) == nil && ev.Client.Kind == "Leafnode" {
+					heard[ev.Client.Name] = true
+				}
+			}
+		}
+		for _, n := range names {
+			delete(heard, n)
+		}
+	}
+}
+
 // linkedAs reports how many leaf links the hub has from servers named name.
 func (sw *siteWorld) linkedAs(name string) int {
 	lz, err := sw.c.Server().Leafz(nil)
@@ -736,7 +754,7 @@ func TestSiteCacheLinkReissued(t *testing.T) {
 	sw := newSiteWorld(t)
 	_, raw, _ := sw.fakeNar("system", int(sw.c.svc.cache.objChunk())+100)
 	sw.mustPush(raw)
-	old := sw.site
+	old := sw.testSite
 	for i := range 4 {
 		name := fmt.Sprintf("thief-%d", i)
 		sw.rogueLeaf(name, old.coreCreds)
@@ -753,6 +771,7 @@ func TestSiteCacheLinkReissued(t *testing.T) {
 		t.Fatal(err)
 	}
 	poll.Until(t, 3*time.Second, "a second after the first link", func() bool { return time.Now().Unix() > uc.IssuedAt })
+	refused := sw.leafRefusals()
 	again := sw.addSite("berlin")
 	poll.Until(t, 10*time.Second, "the thieves cut off", func() bool {
 		for i := range 4 {
@@ -764,6 +783,8 @@ func TestSiteCacheLinkReissued(t *testing.T) {
 	})
 	ls := sw.startSiteOf(again, true, false)
 	mirrored(t, ls, again.lc.CoreAccount, 1, 2)
+	// They retry, and are refused.
+	refused("thief-0", "thief-1", "thief-2", "thief-3")
 	for i := range 4 {
 		if n := sw.linkedAs(fmt.Sprintf("thief-%d", i)); n != 0 {
 			t.Fatalf("thief-%d linked again with the first creds", i)
@@ -807,37 +828,10 @@ func TestCoreUsersAreNoLeafLinks(t *testing.T) {
 	if err := accounts.WriteCreds(ownFile, own); err != nil {
 		t.Fatal(err)
 	}
-	// The hub's authentication errors, as the system account hears them.
-	sys, err := auth.SystemUser("test-sys")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := mustDial(t, sw.c.ClientURL(), sys)
-	authErrs, err := sc.SubscribeSync("$SYS.SERVER.*.CLIENT.AUTH.ERR")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sc.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	refused := sw.leafRefusals()
 	sw.rogueLeaf("legacy", legacy)
 	sw.rogueLeaf("own", ownFile)
-	refused := map[string]bool{}
-	for !refused["legacy"] || !refused["own"] {
-		m, err := authErrs.NextMsg(10 * time.Second)
-		if err != nil {
-			t.Fatalf("refusals heard: %v; %v", refused, err)
-		}
-		var ev struct {
-			Client struct {
-				Name string `json:"name"`
-				Kind string `json:"kind"`
-			} `json:"client"`
-		}
-		if json.Unmarshal(m.Data, &ev) == nil && ev.Client.Kind == "Leafnode" {
-			refused[ev.Client.Name] = true
-		}
-	}
+	refused("legacy", "own")
 	if sw.linkedAs("legacy") != 0 || sw.linkedAs("own") != 0 {
 		t.Fatalf("a CORE user linked as a leaf: legacy %d, own %d", sw.linkedAs("legacy"), sw.linkedAs("own"))
 	}
@@ -858,6 +852,7 @@ func TestLeafRevoke(t *testing.T) {
 	sw.mustPush(raw)
 	ls := sw.startSite(true)
 	mirrored(t, ls, sw.lc.CoreAccount, 1, 2)
+	refused := sw.leafRefusals()
 	lk, err := accounts.ReadCreds(sw.leafCreds)
 	if err != nil {
 		t.Fatal(err)
@@ -903,11 +898,11 @@ func TestLeafRevoke(t *testing.T) {
 		t.Fatalf("leaf revoke: %+v", out)
 	}
 	poll.Until(t, 10*time.Second, "berlin's links cut off", func() bool { return sw.linkedAs("leaf-berlin") == 0 })
-	// The leaf retries every second or so; it stays out.
-	poll.Until(t, 5*time.Second, "berlin's retries refused", func() bool {
-		lz, _ := ls.Leafz(nil)
-		return lz != nil && len(lz.Leafs) == 0 && sw.linkedAs("leaf-berlin") == 0
-	})
+	// The leaf retries; it is refused and stays out.
+	refused("leaf-berlin")
+	if lz, _ := ls.Leafz(nil); sw.linkedAs("leaf-berlin") != 0 || lz == nil || len(lz.Leafs) != 0 {
+		t.Fatal("berlin linked again after the revoke")
+	}
 	// A coordinator restarted reads the revocation from the consumers.
 	st, err := sw.c.JetStream().Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
 	if err != nil {
@@ -937,8 +932,8 @@ func TestLeafRevoke(t *testing.T) {
 		t.Fatal("a peer pushed berlin's account as it was before the revoke")
 	}
 	sw.rogueLeaf("thief", sw.coreCreds)
-	lz, _ := ls.Leafz(nil)
-	if sw.linkedAs("thief") != 0 || lz == nil || len(lz.Leafs) != 0 {
+	refused("thief")
+	if lz, _ := ls.Leafz(nil); sw.linkedAs("thief") != 0 || lz == nil || len(lz.Leafs) != 0 {
 		t.Fatal("berlin's revoked links are back")
 	}
 
