@@ -360,11 +360,7 @@ func siteLinkAccount(t *testing.T, a *Authority, oc *jwt.OperatorClaims, site st
 	if len(lc.SigningKeys) != 1 {
 		t.Errorf("%s link signing keys %v", site, lc.SigningKeys.Keys())
 	}
-	kp, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ut, err := a.IssueSiteCacheUser(mustPub(kp), site)
+	ut, err := a.IssueSiteCacheUser(mustPub(newUserKey(t)), site)
 	if err != nil {
 		t.Fatal(err)
 	}

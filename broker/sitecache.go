@@ -68,14 +68,6 @@ const (
 	siteMinAge   = time.Hour
 )
 
-// siteSources are the hub streams a site mirrors, by consumer kind.
-func siteSources() []struct{ kind, stream, mirror string } {
-	return []struct{ kind, stream, mirror string }{
-		{subjects.SiteCacheObj, subjects.ObjectStream(subjects.ObjectCache), subjects.StreamSiteCache},
-		{subjects.SiteCacheNarInfo, subjects.KVStream(subjects.BucketNarInfo), subjects.StreamSiteNarInfo},
-	}
-}
-
 // checkSiteCache checks the bounds a site's copy asks for.
 func checkSiteCache(sc *model.SiteCache) error {
 	switch {
@@ -91,7 +83,7 @@ func checkSiteCache(sc *model.SiteCache) error {
 // cache streams, with the mirrors' bounds and the issue time of its link in
 // their metadata.
 func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *model.SiteCache, linksFrom time.Time, revoked bool) error {
-	for _, src := range siteSources() {
+	for _, src := range subjects.SiteSources() {
 		md := map[string]string{
 			siteMetaSite:  site,
 			siteMetaBytes: strconv.FormatInt(sc.MaxBytes, 10),
@@ -101,10 +93,10 @@ func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *mode
 		if revoked {
 			md[siteMetaRevoked] = "1"
 		}
-		_, err := s.c.js.CreateOrUpdatePushConsumer(ctx, src.stream, jetstream.ConsumerConfig{
-			Durable:        subjects.SiteCacheConsumer(site, src.kind),
+		_, err := s.c.js.CreateOrUpdatePushConsumer(ctx, src.Stream, jetstream.ConsumerConfig{
+			Durable:        subjects.SiteCacheConsumer(site, src.Kind),
 			Description:    "feeds the cache mirror at site " + site,
-			DeliverSubject: subjects.SiteCacheDeliver(site, src.kind),
+			DeliverSubject: subjects.SiteCacheDeliver(site, src.Kind),
 			DeliverPolicy:  jetstream.DeliverAllPolicy,
 			AckPolicy:      jetstream.AckFlowControlPolicy,
 			FlowControl:    true,
@@ -113,7 +105,7 @@ func (s *services) setupSiteConsumers(ctx context.Context, site string, sc *mode
 			Metadata:       md,
 		})
 		if err != nil {
-			return fmt.Errorf("site %s: consumer on %s: %w", site, src.stream, err)
+			return fmt.Errorf("site %s: consumer on %s: %w", site, src.Stream, err)
 		}
 	}
 	return nil
@@ -399,9 +391,9 @@ func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *mo
 // ensureSiteMirror creates site's two mirrors when they do not exist and
 // updates their bounds when they changed.
 func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *model.SiteCache, from time.Time) error {
-	for _, src := range siteSources() {
-		want := cs.siteMirrorConfig(site, src.kind, src.stream, src.mirror, sc)
-		info, err := cs.siteRequest(ctx, site, from, "STREAM.INFO."+src.mirror, nil)
+	for _, src := range subjects.SiteSources() {
+		want := cs.siteMirrorConfig(site, src.Kind, src.Stream, src.Mirror, sc)
+		info, err := cs.siteRequest(ctx, site, from, "STREAM.INFO."+src.Mirror, nil)
 		if err != nil {
 			return err
 		}
@@ -410,7 +402,7 @@ func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *mod
 		case info.Error != nil && info.Error.ErrCode == jsErrStreamNotFound:
 			verb = "CREATE"
 		case info.Error != nil:
-			return fmt.Errorf("site %s: %s: %s", site, src.mirror, info.Error.Description)
+			return fmt.Errorf("site %s: %s: %s", site, src.Mirror, info.Error.Description)
 		case info.Config != nil && (info.Config.MaxBytes != want.MaxBytes || info.Config.MaxAge != want.MaxAge):
 			verb = "UPDATE"
 		}
@@ -418,14 +410,14 @@ func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *mod
 			continue
 		}
 		body, _ := json.Marshal(want)
-		r, err := cs.siteRequest(ctx, site, from, "STREAM."+verb+"."+src.mirror, body)
+		r, err := cs.siteRequest(ctx, site, from, "STREAM."+verb+"."+src.Mirror, body)
 		if err != nil {
 			return err
 		}
 		if r.Error != nil {
-			return fmt.Errorf("site %s: %s %s: %s", site, strings.ToLower(verb), src.mirror, r.Error.Description)
+			return fmt.Errorf("site %s: %s %s: %s", site, strings.ToLower(verb), src.Mirror, r.Error.Description)
 		}
-		cs.log.Info().Str("site", site).Str("stream", src.mirror).Int64("max_bytes", sc.MaxBytes).Dur("max_age", time.Duration(sc.MaxAge)).Msg("site cache: mirror " + strings.ToLower(verb) + "d")
+		cs.log.Info().Str("site", site).Str("stream", src.Mirror).Int64("max_bytes", sc.MaxBytes).Dur("max_age", time.Duration(sc.MaxAge)).Msg("site cache: mirror " + strings.ToLower(verb) + "d")
 	}
 	return nil
 }

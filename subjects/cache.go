@@ -123,9 +123,18 @@ func SiteCacheReplies(site string) string { return "fleet.sitecache." + site + "
 // SiteCacheReply is the reply subject of one such request.
 func SiteCacheReply(site, id string) string { return "fleet.sitecache." + site + ".reply." + id }
 
-// siteSourceStreams are the hub's streams sites mirror, by consumer kind.
-func siteSourceStreams() [][2]string {
-	return [][2]string{{SiteCacheObj, ObjectStream(ObjectCache)}, {SiteCacheNarInfo, KVStream(BucketNarInfo)}}
+// A SiteSource is a hub stream sites mirror: the kind of its consumer
+// for a site (SiteCacheObj, SiteCacheNarInfo), the stream and the name of
+// the site's mirror of it.
+type SiteSource struct{ Kind, Stream, Mirror string }
+
+// SiteSources are the hub's streams a site with a copy of the cache
+// mirrors.
+func SiteSources() []SiteSource {
+	return []SiteSource{
+		{SiteCacheObj, ObjectStream(ObjectCache), StreamSiteCache},
+		{SiteCacheNarInfo, KVStream(BucketNarInfo), StreamSiteNarInfo},
+	}
 }
 
 // siteFlowControl are the flow-control reply subjects of consumer cons
@@ -155,8 +164,8 @@ type LinkImport struct {
 // SiteLinkImports("*") are CORE's exports of them, to every site.
 func SiteLinkImports(site string) []LinkImport {
 	var out []LinkImport
-	for _, s := range siteSourceStreams() {
-		kind, stream := s[0], s[1]
+	for _, src := range SiteSources() {
+		kind, stream := src.Kind, src.Stream
 		cons := "*"
 		if site != "*" {
 			cons = SiteCacheConsumer(site, kind)
@@ -179,8 +188,8 @@ func SiteLinkImports(site string) []LinkImport {
 // requests to set up its mirrors in its own domain.
 func SiteCacheTemplate(site string) Template {
 	var pub, sub []string
-	for _, s := range siteSourceStreams() {
-		kind, stream := s[0], s[1]
+	for _, src := range SiteSources() {
+		kind, stream := src.Kind, src.Stream
 		cons := SiteCacheConsumer(site, kind)
 		pub = append(pub, SiteHubAPI+".CONSUMER.RESET."+stream+"."+cons)
 		pub = append(pub, siteFlowControl(stream, cons)...)
