@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
+
+	"fleet/model"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -124,5 +127,17 @@ func TestRedactURL(t *testing.T) {
 	err := HTTPCheck{URL: "http://u:pw@127.0.0.1:1/"}.Check(context.Background())
 	if err == nil || strings.Contains(err.Error(), "pw") {
 		t.Errorf("http check error %v shows the password", err)
+	}
+}
+
+// fleet-agent's --facts-interval default is the fleet's (the coordinator
+// counts a device behind a leaf online by it).
+func TestFactsIntervalDefault(t *testing.T) {
+	f, ok := reflect.TypeFor[RunCmd]().FieldByName("FactsInterval")
+	if !ok {
+		t.Fatal("RunCmd has no FactsInterval")
+	}
+	if d, err := time.ParseDuration(f.Tag.Get("default")); err != nil || d != model.FactsInterval {
+		t.Fatalf("--facts-interval default %q, want %s", f.Tag.Get("default"), model.FactsInterval)
 	}
 }

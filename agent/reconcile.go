@@ -691,7 +691,7 @@ func (a *Agent) resume(ctx context.Context) {
 func (a *Agent) factsLoop(ctx context.Context) {
 	interval := a.o.FactsInterval
 	if interval <= 0 {
-		interval = 5 * time.Minute
+		interval = model.FactsInterval
 	}
 	jitter := func() time.Duration {
 		return interval*9/10 + rand.N(interval/5+1)

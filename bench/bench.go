@@ -249,7 +249,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, errors.New("--devices and --per-process must be positive")
 	}
 	if o.FactsInterval <= 0 {
-		o.FactsInterval = 5 * time.Minute
+		o.FactsInterval = model.FactsInterval
 	}
 	if o.DeviceDir == "" {
 		o.DeviceDir = filepath.Join(o.Dir, "devices")

@@ -36,9 +36,8 @@ import (
 // on write), so a snapshot copies pointers under a read lock and the ingest
 // path waits at most for that copy, never for an HTTP client.
 
-// factsInterval is how often an agent reports facts by default (DESIGN §4):
-// every 5 minutes, and at once on a change that matters.
-const factsInterval = 5 * time.Minute
+// factsInterval is how often an agent reports facts by default.
+const factsInterval = model.FactsInterval
 
 // onlineAfter is the fallback rule for online: last seen within three facts
 // intervals. It applies only while no onlineSource is set.

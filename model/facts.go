@@ -33,6 +33,10 @@ type Facts struct {
 	Unknown []string `json:"unknown,omitempty"`
 }
 
+// FactsInterval is how often an agent reports facts by default (DESIGN
+// §4): every 5 minutes, and at once on a change that matters.
+const FactsInterval = 5 * time.Minute
+
 // Mount is one mounted file system.
 type Mount struct {
 	Path      string `json:"path"`
