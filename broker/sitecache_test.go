@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -873,6 +874,7 @@ func TestLeafRevoke(t *testing.T) {
 		{model.LeafRevoke{Site: "berlin", Keys: []string{"UNOTAKEY"}}, "not an nkey"},
 		{model.LeafRevoke{Site: "paris"}, "no copy of the cache"},
 		{model.LeafRevoke{Site: subjects.DefaultSite, Keys: []string{lk.PublicKey()}}, "hub"},
+		{model.LeafRevoke{Site: "berlin", Keys: slices.Repeat([]string{lk.PublicKey()}, 65)}, "at most 64"},
 	} {
 		if err := sw.owner.Call(ctx, subjects.VerbLeafRevoke, true, bad.req, &out); err == nil || !strings.Contains(err.Error(), bad.want) {
 			t.Fatalf("leaf revoke %+v: %v", bad.req, err)
