@@ -437,6 +437,13 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			// What the coordinator waits on while the fleet is told.
 			time.AfterFunc(3*time.Second, func() { <-o.profile(ctx, httpPort, "deploy-"+name+"-goroutines.txt", "goroutine?debug=1") })
 		}
+		if o.Profiles {
+			// One simulator's share of the machine while the fleet acts.
+			if _, err := sims[0].do(simCmd{Op: "profile", Path: filepath.Join(o.Dir, "sim0-deploy-"+name+"-cpu.pb.gz")}); err != nil {
+				return r, err
+			}
+			defer func() { _, _ = sims[0].do(simCmd{Op: "profile"}) }()
+		}
 		t0 := time.Now()
 		var ro model.Rollout
 		if err := c.Call(ctx, subjects.VerbDeploy, true, req, &ro); err != nil {

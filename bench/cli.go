@@ -37,7 +37,7 @@ type RunCmd struct {
 	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
 	MemoryLimit   string        `help:"The coordinator's GOMEMLIMIT (e.g. 900MiB): how its memory and CPU trade at this fleet size." env:"FLEET_BENCH_COORDINATOR_GOMEMLIMIT" placeholder:"SIZE"`
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
-	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy) and heap profile (idle) into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
+	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy), its heap profile (idle) and one simulator's CPU profile of each deploy into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
 }
 
 // Run runs the bench and prints its figures.

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -43,7 +44,9 @@ type simConfig struct {
 
 // simCmd is a driver's command; simReply a simulator's answer.
 type simCmd struct {
-	Op   string `json:"op"` // enroll, start, facts, collect, stop
+	Op   string `json:"op"` // enroll, start, facts, collect, profile, stop
+	// Path is the store path to collect, or the file a CPU profile goes
+	// to (profile: empty stops it).
 	Path string `json:"path,omitempty"`
 }
 
@@ -210,6 +213,7 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 	defer stopAgents()
 	var running sync.WaitGroup
 	defer running.Wait()
+	var profiling *os.File
 
 	for sc.Scan() {
 		var c simCmd
@@ -271,7 +275,12 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 				r.Switches[i] = d.act.switches[c.Path]
 				d.act.mu.Unlock()
 			}
+		case "profile":
+			if err := profileCPU(c.Path, &profiling); err != nil {
+				r.Error = err.Error()
+			}
 		case "stop":
+			_ = profileCPU("", &profiling)
 			stopAgents()
 			running.Wait()
 			for _, d := range devs {
@@ -288,6 +297,32 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 		}
 	}
 	return sc.Err()
+}
+
+// profileCPU starts a CPU profile of this simulator into path, or stops
+// the one running when path is empty.
+func profileCPU(path string, f **os.File) error {
+	if *f != nil {
+		pprof.StopCPUProfile()
+		err := (*f).Close()
+		*f = nil
+		if err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+	}
+	if path == "" {
+		return nil
+	}
+	out, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(out); err != nil {
+		out.Close()
+		return fmt.Errorf("cpu profile: %w", err)
+	}
+	*f = out
+	return nil
 }
 
 // enrollAll enrols every device with the token, a few at a time as a

@@ -27,11 +27,15 @@ import (
 )
 
 // BenchmarkCacheFetch fetches one closure of CACHE_BENCH_MB (default 100)
-// MiB of incompressible data with nix copy --from, alternately from a plain
-// HTTP binary cache (python3 -m http.server over the file:// cache nix copy
-// wrote) and from the fleet cache over a device's NATS connection (the
-// same narinfo and NAR file, pushed), three times each, and reports both
-// throughputs and their ratio (medians). It needs root, Nix and python3:
+// MiB with nix copy --from, alternately from a plain HTTP binary cache
+// (python3 -m http.server over the file:// cache nix copy wrote) and from
+// the fleet cache over a device's NATS connection (the same narinfos and
+// NAR files, pushed), three times each, and reports both throughputs and
+// their ratio (medians). Two closures: "libs", ten store paths of the
+// machine's own shared libraries (real binaries, which compress as a
+// system's closure does), and "random", one path of incompressible bytes,
+// the worst case for the fleet path (every byte crosses it, and Nix has
+// nothing to decompress). It needs root, Nix and python3:
 //
 //	go test ./integration -run '^$' -bench CacheFetch -benchtime 1x
 func BenchmarkCacheFetch(b *testing.B) {
@@ -43,6 +47,64 @@ func BenchmarkCacheFetch(b *testing.B) {
 	if v := os.Getenv("CACHE_BENCH_MB"); v != "" {
 		_, _ = fmt.Sscan(v, &mb)
 	}
+	b.Run("libs", func(b *testing.B) { benchFetch(b, mb, libsClosure) })
+	b.Run("random", func(b *testing.B) { benchFetch(b, mb, randomClosure) })
+}
+
+// libsClosure adds ten store paths holding mb MiB of the machine's shared
+// libraries between them.
+func libsClosure(b *testing.B, env *nixtest.Env, mb int) []string {
+	const paths = 10
+	var files []string
+	var total int64
+	_ = filepath.WalkDir("/usr/lib", func(p string, d os.DirEntry, err error) error {
+		if err != nil || total >= int64(mb)<<20 {
+			return filepath.SkipDir
+		}
+		if !d.Type().IsRegular() || !strings.Contains(d.Name(), ".so") {
+			return nil
+		}
+		if info, err := d.Info(); err == nil {
+			files = append(files, p)
+			total += info.Size()
+		}
+		return nil
+	})
+	if total < int64(mb)<<20 {
+		b.Skipf("/usr/lib holds %d MiB of shared libraries, not %d", total>>20, mb)
+	}
+	var out []string
+	for i := range paths {
+		dir := filepath.Join(env.Dir, fmt.Sprintf("libs-%d", i))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		for j := i; j < len(files); j += paths {
+			data, err := os.ReadFile(files[j])
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%05d-%s", j, filepath.Base(files[j]))), data, 0o644); err != nil {
+				b.Fatal(err)
+			}
+		}
+		out = append(out, strings.TrimSpace(runEnv(b, env, "nix-store", "--add", dir)))
+	}
+	return out
+}
+
+// randomClosure builds one store path of mb MiB of random bytes.
+func randomClosure(b *testing.B, env *nixtest.Env, mb int) []string {
+	expr := fmt.Sprintf(`derivation { name = "bench-%d"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/dd if=/dev/urandom of=$out bs=1048576 count=%d" ]; nonce = "%d"; }`,
+		mb, mb, time.Now().UnixNano())
+	file := filepath.Join(env.Dir, "bench.nix")
+	if err := os.WriteFile(file, []byte(expr), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return []string{strings.TrimSpace(runEnv(b, env, "nix-build", "--no-out-link", file))}
+}
+
+func benchFetch(b *testing.B, mb int, closure func(*testing.B, *nixtest.Env, int) []string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	env, err := nixtest.New(ctx, b.TempDir())
@@ -50,17 +112,10 @@ func BenchmarkCacheFetch(b *testing.B) {
 		b.Fatal(err)
 	}
 	_ = env.Close()
-	// The closure: one path of mb MiB of random bytes.
-	expr := fmt.Sprintf(`derivation { name = "bench-%d"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/dd if=/dev/urandom of=$out bs=1048576 count=%d" ]; nonce = "%d"; }`,
-		mb, mb, time.Now().UnixNano())
-	file := filepath.Join(env.Dir, "bench.nix")
-	if err := os.WriteFile(file, []byte(expr), 0o644); err != nil {
-		b.Fatal(err)
-	}
-	path := strings.TrimSpace(runEnv(b, env, "nix-build", "--no-out-link", file))
-	runEnv(b, env, "nix", "store", "sign", "--key-file", env.TrustedKey.SecretFile, path)
+	paths := closure(b, env, mb)
+	runEnv(b, env, "nix", append([]string{"store", "sign", "--key-file", env.TrustedKey.SecretFile}, paths...)...)
 	stage := filepath.Join(env.Dir, "stage")
-	runEnv(b, env, "nix", "copy", "--to", "file://"+stage+"?compression=zstd", path)
+	runEnv(b, env, "nix", append([]string{"copy", "--to", "file://" + stage + "?compression=zstd"}, paths...)...)
 
 	// The HTTP cache.
 	port := freePort(b)
@@ -78,7 +133,7 @@ func BenchmarkCacheFetch(b *testing.B) {
 		return err == nil
 	})
 
-	// The fleet cache: a coordinator, the path pushed, a device.
+	// The fleet cache: a coordinator, the paths pushed, a device.
 	cfg := broker.DefaultConfig()
 	cfg.DataDir = b.TempDir()
 	cfg.Listen = "127.0.0.1:0"
@@ -95,7 +150,7 @@ func BenchmarkCacheFetch(b *testing.B) {
 	defer owner.Close()
 	os.Setenv("NIX_CONFIG", env.NixConfig())
 	defer os.Unsetenv("NIX_CONFIG")
-	if _, err := admin.PushToFleetCache(ctx, owner, []string{path}, admin.PushOpts{StageDir: stage, Compression: "zstd"}, nil); err != nil {
+	if _, err := admin.PushToFleetCache(ctx, owner, paths, admin.PushOpts{StageDir: stage, Compression: "zstd"}, nil); err != nil {
 		b.Fatal(err)
 	}
 	dev, err := coord.Authority().NewUser(subjects.RoleAgent, "bench", 0)
@@ -110,12 +165,15 @@ func BenchmarkCacheFetch(b *testing.B) {
 	}
 	defer nc.Close()
 
+	var wire int64 // NAR file bytes, as stored (compressed)
 	fetch := func(from string) time.Duration {
-		if err := env.Delete(ctx, path); err != nil {
-			b.Fatal(err)
+		for _, p := range paths {
+			if err := env.Delete(ctx, p); err != nil {
+				b.Fatal(err)
+			}
 		}
 		start := time.Now()
-		runEnv(b, env, "nix", "copy", "--from", from, path)
+		runEnv(b, env, "nix", append([]string{"copy", "--from", from}, paths...)...)
 		return time.Since(start)
 	}
 	var httpT, natsT []time.Duration
@@ -126,6 +184,7 @@ func BenchmarkCacheFetch(b *testing.B) {
 			b.Fatal(err)
 		}
 		natsT = append(natsT, fetch(cs.URL()))
+		wire = cs.NarBytes()
 		_ = cs.Close()
 	}
 	slices.Sort(httpT)
@@ -135,8 +194,8 @@ func BenchmarkCacheFetch(b *testing.B) {
 	b.ReportMetric(httpRate, "http-MiB/s")
 	b.ReportMetric(natsRate, "nats-MiB/s")
 	b.ReportMetric(natsRate/httpRate, "ratio")
-	b.Logf("%d MiB closure, nix copy --from: HTTP (python3 http.server) %v = %.0f MiB/s; fleet cache over NATS %v = %.0f MiB/s; ratio %.2f (medians of 3; all: %v / %v)",
-		mb, httpT[1].Round(time.Millisecond), httpRate, natsT[1].Round(time.Millisecond), natsRate, natsRate/httpRate, httpT, natsT)
+	b.Logf("%d MiB closure in %d paths (%d MiB of NAR files), nix copy --from: HTTP (python3 http.server) %v = %.0f MiB/s; fleet cache over NATS %v = %.0f MiB/s; ratio %.2f (medians of 3; all: %v / %v)",
+		mb, len(paths), wire>>20, httpT[1].Round(time.Millisecond), httpRate, natsT[1].Round(time.Millisecond), natsRate, natsRate/httpRate, httpT, natsT)
 }
 
 func runEnv(tb testing.TB, env *nixtest.Env, name string, args ...string) string {
