@@ -44,7 +44,7 @@ type simConfig struct {
 
 // simCmd is a driver's command; simReply a simulator's answer.
 type simCmd struct {
-	Op   string `json:"op"` // enroll, start, facts, collect, profile, stop
+	Op string `json:"op"` // enroll, start, facts, collect, profile, stop
 	// Path is the store path to collect, or the file a CPU profile goes
 	// to (profile: empty stops it).
 	Path string `json:"path,omitempty"`
