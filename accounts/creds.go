@@ -129,18 +129,27 @@ func ParseCreds(b []byte, name string) (*Creds, error) {
 // (0600), creating parent directories (0700). A crash leaves the old file or
 // the new one, never half of either.
 func WriteSecretFile(path string, b []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("create directory for %s: %w", path, err)
+	// The agent writes its state a few times an apply: no more system
+	// calls than the guarantee needs (CreateTemp makes the file 0600; the
+	// directory is made only when it is missing; the temporary file is
+	// removed only when it was not renamed).
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create directory for %s: %w", path, err)
+		}
+		tmp, err = os.CreateTemp(dir, "."+filepath.Base(path)+".*")
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
+	renamed := false
+	defer func() {
+		if !renamed {
+			_ = os.Remove(tmp.Name())
+		}
+	}()
 	if _, err := tmp.Write(b); err != nil {
 		tmp.Close()
 		return fmt.Errorf("write %s: %w", path, err)
@@ -155,8 +164,9 @@ func WriteSecretFile(path string, b []byte) error {
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	renamed = true
 	// The rename is durable once the directory is synced.
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
+	if d, err := os.Open(dir); err == nil {
 		_ = d.Sync()
 		d.Close()
 	}
