@@ -267,7 +267,7 @@ func (c *commander) event(id string, action model.CommandAction, result model.Re
 		ev.Error = msg
 	}
 	msgID := model.EventMsgID(&ev)
-	if err := a.rep.enqueue(subjects.DeviceEvents(a.o.DeviceID), msgID, ev); err != nil {
+	if err := a.rep.enqueue(subjects.DeviceEvents(a.o.DeviceID), msgID, ev, time.Time{}); err != nil {
 		a.log.Error().Err(err).Msg("queue command event")
 	}
 	return msgID

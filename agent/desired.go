@@ -23,6 +23,9 @@ type DesiredMsg struct {
 	Desired *model.Desired
 	// Err says why the value could not be read; it is reported once.
 	Err error
+	// Pace is how to spread the apply's reports (a trigger of a large
+	// batch); nil reports as it goes.
+	Pace *model.Pace
 }
 
 // Key identifies the desired state, so the same one twice is a no-op.
@@ -48,7 +51,7 @@ func ParseDesired(data []byte) (DesiredMsg, error) {
 	if r.Error != "" {
 		return m, fmt.Errorf("desired state: coordinator: %s", r.Error)
 	}
-	m.Seq = r.Seq
+	m.Seq, m.Pace = r.Seq, r.Pace
 	if r.Damaged != "" {
 		m.Err = fmt.Errorf("desired state is not valid JSON: %s", r.Damaged)
 		return m, nil

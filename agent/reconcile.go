@@ -82,6 +82,11 @@ type Agent struct {
 	seenSeq uint64
 	wake    chan struct{}
 	factsCh chan struct{}
+	// factsCheck asks for a facts report if they changed (a paced apply's
+	// facts, see model.Pace); until factsHeld the periodic check leaves
+	// them to it.
+	factsCheck chan struct{}
+	factsHeld  time.Time
 	// refusedKey is the last desired state refused on verification (bad
 	// signature, unknown signer). It is not persisted: after a restart,
 	// perhaps with a fixed --release-signer, it is checked again.
@@ -107,7 +112,7 @@ func New(o Options) (*Agent, error) {
 		return nil, err
 	}
 	return &Agent{o: o, st: st, log: o.Log, needGet: true,
-		wake: make(chan struct{}, 1), factsCh: make(chan struct{}, 1)}, nil
+		wake: make(chan struct{}, 1), factsCh: make(chan struct{}, 1), factsCheck: make(chan struct{}, 1)}, nil
 }
 
 // OnConnect is the connection's (re)connect callback: re-read the desired
@@ -136,6 +141,14 @@ func (a *Agent) RefreshFacts() { a.kickFacts() }
 func (a *Agent) kickFacts() {
 	select {
 	case a.factsCh <- struct{}{}:
+	default:
+	}
+}
+
+// checkFacts asks for a facts report if they changed since the last.
+func (a *Agent) checkFacts() {
+	select {
+	case a.factsCheck <- struct{}{}:
 	default:
 	}
 }
@@ -282,6 +295,8 @@ type apply struct {
 	// cache is what the fetches read from the fleet cache; the final
 	// event says so.
 	cache model.CacheFetch
+	// pace is the batch's (see model.Pace); nil reports as it goes.
+	pace *model.Pace
 }
 
 // MaxEventLog bounds Event.Log (the tail is kept): events travel in one
@@ -321,7 +336,11 @@ func (a *Agent) event(ap *apply, state model.State, result model.Result, errMsg,
 		lg = a.log.Warn().Str("error", errMsg)
 	}
 	lg.Str("state", string(state)).Str("result", string(result)).Str("attempt", ap.attempt).Str("store_path", ap.path).Msg("apply")
-	if err := a.rep.enqueue(subjects.DeviceEvents(a.o.DeviceID), msgID, ev); err != nil {
+	var notBefore time.Time
+	if wait := ap.pace.ProgressAfter(); wait > 0 && !result.Final() {
+		notBefore = time.Now().Add(wait)
+	}
+	if err := a.rep.enqueue(subjects.DeviceEvents(a.o.DeviceID), msgID, ev, notBefore); err != nil {
 		a.log.Error().Err(err).Msg("queue event")
 	}
 }
@@ -368,6 +387,16 @@ func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, e
 	// No idle event follows: a final result ends the apply, and the
 	// coordinator counts the device idle from it (one report fewer per
 	// apply, for every device of a rollout).
+	if splay := ap.pace.FactsSplay(); splay > 0 {
+		// A whole batch finishes about together: its facts come spread
+		// out.
+		d := rand.N(splay) + 1
+		a.mu.Lock()
+		a.factsHeld = time.Now().Add(d)
+		a.mu.Unlock()
+		time.AfterFunc(d, a.checkFacts)
+		return
+	}
 	a.kickFacts()
 }
 
@@ -401,7 +430,7 @@ func (a *Agent) handle(ctx context.Context, m *DesiredMsg) {
 	if key == cur.LastKey || key == refused {
 		return // handled already: the same desired state twice is a no-op
 	}
-	ap := &apply{attempt: newAttempt(), started: time.Now()}
+	ap := &apply{attempt: newAttempt(), started: time.Now(), pace: m.Pace}
 	ctx = WithAttempt(ctx, ap.attempt)
 	if m.Desired != nil {
 		ap.rolloutID, ap.releaseID, ap.path = m.Desired.RolloutID, m.Desired.ReleaseID, m.Desired.StorePath
@@ -707,20 +736,30 @@ func (a *Agent) factsLoop(ctx context.Context) {
 	defer pollT.Stop()
 	var lastPrint string
 	for {
+		changedOnly := false
 		select {
 		case <-ctx.Done():
 			return
 		case <-timer.C:
 			timer.Reset(jitter())
 		case <-a.factsCh:
+		case <-a.factsCheck:
+			changedOnly = true
 		case <-pollT.C:
-			f := a.collect(ctx)
-			if fp := fingerprint(f); fp == lastPrint {
+			a.mu.Lock()
+			held := time.Now().Before(a.factsHeld)
+			a.mu.Unlock()
+			if held {
 				continue
 			}
+			changedOnly = true
 		}
 		f := a.collect(ctx)
-		lastPrint = fingerprint(f)
+		fp := fingerprint(f)
+		if changedOnly && fp == lastPrint {
+			continue
+		}
+		lastPrint = fp
 		if err := a.publishFacts(ctx, f); err != nil {
 			a.log.Debug().Err(err).Msg("facts not published")
 		}

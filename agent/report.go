@@ -36,6 +36,9 @@ type outboxItem struct {
 	Data    json.RawMessage `json:"data"`
 	Final   bool            `json:"final,omitempty"`
 	Attempt string          `json:"attempt,omitempty"`
+	// NotBefore holds a paced progress event back (see model.Pace); only
+	// results are written to the outbox, so it is never on disk.
+	NotBefore time.Time `json:"-"`
 }
 
 // reporter sends events in order, each signed with the device key, and
@@ -51,7 +54,9 @@ type reporter struct {
 	queue []outboxItem
 	// onDisk are the IDs of the results the outbox file holds.
 	onDisk []string
-	wake   chan struct{}
+	// inFlight is the ID of the event being sent, if any.
+	inFlight string
+	wake     chan struct{}
 }
 
 func newReporter(dir string, nc *nats.Conn, key nkeys.KeyPair, log zerolog.Logger) (*reporter, error) {
@@ -73,8 +78,10 @@ func newReporter(dir string, nc *nats.Conn, key nkeys.KeyPair, log zerolog.Logge
 	return r, nil
 }
 
-// enqueue adds an event and persists the outbox before returning.
-func (r *reporter) enqueue(subject, msgID string, ev model.Event) error {
+// enqueue adds an event and persists the outbox before returning. A
+// progress event with notBefore set is not sent before then: if the
+// apply's next event comes first, it takes its place.
+func (r *reporter) enqueue(subject, msgID string, ev model.Event, notBefore time.Time) error {
 	data, err := json.Marshal(ev)
 	if err != nil {
 		return fmt.Errorf("encode event: %w", err)
@@ -83,16 +90,22 @@ func (r *reporter) enqueue(subject, msgID string, ev model.Event) error {
 	// A progress event of an apply still queued when that apply's next
 	// event comes is superseded: the coordinator needs where the apply is,
 	// not every step it took while the device could not report (or while
-	// a whole fleet's events were queued ahead). The head may be on its
-	// way and stays; results are never dropped.
+	// a whole fleet's events were queued ahead). The one on its way stays,
+	// and so does the head unless it is held back; results are never
+	// dropped.
 	q := r.queue[:0]
 	for i, it := range r.queue {
-		if i > 0 && !it.Final && it.Attempt != "" && it.Attempt == ev.Attempt {
+		superseded := !it.Final && it.Attempt != "" && it.Attempt == ev.Attempt && it.MsgID != r.inFlight
+		if superseded && (i > 0 || !it.NotBefore.IsZero()) {
 			continue
 		}
 		q = append(q, it)
 	}
-	r.queue = append(q, outboxItem{MsgID: msgID, Subject: subject, Data: data, Final: ev.Result.Final(), Attempt: ev.Attempt})
+	item := outboxItem{MsgID: msgID, Subject: subject, Data: data, Final: ev.Result.Final(), Attempt: ev.Attempt}
+	if !item.Final {
+		item.NotBefore = notBefore
+	}
+	r.queue = append(q, item)
 	for len(r.queue) > maxOutbox {
 		drop := 0
 		for i, it := range r.queue {
@@ -151,9 +164,15 @@ func (r *reporter) run(ctx context.Context) {
 		}
 		r.mu.Lock()
 		pending := len(r.queue)
+		wait := 3 * time.Second
+		if pending > 0 {
+			if held := time.Until(r.queue[0].NotBefore); held > 0 {
+				wait = held
+			}
+		}
 		r.mu.Unlock()
 		if pending > 0 {
-			retry.Reset(3 * time.Second)
+			retry.Reset(wait)
 		}
 		select {
 		case <-ctx.Done():
@@ -172,8 +191,16 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 		return false
 	}
 	it := r.queue[0]
+	if time.Now().Before(it.NotBefore) {
+		r.mu.Unlock()
+		return false // held back; run wakes for it
+	}
+	r.inFlight = it.MsgID
 	r.mu.Unlock()
 	err := sendReport(ctx, r.nc, r.key, it.Subject, model.PurposeEvent, it.Data)
+	r.mu.Lock()
+	r.inFlight = ""
+	r.mu.Unlock()
 	if err != nil && permanentPublishError(err) {
 		// Retrying cannot help, and the queue behind it would wait forever.
 		r.log.Error().Err(err).Str("msg_id", it.MsgID).Str("subject", it.Subject).Int("bytes", len(it.Data)).

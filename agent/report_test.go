@@ -164,7 +164,7 @@ func TestReporterCoalescesProgress(t *testing.T) {
 		t.Helper()
 		ev := model.Event{Device: id, Time: time.Now().UTC(), State: st, Result: res, Attempt: attempt}
 		msgID := model.EventMsgID(&ev)
-		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev); err != nil {
+		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev, time.Time{}); err != nil {
 			t.Fatal(err)
 		}
 		return msgID
@@ -206,7 +206,7 @@ func TestReporterOutboxFollowsAcks(t *testing.T) {
 			Attempt: "a" + string(rune('1'+i)), ReleaseID: "r" + string(rune('0'+i))}
 		msgID := model.EventMsgID(&ev)
 		ids = append(ids, msgID)
-		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev); err != nil {
+		if err := r.enqueue(subjects.DeviceEvents(id), msgID, ev, time.Time{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -257,7 +257,7 @@ func TestReporterOutboxFollowsAcks(t *testing.T) {
 
 	// A restarted agent resends what is left: nothing here, and the
 	// remaining events otherwise.
-	if err := r.enqueue(subjects.DeviceEvents(id), "left", model.Event{Device: id, Time: time.Now().UTC(), State: model.StateIdle, Result: model.ResultFailed}); err != nil {
+	if err := r.enqueue(subjects.DeviceEvents(id), "left", model.Event{Device: id, Time: time.Now().UTC(), State: model.StateIdle, Result: model.ResultFailed}, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	r2, err := newReporter(dir, nc, kp, zerolog.Nop())
@@ -281,7 +281,7 @@ func TestReporterDropsEventSignedByAnotherKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.enqueue(subjects.DeviceEvents(id), "x", model.Event{Device: id, Time: time.Now().UTC(), State: model.StateIdle}); err != nil {
+	if err := r.enqueue(subjects.DeviceEvents(id), "x", model.Event{Device: id, Time: time.Now().UTC(), State: model.StateIdle}, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	if !r.sendOne(context.Background()) || len(queueIDs(r)) != 0 {
@@ -392,5 +392,68 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 	set(model.DesiredReply{Error: "read desired state: timeout"})
 	if _, err := getDesired(ctx, nc, id); err == nil || !strings.Contains(err.Error(), "timeout") {
 		t.Fatalf("coordinator error: %v", err)
+	}
+}
+
+// A paced progress event (model.Pace) waits its time: the apply's next
+// event takes its place, so a quick apply reports its result alone, while
+// a slow step is still reported, once its wait is over. A result is never
+// held.
+func TestReporterPacesProgress(t *testing.T) {
+	nc, coord := natsPair(t)
+	kp, id := deviceKey(t)
+	d := serveEvents(t, coord, id)
+	d.setAck(model.ReportAck{Seq: 1})
+	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.run(ctx)
+	const wait = 300 * time.Millisecond
+	add := func(attempt string, st model.State, res model.Result) time.Time {
+		t.Helper()
+		ev := model.Event{Device: id, Time: time.Now().UTC(), State: st, Result: res, Attempt: attempt}
+		notBefore := time.Now().Add(wait)
+		if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&ev), ev, notBefore); err != nil {
+			t.Fatal(err)
+		}
+		return notBefore
+	}
+	next := func(what string) model.Event {
+		t.Helper()
+		select {
+		case ev := <-d.stored:
+			return ev
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no event stored: want %s", what)
+			return model.Event{}
+		}
+	}
+
+	// A quick apply: its result alone.
+	add("quick", model.StateChecking, "")
+	add("quick", model.StateFetching, "")
+	add("quick", model.StateReporting, model.ResultSucceeded)
+	if ev := next("the quick apply's result"); ev.Attempt != "quick" || ev.Result != model.ResultSucceeded {
+		t.Fatalf("first event stored: %+v, want the quick apply's result", ev)
+	}
+
+	// A slow step: reported once its wait is over, not before.
+	due := add("slow", model.StateFetching, "")
+	ev := next("the slow apply's fetching")
+	if ev.Attempt != "slow" || ev.State != model.StateFetching {
+		t.Fatalf("event stored: %+v, want the slow apply's fetching", ev)
+	}
+	if now := time.Now(); now.Before(due) {
+		t.Fatalf("the held event was sent %v before its time", due.Sub(now))
+	}
+	add("slow", model.StateReporting, model.ResultFailed)
+	if ev := next("the slow apply's result"); ev.Attempt != "slow" || ev.Result != model.ResultFailed {
+		t.Fatalf("event stored: %+v, want the slow apply's result", ev)
+	}
+	if got, _ := d.received(); len(got) != 3 {
+		t.Fatalf("the coordinator got %d events, want 3: %+v", len(got), got)
 	}
 }

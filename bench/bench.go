@@ -91,7 +91,11 @@ type Rollout struct {
 	SwitchesPerDevice float64 `json:"switches_per_device"`
 	TriggersPerDevice float64 `json:"triggers_per_device"`
 	GetsPerDevice     float64 `json:"gets_per_device"`
-	CPU               float64 `json:"coordinator_cpu_cores"`
+	// EventsPerDevice and FactsPerDevice are the reports the coordinator
+	// stored from deploy to the rollout's end.
+	EventsPerDevice float64 `json:"events_per_device"`
+	FactsPerDevice  float64 `json:"facts_per_device"`
+	CPU             float64 `json:"coordinator_cpu_cores"`
 }
 
 // Result is a run's figures.
@@ -426,6 +430,8 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		}
 		trig0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
 		get0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})
+		ev0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "events"})
+		facts0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
 		p0, err := readProc(pid)
 		if err != nil {
 			return r, err
@@ -461,6 +467,10 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		r.Succeeded = time.Since(t0).Seconds()
+		ev1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "events"})
+		facts1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
+		r.EventsPerDevice = (ev1 - ev0) / float64(o.Devices)
+		r.FactsPerDevice = (facts1 - facts0) / float64(o.Devices)
 		p1, err := readProc(pid)
 		if err != nil {
 			return r, err

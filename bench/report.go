@@ -37,6 +37,7 @@ func Print(w io.Writer, r *Result) error {
 	fmt.Fprintf(tw, "deploy all → rollout %s\t%.2f s\t-\t\n", r.All.State, r.All.Succeeded)
 	fmt.Fprintf(tw, "devices that acted / applies per device\t%d / %.2f\t-\t\n", r.All.Notified, r.All.SwitchesPerDevice)
 	fmt.Fprintf(tw, "triggers / desired reads per device\t%.2f / %.2f\t-\t\n", r.All.TriggersPerDevice, r.All.GetsPerDevice)
+	fmt.Fprintf(tw, "events / facts stored per device while the rollout ran\t%.2f / %.2f\t-\t\n", r.All.EventsPerDevice, r.All.FactsPerDevice)
 	fmt.Fprintf(tw, "coordinator CPU during deploy all\t%.0f%% of a core\t-\t\n", 100*r.All.CPU)
 	fmt.Fprintf(tw, "staged deploy (batches %v) → rollout %s\t%.2f s\t-\t\n", r.Staged.Batches, r.Staged.State, r.Staged.Succeeded)
 	fmt.Fprintf(tw, "staged: trigger received (all batches) p50 / p99 / max, applies per device\t%s, %.2f\t-\t\n", lat(r.Staged.Notify), r.Staged.SwitchesPerDevice)

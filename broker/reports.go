@@ -423,8 +423,8 @@ type announcement struct {
 
 // trigger is the message that tells a device: as a read's reply would be,
 // so a deploy reaches the device in one message.
-func (a announcement) trigger() []byte {
-	var r model.DesiredReply
+func (a announcement) trigger(pace *model.Pace) []byte {
+	r := model.DesiredReply{Pace: pace}
 	switch {
 	case a.seq == 0:
 	case a.value == nil:
@@ -450,6 +450,7 @@ func (s *services) announce(as []announcement) {
 		s.announcing.Store(nil)
 		close(done)
 	}()
+	pace := paceFor(len(as))
 	parts := make([][]announcement, len(s.notifiers))
 	for _, a := range as {
 		i := laneIndex(a.id, len(s.notifiers))
@@ -463,13 +464,32 @@ func (s *services) announce(as []announcement) {
 		nc := s.notifiers[i]
 		wg.Go(func() {
 			for _, a := range part {
-				_ = nc.Publish(subjects.DeviceNotify(a.site, a.id), a.trigger())
+				_ = nc.Publish(subjects.DeviceNotify(a.site, a.id), a.trigger(pace))
 			}
 			_ = nc.Flush()
 		})
 	}
 	wg.Wait()
 	s.traffic.WithLabelValues("trigger").Add(float64(len(as)))
+}
+
+// A batch of paceFrom devices or more is told to pace its reports (see
+// model.Pace): its progress events wait paceProgressAfter, and the facts
+// after its applies are spread to come at about paceFactsRate a second.
+// A smaller batch reports as it goes, every step at once.
+const (
+	paceFrom          = 1000
+	paceProgressAfter = 5 * time.Second
+	paceFactsRate     = 500
+)
+
+// paceFor is the pace for a batch of n triggers, nil when it needs none.
+func paceFor(n int) *model.Pace {
+	if n < paceFrom {
+		return nil
+	}
+	splay := min(time.Duration(n)*time.Second/paceFactsRate, model.MaxFactsSplay)
+	return &model.Pace{ProgressAfterMS: paceProgressAfter.Milliseconds(), FactsSplayMS: splay.Milliseconds()}
 }
 
 // maxYield bounds how long a report waits for an announcement.

@@ -451,3 +451,29 @@ func TestGroupOperatorActsOnlyOnItsRollouts(t *testing.T) {
 		t.Fatalf("rollout %s", got.State)
 	}
 }
+
+// A batch of a thousand devices or more is told to pace its reports, the
+// facts spread to come at about paceFactsRate a second; a smaller one
+// reports as it goes.
+func TestPaceForBatch(t *testing.T) {
+	if p := paceFor(paceFrom - 1); p != nil {
+		t.Fatalf("batch of %d: pace %+v, want none", paceFrom-1, p)
+	}
+	for _, c := range []struct {
+		n     int
+		splay time.Duration
+	}{
+		{paceFrom, 2 * time.Second},
+		{10000, 20 * time.Second},
+		{1000000, model.MaxFactsSplay},
+	} {
+		p := paceFor(c.n)
+		if p == nil || p.ProgressAfter() != paceProgressAfter || p.FactsSplay() != c.splay {
+			t.Fatalf("batch of %d: pace %+v, want progress after %v, facts within %v", c.n, p, paceProgressAfter, c.splay)
+		}
+		r := model.DesiredReply{}
+		if err := json.Unmarshal(announcement{id: "d", seq: 3, value: []byte(`{}`)}.trigger(p), &r); err != nil || r.Pace == nil || *r.Pace != *p {
+			t.Fatalf("batch of %d: trigger carries %+v (%v), want %+v", c.n, r.Pace, err, p)
+		}
+	}
+}

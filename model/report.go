@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"time"
 )
 
 // Purposes of what a device signs. Facts and events are signed with the
@@ -108,4 +109,48 @@ type DesiredReply struct {
 	// device reports it as a failed apply, once.
 	Damaged string `json:"damaged,omitempty"`
 	Error   string `json:"error,omitempty"`
+	// Pace is set on the triggers of a large batch (see Pace).
+	Pace *Pace `json:"pace,omitempty"`
+}
+
+// Pace tells the devices of a large rollout batch how to spread the
+// reports of their apply, so that thousands told at once do not report
+// at once while the rest of the batch is still being told and its
+// results are coming in: a progress event is sent only once it has waited
+// ProgressAfterMS (an apply quicker than that reports its result alone;
+// a slow one still shows each step, that much later), and the facts that
+// follow an apply come at a random moment within FactsSplayMS. It only
+// delays reports, never drops a result, and a device bounds both.
+type Pace struct {
+	ProgressAfterMS int64 `json:"progress_after_ms,omitempty"`
+	FactsSplayMS    int64 `json:"facts_splay_ms,omitempty"`
+}
+
+// The most a device delays its reports for a Pace.
+const (
+	MaxProgressAfter = 10 * time.Second
+	MaxFactsSplay    = 2 * time.Minute
+)
+
+// ProgressAfter is how long a progress event waits, bounded.
+func (p *Pace) ProgressAfter() time.Duration {
+	if p == nil {
+		return 0
+	}
+	return clampMS(p.ProgressAfterMS, MaxProgressAfter)
+}
+
+// FactsSplay is the window the facts after an apply are sent in, bounded.
+func (p *Pace) FactsSplay() time.Duration {
+	if p == nil {
+		return 0
+	}
+	return clampMS(p.FactsSplayMS, MaxFactsSplay)
+}
+
+func clampMS(ms int64, most time.Duration) time.Duration {
+	if ms <= 0 {
+		return 0
+	}
+	return time.Duration(min(ms, int64(most/time.Millisecond))) * time.Millisecond
 }
