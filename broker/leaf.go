@@ -156,7 +156,7 @@ func (s *services) leafRevoke(ctx context.Context, _ *model.Admin, raw json.RawM
 		return nil, badRequest("site %s has no copy of the cache: name its leaf's key (--key) to revoke its link", a.Site)
 	}
 	if len(a.Keys) > 0 {
-		if err := s.c.Revoke(ctx, a.Keys...); err != nil {
+		if err := s.c.RevokeAt(ctx, out.At, a.Keys...); err != nil {
 			return nil, fmt.Errorf("revoke the leaf links of %s: %w", a.Site, err)
 		}
 	}

@@ -32,6 +32,13 @@ type revocationRecord struct {
 // pushes the FLEET account JWT with every revocation. Their connections are
 // closed at once and refused after, on every server.
 func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
+	return c.RevokeAt(ctx, time.Now(), pubs...)
+}
+
+// RevokeAt is Revoke as of now, the time the caller reports: JWTs issued
+// up to the second after it are refused, however long the caller took to
+// get here.
+func (c *Coordinator) RevokeAt(ctx context.Context, now time.Time, pubs ...string) error {
 	for _, p := range pubs {
 		// The canonical form only: the server matches revocations by the
 		// exact key string.
@@ -40,7 +47,7 @@ func (c *Coordinator) Revoke(ctx context.Context, pubs ...string) error {
 		}
 	}
 	// One second of slack: a JWT issued in this very second is covered.
-	at := time.Now().Add(time.Second).Unix()
+	at := now.Add(time.Second).Unix()
 	b, _ := json.Marshal(revocationRecord{At: at})
 	for _, p := range pubs {
 		_, err := c.revocations.Create(ctx, p, b)
