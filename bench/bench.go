@@ -350,7 +350,12 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	o.progress("enrol: %d devices over %d simulator processes", o.Devices, len(sims))
 	start := time.Now()
 	enrolProfiled := o.profile(ctx, httpPort, "enroll-cpu.pb.gz", "profile?seconds=10")
+	stopSimProfile, err := o.profileSim(sims[0], "sim0-enroll-cpu.pb.gz")
+	if err != nil {
+		return err
+	}
 	replies, err := all(sims, simCmd{Op: "enroll"})
+	stopSimProfile()
 	<-enrolProfiled
 	if err != nil {
 		return err
@@ -443,13 +448,11 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			// What the coordinator waits on while the fleet is told.
 			time.AfterFunc(3*time.Second, func() { <-o.profile(ctx, httpPort, "deploy-"+name+"-goroutines.txt", "goroutine?debug=1") })
 		}
-		if o.Profiles {
-			// One simulator's share of the machine while the fleet acts.
-			if _, err := sims[0].do(simCmd{Op: "profile", Path: filepath.Join(o.Dir, "sim0-deploy-"+name+"-cpu.pb.gz")}); err != nil {
-				return r, err
-			}
-			defer func() { _, _ = sims[0].do(simCmd{Op: "profile"}) }()
+		stopSimProfile, err := o.profileSim(sims[0], "sim0-deploy-"+name+"-cpu.pb.gz")
+		if err != nil {
+			return r, err
 		}
+		defer stopSimProfile()
 		t0 := time.Now()
 		var ro model.Rollout
 		if err := c.Call(ctx, subjects.VerbDeploy, true, req, &ro); err != nil {
@@ -551,6 +554,19 @@ func pprofFlag(on bool) []string {
 
 // profile fetches one of the coordinator's profiles into Dir in the
 // background (when Profiles is set); the channel closes when it is done.
+// profileSim writes a CPU profile of simulator s into file in o.Dir, when
+// Profiles is set, until stop is called: one simulator's share of the
+// machine while the fleet acts.
+func (o *Options) profileSim(s *sim, file string) (stop func(), err error) {
+	if !o.Profiles {
+		return func() {}, nil
+	}
+	if _, err := s.do(simCmd{Op: "profile", Path: filepath.Join(o.Dir, file)}); err != nil {
+		return nil, err
+	}
+	return func() { _, _ = s.do(simCmd{Op: "profile"}) }, nil
+}
+
 func (o *Options) profile(ctx context.Context, httpPort int, file, what string) <-chan struct{} {
 	done := make(chan struct{})
 	if !o.Profiles {
