@@ -1049,6 +1049,17 @@ func TestFastKey(t *testing.T) {
 	if FastKey(fk) != fk {
 		t.Fatal("wrapped twice")
 	}
+	// Account and operator keys name themselves with their own prefix.
+	for _, create := range []func() (nkeys.KeyPair, error){nkeys.CreateAccount, nkeys.CreateOperator} {
+		kp, err := create()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := kp.PublicKey()
+		if got, _ := FastKey(kp).PublicKey(); got != want {
+			t.Fatalf("public key %s, want %s", got, want)
+		}
+	}
 	ck, _ := nkeys.CreateCurveKeys()
 	if FastKey(ck) != ck {
 		t.Fatal("a curve key was wrapped")

@@ -28,12 +28,28 @@ func FastKey(kp nkeys.KeyPair) nkeys.KeyPair {
 	if err != nil || prefix == nkeys.PrefixByteCurve || len(raw) != ed25519.SeedSize {
 		return kp
 	}
-	pub, err := kp.PublicKey()
+	// One derivation: the public key comes with the private one (nkeys'
+	// PublicKey would derive it again).
+	priv := ed25519.NewKeyFromSeed(raw)
+	pubRaw := priv.Public().(ed25519.PublicKey)
+	pubPrefix, err := publicPrefix(prefix)
 	if err != nil {
 		return kp
 	}
-	priv := ed25519.NewKeyFromSeed(raw)
-	return &fastKey{KeyPair: kp, pub: pub, priv: priv, raw: priv.Public().(ed25519.PublicKey)}
+	pub, err := nkeys.Encode(pubPrefix, pubRaw)
+	if err != nil {
+		return kp
+	}
+	return &fastKey{KeyPair: kp, pub: string(pub), priv: priv, raw: pubRaw}
+}
+
+// publicPrefix is the public key prefix of a seed's key type.
+func publicPrefix(seedPrefix nkeys.PrefixByte) (nkeys.PrefixByte, error) {
+	switch seedPrefix {
+	case nkeys.PrefixByteUser, nkeys.PrefixByteAccount, nkeys.PrefixByteOperator, nkeys.PrefixByteServer, nkeys.PrefixByteCluster:
+		return seedPrefix, nil
+	}
+	return 0, nkeys.ErrInvalidPrefixByte
 }
 
 type fastKey struct {

@@ -79,6 +79,7 @@ func Enroll(ctx context.Context, o EnrollOptions) (*accounts.Creds, error) {
 	if err != nil {
 		return nil, err
 	}
+	kp = accounts.FastKey(kp) // named and signed with more than once below
 	xk, err := loadOrCreateKey(filepath.Join(o.StateDir, XKeyFile), nkeys.PrefixByteCurve, nkeys.CreateCurveKeys)
 	if err != nil {
 		return nil, err
