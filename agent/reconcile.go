@@ -87,6 +87,7 @@ type Agent struct {
 	// them to it.
 	factsCheck chan struct{}
 	factsHeld  time.Time
+	factsTimer *time.Timer // sends factsCheck at factsHeld
 	// refusedKey is the last desired state refused on verification (bad
 	// signature, unknown signer). It is not persisted: after a restart,
 	// perhaps with a fixed --release-signer, it is checked again.
@@ -393,8 +394,14 @@ func (a *Agent) finishKey(ap *apply, key, lastKey string, result model.Result, e
 		d := rand.N(splay) + 1
 		a.mu.Lock()
 		a.factsHeld = time.Now().Add(d)
+		// One timer, moved by each paced apply: triggers (even refused
+		// ones) cannot pile timers up.
+		if a.factsTimer == nil {
+			a.factsTimer = time.AfterFunc(d, a.checkFacts)
+		} else {
+			a.factsTimer.Reset(d)
+		}
 		a.mu.Unlock()
-		time.AfterFunc(d, a.checkFacts)
 		return
 	}
 	a.kickFacts()

@@ -160,15 +160,13 @@ func (r *reporter) run(ctx context.Context) {
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
 	for {
-		for r.sendOne(ctx) {
+		for r.sendOne(ctx, true) {
 		}
 		r.mu.Lock()
 		pending := len(r.queue)
-		wait := 3 * time.Second
-		if pending > 0 {
-			if held := time.Until(r.queue[0].NotBefore); held > 0 {
-				wait = held
-			}
+		wait := r.heldLocked(time.Now())
+		if wait <= 0 {
+			wait = 3 * time.Second // a send failed: retry
 		}
 		r.mu.Unlock()
 		if pending > 0 {
@@ -183,18 +181,40 @@ func (r *reporter) run(ctx context.Context) {
 	}
 }
 
-// sendOne publishes the head of the queue; it reports whether to go on.
-func (r *reporter) sendOne(ctx context.Context) bool {
+// heldLocked is how long until the first held event may go, when every
+// queued event is held (0 otherwise).
+func (r *reporter) heldLocked(now time.Time) time.Duration {
+	var wait time.Duration
+	for _, it := range r.queue {
+		d := it.NotBefore.Sub(now)
+		if d <= 0 {
+			return 0
+		}
+		if wait == 0 || d < wait {
+			wait = d
+		}
+	}
+	return wait
+}
+
+// sendOne publishes the first queued event that may go (with hold, not a
+// progress event still held back: the events behind a held one are other
+// applies' and commands', which need not wait for it); it reports whether
+// to go on.
+func (r *reporter) sendOne(ctx context.Context, hold bool) bool {
 	r.mu.Lock()
-	if len(r.queue) == 0 {
-		r.mu.Unlock()
-		return false
+	i := 0
+	if hold {
+		now := time.Now()
+		for i < len(r.queue) && now.Before(r.queue[i].NotBefore) {
+			i++
+		}
 	}
-	it := r.queue[0]
-	if time.Now().Before(it.NotBefore) {
+	if i == len(r.queue) {
 		r.mu.Unlock()
-		return false // held back; run wakes for it
+		return false // empty, or all held: run wakes for them
 	}
+	it := r.queue[i]
 	r.inFlight = it.MsgID
 	r.mu.Unlock()
 	err := sendReport(ctx, r.nc, r.key, it.Subject, model.PurposeEvent, it.Data)
@@ -210,8 +230,11 @@ func (r *reporter) sendOne(ctx context.Context) bool {
 		return false
 	}
 	r.mu.Lock()
-	if len(r.queue) > 0 && r.queue[0].MsgID == it.MsgID {
-		r.queue = r.queue[1:]
+	for j, q := range r.queue {
+		if q.MsgID == it.MsgID {
+			r.queue = append(r.queue[:j], r.queue[j+1:]...)
+			break
+		}
 	}
 	if err := r.persistLocked(); err != nil {
 		r.log.Warn().Err(err).Msg("outbox")
@@ -256,8 +279,10 @@ func sendReport(ctx context.Context, nc *nats.Conn, key nkeys.KeyPair, subject, 
 	return nil
 }
 
-// flush tries to publish everything queued until ctx ends (clean stop).
+// flush tries to publish everything queued until ctx ends (clean stop),
+// held progress events too: they are where a stopped apply got to, and
+// only results outlive the process.
 func (r *reporter) flush(ctx context.Context) {
-	for ctx.Err() == nil && r.sendOne(ctx) {
+	for ctx.Err() == nil && r.sendOne(ctx, false) {
 	}
 }

@@ -213,7 +213,7 @@ func TestReporterOutboxFollowsAcks(t *testing.T) {
 	ctx := context.Background()
 	expect := func(step string, sent bool, want []string) {
 		t.Helper()
-		if got := r.sendOne(ctx); got != sent {
+		if got := r.sendOne(ctx, true); got != sent {
 			t.Fatalf("%s: sendOne = %v, want %v", step, got, sent)
 		}
 		if got := queueIDs(r); strings.Join(got, " ") != strings.Join(want, " ") {
@@ -284,7 +284,7 @@ func TestReporterDropsEventSignedByAnotherKey(t *testing.T) {
 	if err := r.enqueue(subjects.DeviceEvents(id), "x", model.Event{Device: id, Time: time.Now().UTC(), State: model.StateIdle}, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	if !r.sendOne(context.Background()) || len(queueIDs(r)) != 0 {
+	if !r.sendOne(context.Background(), true) || len(queueIDs(r)) != 0 {
 		t.Fatalf("a refused event stays queued: %v", queueIDs(r))
 	}
 	if got, bad := d.received(); len(got) != 0 || len(bad) != 1 || !errors.Is(bad[0], model.ErrUnknownSigner) {
@@ -455,5 +455,68 @@ func TestReporterPacesProgress(t *testing.T) {
 	}
 	if got, _ := d.received(); len(got) != 3 {
 		t.Fatalf("the coordinator got %d events, want 3: %+v", len(got), got)
+	}
+}
+
+// A command event queued behind a held progress event does not wait for
+// it: it is another report altogether (a reboot's "reboot starting" has
+// 10 s to leave before the host goes down).
+func TestReporterHeldProgressLetsOthersGo(t *testing.T) {
+	nc, coord := natsPair(t)
+	kp, id := deviceKey(t)
+	d := serveEvents(t, coord, id)
+	d.setAck(model.ReportAck{Seq: 1})
+	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.run(ctx)
+	prog := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateFetching, Attempt: "apply1"}
+	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&prog), prog, time.Now().Add(model.MaxProgressAfter)); err != nil {
+		t.Fatal(err)
+	}
+	cmd := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateCommand, Result: model.CommandDone,
+		Command: "c1", Attempt: "c1", Check: string(model.CommandReboot)}
+	sent := time.Now()
+	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&cmd), cmd, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-d.stored:
+		if ev.State != model.StateCommand {
+			t.Fatalf("first event stored: %+v, want the command's", ev)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatalf("the command event waited %v (and counting) behind a held progress event", time.Since(sent))
+	}
+}
+
+// A clean stop flushes what is queued, held progress events too: progress
+// and command events live in memory only.
+func TestReporterFlushSendsHeldProgress(t *testing.T) {
+	nc, coord := natsPair(t)
+	kp, id := deviceKey(t)
+	d := serveEvents(t, coord, id)
+	d.setAck(model.ReportAck{Seq: 1})
+	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateApplying, Attempt: "apply1"}
+	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&prog), prog, time.Now().Add(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	cmd := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateCommand, Result: model.CommandDone,
+		Command: "c1", Attempt: "c1", Check: "refresh-facts"}
+	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&cmd), cmd, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	fctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	r.flush(fctx)
+	if got, _ := d.received(); len(got) != 2 {
+		t.Fatalf("flush sent %d of 2 queued events (queue left: %v); the rest are lost with the process", len(got), queueIDs(r))
 	}
 }
