@@ -400,17 +400,7 @@ func TestGetDesiredAsksCoordinator(t *testing.T) {
 // a slow step is still reported, once its wait is over. A result is never
 // held.
 func TestReporterPacesProgress(t *testing.T) {
-	nc, coord := natsPair(t)
-	kp, id := deviceKey(t)
-	d := serveEvents(t, coord, id)
-	d.setAck(model.ReportAck{Seq: 1})
-	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go r.run(ctx)
+	r, d, id := storingReporter(t, true)
 	const wait = 300 * time.Millisecond
 	add := func(attempt string, st model.State, res model.Result) time.Time {
 		t.Helper()
@@ -462,17 +452,7 @@ func TestReporterPacesProgress(t *testing.T) {
 // it: it is another report altogether (a reboot's "reboot starting" has
 // 10 s to leave before the host goes down).
 func TestReporterHeldProgressLetsOthersGo(t *testing.T) {
-	nc, coord := natsPair(t)
-	kp, id := deviceKey(t)
-	d := serveEvents(t, coord, id)
-	d.setAck(model.ReportAck{Seq: 1})
-	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go r.run(ctx)
+	r, d, id := storingReporter(t, true)
 	prog := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateFetching, Attempt: "apply1"}
 	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&prog), prog, time.Now().Add(model.MaxProgressAfter)); err != nil {
 		t.Fatal(err)
@@ -496,14 +476,7 @@ func TestReporterHeldProgressLetsOthersGo(t *testing.T) {
 // A clean stop flushes what is queued, held progress events too: progress
 // and command events live in memory only.
 func TestReporterFlushSendsHeldProgress(t *testing.T) {
-	nc, coord := natsPair(t)
-	kp, id := deviceKey(t)
-	d := serveEvents(t, coord, id)
-	d.setAck(model.ReportAck{Seq: 1})
-	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, d, id := storingReporter(t, false)
 	prog := model.Event{Device: id, Time: time.Now().UTC(), State: model.StateApplying, Attempt: "apply1"}
 	if err := r.enqueue(subjects.DeviceEvents(id), model.EventMsgID(&prog), prog, time.Now().Add(5*time.Second)); err != nil {
 		t.Fatal(err)
@@ -519,4 +492,24 @@ func TestReporterFlushSendsHeldProgress(t *testing.T) {
 	if got, _ := d.received(); len(got) != 2 {
 		t.Fatalf("flush sent %d of 2 queued events (queue left: %v); the rest are lost with the process", len(got), queueIDs(r))
 	}
+}
+
+// storingReporter is a reporter of a new device key whose events a
+// coordinator stand-in verifies and stores; with run, it is running.
+func storingReporter(t *testing.T, run bool) (*reporter, *eventDesk, string) {
+	t.Helper()
+	nc, coord := natsPair(t)
+	kp, id := deviceKey(t)
+	d := serveEvents(t, coord, id)
+	d.setAck(model.ReportAck{Seq: 1})
+	r, err := newReporter(t.TempDir(), nc, kp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if run {
+		ctx, cancel := context.WithCancel(context.Background())
+		t.Cleanup(cancel)
+		go r.run(ctx)
+	}
+	return r, d, id
 }
