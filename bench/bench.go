@@ -433,10 +433,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		if err := c.Call(ctx, subjects.VerbReleaseCreate, true, signed, nil); err != nil {
 			return r, err
 		}
-		trig0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
-		get0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})
-		ev0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "events"})
-		facts0, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
+		before, _ := deviceMessages(ctx, metricsURL)
 		p0, err := readProc(pid)
 		if err != nil {
 			return r, err
@@ -470,10 +467,9 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		r.Succeeded = time.Since(t0).Seconds()
-		ev1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "events"})
-		facts1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "facts"})
-		r.EventsPerDevice = (ev1 - ev0) / float64(o.Devices)
-		r.FactsPerDevice = (facts1 - facts0) / float64(o.Devices)
+		during, _ := deviceMessages(ctx, metricsURL)
+		r.EventsPerDevice = (during["events"] - before["events"]) / float64(o.Devices)
+		r.FactsPerDevice = (during["facts"] - before["facts"]) / float64(o.Devices)
 		p1, err := readProc(pid)
 		if err != nil {
 			return r, err
@@ -502,10 +498,9 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		r.Notify, r.Acted = latency(notified), latency(acted)
 		r.Notified = len(acted)
 		r.SwitchesPerDevice = float64(switches) / float64(o.Devices)
-		trig1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "trigger"})
-		get1, _ := metric(ctx, metricsURL, "fleet_device_messages_total", map[string]string{"kind": "desired"})
-		r.TriggersPerDevice = (trig1 - trig0) / float64(o.Devices)
-		r.GetsPerDevice = (get1 - get0) / float64(o.Devices)
+		after, _ := deviceMessages(ctx, metricsURL)
+		r.TriggersPerDevice = (after["trigger"] - before["trigger"]) / float64(o.Devices)
+		r.GetsPerDevice = (after["desired"] - before["desired"]) / float64(o.Devices)
 		return r, nil
 	}
 	o.progress("deploy --strategy all")

@@ -139,6 +139,24 @@ func metric(ctx context.Context, url, name string, labels map[string]string) (fl
 	return v, err
 }
 
+// deviceMessages is fleet_device_messages_total by kind, from one scrape
+// (with a series per device, a scrape of /metrics is not free).
+func deviceMessages(ctx context.Context, url string) (map[string]float64, error) {
+	g, err := scrape(ctx, url)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, kind := range []string{"trigger", "desired", "events", "facts"} {
+		v, _, err := promvalue.Get(g, "fleet_device_messages_total", map[string]string{"kind": kind})
+		if err != nil {
+			return nil, err
+		}
+		out[kind] = v
+	}
+	return out, nil
+}
+
 // startProc starts a child that dies with the driver's context; its
 // stderr goes to logFile.
 func startProc(ctx context.Context, logFile string, env []string, name string, args ...string) (*exec.Cmd, error) {
