@@ -368,14 +368,10 @@ func TestAuditFloodBounded(t *testing.T) {
 // an oversized one is refused for good, and its connection cannot hold
 // more subscriptions than its role allows.
 func TestDeviceFloodBounded(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	dev, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, "noisy")
-	id := dev.PublicKey()
-	nc, errs := deviceConn(t, c.ClientURL(), dev)
+	d := newReportingDevice(t, "noisy")
+	c, dev, id, nc, errs, send := d.c, d.dev, d.id, d.nc, d.errs, d.send
 	ctx := ctxFor(t, 60*time.Second)
 
-	send := func(ev model.Event) model.ReportAck { return sendEvent(t, nc, dev, ev) }
 	stored, limited := 0, 0
 	start := time.Now()
 	for i := range 400 {
@@ -475,12 +471,8 @@ func TestAuditChainShowsInsertions(t *testing.T) {
 // result (the same event ID) is not counted again, and counts no apply
 // could have are refused for good, nothing stored.
 func TestFetchedCountsFromResults(t *testing.T) {
-	c := startCoordinator(t)
-	owner := ownerClient(t, c)
-	dev, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, "fetcher")
-	id := dev.PublicKey()
-	nc, _ := deviceConn(t, c.ClientURL(), dev)
-	send := func(ev model.Event) model.ReportAck { return sendEvent(t, nc, dev, ev) }
+	d := newReportingDevice(t, "fetcher")
+	c, id, send := d.c, d.id, d.send
 	fetched := func(name, source string) float64 {
 		return metric(t, c, name, map[string]string{"site": subjects.DefaultSite, "source": source})
 	}
@@ -507,6 +499,32 @@ func TestFetchedCountsFromResults(t *testing.T) {
 	if v := fetched("fleet_cache_fetched_bytes_total", "hub"); v != 5000 {
 		t.Fatalf("after the refused results: %v hub bytes", v)
 	}
+}
+
+// reportingDevice is a device enrolled on a coordinator of its own, on
+// its own connection (errs: the connection's async errors).
+type reportingDevice struct {
+	t    *testing.T
+	c    *broker.Coordinator
+	dev  *accounts.Creds
+	id   string
+	nc   *nats.Conn
+	errs chan error
+}
+
+func newReportingDevice(t *testing.T, name string) *reportingDevice {
+	t.Helper()
+	c := startCoordinator(t)
+	owner := ownerClient(t, c)
+	dev, _ := enrollAgent(t, c, createToken(t, owner, 1, false, "lab").Token, name)
+	nc, errs := deviceConn(t, c.ClientURL(), dev)
+	return &reportingDevice{t: t, c: c, dev: dev, id: dev.PublicKey(), nc: nc, errs: errs}
+}
+
+// send sends ev, signed by the device, and returns the coordinator's
+// acknowledgement.
+func (d *reportingDevice) send(ev model.Event) model.ReportAck {
+	return sendEvent(d.t, d.nc, d.dev, ev)
 }
 
 // sendEvent sends ev signed as dev over nc and returns the coordinator's
