@@ -389,34 +389,17 @@ func TestSiteCacheRogueLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hc := mustDial(t, sw.c.ClientURL(), coreUser)
-	inCore, err := hc.SubscribeSync(">")
-	if err != nil {
-		t.Fatal(err)
-	}
+	hc, inCore := sw.listen(coreUser, ">")
 	parisUser, err := auth.SiteLinkUser("paris", "test-paris")
 	if err != nil {
 		t.Fatal(err)
 	}
-	pc := mustDial(t, sw.c.ClientURL(), parisUser)
-	inParis, err := pc.SubscribeSync(">")
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, inParis := sw.listen(parisUser, ">")
 	linkUser, err := auth.SiteLinkUser("berlin", "test-berlin")
 	if err != nil {
 		t.Fatal(err)
 	}
-	lc := mustDial(t, sw.c.ClientURL(), linkUser)
-	barrier, err := lc.SubscribeSync(subjects.SiteCacheReply("berlin", "barrier"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range []*client{hc, pc, lc} {
-		if err := c.Flush(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	_, barrier := sw.listen(linkUser, subjects.SiteCacheReply("berlin", "barrier"))
 
 	rogue := sw.rogueLeaf("rogue", sw.coreCreds)
 	poll.Until(t, 10*time.Second, "the hub's interest at the rogue leaf", func() bool {
@@ -687,6 +670,21 @@ func (sw *siteWorld) rogueLeaf(name, creds string) *server.Server {
 	return ls
 }
 
+// listen connects to the hub as cr and subscribes to subj; the server has
+// the subscription when it returns.
+func (sw *siteWorld) listen(cr *accounts.Creds, subj string) (*client, *nats.Subscription) {
+	sw.t.Helper()
+	c := mustDial(sw.t, sw.c.ClientURL(), cr)
+	sub, err := c.SubscribeSync(subj)
+	if err != nil {
+		sw.t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		sw.t.Fatal(err)
+	}
+	return c, sub
+}
+
 // leafRefusals follows the hub's refusals of leaf links (its
 // authentication errors, as the system account hears them) from now on.
 // The function it returns waits until a leaf named each of names was
@@ -697,14 +695,7 @@ func (sw *siteWorld) leafRefusals() func(names ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc := mustDial(t, sw.c.ClientURL(), sys)
-	authErrs, err := sc.SubscribeSync("$SYS.SERVER.*.CLIENT.AUTH.ERR")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sc.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	_, authErrs := sw.listen(sys, "$SYS.SERVER.*.CLIENT.AUTH.ERR")
 	heard := map[string]bool{}
 	return func(names ...string) {
 		t.Helper()
