@@ -164,7 +164,7 @@ func (r *reporter) run(ctx context.Context) {
 		}
 		r.mu.Lock()
 		pending := len(r.queue)
-		wait := r.heldLocked(time.Now())
+		wait := r.heldForLocked(time.Now())
 		if wait <= 0 {
 			wait = 3 * time.Second // a send failed: retry
 		}
@@ -181,9 +181,9 @@ func (r *reporter) run(ctx context.Context) {
 	}
 }
 
-// heldLocked is how long until the first held event may go, when every
+// heldForLocked is how long until the first held event may go, when every
 // queued event is held (0 otherwise).
-func (r *reporter) heldLocked(now time.Time) time.Duration {
+func (r *reporter) heldForLocked(now time.Time) time.Duration {
 	var wait time.Duration
 	for _, it := range r.queue {
 		d := it.NotBefore.Sub(now)
