@@ -643,7 +643,7 @@ func (cs *cacheStore) onRead(l *lane, m *nats.Msg) {
 		cs.readNarInfo(ctx, l, m, site, q.NarInfo)
 		return
 	}
-	cs.readNar(ctx, l, m, site, &q)
+	cs.readNar(ctx, l, m, id, site, &q)
 }
 
 func (cs *cacheStore) readError(l *lane, m *nats.Msg, status int, msg string) {
@@ -704,13 +704,13 @@ func (cs *cacheStore) readNarInfo(ctx context.Context, l *lane, m *nats.Msg, sit
 // import of it (subjects.CacheDirect, which no role may send): the bytes
 // do not pass through the coordinator. Each read stays one request,
 // checked and rate-limited like any other, answered by any coordinator.
-func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, site string, q *model.CacheRead) {
+func (cs *cacheStore) readNar(ctx context.Context, l *lane, m *nats.Msg, id, site string, q *model.CacheRead) {
 	if model.CheckNarURL(q.Nar) != nil || len(q.Object) > 64 || strings.ContainsAny(q.Object, ".*> \t\r\n") {
 		cs.s.drop("cache", dropInvalid, m)
 		cs.readError(l, m, 400, "not a NAR file name (nar/<hash>.nar[.xz|.zst|.bz2])")
 		return
 	}
-	if id, _ := subjects.DeviceFromRequest(subjects.CacheGet, m.Subject); !cs.windows.allow(id) || !cs.siteWindows.allow(site) {
+	if !cs.windows.allow(id) || !cs.siteWindows.allow(site) {
 		cs.s.drop("cache", dropRate, m)
 		cs.readError(l, m, 429, "too many NAR windows: slow down")
 		return

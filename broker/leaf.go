@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -15,11 +14,9 @@ import (
 	"fleet/subjects"
 )
 
-var siteRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
-
 // checkLeafSite refuses a name no leaf site may have.
 func checkLeafSite(site string) error {
-	if !siteRE.MatchString(site) || site == subjects.DefaultSite {
+	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
 		return badRequest("site %q: use lower-case letters, digits and - (e.g. berlin), not %q (the hub's own)", site, subjects.DefaultSite)
 	}
 	return nil
