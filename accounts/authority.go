@@ -755,19 +755,7 @@ func (a *Authority) NewUser(r subjects.Role, name string, ttl time.Duration) (*C
 // written to disk. CORE's signing key is scoped (applyCorePolicy): the
 // user carries no permissions or limits of its own.
 func (a *Authority) CoreUser(name string) (*Creds, error) {
-	kp, err := nkeys.CreateUser()
-	if err != nil {
-		return nil, err
-	}
-	uc := jwt.NewUserClaims(mustPub(kp))
-	uc.Name = name
-	uc.IssuerAccount = mustPub(a.core)
-	uc.UserPermissionLimits = jwt.UserPermissionLimits{}
-	tok, err := uc.Encode(a.coreSvc)
-	if err != nil {
-		return nil, fmt.Errorf("sign %s user: %w", name, err)
-	}
-	return &Creds{JWT: tok, Key: kp}, nil
+	return a.accountUser(a.coreSvc, a.core, name, true)
 }
 
 // SiteLinkUser creates a user of site's link account with every
@@ -778,20 +766,20 @@ func (a *Authority) SiteLinkUser(site, name string) (*Creds, error) {
 	if err != nil {
 		return nil, err
 	}
-	return a.accountUser(k.signer, k.acc, name)
+	return a.accountUser(k.signer, k.acc, name, false)
 }
 
 // ServiceUser creates an unscoped FLEET user with every permission, for the
 // coordinator's own in-process connection to the clients: it answers their
 // requests and sends devices their triggers. It is never written to disk.
 func (a *Authority) ServiceUser(name string) (*Creds, error) {
-	return a.accountUser(a.fleetSvc, a.fleet, name)
+	return a.accountUser(a.fleetSvc, a.fleet, name, false)
 }
 
 // SystemUser creates a system-account user for the coordinator: it listens
 // to connect/disconnect events and pushes account JWT updates.
 func (a *Authority) SystemUser(name string) (*Creds, error) {
-	return a.accountUser(a.systemSvc, a.system, name)
+	return a.accountUser(a.systemSvc, a.system, name, false)
 }
 
 // IssueSiteSystemUser signs a system-account user JWT for a site's leaf
@@ -841,7 +829,10 @@ func (a *Authority) IssueSiteCacheUser(pub, site string) (string, error) {
 	return tok, nil
 }
 
-func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds, error) {
+// accountUser creates a user of acc signed by signer; with scoped, the
+// signer is a scoped signing key, whose users may carry no permissions or
+// limits of their own.
+func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string, scoped bool) (*Creds, error) {
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		return nil, err
@@ -849,6 +840,9 @@ func (a *Authority) accountUser(signer, acc nkeys.KeyPair, name string) (*Creds,
 	uc := jwt.NewUserClaims(mustPub(kp))
 	uc.Name = name
 	uc.IssuerAccount = mustPub(acc)
+	if scoped {
+		uc.UserPermissionLimits = jwt.UserPermissionLimits{}
+	}
 	tok, err := uc.Encode(signer)
 	if err != nil {
 		return nil, fmt.Errorf("sign %s user: %w", name, err)

@@ -77,6 +77,8 @@ func (c *Coordinator) laterRevocation(ctx context.Context, key string, at int64,
 		}
 		if _, err = c.revocations.Update(ctx, key, b, e.Revision()); err == nil {
 			return nil
+		} else if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongRevision(err) {
+			return err
 		}
 	}
 	return errors.New("the revocation changed under us five times: retry")
