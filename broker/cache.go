@@ -187,7 +187,7 @@ func (s *services) startCache(ctx context.Context) error {
 	_, _ = rand.Read(id[:])
 	cs.inst = hex.EncodeToString(id[:])
 	var err error
-	// Both are made with the other streams and buckets (ensureAssets).
+	// Both are made with the other streams and buckets (ensureStreams).
 	if cs.narinfo, err = s.c.js.KeyValue(ctx, subjects.BucketNarInfo); err != nil {
 		return fmt.Errorf("bucket %s: %w", subjects.BucketNarInfo, err)
 	}

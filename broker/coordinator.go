@@ -490,7 +490,7 @@ func (c *Coordinator) waitJetStream(ctx context.Context) error {
 	}
 }
 
-// ensureStreams creates or updates every stream and bucket. In a cluster
+// ensureStreams creates or updates every stream, bucket and object store. In a cluster
 // every coordinator does so, concurrently, while the JetStream peers are
 // still coming up (an R3 stream needs three of them): retry until it holds.
 func (c *Coordinator) ensureStreams(ctx context.Context) error {

@@ -157,9 +157,9 @@ type siteMeta struct {
 	revoked bool
 }
 
-// siteBounds reads a site's name, bounds and links from a consumer's
+// parseSiteMeta reads a site's name, bounds and links from a consumer's
 // metadata.
-func siteBounds(ci *jetstream.ConsumerInfo) (siteMeta, bool) {
+func parseSiteMeta(ci *jetstream.ConsumerInfo) (siteMeta, bool) {
 	md := ci.Config.Metadata
 	site := md[siteMetaSite]
 	n, err1 := strconv.ParseInt(md[siteMetaBytes], 10, 64)
@@ -183,12 +183,12 @@ func (cs *cacheStore) ensureSiteMirrors(ctx context.Context) (pending bool) {
 	}
 	lister := stream.ListConsumers(ctx)
 	for ci := range lister.Info() {
-		m, ok := siteBounds(ci)
+		m, ok := parseSiteMeta(ci)
 		if !ok {
 			continue
 		}
 		if m.revoked {
-			if err := cs.revokedSite(ctx, m.site, m.from); err != nil {
+			if err := cs.pushRevokedSite(ctx, m.site, m.from); err != nil {
 				cs.log.Warn().Err(err).Str("site", m.site).Msg("site cache: the revocation of the site's links not pushed (yet)")
 				pending = true
 			}
@@ -264,11 +264,11 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	return nc, nil
 }
 
-// revokedSite pushes site's link account with every link issued before
+// pushRevokedSite pushes site's link account with every link issued before
 // from revoked (again on every pass: a peer's push of an older account,
 // raced with the revoke, is undone within a pass) and drops the
 // coordinator's own connection to it.
-func (cs *cacheStore) revokedSite(ctx context.Context, site string, from time.Time) error {
+func (cs *cacheStore) pushRevokedSite(ctx context.Context, site string, from time.Time) error {
 	cs.linkMu.Lock()
 	defer cs.linkMu.Unlock()
 	if l := cs.links[site]; l != nil {
@@ -297,7 +297,7 @@ func (cs *cacheStore) siteMetaNow(ctx context.Context, site string) (siteMeta, e
 	if err != nil {
 		return siteMeta{}, fmt.Errorf("site %s: %w", site, err)
 	}
-	m, ok := siteBounds(c.CachedInfo())
+	m, ok := parseSiteMeta(c.CachedInfo())
 	if !ok {
 		return siteMeta{}, fmt.Errorf("site %s: its consumer's metadata is damaged", site)
 	}
@@ -322,7 +322,7 @@ func (cs *cacheStore) revokeSiteLinks(ctx context.Context, site string) (bool, e
 	if err := cs.s.setupSiteConsumers(ctx, site, m.sc, from, true); err != nil {
 		return false, err
 	}
-	if err := cs.revokedSite(ctx, site, from); err != nil {
+	if err := cs.pushRevokedSite(ctx, site, from); err != nil {
 		return false, err
 	}
 	cs.log.Info().Str("site", site).Msg("site cache: every cache link of the site revoked")
@@ -369,7 +369,7 @@ func (cs *cacheStore) siteRequest(ctx context.Context, site string, from time.Ti
 	return &r, nil
 }
 
-// siteMirrorConfig is the config of site's mirror of src.
+// siteMirrorConfig is the config of mirror, site's copy of the hub's stream (which holds kind).
 func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *model.SiteCache) jetstream.StreamConfig {
 	return jetstream.StreamConfig{
 		Name:        mirror,

@@ -905,7 +905,7 @@ func TestLeafRevoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, ok := siteBounds(cons.CachedInfo())
+	m, ok := parseSiteMeta(cons.CachedInfo())
 	if !ok || !m.revoked {
 		t.Fatalf("berlin's consumer after the revoke: %+v", m)
 	}

@@ -124,7 +124,7 @@ func streamConfigs(cfg Config, disk int64) []jetstream.StreamConfig {
 	}
 }
 
-// ensureStreams creates or updates every stream and bucket; running it
+// ensureStreams creates or updates every stream, bucket and object store; running it
 // again with the same config changes nothing.
 func ensureStreams(ctx context.Context, js jetstream.JetStream, cfg Config, disk int64) error {
 	for _, a := range assets(js, cfg, disk) {
