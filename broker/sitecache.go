@@ -241,15 +241,10 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	if m, err := cs.siteMetaNow(ctx, site); err == nil && (m.revoked || m.from.After(from)) {
 		return nil, fmt.Errorf("site %s: its cache link changed meanwhile (revoked or issued again): next pass", site)
 	}
-	auth := cs.s.c.auth
-	tok, err := auth.SiteLinkJWT(site, from)
-	if err != nil {
-		return nil, fmt.Errorf("site %s: %w", site, err)
+	if err := cs.pushSiteLinkLocked(ctx, site, from); err != nil {
+		return nil, err
 	}
-	if err := cs.s.c.PushAccount(ctx, tok); err != nil {
-		return nil, fmt.Errorf("site %s: %w", site, err)
-	}
-	cr, err := auth.SiteLinkUser(site, "fleet-coordinator-site-"+site)
+	cr, err := cs.s.c.auth.SiteLinkUser(site, "fleet-coordinator-site-"+site)
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
@@ -257,10 +252,7 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
 	}
-	if cs.links == nil {
-		cs.links = map[string]*siteLinkConn{}
-	}
-	cs.links[site] = &siteLinkConn{nc: nc, from: from}
+	cs.links[site].nc = nc
 	return nc, nil
 }
 
@@ -271,12 +263,17 @@ func (cs *cacheStore) siteConn(ctx context.Context, site string, from time.Time)
 func (cs *cacheStore) pushRevokedSite(ctx context.Context, site string, from time.Time) error {
 	cs.linkMu.Lock()
 	defer cs.linkMu.Unlock()
-	if l := cs.links[site]; l != nil {
-		if l.nc != nil {
-			l.nc.Close()
-		}
-		delete(cs.links, site)
+	return cs.pushSiteLinkLocked(ctx, site, from)
+}
+
+// pushSiteLinkLocked drops the coordinator's connection to site's link
+// account, pushes the account with every link issued before from revoked,
+// and records that (with no connection yet). linkMu is held.
+func (cs *cacheStore) pushSiteLinkLocked(ctx context.Context, site string, from time.Time) error {
+	if l := cs.links[site]; l != nil && l.nc != nil {
+		l.nc.Close()
 	}
+	delete(cs.links, site)
 	tok, err := cs.s.c.auth.SiteLinkJWT(site, from)
 	if err != nil {
 		return fmt.Errorf("site %s: %w", site, err)
