@@ -338,15 +338,12 @@ type jsAPIReply struct {
 
 const jsErrStreamNotFound = 10059
 
-// siteRequest sends a JetStream API request into site's domain.
-func (cs *cacheStore) siteRequest(ctx context.Context, site string, from time.Time, api string, body []byte) (*jsAPIReply, error) {
+// siteRequest sends a JetStream API request into site's domain over nc,
+// the coordinator's connection to the site's link account: the site may
+// answer only into its own reply subjects.
+func (cs *cacheStore) siteRequest(ctx context.Context, nc *nats.Conn, site, api string, body []byte) (*jsAPIReply, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	// The site may answer only into its own reply subjects.
-	nc, err := cs.siteConn(ctx, site, from)
-	if err != nil {
-		return nil, err
-	}
 	sub, err := nc.SubscribeSync(subjects.SiteCacheReply(site, nats.NewInbox()[len(nats.InboxPrefix):]))
 	if err != nil {
 		return nil, fmt.Errorf("site %s: %w", site, err)
@@ -366,11 +363,11 @@ func (cs *cacheStore) siteRequest(ctx context.Context, site string, from time.Ti
 	return &r, nil
 }
 
-// siteMirrorConfig is the config of mirror, site's copy of the hub's stream (which holds kind).
-func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *model.SiteCache) jetstream.StreamConfig {
+// siteMirrorConfig is the config of site's mirror of src.
+func (cs *cacheStore) siteMirrorConfig(site string, src subjects.SiteSource, sc *model.SiteCache) jetstream.StreamConfig {
 	return jetstream.StreamConfig{
-		Name:        mirror,
-		Description: "fleet binary cache at site " + site + ": a mirror of the hub's " + stream,
+		Name:        src.Mirror,
+		Description: "fleet binary cache at site " + site + ": a mirror of the hub's " + src.Stream,
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.LimitsPolicy,
 		Discard:     jetstream.DiscardOld,
@@ -378,9 +375,9 @@ func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *mo
 		MaxAge:      time.Duration(sc.MaxAge),
 		AllowDirect: true,
 		Mirror: &jetstream.StreamSource{
-			Name:     stream,
+			Name:     src.Stream,
 			External: &jetstream.ExternalStream{APIPrefix: subjects.SiteHubAPI},
-			Consumer: &jetstream.StreamConsumerSource{Name: subjects.SiteCacheConsumer(site, kind), DeliverSubject: subjects.SiteCacheDeliver(site, kind)},
+			Consumer: &jetstream.StreamConsumerSource{Name: subjects.SiteCacheConsumer(site, src.Kind), DeliverSubject: subjects.SiteCacheDeliver(site, src.Kind)},
 		},
 	}
 }
@@ -388,9 +385,15 @@ func (cs *cacheStore) siteMirrorConfig(site, kind, stream, mirror string, sc *mo
 // ensureSiteMirror creates site's two mirrors when they do not exist and
 // updates their bounds when they changed.
 func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *model.SiteCache, from time.Time) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	nc, err := cs.siteConn(cctx, site, from)
+	cancel()
+	if err != nil {
+		return err
+	}
 	for _, src := range subjects.SiteSources() {
-		want := cs.siteMirrorConfig(site, src.Kind, src.Stream, src.Mirror, sc)
-		info, err := cs.siteRequest(ctx, site, from, "STREAM.INFO."+src.Mirror, nil)
+		want := cs.siteMirrorConfig(site, src, sc)
+		info, err := cs.siteRequest(ctx, nc, site, "STREAM.INFO."+src.Mirror, nil)
 		if err != nil {
 			return err
 		}
@@ -407,7 +410,7 @@ func (cs *cacheStore) ensureSiteMirror(ctx context.Context, site string, sc *mod
 			continue
 		}
 		body, _ := json.Marshal(want)
-		r, err := cs.siteRequest(ctx, site, from, "STREAM."+verb+"."+src.Mirror, body)
+		r, err := cs.siteRequest(ctx, nc, site, "STREAM."+verb+"."+src.Mirror, body)
 		if err != nil {
 			return err
 		}
