@@ -108,9 +108,6 @@ type Authority struct {
 	fleetClaim *jwt.AccountClaims // current, including revocations
 	coreClaim  *jwt.AccountClaims
 	systemJWT  string
-
-	linkMu sync.Mutex
-	links  map[string]siteLinkKeys // by site, derived from core
 }
 
 // Initialized reports whether dir holds an initialised fleet.
@@ -412,11 +409,8 @@ func (a *Authority) siteLink(site string) (siteLinkKeys, error) {
 	if !subjects.ValidSite(site) || site == subjects.DefaultSite {
 		return siteLinkKeys{}, fmt.Errorf("site %q: use lower-case letters, digits and - (e.g. berlin), not the hub's", site)
 	}
-	a.linkMu.Lock()
-	defer a.linkMu.Unlock()
-	if k, ok := a.links[site]; ok {
-		return k, nil
-	}
+	// Derived afresh each time (an HMAC each): a site's link is signed a
+	// few times a minute at most.
 	acc, err := deriveAccount(a.core, "site link account "+site)
 	if err != nil {
 		return siteLinkKeys{}, err
@@ -425,12 +419,7 @@ func (a *Authority) siteLink(site string) (siteLinkKeys, error) {
 	if err != nil {
 		return siteLinkKeys{}, err
 	}
-	if a.links == nil {
-		a.links = map[string]siteLinkKeys{}
-	}
-	k := siteLinkKeys{acc, signer}
-	a.links[site] = k
-	return k, nil
+	return siteLinkKeys{acc, signer}, nil
 }
 
 // deriveAccount derives an account key from parent's seed and label.
