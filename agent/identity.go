@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math/rand/v2"
+	"net"
 	neturl "net/url"
 	"os"
 	"path/filepath"
@@ -53,6 +54,9 @@ type ConnOptions struct {
 	// OnClosed runs when nats.go gives up on the connection while ctx is
 	// live (not on a Close at shutdown), with the last error.
 	OnClosed func(error)
+	// WrapConn, when set, wraps each TCP connection to a server (see
+	// natsdial.Dialer.Wrap).
+	WrapConn func(net.Conn) net.Conn
 }
 
 // Connect dials the fleet with the device's creds and keeps reconnecting
@@ -68,7 +72,7 @@ func Connect(ctx context.Context, creds *accounts.Creds, o ConnOptions) (*nats.C
 		return nil, err
 	}
 	log := o.Log
-	dialer := &natsdial.Dialer{}
+	dialer := &natsdial.Dialer{Wrap: o.WrapConn}
 	opts := []nats.Option{
 		nats.UserJWTAndSeed(creds.JWT, string(seed)),
 		// Templates let a device read replies only under its own prefix.

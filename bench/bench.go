@@ -53,6 +53,13 @@ type Options struct {
 	LogLevel string
 	// MemoryLimit is the coordinator's GOMEMLIMIT ("": none).
 	MemoryLimit string
+	// SimNice is the simulators' nice value. The simulated devices' work
+	// (checking and applying a desired state, signing reports) runs on
+	// each device's own CPU in a real fleet; here it shares two cores
+	// with the server it is measured against, and at equal priority it
+	// takes the CPU the server needs to tell the rest of the fleet. Raw
+	// NATS's simulators run at the same value.
+	SimNice int
 	// Progress receives a line per phase.
 	Progress io.Writer
 }
@@ -103,6 +110,7 @@ type Result struct {
 	Devices     int       `json:"devices"`
 	MemoryLimit string    `json:"coordinator_gomemlimit,omitempty"`
 	Processes   int       `json:"sim_processes"`
+	SimNice     int       `json:"sim_nice"`
 	LoadStart   float64   `json:"load_avg_start"`
 	LoadEnd     float64   `json:"load_avg_end"`
 	Started     time.Time `json:"started"`
@@ -258,7 +266,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.DeviceDir == "" {
 		o.DeviceDir = filepath.Join(o.Dir, "devices")
 	}
-	res := &Result{Devices: o.Devices, MemoryLimit: o.MemoryLimit, LoadStart: loadAvg(), Started: time.Now().UTC(), DeviceDir: o.DeviceDir}
+	res := &Result{Devices: o.Devices, MemoryLimit: o.MemoryLimit, SimNice: o.SimNice, LoadStart: loadAvg(), Started: time.Now().UTC(), DeviceDir: o.DeviceDir}
 	if !o.NoRaw {
 		raw, err := runRaw(ctx, o)
 		if err != nil {
@@ -335,7 +343,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 	for i, part := range split(o.Devices, o.PerProcess) {
 		s, err := startSim(ctx, o.Self, "sim", filepath.Join(o.Dir, fmt.Sprintf("sim-%d.log", i)), simConfig{
 			Servers: []string{server}, Dir: o.DeviceDir, First: part[0], Count: part[1],
-			Token: tok.Token, Signer: cr.PublicKey(), FactsInterval: o.FactsInterval, Gen0: gen0,
+			Token: tok.Token, Signer: cr.PublicKey(), FactsInterval: o.FactsInterval, Gen0: gen0, Nice: o.SimNice,
 		})
 		if err != nil {
 			return err
@@ -623,7 +631,7 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	var sims []*sim
 	for i, part := range split(o.Devices, o.PerProcess) {
 		s, err := startSim(ctx, o.Self, "raw-sim", filepath.Join(o.Dir, fmt.Sprintf("raw-sim-%d.log", i)),
-			simConfig{Servers: []string{url}, First: part[0], Count: part[1]})
+			simConfig{Servers: []string{url}, First: part[0], Count: part[1], Nice: o.SimNice})
 		if err != nil {
 			return nil, err
 		}
@@ -671,7 +679,9 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	var notify, get []time.Duration
 	for _, r := range replies {
 		for i := range r.Received {
-			notify = append(notify, time.Unix(0, r.Received[i]).Sub(t0))
+			if r.Received[i] != 0 {
+				notify = append(notify, time.Unix(0, r.Received[i]).Sub(t0))
+			}
 			get = append(get, time.Unix(0, r.Answered[i]).Sub(t0))
 		}
 	}

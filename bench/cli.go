@@ -37,6 +37,7 @@ type RunCmd struct {
 	JSON          bool          `help:"Print the figures as JSON." env:"FLEET_BENCH_JSON"`
 	MemoryLimit   string        `help:"The coordinator's GOMEMLIMIT (e.g. 900MiB): how its memory and CPU trade at this fleet size." env:"FLEET_BENCH_COORDINATOR_GOMEMLIMIT" placeholder:"SIZE"`
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
+	SimNice       int           `help:"The simulator processes' nice value (raw NATS's too): a real device's work runs on its own CPU, not the server's; 0 shares the CPU equally." default:"10" env:"FLEET_BENCH_SIM_NICE"`
 	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy), its heap profile (idle) and one simulator's CPU profile of each deploy into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
 }
 
@@ -69,7 +70,7 @@ func (cmd *RunCmd) Run(k *kong.Context) error {
 	res, err := Run(ctx, Options{
 		DeviceDir: devDir,
 		Devices:   cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
-		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, MemoryLimit: cmd.MemoryLimit, Progress: k.Stderr,
+		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, MemoryLimit: cmd.MemoryLimit, SimNice: cmd.SimNice, Progress: k.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("%w (logs of every process in %s)", err, dir)

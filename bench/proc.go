@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -175,4 +176,32 @@ func startProc(ctx context.Context, logFile string, env []string, name string, a
 	}
 	go func() { _ = cmd.Wait(); lf.Close() }()
 	return cmd, nil
+}
+
+// renice sets every thread of this process to nice (threads started later
+// inherit it from the one that starts them). On Linux a nice value is a
+// thread's, not the process's: setpriority on the pid alone would leave
+// the Go runtime's other threads where they were.
+func renice(nice int) error {
+	if nice == 0 {
+		return nil
+	}
+	// Twice: a thread started while the first pass ran may have copied
+	// its value from a thread not yet reniced.
+	for range 2 {
+		tasks, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			return fmt.Errorf("renice: %w", err)
+		}
+		for _, t := range tasks {
+			tid, err := strconv.Atoi(t.Name())
+			if err != nil {
+				continue
+			}
+			if err := syscall.Setpriority(syscall.PRIO_PROCESS, tid, nice); err != nil {
+				return fmt.Errorf("renice thread %d to %d: %w", tid, nice, err)
+			}
+		}
+	}
+	return nil
 }

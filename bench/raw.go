@@ -51,6 +51,9 @@ func RunRawSim(ctx context.Context, in io.Reader, out io.Writer) error {
 	if err := json.Unmarshal(sc.Bytes(), &cfg); err != nil {
 		return fmt.Errorf("raw simulator config: %w", err)
 	}
+	if err := renice(cfg.Nice); err != nil {
+		return err
+	}
 	var mu sync.Mutex
 	notified := make([]int64, cfg.Count)
 	answered := make([]int64, cfg.Count)
@@ -71,21 +74,24 @@ func RunRawSim(ctx context.Context, in io.Reader, out io.Writer) error {
 		case "start":
 			for i := range cfg.Count {
 				n := cfg.First + i
-				nc, err := nats.Connect(cfg.Servers[0], nats.Name("raw-bench"), nats.MaxReconnects(-1))
+				stamp := stampDialer{subject: rawNotify(n), onMsg: func(at time.Time, _ []byte) {
+					mu.Lock()
+					if notified[i] == 0 {
+						notified[i] = at.UnixNano()
+					}
+					mu.Unlock()
+				}}
+				nc, err := nats.Connect(cfg.Servers[0], nats.Name("raw-bench"), nats.MaxReconnects(-1), nats.SetCustomDialer(stamp))
 				if err != nil {
 					r.Error = err.Error()
 					break
 				}
 				conns = append(conns, nc)
 				_, err = nc.Subscribe(rawNotify(n), func(*nats.Msg) {
-					t := time.Now().UnixNano()
-					mu.Lock()
-					notified[i] = t
-					mu.Unlock()
 					if _, err := nc.Request(rawGet(n), nil, 30*time.Second); err != nil {
 						return
 					}
-					t = time.Now().UnixNano()
+					t := time.Now().UnixNano()
 					mu.Lock()
 					answered[i] = t
 					mu.Unlock()

@@ -10,8 +10,8 @@ import (
 // baseline has the same figure.
 func Print(w io.Writer, r *Result) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "fleet-bench: %d devices in %d simulator processes (real agent loops, instant activator, state in %s), load average %.1f → %.1f\n\n",
-		r.Devices, r.Processes, r.DeviceDir, r.LoadStart, r.LoadEnd)
+	fmt.Fprintf(tw, "fleet-bench: %d devices in %d simulator processes at nice %d (real agent loops, instant activator, state in %s), load average %.1f → %.1f\n\n",
+		r.Devices, r.Processes, r.SimNice, r.DeviceDir, r.LoadStart, r.LoadEnd)
 	fmt.Fprintln(tw, "FIGURE\tFLEET\tRAW NATS\tFLEET/RAW")
 	ratio := func(a, b float64) string {
 		if b <= 0 {
@@ -30,7 +30,7 @@ func Print(w io.Writer, r *Result) error {
 		}
 		return lat(l)
 	}
-	fmt.Fprintf(tw, "deploy all → trigger with the state received by the agent, p50 / p99 / max\t%s\t%s\t%s (p99)\n",
+	fmt.Fprintf(tw, "deploy all → trigger with the state at the agent's socket, p50 / p99 / max\t%s\t%s\t%s (p99)\n",
 		lat(r.All.Notify), rawLat(raw.Notify), ratio(r.All.Notify.P99, raw.Notify.P99))
 	fmt.Fprintf(tw, "deploy all → agent checked it and began to fetch, p50 / p99 / max\t%s\t%s\t%s (p99, vs notify + a request)\n",
 		lat(r.All.Acted), rawLat(raw.Get), ratio(r.All.Acted.P99, raw.Get.P99))
@@ -40,7 +40,7 @@ func Print(w io.Writer, r *Result) error {
 	fmt.Fprintf(tw, "events / facts stored per device while the rollout ran\t%.2f / %.2f\t-\t\n", r.All.EventsPerDevice, r.All.FactsPerDevice)
 	fmt.Fprintf(tw, "coordinator CPU during deploy all\t%.0f%% of a core\t-\t\n", 100*r.All.CPU)
 	fmt.Fprintf(tw, "staged deploy (batches %v) → rollout %s\t%.2f s\t-\t\n", r.Staged.Batches, r.Staged.State, r.Staged.Succeeded)
-	fmt.Fprintf(tw, "staged: trigger received (all batches) p50 / p99 / max, applies per device\t%s, %.2f\t-\t\n", lat(r.Staged.Notify), r.Staged.SwitchesPerDevice)
+	fmt.Fprintf(tw, "staged: trigger at the agent's socket (all batches) p50 / p99 / max, applies per device\t%s, %.2f\t-\t\n", lat(r.Staged.Notify), r.Staged.SwitchesPerDevice)
 	rawMiB := func(b int64) string {
 		if r.Raw == nil {
 			return "-"

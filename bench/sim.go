@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime/pprof"
@@ -40,6 +41,8 @@ type simConfig struct {
 	Signer        string        `json:"signer"`
 	FactsInterval time.Duration `json:"facts_interval"`
 	Gen0          string        `json:"gen0"`
+	// Nice is the simulator's nice value (see Options.SimNice).
+	Nice int `json:"nice,omitempty"`
 }
 
 // simCmd is a driver's command; simReply a simulator's answer.
@@ -86,19 +89,19 @@ func newInstant(gen0 string) *instant {
 	return &instant{current: gen0, fetched: map[string]int64{}, switches: map[string]int{}, received: map[string]int64{}}
 }
 
-// onTrigger notes when a trigger first brought each store path: a second
-// subscription on the agent's own connection to its own trigger subject.
-func (a *instant) onTrigger(m *nats.Msg) {
-	now := time.Now().UnixNano()
+// onTrigger notes when a trigger first brought each store path: at is
+// when its bytes reached the device's socket (see stampConn), before the
+// agent's own checks.
+func (a *instant) onTrigger(at time.Time, payload []byte) {
 	var r model.DesiredReply
 	var d model.Desired
-	if json.Unmarshal(m.Data, &r) != nil || json.Unmarshal(r.Desired, &d) != nil || d.StorePath == "" {
+	if json.Unmarshal(payload, &r) != nil || json.Unmarshal(r.Desired, &d) != nil || d.StorePath == "" {
 		return
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if _, ok := a.received[d.StorePath]; !ok {
-		a.received[d.StorePath] = now
+		a.received[d.StorePath] = at.UnixNano()
 	}
 }
 
@@ -193,6 +196,9 @@ func RunSim(ctx context.Context, in io.Reader, out io.Writer) error {
 	var cfg simConfig
 	if err := json.Unmarshal(sc.Bytes(), &cfg); err != nil {
 		return fmt.Errorf("simulator config: %w", err)
+	}
+	if err := renice(cfg.Nice); err != nil {
+		return err
 	}
 	warns := &warnCounter{}
 	log := zerolog.New(warns).Level(zerolog.WarnLevel)
@@ -385,14 +391,15 @@ func startAll(ctx, runCtx context.Context, running *sync.WaitGroup, cfg simConfi
 		if err != nil {
 			return err
 		}
-		nc, err := agent.Connect(ctx, d.creds, agent.ConnOptions{Servers: cfg.Servers, Name: "fleet-bench " + d.host, Log: log, OnConnect: ag.OnConnect})
+		notify := subjects.DeviceNotify(d.creds.Site(), d.creds.PublicKey())
+		nc, err := agent.Connect(ctx, d.creds, agent.ConnOptions{
+			Servers: cfg.Servers, Name: "fleet-bench " + d.host, Log: log, OnConnect: ag.OnConnect,
+			WrapConn: func(c net.Conn) net.Conn { return stampedConn(c, notify, d.act.onTrigger) },
+		})
 		if err != nil {
 			return err
 		}
 		d.ag, d.nc = ag, nc
-		if _, err := nc.Subscribe(subjects.DeviceNotify(d.creds.Site(), d.creds.PublicKey()), d.act.onTrigger); err != nil {
-			return err
-		}
 		running.Go(func() { _ = ag.Run(runCtx, nc) })
 	}
 	deadline := time.Now().Add(5 * time.Minute)

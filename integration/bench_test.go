@@ -37,6 +37,11 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("%s rollout: %s, %d of %d devices acted, %.2f applies and %.2f triggers per device; want succeeded, all, exactly 1 each",
 				ro.Strategy, ro.State, ro.Notified, n, ro.SwitchesPerDevice, ro.TriggersPerDevice)
 		}
+		// Each trigger's arrival was read off its device's socket.
+		if ro.Notify.N != n || ro.Notify.P50 <= 0 || ro.Notify.Max > ro.Succeeded {
+			t.Errorf("%s rollout: %d of %d triggers' arrivals measured (p50 %.3f s, max %.3f s, succeeded after %.3f s)",
+				ro.Strategy, ro.Notify.N, n, ro.Notify.P50, ro.Notify.Max, ro.Succeeded)
+		}
 	}
 	if len(r.Staged.Batches) != 4 {
 		t.Errorf("staged rollout batches %v, want 4", r.Staged.Batches)

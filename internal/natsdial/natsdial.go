@@ -49,6 +49,9 @@ type Dialer struct {
 	// Greeting bounds the wait for the server's first bytes (default
 	// DefaultGreeting).
 	Greeting time.Duration
+	// Wrap, when set, wraps each TCP connection made (a bench reads the
+	// kernel's receive times through it).
+	Wrap func(net.Conn) net.Conn
 
 	mu      sync.Mutex
 	addr    string
@@ -75,6 +78,9 @@ func (d *Dialer) Dial(network, address string) (net.Conn, error) {
 		d.dialErr = err
 		d.mu.Unlock()
 		return nil, err
+	}
+	if d.Wrap != nil {
+		c = d.Wrap(c)
 	}
 	greeting := d.Greeting
 	if greeting <= 0 {
