@@ -27,6 +27,14 @@ type bulkMsg struct {
 // message for being one too many: it waits for acks instead. A message
 // not acknowledged when ctx ends gets ctx's error.
 func publishBulk(ctx context.Context, js jetstream.JetStream, msgs []bulkMsg) ([]*jetstream.PubAck, []error) {
+	return publishBulkEach(ctx, js, msgs, nil)
+}
+
+// publishBulkEach is publishBulk that also calls stored (when not nil) with
+// each message the stream acknowledged, on the calling goroutine, as the
+// acks come: whatever depends on one message's write need not wait for
+// the whole batch.
+func publishBulkEach(ctx context.Context, js jetstream.JetStream, msgs []bulkMsg, stored func(i int, ack *jetstream.PubAck)) ([]*jetstream.PubAck, []error) {
 	acks := make([]*jetstream.PubAck, len(msgs))
 	errs := make([]error, len(msgs))
 	type pending struct {
@@ -38,6 +46,9 @@ func publishBulk(ctx context.Context, js jetstream.JetStream, msgs []bulkMsg) ([
 		select {
 		case a := <-p.f.Ok():
 			acks[p.i] = a
+			if stored != nil {
+				stored(p.i, a)
+			}
 		case err := <-p.f.Err():
 			errs[p.i] = err
 		case <-ctx.Done():

@@ -438,39 +438,56 @@ func (a announcement) trigger(pace *model.Pace) []byte {
 	return b
 }
 
-// announce tells each device of its change, on the notify connections:
-// a device's triggers always on the same one (in order), the connections
-// in parallel, so a batch of a whole fleet leaves as fast as the server
-// takes it, apart from the replies to what devices send.
+// announce tells each device of its change (see announcer).
 func (s *services) announce(as []announcement) {
-	// Reports wait while a batch is announced (see yieldToAnnounce).
-	done := make(chan struct{})
-	s.announcing.Store(&done)
-	defer func() {
-		s.announcing.Store(nil)
-		close(done)
-	}()
-	pace := paceFor(len(as))
-	parts := make([][]announcement, len(s.notifiers))
+	tell, done := s.announcer(len(as))
 	for _, a := range as {
-		i := laneIndex(a.id, len(s.notifiers))
-		parts[i] = append(parts[i], a)
+		tell(a)
 	}
+	done()
+}
+
+// announcer tells a batch of n devices of their changes, one tell each as
+// its state is written, and done once all are: a device's triggers always
+// on the same notify connection (in order), the connections in parallel,
+// each with a goroutine of its own so that tell never waits for the
+// server. Reports wait while a batch is told (see yieldToAnnounce). tell
+// and done are for one goroutine.
+func (s *services) announcer(n int) (tell func(announcement), done func()) {
+	finished := make(chan struct{})
+	s.announcing.Store(&finished)
+	pace := paceFor(n)
+	queues := make([]chan announcement, len(s.notifiers))
 	var wg sync.WaitGroup
-	for i, part := range parts {
-		if len(part) == 0 {
-			continue
+	told := 0
+	tell = func(a announcement) {
+		i := laneIndex(a.id, len(s.notifiers))
+		if queues[i] == nil {
+			q := make(chan announcement, n)
+			queues[i] = q
+			nc := s.notifiers[i]
+			wg.Go(func() {
+				for a := range q {
+					_ = nc.Publish(subjects.DeviceNotify(a.site, a.id), a.trigger(pace))
+				}
+				_ = nc.Flush()
+			})
 		}
-		nc := s.notifiers[i]
-		wg.Go(func() {
-			for _, a := range part {
-				_ = nc.Publish(subjects.DeviceNotify(a.site, a.id), a.trigger(pace))
-			}
-			_ = nc.Flush()
-		})
+		queues[i] <- a
+		told++
 	}
-	wg.Wait()
-	s.traffic.WithLabelValues("trigger").Add(float64(len(as)))
+	done = func() {
+		for _, q := range queues {
+			if q != nil {
+				close(q)
+			}
+		}
+		wg.Wait()
+		s.traffic.WithLabelValues("trigger").Add(float64(told))
+		s.announcing.Store(nil)
+		close(finished)
+	}
+	return tell, done
 }
 
 // A batch of paceFrom devices or more is told to pace its reports (see

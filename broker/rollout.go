@@ -352,7 +352,8 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 		return err
 	}
 	b, _ := json.Marshal(ro)
-	if _, err := r.rollouts.Create(ctx, ro.ID, b); err != nil {
+	rev, err := r.rollouts.Create(ctx, ro.ID, b)
+	if err != nil {
 		// Leave nothing half-written: the device records go too.
 		for _, d := range devs {
 			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
@@ -366,9 +367,36 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 	}
 	r.log.Info().Str("rollout", ro.ID).Str("kind", ro.Kind).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
 	// When this coordinator leads the engine, start now rather than when
-	// the summary's watch delivers it.
+	// the summary's watch delivers it, from what was just written rather
+	// than a read of every device record.
+	r.seed(ro, rev, devs)
 	r.follow(ro.ID, ro)
 	return nil
+}
+
+// seed gives a leading engine the device records of a rollout it just
+// recorded at rev, as Devices would read them back.
+func (r *rollouts) seed(ro *model.Rollout, rev uint64, devs []*model.RolloutDevice) {
+	c := &engineCache{rev: rev, devs: make([]*model.RolloutDevice, len(devs)), byID: make(map[string]*model.RolloutDevice, len(devs))}
+	for i, d := range devs {
+		cp := *d
+		c.devs[i] = &cp
+		c.byID[d.Device] = &cp
+	}
+	slices.SortFunc(c.devs, byBatchAndName)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.active != nil && r.cache[ro.ID] == nil { // leading
+		r.cache[ro.ID] = c
+	}
+}
+
+// byBatchAndName is the order of a rollout's devices.
+func byBatchAndName(a, b *model.RolloutDevice) int {
+	if a.Batch != b.Batch {
+		return a.Batch - b.Batch
+	}
+	return strings.Compare(a.Name, b.Name)
 }
 
 func randomSeed() uint64 {
@@ -522,20 +550,39 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 				return fmt.Errorf("claim %s: %w", d.Name, errs[i])
 			}
 		}
+		if len(rest) == 0 {
+			return nil
+		}
+		// The devices claimed before (by a rollout since finished, most
+		// often: every deploy after a fleet's first): their claims read,
+		// all at once for many, and taken over in bulk, each write
+		// expecting the revision read.
+		prior := map[string]jetstream.KeyValueEntry{}
+		if len(rest) > claimScanFrom {
+			if err := eachKey(ctx, r.claims, func(e jetstream.KeyValueEntry) { prior[e.Key()] = e }); err != nil {
+				undo()
+				return err
+			}
+		} else {
+			for _, d := range rest {
+				e, err := r.claims.Get(ctx, d.Device)
+				if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+					undo()
+					return fmt.Errorf("claim %s: %w", d.Name, err)
+				}
+				if err == nil {
+					prior[d.Device] = e
+				}
+			}
+		}
+		msgs = msgs[:0]
 		for _, d := range rest {
-			rev, err := r.claims.Create(ctx, d.Device, []byte(id))
-			if err == nil {
-				got = append(got, held{d.Device, rev})
+			e := prior[d.Device]
+			if e == nil {
+				// Given back since: create it again.
+				msgs = append(msgs, bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
+					opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(0)}})
 				continue
-			}
-			if !errors.Is(err, jetstream.ErrKeyExists) {
-				undo()
-				return fmt.Errorf("claim %s: %w", d.Name, err)
-			}
-			e, err := r.claims.Get(ctx, d.Device)
-			if err != nil {
-				undo()
-				return fmt.Errorf("claim %s: %w", d.Name, err)
 			}
 			owner := string(e.Value())
 			free, ok := finished[owner]
@@ -543,27 +590,38 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 				ro, _, err := r.Get(ctx, owner)
 				var ae *apiError
 				free = err == nil && ro.State.Finished()
-				finished[owner] = free
 				// A claim without its rollout is one being created right
 				// now (its summary comes last), or left by a deploy that
 				// died midway: free only once it is clearly the latter.
 				if errors.As(err, &ae) && ae.code == model.CodeNotFound && time.Since(e.Created()) > orphanClaimAge {
 					free = true
 				}
+				finished[owner] = free
 			}
 			if !free && !superseded[owner+"/"+d.Device] {
 				undo()
 				return conflict("device %s is claimed by unfinished rollout %s: wait for it, abort it, or pass --supersede", d.Name, owner)
 			}
-			rev, err = r.claims.Update(ctx, d.Device, []byte(id), e.Revision())
-			if err != nil {
-				undo()
-				if isWrongRevision(err) {
-					return conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
-				}
-				return fmt.Errorf("claim %s: %w", d.Name, err)
+			msgs = append(msgs, bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
+				opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(e.Revision())}})
+		}
+		acks, errs = publishBulk(ctx, r.js, msgs)
+		var lost error
+		for i, d := range rest {
+			var apiErr *jetstream.APIError
+			switch {
+			case errs[i] == nil:
+				got = append(got, held{d.Device, acks[i].Sequence})
+			case lost != nil:
+			case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+				lost = conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
+			default:
+				lost = fmt.Errorf("claim %s: %w", d.Name, errs[i])
 			}
-			got = append(got, held{d.Device, rev})
+		}
+		if lost != nil {
+			undo()
+			return lost
 		}
 		return nil
 	}
@@ -588,6 +646,10 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 	}
 	return undo, nil
 }
+
+// claimScanFrom is how many claimed devices a deploy reads all claims for
+// in one pass rather than one at a time.
+const claimScanFrom = 32
 
 // orphanClaimAge is how old a claim whose rollout does not exist must be
 // before another rollout may take it: far longer than a deploy takes to
@@ -745,12 +807,7 @@ func (r *rollouts) Devices(ctx context.Context, ro *model.Rollout) ([]*model.Rol
 	if len(out) != ro.Total {
 		return nil, fmt.Errorf("rollout %s: %d of its %d device records found", ro.ID, len(out), ro.Total)
 	}
-	slices.SortFunc(out, func(a, b *model.RolloutDevice) int {
-		if a.Batch != b.Batch {
-			return a.Batch - b.Batch
-		}
-		return strings.Compare(a.Name, b.Name)
-	})
+	slices.SortFunc(out, byBatchAndName)
 	return out, nil
 }
 
@@ -1347,23 +1404,28 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		return err
 	}
 	// A device revoked, removed or sent back to approval since the
-	// snapshot gets no desired state: it is skipped, not failed.
-	current := map[string]model.Device{}
+	// snapshot gets no desired state: it is skipped, not failed. Only
+	// devices this rollout holds the claim of are driven; another rollout
+	// took the others. Both read at once: a whole fleet's of each.
+	var claims map[string]string
+	claimsRead := make(chan error, 1)
+	go func() {
+		var err error
+		claims, err = r.claimsOf(ctx)
+		claimsRead <- err
+	}()
 	all, err := readDevices(ctx, r.devices)
+	if cerr := <-claimsRead; err == nil {
+		err = cerr
+	}
 	if err != nil {
 		return err
 	}
+	current := make(map[string]model.Device, len(all))
 	for _, d := range all {
 		current[d.ID] = d
 	}
-	// Only devices this rollout holds the claim of are driven; another
-	// rollout took the others.
 	phase("devices")
-	claims, err := r.claimsOf(ctx)
-	if err != nil {
-		return err
-	}
-	phase("claims")
 	var batch, gone []*model.RolloutDevice
 	for _, d := range devs {
 		if d.Batch != ro.Batch || !(d.State == model.DeviceQueued || d.State.Failed()) {
@@ -1415,19 +1477,30 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		}
 		b, _ := json.Marshal(des)
 		// Straight to the bucket's subject, a window at a time.
-		// Told by the engine once the batch is written, not per write.
+		// Told by the engine as each is written, not by the bucket's
+		// change notification.
 		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b, header: announcedHeader}
 	}
 	phase("prepared")
-	acks, errs := publishBulk(wctx, r.js, msgs)
-	phase("desired")
+	// Each device is told as soon as its desired state is written, while
+	// the rest of the batch is being written: the last device of a large
+	// batch then hears of it a write's time after the last write, not
+	// after all the batch's writes, records and triggers one after the
+	// other. Its result cannot overtake its "waiting" record below: the
+	// engine takes results only once this step is over (r.mu).
+	tell, told := r.announcer(len(batch))
+	_, errs := publishBulkEach(wctx, r.js, msgs, func(i int, ack *jetstream.PubAck) {
+		rec := current[batch[i].Device]
+		tell(announcement{id: batch[i].Device, site: siteOf(&rec), seq: ack.Sequence, value: msgs[i].data})
+	})
+	told()
+	phase("announced")
 	// The devices whose desired state is written are waiting, whatever
-	// became of the others, recorded before they are told: a retry (or a
-	// new engine after this one died) writes only those still queued, so
-	// no device gets its desired state twice (each write is a new request
-	// to the agent).
+	// became of the others. An engine that dies before this record is
+	// written leaves them queued, and the next one writes and tells them
+	// again: an agent that has switched already finds its system active
+	// and reports "unchanged" at once, the result the new engine takes.
 	var written []*model.RolloutDevice
-	as := make([]announcement, 0, len(batch))
 	for i, d := range batch {
 		if errs[i] != nil {
 			continue
@@ -1437,18 +1510,9 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		d.Started = now
 		d.Finished = time.Time{}
 		written = append(written, d)
-		rec := current[d.Device]
-		as = append(as, announcement{id: d.Device, site: siteOf(&rec), seq: acks[i].Sequence, value: msgs[i].data})
 	}
 	err = r.putDevices(ctx, ro.ID, written)
 	phase("recorded")
-	// Told once all are written: devices told first would apply and
-	// report while the rest are still being written, and slow them down.
-	// A device whose progress could not be recorded is told all the same:
-	// its desired state is written, and its result is recorded when it
-	// comes.
-	r.tell(as)
-	phase("announced")
 	if err != nil {
 		return err
 	}
@@ -1460,20 +1524,22 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 }
 
 // desiredNotifier tells devices of the desired states the engine wrote
-// (services.announce).
+// (services.announcer).
 type desiredNotifier interface {
-	announce([]announcement)
+	announcer(n int) (tell func(announcement), done func())
 }
 
 // announcedHeader marks the engine's bulk writes of desired states: the
 // engine tells those devices itself (see subjects.HeaderAnnounced).
 var announcedHeader = nats.Header{subjects.HeaderAnnounced: []string{"engine"}}
 
-// tell announces desired states the engine wrote.
-func (r *rollouts) tell(as []announcement) {
-	if r.notify != nil && len(as) > 0 {
-		r.notify.announce(as)
+// announcer tells devices of the desired states the engine writes; without
+// a notifier (a test's engine alone) nobody is told.
+func (r *rollouts) announcer(n int) (tell func(announcement), done func()) {
+	if r.notify == nil || n == 0 {
+		return func(announcement) {}, func() {}
 	}
+	return r.notify.announcer(n)
 }
 
 // revert sets every device this rollout touched back to its previous
