@@ -85,6 +85,9 @@ func TestStampedConnection(t *testing.T) {
 	if _, err := nc.Subscribe("other", func(*nats.Msg) {}); err != nil {
 		t.Fatal(err)
 	}
+	if err := nc.Flush(); err != nil { // the server has both subscriptions
+		t.Fatal(err)
+	}
 	pub, err := nats.Connect(ns.ClientURL())
 	if err != nil {
 		t.Fatal(err)
