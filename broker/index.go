@@ -260,7 +260,14 @@ func (x *deviceIndex) applyRecord(id string, data []byte) {
 
 func (x *deviceIndex) applyDesired(id string, data []byte) {
 	x.stats.desired.Add(1)
-	var d model.Desired
+	// Only what the index keeps: decoding the signed release and deploy
+	// statement too would be most of the work (and garbage) for each of a
+	// rollout batch's writes.
+	var d struct {
+		StorePath string `json:"store_path"`
+		RolloutID string `json:"rollout_id"`
+		ReleaseID string `json:"release_id"`
+	}
 	if data != nil {
 		if err := json.Unmarshal(data, &d); err != nil {
 			x.stats.decodeErrors.Add(1)

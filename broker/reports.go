@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -432,7 +433,19 @@ func (a announcement) trigger(pace *model.Pace) []byte {
 	case !json.Valid(a.value):
 		r.Seq, r.Damaged = a.seq, "the stored desired state is not valid JSON"
 	default:
-		r.Seq, r.Desired = a.seq, a.value
+		// By hand: json.Marshal would check and compact the whole stored
+		// value once more, for each of a batch's devices.
+		b := make([]byte, 0, len(a.value)+96)
+		b = append(b, `{"seq":`...)
+		b = strconv.AppendUint(b, a.seq, 10)
+		b = append(b, `,"desired":`...)
+		b = append(b, a.value...)
+		if pace != nil {
+			p, _ := json.Marshal(pace)
+			b = append(b, `,"pace":`...)
+			b = append(b, p...)
+		}
+		return append(b, '}')
 	}
 	b, _ := json.Marshal(r)
 	return b

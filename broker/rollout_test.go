@@ -472,7 +472,8 @@ func TestPaceForBatch(t *testing.T) {
 			t.Fatalf("batch of %d: pace %+v, want progress after %v, facts within %v", c.n, p, paceProgressAfter, c.splay)
 		}
 		r := model.DesiredReply{}
-		if err := json.Unmarshal(announcement{id: "d", seq: 3, value: []byte(`{}`)}.trigger(p), &r); err != nil || r.Pace == nil || *r.Pace != *p {
+		if err := json.Unmarshal(announcement{id: "d", seq: 3, value: []byte(`{"a": [1, "}"]}`)}.trigger(p), &r); err != nil || r.Pace == nil || *r.Pace != *p ||
+			r.Seq != 3 || string(r.Desired) != `{"a": [1, "}"]}` {
 			t.Fatalf("batch of %d: trigger carries %+v (%v), want %+v", c.n, r.Pace, err, p)
 		}
 	}

@@ -82,12 +82,18 @@ type services struct {
 	stopping  bool
 }
 
+// enrollWorkers bounds the enrolments handled at once. Each waits on a
+// few reads and writes of the buckets and a batched spend of its token,
+// little CPU: a fleet being installed from one token is served as fast as
+// those round trips allow only with many in flight.
+const enrollWorkers = 64
+
 func (c *Coordinator) startServices(ctx context.Context) error {
 	s := &services{
 		c:         c,
 		log:       c.log.With().Str("component", "services").Logger(),
 		now:       time.Now,
-		enrollSem: make(chan struct{}, 16),
+		enrollSem: make(chan struct{}, enrollWorkers),
 		workers:   make(chan struct{}, deviceWorkers),
 		dropped:   newDroppedCounter(),
 		traffic:   newTrafficCounter(),
