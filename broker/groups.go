@@ -560,12 +560,9 @@ func (r *rollouts) createConverge(ctx context.Context, w want, devs []*deviceSta
 			r.log.Debug().Str("device", s.rec.Name).Str("release", rel.ID).Msg("converge: the release has no closure for the host")
 			continue
 		}
-		var prev *model.Desired
-		if e, err := r.desired.Get(ctx, s.rec.ID); err == nil {
-			prev = new(model.Desired)
-			if json.Unmarshal(e.Value(), prev) != nil {
-				prev = nil
-			}
+		var prev json.RawMessage
+		if e, err := r.desired.Get(ctx, s.rec.ID); err == nil && json.Valid(e.Value()) {
+			prev = e.Value()
 		}
 		rds = append(rds, &model.RolloutDevice{Device: s.rec.ID, Name: s.rec.Name, State: model.DeviceQueued, StorePath: path, Previous: prev})
 		for _, g := range s.rec.Groups {

@@ -310,7 +310,7 @@ func TestRolloutViewPaged(t *testing.T) {
 	putJSON(t, c, subjects.BucketRollouts, ro.ID, ro)
 	bulkPublish(t, c, func(i int) string { return subjects.KVKey(subjects.BucketRollouts, deviceKey(ro.ID, ids[i])) }, func(i int) []byte {
 		d := model.RolloutDevice{Device: ids[i], Name: fmt.Sprintf("host%05d", i), State: model.DeviceSucceeded, StorePath: storePath("gen1"),
-			Previous: &model.Desired{Device: ids[i], ReleaseID: prev.ID, StorePath: storePath("gen0"), Release: signed}}
+			Previous: stored(model.Desired{Device: ids[i], ReleaseID: prev.ID, StorePath: storePath("gen0"), Release: signed})}
 		switch {
 		case i < 10:
 			d.State, d.Error = model.DeviceFailed, "switch failed"
@@ -377,4 +377,10 @@ func TestReplyTooLarge(t *testing.T) {
 	if _, err := cl.Devices(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// stored is v as a bucket holds it.
+func stored(v any) json.RawMessage {
+	b, _ := json.Marshal(v)
+	return b
 }

@@ -201,11 +201,18 @@ func (r *rollouts) plan(ctx context.Context, req model.DeployRequest, by string,
 	pv := &p.preview
 	pv.ReleaseID, pv.Group, pv.Batches = rel.ID, req.Group, batches
 	// Each device's current desired state is what a revert returns to.
-	previous := map[string]*model.Desired{}
+	// Kept as stored, read for what they name only (see
+	// model.RolloutDevice.Previous).
+	type prior struct {
+		ref   model.DesiredRef
+		value json.RawMessage
+	}
+	previous := map[string]prior{}
 	if err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
-		var prev model.Desired
-		if json.Unmarshal(e.Value(), &prev) == nil {
-			previous[e.Key()] = &prev
+		var p prior
+		if json.Unmarshal(e.Value(), &p.ref) == nil {
+			p.value = e.Value()
+			previous[e.Key()] = p
 		}
 	}); err != nil {
 		return nil, err
@@ -232,12 +239,12 @@ func (r *rollouts) plan(ctx context.Context, req model.DeployRequest, by string,
 			continue
 		}
 		pd.New = path
-		if prev := previous[d.ID]; prev != nil && prev.ReleaseID == rel.ID && prev.StorePath == path && pd.Current == path {
+		if prev, ok := previous[d.ID]; ok && prev.ref.ReleaseID == rel.ID && prev.ref.StorePath == path && pd.Current == path {
 			pd.Reason = "already runs " + rel.ID
 			pv.Unchanged = append(pv.Unchanged, pd)
 			continue
 		}
-		devs = append(devs, &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: path, Previous: previous[d.ID]})
+		devs = append(devs, &model.RolloutDevice{Device: d.ID, Name: d.Name, State: model.DeviceQueued, StorePath: path, Previous: previous[d.ID].value})
 		pv.Devices = append(pv.Devices, pd)
 	}
 	if len(devs) == 0 && len(pv.Unchanged) == 0 {
@@ -1572,7 +1579,11 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 				continue
 			}
 		}
-		if d.Previous == nil {
+		prev, err := d.PreviousDesired()
+		if err != nil {
+			r.log.Warn().Err(err).Str("rollout", ro.ID).Msg("revert: the previous desired state does not decode")
+		}
+		if prev == nil {
 			// Nothing signed to go back to: leave the device where it is
 			// (an agent whose health checks failed has rolled back itself).
 			d.Error = strings.TrimPrefix(d.Error+"; no previous release to revert to", "; ")
@@ -1580,7 +1591,6 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 				return back, left, fmt.Errorf("clear desired state of %s: %w", d.Name, err)
 			}
 		} else {
-			prev := *d.Previous
 			prev.IssuedAt = now
 			// The way back is signed too (the agent checks it).
 			prev.Revert = way

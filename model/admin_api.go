@@ -1,6 +1,9 @@
 package model
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 // Arguments and replies of the release, rollout, admin and audit verbs.
 
@@ -125,8 +128,9 @@ func (d *RolloutDevice) Progress() RolloutProgress {
 		Device: d.Device, Name: d.Name, Batch: d.Batch, State: d.State, StorePath: d.StorePath,
 		Error: d.Error, Started: d.Started, Finished: d.Finished,
 	}
-	if d.Previous != nil {
-		p.PreviousRelease, p.PreviousStorePath = d.Previous.ReleaseID, d.Previous.StorePath
+	var prev DesiredRef
+	if len(d.Previous) > 0 && json.Unmarshal(d.Previous, &prev) == nil {
+		p.PreviousRelease, p.PreviousStorePath = prev.ReleaseID, prev.StorePath
 	}
 	return p
 }

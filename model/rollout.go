@@ -1,6 +1,7 @@
 package model
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -270,11 +271,14 @@ type RolloutDevice struct {
 	State     DeviceRolloutState `json:"state"`
 	StorePath string             `json:"store_path,omitempty"`
 	Error     string             `json:"error,omitempty"`
-	// Previous is the desired state the device had before this rollout,
-	// restored on revert (nil: it had none).
-	Previous *Desired  `json:"previous,omitempty"`
-	Started  time.Time `json:"started,omitzero"`
-	Finished time.Time `json:"finished,omitzero"`
+	// Previous is the desired state the device had before this rollout
+	// (a Desired as it was stored), restored on revert (empty: it had
+	// none). Kept as stored: a deploy to a whole fleet copies each
+	// device's, where decoding and encoding them would be most of its
+	// work.
+	Previous json.RawMessage `json:"previous,omitempty"`
+	Started  time.Time       `json:"started,omitzero"`
+	Finished time.Time       `json:"finished,omitzero"`
 }
 
 // Duration is a time.Duration that reads and writes as "5m0s".
@@ -305,4 +309,24 @@ func CheckRolloutID(id string) error {
 		return fmt.Errorf("rollout id %q: use letters, digits, - and _", id)
 	}
 	return nil
+}
+
+// PreviousDesired decodes d.Previous (nil when the device had none).
+func (d *RolloutDevice) PreviousDesired() (*Desired, error) {
+	if len(d.Previous) == 0 || string(d.Previous) == "null" {
+		return nil, nil
+	}
+	var prev Desired
+	if err := json.Unmarshal(d.Previous, &prev); err != nil {
+		return nil, fmt.Errorf("previous desired state of %s: %w", d.Name, err)
+	}
+	return &prev, nil
+}
+
+// DesiredRef is what a stored desired state names, read without decoding
+// the signed release and statement it carries.
+type DesiredRef struct {
+	ReleaseID string `json:"release_id"`
+	RolloutID string `json:"rollout_id,omitempty"`
+	StorePath string `json:"store_path"`
 }
