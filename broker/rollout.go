@@ -1500,6 +1500,7 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		rec := current[batch[i].Device]
 		tell(announcement{id: batch[i].Device, site: siteOf(&rec), seq: ack.Sequence, value: msgs[i].data})
 	})
+	phase("written")
 	told()
 	phase("announced")
 	// The devices whose desired state is written are waiting, whatever
