@@ -75,7 +75,6 @@ type protoScanner struct {
 	want    int    // payload bytes (and CRLF) still to collect
 	hdr     int    // header bytes at the start of the collected payload
 	payload []byte // the payload being collected
-	at      time.Time
 	lost    bool
 }
 
@@ -96,8 +95,9 @@ func (s *protoScanner) scan(b []byte, at time.Time) {
 			s.want -= n
 			b = b[n:]
 			if s.want == 0 {
+				// Stamped with the read that brought its last bytes.
 				body := s.payload[:len(s.payload)-2] // less the CRLF
-				s.onMsg(s.at, body[s.hdr:])
+				s.onMsg(at, body[s.hdr:])
 				s.payload = s.payload[:0]
 			}
 		default:
@@ -115,14 +115,14 @@ func (s *protoScanner) scan(b []byte, at time.Time) {
 				line = s.line
 			}
 			b = b[i+1:]
-			s.op(bytes.TrimSuffix(line, []byte("\r")), at)
+			s.op(bytes.TrimSuffix(line, []byte("\r")))
 			s.line = s.line[:0]
 		}
 	}
 }
 
 // op reads one protocol line: a MSG or HMSG sets up its payload.
-func (s *protoScanner) op(line []byte, at time.Time) {
+func (s *protoScanner) op(line []byte) {
 	f := bytes.Fields(line)
 	if len(f) == 0 {
 		return
@@ -156,5 +156,5 @@ func (s *protoScanner) op(line []byte, at time.Time) {
 		s.skip = total + 2
 		return
 	}
-	s.want, s.hdr, s.at = total+2, hdr, at
+	s.want, s.hdr = total+2, hdr
 }

@@ -32,8 +32,12 @@ func kernelStamps(c net.Conn) func(p []byte) (int, time.Time, error) {
 		var n, oobn int
 		var rerr error
 		err := rc.Read(func(fd uintptr) bool {
-			n, oobn, _, _, rerr = syscall.Recvmsg(int(fd), p, oob, 0)
-			return rerr != syscall.EAGAIN
+			for {
+				n, oobn, _, _, rerr = syscall.Recvmsg(int(fd), p, oob, 0)
+				if rerr != syscall.EINTR {
+					return rerr != syscall.EAGAIN
+				}
+			}
 		})
 		if err == nil {
 			err = rerr

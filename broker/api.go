@@ -332,8 +332,7 @@ func (s *services) audit(ctx context.Context, rec model.AuditRecord) {
 			return
 		}
 		s.auditTailKnown = false // another coordinator appended: read again
-		var apiErr *jetstream.APIError
-		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
+		if !isWrongRevision(err) {
 			break
 		}
 	}

@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -105,5 +107,96 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.waitState(won[0].ID, model.RolloutSucceeded)
+	}
+}
+
+// Claims a failed deploy gave back (delete markers on their keys) are
+// free: the next deploy takes them, a few devices or many (one read of
+// every claim), and takes a finished rollout's over in the same way.
+func TestClaimsGivenBackAreTakenAgain(t *testing.T) {
+	f := startRolloutFleet(t, 1, "developers")
+	ctx := ctxT(t, 60*time.Second)
+	claims, err := f.c.JetStream().KeyValue(ctx, subjects.BucketClaims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int{1, claimScanFrom + 8} {
+		devs := make([]*model.RolloutDevice, n)
+		for i := range devs {
+			devs[i] = &model.RolloutDevice{Device: fmt.Sprintf("UCLAIMED%03d%05d", n, i), Name: fmt.Sprintf("host-%d", i)}
+		}
+		undo, err := f.c.rollouts.claim(ctx, "ro-failed", devs, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		undo()
+		if _, err := f.c.rollouts.claim(ctx, "ro-next", devs, nil); err != nil {
+			t.Fatalf("%d devices: claims given back were not taken again: %v", n, err)
+		}
+		for _, d := range devs {
+			e, err := claims.Get(ctx, d.Device)
+			if err != nil || string(e.Value()) != "ro-next" {
+				t.Fatalf("%d devices: claim of %s after the second deploy: %v", n, d.Device, err)
+			}
+		}
+	}
+}
+
+// An engine that stopped after it wrote (and told) a batch's desired
+// states but before it recorded the devices as waiting leaves them queued.
+// Undone before another engine restarts the batch, those devices are set
+// back all the same: their desired state is the rollout's.
+func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
+	f := startRolloutFleet(t, 2, "developers")
+	cl := f.owner()
+	ctx := ctxT(t, 60*time.Second)
+	f.release("rel-1", storePath("gen1"))
+	f.release("rel-2", storePath("gen2"))
+	f.deploy(cl, model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"})
+	f.waitTarget("developers", "rel-1")
+
+	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desired, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+	// Within the lock's lifetime (the bucket's TTL frees it).
+	var res model.DeployResult
+	if err := cl.Call(ctx, subjects.VerbDeploy, true, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all"}, &res); err != nil || res.Rollout == nil {
+		t.Fatalf("deploy: %v (%+v)", err, res)
+	}
+	second := res.Rollout
+	// What the stopped engine wrote: every device's desired state, no
+	// record of it.
+	for _, d := range f.devs {
+		b, _ := json.Marshal(model.Desired{Device: d.id, ReleaseID: "rel-2", RolloutID: second.ID, StorePath: storePath("gen2"), IssuedAt: time.Now().UTC()})
+		if _, err := desired.Put(ctx, d.id, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cl.Call(ctx, subjects.VerbRolloutAction, true, model.RolloutRef{ID: second.ID, Action: model.RolloutUndo, ReleaseID: "rel-2"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ro, _, err := f.c.rollouts.Get(ctx, second.ID); err != nil || !ro.BatchStarted.IsZero() || ro.Counts[model.DeviceQueued] != len(f.devs) {
+		t.Fatalf("the rollout was driven while another coordinator held the lock: %+v, %v", ro, err)
+	}
+	if err := locks.Delete(ctx, engineLockKey); err != nil {
+		t.Fatal(err)
+	}
+	done := f.waitState(second.ID, model.RolloutReverted)
+	if done.Counts[model.DeviceReverted] != len(f.devs) {
+		t.Fatalf("undone rollout counts %v (%s)", done.Counts, done.Reason)
+	}
+	for _, d := range f.devs {
+		if des := f.desiredOf(d); des == nil || des.ReleaseID != "rel-1" || des.Revert == nil {
+			t.Fatalf("%s after the undo: %+v", d.name, des)
+		}
 	}
 }

@@ -476,7 +476,9 @@ func (s *services) announcer(n int) (tell func(announcement), done func()) {
 	tell = func(a announcement) {
 		i := laneIndex(a.id, len(s.notifiers))
 		if queues[i] == nil {
-			q := make(chan announcement, n)
+			// Room for a lane's share and then some: tell blocks only
+			// when a lane is far behind (it is the bottleneck then).
+			q := make(chan announcement, min(n, maxLaneQueue))
 			queues[i] = q
 			nc := s.notifiers[i]
 			wg.Go(func() {
@@ -497,11 +499,15 @@ func (s *services) announcer(n int) (tell func(announcement), done func()) {
 		}
 		wg.Wait()
 		s.traffic.WithLabelValues("trigger").Add(float64(told))
-		s.announcing.Store(nil)
+		// Another batch may have started meanwhile: its mark stays.
+		s.announcing.CompareAndSwap(&finished, nil)
 		close(finished)
 	}
 	return tell, done
 }
+
+// maxLaneQueue bounds the triggers queued for one notify connection.
+const maxLaneQueue = 4096
 
 // A batch of paceFrom devices or more is told to pace its reports (see
 // model.Pace): its progress events wait paceProgressAfter, and the facts

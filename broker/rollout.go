@@ -546,11 +546,10 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 		acks, errs := publishBulk(ctx, r.js, msgs)
 		var rest []*model.RolloutDevice
 		for i, d := range ds {
-			var apiErr *jetstream.APIError
 			switch {
 			case errs[i] == nil:
 				got = append(got, held{d.Device, acks[i].Sequence})
-			case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+			case isWrongRevision(errs[i]):
 				rest = append(rest, d)
 			default:
 				undo()
@@ -564,15 +563,23 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 		// often: every deploy after a fleet's first): their claims read,
 		// all at once for many, and taken over in bulk, each write
 		// expecting the revision read.
+		// A claim given back (a deploy that failed, a rollout deleted)
+		// leaves a delete marker: the key is free, and the write expects
+		// the marker's revision.
 		prior := map[string]jetstream.KeyValueEntry{}
 		if len(rest) > claimScanFrom {
-			if err := eachKey(ctx, r.claims, func(e jetstream.KeyValueEntry) { prior[e.Key()] = e }); err != nil {
+			if err := eachEntry(ctx, r.claims, func(e jetstream.KeyValueEntry) { prior[e.Key()] = e }); err != nil {
 				undo()
 				return err
 			}
 		} else {
 			for _, d := range rest {
 				e, err := r.claims.Get(ctx, d.Device)
+				if errors.Is(err, jetstream.ErrKeyNotFound) {
+					// Deleted: nats.go's Get does not say at which
+					// revision; the last message on the key does.
+					e, err = lastEntry(ctx, r.claims, d.Device)
+				}
 				if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 					undo()
 					return fmt.Errorf("claim %s: %w", d.Name, err)
@@ -585,10 +592,13 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 		msgs = msgs[:0]
 		for _, d := range rest {
 			e := prior[d.Device]
-			if e == nil {
-				// Given back since: create it again.
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				var last uint64
+				if e != nil {
+					last = e.Revision()
+				}
 				msgs = append(msgs, bulkMsg{subj: subjects.KVKey(subjects.BucketClaims, d.Device), data: []byte(id),
-					opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(0)}})
+					opts: []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(last)}})
 				continue
 			}
 			owner := string(e.Value())
@@ -615,12 +625,11 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 		acks, errs = publishBulk(ctx, r.js, msgs)
 		var lost error
 		for i, d := range rest {
-			var apiErr *jetstream.APIError
 			switch {
 			case errs[i] == nil:
 				got = append(got, held{d.Device, acks[i].Sequence})
 			case lost != nil:
-			case errors.As(errs[i], &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence:
+			case isWrongRevision(errs[i]):
 				lost = conflict("device %s was claimed by another rollout a moment ago: deploy again", d.Name)
 			default:
 				lost = fmt.Errorf("claim %s: %w", d.Name, errs[i])
@@ -922,7 +931,10 @@ func (r *rollouts) Transition(ctx context.Context, a model.RolloutRef, signed *m
 
 func isWrongRevision(err error) bool {
 	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+	// A replicated stream answers a conflicting write in a batch with
+	// a code of its own.
+	return errors.As(err, &apiErr) &&
+		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // Run runs the engine while ctx lasts: it takes the lock when free, and
@@ -982,6 +994,10 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 		cancel()
 		<-renewed
 		r.releaseLock(held.Load())
+		// Not leading: nothing is driven or cached (see follow, seed).
+		r.mu.Lock()
+		r.cache, r.active = nil, nil
+		r.mu.Unlock()
 	}()
 	cons, err := r.js.CreateOrUpdateConsumer(ctx, subjects.StreamEvents, jetstream.ConsumerConfig{
 		Durable:       engineConsumer,
@@ -1527,7 +1543,8 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	if err := firstError(errs, func(i int) string { return "write desired state of " + batch[i].Name }); err != nil {
 		return err
 	}
-	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).Dict("after", phases).Msg("rollout batch started")
+	r.log.Info().Str("rollout", ro.ID).Int("batch", ro.Batch+1).Int("devices", len(batch)).
+		Dur("began_after_created", began.Sub(ro.CreatedAt)).Dict("after", phases).Msg("rollout batch started")
 	return nil
 }
 
@@ -1616,10 +1633,26 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 func (r *rollouts) undo(ctx context.Context, orig, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64, now time.Time) error {
 	var queued []*model.RolloutDevice
 	for _, d := range devs {
-		if d.State == model.DeviceQueued {
-			d.State, d.Error, d.Finished = model.DeviceSkipped, "rollout undone before its batch", now
-			queued = append(queued, d)
+		if d.State != model.DeviceQueued {
+			continue
 		}
+		// A batch not recorded as started may have been written and told
+		// in part by an engine that stopped before it recorded them
+		// (startBatch): a device whose desired state is this rollout's is
+		// set back like any it started.
+		if d.Batch == ro.Batch && ro.BatchStarted.IsZero() {
+			e, err := r.desired.Get(ctx, d.Device)
+			if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+				return fmt.Errorf("read desired state of %s: %w", d.Name, err)
+			}
+			var cur model.DesiredRef
+			if err == nil && json.Unmarshal(e.Value(), &cur) == nil && cur.RolloutID == ro.ID {
+				d.State = model.DeviceWaiting
+				continue
+			}
+		}
+		d.State, d.Error, d.Finished = model.DeviceSkipped, "rollout undone before its batch", now
+		queued = append(queued, d)
 	}
 	if err := r.putDevices(ctx, ro.ID, queued); err != nil {
 		return err

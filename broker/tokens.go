@@ -230,9 +230,29 @@ func followKV(ctx context.Context, w jetstream.KeyWatcher, fn func(jetstream.Key
 
 // eachKey calls fn with every live entry of kv.
 func eachKey(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
+	return eachWatched(ctx, kv, fn, jetstream.IgnoreDeletes())
+}
+
+// eachEntry is eachKey with the keys deleted or purged too: their markers
+// (Operation not Put), at the revision a write over them expects.
+func eachEntry(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry)) error {
+	return eachWatched(ctx, kv, fn)
+}
+
+// lastEntry is key's latest entry, a delete or purge marker included
+// (jetstream.ErrKeyNotFound: the key never had one).
+func lastEntry(ctx context.Context, kv jetstream.KeyValue, key string) (jetstream.KeyValueEntry, error) {
+	h, err := kv.History(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	return h[len(h)-1], nil
+}
+
+func eachWatched(ctx context.Context, kv jetstream.KeyValue, fn func(jetstream.KeyValueEntry), opts ...jetstream.WatchOpt) error {
 	// A watcher delivers every current value in one stream of messages,
 	// where listing keys and getting each would cost a round trip per key.
-	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	w, err := kv.WatchAll(ctx, opts...)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
 	}
