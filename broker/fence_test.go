@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
 	"fleet/internal/poll"
 	"fleet/model"
 	"fleet/subjects"
@@ -197,6 +199,56 @@ func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
 	for _, d := range f.devs {
 		if des := f.desiredOf(d); des == nil || des.ReleaseID != "rel-1" || des.Revert == nil {
 			t.Fatalf("%s after the undo: %+v", d.name, des)
+		}
+	}
+}
+
+// The engine reads the fleet's records from the device index, once the
+// index has taken in the bucket's last write: a record written a moment
+// before is read as written, a new one and a changed one alike.
+func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
+	f := startRolloutFleet(t, 1, "developers")
+	ctx := ctxT(t, 30*time.Second)
+	kv, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	find := func(id string) *model.Device {
+		devs, err := f.c.rollouts.currentDevices(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range devs {
+			if devs[i].ID == id {
+				return &devs[i]
+			}
+		}
+		return nil
+	}
+	for i := range 50 {
+		kp, _ := nkeys.CreateUser()
+		id, _ := kp.PublicKey()
+		rec := model.Device{ID: id, Name: fmt.Sprintf("late-%02d", i), Groups: []string{"developers"}, Status: model.DeviceActive}
+		b, _ := json.Marshal(rec)
+		if _, err := kv.Put(ctx, id, b); err != nil {
+			t.Fatal(err)
+		}
+		if d := find(id); d == nil || d.Name != rec.Name || d.Status != model.DeviceActive {
+			t.Fatalf("round %d: a device recorded a moment before reads as %+v", i, d)
+		}
+		rec.Status = model.DeviceRevoked
+		b, _ = json.Marshal(rec)
+		if _, err := kv.Put(ctx, id, b); err != nil {
+			t.Fatal(err)
+		}
+		if d := find(id); d == nil || d.Status != model.DeviceRevoked {
+			t.Fatalf("round %d: a device revoked a moment before reads as %+v", i, d)
+		}
+		if err := kv.Delete(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		if d := find(id); d != nil {
+			t.Fatalf("round %d: a device removed a moment before reads as %+v", i, d)
 		}
 	}
 }

@@ -113,6 +113,13 @@ type deviceIndex struct {
 	// none is left, and only then does the coordinator say it is ready.
 	behind   atomic.Int32
 	caughtUp chan struct{}
+
+	// devicesSeq is the fleet_devices revision the index has taken in;
+	// devicesMoved is closed, and replaced, whenever it moves (see
+	// devicesAsOf).
+	seqMu        sync.Mutex
+	devicesSeq   uint64
+	devicesMoved chan struct{}
 }
 
 func newDeviceIndex(log zerolog.Logger) *deviceIndex {
@@ -125,6 +132,8 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		names:    map[string]int{},
 		hosts:    map[string]int{},
 		caughtUp: make(chan struct{}),
+
+		devicesMoved: make(chan struct{}),
 	}
 }
 
@@ -487,11 +496,12 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 	for _, w := range []struct {
 		bucket, keys string
 		apply        func(key string, data []byte)
+		took         func(rev uint64)
 	}{
-		{subjects.BucketDevices, ">", x.applyRecord},
-		{subjects.BucketDesired, ">", x.applyDesired},
-		{subjects.BucketRollouts, "*", x.applyRollout},
-		{subjects.BucketGroups, ">", x.applyTarget},
+		{subjects.BucketDevices, ">", x.applyRecord, x.tookDevices},
+		{subjects.BucketDesired, ">", x.applyDesired, nil},
+		{subjects.BucketRollouts, "*", x.applyRollout, nil},
+		{subjects.BucketGroups, ">", x.applyTarget, nil},
 	} {
 		kv, err := js.KeyValue(ctx, w.bucket)
 		if err != nil {
@@ -501,23 +511,68 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 		if err != nil {
 			return err
 		}
-		go x.watch(ctx, kw, w.apply)
+		go x.watch(ctx, kw, w.apply, w.took)
 	}
 	return nil
 }
 
-func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte)) {
+// watch applies a bucket's entries as they come, and then tells took (if
+// any) their revision.
+func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply func(string, []byte), took func(uint64)) {
 	var once sync.Once
 	followKV(ctx, kw, func(e jetstream.KeyValueEntry) {
 		switch {
 		case e == nil: // initial values delivered
 			once.Do(x.sourceCaughtUp)
+			return
 		case e.Operation() != jetstream.KeyValuePut:
 			apply(e.Key(), nil)
 		default:
 			apply(e.Key(), e.Value())
 		}
+		if took != nil {
+			took(e.Revision())
+		}
 	})
+}
+
+// tookDevices records that fleet_devices is taken in up to revision rev.
+func (x *deviceIndex) tookDevices(rev uint64) {
+	x.seqMu.Lock()
+	defer x.seqMu.Unlock()
+	if rev > x.devicesSeq {
+		x.devicesSeq = rev
+		close(x.devicesMoved)
+		x.devicesMoved = make(chan struct{})
+	}
+}
+
+// devicesAsOf returns every device record once the index has taken in
+// fleet_devices up to revision seq (or later): what a read of the whole
+// bucket would give then, without reading it.
+func (x *deviceIndex) devicesAsOf(ctx context.Context, seq uint64) ([]model.Device, error) {
+	for {
+		x.seqMu.Lock()
+		at, moved := x.devicesSeq, x.devicesMoved
+		x.seqMu.Unlock()
+		if at >= seq {
+			break
+		}
+		select {
+		case <-moved:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("device index at revision %d of %d: %w", at, seq, ctx.Err())
+		}
+	}
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	out := make([]model.Device, 0, len(x.devs))
+	for _, s := range x.devs {
+		if s.rec != nil {
+			out = append(out, *s.rec)
+		}
+	}
+	return out, nil
 }
 
 // nameFor returns the name a new device with host name host is shown

@@ -474,7 +474,7 @@ func (r *rollouts) release(ctx context.Context, id string) (*model.Release, *mod
 func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]model.Device, error) {
 	var out []model.Device
 	if req.Group != "" {
-		all, err := readDevices(ctx, r.devices)
+		all, err := r.currentDevices(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -507,6 +507,31 @@ func (r *rollouts) targets(ctx context.Context, req model.DeployRequest) ([]mode
 	}
 	slices.SortFunc(out, func(a, b model.Device) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
+}
+
+// indexWait bounds how long a read of the fleet's records waits for the
+// device index to take in the bucket's latest writes (a few milliseconds
+// behind at most, unless something is wrong) before it reads the bucket
+// itself.
+const indexWait = time.Second
+
+// currentDevices is every device record as fleet_devices holds it now:
+// from the device index once it has taken in the bucket's last revision,
+// else read from the bucket (a whole fleet's records, each decoded).
+func (r *rollouts) currentDevices(ctx context.Context) ([]model.Device, error) {
+	if r.index != nil {
+		st, err := r.devices.Status(ctx)
+		if bs, ok := st.(*jetstream.KeyValueBucketStatus); err == nil && ok {
+			wctx, cancel := context.WithTimeout(ctx, indexWait)
+			devs, err := r.index.devicesAsOf(wctx, bs.StreamInfo().State.LastSeq)
+			cancel()
+			if err == nil {
+				return devs, nil
+			}
+			r.log.Warn().Err(err).Msg("the device index is behind its bucket: reading the bucket")
+		}
+	}
+	return readDevices(ctx, r.devices)
 }
 
 // claim takes each device for rollout id in fleet_claims: with Create, or
@@ -1437,7 +1462,7 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 		claims, err = r.claimsOf(ctx)
 		claimsRead <- err
 	}()
-	all, err := readDevices(ctx, r.devices)
+	all, err := r.currentDevices(ctx)
 	if cerr := <-claimsRead; err == nil {
 		err = cerr
 	}
