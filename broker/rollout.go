@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -1513,22 +1514,31 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	wctx, cancel := context.WithTimeout(ctx, desiredWriteWindow)
 	defer cancel()
 	msgs := make([]bulkMsg, len(batch))
-	for i, d := range batch {
-		des := model.Desired{
-			Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
-			Action: rel.Action, Release: *signed, IssuedAt: now, Deploy: ro.Request,
-		}
-		if rec := current[d.Device]; ro.Kind == model.KindConverge && rec.Pin == nil {
-			// The newer statement that moved (or unpinned) the device
-			// lets it take the group's older deploy.
-			des.Join = rec.Statement
-		}
-		b, _ := json.Marshal(des)
-		// Straight to the bucket's subject, a window at a time.
-		// Told by the engine as each is written, not by the bucket's
-		// change notification.
-		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b, header: announcedHeader}
+	// Encoded on every core: a whole fleet's are tens of megabytes.
+	parts := min(runtime.GOMAXPROCS(0), 1+len(batch)/1024)
+	var encoded sync.WaitGroup
+	for p := range parts {
+		encoded.Go(func() {
+			for i := p; i < len(batch); i += parts {
+				d := batch[i]
+				des := model.Desired{
+					Device: d.Device, ReleaseID: ro.ReleaseID, RolloutID: ro.ID, StorePath: d.StorePath,
+					Action: rel.Action, Release: *signed, IssuedAt: now, Deploy: ro.Request,
+				}
+				if rec := current[d.Device]; ro.Kind == model.KindConverge && rec.Pin == nil {
+					// The newer statement that moved (or unpinned) the
+					// device lets it take the group's older deploy.
+					des.Join = rec.Statement
+				}
+				b, _ := json.Marshal(des)
+				// Straight to the bucket's subject, a window at a time.
+				// Told by the engine as each is written, not by the
+				// bucket's change notification.
+				msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketDesired, d.Device), data: b, header: announcedHeader}
+			}
+		})
 	}
+	encoded.Wait()
 	phase("prepared")
 	// Each device is told as soon as its desired state is written, while
 	// the rest of the batch is being written: the last device of a large
