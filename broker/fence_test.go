@@ -1,12 +1,14 @@
 package broker
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"fleet/internal/poll"
@@ -21,15 +23,8 @@ func TestEngineStepsDownWhenTheLockIsLost(t *testing.T) {
 	ctx := ctxT(t, 60*time.Second)
 	f.release("rel-1", storePath("one"))
 	poll.Until(t, 10*time.Second, "the engine leading", func() bool { return f.c.rollouts.leading.Load() })
-	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Another coordinator's lock replaces ours (as after a partition).
-	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
-		t.Fatal(err)
-	}
-	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+	locks := holdEngine(ctx, t, f)
 	ro, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"}, "test", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -65,19 +60,12 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 	ctx := ctxT(t, 60*time.Second)
 	f.release("rel-a", storePath("a"))
 	f.release("rel-b", storePath("b"))
-	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
-	if err != nil {
-		t.Fatal(err)
-	}
 	poll.Until(t, 10*time.Second, "the engine leading", func() bool { return f.c.rollouts.leading.Load() })
 	for round := range 3 {
 		// Hold the engine (another coordinator has the lock): no rollout
 		// can finish between the two deploys and free the devices, so
 		// exactly one may win.
-		if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
-			t.Fatal(err)
-		}
-		poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+		locks := holdEngine(ctx, t, f)
 		type result struct {
 			ro  *model.Rollout
 			err error
@@ -157,18 +145,11 @@ func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
 	f.deploy(cl, model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"})
 	f.waitTarget("developers", "rel-1")
 
-	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
-	if err != nil {
-		t.Fatal(err)
-	}
 	desired, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDesired)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
-		t.Fatal(err)
-	}
-	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+	locks := holdEngine(ctx, t, f)
 	// Within the lock's lifetime (the bucket's TTL frees it).
 	var res model.DeployResult
 	if err := cl.Call(ctx, subjects.VerbDeploy, true, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all"}, &res); err != nil || res.Rollout == nil {
@@ -251,4 +232,20 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 			t.Fatalf("round %d: a device removed a moment before reads as %+v", i, d)
 		}
 	}
+}
+
+// holdEngine has another coordinator take the engine lock, as after a
+// partition, and waits until this one stops leading. The lock lapses
+// with the bucket's TTL unless the test deletes it first.
+func holdEngine(ctx context.Context, t *testing.T, f *rolloutFleet) jetstream.KeyValue {
+	t.Helper()
+	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+	return locks
 }
