@@ -360,7 +360,18 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 		return err
 	}
 	b, _ := json.Marshal(ro)
+	// A leading engine starts from what was just written rather than a
+	// read of every device record: its cache is filled before the engine
+	// can see the summary (its watch delivers it at once, and a step
+	// waits for r.mu).
+	cache := newEngineCache(devs)
+	r.mu.Lock()
 	rev, err := r.rollouts.Create(ctx, ro.ID, b)
+	if err == nil && r.active != nil && r.cache[ro.ID] == nil {
+		cache.rev = rev
+		r.cache[ro.ID] = cache
+	}
+	r.mu.Unlock()
 	if err != nil {
 		// Leave nothing half-written: the device records go too.
 		for _, d := range devs {
@@ -375,28 +386,22 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 	}
 	r.log.Info().Str("rollout", ro.ID).Str("kind", ro.Kind).Int("devices", ro.Total).Dict("after", phases).Msg("rollout created")
 	// When this coordinator leads the engine, start now rather than when
-	// the summary's watch delivers it, from what was just written rather
-	// than a read of every device record.
-	r.seed(ro, rev, devs)
+	// the summary's watch delivers it.
 	r.follow(ro.ID, ro)
 	return nil
 }
 
-// seed gives a leading engine the device records of a rollout it just
-// recorded at rev, as Devices would read them back.
-func (r *rollouts) seed(ro *model.Rollout, rev uint64, devs []*model.RolloutDevice) {
-	c := &engineCache{rev: rev, devs: make([]*model.RolloutDevice, len(devs)), byID: make(map[string]*model.RolloutDevice, len(devs))}
+// newEngineCache is the engine's copy of a rollout's device records, as
+// Devices would read them back (its rev still to be set).
+func newEngineCache(devs []*model.RolloutDevice) *engineCache {
+	c := &engineCache{devs: make([]*model.RolloutDevice, len(devs)), byID: make(map[string]*model.RolloutDevice, len(devs))}
 	for i, d := range devs {
 		cp := *d
 		c.devs[i] = &cp
 		c.byID[d.Device] = &cp
 	}
 	slices.SortFunc(c.devs, byBatchAndName)
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.active != nil && r.cache[ro.ID] == nil { // leading
-		r.cache[ro.ID] = c
-	}
+	return c
 }
 
 // byBatchAndName is the order of a rollout's devices.
