@@ -249,3 +249,35 @@ func holdEngine(ctx context.Context, t *testing.T, f *rolloutFleet) jetstream.Ke
 	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
 	return locks
 }
+
+// Likewise for desired states (what a new rollout keeps to revert to): a
+// value written a moment before is read as stored, and a deleted one is
+// gone.
+func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
+	f := startRolloutFleet(t, 1, "developers")
+	ctx := ctxT(t, 30*time.Second)
+	kv, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := f.devs[0].id
+	for i := range 50 {
+		b, _ := json.Marshal(model.Desired{Device: id, ReleaseID: fmt.Sprintf("rel-%02d", i), RolloutID: "r1", StorePath: storePath(fmt.Sprintf("gen-%d", i))})
+		if _, err := kv.Put(ctx, id, b); err != nil {
+			t.Fatal(err)
+		}
+		got, err := f.c.rollouts.currentDesired(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := got[id]; !ok || string(p.value) != string(b) || p.ref.ReleaseID != fmt.Sprintf("rel-%02d", i) || p.ref.StorePath != storePath(fmt.Sprintf("gen-%d", i)) {
+			t.Fatalf("round %d: a desired state written a moment before reads as %+v", i, got[id])
+		}
+		if err := kv.Delete(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		if got, err = f.c.rollouts.currentDesired(ctx); err != nil || got[id].value != nil {
+			t.Fatalf("round %d: a desired state deleted a moment before reads as %+v (%v)", i, got[id], err)
+		}
+	}
+}

@@ -63,7 +63,10 @@ type deviceState struct {
 	// desired is the desired store path, rollout the rollout that wrote it,
 	// release its release.
 	desired, rollout, release string
-	lastSeen                  time.Time
+	// desiredValue is the desired state as stored: what a rollout keeps
+	// to revert to (model.RolloutDevice.Previous).
+	desiredValue json.RawMessage
+	lastSeen     time.Time
 }
 
 // lastResult is the device's latest apply result: from its events, or from
@@ -114,12 +117,47 @@ type deviceIndex struct {
 	behind   atomic.Int32
 	caughtUp chan struct{}
 
-	// devicesSeq is the fleet_devices revision the index has taken in;
-	// devicesMoved is closed, and replaced, whenever it moves (see
-	// devicesAsOf).
-	seqMu        sync.Mutex
-	devicesSeq   uint64
-	devicesMoved chan struct{}
+	// How far the index has taken in fleet_devices and fleet_desired (see
+	// devicesAsOf, desiredAsOf).
+	devicesRev, desiredRev *revisions
+}
+
+// revisions is how far a watcher has taken in its bucket: the last
+// revision applied, and a channel closed (and replaced) when it moves.
+type revisions struct {
+	mu    sync.Mutex
+	at    uint64
+	moved chan struct{}
+}
+
+func newRevisions() *revisions { return &revisions{moved: make(chan struct{})} }
+
+// took records that everything up to revision rev is applied.
+func (v *revisions) took(rev uint64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if rev > v.at {
+		v.at = rev
+		close(v.moved)
+		v.moved = make(chan struct{})
+	}
+}
+
+// reach waits until revision rev is applied.
+func (v *revisions) reach(ctx context.Context, rev uint64) error {
+	for {
+		v.mu.Lock()
+		at, moved := v.at, v.moved
+		v.mu.Unlock()
+		if at >= rev {
+			return nil
+		}
+		select {
+		case <-moved:
+		case <-ctx.Done():
+			return fmt.Errorf("index at revision %d of %d: %w", at, rev, ctx.Err())
+		}
+	}
 }
 
 func newDeviceIndex(log zerolog.Logger) *deviceIndex {
@@ -133,7 +171,8 @@ func newDeviceIndex(log zerolog.Logger) *deviceIndex {
 		hosts:    map[string]int{},
 		caughtUp: make(chan struct{}),
 
-		devicesMoved: make(chan struct{}),
+		devicesRev: newRevisions(),
+		desiredRev: newRevisions(),
 	}
 }
 
@@ -281,12 +320,18 @@ func (x *deviceIndex) applyDesired(id string, data []byte) {
 		if err := json.Unmarshal(data, &d); err != nil {
 			x.stats.decodeErrors.Add(1)
 			x.log.Warn().Err(err).Str("device", id).Msg("undecodable desired state")
+			// Nothing a rollout could revert to.
+			x.update(id, func(s *deviceState) bool {
+				s.desiredValue = nil
+				return true
+			})
 			return
 		}
 	}
 	x.changes.Add(1)
 	x.update(id, func(s *deviceState) bool {
 		s.desired, s.rollout, s.release = d.StorePath, d.RolloutID, d.ReleaseID
+		s.desiredValue = data
 		// A device with nothing but a desired state (no record, never
 		// seen) is not worth an entry.
 		return s.rec != nil || s.facts != nil || s.event != nil || s.desired != ""
@@ -498,8 +543,8 @@ func (x *deviceIndex) run(ctx context.Context, js jetstream.JetStream) error {
 		apply        func(key string, data []byte)
 		took         func(rev uint64)
 	}{
-		{subjects.BucketDevices, ">", x.applyRecord, x.tookDevices},
-		{subjects.BucketDesired, ">", x.applyDesired, nil},
+		{subjects.BucketDevices, ">", x.applyRecord, x.devicesRev.took},
+		{subjects.BucketDesired, ">", x.applyDesired, x.desiredRev.took},
 		{subjects.BucketRollouts, "*", x.applyRollout, nil},
 		{subjects.BucketGroups, ">", x.applyTarget, nil},
 	} {
@@ -536,33 +581,12 @@ func (x *deviceIndex) watch(ctx context.Context, kw jetstream.KeyWatcher, apply 
 	})
 }
 
-// tookDevices records that fleet_devices is taken in up to revision rev.
-func (x *deviceIndex) tookDevices(rev uint64) {
-	x.seqMu.Lock()
-	defer x.seqMu.Unlock()
-	if rev > x.devicesSeq {
-		x.devicesSeq = rev
-		close(x.devicesMoved)
-		x.devicesMoved = make(chan struct{})
-	}
-}
-
 // devicesAsOf returns every device record once the index has taken in
 // fleet_devices up to revision seq (or later): what a read of the whole
 // bucket would give then, without reading it.
 func (x *deviceIndex) devicesAsOf(ctx context.Context, seq uint64) ([]model.Device, error) {
-	for {
-		x.seqMu.Lock()
-		at, moved := x.devicesSeq, x.devicesMoved
-		x.seqMu.Unlock()
-		if at >= seq {
-			break
-		}
-		select {
-		case <-moved:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("device index at revision %d of %d: %w", at, seq, ctx.Err())
-		}
+	if err := x.devicesRev.reach(ctx, seq); err != nil {
+		return nil, err
 	}
 	x.mu.RLock()
 	defer x.mu.RUnlock()
@@ -619,4 +643,27 @@ func (x *deviceIndex) latestFacts(id string) *model.Facts {
 		return s.facts
 	}
 	return nil
+}
+
+// storedDesired is a device's desired state as stored, and what it names.
+type storedDesired struct {
+	ref   model.DesiredRef
+	value json.RawMessage
+}
+
+// desiredAsOf returns every device's stored desired state once the index
+// has taken in fleet_desired up to revision seq (or later).
+func (x *deviceIndex) desiredAsOf(ctx context.Context, seq uint64) (map[string]storedDesired, error) {
+	if err := x.desiredRev.reach(ctx, seq); err != nil {
+		return nil, err
+	}
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	out := make(map[string]storedDesired, len(x.devs))
+	for id, s := range x.devs {
+		if s.desiredValue != nil {
+			out[id] = storedDesired{ref: model.DesiredRef{ReleaseID: s.release, RolloutID: s.rollout, StorePath: s.desired}, value: s.desiredValue}
+		}
+	}
+	return out, nil
 }

@@ -202,20 +202,8 @@ func (r *rollouts) plan(ctx context.Context, req model.DeployRequest, by string,
 	pv := &p.preview
 	pv.ReleaseID, pv.Group, pv.Batches = rel.ID, req.Group, batches
 	// Each device's current desired state is what a revert returns to.
-	// Kept as stored, read for what they name only (see
-	// model.RolloutDevice.Previous).
-	type prior struct {
-		ref   model.DesiredRef
-		value json.RawMessage
-	}
-	previous := map[string]prior{}
-	if err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
-		var p prior
-		if json.Unmarshal(e.Value(), &p.ref) == nil {
-			p.value = e.Value()
-			previous[e.Key()] = p
-		}
-	}); err != nil {
+	previous, err := r.currentDesired(ctx)
+	if err != nil {
 		return nil, err
 	}
 	phase("previous")
@@ -538,6 +526,34 @@ func (r *rollouts) currentDevices(ctx context.Context) ([]model.Device, error) {
 		}
 	}
 	return readDevices(ctx, r.devices)
+}
+
+// currentDesired is every device's desired state as fleet_desired holds it
+// now, kept as stored and read for what it names only (see
+// model.RolloutDevice.Previous): from the device index once it has taken
+// in the bucket's last revision, else read from the bucket.
+func (r *rollouts) currentDesired(ctx context.Context) (map[string]storedDesired, error) {
+	if r.index != nil {
+		st, err := r.desired.Status(ctx)
+		if bs, ok := st.(*jetstream.KeyValueBucketStatus); err == nil && ok {
+			wctx, cancel := context.WithTimeout(ctx, indexWait)
+			out, err := r.index.desiredAsOf(wctx, bs.StreamInfo().State.LastSeq)
+			cancel()
+			if err == nil {
+				return out, nil
+			}
+			r.log.Warn().Err(err).Msg("the device index is behind the desired states: reading the bucket")
+		}
+	}
+	out := map[string]storedDesired{}
+	err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
+		var p storedDesired
+		if json.Unmarshal(e.Value(), &p.ref) == nil {
+			p.value = e.Value()
+			out[e.Key()] = p
+		}
+	})
+	return out, err
 }
 
 // claim takes each device for rollout id in fleet_claims: with Create, or
