@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
+	"github.com/rs/zerolog"
 
 	"fleet/internal/poll"
 	"fleet/model"
@@ -185,8 +186,9 @@ func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
 }
 
 // The engine reads the fleet's records from the device index, once the
-// index has taken in the bucket's last write: a record written a moment
-// before is read as written, a new one and a changed one alike.
+// index has taken in the bucket's last revision: a record written a
+// moment before is read as written (a new one, a changed one, a removed
+// one, a damaged one as none), by the index itself and not the bucket.
 func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 	f := startRolloutFleet(t, 1, "developers")
 	ctx := ctxT(t, 30*time.Second)
@@ -194,8 +196,14 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	find := func(id string) *model.Device {
-		devs, err := f.c.rollouts.currentDevices(ctx)
+	find := func(rev uint64, id string) *model.Device {
+		t.Helper()
+		if last, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDevices); err != nil || last != rev {
+			t.Fatalf("last revision %d (%v), want %d", last, err, rev)
+		}
+		ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		devs, err := f.c.index.devicesAsOf(ictx, rev)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -211,43 +219,63 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 		id, _ := kp.PublicKey()
 		rec := model.Device{ID: id, Name: fmt.Sprintf("late-%02d", i), Groups: []string{"developers"}, Status: model.DeviceActive}
 		b, _ := json.Marshal(rec)
-		if _, err := kv.Put(ctx, id, b); err != nil {
+		rev, err := kv.Put(ctx, id, b)
+		if err != nil {
 			t.Fatal(err)
 		}
-		if d := find(id); d == nil || d.Name != rec.Name || d.Status != model.DeviceActive {
+		if d := find(rev, id); d == nil || d.Name != rec.Name || d.Status != model.DeviceActive {
 			t.Fatalf("round %d: a device recorded a moment before reads as %+v", i, d)
 		}
 		rec.Status = model.DeviceRevoked
 		b, _ = json.Marshal(rec)
-		if _, err := kv.Put(ctx, id, b); err != nil {
+		if rev, err = kv.Put(ctx, id, b); err != nil {
 			t.Fatal(err)
 		}
-		if d := find(id); d == nil || d.Status != model.DeviceRevoked {
+		if d := find(rev, id); d == nil || d.Status != model.DeviceRevoked {
 			t.Fatalf("round %d: a device revoked a moment before reads as %+v", i, d)
+		}
+		if rev, err = kv.Put(ctx, id, []byte("{damaged")); err != nil {
+			t.Fatal(err)
+		}
+		if d := find(rev, id); d != nil {
+			t.Fatalf("round %d: a damaged record reads as %+v (a read of the bucket skips it)", i, d)
 		}
 		if err := kv.Delete(ctx, id); err != nil {
 			t.Fatal(err)
 		}
-		if d := find(id); d != nil {
+		e, err := lastEntry(ctx, kv, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := find(e.Revision(), id); d != nil {
 			t.Fatalf("round %d: a device removed a moment before reads as %+v", i, d)
 		}
 	}
-}
+	if devs, err := f.c.rollouts.currentDevices(ctx); err != nil || len(devs) != len(f.devs) {
+		t.Fatalf("current devices: %d (%v), want %d", len(devs), err, len(f.devs))
+	}
 
-// holdEngine has another coordinator take the engine lock, as after a
-// partition, and waits until this one stops leading. The lock lapses
-// with the bucket's TTL unless the test deletes it first.
-func holdEngine(ctx context.Context, t *testing.T, f *rolloutFleet) jetstream.KeyValue {
-	t.Helper()
-	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
+	// Delete markers compacted away: the stream's last sequence stays
+	// where it was, but an index started since reaches the last entry
+	// there is.
+	if err := kv.PurgeDeletes(ctx, jetstream.DeleteMarkersOlderThan(-1)); err != nil {
+		t.Fatal(err)
+	}
+	fresh := newDeviceIndex(zerolog.Nop())
+	fctx, stop := context.WithCancel(ctx)
+	defer stop()
+	if err := fresh.run(fctx, f.c.JetStream()); err != nil {
+		t.Fatal(err)
+	}
+	rev, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDevices)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
-		t.Fatal(err)
+	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if devs, err := fresh.devicesAsOf(ictx, rev); err != nil || len(devs) != len(f.devs) {
+		t.Fatalf("an index started after a compaction: %d devices (%v), want %d", len(devs), err, len(f.devs))
 	}
-	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
-	return locks
 }
 
 // Likewise for desired states (what a new rollout keeps to revert to): a
@@ -266,7 +294,13 @@ func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 		if _, err := kv.Put(ctx, id, b); err != nil {
 			t.Fatal(err)
 		}
-		got, err := f.c.rollouts.currentDesired(ctx)
+		rev, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDesired)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		got, err := f.c.index.desiredAsOf(ictx, rev)
+		cancel()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -276,8 +310,30 @@ func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 		if err := kv.Delete(ctx, id); err != nil {
 			t.Fatal(err)
 		}
-		if got, err = f.c.rollouts.currentDesired(ctx); err != nil || got[id].value != nil {
+		if rev, err = lastRevision(ctx, f.c.JetStream(), subjects.BucketDesired); err != nil {
+			t.Fatal(err)
+		}
+		ictx, cancel = context.WithTimeout(ctx, 2*time.Second)
+		got, err = f.c.index.desiredAsOf(ictx, rev)
+		cancel()
+		if err != nil || got[id].value != nil {
 			t.Fatalf("round %d: a desired state deleted a moment before reads as %+v (%v)", i, got[id], err)
 		}
 	}
+}
+
+// holdEngine has another coordinator take the engine lock, as after a
+// partition, and waits until this one stops leading. The lock lapses
+// with the bucket's TTL unless the test deletes it first.
+func holdEngine(ctx context.Context, t *testing.T, f *rolloutFleet) jetstream.KeyValue {
+	t.Helper()
+	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
+	return locks
 }

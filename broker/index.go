@@ -288,14 +288,22 @@ func (x *deviceIndex) applyEvent(id string, data []byte, at time.Time) {
 // device and everything known of it.
 func (x *deviceIndex) applyRecord(id string, data []byte) {
 	x.stats.records.Add(1)
-	if data == nil {
-		x.update(id, func(*deviceState) bool { return false })
-		return
-	}
 	var d model.Device
-	if err := json.Unmarshal(data, &d); err != nil {
-		x.stats.decodeErrors.Add(1)
-		x.log.Warn().Err(err).Str("device", id).Msg("undecodable device record")
+	if data != nil {
+		if err := json.Unmarshal(data, &d); err != nil {
+			x.stats.decodeErrors.Add(1)
+			x.log.Warn().Err(err).Str("device", id).Msg("undecodable device record")
+			data = nil // as a read of the bucket would: no record
+		}
+	}
+	if data == nil {
+		// Gone, and all that was known of it but its desired state,
+		// which stays in its bucket (and is what a rollout reverts to).
+		x.update(id, func(s *deviceState) bool {
+			*s = deviceState{desired: s.desired, rollout: s.rollout, release: s.release, desiredValue: s.desiredValue}
+			return s.desiredValue != nil
+		})
+		x.changes.Add(1)
 		return
 	}
 	d.ID = id
@@ -320,12 +328,8 @@ func (x *deviceIndex) applyDesired(id string, data []byte) {
 		if err := json.Unmarshal(data, &d); err != nil {
 			x.stats.decodeErrors.Add(1)
 			x.log.Warn().Err(err).Str("device", id).Msg("undecodable desired state")
-			// Nothing a rollout could revert to.
-			x.update(id, func(s *deviceState) bool {
-				s.desiredValue = nil
-				return true
-			})
-			return
+			data = nil // as a read of the bucket would: none
+			d.StorePath, d.RolloutID, d.ReleaseID = "", "", ""
 		}
 	}
 	x.changes.Add(1)

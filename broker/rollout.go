@@ -514,10 +514,9 @@ const indexWait = time.Second
 // else read from the bucket (a whole fleet's records, each decoded).
 func (r *rollouts) currentDevices(ctx context.Context) ([]model.Device, error) {
 	if r.index != nil {
-		st, err := r.devices.Status(ctx)
-		if bs, ok := st.(*jetstream.KeyValueBucketStatus); err == nil && ok {
+		if rev, err := lastRevision(ctx, r.js, subjects.BucketDevices); err == nil {
 			wctx, cancel := context.WithTimeout(ctx, indexWait)
-			devs, err := r.index.devicesAsOf(wctx, bs.StreamInfo().State.LastSeq)
+			devs, err := r.index.devicesAsOf(wctx, rev)
 			cancel()
 			if err == nil {
 				return devs, nil
@@ -528,16 +527,34 @@ func (r *rollouts) currentDevices(ctx context.Context) ([]model.Device, error) {
 	return readDevices(ctx, r.devices)
 }
 
+// lastRevision is the revision of the last entry bucket holds (a delete
+// or purge marker included; 0: none). Not the stream's last sequence:
+// that stays where it was when its last message is removed (a compaction
+// of delete markers), and a watcher started since never sees it.
+func lastRevision(ctx context.Context, js jetstream.JetStream, bucket string) (uint64, error) {
+	st, err := js.Stream(ctx, subjects.KVStream(bucket))
+	if err != nil {
+		return 0, err
+	}
+	m, err := st.GetLastMsgForSubject(ctx, subjects.KVKey(bucket, ">"))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return m.Sequence, nil
+}
+
 // currentDesired is every device's desired state as fleet_desired holds it
 // now, kept as stored and read for what it names only (see
 // model.RolloutDevice.Previous): from the device index once it has taken
 // in the bucket's last revision, else read from the bucket.
 func (r *rollouts) currentDesired(ctx context.Context) (map[string]storedDesired, error) {
 	if r.index != nil {
-		st, err := r.desired.Status(ctx)
-		if bs, ok := st.(*jetstream.KeyValueBucketStatus); err == nil && ok {
+		if rev, err := lastRevision(ctx, r.js, subjects.BucketDesired); err == nil {
 			wctx, cancel := context.WithTimeout(ctx, indexWait)
-			out, err := r.index.desiredAsOf(wctx, bs.StreamInfo().State.LastSeq)
+			out, err := r.index.desiredAsOf(wctx, rev)
 			cancel()
 			if err == nil {
 				return out, nil
@@ -1041,7 +1058,7 @@ func (r *rollouts) lead(ctx context.Context, rev uint64) {
 		cancel()
 		<-renewed
 		r.releaseLock(held.Load())
-		// Not leading: nothing is driven or cached (see follow, seed).
+		// Not leading: nothing is driven or cached (see follow, record).
 		r.mu.Lock()
 		r.cache, r.active = nil, nil
 		r.mu.Unlock()
