@@ -513,18 +513,34 @@ const indexWait = time.Second
 // from the device index once it has taken in the bucket's last revision,
 // else read from the bucket (a whole fleet's records, each decoded).
 func (r *rollouts) currentDevices(ctx context.Context) ([]model.Device, error) {
-	if r.index != nil {
-		if rev, err := lastRevision(ctx, r.js, subjects.BucketDevices); err == nil {
-			wctx, cancel := context.WithTimeout(ctx, indexWait)
-			devs, err := r.index.devicesAsOf(wctx, rev)
-			cancel()
-			if err == nil {
-				return devs, nil
-			}
-			r.log.Warn().Err(err).Msg("the device index is behind its bucket: reading the bucket")
-		}
+	var devs []model.Device
+	if r.fromIndex(ctx, subjects.BucketDevices, func(ctx context.Context, rev uint64) (err error) {
+		devs, err = r.index.devicesAsOf(ctx, rev)
+		return err
+	}) {
+		return devs, nil
 	}
 	return readDevices(ctx, r.devices)
+}
+
+// fromIndex calls read with bucket's last revision, for the device index
+// to answer once it has taken that in, within indexWait; false when there
+// is no index, or it lags (the caller reads the bucket then).
+func (r *rollouts) fromIndex(ctx context.Context, bucket string, read func(ctx context.Context, rev uint64) error) bool {
+	if r.index == nil {
+		return false
+	}
+	rev, err := lastRevision(ctx, r.js, bucket)
+	if err != nil {
+		return false
+	}
+	wctx, cancel := context.WithTimeout(ctx, indexWait)
+	defer cancel()
+	if err := read(wctx, rev); err != nil {
+		r.log.Warn().Err(err).Str("bucket", bucket).Msg("the device index is behind its bucket: reading the bucket")
+		return false
+	}
+	return true
 }
 
 // lastRevision is the revision of the last entry bucket holds (a delete
@@ -551,18 +567,14 @@ func lastRevision(ctx context.Context, js jetstream.JetStream, bucket string) (u
 // model.RolloutDevice.Previous): from the device index once it has taken
 // in the bucket's last revision, else read from the bucket.
 func (r *rollouts) currentDesired(ctx context.Context) (map[string]storedDesired, error) {
-	if r.index != nil {
-		if rev, err := lastRevision(ctx, r.js, subjects.BucketDesired); err == nil {
-			wctx, cancel := context.WithTimeout(ctx, indexWait)
-			out, err := r.index.desiredAsOf(wctx, rev)
-			cancel()
-			if err == nil {
-				return out, nil
-			}
-			r.log.Warn().Err(err).Msg("the device index is behind the desired states: reading the bucket")
-		}
+	var out map[string]storedDesired
+	if r.fromIndex(ctx, subjects.BucketDesired, func(ctx context.Context, rev uint64) (err error) {
+		out, err = r.index.desiredAsOf(ctx, rev)
+		return err
+	}) {
+		return out, nil
 	}
-	out := map[string]storedDesired{}
+	out = map[string]storedDesired{}
 	err := eachKey(ctx, r.desired, func(e jetstream.KeyValueEntry) {
 		var p storedDesired
 		if json.Unmarshal(e.Value(), &p.ref) == nil {
