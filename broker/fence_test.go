@@ -198,7 +198,7 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 	}
 	find := func(rev uint64, id string) *model.Device {
 		t.Helper()
-		if last, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDevices); err != nil || last != rev {
+		if last, err := f.c.rollouts.lastRevision(ctx, subjects.BucketDevices); err != nil || last != rev {
 			t.Fatalf("last revision %d (%v), want %d", last, err, rev)
 		}
 		ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -267,7 +267,7 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 	if err := fresh.run(fctx, f.c.JetStream()); err != nil {
 		t.Fatal(err)
 	}
-	rev, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDevices)
+	rev, err := f.c.rollouts.lastRevision(ctx, subjects.BucketDevices)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 		if _, err := kv.Put(ctx, id, b); err != nil {
 			t.Fatal(err)
 		}
-		rev, err := lastRevision(ctx, f.c.JetStream(), subjects.BucketDesired)
+		rev, err := f.c.rollouts.lastRevision(ctx, subjects.BucketDesired)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -310,7 +310,7 @@ func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 		if err := kv.Delete(ctx, id); err != nil {
 			t.Fatal(err)
 		}
-		if rev, err = lastRevision(ctx, f.c.JetStream(), subjects.BucketDesired); err != nil {
+		if rev, err = f.c.rollouts.lastRevision(ctx, subjects.BucketDesired); err != nil {
 			t.Fatal(err)
 		}
 		ictx, cancel = context.WithTimeout(ctx, 2*time.Second)

@@ -58,6 +58,9 @@ type rollouts struct {
 	releases jetstream.KeyValue
 	claims   jetstream.KeyValue
 	locks    jetstream.KeyValue
+	// indexed are the streams of the buckets the engine reads from the
+	// device index (see fromIndex), by bucket.
+	indexed map[string]jetstream.Stream
 
 	// mu serialises the engine's own steps with event handling.
 	mu sync.Mutex
@@ -107,6 +110,12 @@ func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log z
 	} {
 		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
 			return nil, fmt.Errorf("bucket %s: %w", b.name, err)
+		}
+	}
+	r.indexed = map[string]jetstream.Stream{}
+	for _, b := range []string{subjects.BucketDevices, subjects.BucketDesired} {
+		if r.indexed[b], err = js.Stream(ctx, subjects.KVStream(b)); err != nil {
+			return nil, fmt.Errorf("bucket %s: %w", b, err)
 		}
 	}
 	return r, nil
@@ -530,7 +539,7 @@ func (r *rollouts) fromIndex(ctx context.Context, bucket string, read func(ctx c
 	if r.index == nil {
 		return false
 	}
-	rev, err := lastRevision(ctx, r.js, bucket)
+	rev, err := r.lastRevision(ctx, bucket)
 	if err != nil {
 		return false
 	}
@@ -547,10 +556,10 @@ func (r *rollouts) fromIndex(ctx context.Context, bucket string, read func(ctx c
 // or purge marker included; 0: none). Not the stream's last sequence:
 // that stays where it was when its last message is removed (a compaction
 // of delete markers), and a watcher started since never sees it.
-func lastRevision(ctx context.Context, js jetstream.JetStream, bucket string) (uint64, error) {
-	st, err := js.Stream(ctx, subjects.KVStream(bucket))
-	if err != nil {
-		return 0, err
+func (r *rollouts) lastRevision(ctx context.Context, bucket string) (uint64, error) {
+	st := r.indexed[bucket]
+	if st == nil {
+		return 0, fmt.Errorf("bucket %s is not read from the device index", bucket)
 	}
 	m, err := st.GetLastMsgForSubject(ctx, subjects.KVKey(bucket, ">"))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
