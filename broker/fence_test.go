@@ -107,10 +107,7 @@ func TestConcurrentDeploysClaimOnce(t *testing.T) {
 func TestClaimsGivenBackAreTakenAgain(t *testing.T) {
 	f := startRolloutFleet(t, 1, "developers")
 	ctx := ctxT(t, 60*time.Second)
-	claims, err := f.c.JetStream().KeyValue(ctx, subjects.BucketClaims)
-	if err != nil {
-		t.Fatal(err)
-	}
+	claims := bucketOf(ctx, t, f.c, subjects.BucketClaims)
 	for _, n := range []int{1, claimScanFrom + 8} {
 		devs := make([]*model.RolloutDevice, n)
 		for i := range devs {
@@ -146,10 +143,7 @@ func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
 	f.deploy(cl, model.DeployRequest{ReleaseID: "rel-1", Group: "developers", Strategy: "all"})
 	f.waitTarget("developers", "rel-1")
 
-	desired, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDesired)
-	if err != nil {
-		t.Fatal(err)
-	}
+	desired := bucketOf(ctx, t, f.c, subjects.BucketDesired)
 	locks := holdEngine(ctx, t, f)
 	// Within the lock's lifetime (the bucket's TTL frees it).
 	var res model.DeployResult
@@ -192,10 +186,7 @@ func TestUndoSetsBackDevicesToldBeforeTheirRecord(t *testing.T) {
 func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 	f := startRolloutFleet(t, 1, "developers")
 	ctx := ctxT(t, 30*time.Second)
-	kv, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDevices)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := bucketOf(ctx, t, f.c, subjects.BucketDevices)
 	find := func(rev uint64, id string) *model.Device {
 		t.Helper()
 		if last, err := f.c.rollouts.lastRevision(ctx, subjects.BucketDevices); err != nil || last != rev {
@@ -284,10 +275,7 @@ func TestCurrentDevicesReadsTheLatestWrites(t *testing.T) {
 func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 	f := startRolloutFleet(t, 1, "developers")
 	ctx := ctxT(t, 30*time.Second)
-	kv, err := f.c.JetStream().KeyValue(ctx, subjects.BucketDesired)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := bucketOf(ctx, t, f.c, subjects.BucketDesired)
 	id := f.devs[0].id
 	for i := range 50 {
 		b, _ := json.Marshal(model.Desired{Device: id, ReleaseID: fmt.Sprintf("rel-%02d", i), RolloutID: "r1", StorePath: storePath(fmt.Sprintf("gen-%d", i))})
@@ -327,13 +315,20 @@ func TestCurrentDesiredReadsTheLatestWrites(t *testing.T) {
 // with the bucket's TTL unless the test deletes it first.
 func holdEngine(ctx context.Context, t *testing.T, f *rolloutFleet) jetstream.KeyValue {
 	t.Helper()
-	locks, err := f.c.JetStream().KeyValue(ctx, subjects.BucketLocks)
-	if err != nil {
-		t.Fatal(err)
-	}
+	locks := bucketOf(ctx, t, f.c, subjects.BucketLocks)
 	if _, err := locks.Put(ctx, engineLockKey, []byte("another-coordinator")); err != nil {
 		t.Fatal(err)
 	}
 	poll.Until(t, 2*engineLockRenew, "the engine stepping down", func() bool { return !f.c.rollouts.leading.Load() })
 	return locks
+}
+
+// bucketOf opens one of the coordinator's buckets.
+func bucketOf(ctx context.Context, t *testing.T, c *Coordinator, name string) jetstream.KeyValue {
+	t.Helper()
+	kv, err := c.JetStream().KeyValue(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
 }
