@@ -235,9 +235,6 @@ func windowChunks(info *jetstream.ObjectInfo) int {
 	return max(1, cacheWindowBytes/chunk)
 }
 
-// objStream is the stream behind object store b.
-func objStream(b string) string { return "OBJ_" + b }
-
 // objChunks is the subject of an object's chunks.
 func objChunks(b, nuid string) string { return "$O." + b + ".C." + nuid }
 
@@ -819,7 +816,7 @@ func windowBytes(info *jetstream.ObjectInfo, lay objLayout, after uint64, win in
 // (body, or subj appended to the API subject for the last of a subject),
 // 0 when none.
 func (cs *cacheStore) chunkSeq(ctx context.Context, l *lane, body, subj string) uint64 {
-	r, err := l.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".DIRECT.GET."+objStream(subjects.ObjectCache)+subj, []byte(body))
+	r, err := l.nc.RequestWithContext(ctx, subjects.JSAPIPrefix("")+".DIRECT.GET."+subjects.ObjectStream(subjects.ObjectCache)+subj, []byte(body))
 	if err != nil || r.Header.Get("Status") != "" {
 		return 0
 	}

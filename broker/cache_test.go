@@ -611,7 +611,7 @@ func TestCacheReadLayouts(t *testing.T) {
 	// The object store holds a chunk once the next read starts: wait
 	// until the first three are in the stream.
 	poll.Until(t, 10*time.Second, "a's first chunks stored", func() bool {
-		si, err := w.c.JetStream().Stream(ctx, objStream(subjects.ObjectCache))
+		si, err := w.c.JetStream().Stream(ctx, subjects.ObjectStream(subjects.ObjectCache))
 		return err == nil && si.CachedInfo().State.Msgs >= 3
 	})
 	put(b, bytes.NewReader(dataB), cacheObjChunk)

@@ -149,6 +149,9 @@ func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Confi
 			for {
 				actx, cancel := context.WithTimeout(ctx, perAsset)
 				err := a.create(actx)
+				if err == nil {
+					err = led(actx, js, a.stream)
+				}
 				cancel()
 				if err == nil {
 					return
@@ -169,9 +172,31 @@ func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Confi
 	return errors.Join(errs...)
 }
 
-// asset is a stream, bucket or object store and how to make it.
+// led waits until the stream answers with a leader elected. A stream
+// just created in a cluster that has just formed may have none yet, and
+// then the lookups that come next (a bucket's stream info) time out.
+func led(ctx context.Context, js jetstream.JetStream, stream string) error {
+	for {
+		s, err := js.Stream(ctx, stream)
+		if err == nil {
+			if ci := s.CachedInfo().Cluster; ci == nil || ci.Leader != "" {
+				return nil
+			}
+			err = errors.New("no leader yet")
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stream %s: %w", stream, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// asset is a stream, bucket or object store, the stream that holds it,
+// and how to make it.
 type asset struct {
 	name   string
+	stream string
 	create func(context.Context) error
 }
 
@@ -179,19 +204,19 @@ type asset struct {
 func assets(js jetstream.JetStream, cfg Config, disk int64) []asset {
 	var out []asset
 	for _, sc := range streamConfigs(cfg, disk) {
-		out = append(out, asset{"stream " + sc.Name, func(ctx context.Context) error {
+		out = append(out, asset{"stream " + sc.Name, sc.Name, func(ctx context.Context) error {
 			_, err := js.CreateOrUpdateStream(ctx, sc)
 			return err
 		}})
 	}
 	for _, kc := range bucketConfigs(cfg) {
-		out = append(out, asset{"bucket " + kc.Bucket, func(ctx context.Context) error {
+		out = append(out, asset{"bucket " + kc.Bucket, subjects.KVStream(kc.Bucket), func(ctx context.Context) error {
 			_, err := js.CreateOrUpdateKeyValue(ctx, kc)
 			return err
 		}})
 	}
 	for _, oc := range objectStoreConfigs(cfg, disk) {
-		out = append(out, asset{"object store " + oc.Bucket, func(ctx context.Context) error {
+		out = append(out, asset{"object store " + oc.Bucket, subjects.ObjectStream(oc.Bucket), func(ctx context.Context) error {
 			_, err := js.CreateOrUpdateObjectStore(ctx, oc)
 			return err
 		}})
