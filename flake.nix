@@ -47,7 +47,7 @@
         # `go mod vendor` writes. After changing go.mod/go.sum, update it:
         #   go mod vendor -o /tmp/v && nix hash path /tmp/v
         # (or run `nix build`, which prints the right one on a mismatch).
-        vendorHash = "sha256-z44ZdVjw7yB23N2cLo7CIOay11qW4E1gUUD8AubQ5G8=";
+        vendorHash = "sha256-q/CueTWojPm8CSq3NeY9QKF7e5O2NvCCDtj1cuNFTlY=";
 
         subPackages = [ "cmd/fleet-coordinator" "cmd/fleet-agent" "cmd/fleet-admin" ];
         env.CGO_ENABLED = 0;

@@ -68,9 +68,9 @@ type Coordinator struct {
 	rollouts   *rollouts
 
 	// index is the device index behind /metrics, the JSON API and Status;
-	// metrics is the coordinator's own Prometheus registry.
+	// metrics is what /metrics serves: its own registry and the index.
 	index    *deviceIndex
-	metrics  *prometheus.Registry
+	metrics  metricsGatherer
 	apiToken []byte // SHA-256 of the API bearer token; nil: API disabled
 
 	httpLn  net.Listener
@@ -281,8 +281,9 @@ func (c *Coordinator) startEngine() error {
 	}
 	// Online status comes from the server's connect events.
 	c.SetOnlineSource(c.svc.presence)
-	c.metrics = newMetricsRegistry(c.index, c.ns, c.auth.CoreAccount())
-	c.metrics.MustRegister(c.svc.dropped, c.svc.traffic, c.svc.auditSuppressed, c.newMDMCollector(), c.svc.cache.collector())
+	reg := newMetricsRegistry(c.ns, c.auth.CoreAccount())
+	reg.MustRegister(c.svc.dropped, c.svc.traffic, c.svc.auditSuppressed, c.newMDMCollector(), c.svc.cache.collector())
+	c.metrics = newMetricsGatherer(reg, fleetCollector{x: c.index})
 	return nil
 }
 
@@ -685,5 +686,5 @@ func (c *Coordinator) Ready() error {
 	return nil
 }
 
-// Metrics is the coordinator's Prometheus registry, as /metrics serves it.
-func (c *Coordinator) Metrics() *prometheus.Registry { return c.metrics }
+// Metrics is what /metrics serves, as a Gatherer.
+func (c *Coordinator) Metrics() prometheus.Gatherer { return c.metrics }

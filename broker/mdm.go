@@ -148,9 +148,8 @@ func (s *services) encryptionList(_ context.Context, _ *model.Admin, raw json.Ra
 	return s.encryptionViews(a.Group), nil
 }
 
-// mdmCollector exports the MDM state: devices by encryption state, each
-// device's root encryption, certificate expiry of payloads and when each
-// escrowed recovery key was last confirmed. Bucket reads are cached for
+// mdmCollector exports the MDM state: certificate expiry of payloads and
+// when each escrowed recovery key was last confirmed. Bucket reads are cached for
 // mdmMetricsTTL, so scrapes stay cheap.
 type mdmCollector struct {
 	s *services
@@ -165,10 +164,6 @@ type mdmCollector struct {
 const mdmMetricsTTL = 30 * time.Second
 
 var (
-	descEncryption = prometheus.NewDesc("fleet_devices_encryption",
-		"Devices by root file system encryption: encrypted, unencrypted, unknown (no facts yet).", []string{"state"}, nil)
-	descEncrypted = prometheus.NewDesc("fleet_device_root_encrypted",
-		"1 when the device's root file system is on an encrypted (LUKS) device, 0 when not (absent: unknown).", []string{"device", "name"}, nil)
 	descCertExpiry = prometheus.NewDesc("fleet_payload_cert_expiry_timestamp_seconds",
 		"Expiry of the certificate a sealed payload holds, per device and payload.", []string{"device", "name", "payload"}, nil)
 	descEscrow = prometheus.NewDesc("fleet_escrow_confirmed_timestamp_seconds",
@@ -179,30 +174,11 @@ var (
 func (c *Coordinator) newMDMCollector() prometheus.Collector { return &mdmCollector{s: c.svc} }
 
 func (m *mdmCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- descEncryption
-	ch <- descEncrypted
 	ch <- descCertExpiry
 	ch <- descEscrow
 }
 
 func (m *mdmCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := map[string]float64{"encrypted": 0, "unencrypted": 0, "unknown": 0}
-	for _, v := range m.s.encryptionViews("") {
-		switch {
-		case v.RootEncrypted == nil:
-			counts["unknown"]++
-			continue
-		case *v.RootEncrypted:
-			counts["encrypted"]++
-			ch <- prometheus.MustNewConstMetric(descEncrypted, prometheus.GaugeValue, 1, v.Device, v.Name)
-		default:
-			counts["unencrypted"]++
-			ch <- prometheus.MustNewConstMetric(descEncrypted, prometheus.GaugeValue, 0, v.Device, v.Name)
-		}
-	}
-	for st, n := range counts {
-		ch <- prometheus.MustNewConstMetric(descEncryption, prometheus.GaugeValue, n, st)
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if seqs := m.bucketSeqs(); seqs != m.seqs || time.Since(m.at) > mdmMetricsTTL {

@@ -1,21 +1,22 @@
 package broker
 
 import (
-	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
 
 	"fleet/model"
 )
 
-// The coordinator's /metrics: a registry of its own (never the global one),
-// holding a collector that reads the device index at scrape time, one that
-// reads the embedded server's Varz and Jsz, and Go runtime and process
-// collectors. Per-device series exist for devices with a record that is not
+// The coordinator's /metrics: the device index's families, written as text
+// from a snapshot at scrape time (fleetCollector), and a registry of its
+// own (never the global one) holding a collector that reads the embedded
+// server's Varz and Jsz, the services' and MDM's collectors, and Go
+// runtime and process collectors. Per-device series exist for devices with a record that is not
 // revoked, so a fleet of N devices exports O(N) series and deleting or
 // revoking a record removes its series at the next scrape.
 
@@ -23,23 +24,28 @@ func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
 }
 
+// The index's families, written as text (exposition.go).
 var (
-	descDevices         = desc("fleet_devices", "Device records by status.", "status")
-	descDevicesOnline   = desc("fleet_devices_online", "Devices online (not revoked): connected per the server's advisories, or last seen within 3 facts intervals when the coordinator has no advisory source.")
-	descLastSeen        = desc("fleet_device_last_seen_timestamp_seconds", "When the coordinator stored the device's latest facts or event message (Unix seconds).", "device", "name")
-	descGeneration      = desc("fleet_device_generation_info", "The system the device runs (current_system of its latest facts).", "device", "name", "store_path")
-	descDesired         = desc("fleet_device_desired_info", "The system the device should run (its fleet_desired store path).", "device", "name", "store_path")
-	descUpToDate        = desc("fleet_device_up_to_date", "1 when the device runs its desired system (or has none), 0 otherwise or before its first facts.", "device", "name")
-	descDiskUsed        = desc("fleet_device_disk_used_ratio", "Used fraction of each mount the device reported.", "device", "name", "mount")
-	descRebootNeeded    = desc("fleet_device_reboot_needed", "1 when the booted kernel, initrd or modules differ from the current system's.", "device", "name")
-	descApplySuccess    = desc("fleet_device_last_apply_success", "1 when the device's latest apply succeeded (or changed nothing), 0 when it failed or was rolled back; absent before any apply.", "device", "name")
-	descOnline          = desc("fleet_device_online", "1 when the device is online (see fleet_devices_online).", "device", "name")
-	descAgentStates     = desc("fleet_devices_agent_state", "Devices by their agent's latest reconcile state (idle, checking, fetching, applying, verifying, reporting, rolling_back), from their events; an apply's result counts as idle.", "state")
-	descRolloutDevices  = desc("fleet_rollout_devices", "Devices of a rollout by their state in it (unfinished rollouts and those finished within 24h).", "rollout", "state")
-	descRolloutInfo     = desc("fleet_rollout_info", "A rollout, its release and its state (unfinished rollouts and those finished within 24h).", "rollout", "release", "state")
-	descIndexMessages   = desc("fleet_index_messages_total", "Messages and KV entries the device index has taken in, by source.", "source")
-	descIndexDecodeErrs = desc("fleet_index_decode_errors_total", "Messages and KV entries the device index could not decode.")
+	famDevices         = family{"fleet_devices", "Device records by status.", dto.MetricType_GAUGE}
+	famDevicesOnline   = family{"fleet_devices_online", "Devices online (not revoked): connected per the server's advisories, or last seen within 3 facts intervals when the coordinator has no advisory source.", dto.MetricType_GAUGE}
+	famLastSeen        = family{"fleet_device_last_seen_timestamp_seconds", "When the coordinator stored the device's latest facts or event message (Unix seconds).", dto.MetricType_GAUGE}
+	famGeneration      = family{"fleet_device_generation_info", "The system the device runs (current_system of its latest facts).", dto.MetricType_GAUGE}
+	famDesired         = family{"fleet_device_desired_info", "The system the device should run (its fleet_desired store path).", dto.MetricType_GAUGE}
+	famUpToDate        = family{"fleet_device_up_to_date", "1 when the device runs its desired system (or has none), 0 otherwise or before its first facts.", dto.MetricType_GAUGE}
+	famDiskUsed        = family{"fleet_device_disk_used_ratio", "Used fraction of each mount the device reported.", dto.MetricType_GAUGE}
+	famRebootNeeded    = family{"fleet_device_reboot_needed", "1 when the booted kernel, initrd or modules differ from the current system's.", dto.MetricType_GAUGE}
+	famApplySuccess    = family{"fleet_device_last_apply_success", "1 when the device's latest apply succeeded (or changed nothing), 0 when it failed or was rolled back; absent before any apply.", dto.MetricType_GAUGE}
+	famOnline          = family{"fleet_device_online", "1 when the device is online (see fleet_devices_online).", dto.MetricType_GAUGE}
+	famAgentStates     = family{"fleet_devices_agent_state", "Devices by their agent's latest reconcile state (idle, checking, fetching, applying, verifying, reporting, rolling_back), from their events; an apply's result counts as idle.", dto.MetricType_GAUGE}
+	famRolloutDevices  = family{"fleet_rollout_devices", "Devices of a rollout by their state in it (unfinished rollouts and those finished within 24h).", dto.MetricType_GAUGE}
+	famRolloutInfo     = family{"fleet_rollout_info", "A rollout, its release and its state (unfinished rollouts and those finished within 24h).", dto.MetricType_GAUGE}
+	famIndexMessages   = family{"fleet_index_messages_total", "Messages and KV entries the device index has taken in, by source.", dto.MetricType_COUNTER}
+	famIndexDecodeErrs = family{"fleet_index_decode_errors_total", "Messages and KV entries the device index could not decode.", dto.MetricType_COUNTER}
+	famEncryption      = family{"fleet_devices_encryption", "Devices by root file system encryption: encrypted, unencrypted, unknown (no facts yet).", dto.MetricType_GAUGE}
+	famEncrypted       = family{"fleet_device_root_encrypted", "1 when the device's root file system is on an encrypted (LUKS) device, 0 when not (absent: unknown).", dto.MetricType_GAUGE}
+)
 
+var (
 	descNATSConnections = desc("fleet_nats_connections", "Client connections to the embedded NATS server.")
 	descNATSTotalConns  = desc("fleet_nats_connections_total", "Client connections the embedded NATS server has accepted since start.")
 	descNATSLeafnodes   = desc("fleet_nats_leafnodes", "Leaf node connections.")
@@ -60,16 +66,8 @@ var (
 	descJSAPIErrors     = desc("fleet_jetstream_api_errors_total", "JetStream API requests that failed.")
 )
 
-// fleetCollector exports the device index.
+// fleetCollector writes the device index's families.
 type fleetCollector struct{ x *deviceIndex }
-
-func (fc fleetCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDevices, descDevicesOnline, descLastSeen, descGeneration, descDesired,
-		descUpToDate, descDiskUsed, descRebootNeeded, descApplySuccess, descOnline, descAgentStates, descRolloutDevices, descRolloutInfo,
-		descIndexMessages, descIndexDecodeErrs} {
-		ch <- d
-	}
-}
 
 // maxMountSeries caps fleet_device_disk_used_ratio series per device.
 const maxMountSeries = 32
@@ -87,17 +85,24 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
+// deviceSeries is what one exported device's series need.
+type deviceSeries struct {
+	row       model.DeviceStatusRow
+	facts     bool
+	mounts    []model.Mount // valid labels, no repeats, at most maxMountSeries
+	encrypted *bool
+}
+
+func (fc fleetCollector) writeText(e *exposition) {
 	sn := fc.x.snapshot()
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
 	byStatus := map[model.DeviceStatus]int{model.DevicePending: 0, model.DeviceActive: 0, model.DeviceRevoked: 0}
-	online := 0
 	byState := map[model.State]int{}
 	for _, st := range model.States {
 		byState[st] = 0
 	}
+	encryption := map[string]int{"encrypted": 0, "unencrypted": 0, "unknown": 0}
+	online := 0
+	devs := make([]deviceSeries, 0, len(sn.devs))
 	for _, s := range sn.devs {
 		if s.rec == nil {
 			continue
@@ -115,63 +120,121 @@ func (fc fleetCollector) Collect(ch chan<- prometheus.Metric) {
 				byState[st]++
 			}
 		}
-		r := sn.row(s)
-		id, name := r.ID, r.Name
-		if r.Online {
+		d := deviceSeries{row: sn.row(s), facts: s.facts != nil}
+		if d.row.Online {
 			online++
 		}
-		gauge(descOnline, b2f(r.Online), id, name)
-		if !r.LastSeen.IsZero() {
-			gauge(descLastSeen, float64(r.LastSeen.UnixMilli())/1e3, id, name)
-		}
-		if r.CurrentSystem != "" && model.CheckStorePath(r.CurrentSystem) == nil {
-			gauge(descGeneration, 1, id, name, r.CurrentSystem)
-		}
-		if r.DesiredSystem != "" {
-			gauge(descDesired, 1, id, name, r.DesiredSystem)
-		}
-		gauge(descUpToDate, b2f(r.UpToDate), id, name)
-		if s.facts != nil {
-			gauge(descRebootNeeded, b2f(r.RebootNeeded), id, name)
+		if f := s.facts; f != nil {
 			// A device decides how many mounts it reports: the series it
 			// may cost are capped, and labels are plain paths of sane size.
-			seen := map[string]bool{}
-			for _, m := range s.facts.Mounts {
-				if len(seen) == maxMountSeries {
+			for _, m := range f.Mounts {
+				if len(d.mounts) == maxMountSeries {
 					break
 				}
-				if !validMountLabel(m.Path) || seen[m.Path] {
-					continue
+				if validMountLabel(m.Path) && !slices.ContainsFunc(d.mounts, func(o model.Mount) bool { return o.Path == m.Path }) {
+					d.mounts = append(d.mounts, m)
 				}
-				seen[m.Path] = true
-				gauge(descDiskUsed, m.UsedRatio(), id, name, m.Path)
 			}
+			d.encrypted = f.Encryption.RootEncrypted
 		}
-		if r.LastResult != "" {
-			gauge(descApplySuccess, b2f(r.LastResult == model.ResultSucceeded || r.LastResult == model.ResultUnchanged), id, name)
+		switch {
+		case d.encrypted == nil:
+			encryption["unknown"]++
+		case *d.encrypted:
+			encryption["encrypted"]++
+		default:
+			encryption["unencrypted"]++
+		}
+		devs = append(devs, d)
+	}
+
+	// Each per-device family: its header, then a line per device that has it.
+	each := func(f family, line func(d *deviceSeries, id, name string)) {
+		e.family(f)
+		for i := range devs {
+			line(&devs[i], devs[i].row.ID, devs[i].row.Name)
 		}
 	}
-	for st, n := range byStatus {
-		gauge(descDevices, float64(n), string(st))
+	each(famOnline, func(d *deviceSeries, id, name string) {
+		e.sample(famOnline.name, b2f(d.row.Online), "device", id, "name", name)
+	})
+	each(famLastSeen, func(d *deviceSeries, id, name string) {
+		if !d.row.LastSeen.IsZero() {
+			e.sample(famLastSeen.name, float64(d.row.LastSeen.UnixMilli())/1e3, "device", id, "name", name)
+		}
+	})
+	each(famGeneration, func(d *deviceSeries, id, name string) {
+		if p := d.row.CurrentSystem; p != "" && model.CheckStorePath(p) == nil {
+			e.sample(famGeneration.name, 1, "device", id, "name", name, "store_path", p)
+		}
+	})
+	each(famDesired, func(d *deviceSeries, id, name string) {
+		if p := d.row.DesiredSystem; p != "" {
+			e.sample(famDesired.name, 1, "device", id, "name", name, "store_path", p)
+		}
+	})
+	each(famUpToDate, func(d *deviceSeries, id, name string) {
+		e.sample(famUpToDate.name, b2f(d.row.UpToDate), "device", id, "name", name)
+	})
+	each(famRebootNeeded, func(d *deviceSeries, id, name string) {
+		if d.facts {
+			e.sample(famRebootNeeded.name, b2f(d.row.RebootNeeded), "device", id, "name", name)
+		}
+	})
+	each(famDiskUsed, func(d *deviceSeries, id, name string) {
+		for _, m := range d.mounts {
+			e.sample(famDiskUsed.name, m.UsedRatio(), "device", id, "name", name, "mount", m.Path)
+		}
+	})
+	each(famApplySuccess, func(d *deviceSeries, id, name string) {
+		if r := d.row.LastResult; r != "" {
+			e.sample(famApplySuccess.name, b2f(r == model.ResultSucceeded || r == model.ResultUnchanged), "device", id, "name", name)
+		}
+	})
+	each(famEncrypted, func(d *deviceSeries, id, name string) {
+		if d.encrypted != nil {
+			e.sample(famEncrypted.name, b2f(*d.encrypted), "device", id, "name", name)
+		}
+	})
+
+	e.family(famDevices)
+	for _, st := range []model.DeviceStatus{model.DevicePending, model.DeviceActive, model.DeviceRevoked} {
+		e.sample(famDevices.name, float64(byStatus[st]), "status", string(st))
 	}
-	gauge(descDevicesOnline, float64(online))
-	for st, n := range byState {
-		gauge(descAgentStates, float64(n), string(st))
+	e.family(famDevicesOnline)
+	e.sample(famDevicesOnline.name, float64(online))
+	e.family(famAgentStates)
+	for _, st := range model.States {
+		e.sample(famAgentStates.name, float64(byState[st]), "state", string(st))
 	}
-	for _, r := range sn.shownRollouts() {
-		gauge(descRolloutInfo, 1, r.ID, r.ReleaseID, string(r.State))
+	e.family(famEncryption)
+	for _, st := range []string{"encrypted", "unencrypted", "unknown"} {
+		e.sample(famEncryption.name, float64(encryption[st]), "state", st)
+	}
+	shown := sn.shownRollouts()
+	e.family(famRolloutInfo)
+	for _, r := range shown {
+		e.sample(famRolloutInfo.name, 1, "rollout", r.ID, "release", r.ReleaseID, "state", string(r.State))
+	}
+	e.family(famRolloutDevices)
+	for _, r := range shown {
 		for _, st := range model.DeviceRolloutStates {
-			gauge(descRolloutDevices, float64(r.Counts[st]), r.ID, string(st))
+			e.sample(famRolloutDevices.name, float64(r.Counts[st]), "rollout", r.ID, "state", string(st))
 		}
 	}
 	st := &fc.x.stats
-	for src, v := range map[string]uint64{
-		"facts": st.facts.Load(), "events": st.events.Load(), "devices": st.records.Load(),
-		"desired": st.desired.Load(), "rollouts": st.rollouts.Load(),
+	e.family(famIndexMessages)
+	for _, src := range []struct {
+		name string
+		n    uint64
+	}{
+		{"devices", st.records.Load()}, {"desired", st.desired.Load()}, {"events", st.events.Load()},
+		{"facts", st.facts.Load()}, {"rollouts", st.rollouts.Load()},
 	} {
-		ch <- prometheus.MustNewConstMetric(descIndexMessages, prometheus.CounterValue, float64(v), src)
+		e.sample(famIndexMessages.name, float64(src.n), "source", src.name)
 	}
-	ch <- prometheus.MustNewConstMetric(descIndexDecodeErrs, prometheus.CounterValue, float64(st.decodeErrors.Load()))
+	e.family(famIndexDecodeErrs)
+	e.sample(famIndexDecodeErrs.name, float64(st.decodeErrors.Load()))
 }
 
 // natsCollector exports the embedded server's own figures.
@@ -240,11 +303,11 @@ func (nc *natsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// newMetricsRegistry builds the coordinator's registry.
-func newMetricsRegistry(x *deviceIndex, ns *server.Server, coreAccount string) *prometheus.Registry {
+// newMetricsRegistry builds the coordinator's registry: everything but
+// the index's families, which fleetCollector writes as text.
+func newMetricsRegistry(ns *server.Server, coreAccount string) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
-		fleetCollector{x: x},
 		&natsCollector{ns: ns, account: coreAccount, errors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleet_nats_scrape_errors_total", Help: "Failures to read the embedded server's statistics.",
 		})},
@@ -252,13 +315,4 @@ func newMetricsRegistry(x *deviceIndex, ns *server.Server, coreAccount string) *
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	return reg
-}
-
-// metricsHandler serves reg in the Prometheus exposition formats.
-func metricsHandler(reg *prometheus.Registry) http.Handler {
-	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		Registry:            reg, // promhttp_metric_handler_errors_total
-		MaxRequestsInFlight: 4,
-		ErrorHandling:       promhttp.ContinueOnError,
-	})
 }
