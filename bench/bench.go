@@ -47,7 +47,7 @@ type Options struct {
 	// NoRaw skips the raw NATS baseline.
 	NoRaw bool
 	// Profiles writes the coordinator's CPU profiles (idle, deploy all)
-	// and heap profile (idle) into Dir.
+	// and heap profiles (idle, the end of each deploy) into Dir.
 	Profiles bool
 	// LogLevel is the coordinator's (warn by default).
 	LogLevel string
@@ -475,6 +475,8 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		r.Succeeded = time.Since(t0).Seconds()
+		// What the heap held at its last collection during the rollout.
+		<-o.profile(ctx, httpPort, "deploy-"+name+"-heap.pb.gz", "heap")
 		during, _ := deviceMessages(ctx, metricsURL)
 		r.EventsPerDevice = (during["events"] - before["events"]) / float64(o.Devices)
 		r.FactsPerDevice = (during["facts"] - before["facts"]) / float64(o.Devices)

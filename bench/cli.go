@@ -38,7 +38,7 @@ type RunCmd struct {
 	MemoryLimit   string        `help:"The coordinator's GOMEMLIMIT (e.g. 900MiB): how its memory and CPU trade at this fleet size." env:"FLEET_BENCH_COORDINATOR_GOMEMLIMIT" placeholder:"SIZE"`
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
 	SimNice       int           `help:"The simulator processes' nice value (raw NATS's too): a real device's work runs on its own CPU, not the server's; 0 shares the CPU equally." default:"10" env:"FLEET_BENCH_SIM_NICE"`
-	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy), its heap profile (idle) and one simulator's CPU profile of each deploy into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
+	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy), its heap profiles (idle, the end of each deploy) and one simulator's CPU profile of each deploy into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
 }
 
 // Run runs the bench and prints its figures.
