@@ -137,25 +137,22 @@ type commander struct {
 	in  chan *nats.Msg
 }
 
-// startCommands subscribes to the device's cmd inbox and runs commands
-// until ctx ends; the returned function stops and waits.
-func (a *Agent) startCommands(ctx context.Context, wg *sync.WaitGroup) (*nats.Subscription, error) {
+// startCommands takes the commands of the device's inbox and runs them
+// until ctx ends (wg waits for it); stop stops taking them.
+func (a *Agent) startCommands(ctx context.Context, wg *sync.WaitGroup) (stop func()) {
 	l, err := loadCommandLog(a.o.StateDir)
 	if err != nil {
 		a.log.Error().Err(err).Msg("remote commands are refused")
 		l = nil
 	}
 	c := &commander{a: a, log: l, in: make(chan *nats.Msg, 8)}
-	sub, err := a.nc.Subscribe(subjects.DeviceCmd(a.o.Site, a.o.DeviceID), func(m *nats.Msg) {
+	stop = a.inbox.handle(subjects.DeviceCmd(a.o.Site, a.o.DeviceID), func(m *nats.Msg) {
 		select {
 		case c.in <- m:
 		default:
 			a.log.Warn().Msg("remote command dropped: too many at once")
 		}
 	})
-	if err != nil {
-		return nil, fmt.Errorf("subscribe to commands: %w", err)
-	}
 	wg.Go(func() {
 		for {
 			select {
@@ -166,7 +163,7 @@ func (a *Agent) startCommands(ctx context.Context, wg *sync.WaitGroup) (*nats.Su
 			}
 		}
 	})
-	return sub, nil
+	return stop
 }
 
 // handle checks and runs one command message.

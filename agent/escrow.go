@@ -268,7 +268,8 @@ func containsStr(list []string, s string) bool {
 	return false
 }
 
-func (e *escrower) subscribe() (*nats.Subscription, error) {
+// subscribe wires the coordinator's trigger to kick, until stop.
+func (e *escrower) subscribe() (stop func()) {
 	a := e.a
-	return a.nc.Subscribe(subjects.DeviceEscrowNotify(a.o.Site, a.o.DeviceID), func(*nats.Msg) { e.kick() })
+	return a.inbox.handle(subjects.DeviceEscrowNotify(a.o.Site, a.o.DeviceID), func(*nats.Msg) { e.kick() })
 }

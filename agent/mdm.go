@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 )
 
@@ -47,41 +46,28 @@ func (a *Agent) startMDM(ctx context.Context) (func(), error) {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	var subs []*nats.Subscription
+	var handled []func()
 	stop := func() {
-		for _, s := range subs {
-			_ = s.Unsubscribe()
+		for _, s := range handled {
+			s()
 		}
 		cancel()
 		wg.Wait()
 	}
-	sub, err := a.startCommands(ctx, &wg)
-	if err != nil {
-		stop()
-		return nil, err
-	}
-	subs = append(subs, sub)
+	handled = append(handled, a.startCommands(ctx, &wg))
 	pl, err := a.newPayloads()
 	if err != nil {
 		stop()
 		return nil, err
 	}
-	if sub, err = pl.subscribe(); err != nil {
-		stop()
-		return nil, err
-	}
-	subs = append(subs, sub)
+	handled = append(handled, pl.subscribe())
 	wg.Go(func() { pl.run(ctx) })
 	es, err := a.newEscrower()
 	if err != nil {
 		stop()
 		return nil, err
 	}
-	if sub, err = es.subscribe(); err != nil {
-		stop()
-		return nil, err
-	}
-	subs = append(subs, sub)
+	handled = append(handled, es.subscribe())
 	wg.Go(func() { es.run(ctx) })
 	return stop, nil
 }

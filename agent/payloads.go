@@ -283,8 +283,8 @@ func payloadOwner(p *model.Payload) (int, int, error) {
 	return uid, gid, nil
 }
 
-// subscribePayloads wires the coordinator's trigger to kick.
-func (p *payloads) subscribe() (*nats.Subscription, error) {
+// subscribe wires the coordinator's trigger to kick, until stop.
+func (p *payloads) subscribe() (stop func()) {
 	a := p.a
-	return a.nc.Subscribe(subjects.DevicePayloadsNotify(a.o.Site, a.o.DeviceID), func(*nats.Msg) { p.kick() })
+	return a.inbox.handle(subjects.DevicePayloadsNotify(a.o.Site, a.o.DeviceID), func(*nats.Msg) { p.kick() })
 }

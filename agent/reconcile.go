@@ -82,6 +82,8 @@ type Agent struct {
 	seenSeq uint64
 	wake    chan struct{}
 	factsCh chan struct{}
+	// inbox routes the device inbox's one subscription (Run).
+	inbox deviceInbox
 	// factsCheck asks for a facts report if they changed (a paced apply's
 	// facts, see model.Pace); until factsHeld the periodic check leaves
 	// them to it.
@@ -162,16 +164,20 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 		return err
 	}
 	a.repReady.Store(a.rep)
-	sub, err := nc.Subscribe(subjects.DeviceNotify(a.o.Site, a.o.DeviceID), a.onNotify)
-	if err != nil {
-		return fmt.Errorf("subscribe to desired state triggers: %w", err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	// Every handler of the device's inbox is in place before it is
+	// subscribed: once the server knows of the subscription, what the
+	// coordinator sends there is handled.
+	defer a.inbox.handle(subjects.DeviceNotify(a.o.Site, a.o.DeviceID), a.onNotify)()
 	stopMDM, err := a.startMDM(ctx)
 	if err != nil {
 		return err
 	}
 	defer stopMDM()
+	sub, err := nc.Subscribe(subjects.DeviceInboxLeaves(a.o.Site, a.o.DeviceID), a.inbox.dispatch)
+	if err != nil {
+		return fmt.Errorf("subscribe to the device's inbox (triggers, commands): %w", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
 
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rep.run(ctx) })

@@ -127,7 +127,9 @@ func (cs *CacheServer) openSiteNar(ctx context.Context, file string, ni *model.N
 		return nil, fmt.Errorf("%w: %s (deleted, or not the narinfo's size)", errNoSite, file)
 	}
 	sr.chunks = "$O." + subjects.ObjectCache + ".C." + sr.obj.NUID
-	if sr.sub, err = cs.nc.SubscribeSync(cs.nc.NewInbox()); err != nil {
+	// Two tokens under the inbox prefix: the device inbox's own
+	// subscription (one token) must not get every chunk too.
+	if sr.sub, err = cs.nc.SubscribeSync(cs.nc.NewInbox() + ".chunks"); err != nil {
 		return nil, fmt.Errorf("fleet cache: %w", err)
 	}
 	if err := sr.sub.SetPendingLimits(-1, -1); err != nil { // bounded by the batch

@@ -3,9 +3,13 @@ package broker_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
 
 	"fleet/admin"
 	"fleet/internal/poll"
@@ -226,4 +230,41 @@ func TestCommandRevokedDevice(t *testing.T) {
 	_, err = owner.Command(ctx, []string{pubOfKey(newUserKey(t))}, model.CommandReboot, false)
 	mdmWantErr(t, err, "no device")
 	wantNoReboots(t, d, "revoked device")
+}
+
+// A running agent holds two subscriptions on its connection, whatever its
+// duties: its inbox's triggers, commands and kicks (one wildcard), and
+// nats.go's request mux. The coordinator keeps every subscription of every
+// connection of the fleet; one per duty was five.
+func TestAgentHoldsTwoSubscriptions(t *testing.T) {
+	c, owner, tok := mdmFleet(t, 1, "lab")
+	d := runDevice(t, c, tok, "subs", owner.Key(), nil)
+	ctx := mdmCtx(t, 30*time.Second)
+	// A command reaches it through the shared subscription.
+	res, err := owner.Command(ctx, []string{d.id}, model.CommandRefreshFacts, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := resultOf(t, res, d.id); !r.OK() {
+		t.Fatalf("refresh-facts: %+v", r)
+	}
+	var subs []string
+	poll.Telling(t, 10*time.Second, "the agent's subscriptions as the server sees them", func() (bool, string) {
+		cz, err := c.Server().Connz(&server.ConnzOptions{Subscriptions: true, Account: c.Authority().FleetAccount(), Limit: 1024})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, ci := range cz.Conns {
+			if ci.Name == "subs" {
+				subs = ci.Subs
+				slices.Sort(subs)
+				return len(subs) == 2, fmt.Sprint(subs)
+			}
+		}
+		return false, "no connection named subs"
+	})
+	prefix := subjects.DeviceInboxPrefix(d.creds.Site(), d.id)
+	if subs[0] != subjects.DeviceInboxLeaves(d.creds.Site(), d.id) || !strings.HasPrefix(subs[1], prefix+".") || !strings.HasSuffix(subs[1], ".*") {
+		t.Errorf("subscriptions %q, want %s.* and the request mux under it", subs, prefix)
+	}
 }

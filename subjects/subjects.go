@@ -185,6 +185,11 @@ func DesiredGetFor(id string) string {
 // notification permission exists that could be aimed at another device.
 func DeviceNotify(site, id string) string { return DeviceInboxPrefix(site, id) + "." + tokDesired }
 
+// DeviceInboxLeaves matches what the coordinator sends into device id's
+// own inbox at site (triggers, commands, kicks), one token under its
+// prefix, and no reply: replies use two tokens or more under it.
+func DeviceInboxLeaves(site, id string) string { return DeviceInboxPrefix(site, id) + ".*" }
+
 // DeviceCmd is where device id at site receives signed commands, likewise
 // in its own inbox.
 func DeviceCmd(site, id string) string { return DeviceInboxPrefix(site, id) + "." + tokCmd }
