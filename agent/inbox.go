@@ -4,6 +4,7 @@ import (
 	"sync"
 
 	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
 )
 
 // deviceInbox routes what the coordinator sends into the device's own
@@ -15,13 +16,15 @@ import (
 // of the whole fleet. Replies use two tokens or more under the prefix
 // (nats.go's request mux, the caches' inboxes), so none reach it.
 type deviceInbox struct {
+	log      zerolog.Logger
 	mu       sync.RWMutex
 	handlers map[string]nats.MsgHandler
 }
 
-// handle routes subject's messages to h until the returned stop is called.
-// A message for a subject nobody handles is dropped, as it would be with
-// no subscription.
+// handle routes subject's messages to h until the returned stop is called
+// (a call of h under way may finish after it: handlers hand their work on
+// and return). A message for a subject nobody handles is dropped, as it
+// would be with no subscription.
 func (b *deviceInbox) handle(subject string, h nats.MsgHandler) (stop func()) {
 	b.mu.Lock()
 	if b.handlers == nil {
@@ -43,7 +46,11 @@ func (b *deviceInbox) dispatch(m *nats.Msg) {
 	b.mu.RLock()
 	h := b.handlers[m.Subject]
 	b.mu.RUnlock()
-	if h != nil {
-		h(m)
+	if h == nil {
+		// A reply on one token under the prefix would land here as well
+		// as in its own subscription: twice on the wire.
+		b.log.Debug().Str("subject", m.Subject).Msg("inbox message nobody handles; dropped")
+		return
 	}
+	h(m)
 }

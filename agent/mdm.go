@@ -32,22 +32,24 @@ type MDMOptions struct {
 	EscrowPoll time.Duration
 }
 
-// startMDM starts the MDM duties; the returned function stops them and
+// startMDM readies the MDM duties and routes their inbox subjects; start
+// runs their loops (once the inbox is subscribed: a kick sent after a
+// loop's first sync must find the subscription), stop stops them and
 // waits.
-func (a *Agent) startMDM(ctx context.Context) (func(), error) {
+func (a *Agent) startMDM(ctx context.Context) (start, stop func(), err error) {
 	if a.o.MDM.XKey == nil {
 		xk, err := loadOrCreateKey(filepath.Join(a.o.StateDir, XKeyFile), nkeys.PrefixByteCurve, func() (nkeys.KeyPair, error) {
 			return nil, fs.ErrNotExist
 		})
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, err
+			return nil, nil, err
 		}
 		a.o.MDM.XKey = xk
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	var handled []func()
-	stop := func() {
+	stop = func() {
 		for _, s := range handled {
 			s()
 		}
@@ -58,18 +60,20 @@ func (a *Agent) startMDM(ctx context.Context) (func(), error) {
 	pl, err := a.newPayloads()
 	if err != nil {
 		stop()
-		return nil, err
+		return nil, nil, err
 	}
 	handled = append(handled, pl.subscribe())
-	wg.Go(func() { pl.run(ctx) })
 	es, err := a.newEscrower()
 	if err != nil {
 		stop()
-		return nil, err
+		return nil, nil, err
 	}
 	handled = append(handled, es.subscribe())
-	wg.Go(func() { es.run(ctx) })
-	return stop, nil
+	start = func() {
+		wg.Go(func() { pl.run(ctx) })
+		wg.Go(func() { es.run(ctx) })
+	}
+	return start, stop, nil
 }
 
 // syncLoop runs sync on start, on a kick through wake, after a reconnect

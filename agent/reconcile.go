@@ -114,7 +114,7 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{o: o, st: st, log: o.Log, needGet: true,
+	return &Agent{o: o, st: st, log: o.Log, inbox: deviceInbox{log: o.Log}, needGet: true,
 		wake: make(chan struct{}, 1), factsCh: make(chan struct{}, 1), factsCheck: make(chan struct{}, 1)}, nil
 }
 
@@ -168,7 +168,7 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 	// subscribed: once the server knows of the subscription, what the
 	// coordinator sends there is handled.
 	defer a.inbox.handle(subjects.DeviceNotify(a.o.Site, a.o.DeviceID), a.onNotify)()
-	stopMDM, err := a.startMDM(ctx)
+	startMDM, stopMDM, err := a.startMDM(ctx)
 	if err != nil {
 		return err
 	}
@@ -178,6 +178,7 @@ func (a *Agent) Run(ctx context.Context, nc *nats.Conn) error {
 		return fmt.Errorf("subscribe to the device's inbox (triggers, commands): %w", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
+	startMDM()
 
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rep.run(ctx) })

@@ -136,7 +136,8 @@ func newMetricsGatherer(reg *prometheus.Registry, text ...textCollector) metrics
 }
 
 // Gather is prometheus.Gatherers over the registry and the parsed text,
-// which also refuses a family that both produce.
+// which also refuses a family that both produce (the handler would serve
+// it twice, and a scraper's parser refuse the page: tests gather).
 func (g metricsGatherer) Gather() ([]*dto.MetricFamily, error) {
 	return prometheus.Gatherers{g.reg, prometheus.GathererFunc(g.gatherText)}.Gather()
 }
@@ -191,10 +192,10 @@ func metricsHandler(g metricsGatherer) http.Handler {
 		}
 		h := w.Header()
 		h.Set("Content-Type", textContentType)
+		h.Add("Vary", "Accept-Encoding")
 		var out io.Writer = w
 		if acceptsGzip(r.Header.Get("Accept-Encoding")) {
 			h.Set("Content-Encoding", "gzip")
-			h.Add("Vary", "Accept-Encoding")
 			zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
 			defer zw.Close()
 			out = zw
