@@ -229,12 +229,15 @@ func Start(ctx context.Context, cfg Config, log zerolog.Logger) (*Coordinator, e
 	// Revocations before the services: enrollment checks them.
 	wctx, cancel := context.WithCancel(context.Background())
 	c.stopWatch = cancel
-	if err := c.startRevocations(wctx); err != nil {
+	if err := c.retryInCluster(ctx, func() error { return c.startRevocations(wctx) }); err != nil {
 		c.Close()
 		return nil, err
 	}
 	// The API serves rollouts, so their store exists before the API starts.
-	if c.rollouts, err = newRollouts(ctx, c.engineJS, c.instanceName(), c.log.With().Str("component", "rollouts").Logger()); err != nil {
+	if err := c.retryInCluster(ctx, func() (err error) {
+		c.rollouts, err = newRollouts(ctx, c.engineJS, c.instanceName(), c.log.With().Str("component", "rollouts").Logger())
+		return err
+	}); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -507,6 +510,28 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 		return fmt.Errorf("JetStream cluster: %w (are --replicas coordinators up and routed to each other?)", err)
 	}
 	return nil
+}
+
+// retryInCluster runs a step of the start that only reads and sets up
+// (safe to run again) and, in a cluster that has just formed, runs it again
+// while it fails for a while: the streams all had a leader when created
+// (ensureClusterStreams), but an election after that leaves a stream
+// answering no request for a moment.
+func (c *Coordinator) retryInCluster(ctx context.Context, step func() error) error {
+	err := step()
+	if !c.cfg.Clustered() {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for err != nil && time.Now().Before(deadline) && ctx.Err() == nil {
+		c.log.Info().Err(err).Msg("waiting for the JetStream cluster")
+		select {
+		case <-ctx.Done():
+		case <-time.After(250 * time.Millisecond):
+		}
+		err = step()
+	}
+	return err
 }
 
 // stateDisk is the disk the fleet's state may use: --storage-gib, or less
