@@ -1505,6 +1505,9 @@ func (r *rollouts) advance(ctx context.Context, id string) error {
 // that has not got it or failed before (a resume retries those).
 func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, now time.Time) error {
 	began := time.Now()
+	if len(devs) >= batchGCFrom {
+		defer batchGC.hold()()
+	}
 	phases := zerolog.Dict()
 	phase := func(name string) { phases.Dur(name, time.Since(began)) }
 	rel, signed, err := r.release(ctx, ro.ReleaseID)

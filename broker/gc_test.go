@@ -1,0 +1,41 @@
+package broker
+
+import (
+	"runtime/debug"
+	"testing"
+)
+
+// A batch's hold raises GOGC and the last release puts back what was set,
+// whatever the order; a higher GOGC, or none, is left alone.
+func TestGCHoldRestores(t *testing.T) {
+	orig := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(orig) })
+	gcPercent := func() int { p := debug.SetGCPercent(-1); debug.SetGCPercent(p); return p }
+
+	var g gcHold
+	r1 := g.hold()
+	r2 := g.hold()
+	if p := gcPercent(); p != batchGCPercent {
+		t.Fatalf("held: GOGC %d, want %d", p, batchGCPercent)
+	}
+	r1()
+	r1() // a second call changes nothing
+	if p := gcPercent(); p != batchGCPercent {
+		t.Fatalf("one hold left: GOGC %d", p)
+	}
+	r2()
+	if p := gcPercent(); p != 100 {
+		t.Fatalf("released: GOGC %d, want 100", p)
+	}
+	for _, set := range []int{-1, 800} {
+		debug.SetGCPercent(set)
+		release := g.hold()
+		if p := gcPercent(); p != set {
+			t.Errorf("GOGC %d held: %d", set, p)
+		}
+		release()
+		if p := gcPercent(); p != set {
+			t.Errorf("GOGC %d released: %d", set, p)
+		}
+	}
+}
