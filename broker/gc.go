@@ -1,8 +1,10 @@
 package broker
 
 import (
+	"cmp"
 	"runtime/debug"
 	"sync"
+	"time"
 )
 
 // Writing and telling a large batch is the one moment of a rollout that
@@ -20,12 +22,18 @@ import (
 const (
 	batchGCPercent = 400
 	batchGCFrom    = 1000
+	// maxBatchGCHold bounds a hold: a batch of 10,000 takes under a
+	// second.
+	maxBatchGCHold = 10 * time.Second
 )
 
 // gcHold raises GOGC to batchGCPercent while at least one hold is taken.
 // A GOGC already higher, or off, is left alone; a memory limit
 // (GOMEMLIMIT) still applies throughout.
 type gcHold struct {
+	// maxHold bounds a hold (0: maxBatchGCHold).
+	maxHold time.Duration
+
 	mu    sync.Mutex
 	holds int
 	prev  int
@@ -48,7 +56,7 @@ func (g *gcHold) hold() (release func()) {
 	g.holds++
 	g.mu.Unlock()
 	var once sync.Once
-	return func() {
+	done := func() {
 		once.Do(func() {
 			g.mu.Lock()
 			defer g.mu.Unlock()
@@ -56,5 +64,12 @@ func (g *gcHold) hold() (release func()) {
 				debug.SetGCPercent(g.prev)
 			}
 		})
+	}
+	// A batch that hangs (JetStream away, writes timing out) must not
+	// keep the heap growing at 5× its live size: the hold ends by itself.
+	t := time.AfterFunc(cmp.Or(g.maxHold, maxBatchGCHold), done)
+	return func() {
+		t.Stop()
+		done()
 	}
 }

@@ -3,6 +3,9 @@ package broker
 import (
 	"runtime/debug"
 	"testing"
+	"time"
+
+	"fleet/internal/poll"
 )
 
 // A batch's hold raises GOGC and the last release puts back what was set,
@@ -26,6 +29,15 @@ func TestGCHoldRestores(t *testing.T) {
 	r2()
 	if p := gcPercent(); p != 100 {
 		t.Fatalf("released: GOGC %d, want 100", p)
+	}
+	// A hold nobody releases (a batch that hangs) ends by itself.
+	debug.SetGCPercent(100)
+	hung := gcHold{maxHold: 50 * time.Millisecond}
+	late := hung.hold()
+	poll.Until(t, 5*time.Second, "the hung hold to end", func() bool { return gcPercent() == 100 })
+	late() // the batch ends after all: nothing more changes
+	if p := gcPercent(); p != 100 {
+		t.Fatalf("a late release: GOGC %d", p)
 	}
 	for _, set := range []int{-1, 800} {
 		debug.SetGCPercent(set)
