@@ -202,7 +202,9 @@ func TestCluster(t *testing.T) {
 	}
 
 	// Revocations at the same moment on two nodes never undo each other:
-	// both keys are refused on every node within 2s, round after round.
+	// both keys are refused on every node, round after round (in about
+	// 0.1 s; the deadline leaves room for a loaded CI machine, an undo
+	// never converges).
 	for round := range 5 {
 		x, err := cs[0].Authority().NewUser(subjects.RoleAgent, "x", 0)
 		if err != nil {
@@ -221,7 +223,7 @@ func TestCluster(t *testing.T) {
 			}
 		}
 		start := time.Now()
-		poll.Until(t, 2*time.Second, fmt.Sprintf("round %d: both concurrent revocations refused on every node", round), func() bool {
+		poll.Until(t, 10*time.Second, fmt.Sprintf("round %d: both concurrent revocations refused on every node", round), func() bool {
 			for i := range cs {
 				if !refused(i, x) || !refused(i, y) {
 					return false

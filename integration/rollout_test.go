@@ -163,17 +163,32 @@ type fleetWorld struct {
 	signer  string
 }
 
+// handedOut are the ports freeAddr gave this test binary: a port is free
+// again the moment freeAddr closes its listener, and a second call (the
+// next flag of the same node) must not get it too.
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: map[int]bool{}}
+
 func freeAddr(t *testing.T) string {
 	t.Helper()
 	// Below Linux's ephemeral range (32768-60999): a port the kernel hands
 	// out for port 0 or for an outgoing connection (other packages' tests
 	// run at the same time, with thousands of them) could take this one
 	// between here and the process that listens on it.
+	handedOut.Lock()
+	defer handedOut.Unlock()
 	for range 100 {
-		addr := fmt.Sprintf("127.0.0.1:%d", 10000+mathrand.IntN(22000))
+		port := 10000 + mathrand.IntN(22000)
+		if handedOut.ports[port] {
+			continue
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		ln, err := net.Listen("tcp", addr)
 		if err == nil {
 			ln.Close()
+			handedOut.ports[port] = true
 			return addr
 		}
 	}
