@@ -93,6 +93,12 @@ func TestRoleTemplatesEnforcedByServer(t *testing.T) {
 		{"agentA", pub, subjects.DeviceEvents(A), "", true},
 		{"agentA", pub, subjects.DesiredGetFor(A), "", true},
 		{"agentA", sub, inboxA + ".>", subjects.DeviceNotify(hub, A), true},
+		// The one wildcard a running agent holds for its triggers,
+		// commands and kicks: its own, never another device's.
+		{"agentA", sub, subjects.DeviceInboxLeaves(hub, A), subjects.DeviceCmd(hub, A), true},
+		{"agentA", sub, subjects.DeviceInboxLeaves(hub, B), subjects.DeviceCmd(hub, B), false},
+		{"agentA", pub, subjects.DevicePayloadsNotify(hub, B), "", false},
+		{"agentA", pub, subjects.DeviceEscrowNotify(hub, A), "", false},
 		{"agentA", pub, subjects.DeviceFacts(B), "", false},
 		{"agentA", pub, subjects.DeviceEvents(B), "", false},
 		{"agentA", pub, subjects.DesiredGetFor(B), "", false},
