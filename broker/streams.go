@@ -177,7 +177,11 @@ func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Confi
 // then the lookups that come next (a bucket's stream info) time out.
 func led(ctx context.Context, js jetstream.JetStream, stream string) error {
 	for {
-		s, err := js.Stream(ctx, stream)
+		// A stream without a leader does not answer at all: ask again
+		// each second rather than wait out the whole try.
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		s, err := js.Stream(rctx, stream)
+		cancel()
 		if err == nil {
 			if ci := s.CachedInfo().Cluster; ci == nil || ci.Leader != "" {
 				return nil
