@@ -59,7 +59,12 @@ type Coordinator struct {
 	// account; stopWatch ends the bucket's watcher.
 	revocations jetstream.KeyValue
 	revMu       sync.Mutex
-	stopWatch   context.CancelFunc
+	// revPending: the last sync of the revocations failed (revMu).
+	revPending bool
+	// pushHook, when set, pushes account JWTs in place of PushAccount
+	// (tests make a push fail).
+	pushHook  func(ctx context.Context, tok string) error
+	stopWatch context.CancelFunc
 
 	// stop ends the rollout engine; engineDone is closed once it has
 	// (and released its lock).

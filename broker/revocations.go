@@ -85,12 +85,14 @@ func (c *Coordinator) laterRevocation(ctx context.Context, key string, at int64,
 }
 
 // syncRevocations makes the FLEET account JWT hold every revocation of the
-// bucket and pushes it when that changed it.
-func (c *Coordinator) syncRevocations(ctx context.Context) error {
+// bucket and pushes it when that changed it, or when the last sync failed
+// (its JWT may be signed here and never have reached the servers).
+func (c *Coordinator) syncRevocations(ctx context.Context) (err error) {
 	c.revMu.Lock()
 	defer c.revMu.Unlock()
+	defer func() { c.revPending = err != nil }()
 	revs := map[string]int64{}
-	err := eachKey(ctx, c.revocations, func(e jetstream.KeyValueEntry) {
+	err = eachKey(ctx, c.revocations, func(e jetstream.KeyValueEntry) {
 		var r revocationRecord
 		if json.Unmarshal(e.Value(), &r) == nil && r.At > 0 {
 			revs[e.Key()] = r.At
@@ -100,10 +102,57 @@ func (c *Coordinator) syncRevocations(ctx context.Context) error {
 		return fmt.Errorf("read revocations: %w", err)
 	}
 	tok, err := c.auth.MergeRevocations(revs)
-	if err != nil || tok == "" {
+	if err != nil {
 		return err
 	}
-	return c.PushAccount(ctx, tok)
+	if tok == "" {
+		if !c.revPending {
+			return nil
+		}
+		// Nothing new, but the last push may not have gone out: push what
+		// this coordinator holds now (newer than anything it pushed).
+		if _, tok, err = c.auth.AccountJWTs(); err != nil {
+			return err
+		}
+	}
+	push := c.PushAccount
+	if c.pushHook != nil {
+		push = c.pushHook
+	}
+	return push(ctx, tok)
+}
+
+// revocationRetry is how often a failed sync of the revocations is tried
+// again: nothing else would push the JWT before the next revocation or a
+// restart.
+const revocationRetry = 5 * time.Second
+
+// retryRevocations syncs the revocations again while the last sync
+// failed, until ctx ends.
+func (c *Coordinator) retryRevocations(ctx context.Context) {
+	t := time.NewTicker(revocationRetry)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c.revMu.Lock()
+		pending := c.revPending
+		c.revMu.Unlock()
+		if !pending {
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := c.syncRevocations(sctx)
+		cancel()
+		if err != nil {
+			c.log.Error().Err(err).Msg("revocations not applied yet; retrying")
+		} else {
+			c.log.Info().Msg("revocations applied after a failed attempt")
+		}
+	}
 }
 
 // startRevocations seeds the bucket with the revocations the account JWT
@@ -135,9 +184,10 @@ func (c *Coordinator) startRevocations(ctx context.Context) error {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		if err := c.syncRevocations(sctx); err != nil {
-			c.log.Error().Err(err).Str("key", e.Key()).Msg("revocation not applied yet; retrying on the next change or restart")
+			c.log.Error().Err(err).Str("key", e.Key()).Msg("revocation not applied yet; retrying")
 		}
 	})
+	go c.retryRevocations(ctx)
 	return nil
 }
 
