@@ -885,6 +885,15 @@ func (a *Authority) Revocations() map[string]int64 {
 	return maps.Clone(a.fleetClaim.Revocations)
 }
 
+// RevokedAt is when user key pub's revocation takes effect (unix seconds),
+// and whether it is on the revocation list.
+func (a *Authority) RevokedAt(pub string) (int64, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	at, ok := a.fleetClaim.Revocations[pub]
+	return at, ok
+}
+
 // IsRevoked reports whether user key pub is on the revocation list.
 func (a *Authority) IsRevoked(pub string) bool {
 	a.mu.Lock()

@@ -138,6 +138,9 @@ func (c *Coordinator) retryRevocations(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		if ctx.Err() != nil {
+			return
+		}
 		c.revMu.Lock()
 		pending := c.revPending
 		c.revMu.Unlock()
@@ -178,7 +181,13 @@ func (c *Coordinator) startRevocations(ctx context.Context) error {
 		return fmt.Errorf("watch %s: %w", subjects.BucketRevocations, err)
 	}
 	go followKV(ctx, w, func(e jetstream.KeyValueEntry) {
-		if e == nil || c.auth.IsRevoked(e.Key()) {
+		if e == nil {
+			return
+		}
+		// Known, and as of this record's time or later: nothing to do. A
+		// record moved later (laterRevocation) is not known yet.
+		var r revocationRecord
+		if at, ok := c.auth.RevokedAt(e.Key()); ok && (json.Unmarshal(e.Value(), &r) != nil || at >= r.At) {
 			return
 		}
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)

@@ -178,8 +178,8 @@ func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Confi
 func led(ctx context.Context, js jetstream.JetStream, stream string) error {
 	for {
 		// A stream without a leader does not answer at all: ask again
-		// each second rather than wait out the whole try.
-		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		// every two seconds rather than wait out the whole try.
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		s, err := js.Stream(rctx, stream)
 		cancel()
 		if err == nil {
