@@ -308,23 +308,16 @@ func (cs *cacheStore) gc(ctx context.Context, dryRun bool) (*model.CacheGCResult
 // that leads the rollout engine (one per cluster).
 func (cs *cacheStore) gcLoop(ctx context.Context) {
 	defer close(cs.done)
-	t := time.NewTicker(cacheGCEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, cacheGCEvery, func() {
 		if cs.s.c.rollouts == nil || !cs.s.c.rollouts.leading.Load() {
-			continue
+			return
 		}
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 		if _, err := cs.gc(gctx, false); err != nil {
 			cs.log.Warn().Err(err).Msg("cache: retention pass failed")
 		}
 		cancel()
-	}
+	})
 }
 
 var (

@@ -539,6 +539,24 @@ func (c *Coordinator) retryInCluster(ctx context.Context, step func() error) err
 	return err
 }
 
+// every runs f every d until ctx ends; a tick that comes as ctx ends
+// runs nothing.
+func every(ctx context.Context, d time.Duration, f func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		f()
+	}
+}
+
 // stateDisk is the disk the fleet's state may use: --storage-gib, or less
 // when this server's JetStream has less room (a small disk must not make
 // the streams impossible to create).

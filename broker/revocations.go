@@ -130,22 +130,12 @@ const revocationRetry = 5 * time.Second
 // retryRevocations syncs the revocations again while the last sync
 // failed, until ctx ends.
 func (c *Coordinator) retryRevocations(ctx context.Context) {
-	t := time.NewTicker(revocationRetry)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if ctx.Err() != nil {
-			return
-		}
+	every(ctx, revocationRetry, func() {
 		c.revMu.Lock()
 		pending := c.revPending
 		c.revMu.Unlock()
 		if !pending {
-			continue
+			return
 		}
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := c.syncRevocations(sctx)
@@ -155,7 +145,7 @@ func (c *Coordinator) retryRevocations(ctx context.Context) {
 		} else {
 			c.log.Info().Msg("revocations applied after a failed attempt")
 		}
-	}
+	})
 }
 
 // startRevocations seeds the bucket with the revocations the account JWT
