@@ -1729,24 +1729,26 @@ func (r *rollouts) revert(ctx context.Context, ro *model.Rollout, devs []*model.
 // reverted.
 func (r *rollouts) undo(ctx context.Context, orig, ro *model.Rollout, devs []*model.RolloutDevice, rev uint64, now time.Time) error {
 	var queued []*model.RolloutDevice
+	// A batch not recorded as started may have been written and told in
+	// part by an engine that stopped before it recorded them (startBatch):
+	// a device whose desired state is this rollout's is set back like any
+	// it started. The fleet's desired states are read once, not per device.
+	var current map[string]storedDesired
+	if ro.BatchStarted.IsZero() && slices.ContainsFunc(devs, func(d *model.RolloutDevice) bool {
+		return d.State == model.DeviceQueued && d.Batch == ro.Batch
+	}) {
+		var err error
+		if current, err = r.currentDesired(ctx); err != nil {
+			return fmt.Errorf("read desired states: %w", err)
+		}
+	}
 	for _, d := range devs {
 		if d.State != model.DeviceQueued {
 			continue
 		}
-		// A batch not recorded as started may have been written and told
-		// in part by an engine that stopped before it recorded them
-		// (startBatch): a device whose desired state is this rollout's is
-		// set back like any it started.
-		if d.Batch == ro.Batch && ro.BatchStarted.IsZero() {
-			e, err := r.desired.Get(ctx, d.Device)
-			if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-				return fmt.Errorf("read desired state of %s: %w", d.Name, err)
-			}
-			var cur model.DesiredRef
-			if err == nil && json.Unmarshal(e.Value(), &cur) == nil && cur.RolloutID == ro.ID {
-				d.State = model.DeviceWaiting
-				continue
-			}
+		if d.Batch == ro.Batch && current[d.Device].ref.RolloutID == ro.ID {
+			d.State = model.DeviceWaiting
+			continue
 		}
 		d.State, d.Error, d.Finished = model.DeviceSkipped, "rollout undone before its batch", now
 		queued = append(queued, d)
