@@ -523,20 +523,14 @@ func (c *Coordinator) ensureStreams(ctx context.Context) error {
 // (ensureClusterStreams), but an election after that leaves a stream
 // answering no request for a moment.
 func (c *Coordinator) retryInCluster(ctx context.Context, step func() error) error {
-	err := step()
 	if !c.cfg.Clustered() {
-		return err
+		return step()
 	}
-	deadline := time.Now().Add(time.Minute)
-	for err != nil && time.Now().Before(deadline) && ctx.Err() == nil {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return retry(ctx, step, func(err error) {
 		c.log.Info().Err(err).Msg("waiting for the JetStream cluster")
-		select {
-		case <-ctx.Done():
-		case <-time.After(250 * time.Millisecond):
-		}
-		err = step()
-	}
-	return err
+	})
 }
 
 // every runs f every d until ctx ends; a tick that comes as ctx ends

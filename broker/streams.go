@@ -146,30 +146,38 @@ func ensureClusterStreams(ctx context.Context, js jetstream.JetStream, cfg Confi
 	var wg sync.WaitGroup
 	for i, a := range all {
 		wg.Go(func() {
-			for {
+			err := retry(ctx, func() error {
 				actx, cancel := context.WithTimeout(ctx, perAsset)
-				err := a.create(actx)
-				if err == nil {
-					err = led(actx, js, a.stream)
+				defer cancel()
+				if err := a.create(actx); err != nil {
+					return err
 				}
-				cancel()
-				if err == nil {
-					return
-				}
-				if ctx.Err() != nil {
-					errs[i] = fmt.Errorf("%s: %w", a.name, err)
-					return
-				}
-				wait(fmt.Errorf("%s: %w", a.name, err))
-				select {
-				case <-ctx.Done():
-				case <-time.After(250 * time.Millisecond):
-				}
+				return led(actx, js, a.stream)
+			}, func(err error) { wait(fmt.Errorf("%s: %w", a.name, err)) })
+			if err != nil {
+				errs[i] = fmt.Errorf("%s: %w", a.name, err)
 			}
 		})
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// retry runs step until it succeeds or ctx ends, a quarter second apart,
+// telling waiting of each failure; it returns step's last error.
+func retry(ctx context.Context, step func() error, waiting func(error)) error {
+	for {
+		err := step()
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		waiting(err)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // led waits until the stream answers with a leader elected. A stream
