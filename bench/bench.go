@@ -24,6 +24,8 @@ import (
 	"fleet/admin"
 	"fleet/model"
 	"fleet/subjects"
+
+	"github.com/nats-io/nkeys"
 )
 
 // Options are one bench run's settings.
@@ -139,7 +141,16 @@ type RawResult struct {
 	Notify  Latency `json:"notify"`
 	Get     Latency `json:"notify_and_request"`
 	IdleRSS int64   `json:"idle_rss_bytes"`
+	// PeakRSS is the bare server's high-water mark once every connection
+	// has received its message and sent its request: each connection's
+	// two server goroutines then hold the stacks that traffic grew.
+	PeakRSS int64   `json:"peak_rss_bytes"`
 	IdleCPU float64 `json:"idle_cpu_cores"`
+	// Durable is the durable baseline's notify: each connection's state
+	// (DurableBytes, a desired state's size) written to a KV bucket on the
+	// same bare server, each connection told as its write is acknowledged.
+	Durable      Latency `json:"write_then_notify"`
+	DurableBytes int     `json:"write_then_notify_value_bytes"`
 }
 
 func (o *Options) progress(format string, args ...any) {
@@ -610,7 +621,8 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	}
 	url := "nats://127.0.0.1:" + strconv.Itoa(port)
 	o.progress("raw: bare nats-server on %s, %d connections", url, o.Devices)
-	srv, err := startProc(ctx, filepath.Join(o.Dir, "raw-server.log"), nil, o.Self, "raw-server", "--port", strconv.Itoa(port))
+	srv, err := startProc(ctx, filepath.Join(o.Dir, "raw-server.log"), nil, o.Self, "raw-server", "--port", strconv.Itoa(port),
+		"--store", filepath.Join(o.Dir, "raw-jetstream"))
 	if err != nil {
 		return nil, err
 	}
@@ -688,7 +700,68 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 		}
 	}
 	res.Notify, res.Get = latency(notify), latency(get)
-	o.progress("raw: notify p50 %.3f s p99 %.3f s; with a request p99 %.3f s; idle %.1f%% of a core, RSS %d MiB",
-		res.Notify.P50, res.Notify.P99, res.Get.P99, 100*res.IdleCPU, res.IdleRSS>>20)
+	if p, err := readProc(srv.Process.Pid); err == nil {
+		res.PeakRSS = p.HWM
+	}
+	o.progress("raw: notify p50 %.3f s p99 %.3f s; with a request p99 %.3f s; idle %.1f%% of a core, RSS %d / %d MiB",
+		res.Notify.P50, res.Notify.P99, res.Get.P99, 100*res.IdleCPU, res.IdleRSS>>20, res.PeakRSS>>20)
+
+	// The durable baseline: each connection's state written, then told.
+	value, err := desiredSample()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := all(sims, simCmd{Op: "reset"}); err != nil {
+		return nil, err
+	}
+	t1 := time.Now()
+	if err := resp.writeThenNotify(ctx, o.Devices, value); err != nil {
+		return nil, err
+	}
+	if err := waitFor(ctx, 5*time.Minute, 100*time.Millisecond, "every raw connection told of its written state", func() (bool, error) {
+		var err error
+		if replies, err = all(sims, simCmd{Op: "collect"}); err != nil {
+			return false, err
+		}
+		for _, r := range replies {
+			if slices.Contains(r.Received, 0) {
+				return false, nil
+			}
+		}
+		return true, nil
+	}); err != nil {
+		return nil, err
+	}
+	var durable []time.Duration
+	for _, r := range replies {
+		for _, at := range r.Received {
+			durable = append(durable, time.Unix(0, at).Sub(t1))
+		}
+	}
+	res.Durable, res.DurableBytes = latency(durable), len(value)
+	o.progress("raw: written to a KV bucket (%d bytes each), then told: p50 %.3f s p99 %.3f s", len(value), res.Durable.P50, res.Durable.P99)
 	return res, nil
+}
+
+// desiredSample is a desired state the size of those the bench's deploys
+// write (a signed release and the signed deploy that asked for it, signed
+// here by a key of its own): the durable baseline writes values of its size.
+func desiredSample() ([]byte, error) {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return nil, err
+	}
+	author, _ := kp.PublicKey()
+	now := time.Now().UTC()
+	rel := model.Release{ID: "bench-all", Name: "bench-all", Default: storePath("bench-all"), Action: model.ActionSwitch, CreatedAt: now, Author: author}
+	signed, err := model.Sign(kp, model.PurposeRelease, rel)
+	if err != nil {
+		return nil, err
+	}
+	deploy, err := model.SignRequest(kp, subjects.VerbDeploy, model.DeployRequest{ReleaseID: rel.ID, Group: "bench", Strategy: "all", HealthTimeout: "10m"}, now)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(model.Desired{Device: author, ReleaseID: rel.ID, RolloutID: "r20261130-000000-benchraw", StorePath: rel.Default,
+		Action: rel.Action, Release: signed, IssuedAt: now, Deploy: &deploy})
 }

@@ -106,13 +106,14 @@ func (SimCmd) Run() error {
 
 // RawServerCmd runs the baseline's server.
 type RawServerCmd struct {
-	Port int `required:""`
+	Port  int    `required:""`
+	Store string `help:"JetStream's store directory (the durable baseline writes there)." required:""`
 }
 
 func (cmd *RawServerCmd) Run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return RunRawServer(ctx, "127.0.0.1", cmd.Port)
+	return RunRawServer(ctx, "127.0.0.1", cmd.Port, cmd.Store)
 }
 
 // RawSimCmd runs the baseline's connections.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // The baseline: the same machine, a bare NATS server (no accounts, no
@@ -20,9 +21,10 @@ import (
 // asks a single responder, as a device reads its desired state from the
 // coordinator (the get).
 
-// RunRawServer runs a bare NATS server on addr until ctx ends.
-func RunRawServer(ctx context.Context, host string, port int) error {
-	ns, err := server.NewServer(&server.Options{Host: host, Port: port, NoSigs: true, MaxPayload: 1 << 20})
+// RunRawServer runs a bare NATS server on addr until ctx ends, with
+// JetStream in store for the durable baseline (nothing else uses it).
+func RunRawServer(ctx context.Context, host string, port int, store string) error {
+	ns, err := server.NewServer(&server.Options{Host: host, Port: port, NoSigs: true, MaxPayload: 1 << 20, JetStream: true, StoreDir: store})
 	if err != nil {
 		return err
 	}
@@ -104,6 +106,12 @@ func RunRawSim(ctx context.Context, in io.Reader, out io.Writer) error {
 					break
 				}
 			}
+		case "reset":
+			// The next round's receipts (the durable baseline's).
+			mu.Lock()
+			clear(notified)
+			clear(answered)
+			mu.Unlock()
 		case "collect":
 			mu.Lock()
 			r.Received = append([]int64(nil), notified...)
@@ -126,6 +134,10 @@ func RunRawSim(ctx context.Context, in io.Reader, out io.Writer) error {
 // coordinator does.
 type responder struct {
 	nc *nats.Conn
+	// tell sends the durable baseline's notifies while nc takes its
+	// writes' acks, as the coordinator's engine tells devices on
+	// connections of their own.
+	tell *nats.Conn
 }
 
 func natsResponder(url string) (*responder, error) {
@@ -133,11 +145,17 @@ func natsResponder(url string) (*responder, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := nc.Subscribe("bench.get.*", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
+	tell, err := nats.Connect(url, nats.Name("raw-bench-tell"))
+	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	return &responder{nc: nc}, nc.Flush()
+	r := &responder{nc: nc, tell: tell}
+	if _, err := nc.Subscribe("bench.get.*", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) }); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nc.Flush()
 }
 
 func (r *responder) notifyAll(n int) error {
@@ -149,4 +167,65 @@ func (r *responder) notifyAll(n int) error {
 	return r.nc.Flush()
 }
 
-func (r *responder) Close() { r.nc.Close() }
+// writeThenNotify is the durable baseline: what the least a deploy must do
+// costs on a bare server. Each of n values is written to its own key of a
+// KV bucket (file storage, one revision kept, as fleet_desired), at most
+// rawWriteWindow writes in flight, and its subject is told (the value in
+// the message) as soon as its write is acknowledged.
+func (r *responder) writeThenNotify(ctx context.Context, n int, value []byte) error {
+	js, err := jetstream.New(r.nc, jetstream.WithPublishAsyncMaxPending(rawWriteWindow))
+	if err != nil {
+		return err
+	}
+	if _, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "raw", History: 1, Storage: jetstream.FileStorage}); err != nil {
+		return fmt.Errorf("raw bucket: %w", err)
+	}
+	// The channel's room is the window: the writer blocks when it is full.
+	acks := make(chan jetstream.PubAckFuture, rawWriteWindow-1)
+	told := make(chan error, 1)
+	go func() {
+		var first error
+		i := 0
+		for f := range acks {
+			select {
+			case <-f.Ok():
+				if err := r.tell.Publish(rawNotify(i), value); err != nil && first == nil {
+					first = err
+				}
+			case err := <-f.Err():
+				if first == nil {
+					first = fmt.Errorf("write %d: %w", i, err)
+				}
+			case <-ctx.Done():
+				if first == nil {
+					first = ctx.Err()
+				}
+			}
+			i++
+		}
+		if err := r.tell.Flush(); err != nil && first == nil {
+			first = err
+		}
+		told <- first
+	}()
+	for i := range n {
+		f, err := js.PublishAsync("$KV.raw.d"+strconv.Itoa(i), value)
+		if err != nil {
+			close(acks)
+			<-told
+			return fmt.Errorf("write %d: %w", i, err)
+		}
+		acks <- f
+	}
+	close(acks)
+	return <-told
+}
+
+// rawWriteWindow is the durable baseline's writes in flight, the
+// coordinator's (broker's bulkWindow).
+const rawWriteWindow = 512
+
+func (r *responder) Close() {
+	r.nc.Close()
+	r.tell.Close()
+}

@@ -32,6 +32,10 @@ func Print(w io.Writer, r *Result) error {
 	}
 	fmt.Fprintf(tw, "deploy all → trigger with the state at the agent's socket, p50 / p99 / max\t%s\t%s\t%s (p99)\n",
 		lat(r.All.Notify), rawLat(raw.Notify), ratio(r.All.Notify.P99, raw.Notify.P99))
+	if r.Raw != nil && raw.DurableBytes > 0 {
+		fmt.Fprintf(tw, "  the same, raw with each state (%d bytes) written to a KV bucket, told as acknowledged\t%s\t%s\t%s (p99)\n",
+			raw.DurableBytes, lat(r.All.Notify), lat(raw.Durable), ratio(r.All.Notify.P99, raw.Durable.P99))
+	}
 	fmt.Fprintf(tw, "deploy all → agent checked it and began to fetch, p50 / p99 / max\t%s\t%s\t%s (p99, vs notify + a request)\n",
 		lat(r.All.Acted), rawLat(raw.Get), ratio(r.All.Acted.P99, raw.Get.P99))
 	fmt.Fprintf(tw, "deploy all → rollout %s\t%.2f s\t-\t\n", r.All.State, r.All.Succeeded)
@@ -41,17 +45,16 @@ func Print(w io.Writer, r *Result) error {
 	fmt.Fprintf(tw, "coordinator CPU during deploy all\t%.0f%% of a core\t-\t\n", 100*r.All.CPU)
 	fmt.Fprintf(tw, "staged deploy (batches %v) → rollout %s\t%.2f s\t-\t\n", r.Staged.Batches, r.Staged.State, r.Staged.Succeeded)
 	fmt.Fprintf(tw, "staged: trigger at the agent's socket (all batches) p50 / p99 / max, applies per device\t%s, %.2f\t-\t\n", lat(r.Staged.Notify), r.Staged.SwitchesPerDevice)
-	rawMiB := func(b int64) string {
-		if r.Raw == nil {
-			return "-"
-		}
-		return fmt.Sprintf("%d MiB", b>>20)
-	}
 	limit := ""
 	if r.MemoryLimit != "" {
 		limit = " (GOMEMLIMIT " + r.MemoryLimit + ")"
 	}
-	fmt.Fprintf(tw, "coordinator RSS idle / peak%s\t%d / %d MiB\t%s\t%s (idle)\n", limit, r.IdleRSS>>20, r.PeakRSS>>20, rawMiB(raw.IdleRSS), ratio(float64(r.IdleRSS), float64(raw.IdleRSS)))
+	rawRSS := "-"
+	if r.Raw != nil {
+		rawRSS = fmt.Sprintf("%d / %d MiB", raw.IdleRSS>>20, raw.PeakRSS>>20)
+	}
+	fmt.Fprintf(tw, "coordinator RSS idle / peak%s\t%d / %d MiB\t%s\t%s / %s\n", limit, r.IdleRSS>>20, r.PeakRSS>>20, rawRSS,
+		ratio(float64(r.IdleRSS), float64(raw.IdleRSS)), ratio(float64(r.PeakRSS), float64(raw.PeakRSS)))
 	rawCPU := "-"
 	if r.Raw != nil {
 		rawCPU = fmt.Sprintf("%.1f%% of a core", 100*raw.IdleCPU)

@@ -13,7 +13,8 @@ import (
 // The bench at a small fleet, as a smoke test: its figures are not judged
 // here (BENCHMARKS.md has them), what it shows is. Every simulated agent
 // gets the deploy exactly once, both rollouts succeed, status lists every
-// device, and the raw NATS baseline ran beside it.
+// device, and the raw NATS baseline ran beside it (its durable round too:
+// a bucket written, every connection told).
 func TestBenchSmoke(t *testing.T) {
 	const n = 200
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -49,7 +50,9 @@ func TestBenchSmoke(t *testing.T) {
 	if r.StatusN != n || r.EnrollRetries != 0 || r.FactsPS <= 0 || r.PeakRSS <= 0 {
 		t.Errorf("status rows %d (want %d), enrol retries %d (want 0), facts/s %.0f, peak RSS %d", r.StatusN, n, r.EnrollRetries, r.FactsPS, r.PeakRSS)
 	}
-	if r.Raw == nil || r.Raw.Notify.N != n || r.Raw.Get.N != n {
-		t.Errorf("raw baseline: %+v, want %d notifies and requests", r.Raw, n)
+	if r.Raw == nil || r.Raw.Notify.N != n || r.Raw.Get.N != n || r.Raw.Durable.N != n || r.Raw.PeakRSS < r.Raw.IdleRSS {
+		t.Errorf("raw baseline: %+v, want %d notifies, requests and written-then-told notifies, and its peak RSS", r.Raw, n)
+	} else if r.Raw.DurableBytes < 500 {
+		t.Errorf("raw durable baseline wrote %d-byte values; want a desired state's size (a signed release and deploy)", r.Raw.DurableBytes)
 	}
 }
