@@ -51,6 +51,9 @@ type Options struct {
 	// Profiles writes the coordinator's CPU profiles (idle, deploy all)
 	// and heap profiles (idle, the end of each deploy) into Dir.
 	Profiles bool
+	// DeployProfile is how long each deploy's CPU profile runs, from the
+	// request on (0: 15 s, the whole rollout; 1–2 s: the write window).
+	DeployProfile time.Duration
 	// LogLevel is the coordinator's (warn by default).
 	LogLevel string
 	// MemoryLimit is the coordinator's GOMEMLIMIT ("": none).
@@ -458,7 +461,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 			return r, err
 		}
 		req.ReleaseID = rel.ID
-		profiled := o.profile(ctx, httpPort, "deploy-"+name+"-cpu.pb.gz", "profile?seconds=15")
+		profiled := o.profile(ctx, httpPort, "deploy-"+name+"-cpu.pb.gz", "profile?seconds="+strconv.Itoa(o.deployProfileSeconds()))
 		defer func() { <-profiled }()
 		if o.Profiles {
 			// What the coordinator waits on while the fleet is told.
@@ -559,6 +562,13 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		}
 	}
 	return nil
+}
+
+func (o *Options) deployProfileSeconds() int {
+	if o.DeployProfile <= 0 {
+		return 15
+	}
+	return max(1, int(o.DeployProfile.Seconds()))
 }
 
 func pprofFlag(on bool) []string {

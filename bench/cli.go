@@ -39,6 +39,7 @@ type RunCmd struct {
 	LogLevel      string        `help:"The coordinator's log level (its log is in --dir)." default:"warn" env:"FLEET_BENCH_LOG_LEVEL"`
 	SimNice       int           `help:"The simulator processes' nice value (raw NATS's too): a real device's work runs on its own CPU, not the server's; 0 shares the CPU equally." default:"10" env:"FLEET_BENCH_SIM_NICE"`
 	Profiles      bool          `help:"Write the coordinator's CPU profiles (idle, each deploy), its heap profiles (idle, the end of each deploy) and one simulator's CPU profile of each deploy into --dir, for go tool pprof." env:"FLEET_BENCH_PROFILES"`
+	DeployProfile time.Duration `help:"With --profiles: how long each deploy's CPU profile runs from the request on (2s shows the batch being written and told alone)." default:"15s" env:"FLEET_BENCH_DEPLOY_PROFILE"`
 }
 
 // Run runs the bench and prints its figures.
@@ -70,7 +71,7 @@ func (cmd *RunCmd) Run(k *kong.Context) error {
 	res, err := Run(ctx, Options{
 		DeviceDir: devDir,
 		Devices:   cmd.Devices, PerProcess: cmd.PerProcess, Idle: cmd.Idle, FactsInterval: cmd.FactsInterval,
-		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, LogLevel: cmd.LogLevel, MemoryLimit: cmd.MemoryLimit, SimNice: cmd.SimNice, Progress: k.Stderr,
+		Dir: dir, Self: self, NoRaw: cmd.NoRaw, Profiles: cmd.Profiles, DeployProfile: cmd.DeployProfile, LogLevel: cmd.LogLevel, MemoryLimit: cmd.MemoryLimit, SimNice: cmd.SimNice, Progress: k.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("%w (logs of every process in %s)", err, dir)

@@ -61,6 +61,8 @@ type rollouts struct {
 	// indexed are the streams of the buckets the engine reads from the
 	// device index (see fromIndex), by bucket.
 	indexed map[string]jetstream.Stream
+	// claimStream is fleet_claims' stream, for its last sequence.
+	claimStream jetstream.Stream
 
 	// mu serialises the engine's own steps with event handling.
 	mu sync.Mutex
@@ -91,6 +93,9 @@ type engineCache struct {
 	rev  uint64
 	devs []*model.RolloutDevice // batch order
 	byID map[string]*model.RolloutDevice
+	// claimsSeq is the sequence of the last claim the rollout took when
+	// it was created here (0: not known): see batchClaims.
+	claimsSeq uint64
 }
 
 func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log zerolog.Logger) (*rollouts, error) {
@@ -111,6 +116,9 @@ func newRollouts(ctx context.Context, js jetstream.JetStream, name string, log z
 		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
 			return nil, fmt.Errorf("bucket %s: %w", b.name, err)
 		}
+	}
+	if r.claimStream, err = js.Stream(ctx, subjects.KVStream(subjects.BucketClaims)); err != nil {
+		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketClaims, err)
 	}
 	r.indexed = map[string]jetstream.Stream{}
 	for _, b := range []string{subjects.BucketDevices, subjects.BucketDesired} {
@@ -337,31 +345,36 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 // it is there.
 func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice, phases *zerolog.Event) error {
 	began := time.Now()
+	// The device records are written while the claims are taken: nothing
+	// reads a rollout's records before its summary, written last, is
+	// there, and a deploy refused its claims takes its records back.
+	put := make(chan error, 1)
+	go func() { put <- r.putDevices(ctx, ro.ID, devs) }()
 	// busy() looked; claiming decides: of two deploys racing for a device
 	// (on two coordinators), one gets it and the other is refused.
-	undo, err := r.claim(ctx, ro.ID, devs, taken)
-	if err != nil {
+	undo, claimsSeq, err := r.claim(ctx, ro.ID, devs, taken)
+	phases.Dur("claims", time.Since(began))
+	if perr := <-put; err != nil || perr != nil {
+		if err == nil {
+			undo()
+			err = perr
+		}
+		r.purgeRecords(ctx, ro.ID, devs)
 		return err
 	}
-	phases.Dur("claims", time.Since(began))
 	created := false
 	defer func() {
 		if !created {
 			undo()
 		}
 	}()
-	if err := r.putDevices(ctx, ro.ID, devs); err != nil {
-		for _, d := range devs {
-			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
-		}
-		return err
-	}
 	b, _ := json.Marshal(ro)
 	// A leading engine starts from what was just written rather than a
 	// read of every device record: its cache is filled before the engine
 	// can see the summary (its watch delivers it at once, and a step
 	// waits for r.mu).
 	cache := newEngineCache(devs)
+	cache.claimsSeq = claimsSeq
 	r.mu.Lock()
 	rev, err := r.rollouts.Create(ctx, ro.ID, b)
 	if err == nil && r.active != nil && r.cache[ro.ID] == nil {
@@ -371,9 +384,7 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 	r.mu.Unlock()
 	if err != nil {
 		// Leave nothing half-written: the device records go too.
-		for _, d := range devs {
-			_ = r.rollouts.Purge(ctx, deviceKey(ro.ID, d.Device))
-		}
+		r.purgeRecords(ctx, ro.ID, devs)
 		return fmt.Errorf("record rollout: %w", err)
 	}
 	created = true
@@ -386,6 +397,14 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 	// the summary's watch delivers it.
 	r.follow(ro.ID, ro)
 	return nil
+}
+
+// purgeRecords takes back the device records of a rollout that was not
+// created.
+func (r *rollouts) purgeRecords(ctx context.Context, rollout string, devs []*model.RolloutDevice) {
+	for _, d := range devs {
+		_ = r.rollouts.Purge(ctx, deviceKey(rollout, d.Device))
+	}
 }
 
 // newEngineCache is the engine's copy of a rollout's device records, as
@@ -597,14 +616,15 @@ func (r *rollouts) currentDesired(ctx context.Context) (map[string]storedDesired
 // claim takes each device for rollout id in fleet_claims: with Create, or
 // over a claim whose rollout has finished or that this deploy supersedes
 // (taken), with a revision check. Any other claim is a conflict, and the
-// claims taken so far are given back. It returns how to give them back.
-func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice) (func(), error) {
+// claims taken so far are given back. It returns how to give them back,
+// and the sequence of the last claim it wrote.
+func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice) (undo func(), last uint64, err error) {
 	type held struct {
 		dev string
 		rev uint64
 	}
 	var got []held
-	undo := func() {
+	undo = func() {
 		uctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		for _, h := range got {
@@ -739,13 +759,16 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 			}
 		}
 		if err := claimAll([]*model.RolloutDevice{first}); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if err := claimAll(rest); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 	}
-	return undo, nil
+	for _, h := range got {
+		last = max(last, h.rev)
+	}
+	return undo, last, nil
 }
 
 // claimScanFrom is how many claimed devices a deploy reads all claims for
@@ -756,6 +779,28 @@ const claimScanFrom = 32
 // before another rollout may take it: far longer than a deploy takes to
 // record its rollout.
 const orphanClaimAge = 2 * time.Minute
+
+// batchClaims is the claims a batch starts from: device ID → rollout ID.
+// When nothing was written to fleet_claims since the rollout took its
+// devices' claims here (the bucket's last message is still its last
+// claim), no deploy has taken one since and none was given back: they
+// are all still the rollout's, and the bucket is not read. Claims written
+// between two of its own were of other devices (a claim of one of its
+// devices needs its summary, written after all its claims). Else, and
+// when the rollout was created elsewhere, every claim is read.
+func (r *rollouts) batchClaims(ctx context.Context, rollout string, c *engineCache, devs []*model.RolloutDevice) (map[string]string, error) {
+	if c != nil && c.claimsSeq != 0 {
+		m, err := r.claimStream.GetLastMsgForSubject(ctx, subjects.KVKey(subjects.BucketClaims, ">"))
+		if err == nil && m.Sequence == c.claimsSeq {
+			out := make(map[string]string, len(devs))
+			for _, d := range devs {
+				out[d.Device] = rollout
+			}
+			return out, nil
+		}
+	}
+	return r.claimsOf(ctx)
+}
 
 // claimsOf reads every device's claim: device ID → rollout ID.
 func (r *rollouts) claimsOf(ctx context.Context) (map[string]string, error) {
@@ -1520,9 +1565,10 @@ func (r *rollouts) startBatch(ctx context.Context, ro *model.Rollout, devs []*mo
 	// took the others. Both read at once: a whole fleet's of each.
 	var claims map[string]string
 	claimsRead := make(chan error, 1)
+	cached := r.cache[ro.ID]
 	go func() {
 		var err error
-		claims, err = r.claimsOf(ctx)
+		claims, err = r.batchClaims(ctx, ro.ID, cached, devs)
 		claimsRead <- err
 	}()
 	all, err := r.currentDevices(ctx)

@@ -231,6 +231,70 @@ func TestRolloutStagedSucceeds(t *testing.T) {
 	}
 }
 
+// A batch starts from the claims its rollout took at creation unless
+// fleet_claims was written since; then it reads them all.
+func TestBatchClaimsReadOnlyAfterAWrite(t *testing.T) {
+	f := startRolloutFleet(t, 4, "developers")
+	ctx := context.Background()
+	f.release("rel-2", storePath("gen2"))
+	claims := bucketOf(ctx, t, f.c, subjects.BucketClaims)
+	if _, err := claims.Put(ctx, "UBEFORE", []byte("r-other")); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range f.devs {
+		d.nc.Close() // offline: the rollout waits, nothing else claims
+	}
+	res, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "all", HealthTimeout: "1h"}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro := res.Rollout
+	r := f.c.rollouts
+	r.mu.Lock()
+	c := r.cache[ro.ID]
+	r.mu.Unlock()
+	if c == nil || c.claimsSeq == 0 {
+		t.Fatalf("the engine's cache of a rollout created here holds no claim sequence: %+v", c)
+	}
+	devs, err := r.Devices(ctx, ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(got map[string]string, wantOthers ...string) {
+		t.Helper()
+		for _, d := range devs {
+			if got[d.Device] != ro.ID {
+				t.Errorf("claim of %s: %q, want %s", d.Name, got[d.Device], ro.ID)
+			}
+		}
+		if len(got) != len(devs)+len(wantOthers) {
+			t.Errorf("%d claims %v, want the rollout's %d and %v", len(got), got, len(devs), wantOthers)
+		}
+		for _, k := range wantOthers {
+			if _, ok := got[k]; !ok {
+				t.Errorf("claims %v: no %s (the bucket was not read)", got, k)
+			}
+		}
+	}
+	got, err := r.batchClaims(ctx, ro.ID, c, devs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(got) // the claim written before the rollout's was not read
+	if _, err := claims.Put(ctx, "UAFTER", []byte("r-other")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err = r.batchClaims(ctx, ro.ID, c, devs); err != nil {
+		t.Fatal(err)
+	}
+	check(got, "UBEFORE", "UAFTER")
+	// Created elsewhere (no cache): always read.
+	if got, err = r.batchClaims(ctx, ro.ID, nil, devs); err != nil {
+		t.Fatal(err)
+	}
+	check(got, "UBEFORE", "UAFTER")
+}
+
 func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
 	f := startRolloutFleet(t, 10, "developers")
 	gen2 := storePath("gen2")
