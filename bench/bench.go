@@ -636,6 +636,14 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The baseline's processes are gone before the fleet's part starts:
+	// a server closing 10,000 connections would share its CPU.
+	pids := []int{srv.Process.Pid}
+	defer func() {
+		_ = waitFor(context.WithoutCancel(ctx), 30*time.Second, 50*time.Millisecond, "the raw baseline's processes to exit", func() (bool, error) {
+			return !slices.ContainsFunc(pids, running), nil
+		})
+	}()
 	defer func() { _ = srv.Process.Signal(os.Interrupt) }()
 	if err := waitFor(ctx, time.Minute, 50*time.Millisecond, "raw server", func() (bool, error) {
 		conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
@@ -660,6 +668,7 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 			return nil, err
 		}
 		sims = append(sims, s)
+		pids = append(pids, s.cmd.Process.Pid)
 	}
 	defer stopSims(sims)
 	if _, err := all(sims, simCmd{Op: "start"}); err != nil {

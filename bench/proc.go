@@ -158,6 +158,21 @@ func deviceMessages(ctx context.Context, url string) (map[string]float64, error)
 	return out, nil
 }
 
+// running reports whether process pid still runs (not gone, not a zombie
+// waiting to be reaped).
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	return len(f) > 0 && f[0] != "Z" && f[0] != "X"
+}
+
 // startProc starts a child that dies with the driver's context; its
 // stderr goes to logFile.
 func startProc(ctx context.Context, logFile string, env []string, name string, args ...string) (*exec.Cmd, error) {
