@@ -694,19 +694,8 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	if err := resp.notifyAll(o.Devices); err != nil {
 		return nil, err
 	}
-	var replies []simReply
-	if err := waitFor(ctx, 5*time.Minute, 100*time.Millisecond, "every raw connection answered", func() (bool, error) {
-		var err error
-		if replies, err = all(sims, simCmd{Op: "collect"}); err != nil {
-			return false, err
-		}
-		for _, r := range replies {
-			if slices.Contains(r.Answered, 0) {
-				return false, nil
-			}
-		}
-		return true, nil
-	}); err != nil {
+	replies, err := collectWhen(ctx, sims, "every raw connection answered", func(r simReply) bool { return !slices.Contains(r.Answered, 0) })
+	if err != nil {
 		return nil, err
 	}
 	var notify, get []time.Duration
@@ -737,18 +726,8 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	if err := resp.writeThenNotify(ctx, o.Devices, value); err != nil {
 		return nil, err
 	}
-	if err := waitFor(ctx, 5*time.Minute, 100*time.Millisecond, "every raw connection told of its written state", func() (bool, error) {
-		var err error
-		if replies, err = all(sims, simCmd{Op: "collect"}); err != nil {
-			return false, err
-		}
-		for _, r := range replies {
-			if slices.Contains(r.Received, 0) {
-				return false, nil
-			}
-		}
-		return true, nil
-	}); err != nil {
+	replies, err = collectWhen(ctx, sims, "every raw connection told of its written state", func(r simReply) bool { return !slices.Contains(r.Received, 0) })
+	if err != nil {
 		return nil, err
 	}
 	var durable []time.Duration
@@ -760,6 +739,20 @@ func runRaw(ctx context.Context, o Options) (*RawResult, error) {
 	res.Durable, res.DurableBytes = latency(durable), len(value)
 	o.progress("raw: written to a KV bucket (%d bytes each), then told: p50 %.3f s p99 %.3f s", len(value), res.Durable.P50, res.Durable.P99)
 	return res, nil
+}
+
+// collectWhen collects the simulators' replies until every one passes
+// done, within 5 minutes.
+func collectWhen(ctx context.Context, sims []*sim, what string, done func(simReply) bool) ([]simReply, error) {
+	var replies []simReply
+	err := waitFor(ctx, 5*time.Minute, 100*time.Millisecond, what, func() (bool, error) {
+		var err error
+		if replies, err = all(sims, simCmd{Op: "collect"}); err != nil {
+			return false, err
+		}
+		return !slices.ContainsFunc(replies, func(r simReply) bool { return !done(r) }), nil
+	})
+	return replies, err
 }
 
 // desiredSample is a desired state the size of those the bench's deploys
