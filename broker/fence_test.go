@@ -113,12 +113,12 @@ func TestClaimsGivenBackAreTakenAgain(t *testing.T) {
 		for i := range devs {
 			devs[i] = &model.RolloutDevice{Device: fmt.Sprintf("UCLAIMED%03d%05d", n, i), Name: fmt.Sprintf("host-%d", i)}
 		}
-		undo, _, err := f.c.rollouts.claim(ctx, "ro-failed", devs, nil)
+		undo, _, err := f.c.rollouts.claim(ctx, "ro-failed", devs, nil, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		undo()
-		if _, _, err := f.c.rollouts.claim(ctx, "ro-next", devs, nil); err != nil {
+		if _, _, err := f.c.rollouts.claim(ctx, "ro-next", devs, nil, nil); err != nil {
 			t.Fatalf("%d devices: claims given back were not taken again: %v", n, err)
 		}
 		for _, d := range devs {

@@ -345,21 +345,31 @@ func (r *rollouts) Create(ctx context.Context, req model.DeployRequest, by strin
 // it is there.
 func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice, phases *zerolog.Event) error {
 	began := time.Now()
-	// The device records are written while the claims are taken: nothing
-	// reads a rollout's records before its summary, written last, is
-	// there, and a deploy refused its claims takes its records back.
-	put := make(chan error, 1)
-	go func() { put <- r.putDevices(ctx, ro.ID, devs) }()
+	// The device records are written while the claims are taken, from
+	// the moment the first is (the deploy that loses a race for the same
+	// devices stops there, having written nothing): nothing reads a
+	// rollout's records before its summary, written last, is there, and
+	// a deploy refused a later claim takes its records back.
+	var put chan error
 	// busy() looked; claiming decides: of two deploys racing for a device
 	// (on two coordinators), one gets it and the other is refused.
-	undo, claimsSeq, err := r.claim(ctx, ro.ID, devs, taken)
+	undo, claimsSeq, err := r.claim(ctx, ro.ID, devs, taken, func() {
+		put = make(chan error, 1)
+		go func() { put <- r.putDevices(ctx, ro.ID, devs) }()
+	})
 	phases.Dur("claims", time.Since(began))
-	if perr := <-put; err != nil || perr != nil {
+	var perr error
+	if put != nil {
+		perr = <-put
+	}
+	if err != nil || perr != nil {
 		if err == nil {
 			undo()
 			err = perr
 		}
-		r.purgeRecords(ctx, ro.ID, devs)
+		if put != nil {
+			r.purgeRecords(ctx, ro.ID, devs)
+		}
 		return err
 	}
 	created := false
@@ -400,12 +410,24 @@ func (r *rollouts) record(ctx context.Context, ro *model.Rollout, devs []*model.
 }
 
 // purgeRecords takes back the device records of a rollout that was not
-// created.
+// created, in bulk (each a KV purge), even when the request that asked
+// for it has gone.
 func (r *rollouts) purgeRecords(ctx context.Context, rollout string, devs []*model.RolloutDevice) {
-	for _, d := range devs {
-		_ = r.rollouts.Purge(ctx, deviceKey(rollout, d.Device))
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), desiredWriteWindow)
+	defer cancel()
+	msgs := make([]bulkMsg, len(devs))
+	for i, d := range devs {
+		msgs[i] = bulkMsg{subj: subjects.KVKey(subjects.BucketRollouts, deviceKey(rollout, d.Device)), header: kvPurgeHeader}
+	}
+	_, errs := publishBulk(ctx, r.js, msgs)
+	if err := firstError(errs, func(i int) string { return "take back rollout " + rollout + " device " + devs[i].Device }); err != nil {
+		r.log.Warn().Err(err).Str("rollout", rollout).Msg("device records of a rollout that was not created are left behind")
 	}
 }
+
+// kvPurgeHeader makes a message a KV purge of its key (as the KV API's
+// Purge writes it): the key's earlier values go, a marker stays.
+var kvPurgeHeader = nats.Header{"KV-Operation": []string{"PURGE"}, "Nats-Rollup": []string{"sub"}}
 
 // newEngineCache is the engine's copy of a rollout's device records, as
 // Devices would read them back (its rev still to be set).
@@ -616,9 +638,11 @@ func (r *rollouts) currentDesired(ctx context.Context) (map[string]storedDesired
 // claim takes each device for rollout id in fleet_claims: with Create, or
 // over a claim whose rollout has finished or that this deploy supersedes
 // (taken), with a revision check. Any other claim is a conflict, and the
-// claims taken so far are given back. It returns how to give them back,
-// and the sequence of the last claim it wrote.
-func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice) (undo func(), last uint64, err error) {
+// claims taken so far are given back. first (if any) is called once the
+// first claim is taken. It returns how to give them back, and the
+// sequence of the last claim it wrote (0 when its claims took too long
+// for that to be of use: see batchClaims).
+func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDevice, taken map[string][]*model.RolloutDevice, first func()) (undo func(), last uint64, err error) {
 	type held struct {
 		dev string
 		rev uint64
@@ -751,18 +775,28 @@ func (r *rollouts) claim(ctx context.Context, id string, devs []*model.RolloutDe
 	// other stops there holding nothing (claimed in bulk together, each
 	// could take some and both be refused).
 	if len(devs) > 0 {
-		first := slices.MinFunc(devs, func(a, b *model.RolloutDevice) int { return strings.Compare(a.Device, b.Device) })
+		lowest := slices.MinFunc(devs, func(a, b *model.RolloutDevice) int { return strings.Compare(a.Device, b.Device) })
 		rest := make([]*model.RolloutDevice, 0, len(devs)-1)
 		for _, d := range devs {
-			if d != first {
+			if d != lowest {
 				rest = append(rest, d)
 			}
 		}
-		if err := claimAll([]*model.RolloutDevice{first}); err != nil {
+		if err := claimAll([]*model.RolloutDevice{lowest}); err != nil {
 			return nil, 0, err
+		}
+		firstAt := time.Now()
+		if first != nil {
+			first()
 		}
 		if err := claimAll(rest); err != nil {
 			return nil, 0, err
+		}
+		if time.Since(firstAt) > orphanClaimAge/4 {
+			// Long enough that another deploy could have taken one of
+			// these claims as an orphan's (orphanClaimAge, by another
+			// coordinator's clock) while the rest were written.
+			return undo, 0, nil
 		}
 	}
 	for _, h := range got {
@@ -782,16 +816,21 @@ const orphanClaimAge = 2 * time.Minute
 
 // batchClaims is the claims a batch starts from: device ID → rollout ID.
 // When nothing was written to fleet_claims since the rollout took its
-// devices' claims here (the bucket's last message is still its last
-// claim), no deploy has taken one since and none was given back: they
-// are all still the rollout's, and the bucket is not read. Claims written
-// between two of its own were of other devices (a claim of one of its
-// devices needs its summary, written after all its claims). Else, and
+// devices' claims here (the stream's last sequence, as its leader says,
+// is still that of its last claim), no deploy has taken one since and
+// none was given back: they are all still the rollout's, and the bucket
+// is not read. Claims written between two of its own were of other
+// devices: one of its devices can be taken only through its summary,
+// written after all its claims, or as an orphan's claim, which takes
+// orphanClaimAge (claim gives no sequence when its claims took a quarter
+// of that; a clock two minutes off would still slip through). Else, and
 // when the rollout was created elsewhere, every claim is read.
 func (r *rollouts) batchClaims(ctx context.Context, rollout string, c *engineCache, devs []*model.RolloutDevice) (map[string]string, error) {
 	if c != nil && c.claimsSeq != 0 {
-		m, err := r.claimStream.GetLastMsgForSubject(ctx, subjects.KVKey(subjects.BucketClaims, ">"))
-		if err == nil && m.Sequence == c.claimsSeq {
+		// Stream info, not a direct get: any replica answers those, and
+		// one that lags could hold exactly the rollout's last claim.
+		info, err := r.claimStream.Info(ctx)
+		if err == nil && info.State.LastSeq == c.claimsSeq {
 			out := make(map[string]string, len(devs))
 			for _, d := range devs {
 				out[d.Device] = rollout

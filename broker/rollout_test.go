@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -293,6 +294,87 @@ func TestBatchClaimsReadOnlyAfterAWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(got, "UBEFORE", "UAFTER")
+}
+
+// A device another rollout claimed after this one was created here is
+// not driven by this one's next batch: it is marked superseded, its
+// desired state left alone.
+func TestBatchSkipsADeviceClaimedSinceCreation(t *testing.T) {
+	f := startRolloutFleet(t, 3, "developers")
+	ctx := context.Background()
+	f.release("rel-2", storePath("gen2"))
+	for _, d := range f.devs {
+		d.nc.Close() // offline: batch 1 times out, then batch 2 starts
+	}
+	res, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers", Strategy: "staged",
+		Batches: "1,100%", MaxFailures: "1", HealthTimeout: "2s"}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro := res.Rollout
+	devs, err := f.c.rollouts.Devices(ctx, ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var later *model.RolloutDevice
+	for _, d := range devs {
+		if d.Batch == 1 {
+			later = d
+		}
+	}
+	if later == nil {
+		t.Fatalf("no device in batch 2: %+v", devs)
+	}
+	claims := bucketOf(ctx, t, f.c, subjects.BucketClaims)
+	if _, err := claims.Put(ctx, later.Device, []byte("r-other")); err != nil {
+		t.Fatal(err)
+	}
+	poll.Telling(t, 30*time.Second, "batch 2 starts and skips "+later.Name, func() (bool, string) {
+		d, err := f.c.rollouts.getDevice(ctx, ro.ID, later.Device)
+		if err != nil {
+			return false, err.Error()
+		}
+		return d.State == model.DeviceSuperseded && strings.Contains(d.Error, "r-other"), fmt.Sprintf("%+v", d)
+	})
+	if des := f.desiredOf(&simDevice{id: later.Device}); des != nil && des.RolloutID == ro.ID {
+		t.Fatalf("%s was claimed by another rollout, yet this one wrote its desired state: %+v", later.Name, des)
+	}
+}
+
+// A deploy refused a claim after it took its first writes nothing that
+// stays: its device records and its claims are taken back.
+func TestRefusedDeployLeavesNoRecords(t *testing.T) {
+	f := startRolloutFleet(t, 4, "developers")
+	ctx := context.Background()
+	f.release("rel-2", storePath("gen2"))
+	// The highest ID, so the lowest (claimed first) is taken: a claim of
+	// a rollout still being created (no summary yet) is not taken over.
+	ids := make([]string, 0, len(f.devs))
+	for _, d := range f.devs {
+		ids = append(ids, d.id)
+	}
+	slices.Sort(ids)
+	claims := bucketOf(ctx, t, f.c, subjects.BucketClaims)
+	if _, err := claims.Put(ctx, ids[len(ids)-1], []byte("r-being-created")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.c.rollouts.Create(ctx, model.DeployRequest{ReleaseID: "rel-2", Group: "developers"}, "test", nil)
+	if err == nil || !strings.Contains(err.Error(), "r-being-created") {
+		t.Fatalf("deploy over a device claimed by a rollout being created: %v", err)
+	}
+	rollouts := bucketOf(ctx, t, f.c, subjects.BucketRollouts)
+	keys, err := rollouts.ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range keys.Keys() {
+		t.Errorf("a refused deploy left %s in %s", k, subjects.BucketRollouts)
+	}
+	for _, id := range ids[:len(ids)-1] {
+		if e, err := claims.Get(ctx, id); err == nil {
+			t.Errorf("a refused deploy kept its claim of %s: %s", id, e.Value())
+		}
+	}
 }
 
 func TestRolloutPausesOnFailureAndResumes(t *testing.T) {
