@@ -31,10 +31,11 @@ const clockTicks = 100
 
 // procStat is a process's CPU time and memory at one moment.
 type procStat struct {
-	At  time.Time
-	CPU time.Duration // user + system
-	RSS int64         // bytes resident now
-	HWM int64         // peak resident bytes since the process started
+	At    time.Time
+	State string        // stat(5)'s state: R, S, D, Z (a zombie, not yet reaped), ...
+	CPU   time.Duration // user + system
+	RSS   int64         // bytes resident now
+	HWM   int64         // peak resident bytes since the process started
 }
 
 func readProc(pid int) (procStat, error) {
@@ -52,7 +53,8 @@ func readProc(pid int) (procStat, error) {
 	if len(f) < 13 {
 		return st, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
 	}
-	// Fields 14 and 15 of stat(5); f[0] is field 3.
+	// Fields 14 and 15 of stat(5); f[0] is field 3, the state.
+	st.State = f[0]
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
 	st.CPU = time.Duration(ut+stime) * time.Second / clockTicks
@@ -161,16 +163,8 @@ func deviceMessages(ctx context.Context, url string) (map[string]float64, error)
 // running reports whether process pid still runs (not gone, not a zombie
 // waiting to be reaped).
 func running(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return false
-	}
-	f := strings.Fields(string(b[i+1:]))
-	return len(f) > 0 && f[0] != "Z" && f[0] != "X"
+	st, err := readProc(pid)
+	return err == nil && st.State != "Z" && st.State != "X"
 }
 
 // startProc starts a child that dies with the driver's context; its
