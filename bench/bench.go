@@ -445,10 +445,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 
 	deploy := func(name string, req model.DeployRequest) (Rollout, error) {
 		r := Rollout{Strategy: req.Strategy}
-		path := storePath("bench-" + name)
-		rel := model.Release{ID: "bench-" + name, Default: path, Action: model.ActionSwitch, CreatedAt: time.Now().UTC(), Author: cr.PublicKey()}
-		rel.Name = rel.ID
-		signed, err := model.Sign(cr.Key, model.PurposeRelease, rel)
+		rel, signed, err := benchRelease(cr.Key, "bench-"+name)
 		if err != nil {
 			return r, err
 		}
@@ -502,7 +499,7 @@ func runFleet(ctx context.Context, o Options, res *Result) error {
 		// Counted now: a rollout succeeds only after every device reported
 		// the apply that its trigger asked for, and the engine sends a
 		// batch's triggers before it takes any of the batch's results.
-		replies, err := all(sims, simCmd{Op: "collect", Path: path})
+		replies, err := all(sims, simCmd{Op: "collect", Path: rel.Default})
 		if err != nil {
 			return r, err
 		}
@@ -755,6 +752,18 @@ func collectWhen(ctx context.Context, sims []*sim, what string, done func(simRep
 	return replies, err
 }
 
+// benchRelease is the bench's release id: one store path (a name's), a
+// switch, signed by kp.
+func benchRelease(kp nkeys.KeyPair, id string) (model.Release, model.Signed, error) {
+	author, err := kp.PublicKey()
+	if err != nil {
+		return model.Release{}, model.Signed{}, err
+	}
+	rel := model.Release{ID: id, Name: id, Default: storePath(id), Action: model.ActionSwitch, CreatedAt: time.Now().UTC(), Author: author}
+	signed, err := model.Sign(kp, model.PurposeRelease, rel)
+	return rel, signed, err
+}
+
 // desiredSample is a desired state the size of those the bench's deploys
 // write (a signed release and the signed deploy that asked for it, signed
 // here by a key of its own): the durable baseline writes values of its size.
@@ -763,17 +772,15 @@ func desiredSample() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	author, _ := kp.PublicKey()
-	now := time.Now().UTC()
-	rel := model.Release{ID: "bench-all", Name: "bench-all", Default: storePath("bench-all"), Action: model.ActionSwitch, CreatedAt: now, Author: author}
-	signed, err := model.Sign(kp, model.PurposeRelease, rel)
+	rel, signed, err := benchRelease(kp, "bench-all")
 	if err != nil {
 		return nil, err
 	}
+	now := time.Now().UTC()
 	deploy, err := model.SignRequest(kp, subjects.VerbDeploy, model.DeployRequest{ReleaseID: rel.ID, Group: "bench", Strategy: "all", HealthTimeout: "10m"}, now)
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(model.Desired{Device: author, ReleaseID: rel.ID, RolloutID: "r20261130-000000-benchraw", StorePath: rel.Default,
+	return json.Marshal(model.Desired{Device: rel.Author, ReleaseID: rel.ID, RolloutID: "r20261130-000000-benchraw", StorePath: rel.Default,
 		Action: rel.Action, Release: signed, IssuedAt: now, Deploy: &deploy})
 }
